@@ -1,0 +1,94 @@
+"""GistConfig: every knob of Gist Sparse Attention in one dataclass, saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+GIST_TOKEN = "<gist>"
+MGIST_TOKEN = "<mgist>"  # reserved for the hierarchy (gist-of-gist)
+NUM_LINK_TOKENS = 4  # reserved for KV reuse: <link1>..<link4> bridge independently encoded passages
+
+
+def link_tokens(n: int = NUM_LINK_TOKENS) -> list[str]:
+    return [f"<link{i}>" for i in range(1, n + 1)]
+
+
+@dataclass
+class GistConfig:
+    """How context is compressed into gists and how a question unfolds it.
+
+    Example:
+        >>> GistConfig(chunk_size=8, top_k=4).compression_ratio
+        8
+    """
+
+    # raw tokens per chunk; each chunk is followed by one <gist>. 0 inserts no gists at all
+    # (plain causal attention: the "full attention" baseline over the same prompt).
+    chunk_size: int = 8
+    # the first `sink` tokens get no gist and stay visible to every later token
+    sink: int = 4
+    # a raw token also sees this many chunks before its own (the local window)
+    num_previous_chunks: int = 1
+    # shift a chunk cut forward (at most chunk_size // 2 tokens) so it falls before a word start
+    word_aware: bool = True
+    # how many chunks each query head unfolds: "fixed" top_k, "adaptive" (from context
+    # length, see selection.adaptive_k), or "top_p" (smallest set with softmax mass >= top_p)
+    k_policy: Literal["fixed", "adaptive", "top_p"] = "fixed"
+    top_k: int = 4
+    top_p: float = 0.9
+    # adaptive k aims at attending ~ context_length / adaptive_ratio raw tokens per KV head
+    adaptive_ratio: float = 8.0
+    # layers below this never select: their gist keys carry little but position (layer 0's
+    # gist inputs are all the same embedding); their question tokens see the gists only
+    first_selecting_layer: int = 1
+    gist_token: str = GIST_TOKEN
+    mgist_token: str = MGIST_TOKEN
+    link_tokens: list[str] = field(default_factory=link_tokens)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 0:
+            raise ValueError(f"chunk_size must be >= 0 (0 disables gists), got {self.chunk_size}")
+        if self.sink < 0 or self.num_previous_chunks < 0:
+            raise ValueError("sink and num_previous_chunks must be >= 0")
+        if self.k_policy not in ("fixed", "adaptive", "top_p"):
+            raise ValueError(f"k_policy must be 'fixed', 'adaptive' or 'top_p', got {self.k_policy!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.adaptive_ratio <= 0:
+            raise ValueError(f"adaptive_ratio must be > 0, got {self.adaptive_ratio}")
+
+    @property
+    def uses_gists(self) -> bool:
+        return self.chunk_size > 0
+
+    @property
+    def compression_ratio(self) -> int:
+        return self.chunk_size
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """Every token string the layout owns; user text can never produce them."""
+        return [self.gist_token, self.mgist_token, *self.link_tokens]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GistConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown GistConfig fields {sorted(unknown)}; was it saved by a newer gsa-rag?")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GistConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,168 @@
+"""GistEngine: model + tokenizer + GistConfig; answers questions over passages.
+
+Example:
+    >>> engine = GistEngine.from_pretrained()            # the default model
+    >>> engine.generate("Who wrote Hamlet?", ["Hamlet is a tragedy by William Shakespeare."])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from gsa_rag.config import GistConfig
+from gsa_rag.generation import SamplingParams, generate_tokens
+from gsa_rag.layout import GistLayout, build_layout
+from gsa_rag.prompt import DEFAULT_SYSTEM, build_segments
+
+
+class GistEngine:
+    """Gist Sparse Attention over a Hugging Face causal LM.
+
+    Args:
+        model: a causal LM loaded with `attn_implementation="gsa"` (see models.load_model).
+        tokenizer: its tokenizer, holding the gist tokens.
+        config: chunking and selection settings.
+    """
+
+    def __init__(self, model, tokenizer, config: GistConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or GistConfig()
+        if model.config._attn_implementation != "gsa":
+            raise ValueError("the model must be loaded with attn_implementation='gsa' (use GistEngine.from_pretrained)")
+        special = [tokenizer.convert_tokens_to_ids(t) for t in self.config.special_tokens]
+        if None in special or tokenizer.unk_token_id in special:
+            raise ValueError("the tokenizer lacks the gist tokens; load with gsa_rag.models.load_model")
+        self._banned = torch.tensor(special, dtype=torch.long, device=self.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | None = None,
+        *,
+        config: GistConfig | None = None,
+        gguf_file: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> GistEngine:
+        """Loads a model (default: SmolLM2-135M-Instruct, offline) and wraps it.
+
+        Args:
+            model: HF id, local directory, or path to a .gguf file; None for the default model.
+            config: GistConfig (default chunk 8, top-4).
+            gguf_file: GGUF file name inside `model` (a directory or repo).
+            device: default CUDA when available, else CPU.
+            dtype: default bf16 on CUDA, fp32 on CPU.
+        """
+        from gsa_rag.models import load_model
+
+        config = config or GistConfig()
+        lm, tokenizer = load_model(model, gguf_file=gguf_file, gist_config=config, dtype=dtype, device=device)
+        return cls(lm, tokenizer, config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def stop_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def layout(self, questions: Sequence[str], passages: Sequence[Sequence], system: str | None = DEFAULT_SYSTEM) -> GistLayout:
+        """Lays out a batch of RAG prompts (one passage list per question)."""
+        segments = [build_segments(self.tokenizer, q, p, system) for q, p in zip(questions, passages, strict=True)]
+        return build_layout(segments, self.config, self.tokenizer, device=self.device)
+
+    def generate(
+        self,
+        question: str | Sequence[str],
+        passages: Sequence | None = None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        system: str | None = DEFAULT_SYSTEM,
+    ) -> str | list[str]:
+        """Answers one question, or a batch.
+
+        Args:
+            question: a question, or a list of questions (a batch).
+            passages: for one question, a list of passages (str, dict with text/title, or
+                Passage); for a batch, one such list per question. None: closed book.
+            max_new_tokens, temperature, top_p, seed: sampling (temperature 0 is greedy).
+            stop: strings that end the answer (the text is cut before them).
+            system: the system line of the prompt; None for none.
+
+        Returns:
+            The answer, or a list of answers for a batch.
+        """
+        questions, passage_lists, single = _as_batch(question, passages)
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed)
+        layout = self.layout(questions, passage_lists, system)
+        rows: list[list[int]] = [[] for _ in questions]
+        stops = self.stop_ids()
+        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned):
+            for row, t in zip(rows, token.tolist()):
+                if not row or row[-1] not in stops:
+                    row.append(t)
+        answers = [_cut_at_stop(self._decode(r, stops), stop) for r in rows]
+        return answers[0] if single else answers
+
+    def stream(
+        self,
+        question: str,
+        passages: Sequence | None = None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        system: str | None = DEFAULT_SYSTEM,
+    ) -> Iterator[str]:
+        """Yields the answer to one question piece by piece; the pieces join to `generate`'s text."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed)
+        layout = self.layout([question], [list(passages or [])], system)
+        stops = self.stop_ids()
+        ids: list[int] = []
+        sent = ""
+        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned):
+            t = int(token[0])
+            if t in stops:
+                break
+            ids.append(t)
+            text = self._decode(ids, stops)
+            if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                continue
+            cut = _cut_at_stop(text, stop)
+            if len(cut) > len(sent):
+                yield cut[len(sent) :]
+                sent = cut
+            if len(cut) < len(text):
+                return
+
+    def _decode(self, ids: list[int], stops: set[int]) -> str:
+        return self.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=True)
+
+
+def _as_batch(question, passages) -> tuple[list[str], list[list], bool]:
+    if isinstance(question, str):
+        return [question], [list(passages or [])], True
+    questions = list(question)
+    if passages is None:
+        passages = [[] for _ in questions]
+    if len(passages) != len(questions):
+        raise ValueError(f"a batch of {len(questions)} questions needs as many passage lists, got {len(passages)}")
+    return questions, [list(p) for p in passages], False
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text

@@ -1,0 +1,113 @@
+"""The decode loop, gpt-fast style: `prefill`, `decode_one_token`, `sample`, `generate_tokens`.
+
+The engine owns this loop because `model.generate()` rejects the `gsa_state` keyword that
+every forward must carry. Selection is redone at every step, in every selecting layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from gsa_rag.attention import GistState
+from gsa_rag.config import GistConfig
+from gsa_rag.layout import GistLayout
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is picked.
+
+    Attributes:
+        max_new_tokens: stop after this many tokens.
+        temperature: 0 is greedy.
+        top_p: nucleus sampling mass (with temperature > 0).
+        seed: seeds the sampling generator (ignored when greedy).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _cache_keyword(model) -> str:
+    # transformers renamed past_key_values to cache (5.2x); support both
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def forward(model, layout: GistLayout, num_new: int, cache: DynamicCache, config: GistConfig, **kwargs):
+    """Runs the model on the last `num_new` columns of `layout`, appending to `cache`.
+
+    Returns:
+        (CausalLMOutput, GistState) — the state holds per-layer attended-key counts.
+    """
+    state = GistState.for_new_tokens(layout, num_new, config)
+    out = model(
+        input_ids=layout.input_ids[:, -num_new:],
+        position_ids=layout.position_ids[:, -num_new:],
+        use_cache=True,
+        gsa_state=state,
+        **{_cache_keyword(model): cache},
+        **kwargs,
+    )
+    return out, state
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, banned: torch.Tensor | None, generator=None) -> torch.Tensor:
+    """[B, V] logits -> [B] next ids. Banned ids (gist and link tokens) are never produced."""
+    logits = logits.float()
+    if banned is not None and banned.numel():
+        logits = logits.index_fill(-1, banned, float("-inf"))
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model,
+    layout: GistLayout,
+    config: GistConfig,
+    params: SamplingParams,
+    stop_ids: set[int],
+    banned: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yields [B] next-token ids, one step at a time, until every row hit a stop id or the
+    budget. Rows that finished keep receiving their stop id (callers ignore them).
+    """
+    device = layout.input_ids.device
+    generator = None
+    if params.temperature > 0 and params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    cache = DynamicCache()
+    out, _ = forward(model, layout, layout.seq_len, cache, config, logits_to_keep=1)
+    stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+    done = torch.zeros(layout.batch_size, dtype=torch.bool, device=device)
+    for step in range(params.max_new_tokens):
+        token = sample(out.logits[:, -1], params, banned, generator)
+        if stops.numel():
+            token = torch.where(done, stops[0], token)
+            done |= torch.isin(token, stops)
+        yield token
+        if bool(done.all()) or step == params.max_new_tokens - 1:
+            return
+        layout = layout.append(token[:, None])
+        out, _ = forward(model, layout, 1, cache, config)

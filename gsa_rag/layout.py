@@ -1,0 +1,236 @@
+"""Token layout: ids with gists inserted, and the per-token metadata every later room reads.
+
+A prompt is a list of `Segment`s. Context segments (the template prefix, each passage) are
+cut into chunks of about `chunk_size` raw tokens, each followed by one gist; the question
+and everything generated after it stay raw. The metadata is computed here once and carried
+forward; nothing downstream re-derives it from token ids.
+
+Chunk ids: sink tokens get -1 (always visible), chunk c's raw tokens *and its gist* get c,
+and every token after the last gist (question, answer) belongs to the open chunk
+`num_chunks`, so "previous chunk" for the question is the last context chunk.
+Left padding (for batches) gets chunk id PAD_CHUNK and `valid == False`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from gsa_rag.config import GistConfig
+
+SINK_CHUNK = -1
+PAD_CHUNK = -2
+
+# Markers byte-level BPE (GPT-2: Ġ space, Ċ newline, ĉ tab) and SentencePiece (▁) put at
+# the start of a token that begins a new word.
+_WORD_START_MARKERS = frozenset("ĠĊĉ▁ \n\t")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of token ids of one kind.
+
+    Attributes:
+        ids: token ids (already injection-safe: see `encode_text`).
+        compress: True for context (chunked, gists inserted), False for the raw tail.
+        passage_id: which passage the tokens belong to; -1 for template text.
+    """
+
+    ids: tuple[int, ...]
+    compress: bool
+    passage_id: int = -1
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Tokenizes user text so that special-token strings in it ("<gist>", "<|im_start|>")
+    stay plain text: only the layout and the chat template create special tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+@lru_cache(maxsize=8)
+def _word_start_table(tokenizer) -> tuple[bool, ...]:
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return tuple(not t or t[0] in _WORD_START_MARKERS or not t[0].isalnum() for t in tokens)
+
+
+def word_starts(tokenizer, ids: list[int]) -> list[bool]:
+    """For each id, whether that token begins a word (so a chunk may end just before it)."""
+    table = _word_start_table(tokenizer)
+    return [table[i] if 0 <= i < len(table) else True for i in ids]
+
+
+@dataclass
+class GistLayout:
+    """A left-padded batch of laid-out sequences. Every tensor is [B, T] on one device.
+
+    Attributes:
+        input_ids: long, token ids with gists inserted.
+        is_gist: bool, True at gist tokens.
+        is_sink: bool, True for the first `sink` tokens of each sequence.
+        chunk_id: long, see the module docstring.
+        passage_id: long, passage of each token, -1 for template/question/answer/padding.
+        position_ids: long, RoPE positions `pos - cumsum(is_gist)` (a gist shares the position
+            of the raw token before it; raw tokens keep the positions they would have without
+            gists).
+        valid: bool, False for left padding.
+        num_chunks: long [B], closed chunks per sequence (the tail is chunk `num_chunks`).
+        gist_index: long [B, C], column of chunk c's gist (0 where c >= num_chunks).
+    """
+
+    input_ids: torch.Tensor
+    is_gist: torch.Tensor
+    is_sink: torch.Tensor
+    chunk_id: torch.Tensor
+    passage_id: torch.Tensor
+    position_ids: torch.Tensor
+    valid: torch.Tensor
+    num_chunks: torch.Tensor
+    gist_index: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def gist_valid(self) -> torch.Tensor:
+        """bool [B, C]: which entries of gist_index are real chunks."""
+        c = torch.arange(self.gist_index.shape[1], device=self.gist_index.device)
+        return c[None, :] < self.num_chunks[:, None]
+
+    @property
+    def is_tail(self) -> torch.Tensor:
+        """bool [B, T]: tokens after the last gist (question, answer): these select chunks."""
+        return self.valid & (self.chunk_id == self.num_chunks[:, None])
+
+    def to(self, device) -> GistLayout:
+        return GistLayout(**{k: v.to(device) for k, v in vars(self).items()})
+
+    def append(self, ids: torch.Tensor) -> GistLayout:
+        """Extends every sequence with raw tail tokens (generated answer tokens).
+
+        Args:
+            ids: long [B, n] new token ids.
+        """
+        n = ids.shape[1]
+        steps = torch.arange(1, n + 1, device=ids.device)
+        bn = (self.batch_size, n)
+        return GistLayout(
+            input_ids=torch.cat([self.input_ids, ids], 1),
+            is_gist=torch.cat([self.is_gist, self.is_gist.new_zeros(bn)], 1),
+            is_sink=torch.cat([self.is_sink, self.is_sink.new_zeros(bn)], 1),
+            chunk_id=torch.cat([self.chunk_id, self.num_chunks[:, None].expand(bn)], 1),
+            passage_id=torch.cat([self.passage_id, self.passage_id.new_full(bn, -1)], 1),
+            position_ids=torch.cat([self.position_ids, self.position_ids[:, -1:] + steps], 1),
+            valid=torch.cat([self.valid, self.valid.new_ones(bn)], 1),
+            num_chunks=self.num_chunks,
+            gist_index=self.gist_index,
+        )
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    is_gist: list[bool]
+    chunk_id: list[int]
+    passage_id: list[int]
+
+
+def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, starts) -> _Row:
+    row = _Row([], [], [], [])
+    chunk, in_chunk = 0, 0  # current chunk id, raw tokens in it so far
+    seen_raw_segment = False
+    max_extra = config.chunk_size // 2 if config.word_aware else 0
+
+    def push(token: int, gist: bool, chunk_of: int, passage: int) -> None:
+        row.ids.append(token)
+        row.is_gist.append(gist)
+        row.chunk_id.append(chunk_of)
+        row.passage_id.append(passage)
+
+    for seg in segments:
+        if not seg.compress or not config.uses_gists:
+            seen_raw_segment = seen_raw_segment or not seg.compress
+            for t in seg.ids:
+                push(t, False, SINK_CHUNK if len(row.ids) < config.sink else chunk, seg.passage_id)
+            continue
+        if seen_raw_segment:
+            raise ValueError("compressed (context) segments must come before raw ones (question/answer)")
+        seg_starts = starts(list(seg.ids))
+        for i, t in enumerate(seg.ids):
+            if len(row.ids) < config.sink:
+                push(t, False, SINK_CHUNK, seg.passage_id)
+                continue
+            push(t, False, chunk, seg.passage_id)
+            in_chunk += 1
+            last_in_segment = i == len(seg.ids) - 1
+            at_word_start = last_in_segment or seg_starts[i + 1]
+            if in_chunk >= config.chunk_size + max_extra or (in_chunk >= config.chunk_size and at_word_start):
+                push(gist_id, True, chunk, seg.passage_id)
+                chunk, in_chunk = chunk + 1, 0
+        if in_chunk > 0:  # the closing gist of this passage
+            push(gist_id, True, chunk, seg.passage_id)
+            chunk, in_chunk = chunk + 1, 0
+    # tokens after the last gist belong to the open chunk `chunk`
+    return row
+
+
+def build_layout(
+    segments_batch: list[list[Segment]],
+    config: GistConfig,
+    tokenizer,
+    *,
+    pad_id: int | None = None,
+    device: torch.device | str = "cpu",
+) -> GistLayout:
+    """Lays out a batch of prompts, left-padded to one length.
+
+    Args:
+        segments_batch: one list of segments per sequence; compressed segments first.
+        config: chunk size, sink, word awareness.
+        tokenizer: must already hold `config.gist_token` (see models.add_gist_tokens).
+        pad_id: id for left padding (default: tokenizer.pad_token_id or 0).
+        device: where the tensors go.
+    """
+    gist_id = tokenizer.convert_tokens_to_ids(config.gist_token)
+    if config.uses_gists and (gist_id is None or gist_id == tokenizer.unk_token_id):
+        raise ValueError(f"tokenizer has no {config.gist_token!r} token: load the model with gsa_rag.models.load_model")
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    starts = (lambda ids: word_starts(tokenizer, ids)) if config.word_aware else (lambda ids: [True] * len(ids))
+    rows = [_lay_out_row(segs, config, gist_id, starts) for segs in segments_batch]
+    if any(not r.ids for r in rows):
+        raise ValueError("empty prompt: every sequence needs at least one token")
+
+    B, T = len(rows), max(len(r.ids) for r in rows)
+    C = max(1, max(sum(r.is_gist) for r in rows))
+    out = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "is_gist": torch.zeros(B, T, dtype=torch.bool),
+        "is_sink": torch.zeros(B, T, dtype=torch.bool),
+        "chunk_id": torch.full((B, T), PAD_CHUNK, dtype=torch.long),
+        "passage_id": torch.full((B, T), -1, dtype=torch.long),
+        "position_ids": torch.zeros(B, T, dtype=torch.long),
+        "valid": torch.zeros(B, T, dtype=torch.bool),
+        "num_chunks": torch.zeros(B, dtype=torch.long),
+        "gist_index": torch.zeros(B, C, dtype=torch.long),
+    }
+    for b, r in enumerate(rows):
+        n, pad = len(r.ids), T - len(r.ids)
+        is_gist = torch.tensor(r.is_gist, dtype=torch.bool)
+        out["input_ids"][b, pad:] = torch.tensor(r.ids)
+        out["is_gist"][b, pad:] = is_gist
+        out["is_sink"][b, pad : pad + min(config.sink, n)] = True
+        out["chunk_id"][b, pad:] = torch.tensor(r.chunk_id)
+        out["passage_id"][b, pad:] = torch.tensor(r.passage_id)
+        out["position_ids"][b, pad:] = torch.arange(n) - torch.cumsum(is_gist.long(), 0)
+        out["valid"][b, pad:] = True
+        gists = torch.nonzero(is_gist).flatten() + pad
+        out["num_chunks"][b] = len(gists)
+        out["gist_index"][b, : len(gists)] = gists
+    return GistLayout(**out).to(device)

@@ -1,0 +1,98 @@
+"""The gist attention rule, written once, with a dense builder (CPU, reference) and a
+FlexAttention BlockMask builder (GPU).
+
+Rule: a query at column q sees key column kv iff
+    kv <= q  AND  kv is not padding  AND
+    (kv is a sink token  OR  kv's chunk is q's chunk or one of the `num_previous_chunks`
+     before it  OR  recall(kv))
+where recall(kv) is "kv is a gist" for the forgetting (context) mask, and "kv's chunk was
+selected" when a question/answer token unfolds chunks (see selection.py). A query always
+sees itself, so padded rows stay finite.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gsa_rag.layout import GistLayout
+
+
+def visible(layout: GistLayout, b, q, kv, num_previous_chunks: int, recall) -> torch.Tensor:
+    """The rule as one predicate over (broadcastable) batch, query and key column indices.
+
+    Works on index tensors of any broadcastable shape, including the 0-d tensors
+    FlexAttention's mask_mod receives.
+    """
+    distance = layout.chunk_id[b, q] - layout.chunk_id[b, kv]
+    window = (distance >= 0) & (distance <= num_previous_chunks)
+    seen = (kv <= q) & layout.valid[b, kv] & (layout.is_sink[b, kv] | window | recall)
+    return seen | (q == kv)
+
+
+def _dense_index(layout: GistLayout, q_index: torch.Tensor | None):
+    device = layout.input_ids.device
+    if q_index is None:
+        q_index = torch.arange(layout.seq_len, device=device)
+    b = torch.arange(layout.batch_size, device=device)[:, None, None]
+    return b, q_index[None, :, None], torch.arange(layout.seq_len, device=device)[None, None, :]
+
+
+def dense_gist_mask(layout: GistLayout, num_previous_chunks: int, q_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The forgetting mask, materialised.
+
+    Args:
+        layout: the whole sequence so far (keys are all its columns).
+        num_previous_chunks: local window in chunks.
+        q_index: long [Tq], the query columns (default: every column).
+
+    Returns:
+        bool [B, Tq, T].
+    """
+    b, q, kv = _dense_index(layout, q_index)
+    return visible(layout, b, q, kv, num_previous_chunks, layout.is_gist[b, kv])
+
+
+def dense_unfold_mask(
+    layout: GistLayout, selected: torch.Tensor, num_previous_chunks: int, q_index: torch.Tensor
+) -> torch.Tensor:
+    """The mask of tail tokens that unfold the chunks they selected.
+
+    Args:
+        layout: the whole sequence so far.
+        selected: bool [B, H, Tq, C], chunk c selected for query row (per KV head).
+        num_previous_chunks: local window in chunks.
+        q_index: long [Tq], the query columns.
+
+    Returns:
+        bool [B, H, Tq, T].
+    """
+    b, q, kv = _dense_index(layout, q_index)
+    B, H, Tq, C = selected.shape
+    chunk_of_kv = layout.chunk_id.clamp(0, C - 1)  # sink/pad/tail columns are handled by the rule itself
+    is_closed = (layout.chunk_id >= 0) & (layout.chunk_id < layout.num_chunks[:, None])
+    index = chunk_of_kv[:, None, None, :].expand(B, H, Tq, layout.seq_len)
+    recall = torch.gather(selected, 3, index) & is_closed[:, None, None, :]
+    return visible(layout, b[:, None], q[:, None], kv[:, None], num_previous_chunks, recall)
+
+
+def gist_block_mask(layout: GistLayout, num_previous_chunks: int, q_offset: int = 0, block_size: int = 128):
+    """The forgetting mask as a FlexAttention BlockMask (queries are columns q_offset..T-1).
+
+    Blocks that the rule leaves empty are skipped by flex_attention; use it on CUDA, where
+    flex_attention compiles. On the CPU the dense builder is the reference.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q = q_idx + q_offset
+        return visible(layout, b, q, kv_idx, num_previous_chunks, layout.is_gist[b, kv_idx])
+
+    return create_block_mask(
+        mask_mod,
+        B=layout.batch_size,
+        H=None,
+        Q_LEN=layout.seq_len - q_offset,
+        KV_LEN=layout.seq_len,
+        device=layout.input_ids.device,
+        BLOCK_SIZE=block_size,
+    )

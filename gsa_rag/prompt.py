@@ -1,0 +1,96 @@
+"""RAG prompt -> segments, through the model's chat template.
+
+The template is rendered with placeholders where user text goes (system line, each passage,
+the question). The rendered string is split at the placeholders: template pieces are
+tokenized normally (they hold the template's special tokens), user pieces with special-token
+parsing off, so no passage or question can forge a special token.
+
+Segments: everything up to the end of the last passage is context (compressed); the
+question and the assistant header are the raw tail. Each passage is its own segment, so it
+ends with its own closing gist.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gsa_rag.layout import Segment, encode_text
+
+DEFAULT_SYSTEM = "Answer the question using the documents. Reply with a short answer only."
+_PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template touches them
+_PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
+_PREFIX, _TAIL = "prefix", "tail"
+
+
+@dataclass(frozen=True)
+class Passage:
+    text: str
+    title: str = ""
+
+    def render(self, number: int) -> str:
+        title = f" (Title: {self.title})" if self.title else ""
+        return f"Document [{number}]{title} {self.text}\n"
+
+
+def as_passage(item) -> Passage:
+    """Accepts a string, a Passage, or a mapping with `text` (and optional `title`)."""
+    if isinstance(item, Passage):
+        return item
+    if isinstance(item, str):
+        return Passage(item)
+    if isinstance(item, dict) and "text" in item:
+        return Passage(str(item["text"]), str(item.get("title") or ""))
+    raise TypeError(f"a passage must be a str, a Passage or a dict with 'text', got {type(item).__name__}")
+
+
+def _render_template(tokenizer, system: str | None, user: str) -> str:
+    messages = [{"role": "user", "content": user}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # base models without a template: plain text, same placeholders
+    head = f"{system}\n\n" if system is not None else ""
+    return f"{head}{user}\nAnswer:"
+
+
+def build_segments(tokenizer, question: str, passages, system: str | None = DEFAULT_SYSTEM) -> list[Segment]:
+    """Lays a RAG prompt out as segments (see the module docstring).
+
+    Args:
+        tokenizer: the model's tokenizer (with a chat template, or plain text without one).
+        question: the user's question.
+        passages: strings, Passages or dicts with text/title; may be empty (closed book).
+        system: the system line; None for none.
+    """
+    passages = [as_passage(p) for p in passages]
+    user_pieces = [p.render(i + 1) for i, p in enumerate(passages)] + [f"Question: {question}"]
+    first_user = 0 if system is None else 1
+    pieces = ([system] if system is not None else []) + user_pieces
+    user = "".join(_PLACEHOLDER.format(first_user + i) for i in range(len(user_pieces)))
+    rendered = _render_template(tokenizer, None if system is None else _PLACEHOLDER.format(0), user)
+
+    parts = _PLACEHOLDER_RE.split(rendered)  # template, index, template, index, ..., template
+    if [int(x) for x in parts[1::2]] != list(range(len(pieces))):
+        raise ValueError("the chat template dropped or reordered message content; gsa-rag cannot lay it out")
+
+    # owner of each piece: PREFIX (system line), a passage number, or TAIL (the question);
+    # template text goes with the piece before it (the text before the first piece: PREFIX)
+    owners = [_PREFIX] * first_user + list(range(len(passages))) + [_TAIL]
+    runs: list[tuple[object, list[int]]] = [(_PREFIX, _template_ids(tokenizer, parts[0]))]
+    for i, owner in enumerate(owners):
+        ids = encode_text(tokenizer, pieces[i]) + _template_ids(tokenizer, parts[2 * i + 2])
+        if runs[-1][0] == owner:
+            runs[-1][1].extend(ids)
+        else:
+            runs.append((owner, ids))
+    return [
+        Segment(tuple(ids), compress=owner != _TAIL, passage_id=owner if isinstance(owner, int) else -1)
+        for owner, ids in runs
+        if ids
+    ]
+
+
+def _template_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []

@@ -1,0 +1,109 @@
+"""Recall: score the gist keys, choose chunks per query head, union over each GQA group.
+
+Torch reference; kernels/ holds the fast path. Shapes: B batch, Hq query heads, Hkv KV heads
+(G = Hq // Hkv query heads share one), Tq query rows, C chunks, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gsa_rag.config import GistConfig
+
+
+def gist_scores(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor, gist_valid: torch.Tensor) -> torch.Tensor:
+    """Raw dot products q . k_gist (no scale, no softmax), -inf for missing chunks.
+
+    Args:
+        query: [B, Hq, Tq, D].
+        key: [B, Hkv, T, D], the whole key cache of the layer.
+        gist_index: long [B, C], column of each chunk's gist.
+        gist_valid: bool [B, C].
+
+    Returns:
+        float32 [B, Hq, Tq, C].
+    """
+    B, Hkv, _, D = key.shape
+    G = query.shape[1] // Hkv
+    gist_keys = torch.gather(key, 2, gist_index[:, None, :, None].expand(B, Hkv, -1, D))
+    gist_keys = gist_keys.repeat_interleave(G, dim=1)
+    scores = torch.matmul(query.float(), gist_keys.float().transpose(-1, -2))
+    return scores.masked_fill(~gist_valid[:, None, None, :], float("-inf"))
+
+
+def adaptive_k(context_len: torch.Tensor, num_chunks: torch.Tensor, group_size: int, config: GistConfig) -> torch.Tensor:
+    """k = floor(L / (ratio * G * chunk)) + 1, capped at max(1, num_chunks // 4).
+
+    L is the context length in tokens. Each of the G heads of a group picks k chunks and the
+    group attends to their union, so a group unfolds about L / ratio raw tokens.
+    """
+    k = torch.div(context_len, config.adaptive_ratio * group_size * config.chunk_size, rounding_mode="floor").long() + 1
+    return torch.minimum(k, torch.clamp(num_chunks // 4, min=1))
+
+
+def choose_chunks(scores: torch.Tensor, k: torch.Tensor | None = None, top_p: float | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Per query head: top-k (k per batch row) or top-p over softmax(scale * scores).
+
+    Args:
+        scores: float [B, Hq, Tq, C], -inf for missing chunks.
+        k: long [B], chunks per head (clamped to the chunks that exist).
+        top_p: keep the smallest set of chunks whose softmax mass reaches top_p.
+        scale: softmax temperature for top_p (1/sqrt(D), as attention would use).
+
+    Returns:
+        bool [B, Hq, Tq, C]; never selects a missing chunk.
+    """
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    sorted_scores = scores.gather(-1, order)
+    exists = torch.isfinite(sorted_scores)
+    if top_p is not None:
+        mass = torch.softmax(sorted_scores * scale, dim=-1).nan_to_num(0.0)
+        before = mass.cumsum(-1) - mass  # mass of the better chunks
+        keep = before < top_p
+    else:
+        rank = torch.arange(scores.shape[-1], device=scores.device)
+        keep = rank < k.view(-1, 1, 1, 1)
+    keep = (keep & exists).expand_as(order)
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def union_over_groups(chosen: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, Tq, C] -> [B, Hkv, Tq, C]: a KV head unfolds what any of its query heads chose."""
+    B, Hq, Tq, C = chosen.shape
+    return chosen.view(B, num_kv_heads, Hq // num_kv_heads, Tq, C).any(dim=2)
+
+
+def select_chunks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    gist_index: torch.Tensor,
+    gist_valid: torch.Tensor,
+    context_len: torch.Tensor,
+    config: GistConfig,
+) -> torch.Tensor:
+    """Chunks each KV head unfolds for each query row, under the config's k policy.
+
+    Args:
+        query: [B, Hq, Tq, D] (RoPE applied).
+        key: [B, Hkv, T, D] (RoPE applied).
+        gist_index, gist_valid: [B, C], see GistLayout.
+        context_len: long [B], tokens before the tail (for adaptive k).
+        config: k policy.
+
+    Returns:
+        bool [B, Hkv, Tq, C].
+    """
+    Hkv = key.shape[1]
+    scores = gist_scores(query, key, gist_index, gist_valid)
+    num_chunks = gist_valid.sum(-1)
+    if config.k_policy == "top_p":
+        chosen = choose_chunks(scores, top_p=config.top_p, scale=1.0 / math.sqrt(query.shape[-1]))
+    else:
+        if config.k_policy == "adaptive":
+            k = adaptive_k(context_len, num_chunks, query.shape[1] // Hkv, config)
+        else:
+            k = torch.full_like(num_chunks, config.top_k)
+        chosen = choose_chunks(scores, k=k)
+    return union_over_groups(chosen, Hkv)

@@ -1,0 +1,1 @@
+"""Framework adapters (installed as gsa_rag.integrations): thin wrappers over GistEngine."""
