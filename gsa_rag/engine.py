@@ -89,6 +89,7 @@ class GistEngine:
         seed: int | None = None,
         stop: Sequence[str] = (),
         system: str | None = DEFAULT_SYSTEM,
+        observe=None,
     ) -> str | list[str]:
         """Answers one question, or a batch.
 
@@ -99,6 +100,7 @@ class GistEngine:
             max_new_tokens, temperature, top_p, seed: sampling (temperature 0 is greedy).
             stop: strings that end the answer (the text is cut before them).
             system: the system line of the prompt; None for none.
+            observe: optional callback given the GistState of every forward (for budgets).
 
         Returns:
             The answer, or a list of answers for a batch.
@@ -108,7 +110,7 @@ class GistEngine:
         layout = self.layout(questions, passage_lists, system)
         rows: list[list[int]] = [[] for _ in questions]
         stops = self.stop_ids()
-        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned):
+        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned, observe):
             for row, t in zip(rows, token.tolist()):
                 if not row or row[-1] not in stops:
                     row.append(t)

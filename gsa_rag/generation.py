@@ -7,7 +7,7 @@ every forward must carry. Selection is redone at every step, in every selecting 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -89,19 +89,23 @@ def generate_tokens(
     params: SamplingParams,
     stop_ids: set[int],
     banned: torch.Tensor | None = None,
+    observe: Callable[[GistState], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yields [B] next-token ids, one step at a time, until every row hit a stop id or the
     budget. Rows that finished keep receiving their stop id (callers ignore them).
+    `observe` sees the GistState of every forward (prefill, then each decode step).
     """
     device = layout.input_ids.device
     generator = None
     if params.temperature > 0 and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     cache = DynamicCache()
-    out, _ = forward(model, layout, layout.seq_len, cache, config, logits_to_keep=1)
+    out, state = forward(model, layout, layout.seq_len, cache, config, logits_to_keep=1)
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     done = torch.zeros(layout.batch_size, dtype=torch.bool, device=device)
     for step in range(params.max_new_tokens):
+        if observe is not None:
+            observe(state)
         token = sample(out.logits[:, -1], params, banned, generator)
         if stops.numel():
             token = torch.where(done, stops[0], token)
@@ -110,4 +114,4 @@ def generate_tokens(
         if bool(done.all()) or step == params.max_new_tokens - 1:
             return
         layout = layout.append(token[:, None])
-        out, _ = forward(model, layout, 1, cache, config)
+        out, state = forward(model, layout, 1, cache, config)

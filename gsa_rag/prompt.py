@@ -34,14 +34,17 @@ class Passage:
 
 
 def as_passage(item) -> Passage:
-    """Accepts a string, a Passage, or a mapping with `text` (and optional `title`)."""
+    """Accepts a string, a mapping with `text` (and optional `title`), or any object with
+    `text` and `title` attributes (a Passage, an eval example's passage)."""
     if isinstance(item, Passage):
         return item
     if isinstance(item, str):
         return Passage(item)
     if isinstance(item, dict) and "text" in item:
         return Passage(str(item["text"]), str(item.get("title") or ""))
-    raise TypeError(f"a passage must be a str, a Passage or a dict with 'text', got {type(item).__name__}")
+    if isinstance(getattr(item, "text", None), str):
+        return Passage(item.text, str(getattr(item, "title", "") or ""))
+    raise TypeError(f"a passage must be a str, a dict with 'text', or have a .text, got {type(item).__name__}")
 
 
 def _render_template(tokenizer, system: str | None, user: str) -> str:

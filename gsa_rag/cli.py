@@ -1,0 +1,98 @@
+"""`gsa-rag` command line: demo, ask, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+
+from gsa_rag.config import GistConfig
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF id, local dir or .gguf path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--chunk-size", type=int, default=8, help="raw tokens per gist; 0 = no gists (full attention)")
+    p.add_argument("--top-k", type=int, default=4, help="chunks each query head unfolds")
+    p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default="fixed")
+    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def _engine(args):
+    from gsa_rag.engine import GistEngine
+
+    config = GistConfig(chunk_size=args.chunk_size, top_k=args.top_k, k_policy=args.k_policy, sink=args.sink)
+    return GistEngine.from_pretrained(args.model, config=config, device=args.device)
+
+
+def _demo(args) -> None:
+    demo = json.loads(resources.files("gsa_rag").joinpath("data/demo_passages.json").read_text())
+    question = args.question or demo["question"]
+    engine = _engine(args)
+    print(f"model: {engine.model.config.model_type}, {engine.config.chunk_size}x gists, top-{engine.config.top_k}")
+    print(f"question: {question}")
+    for p in demo["passages"]:
+        print(f"  [{p['title']}] {p['text'][:70]}...")
+    print("answer: ", end="", flush=True)
+    start = time.perf_counter()
+    for piece in engine.stream(question, demo["passages"], max_new_tokens=args.max_new_tokens):
+        print(piece, end="", flush=True)
+    print(f"\n({time.perf_counter() - start:.1f} s)")
+
+
+def _ask(args) -> None:
+    engine = _engine(args)
+    passages = [{"text": t} for t in args.passage]
+    print(engine.generate(args.question, passages, max_new_tokens=args.max_new_tokens))
+
+
+def _eval(args) -> None:
+    from gsa_rag.eval.run import evaluate
+
+    engine = _engine(args)
+    report = evaluate(engine, args.data, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens)
+    print(json.dumps(report["summary"], indent=2))
+    if args.out:
+        with open(args.out, "x") as f:  # never overwrite a saved result
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gsa-rag", description="Gist Sparse Attention for RAG")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="answer a question over bundled passages with the default model")
+    p.add_argument("--question", default=None)
+    _add_model_args(p)
+    p.set_defaults(run=_demo)
+
+    p = sub.add_parser("ask", help="answer a question over passages given on the command line")
+    p.add_argument("question")
+    p.add_argument("--passage", action="append", default=[], help="a passage text (repeatable)")
+    _add_model_args(p)
+    p.set_defaults(run=_ask)
+
+    p = sub.add_parser("eval", help="best-subspan EM on a canonical JSONL set (nq, hotpotqa, ... or a path)")
+    p.add_argument("data", help="set name under $GSA_RAG_DATA (nq, hotpotqa, triviaqa, musique) or a JSONL path")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="write the full report as JSON (refuses to overwrite)")
+    _add_model_args(p)
+    p.set_defaults(run=_eval)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"gsa-rag: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

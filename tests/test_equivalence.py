@@ -1,0 +1,89 @@
+"""With no gists, GSA is the unmodified Hugging Face model: logits allclose, greedy text identical."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+
+from gsa_rag.config import GistConfig
+from gsa_rag.engine import GistEngine
+from gsa_rag.generation import forward
+from gsa_rag.models import add_gist_tokens, load_model
+
+QUESTIONS = ["Who raised the ship?", "When did the museum open its doors to the public?"]
+PASSAGES = [
+    [{"title": "Vasa", "text": "The warship Vasa sank in 1628 and was raised in 1961."}, "Stockholm is a city."],
+    ["The Vasa Museum opened in 1990 on Djurgarden.", "It shows a ship.", "A third passage."],
+]
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+CONFIGS = {
+    "llama": lambda v: LlamaConfig(vocab_size=v, **TINY),
+    "qwen2": lambda v: Qwen2Config(vocab_size=v, **TINY),
+    "mistral": lambda v: MistralConfig(vocab_size=v, sliding_window=None, **TINY),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
+
+
+def tiny_pair(make_config, tokenizer):
+    """(gsa model, reference sdpa model) with the same random weights and gist tokens added."""
+    torch.manual_seed(0)
+    config = make_config(len(tokenizer))
+    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    import gsa_rag.attention  # noqa: F401
+
+    gsa = AutoModelForCausalLM.from_config(config, attn_implementation="gsa").eval()
+    add_gist_tokens(ref, tokenizer, GistConfig())
+    add_gist_tokens(gsa, tokenizer, GistConfig())
+    gsa.load_state_dict(ref.state_dict())
+    return gsa, ref
+
+
+def assert_matches_reference(engine, ref, questions, passages, max_new_tokens=8):
+    config = engine.config
+    layout = engine.layout(questions, passages)
+    assert not layout.is_gist.any()
+    with torch.no_grad():
+        out, _ = forward(engine.model, layout, layout.seq_len, _cache(), config)
+        for b in range(layout.batch_size):
+            ids = layout.input_ids[b, layout.valid[b]][None]
+            want = ref(ids).logits[0]
+            got = out.logits[b, layout.valid[b]]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    answers = engine.generate(questions, passages, max_new_tokens=max_new_tokens)
+    for b, answer in enumerate(answers):
+        ids = layout.input_ids[b, layout.valid[b]][None]
+        greedy = ref.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            suppress_tokens=engine._banned.tolist(), pad_token_id=engine.tokenizer.pad_token_id,
+        )
+        assert answer == engine.tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def _cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_tiny_models_without_gists_equal_hf(family, tokenizer):
+    gsa, ref = tiny_pair(CONFIGS[family], tokenizer)
+    engine = GistEngine(gsa, tokenizer, GistConfig(chunk_size=0))
+    assert_matches_reference(engine, ref, QUESTIONS, PASSAGES)
+
+
+def test_default_model_without_gists_equals_hf(default_model_dir):
+    gsa, tok = load_model(default_model_dir, device="cpu")
+    ref, _ = load_model(default_model_dir, device="cpu", attn_implementation="sdpa")
+    engine = GistEngine(gsa, tok, GistConfig(chunk_size=0))
+    assert_matches_reference(engine, ref, QUESTIONS, PASSAGES, max_new_tokens=12)
+
+
+def test_gsa_model_without_state_is_plain_causal_attention(tokenizer):
+    gsa, ref = tiny_pair(CONFIGS["llama"], tokenizer)
+    ids = torch.randint(0, 1000, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(gsa(ids).logits, ref(ids).logits)

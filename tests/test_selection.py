@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gsa_rag.config import GistConfig
+from gsa_rag.selection import adaptive_k, choose_chunks, gist_scores, select_chunks, union_over_groups
+
+
+def random_problem(seed, B=2, Hq=4, Hkv=2, Tq=3, T=40, C=6, D=8):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(B, Hq, Tq, D, generator=g)
+    key = torch.randn(B, Hkv, T, D, generator=g)
+    num_chunks = torch.randint(0, C + 1, (B,), generator=g)
+    gist_index = torch.stack([torch.randperm(T, generator=g)[:C].sort().values for _ in range(B)])
+    gist_valid = torch.arange(C)[None] < num_chunks[:, None]
+    return query, key, gist_index, gist_valid
+
+
+def test_scores_are_raw_dot_products_with_gist_keys():
+    query, key, gist_index, gist_valid = random_problem(0)
+    scores = gist_scores(query, key, gist_index, gist_valid)
+    b, h, t, c = 1, 3, 2, 0
+    if gist_valid[b, c]:
+        want = query[b, h, t] @ key[b, h // 2, gist_index[b, c]]
+        torch.testing.assert_close(scores[b, h, t, c], want)
+    assert torch.isinf(scores[~gist_valid[:, None, None, :].expand_as(scores)]).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 10), st.sampled_from(["fixed", "adaptive", "top_p"]))
+def test_selection_never_picks_missing_chunks_and_unions_groups(seed, k, policy):
+    query, key, gist_index, gist_valid = random_problem(seed)
+    config = GistConfig(k_policy=policy, top_k=k, top_p=0.5)
+    selected = select_chunks(query, key, gist_index, gist_valid, torch.tensor([40, 13]), config)
+    assert selected.shape == (2, 2, 3, 6)
+    assert not (selected & ~gist_valid[:, None, None, :]).any()
+    # each row with chunks selects at least one (k >= 1, top_p keeps the best)
+    has = gist_valid.any(-1)
+    assert selected.any(-1)[has].all()
+    if policy == "fixed":
+        per_head = choose_chunks(gist_scores(query, key, gist_index, gist_valid), k=torch.full((2,), k))
+        n = gist_valid.sum(-1).clamp(max=k)
+        assert torch.equal(per_head.sum(-1), n[:, None, None].expand(2, 4, 3))
+        assert torch.equal(selected, union_over_groups(per_head, 2))
+
+
+def test_k_at_least_number_of_chunks_selects_all():
+    query, key, gist_index, gist_valid = random_problem(1)
+    selected = select_chunks(query, key, gist_index, gist_valid, torch.tensor([40, 40]), GistConfig(top_k=6))
+    assert torch.equal(selected, gist_valid[:, None, None, :].expand_as(selected))
+
+
+def test_top_k_takes_the_highest_scores():
+    scores = torch.tensor([[[[0.1, 5.0, -1.0, 3.0, float("-inf")]]]])
+    chosen = choose_chunks(scores, k=torch.tensor([2]))
+    assert chosen.flatten().tolist() == [False, True, False, True, False]
+    # top_p: one dominant chunk is enough
+    chosen = choose_chunks(torch.tensor([[[[0.0, 50.0, 0.0]]]]), top_p=0.9)
+    assert chosen.flatten().tolist() == [False, True, False]
+
+
+def test_gqa_union():
+    chosen = torch.zeros(1, 4, 1, 3, dtype=torch.bool)
+    chosen[0, 0, 0, 0] = chosen[0, 1, 0, 2] = chosen[0, 3, 0, 1] = True
+    assert union_over_groups(chosen, 2)[0, :, 0].tolist() == [[True, False, True], [False, True, False]]
+
+
+@pytest.mark.parametrize("L,chunks,G,c,ratio", [(1000, 100, 3, 8, 8.0), (100, 10, 1, 8, 2.0), (50000, 6000, 4, 16, 8.0), (10, 1, 2, 8, 8.0)])
+def test_adaptive_k_formula(L, chunks, G, c, ratio):
+    config = GistConfig(chunk_size=c, adaptive_ratio=ratio)
+    k = adaptive_k(torch.tensor([L]), torch.tensor([chunks]), G, config)
+    assert k.item() == min(math.floor(L / (ratio * G * c)) + 1, max(1, chunks // 4))
