@@ -100,3 +100,23 @@ def test_block_mask_matches_dense_mask(seed, block_size):
     got = flex_attention(q, k, v, block_mask=block_mask)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled FlexAttention")
+def test_compiled_flex_attention_under_block_mask_matches_dense_on_cuda():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention)
+    for seed in range(3):
+        rng = random.Random(seed)
+        config = random_config(rng)
+        segments = [random_segments(rng, max_len=200) for _ in range(2)]
+        layout = build_layout(segments, config, FakeTokenizer(), device="cuda")
+        B, T = layout.input_ids.shape
+        block_mask = gist_block_mask(layout, config.num_previous_chunks)
+        dense = dense_gist_mask(layout, config.num_previous_chunks)
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        q, k, v = (torch.randn(B, 4, T, 64, device="cuda", generator=g) for _ in range(3))
+        got = compiled(q, k, v, block_mask=block_mask)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=dense[:, None])
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-3
