@@ -62,6 +62,40 @@ def _eval(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _train(args) -> None:
+    from gsa_rag.train.loop import TrainArgs, train
+
+    gist = {k: v for k, v in {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy,
+                              "sink": args.sink}.items() if v is not None}
+    fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if k not in ("gist", "base", "stage")}
+    out = train(TrainArgs(stage=args.stage, base=args.model, gist=gist, **fields))
+    print(f"wrote {out}")
+
+
+def _add_train_parser(sub) -> None:
+    from gsa_rag.train.loop import TrainArgs
+
+    p = sub.add_parser("train", help="stage 1 (cpt) or stage 2 (sft) training of a gist adapter")
+    p.add_argument("stage", choices=["cpt", "sft"])
+    p.add_argument("--data", nargs="+", required=True, help="cpt: text or JSONL(text) files; sft: canonical RAG JSONL")
+    p.add_argument("--output", required=True, help="adapter directory to write (never overwritten)")
+    p.add_argument("--model", default=None, help="base model id/dir/.gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--init-adapter", default=None, help="continue from an earlier stage's adapter")
+    p.add_argument("--chunk-size", type=int, default=None, help="raw tokens per gist (0: train without gists)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default=None)
+    p.add_argument("--sink", type=int, default=None)
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    defaults = TrainArgs(stage="cpt", output="")
+    for name in ("lora_r", "lora_alpha", "lr", "steps", "batch_size", "grad_accum", "warmup", "seed", "block_tokens",
+                 "tail_tokens", "max_blocks", "max_prompt_tokens", "save_every", "log_every"):
+        value = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
+    p.set_defaults(run=_train)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gsa-rag", description="Gist Sparse Attention for RAG")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="write the full report as JSON (refuses to overwrite)")
     _add_model_args(p)
     p.set_defaults(run=_eval)
+
+    _add_train_parser(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -44,6 +44,7 @@ class GistEngine:
         *,
         config: GistConfig | None = None,
         gguf_file: str | None = None,
+        adapter: str | None = "default",
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> GistEngine:
@@ -51,15 +52,25 @@ class GistEngine:
 
         Args:
             model: HF id, local directory, or path to a .gguf file; None for the default model.
-            config: GistConfig (default chunk 8, top-4).
+            config: GistConfig; default: the adapter's (the one it was trained with), else
+                GistConfig().
             gguf_file: GGUF file name inside `model` (a directory or repo).
+            adapter: a gist adapter directory (from `gsa-rag train`); "default" uses the
+                trained adapter bundled for the default model when `model` is None and the
+                package carries one; None loads the base model alone (untrained gists).
             device: default CUDA when available, else CPU.
             dtype: default bf16 on CUDA, fp32 on CPU.
         """
+        from gsa_rag.adapters import adapter_config, apply_adapter, base_fingerprint, bundled_default_adapter
         from gsa_rag.models import load_model
 
-        config = config or GistConfig()
+        if adapter == "default":
+            adapter = bundled_default_adapter() if model is None else None
+        if config is None:
+            config = adapter_config(adapter) if adapter is not None else GistConfig()
         lm, tokenizer = load_model(model, gguf_file=gguf_file, gist_config=config, dtype=dtype, device=device)
+        if adapter is not None:
+            lm = apply_adapter(lm, adapter, base_fingerprint(lm))
         return cls(lm, tokenizer, config)
 
     @property

@@ -1,0 +1,133 @@
+"""Training examples as segments, and the collator that lays them out with gists.
+
+Both stages produce `Segment` lists, so a training batch goes through the same `build_layout`
+and the same gsa attention function as inference: nothing is re-implemented for training.
+
+- Stage 1 (CPT): documents are tokenized, joined with EOS, and packed into blocks of
+  `block_tokens` raw tokens. The first `block_tokens - tail_tokens` are context (gists inserted,
+  forgetting mask); the last `tail_tokens` are a raw tail that recalls by selection, as a
+  question does, so stage 1 trains both forgetting and recall. Loss: every next raw token.
+- Stage 2 (SFT): a RAG example is rendered with the chat template exactly as at inference
+  (prompt.build_segments) and the answer + end-of-turn token is appended to the raw tail.
+  Loss: the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gsa_rag.config import GistConfig
+from gsa_rag.layout import GistLayout, Segment, build_layout
+from gsa_rag.prompt import build_segments
+
+IGNORE = -100
+
+
+@dataclass
+class TrainExample:
+    """Segments plus how many tokens at the end of the raw tail carry loss (None: all raw tokens)."""
+
+    segments: list[Segment]
+    loss_tokens: int | None = None
+
+
+def read_texts(paths: list[str | Path]) -> Iterator[str]:
+    """Yields documents from plain-text files (one document per file) or JSONL files with `text`."""
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training text {path} not found")
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if not isinstance(record.get("text"), str):
+                            raise ValueError(f"{path}:{n}: a JSONL training record needs a string 'text' field")
+                        yield record["text"]
+        else:
+            yield path.read_text(encoding="utf-8")
+
+
+def pack_documents(texts, tokenizer, block_tokens: int, tail_tokens: int, max_blocks: int | None = None) -> list[TrainExample]:
+    """Packs documents into CPT blocks (see the module docstring)."""
+    if not 0 <= tail_tokens < block_tokens:
+        raise ValueError(f"tail_tokens must be in [0, block_tokens), got {tail_tokens} of {block_tokens}")
+    eos = tokenizer.eos_token_id
+    buffer: list[int] = []
+    blocks: list[TrainExample] = []
+    for text in texts:
+        buffer += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
+        while len(buffer) >= block_tokens:
+            block, buffer = buffer[:block_tokens], buffer[block_tokens:]
+            cut = block_tokens - tail_tokens
+            blocks.append(TrainExample([Segment(tuple(block[:cut]), True), Segment(tuple(block[cut:]), False)]))
+            if max_blocks is not None and len(blocks) >= max_blocks:
+                return blocks
+    return blocks
+
+
+def rag_example(tokenizer, question: str, passages, answer: str, system=None) -> TrainExample:
+    """One SFT example: the inference prompt with `answer` + end-of-turn appended to the tail."""
+    kwargs = {} if system is None else {"system": system}
+    segments = build_segments(tokenizer, question, passages, **kwargs)
+    answer_ids = tokenizer(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    answer_ids.append(tokenizer.eos_token_id)
+    tail = segments[-1]
+    segments[-1] = Segment(tail.ids + tuple(answer_ids), compress=False)
+    return TrainExample(segments, loss_tokens=len(answer_ids))
+
+
+def rag_examples(paths, tokenizer, max_prompt_tokens: int | None = None, seed: int = 0) -> list[TrainExample]:
+    """SFT examples from canonical RAG JSONL files (the first answer is the target).
+
+    Examples whose prompt exceeds `max_prompt_tokens` lose passages from the end until it fits
+    (gold passages last), so no example is silently truncated mid-passage.
+    """
+    from gsa_rag.eval.data import load_examples
+
+    rng = random.Random(seed)
+    out = []
+    for path in paths:
+        for ex in load_examples(path):
+            passages = list(ex.passages)
+            example = rag_example(tokenizer, ex.question, passages, ex.answers[0])
+            while max_prompt_tokens and _length(example) > max_prompt_tokens and passages:
+                drop = next((i for i in reversed(range(len(passages))) if not passages[i].is_gold), len(passages) - 1)
+                passages.pop(drop)
+                example = rag_example(tokenizer, ex.question, passages, ex.answers[0])
+            out.append(example)
+    rng.shuffle(out)
+    return out
+
+
+def _length(example: TrainExample) -> int:
+    return sum(len(s.ids) for s in example.segments)
+
+
+@dataclass
+class Batch:
+    layout: GistLayout
+    labels: torch.Tensor  # long [B, T], IGNORE where no loss
+
+
+def collate(examples: list[TrainExample], config: GistConfig, tokenizer) -> Batch:
+    """Lays out a batch with gists and builds next-token labels aligned with input_ids.
+
+    Labels follow transformers' convention (the model shifts them): a label at column j is the
+    target of column j - 1. Gists are never targets (the layout inserts them); padding and the
+    prompt of SFT examples carry no loss.
+    """
+    layout = build_layout([ex.segments for ex in examples], config, tokenizer)
+    labels = layout.input_ids.masked_fill(layout.is_gist | ~layout.valid, IGNORE)
+    for b, ex in enumerate(examples):
+        if ex.loss_tokens is not None:
+            labels[b, : layout.seq_len - ex.loss_tokens] = IGNORE
+    labels[:, 0] = IGNORE
+    return Batch(layout, labels)

@@ -1,0 +1,223 @@
+"""The training loop shared by both stages: LoRA (PEFT) or full fine-tuning, accelerate for
+one or many processes (DDP; FSDP through an accelerate config), resumable checkpoints.
+
+    gsa-rag train cpt --data docs.jsonl --output runs/cpt8 --chunk-size 8
+    gsa-rag train sft --data nq/train.jsonl --output runs/sft8 --init-adapter runs/cpt8
+    accelerate launch --num_processes 2 -m gsa_rag.cli train sft ...
+
+Every forward is the inference forward: `model(..., gsa_state=GistState(...))` through the
+"gsa" attention function, context rows under the forgetting mask and tail rows unfolding the
+chunks they select. Top-k is hard; gradients flow through attention over what was selected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gsa_rag.attention import GistState
+from gsa_rag.config import GistConfig
+from gsa_rag.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gsa_rag.train.data import TrainExample, collate
+
+
+@dataclass
+class TrainArgs:
+    """Everything a run needs; saved with every checkpoint and in the adapter manifest."""
+
+    stage: str  # "cpt" or "sft"
+    output: str  # the adapter directory this run writes (refused if it already holds one)
+    data: list[str] = field(default_factory=list)
+    base: str | None = None  # model id/path/.gguf; None: the default model
+    init_adapter: str | None = None  # continue from an earlier stage's adapter
+    gist: dict = field(default_factory=dict)  # GistConfig fields
+    full: bool = False  # full fine-tuning instead of LoRA (writes a whole model)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lr: float = 2e-4
+    steps: int = 100
+    batch_size: int = 8  # per process, per micro-step
+    grad_accum: int = 1
+    warmup: int = 10
+    seed: int = 0
+    block_tokens: int = 1024  # cpt: raw tokens per packed block
+    tail_tokens: int = 128  # cpt: raw tail that recalls by selection
+    max_blocks: int | None = None  # cpt: cap on packed blocks
+    max_prompt_tokens: int = 4096  # sft: drop passages beyond this
+    gradient_checkpointing: bool = False
+    save_every: int = 0  # steps between resumable checkpoints; 0: only at the end
+    resume: bool = False
+    log_every: int = 10
+
+
+def build_examples(args: TrainArgs, tokenizer) -> list[TrainExample]:
+    from gsa_rag.train.data import pack_documents, rag_examples, read_texts
+
+    if not args.data:
+        raise ValueError("no training data: pass --data FILE [FILE ...]")
+    if args.stage == "cpt":
+        examples = pack_documents(read_texts(args.data), tokenizer, args.block_tokens, args.tail_tokens, args.max_blocks)
+    elif args.stage == "sft":
+        examples = rag_examples(args.data, tokenizer, args.max_prompt_tokens, seed=args.seed)
+    else:
+        raise ValueError(f"stage must be 'cpt' or 'sft', got {args.stage!r}")
+    if not examples:
+        raise ValueError(f"the data yielded no {args.stage} examples (too little text for one block?)")
+    return examples
+
+
+def _wrap_trainable(model, tokenizer, args: TrainArgs, config: GistConfig):
+    if args.full:
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if args.init_adapter:
+        return PeftModel.from_pretrained(model, args.init_adapter, is_trainable=True)
+    token_ids = [tokenizer.convert_tokens_to_ids(t) for t in config.special_tokens]
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        target_modules="all-linear",
+        trainable_token_indices={"embed_tokens": token_ids},
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def batch_loss(model, batch, config: GistConfig) -> torch.Tensor:
+    """Mean next-token loss of a collated batch through the inference attention path."""
+    layout = batch.layout
+    state = GistState.for_new_tokens(layout, layout.seq_len, config)
+    out = model(input_ids=layout.input_ids, position_ids=layout.position_ids, labels=batch.labels,
+                gsa_state=state, use_cache=False)
+    return out.loss
+
+
+def train(args: TrainArgs) -> Path:
+    """Runs one stage and writes the adapter (or full model) to `args.output`. Returns its path."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from gsa_rag.adapters import MANIFEST, adapter_config, base_fingerprint, check_base
+    from gsa_rag.models import load_model
+
+    output = Path(args.output)
+    if (output / MANIFEST).exists():
+        raise FileExistsError(f"{output} already holds a trained adapter; choose another --output (nothing was overwritten)")
+    if args.full and args.init_adapter:
+        raise ValueError("--full trains a whole model: continue from an earlier full run with --base, not --init-adapter")
+    # stage 2 keeps stage 1's layout; explicitly given gist options (e.g. top_k) override it
+    base_config = adapter_config(args.init_adapter).to_dict() if args.init_adapter else {}
+    config = GistConfig(**{**base_config, **args.gist})
+    accelerator = Accelerator(
+        mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        gradient_accumulation_steps=args.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.base, gist_config=config, dtype=torch.float32, device=accelerator.device)
+    fingerprint = base_fingerprint(model)
+    if args.init_adapter:
+        check_base(args.init_adapter, fingerprint)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = _wrap_trainable(model, tokenizer, args, config)
+    model.train()
+    examples = build_examples(args, tokenizer)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start = 0
+    checkpoints = output / "checkpoints"
+    if args.resume and (last := latest_checkpoint(checkpoints)) is not None:
+        start = load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler)
+        accelerator.print(f"resumed from {last} at step {start}")
+
+    order = _example_order(len(examples), args, accelerator)
+    log_path = output / "train_log.jsonl"
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(range(start, args.steps), desc=f"train {args.stage}", disable=not accelerator.is_main_process,
+               initial=start, total=args.steps)
+    losses: list[float] = []
+    tokens, t0 = 0, time.perf_counter()
+    for step in bar:
+        for micro in range(args.grad_accum):
+            index = (step * args.grad_accum + micro) * args.batch_size
+            batch = collate([examples[order[(index + i) % len(order)]] for i in range(args.batch_size)], config, tokenizer)
+            batch.layout = batch.layout.to(accelerator.device)
+            batch.labels = batch.labels.to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = batch_loss(model, batch, config)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            tokens += int(batch.layout.valid.sum())
+            losses.append(loss.item())
+        if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
+            record = {"step": step + 1, "loss": sum(losses[-args.grad_accum * args.log_every:]) / len(losses[-args.grad_accum * args.log_every:]),
+                      "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens * accelerator.num_processes / (time.perf_counter() - t0)}
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoints, accelerator.unwrap_model(model), optimizer, scheduler, step + 1, asdict(args))
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _save_result(accelerator.unwrap_model(model), tokenizer, output, args, config, fingerprint, losses,
+                     num_processes=accelerator.num_processes)
+    accelerator.end_training()
+    return output
+
+
+def _example_order(n: int, args: TrainArgs, accelerator) -> list[int]:
+    """A seeded order over as many epochs as the run needs; each process takes its own slice."""
+    needed = args.steps * args.grad_accum * args.batch_size * accelerator.num_processes
+    rng = random.Random(args.seed)
+    order: list[int] = []
+    while len(order) < needed:
+        epoch = list(range(n))
+        rng.shuffle(epoch)
+        order += epoch
+    return order[accelerator.process_index :: accelerator.num_processes]
+
+
+def _save_result(model, tokenizer, output: Path, args: TrainArgs, config: GistConfig, fingerprint: str, losses,
+                 num_processes: int = 1) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from gsa_rag.adapters import write_manifest
+
+    base = args.base or "default (SmolLM2-135M-Instruct)"
+    if args.full:
+        model.save_pretrained(output)
+        tokenizer.save_pretrained(output)
+    else:
+        # the resized embedding is the base's plus mean rows (models.add_gist_tokens), rebuilt
+        # at load; only the trained gist/link rows travel, inside PEFT's trainable tokens
+        model.save_pretrained(output, save_embedding_layers=False)
+        # bf16 halves the adapter (it must fit the 16 MiB a GPU run can send back)
+        weights = output / "adapter_model.safetensors"
+        save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()},
+                  str(weights))
+    tail = losses[-20:]
+    write_manifest(output, base_model=str(base), fingerprint=fingerprint, config=config, stage=args.stage,
+                   train_args=asdict(args), final_loss=sum(tail) / max(1, len(tail)), num_processes=num_processes)

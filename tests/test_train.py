@@ -1,0 +1,223 @@
+"""Training on tiny models (CPU): loss goes down, the training forward is the inference forward,
+adapters round-trip, checkpoints resume, and accelerate runs two processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig
+
+from gsa_rag.config import GistConfig
+from gsa_rag.engine import GistEngine
+from gsa_rag.generation import forward
+from gsa_rag.models import load_model
+from gsa_rag.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gsa_rag.train.data import IGNORE, collate, pack_documents, rag_example
+from gsa_rag.train.loop import TrainArgs, _save_result, _wrap_trainable, batch_loss, train
+
+PASSAGES = [{"title": "Vasa", "text": "The warship Vasa sank in 1628 and was raised in 1961 from Stockholm harbour."},
+            {"title": "Stockholm", "text": "Stockholm is the capital of Sweden, built on fourteen islands."}]
+TEXT = ("Gist tokens summarise chunks of text so that later tokens can recall them. " * 20).strip()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_model_dir):
+    """A tiny random Llama with the default model's tokenizer, saved like any local model."""
+    path = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def tiny(tiny_dir):
+    return load_model(str(tiny_dir), device="cpu")
+
+
+def sft_batch(tok, config):
+    examples = [rag_example(tok, "When was the Vasa raised?", PASSAGES, "1961"),
+                rag_example(tok, "What is the capital of Sweden?", PASSAGES[1:], "Stockholm")]
+    return collate(examples, config, tok)
+
+
+def cpt_batch(tok, config):
+    return collate(pack_documents([TEXT, TEXT], tok, block_tokens=64, tail_tokens=16), config, tok)
+
+
+@pytest.mark.parametrize("make_batch", [cpt_batch, sft_batch], ids=["cpt", "sft"])
+@pytest.mark.parametrize("chunk_size", [4, 0], ids=["gsa", "no-gists-baseline"])
+def test_a_few_steps_lower_the_loss_on_a_repeated_batch(tiny, make_batch, chunk_size):
+    model, tok = tiny
+    config = GistConfig(chunk_size=chunk_size, sink=2, top_k=1)
+    batch = make_batch(tok, config)
+    model = _wrap_trainable(model, tok, TrainArgs(stage="cpt", output="", lora_r=8), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = batch_loss(model, batch, config)
+    for _ in range(3):
+        optimizer.zero_grad()
+        batch_loss(model, batch, config).backward()
+        optimizer.step()
+    assert batch_loss(model, batch, config).item() < first.item()
+
+
+def test_labels_skip_gists_padding_and_sft_prompts(tiny):
+    _, tok = tiny
+    config = GistConfig(chunk_size=4, sink=2)
+    batch = sft_batch(tok, config)
+    trained = batch.labels != IGNORE
+    assert not trained[batch.layout.is_gist].any() and not trained[~batch.layout.valid].any()
+    answer = tok.decode(batch.layout.input_ids[0][trained[0]])
+    assert answer.startswith("1961")
+    cpt = cpt_batch(tok, config)
+    assert (cpt.labels != IGNORE).sum() == (cpt.layout.valid & ~cpt.layout.is_gist).sum() - cpt.layout.batch_size
+
+
+def test_sft_forward_is_the_inference_forward(tiny):
+    """Teacher-forced answer logits in one training forward == prefill + one decode step per token."""
+    model, tok = tiny
+    config = GistConfig(chunk_size=4, sink=2, top_k=1)
+    example = rag_example(tok, "When was the Vasa raised?", PASSAGES, "in the year 1961")
+    batch = collate([example], config, tok)
+    layout = batch.layout
+    with torch.no_grad():
+        train_logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                             gsa_state=_state(layout, config), use_cache=False).logits[0]
+        n = example.loss_tokens
+        prompt_len = layout.seq_len - n
+        step_layout = _truncate(layout, prompt_len)
+        cache = DynamicCache()
+        out, _ = forward(model, step_layout, prompt_len, cache, config)
+        step_logits = [out.logits[0, -1]]
+        for t in range(prompt_len, layout.seq_len - 1):
+            step_layout = step_layout.append(layout.input_ids[:, t : t + 1])
+            out, _ = forward(model, step_layout, 1, cache, config)
+            step_logits.append(out.logits[0, -1])
+    torch.testing.assert_close(torch.stack(step_logits), train_logits[prompt_len - 1 : -1], atol=1e-4, rtol=1e-4)
+
+
+def _state(layout, config):
+    from gsa_rag.attention import GistState
+
+    return GistState.for_new_tokens(layout, layout.seq_len, config)
+
+
+def _truncate(layout, n):
+    from gsa_rag.layout import GistLayout
+
+    return GistLayout(**{k: (v[:, :n] if k not in ("num_chunks", "gist_index") else v) for k, v in vars(layout).items()})
+
+
+def test_adapter_saves_loads_and_reproduces_logits(tiny_dir, tmp_path):
+    model, tok = load_model(str(tiny_dir), device="cpu")
+    from gsa_rag.adapters import base_fingerprint
+
+    fingerprint = base_fingerprint(model)
+    config = GistConfig(chunk_size=4, sink=2, top_k=1)
+    args = TrainArgs(stage="sft", output=str(tmp_path / "adapter"), base=str(tiny_dir), lora_r=8)
+    peft_model = _wrap_trainable(model, tok, args, config)
+    with torch.no_grad():  # stand-in for training: move every trainable weight (to bf16 values,
+        for p in peft_model.parameters():  # as the adapter is stored in bf16)
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05).copy_(p.bfloat16().float())
+    batch = sft_batch(tok, config)
+    with torch.no_grad():
+        want = peft_model(input_ids=batch.layout.input_ids, position_ids=batch.layout.position_ids,
+                          gsa_state=_state(batch.layout, config)).logits
+    _save_result(peft_model, tok, tmp_path / "adapter", args, config, fingerprint, [1.0])
+    size = sum(f.stat().st_size for f in (tmp_path / "adapter").iterdir())
+    assert size < 2_000_000  # no full embedding copy inside
+
+    engine = GistEngine.from_pretrained(str(tiny_dir), adapter=str(tmp_path / "adapter"), device="cpu")
+    assert engine.config == config
+    with torch.no_grad():
+        got = engine.model(input_ids=batch.layout.input_ids, position_ids=batch.layout.position_ids,
+                           gsa_state=_state(batch.layout, config)).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, GistEngine.from_pretrained(str(tiny_dir), adapter=None, config=config, device="cpu")
+                              .model(input_ids=batch.layout.input_ids, position_ids=batch.layout.position_ids,
+                                     gsa_state=_state(batch.layout, config)).logits.detach())
+
+
+def test_adapter_for_another_base_is_refused(tiny_dir, tmp_path, default_model_dir):
+    out = train(TrainArgs(stage="cpt", output=str(tmp_path / "a"), base=str(tiny_dir), data=[_text_file(tmp_path)],
+                          steps=1, batch_size=1, block_tokens=64, tail_tokens=8, gist={"chunk_size": 4}))
+    with pytest.raises(ValueError, match="trained on base model"):
+        GistEngine.from_pretrained(str(default_model_dir), adapter=str(out), device="cpu")
+    with pytest.raises(FileExistsError, match="nothing was overwritten"):
+        train(TrainArgs(stage="cpt", output=str(out), base=str(tiny_dir), data=[_text_file(tmp_path)], steps=1))
+
+
+def _text_file(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": TEXT}) for _ in range(4)))
+    return str(path)
+
+
+def test_checkpoint_round_trip_and_resume(tiny_dir, tmp_path, monkeypatch):
+    data = [_text_file(tmp_path)]
+    args = TrainArgs(stage="cpt", output=str(tmp_path / "run"), base=str(tiny_dir), data=data, steps=4, batch_size=1,
+                     block_tokens=64, tail_tokens=8, save_every=2, log_every=1, gist={"chunk_size": 4})
+    import gsa_rag.train.loop as loop
+
+    real_collate, calls = loop.collate, {"n": 0}
+
+    def crash_on_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_collate(*a, **k)
+
+    monkeypatch.setattr(loop, "collate", crash_on_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(args)
+    monkeypatch.setattr(loop, "collate", real_collate)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-0000002"
+    args.resume = True
+    train(args)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_checkpoint_restores_parameters_and_optimizer(tiny, tmp_path):
+    model, tok = tiny
+    config = GistConfig(chunk_size=4, sink=2)
+    model = _wrap_trainable(model, tok, TrainArgs(stage="cpt", output="", lora_r=4), config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    batch_loss(model, cpt_batch(tok, config), config).backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, model, optimizer, None, 1, {"note": "test"})
+    saved = [p.detach().clone() for p in params]
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    optimizer.state.clear()
+    assert load_checkpoint(path, model, optimizer, None) == 1
+    for p, s, m in zip(params, saved, moments):
+        assert torch.equal(p, s) and torch.equal(optimizer.state[p]["exp_avg"], m)
+
+
+def test_accelerate_two_processes_run_a_step(tiny_dir, tmp_path):
+    data = tmp_path / "rag.jsonl"
+    record = {"id": "x", "question": "When was the Vasa raised?", "answers": ["1961"], "source": "test",
+              "passages": [{"title": p["title"], "text": p["text"], "is_gold": True} for p in PASSAGES]}
+    data.write_text("\n".join(json.dumps(dict(record, id=str(i))) for i in range(4)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gsa_rag.cli", "train", "sft",
+           "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "ddp"), "--steps", "2",
+           "--batch-size", "1", "--log-every", "1", "--chunk-size", "4"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "ddp" / "gsa_adapter.json").read_text())
+    assert manifest["stage"] == "sft" and manifest["gist_config"]["chunk_size"] == 4
+    assert manifest["num_processes"] == 2
