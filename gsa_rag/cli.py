@@ -90,7 +90,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
     defaults = TrainArgs(stage="cpt", output="")
     for name in ("lora_r", "lora_alpha", "lr", "steps", "batch_size", "grad_accum", "warmup", "seed", "block_tokens",
-                 "tail_tokens", "max_blocks", "max_prompt_tokens", "save_every", "log_every"):
+                 "tail_tokens", "max_blocks", "max_prompt_tokens", "save_every", "log_every", "max_minutes"):
         value = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
     p.set_defaults(run=_train)

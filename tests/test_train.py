@@ -212,8 +212,9 @@ def test_accelerate_two_processes_run_a_step(tiny_dir, tmp_path):
               "passages": [{"title": p["title"], "text": p["text"], "is_gold": True} for p in PASSAGES]}
     data.write_text("\n".join(json.dumps(dict(record, id=str(i))) for i in range(4)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gsa_rag.cli", "train", "sft",
+    # accelerate's own launcher runs one process with --cpu; torchrun (what it uses for several
+    # GPUs) starts two, and Accelerator joins them over gloo
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gsa_rag.cli", "train", "sft",
            "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "ddp"), "--steps", "2",
            "--batch-size", "1", "--log-every", "1", "--chunk-size", "4"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

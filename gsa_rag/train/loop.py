@@ -55,6 +55,7 @@ class TrainArgs:
     save_every: int = 0  # steps between resumable checkpoints; 0: only at the end
     resume: bool = False
     log_every: int = 10
+    max_minutes: float = 0.0  # stop early (and save) once this much time is spent; 0: no limit
 
 
 def build_examples(args: TrainArgs, tokenizer) -> list[TrainExample]:
@@ -175,6 +176,9 @@ def train(args: TrainArgs) -> Path:
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+        if args.max_minutes and _all_agree(accelerator, time.perf_counter() - t0 > 60 * args.max_minutes):
+            accelerator.print(f"time budget of {args.max_minutes} min spent: stopping after step {step + 1}")
+            break
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -186,6 +190,12 @@ def train(args: TrainArgs) -> Path:
                      num_processes=accelerator.num_processes)
     accelerator.end_training()
     return output
+
+
+def _all_agree(accelerator, flag: bool) -> bool:
+    """True on every process if it is true on any (so all ranks stop at the same step)."""
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def _example_order(n: int, args: TrainArgs, accelerator) -> list[int]:
@@ -220,4 +230,5 @@ def _save_result(model, tokenizer, output: Path, args: TrainArgs, config: GistCo
                   str(weights))
     tail = losses[-20:]
     write_manifest(output, base_model=str(base), fingerprint=fingerprint, config=config, stage=args.stage,
-                   train_args=asdict(args), final_loss=sum(tail) / max(1, len(tail)), num_processes=num_processes)
+                   train_args=asdict(args), final_loss=sum(tail) / max(1, len(tail)), num_processes=num_processes,
+                   micro_steps_done=len(losses))
