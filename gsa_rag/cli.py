@@ -13,19 +13,28 @@ from gsa_rag.config import GistConfig
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF id, local dir or .gguf path (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--chunk-size", type=int, default=8, help="raw tokens per gist; 0 = no gists (full attention)")
-    p.add_argument("--top-k", type=int, default=4, help="chunks each query head unfolds")
-    p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default="fixed")
-    p.add_argument("--sink", type=int, default=4)
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="raw tokens per gist; 0 = no gists (full attention); default: the adapter's, else 8")
+    p.add_argument("--top-k", type=int, default=None, help="chunks each query head unfolds (default 4)")
+    p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default=None)
+    p.add_argument("--sink", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--adapter", default="default",
+                   help="gist adapter dir; 'default': the bundled one (default model only); 'none': no adapter")
 
 
 def _engine(args):
     from gsa_rag.engine import GistEngine
 
-    config = GistConfig(chunk_size=args.chunk_size, top_k=args.top_k, k_policy=args.k_policy, sink=args.sink)
-    return GistEngine.from_pretrained(args.model, config=config, device=args.device)
+    from gsa_rag.adapters import adapter_config, bundled_default_adapter
+
+    adapter = {"none": None, "default": bundled_default_adapter() if args.model is None else None}.get(args.adapter, args.adapter)
+    trained = adapter_config(adapter).to_dict() if adapter is not None else {}
+    # the adapter fixes the layout it was trained with unless the command overrides it
+    given = {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy, "sink": args.sink}
+    config = GistConfig(**{**GistConfig().to_dict(), **trained, **{k: v for k, v in given.items() if v is not None}})
+    return GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device)
 
 
 def _demo(args) -> None:
