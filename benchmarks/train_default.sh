@@ -7,9 +7,9 @@ set -euo pipefail
 data=$1; out=$2
 common="--batch-size 8 --lr 2e-4 --warmup 20 --lora-r 16 --lora-alpha 32 --seed 0 --log-every 10"
 run() {  # name chunk
-  gsa-rag train cpt --data "$data"/cpt/*.jsonl --output "$out/$1-cpt" --chunk-size "$2" $common \
+  python3 -m gsa_rag.cli train cpt --data "$data"/cpt/*.jsonl --output "$out/$1-cpt" --chunk-size "$2" $common \
     --steps "${CPT_STEPS:-300}" --block-tokens 1024 --tail-tokens 128 --max-minutes "${CPT_MINUTES:-3.5}"
-  gsa-rag train sft --data "$data"/nq/train.jsonl "$data"/hotpotqa/train.jsonl --output "$out/$1-sft" \
+  python3 -m gsa_rag.cli train sft --data "$data"/nq/train.jsonl "$data"/hotpotqa/train.jsonl --output "$out/$1-sft" \
     --init-adapter "$out/$1-cpt" $common --steps "${SFT_STEPS:-300}" --max-prompt-tokens 2048 \
     --max-minutes "${SFT_MINUTES:-3.5}"
 }
