@@ -34,14 +34,17 @@ def _engine(args):
     # the adapter fixes the layout it was trained with unless the command overrides it
     given = {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy, "sink": args.sink}
     config = GistConfig(**{**GistConfig().to_dict(), **trained, **{k: v for k, v in given.items() if v is not None}})
-    return GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device)
+    engine = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device)
+    args.adapter_used = str(adapter) if adapter is not None else None
+    return engine
 
 
 def _demo(args) -> None:
     demo = json.loads(resources.files("gsa_rag").joinpath("data/demo_passages.json").read_text())
     question = args.question or demo["question"]
     engine = _engine(args)
-    print(f"model: {engine.model.config.model_type}, {engine.config.chunk_size}x gists, top-{engine.config.top_k}")
+    trained = f"adapter {args.adapter_used}" if args.adapter_used else "no adapter: untrained gists"
+    print(f"model: {engine.model.config.model_type}, {engine.config.chunk_size}x gists, top-{engine.config.top_k}, {trained}")
     print(f"question: {question}")
     for p in demo["passages"]:
         print(f"  [{p['title']}] {p['text'][:70]}...")
@@ -64,6 +67,7 @@ def _eval(args) -> None:
     engine = _engine(args)
     report = evaluate(engine, args.data, split=args.split, limit=args.limit, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens)
+    report["summary"]["adapter"] = args.adapter_used
     print(json.dumps(report["summary"], indent=2))
     if args.out:
         with open(args.out, "x") as f:  # never overwrite a saved result

@@ -222,3 +222,20 @@ def test_accelerate_two_processes_run_a_step(tiny_dir, tmp_path):
     manifest = json.loads((tmp_path / "ddp" / "gsa_adapter.json").read_text())
     assert manifest["stage"] == "sft" and manifest["gist_config"]["chunk_size"] == 4
     assert manifest["num_processes"] == 2
+
+
+def test_default_engine_loads_the_bundled_trained_adapter(default_model_dir):
+    from gsa_rag.adapters import adapter_config, bundled_default_adapter
+
+    bundled = bundled_default_adapter()
+    assert bundled is not None, "the package should ship the trained 8x adapter"
+    engine = GistEngine.from_pretrained(device="cpu")  # base fingerprint checked on load
+    assert engine.config == adapter_config(bundled) and engine.config.chunk_size == 8
+    untrained = GistEngine.from_pretrained(device="cpu", adapter=None)
+    layout = engine.layout(["When was the Vasa raised?"], [PASSAGES])
+    with torch.no_grad():
+        trained_logits = engine.model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                                      gsa_state=_state(layout, engine.config)).logits
+        base_logits = untrained.model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                                      gsa_state=_state(layout, engine.config)).logits
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-3)
