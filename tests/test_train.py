@@ -207,15 +207,12 @@ def test_checkpoint_restores_parameters_and_optimizer(tiny, tmp_path):
 
 
 def test_accelerate_two_processes_run_a_step(tiny_dir, tmp_path):
-    data = tmp_path / "rag.jsonl"
-    record = {"id": "x", "question": "When was the Vasa raised?", "answers": ["1961"], "source": "test",
-              "passages": [{"title": p["title"], "text": p["text"], "is_gold": True} for p in PASSAGES]}
-    data.write_text("\n".join(json.dumps(dict(record, id=str(i))) for i in range(4)))
+    data = _rag_file(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # accelerate's own launcher runs one process with --cpu; torchrun (what it uses for several
     # GPUs) starts two, and Accelerator joins them over gloo
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gsa_rag.cli", "train", "sft",
-           "--model", str(tiny_dir), "--data", str(data), "--output", str(tmp_path / "ddp"), "--steps", "2",
+           "--model", str(tiny_dir), "--data", data, "--output", str(tmp_path / "ddp"), "--steps", "2",
            "--batch-size", "1", "--log-every", "1", "--chunk-size", "4"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -239,3 +236,54 @@ def test_default_engine_loads_the_bundled_trained_adapter(default_model_dir):
         base_logits = untrained.model(input_ids=layout.input_ids, position_ids=layout.position_ids,
                                       gsa_state=_state(layout, engine.config)).logits
     assert not torch.allclose(trained_logits, base_logits, atol=1e-3)
+
+
+def test_cpt_reads_hugging_face_datasets_when_online(monkeypatch, tiny):
+    import types
+
+    from gsa_rag.train.data import read_texts
+
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": TEXT}, {"text": "  "}, {"text": "second document"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert list(read_texts(["hf:wikitext:wikitext-2-raw-v1:train"])) == [TEXT, "second document"]
+    assert list(read_texts(["hf:roneneldan/TinyStories:validation"]))[-1] == "second document"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train", True), ("roneneldan/TinyStories", None, "validation", True)]
+    with pytest.raises(ValueError, match="hf:NAME:SPLIT"):
+        list(read_texts(["hf:only-a-name"]))
+
+
+def test_full_fine_tuning_and_gradient_checkpointing(tiny_dir, tmp_path):
+    model, tok = load_model(str(tiny_dir), device="cpu")
+    config = GistConfig(chunk_size=4, sink=2, top_k=1)
+    batch = sft_batch(tok, config)
+    model.train()
+    plain = batch_loss(model, batch, config)
+    plain.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = batch_loss(model, batch, config)
+    checkpointed.backward()
+    torch.testing.assert_close(checkpointed, plain)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4)
+
+    out = train(TrainArgs(stage="sft", output=str(tmp_path / "full"), base=str(tiny_dir), full=True,
+                          data=[_rag_file(tmp_path)], steps=2, batch_size=1, gist={"chunk_size": 4},
+                          gradient_checkpointing=True))
+    engine = GistEngine.from_pretrained(str(out), adapter=None, config=config, device="cpu")
+    assert isinstance(engine.generate("When was the Vasa raised?", PASSAGES, max_new_tokens=2), str)
+
+
+def _rag_file(tmp_path):
+    data = tmp_path / "rag.jsonl"
+    record = {"id": "x", "question": "When was the Vasa raised?", "answers": ["1961"], "source": "test",
+              "passages": [{"title": p["title"], "text": p["text"], "is_gold": True} for p in PASSAGES]}
+    data.write_text("\n".join(json.dumps(dict(record, id=str(i))) for i in range(4)))
+    return str(data)

@@ -37,9 +37,17 @@ class TrainExample:
     loss_tokens: int | None = None
 
 
+HF_PREFIX = "hf:"
+
+
 def read_texts(paths: list[str | Path]) -> Iterator[str]:
-    """Yields documents from plain-text files (one document per file) or JSONL files with `text`."""
+    """Yields documents from plain-text files (one document per file), JSONL files with `text`,
+    or, when online, Hugging Face datasets named `hf:NAME[:CONFIG]:SPLIT` (their `text` column,
+    streamed), e.g. `hf:wikitext:wikitext-103-raw-v1:train`."""
     for path in paths:
+        if str(path).startswith(HF_PREFIX):
+            yield from _hf_texts(str(path))
+            continue
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training text {path} not found")
@@ -53,6 +61,22 @@ def read_texts(paths: list[str | Path]) -> Iterator[str]:
                         yield record["text"]
         else:
             yield path.read_text(encoding="utf-8")
+
+
+def _hf_texts(spec: str) -> Iterator[str]:
+    parts = spec[len(HF_PREFIX) :].split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"{spec!r}: write a Hugging Face dataset as hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ImportError(f"{spec}: reading Hugging Face datasets needs `pip install datasets` (and a network)") from e
+    for n, record in enumerate(load_dataset(name, config, split=split, streaming=True)):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"{spec}: record {n} has no string 'text' column; CPT reads the 'text' column")
+        if record["text"].strip():
+            yield record["text"]
 
 
 def pack_documents(texts, tokenizer, block_tokens: int, tail_tokens: int, max_blocks: int | None = None) -> list[TrainExample]:
