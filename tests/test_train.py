@@ -211,10 +211,19 @@ def test_accelerate_two_processes_run_a_step(tiny_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # accelerate's own launcher runs one process with --cpu; torchrun (what it uses for several
     # GPUs) starts two, and Accelerator joins them over gloo
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "gsa_rag.cli", "train", "sft",
+    # (--standalone: a free port, so parallel runs never share a rendezvous)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gsa_rag.cli",
+           "train", "sft",
            "--model", str(tiny_dir), "--data", data, "--output", str(tmp_path / "ddp"), "--steps", "2",
            "--batch-size", "1", "--log-every", "1", "--chunk-size", "4"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:  # never leave a rank behind, even on timeout
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "ddp" / "gsa_adapter.json").read_text())
     assert manifest["stage"] == "sft" and manifest["gist_config"]["chunk_size"] == 4
