@@ -12,6 +12,7 @@ redone per layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,12 +35,17 @@ class GistState:
         config: the gist config.
         attended: filled during the forward: per layer, float [B, H] keys the last query row
             sees per head (H is 1 where all heads share the mask). For budgets and benchmarks.
+        hook: optional `hook(layer_idx, query, key, value, mask)`, called in every layer once
+            the mask is known and before attention: gist memory uses it to copy offloaded raw
+            KV of the chunks the mask unfolds into `key`/`value` (in place), search to read
+            the queries.
     """
 
     layout: GistLayout
     q_index: torch.Tensor
     config: GistConfig
     attended: dict[int, torch.Tensor] = field(default_factory=dict)
+    hook: Callable | None = None
     _forget_mask: torch.Tensor | None = None
 
     @classmethod
@@ -109,11 +115,16 @@ def gsa_attention(
         return out.transpose(1, 2).contiguous(), None
 
     mask = gsa_state.mask_for_layer(module.layer_idx, query, key)
+    hook = getattr(gsa_state, "hook", None)  # plug-in states (state_factory) may not have one
+    if hook is not None:
+        hook(module.layer_idx, query, key, value, mask)
     gsa_state.attended[module.layer_idx] = mask[:, :, -1].sum(-1)
     if mask.shape[1] > 1:
         mask = mask.repeat_interleave(Hq // Hkv, dim=1)
+    if Hq != Hkv:  # SDPA's enable_gqa with a mask falls back to the memory-hungry math kernel
+        key, value = key.repeat_interleave(Hq // Hkv, dim=1), value.repeat_interleave(Hq // Hkv, dim=1)
     out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=Hq != Hkv
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -101,6 +101,7 @@ class GistEngine:
         stop: Sequence[str] = (),
         system: str | None = DEFAULT_SYSTEM,
         observe=None,
+        memory=None,
     ) -> str | list[str]:
         """Answers one question, or a batch.
 
@@ -112,16 +113,23 @@ class GistEngine:
             stop: strings that end the answer (the text is cut before them).
             system: the system line of the prompt; None for none.
             observe: optional callback given the GistState of every forward (for budgets).
+            memory: a GistMemory (gsa_rag.memory): passages are then ids in it or texts
+                (added if missing), laid out for KV reuse, and their cached KV is used, never
+                re-encoded. A batch over memory runs one question at a time.
 
         Returns:
             The answer, or a list of answers for a batch.
         """
         questions, passage_lists, single = _as_batch(question, passages)
+        if memory is not None and not single:
+            kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                          system=system, observe=observe, memory=memory)
+            return [self.generate(q, p, **kwargs) for q, p in zip(questions, passage_lists)]
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
-        layout = self.layout(questions, passage_lists, system)
+        layout, cache = self._prepare(questions, passage_lists, system, memory)
         rows: list[list[int]] = [[] for _ in questions]
         stops = self.stop_ids()
-        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned, observe):
+        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned, observe, cache=cache):
             for row, t in zip(rows, token.tolist()):
                 if not row or row[-1] not in stops:
                     row.append(t)
@@ -139,14 +147,15 @@ class GistEngine:
         seed: int | None = None,
         stop: Sequence[str] = (),
         system: str | None = DEFAULT_SYSTEM,
+        memory=None,
     ) -> Iterator[str]:
         """Yields the answer to one question piece by piece; the pieces join to `generate`'s text."""
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
-        layout = self.layout([question], [list(passages or [])], system)
+        layout, cache = self._prepare([question], [list(passages or [])], system, memory)
         stops = self.stop_ids()
         ids: list[int] = []
         sent = ""
-        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned):
+        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned, cache=cache):
             t = int(token[0])
             if t in stops:
                 break
@@ -160,6 +169,16 @@ class GistEngine:
                 sent = cut
             if len(cut) < len(text):
                 return
+
+    def _prepare(self, questions, passage_lists, system, memory):
+        """(layout, pre-filled cache or None): from gist memory for one question, else a fresh layout."""
+        if memory is None:
+            return self.layout(questions, passage_lists, system), None
+        from gsa_rag.memory import encoding_config
+
+        if memory.engine is not self and (memory.engine.model is not self.model or memory.encoding != encoding_config(self.config)):
+            raise ValueError("this GistMemory belongs to another engine (model or gist config); load it with this engine")
+        return memory.prepare(questions[0], passage_lists[0], system)
 
     def _decode(self, ids: list[int], stops: set[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=True)

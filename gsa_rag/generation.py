@@ -14,8 +14,12 @@ import torch
 from transformers import DynamicCache
 
 from gsa_rag.attention import GistState
+from gsa_rag.cache import GistCache
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout
+
+# (layout, num_new, config) -> the state the attention function reads (GistState or a plug-in's)
+StateFactory = Callable[[GistLayout, int, GistConfig], GistState]
 
 
 @dataclass
@@ -48,16 +52,34 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def forward(model, layout: GistLayout, num_new: int, cache: DynamicCache, config: GistConfig, **kwargs):
+def forward(model, layout: GistLayout, num_new: int, cache: DynamicCache, config: GistConfig, *,
+            state_factory: StateFactory | None = None, **kwargs):
     """Runs the model on the last `num_new` columns of `layout`, appending to `cache`.
+
+    With a `GistCache` (gist memory) that still has open columns, those columns run instead
+    (their count must be `num_new`), and every layer's mask goes through the cache's hook.
+
+    `state_factory(layout, num_new, config)` makes the per-forward state the attention function
+    reads (default `GistState.for_new_tokens`); a plug-in (e.g. gsa_rag.eval.quest) passes its
+    own object with the same `mask_for_layer` / `attended` interface.
 
     Returns:
         (CausalLMOutput, GistState) — the state holds per-layer attended-key counts.
     """
-    state = GistState.for_new_tokens(layout, num_new, config)
+    if isinstance(cache, GistCache) and cache.pending is not None:
+        # gist memory: run the cache's open columns (link tokens between passages, the question)
+        columns = cache.pending
+        if len(columns) != num_new:
+            raise ValueError(f"this GistCache has {len(columns)} open columns, not {num_new}")
+        state = GistState(layout, columns, config)
+    else:
+        columns = slice(layout.seq_len - num_new, None)
+        state = (state_factory or GistState.for_new_tokens)(layout, num_new, config)
+    if isinstance(cache, GistCache):
+        state.hook = cache.hook  # fetches offloaded raw KV of the chunks each layer unfolds
     out = model(
-        input_ids=layout.input_ids[:, -num_new:],
-        position_ids=layout.position_ids[:, -num_new:],
+        input_ids=layout.input_ids[:, columns],
+        position_ids=layout.position_ids[:, columns],
         use_cache=True,
         gsa_state=state,
         **{_cache_keyword(model): cache},
@@ -90,17 +112,23 @@ def generate_tokens(
     stop_ids: set[int],
     banned: torch.Tensor | None = None,
     observe: Callable[[GistState], None] | None = None,
+    state_factory: StateFactory | None = None,
+    cache: DynamicCache | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yields [B] next-token ids, one step at a time, until every row hit a stop id or the
     budget. Rows that finished keep receiving their stop id (callers ignore them).
-    `observe` sees the GistState of every forward (prefill, then each decode step).
+    `observe` sees the GistState of every forward (prefill, then each decode step);
+    `state_factory` is passed to `forward` (default: GistState).
+    `cache`: a pre-filled cache whose columns are the first columns of `layout` (e.g. a
+    `GistCache` from gist memory); the prefill then runs only the rest.
     """
     device = layout.input_ids.device
     generator = None
     if params.temperature > 0 and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    cache = DynamicCache()
-    out, state = forward(model, layout, layout.seq_len, cache, config, logits_to_keep=1)
+    cache = DynamicCache() if cache is None else cache
+    num_new = layout.seq_len - cache.get_seq_length()
+    out, state = forward(model, layout, num_new, cache, config, state_factory=state_factory, logits_to_keep=1)
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     done = torch.zeros(layout.batch_size, dtype=torch.bool, device=device)
     for step in range(params.max_new_tokens):
@@ -114,4 +142,4 @@ def generate_tokens(
         if bool(done.all()) or step == params.max_new_tokens - 1:
             return
         layout = layout.append(token[:, None])
-        out, state = forward(model, layout, 1, cache, config)
+        out, state = forward(model, layout, 1, cache, config, state_factory=state_factory)

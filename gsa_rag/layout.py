@@ -9,6 +9,12 @@ Chunk ids: sink tokens get -1 (always visible), chunk c's raw tokens *and its gi
 and every token after the last gist (question, answer) belongs to the open chunk
 `num_chunks`, so "previous chunk" for the question is the last context chunk.
 Left padding (for batches) gets chunk id PAD_CHUNK and `valid == False`.
+
+KV reuse (gist memory, training `--reuse`): a segment marked `independent` is a passage encoded
+on its own; its tokens get `doc_id = passage_id` (every other token -1) and, under the mask
+rule, see only their own passage and the sink. A `link` segment holds link tokens placed right
+after a passage's closing gist: raw (no gist), in that passage's last chunk, `is_link` True,
+seen by every later token. See gsa_rag.memory for the whole rule.
 """
 
 from __future__ import annotations
@@ -36,11 +42,17 @@ class Segment:
         ids: token ids (already injection-safe: see `encode_text`).
         compress: True for context (chunked, gists inserted), False for the raw tail.
         passage_id: which passage the tokens belong to; -1 for template text.
+        independent: KV reuse: the passage is encoded on its own (its tokens see only
+            themselves and the sink); needs `compress` and `passage_id >= 0`.
+        link: link tokens (KV reuse): raw, placed after the previous passage's closing gist,
+            in that passage's last chunk, visible to every later token.
     """
 
     ids: tuple[int, ...]
     compress: bool
     passage_id: int = -1
+    independent: bool = False
+    link: bool = False
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -77,6 +89,9 @@ class GistLayout:
         valid: bool, False for left padding.
         num_chunks: long [B], closed chunks per sequence (the tail is chunk `num_chunks`).
         gist_index: long [B, C], column of chunk c's gist (0 where c >= num_chunks).
+        doc_id: long [B, T], KV reuse: the independently encoded passage of each token, -1
+            elsewhere (default: all -1, the rule is then a no-op).
+        is_link: bool [B, T], KV reuse: link tokens (default: none).
     """
 
     input_ids: torch.Tensor
@@ -88,6 +103,14 @@ class GistLayout:
     valid: torch.Tensor
     num_chunks: torch.Tensor
     gist_index: torch.Tensor
+    doc_id: torch.Tensor | None = None
+    is_link: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.doc_id is None:
+            self.doc_id = torch.full_like(self.input_ids, -1)
+        if self.is_link is None:
+            self.is_link = torch.zeros_like(self.is_gist)
 
     @property
     def batch_size(self) -> int:
@@ -130,6 +153,8 @@ class GistLayout:
             valid=torch.cat([self.valid, self.valid.new_ones(bn)], 1),
             num_chunks=self.num_chunks,
             gist_index=self.gist_index,
+            doc_id=torch.cat([self.doc_id, self.doc_id.new_full(bn, -1)], 1),
+            is_link=torch.cat([self.is_link, self.is_link.new_zeros(bn)], 1),
         )
 
 
@@ -139,21 +164,36 @@ class _Row:
     is_gist: list[bool]
     chunk_id: list[int]
     passage_id: list[int]
+    doc_id: list[int]
+    is_link: list[bool]
 
 
 def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, starts) -> _Row:
-    row = _Row([], [], [], [])
+    row = _Row([], [], [], [], [], [])
     chunk, in_chunk = 0, 0  # current chunk id, raw tokens in it so far
     seen_raw_segment = False
     max_extra = config.chunk_size // 2 if config.word_aware else 0
+    doc = -1  # doc_id of the tokens being pushed (KV reuse)
 
-    def push(token: int, gist: bool, chunk_of: int, passage: int) -> None:
+    def push(token: int, gist: bool, chunk_of: int, passage: int, link: bool = False) -> None:
         row.ids.append(token)
         row.is_gist.append(gist)
         row.chunk_id.append(chunk_of)
         row.passage_id.append(passage)
+        row.doc_id.append(doc)
+        row.is_link.append(link)
 
     for seg in segments:
+        if seg.independent and (not seg.compress or seg.passage_id < 0):
+            raise ValueError("an independent (KV reuse) segment must be a compressed passage with passage_id >= 0")
+        doc = seg.passage_id if seg.independent else -1
+        if seg.link:
+            if seen_raw_segment:
+                raise ValueError("link segments must come before raw ones (question/answer)")
+            for t in seg.ids:  # after the previous passage's closing gist, in its last chunk
+                sink = len(row.ids) < config.sink
+                push(t, False, SINK_CHUNK if sink else max(chunk - 1, 0), seg.passage_id, link=not sink)
+            continue
         if not seg.compress or not config.uses_gists:
             seen_raw_segment = seen_raw_segment or not seg.compress
             for t in seg.ids:
@@ -219,6 +259,8 @@ def build_layout(
         "valid": torch.zeros(B, T, dtype=torch.bool),
         "num_chunks": torch.zeros(B, dtype=torch.long),
         "gist_index": torch.zeros(B, C, dtype=torch.long),
+        "doc_id": torch.full((B, T), -1, dtype=torch.long),
+        "is_link": torch.zeros(B, T, dtype=torch.bool),
     }
     for b, r in enumerate(rows):
         n, pad = len(r.ids), T - len(r.ids)
@@ -228,6 +270,8 @@ def build_layout(
         out["is_sink"][b, pad : pad + min(config.sink, n)] = True
         out["chunk_id"][b, pad:] = torch.tensor(r.chunk_id)
         out["passage_id"][b, pad:] = torch.tensor(r.passage_id)
+        out["doc_id"][b, pad:] = torch.tensor(r.doc_id)
+        out["is_link"][b, pad:] = torch.tensor(r.is_link)
         out["position_ids"][b, pad:] = torch.arange(n) - torch.cumsum(is_gist.long(), 0)
         out["valid"][b, pad:] = True
         gists = torch.nonzero(is_gist).flatten() + pad

@@ -8,6 +8,11 @@ Rule: a query at column q sees key column kv iff
 where recall(kv) is "kv is a gist" for the forgetting (context) mask, and "kv's chunk was
 selected" when a question/answer token unfolds chunks (see selection.py). A query always
 sees itself, so padded rows stay finite.
+
+KV reuse adds two terms (both no-ops on ordinary layouts, where doc_id is -1 and no token is a
+link): link tokens are recalled by every later token, like gists; and a token of an
+independently encoded passage (doc_id >= 0) sees nothing outside its own passage but the sink:
+    ... AND NOT (doc[q] >= 0 AND doc[kv] != doc[q] AND kv is not a sink token)
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ def visible(layout: GistLayout, b, q, kv, num_previous_chunks: int, recall) -> t
     """
     distance = layout.chunk_id[b, q] - layout.chunk_id[b, kv]
     window = (distance >= 0) & (distance <= num_previous_chunks)
-    seen = (kv <= q) & layout.valid[b, kv] & (layout.is_sink[b, kv] | window | recall)
+    doc_q = layout.doc_id[b, q]
+    isolated = (doc_q >= 0) & (layout.doc_id[b, kv] != doc_q)  # KV reuse: passages do not see each other
+    sink = layout.is_sink[b, kv]
+    seen = (kv <= q) & layout.valid[b, kv] & (sink | (~isolated & (window | recall | layout.is_link[b, kv])))
     return seen | (q == kv)
 
 

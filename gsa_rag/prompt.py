@@ -28,9 +28,12 @@ class Passage:
     text: str
     title: str = ""
 
-    def render(self, number: int) -> str:
+    def render(self, number: int | None) -> str:
+        """`Document [n] (Title: t) text` + newline; without the number (None) for KV reuse,
+        where a passage is encoded once whatever its place in a prompt."""
         title = f" (Title: {self.title})" if self.title else ""
-        return f"Document [{number}]{title} {self.text}\n"
+        label = "" if number is None else f" [{number}]"
+        return f"Document{label}{title} {self.text}\n"
 
 
 def as_passage(item) -> Passage:
@@ -97,3 +100,39 @@ def build_segments(tokenizer, question: str, passages, system: str | None = DEFA
 
 def _template_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def reuse_segments(prefix: Segment, passages: list[list[int]], tail: Segment, link_ids: list[int]) -> list[Segment]:
+    """The KV-reuse (gist memory) layout of a prompt: prefix, then per passage an independent
+    segment followed by its link tokens, then the raw tail. See gsa_rag.memory for the rule.
+
+    Args:
+        prefix: the template prefix segment (system line, user header); holds the sink.
+        passages: each passage's token ids, rendered with `Passage.render(None)`.
+        tail: the raw tail (question, assistant header, and an answer when training).
+        link_ids: the link token ids put after every passage (may be empty).
+    """
+    segments = [prefix]
+    for p, ids in enumerate(passages):
+        segments.append(Segment(tuple(ids), compress=True, passage_id=p, independent=True))
+        if link_ids:
+            segments.append(Segment(tuple(link_ids), compress=True, passage_id=p, link=True))
+    segments.append(tail)
+    return segments
+
+
+def build_reuse_segments(tokenizer, question: str, passages, link_ids: list[int], system: str | None = DEFAULT_SYSTEM) -> list[Segment]:
+    """`build_segments` for KV reuse (training `--reuse`, gist memory): passages rendered
+    without their number and encoded independently, `link_ids` after each one."""
+    prefix, tail = prompt_ends(tokenizer, question, system)
+    ids = [encode_text(tokenizer, as_passage(p).render(None)) for p in passages]
+    return reuse_segments(prefix, ids, tail, link_ids)
+
+
+def prompt_ends(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) -> tuple[Segment, Segment]:
+    """(prefix, tail) of the prompt: the segments around the passages."""
+    segments = build_segments(tokenizer, question, [], system)
+    if len(segments) == 1:  # a template without text before the question
+        return Segment((), compress=True), segments[0]
+    prefix, tail = segments
+    return prefix, tail

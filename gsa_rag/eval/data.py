@@ -7,6 +7,10 @@ One JSON object a line::
 
 `answers` lists every accepted alias; `is_gold` is true/false, or null where unknown.
 
+When online, the public sets load through `datasets` and are converted to the same schema:
+`load_examples("hf:nq_open")`, `"hf:trivia_qa"`, `"hf:hotpot_qa"` (see `load_hf_examples`).
+The pooled Wikipedia corpus for open-domain retrieval loads with `load_corpus`.
+
 Example:
     >>> examples = load_examples("nq", split="dev", limit=2)  # doctest: +SKIP
     >>> len(examples[0].passages)  # doctest: +SKIP
@@ -89,7 +93,8 @@ def load_examples(path_or_name: str | os.PathLike, split: str = "dev", limit: in
     """Read examples from a canonical JSONL file or a named set.
 
     Args:
-        path_or_name: a `.jsonl` path, or one of "nq", "hotpotqa", "triviaqa", "musique".
+        path_or_name: a `.jsonl` path, one of "nq", "hotpotqa", "triviaqa", "musique", or
+            "hf:<name>" for a public set through `datasets` (see `load_hf_examples`).
         split: for a named set, which file ("dev", "train").
         limit: keep only the first `limit` examples (file order).
 
@@ -101,6 +106,8 @@ def load_examples(path_or_name: str | os.PathLike, split: str = "dev", limit: in
         ValueError: a line is not valid JSON or does not follow the schema; the message names
             the file and the 1-based line number.
     """
+    if str(path_or_name).startswith(HF_PREFIX):
+        return load_hf_examples(str(path_or_name)[len(HF_PREFIX) :], split=split, limit=limit)
     path = resolve_path(path_or_name, split)
     examples: list[Example] = []
     with open(path, encoding="utf-8") as f:
@@ -150,3 +157,121 @@ def _require_str(record: dict, key: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{key!r} must be a string, got {type(value).__name__}")
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# the public sets through `datasets` (online)
+
+HF_PREFIX = "hf:"
+# short name -> (hub repo, config); the repos the short names redirect to on the hub
+HF_SETS = {
+    "nq_open": ("google-research-datasets/nq_open", None),
+    "trivia_qa": ("mandarjoshi/trivia_qa", "rc.nocontext"),
+    "hotpot_qa": ("hotpotqa/hotpot_qa", "distractor"),
+}
+_HF_SPLITS = {"dev": "validation", "validation": "validation", "train": "train"}
+
+
+def load_hf_examples(name: str, split: str = "dev", limit: int | None = None) -> list[Example]:
+    """A public QA set through `datasets.load_dataset`, converted to the canonical schema.
+
+    Needs network access the first time (then the `datasets` cache). NQ-open and TriviaQA
+    (rc.nocontext) come without passages: use them closed-book or with open-domain retrieval
+    over the corpus. HotpotQA (distractor) keeps its 10 paragraphs; `is_gold` marks the
+    supporting-fact titles, and `type` / `level` go to `meta`.
+
+    Args:
+        name: "nq_open", "trivia_qa" or "hotpot_qa".
+        split: "dev" (the public validation split) or "train".
+        limit: keep only the first `limit` examples.
+
+    Raises:
+        ValueError: unknown set or split.
+        ImportError: `datasets` is not installed (the message says what to install).
+    """
+    if name not in HF_SETS:
+        raise ValueError(f"unknown public set {name!r}; known: {', '.join(HF_PREFIX + n for n in HF_SETS)}")
+    if split not in _HF_SPLITS:
+        raise ValueError(f"unknown split {split!r} for {name}; use one of {', '.join(_HF_SPLITS)}")
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(f"loading {HF_PREFIX}{name} needs the `datasets` package: pip install datasets") from error
+    repo, config = HF_SETS[name]
+    hf_split = _HF_SPLITS[split] + (f"[:{limit}]" if limit is not None else "")
+    rows = datasets.load_dataset(repo, config, split=hf_split) if config else datasets.load_dataset(repo, split=hf_split)
+    convert = {"nq_open": _from_nq_open, "trivia_qa": _from_trivia_qa, "hotpot_qa": _from_hotpot_qa}[name]
+    examples = [convert(row, i, split) for i, row in enumerate(rows)]
+    return examples[:limit] if limit is not None else examples
+
+
+def _from_nq_open(row: dict, index: int, split: str) -> Example:
+    return Example(id=f"nq_open-{split}-{index}", question=row["question"], answers=list(row["answer"]),
+                   source="nq_open")
+
+
+def _from_trivia_qa(row: dict, index: int, split: str) -> Example:
+    answer = row["answer"]
+    answers = list(dict.fromkeys([answer["value"], *answer.get("aliases", [])]))  # value first, no repeats
+    return Example(id=f"trivia_qa-{row.get('question_id') or index}", question=row["question"], answers=answers,
+                   source="trivia_qa")
+
+
+def _from_hotpot_qa(row: dict, index: int, split: str) -> Example:
+    gold_titles = set(row["supporting_facts"]["title"])
+    context = row["context"]
+    passages = [
+        Passage(title=title, text=" ".join(s.strip() for s in sentences if s.strip()), is_gold=title in gold_titles)
+        for title, sentences in zip(context["title"], context["sentences"], strict=True)
+    ]
+    return Example(id=f"hotpot_qa-{row['id']}", question=row["question"], answers=[row["answer"]], passages=passages,
+                   source="hotpot_qa", meta={"type": row.get("type"), "level": row.get("level")})
+
+
+# --------------------------------------------------------------------------------------------
+# the retrieval corpus
+
+
+@dataclass
+class CorpusPassage:
+    """One passage of the pooled Wikipedia corpus (`corpus/wiki_passages.jsonl`)."""
+
+    id: str
+    title: str
+    text: str
+    source: str = ""
+
+
+def load_corpus(path: str | os.PathLike | None = None, limit: int | None = None) -> list[CorpusPassage]:
+    """The passages to retrieve from in the open-domain settings.
+
+    Args:
+        path: a JSONL file of `{id, title, text, source}`; default `data_root()/corpus/wiki_passages.jsonl`.
+        limit: keep only the first `limit` passages.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a bad line (the message names the file and line), or a repeated id.
+    """
+    path = Path(path).expanduser() if path is not None else data_root() / "corpus" / "wiki_passages.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no corpus file at {path}")
+    passages: list[CorpusPassage] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if limit is not None and len(passages) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                passage = CorpusPassage(id=str(record["id"]), title=str(record.get("title") or ""),
+                                        text=_require_str(record, "text"), source=str(record.get("source") or ""))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{path}:{lineno}: bad corpus passage ({type(error).__name__}: {error})") from error
+            if passage.id in seen:
+                raise ValueError(f"{path}:{lineno}: repeated passage id {passage.id!r}")
+            seen.add(passage.id)
+            passages.append(passage)
+    return passages

