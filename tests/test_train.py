@@ -228,6 +228,9 @@ def test_accelerate_two_processes_run_a_step(tiny_dir, tmp_path):
     manifest = json.loads((tmp_path / "ddp" / "gsa_adapter.json").read_text())
     assert manifest["stage"] == "sft" and manifest["gist_config"]["chunk_size"] == 4
     assert manifest["num_processes"] == 2
+    # the learning-rate schedule counts optimizer steps, not steps x processes (warmup 10, lr 2e-4)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([2e-5, 4e-5])
 
 
 def test_default_engine_loads_the_bundled_trained_adapter(default_model_dir):

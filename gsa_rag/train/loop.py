@@ -138,7 +138,9 @@ def train(args: TrainArgs) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler stays outside prepare(): accelerate would step it once per process, which
+    # makes an N-process run finish its schedule in steps / N
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     start = 0
     checkpoints = output / "checkpoints"
@@ -166,7 +168,8 @@ def train(args: TrainArgs) -> Path:
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, 1.0)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
             tokens += int(batch.layout.valid.sum())
             losses.append(loss.item())
