@@ -94,3 +94,19 @@ def test_closed_book_and_k_policies_run(engine):
     for policy in ("adaptive", "top_p"):
         other = GistEngine(engine.model, engine.tokenizer, GistConfig(chunk_size=8, k_policy=policy))
         assert isinstance(other.generate(QUESTION, PASSAGES, max_new_tokens=4), str)
+
+
+def test_eval_reports_each_questions_own_budget(engine, tmp_path):
+    import json
+
+    from gsa_rag.eval.run import evaluate
+
+    path = tmp_path / "two.jsonl"
+    records = [{"id": str(i), "question": q, "answers": ["1961"], "source": "t",
+                "passages": [dict(p, is_gold=None) for p in passages]}
+               for i, (q, passages) in enumerate([(QUESTION, PASSAGES), ("Where is Stockholm?", PASSAGES[1:])])]
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    batched = evaluate(engine, str(path), batch_size=2, max_new_tokens=2)["examples"]
+    alone = evaluate(engine, str(path), batch_size=1, max_new_tokens=2)["examples"]
+    assert [r["attended_keys"] for r in batched] == pytest.approx([r["attended_keys"] for r in alone])
+    assert batched[0]["attended_keys"] != pytest.approx(batched[1]["attended_keys"])

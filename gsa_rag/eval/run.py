@@ -16,10 +16,10 @@ from gsa_rag.eval.data import load_examples
 from gsa_rag.eval.metrics import best_subspan_em, bootstrap_ci, exact_match, token_f1
 
 
-def _attended_keys(state) -> float:
-    """Mean keys seen by the last query row, over selecting layers, heads and batch rows."""
-    layers = [v.float().mean() for layer, v in state.attended.items() if layer >= state.config.first_selecting_layer]
-    return float(torch.stack(layers).mean()) if layers else 0.0
+def _attended_keys(state) -> list[float]:
+    """Per batch row: mean keys seen by the last query row, over selecting layers and heads."""
+    layers = [v.float().mean(-1) for layer, v in state.attended.items() if layer >= state.config.first_selecting_layer]
+    return torch.stack(layers).mean(0).tolist() if layers else [0.0] * state.layout.batch_size
 
 
 def evaluate(engine, data: str, *, split: str = "dev", limit: int | None = None, batch_size: int = 8,
@@ -34,14 +34,14 @@ def evaluate(engine, data: str, *, split: str = "dev", limit: int | None = None,
     start = time.perf_counter()
     for i in tqdm(range(0, len(examples), batch_size), desc=f"eval {data}", unit="batch"):
         batch = examples[i : i + batch_size]
-        budgets: list[float] = []
+        budgets: list[list[float]] = []
         predictions = engine.generate(
             [ex.question for ex in batch],
             [ex.passages for ex in batch],
             max_new_tokens=max_new_tokens,
             observe=lambda state: budgets.append(_attended_keys(state)),
         )
-        for ex, pred in zip(batch, predictions):
+        for row, (ex, pred) in enumerate(zip(batch, predictions)):
             rows.append({
                 "id": ex.id,
                 "question": ex.question,
@@ -50,7 +50,7 @@ def evaluate(engine, data: str, *, split: str = "dev", limit: int | None = None,
                 "subspan_em": best_subspan_em(pred, ex.answers),
                 "em": exact_match(pred, ex.answers),
                 "f1": token_f1(pred, ex.answers),
-                "attended_keys": budgets[0] if budgets else 0.0,  # at the question's last token
+                "attended_keys": budgets[0][row] if budgets else 0.0,  # at the question's last token
             })
     elapsed = time.perf_counter() - start
     em = [r["subspan_em"] for r in rows]
