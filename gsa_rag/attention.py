@@ -65,9 +65,8 @@ class GistState:
         selected chunks in layers that select."""
         mask = self.forget_mask()
         tail = self.layout.is_tail[:, self.q_index]  # [B, Tq]
-        if layer_idx < self.config.first_selecting_layer or not self.config.uses_gists or not tail.any():
-            return mask
-        if int(self.layout.num_chunks.max()) == 0:
+        nothing_to_select = not self.config.uses_gists or int(self.layout.num_chunks.max()) == 0
+        if layer_idx < self.config.first_selecting_layer or nothing_to_select or not tail.any():
             return mask
         # the tail is a suffix of every row, so rows before the earliest tail row never select
         rows = slice(int(tail.any(0).nonzero()[0]), None)

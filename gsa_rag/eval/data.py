@@ -109,18 +109,25 @@ def load_examples(path_or_name: str | os.PathLike, split: str = "dev", limit: in
     if str(path_or_name).startswith(HF_PREFIX):
         return load_hf_examples(str(path_or_name)[len(HF_PREFIX) :], split=split, limit=limit)
     path = resolve_path(path_or_name, split)
-    examples: list[Example] = []
+    return [example for _, example in _parse_jsonl(path, parse_example, "example", limit)]
+
+
+def _parse_jsonl(path: Path, parse, what: str, limit: int | None = None):
+    """Yields (line number, parse(record)) for the non-blank lines of a JSONL file, at most
+    `limit`; a line that is not JSON or that `parse` rejects raises ValueError naming file:line."""
+    count = 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
+            if limit is not None and count >= limit:
+                return
             if not line.strip():
                 continue
             try:
-                examples.append(parse_example(json.loads(line)))
+                item = parse(json.loads(line))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-                raise ValueError(f"{path}:{lineno}: bad example ({type(error).__name__}: {error})") from error
-    return examples
+                raise ValueError(f"{path}:{lineno}: bad {what} ({type(error).__name__}: {error})") from error
+            count += 1
+            yield lineno, item
 
 
 def parse_example(record: dict) -> Example:
@@ -256,22 +263,15 @@ def load_corpus(path: str | os.PathLike | None = None, limit: int | None = None)
     path = Path(path).expanduser() if path is not None else data_root() / "corpus" / "wiki_passages.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no corpus file at {path}")
+    def parse(record: dict) -> CorpusPassage:
+        return CorpusPassage(id=str(record["id"]), title=str(record.get("title") or ""),
+                             text=_require_str(record, "text"), source=str(record.get("source") or ""))
+
     passages: list[CorpusPassage] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(passages) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                passage = CorpusPassage(id=str(record["id"]), title=str(record.get("title") or ""),
-                                        text=_require_str(record, "text"), source=str(record.get("source") or ""))
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{lineno}: bad corpus passage ({type(error).__name__}: {error})") from error
-            if passage.id in seen:
-                raise ValueError(f"{path}:{lineno}: repeated passage id {passage.id!r}")
-            seen.add(passage.id)
-            passages.append(passage)
+    for lineno, passage in _parse_jsonl(path, parse, "corpus passage", limit):
+        if passage.id in seen:
+            raise ValueError(f"{path}:{lineno}: repeated passage id {passage.id!r}")
+        seen.add(passage.id)
+        passages.append(passage)
     return passages
