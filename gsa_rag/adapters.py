@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from gsa_rag.config import GistConfig
+from gsa_rag.errors import AdapterMismatchError
 
 FORMAT_VERSION = 1
 MANIFEST = "gsa_adapter.json"
@@ -54,7 +55,7 @@ def read_manifest(adapter_dir: str | Path) -> dict:
         raise FileNotFoundError(f"{adapter_dir} is not a gsa-rag adapter (no {MANIFEST}); train one with `gsa-rag train`")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: adapter format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
+        raise AdapterMismatchError(f"{path}: adapter format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
                          "upgrade gsa-rag or retrain the adapter")
     return manifest
 
@@ -73,10 +74,10 @@ def write_manifest(adapter_dir: str | Path, *, base_model: str, fingerprint: str
 
 
 def check_base(adapter_dir: str | Path, fingerprint: str) -> None:
-    """Raises ValueError when the adapter was trained on another base model."""
+    """Raises AdapterMismatchError (a ValueError) when the adapter was trained on another base model."""
     manifest = read_manifest(adapter_dir)
     if manifest["base_fingerprint"] != fingerprint:
-        raise ValueError(
+        raise AdapterMismatchError(
             f"adapter {adapter_dir} was trained on base model {manifest['base_model']!r} "
             f"(fingerprint {manifest['base_fingerprint']}), not on this one ({fingerprint}); "
             "load it with the base model it was trained on"
@@ -87,7 +88,7 @@ def apply_adapter(model, adapter_dir: str | Path, fingerprint: str):
     """Loads the adapter onto `model` (gist tokens already added) and merges it for inference.
 
     Raises:
-        ValueError: the adapter was trained on another base model.
+        AdapterMismatchError (a ValueError): the adapter was trained on another base model.
     """
     check_base(adapter_dir, fingerprint)
     try:

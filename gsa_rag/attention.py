@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from gsa_rag.config import GistConfig
+from gsa_rag.kernels.dispatch import sparse_decode_attention
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import dense_gist_mask, dense_unfold_mask
 from gsa_rag.selection import select_chunks
@@ -113,6 +114,9 @@ def gsa_attention(
         )
         return out.transpose(1, 2).contiguous(), None
 
+    fast = sparse_decode_attention(module, query, key, value, scaling, gsa_state)
+    if fast is not None:  # one decode row on CUDA: key lists + sparse flash-decode (gsa_rag.kernels)
+        return fast[0], None
     mask = gsa_state.mask_for_layer(module.layer_idx, query, key)
     hook = getattr(gsa_state, "hook", None)  # plug-in states (state_factory) may not have one
     if hook is not None:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from gsa_rag.errors import UnsupportedModelError
+
 # rope types whose angle is (fixed inverse frequency) x position: rotations compose exactly
 EXACT_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn", "proportional"})
 
@@ -45,7 +47,7 @@ def _rotary_embedding(model) -> torch.nn.Module:
     for name, module in model.named_modules():
         if name.endswith("rotary_emb"):
             return module
-    raise ValueError(f"{type(model).__name__} has no rotary embedding module (rotary_emb); gist memory needs RoPE")
+    raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding module (rotary_emb); gist memory needs RoPE")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ class KeyRotator:
         model: a causal LM with a `rotary_emb` module (Llama, Qwen2, Qwen3, Mistral, ...).
 
     Raises:
-        ValueError: the rope type does not compose exactly (dynamic NTK, LongRoPE, per-layer
+        UnsupportedModelError (a ValueError): the rope type does not compose exactly (dynamic NTK, LongRoPE, per-layer
             or unknown types), or the rotary dimension is not the whole head.
     """
 
@@ -68,7 +70,7 @@ class KeyRotator:
         self.rotary = _rotary_embedding(model)
         rope_type = getattr(self.rotary, "rope_type", "default")
         if not isinstance(rope_type, str) or rope_type not in EXACT_ROPE_TYPES:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"rope type {rope_type!r}: re-rotating cached keys is exact only for fixed-frequency RoPE "
                 f"({', '.join(sorted(EXACT_ROPE_TYPES))}); dynamic NTK and LongRoPE change their frequencies "
                 "with the sequence length, so cached passage KV cannot be reused with them"
@@ -97,17 +99,19 @@ class KeyRotator:
             if shifts == 0:
                 return keys
             memo_key = (shifts, str(keys.device))
-            if memo_key not in self._memo:
+            pair = self._memo.get(memo_key)  # one lookup: another thread may clear the memo in between
+            if pair is None:
+                pair = self.cos_sin(torch.full((1,), shifts, dtype=torch.long), keys.device)
                 if len(self._memo) > 4096:
                     self._memo.clear()
-                self._memo[memo_key] = self.cos_sin(torch.full((1,), shifts, dtype=torch.long), keys.device)
-            cos, sin = self._memo[memo_key]
+                self._memo[memo_key] = pair
+            cos, sin = pair
         elif shifts.numel() != 1 and shifts.numel() != n:
             raise ValueError(f"{shifts.numel()} shifts for {n} keys")
         else:
             cos, sin = self.cos_sin(shifts, keys.device)
         if cos.shape[-1] != keys.shape[-1]:
-            raise ValueError(f"rotary dim {cos.shape[-1]} != head dim {keys.shape[-1]}: partial RoPE is not supported")
+            raise UnsupportedModelError(f"rotary dim {cos.shape[-1]} != head dim {keys.shape[-1]}: partial RoPE is not supported (gist memory re-rotates whole heads)")
         k = keys.float()
         return (k * cos + rotate_half(k) * sin).to(keys.dtype)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
+
+from gsa_rag.errors import ConfigError
 
 GIST_TOKEN = "<gist>"
 MGIST_TOKEN = "<mgist>"  # reserved for the hierarchy (gist-of-gist)
@@ -47,20 +50,29 @@ class GistConfig:
     gist_token: str = GIST_TOKEN
     mgist_token: str = MGIST_TOKEN
     link_tokens: list[str] = field(default_factory=link_tokens)
+    # a prompt longer than the model's window (raw tokens + max_new_tokens): "error" refuses it
+    # (ContextTooLongError); "drop_passages" drops the last passages until it fits
+    overflow: Literal["error", "drop_passages"] = "error"
 
     def __post_init__(self) -> None:
+        for name in ("chunk_size", "sink", "num_previous_chunks", "top_k", "first_selecting_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints are fine
+                raise ConfigError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
         if self.chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0 (0 disables gists), got {self.chunk_size}")
+            raise ConfigError(f"chunk_size must be >= 0 (0 disables gists), got {self.chunk_size}")
         if self.sink < 0 or self.num_previous_chunks < 0:
-            raise ValueError("sink and num_previous_chunks must be >= 0")
+            raise ConfigError(f"sink and num_previous_chunks must be >= 0, got {self.sink} and {self.num_previous_chunks}")
         if self.k_policy not in ("fixed", "adaptive", "top_p"):
-            raise ValueError(f"k_policy must be 'fixed', 'adaptive' or 'top_p', got {self.k_policy!r}")
+            raise ConfigError(f"k_policy must be 'fixed', 'adaptive' or 'top_p', got {self.k_policy!r}")
         if self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise ConfigError(f"top_k must be >= 1 (chunks each head unfolds; more than exist selects all), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.adaptive_ratio <= 0:
-            raise ValueError(f"adaptive_ratio must be > 0, got {self.adaptive_ratio}")
+            raise ConfigError(f"adaptive_ratio must be > 0, got {self.adaptive_ratio}")
+        if self.overflow not in ("error", "drop_passages"):
+            raise ConfigError(f"overflow must be 'error' or 'drop_passages', got {self.overflow!r}")
 
     @property
     def uses_gists(self) -> bool:
@@ -83,7 +95,7 @@ class GistConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown GistConfig fields {sorted(unknown)}; was it saved by a newer gsa-rag?")
+            raise ConfigError(f"unknown GistConfig fields {sorted(unknown)}; was it saved by a newer gsa-rag?")
         return cls(**data)
 
     def to_json(self) -> str:

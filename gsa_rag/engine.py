@@ -7,14 +7,21 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
 
+from gsa_rag import validation
 from gsa_rag.config import GistConfig
+from gsa_rag.errors import ConfigError, InputError, InputTypeError
 from gsa_rag.generation import SamplingParams, generate_tokens
 from gsa_rag.layout import GistLayout, build_layout
-from gsa_rag.prompt import DEFAULT_SYSTEM, build_segments
+from gsa_rag.locking import locked, locked_generator
+from gsa_rag.prompt import DEFAULT_SYSTEM, SegmentPrompt, build_segments
+
+logger = logging.getLogger(__name__)
 
 
 class GistEngine:
@@ -24,6 +31,11 @@ class GistEngine:
         model: a causal LM loaded with `attn_implementation="gsa"` (see models.load_model).
         tokenizer: its tokenizer, holding the gist tokens.
         config: chunking and selection settings.
+
+    Thread safety: `generate` and `stream` hold a re-entrant lock, so threads sharing one
+    engine take turns (results equal sequential runs). A stream holds the lock from its first
+    piece until it is exhausted or closed: consume it (or `close()` it) in the thread that
+    started it, and do not leave it half read while other threads wait on the engine.
     """
 
     def __init__(self, model, tokenizer, config: GistConfig | None = None):
@@ -31,11 +43,12 @@ class GistEngine:
         self.tokenizer = tokenizer
         self.config = config or GistConfig()
         if model.config._attn_implementation != "gsa":
-            raise ValueError("the model must be loaded with attn_implementation='gsa' (use GistEngine.from_pretrained)")
+            raise ConfigError("the model must be loaded with attn_implementation='gsa' (use GistEngine.from_pretrained)")
         special = [tokenizer.convert_tokens_to_ids(t) for t in self.config.special_tokens]
         if None in special or tokenizer.unk_token_id in special:
-            raise ValueError("the tokenizer lacks the gist tokens; load with gsa_rag.models.load_model")
+            raise ConfigError("the tokenizer lacks the gist tokens; load with gsa_rag.models.load_model")
         self._banned = torch.tensor(special, dtype=torch.long, device=self.device)
+        self._lock = threading.RLock()
 
     @classmethod
     def from_pretrained(
@@ -85,10 +98,12 @@ class GistEngine:
         return ids
 
     def layout(self, questions: Sequence[str], passages: Sequence[Sequence], system: str | None = DEFAULT_SYSTEM) -> GistLayout:
-        """Lays out a batch of RAG prompts (one passage list per question)."""
-        segments = [build_segments(self.tokenizer, q, p, system) for q, p in zip(questions, passages, strict=True)]
+        """Lays out a batch of RAG prompts (one passage list per question); a SegmentPrompt
+        (prompt.build_message_segments) in place of a question is laid out as it is."""
+        segments = [_prompt_segments(self.tokenizer, q, p, system) for q, p in zip(questions, passages, strict=True)]
         return build_layout(segments, self.config, self.tokenizer, device=self.device)
 
+    @locked
     def generate(
         self,
         question: str | Sequence[str],
@@ -106,9 +121,10 @@ class GistEngine:
         """Answers one question, or a batch.
 
         Args:
-            question: a question, or a list of questions (a batch).
+            question: a question, or a list of questions (a batch); or a prompt.SegmentPrompt
+                (a prompt already split into parts, with passages=None).
             passages: for one question, a list of passages (str, dict with text/title, or
-                Passage); for a batch, one such list per question. None: closed book.
+                Passage); for a batch, one such list per question. None or []: closed book.
             max_new_tokens, temperature, top_p, seed: sampling (temperature 0 is greedy).
             stop: strings that end the answer (the text is cut before them).
             system: the system line of the prompt; None for none.
@@ -119,6 +135,12 @@ class GistEngine:
 
         Returns:
             The answer, or a list of answers for a batch.
+
+        Raises:
+            InputError / InputTypeError: an empty question or passage, bytes, wrong types
+                (gsa_rag.validation lists the rules).
+            ContextTooLongError: the prompt plus max_new_tokens exceeds the model's window
+                (unless GistConfig(overflow="drop_passages")).
         """
         questions, passage_lists, single = _as_batch(question, passages)
         if memory is not None and not single:
@@ -126,7 +148,7 @@ class GistEngine:
                           system=system, observe=observe, memory=memory)
             return [self.generate(q, p, **kwargs) for q, p in zip(questions, passage_lists)]
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
-        layout, cache = self._prepare(questions, passage_lists, system, memory)
+        layout, cache = self._prepare(questions, passage_lists, system, memory, max_new_tokens)
         rows: list[list[int]] = [[] for _ in questions]
         stops = self.stop_ids()
         for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned, observe, cache=cache):
@@ -136,6 +158,7 @@ class GistEngine:
         answers = [_cut_at_stop(self._decode(r, stops), stop) for r in rows]
         return answers[0] if single else answers
 
+    @locked_generator
     def stream(
         self,
         question: str,
@@ -149,9 +172,13 @@ class GistEngine:
         system: str | None = DEFAULT_SYSTEM,
         memory=None,
     ) -> Iterator[str]:
-        """Yields the answer to one question piece by piece; the pieces join to `generate`'s text."""
+        """Yields the answer to one question piece by piece; the pieces join to `generate`'s text.
+        Holds the engine's lock until the stream is exhausted or closed (see the class docstring)."""
+        questions, passage_lists, single = _as_batch(question, passages)
+        if not single:
+            raise InputError("stream answers one question; for a batch use generate")
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
-        layout, cache = self._prepare([question], [list(passages or [])], system, memory)
+        layout, cache = self._prepare(questions, passage_lists, system, memory, max_new_tokens)
         stops = self.stop_ids()
         ids: list[int] = []
         sent = ""
@@ -170,29 +197,69 @@ class GistEngine:
             if len(cut) < len(text):
                 return
 
-    def _prepare(self, questions, passage_lists, system, memory):
+    def _prepare(self, questions, passage_lists, system, memory, max_new_tokens: int = 0):
+        """`_prepare_once`, fitted to the model's window: a prompt that does not fit (raw tokens
+        + max_new_tokens) is refused, or with GistConfig(overflow="drop_passages") its last
+        passages are dropped until it fits (see gsa_rag.validation)."""
+        window = validation.context_window(self.model)
+        while True:
+            layout, cache = self._prepare_once(questions, passage_lists, system, memory)
+            excess = validation.overflow(layout, window, max_new_tokens)
+            if not any(excess):
+                return layout, cache
+            keep = [validation.passages_to_keep(layout, r, e) if e else None for r, e in enumerate(excess)]
+            positions = validation.prompt_positions(layout)
+            stuck = [r for r, e in enumerate(excess) if e and keep[r] is None]  # too long even with no passage
+            if stuck:
+                raise validation.too_long(positions[stuck[0]], max_new_tokens, window, without_passages=True)
+            if self.config.overflow == "error":
+                raise validation.too_long(positions[next(r for r, e in enumerate(excess) if e)], max_new_tokens, window)
+            logger.warning("prompt longer than the model's window (%d): keeping the first %s passages", window,
+                           [len(p) if k is None else k for p, k in zip(passage_lists, keep)])
+            passage_lists = validation.truncate_lists(passage_lists, keep)
+
+    def _prepare_once(self, questions, passage_lists, system, memory):
         """(layout, pre-filled cache or None): from gist memory for one question, else a fresh layout."""
         if memory is None:
             return self.layout(questions, passage_lists, system), None
         from gsa_rag.memory import encoding_config
 
+        if isinstance(questions[0], SegmentPrompt):
+            raise InputError("a SegmentPrompt is laid out as it is; it cannot be combined with memory=")
         if memory.engine is not self and (memory.engine.model is not self.model or memory.encoding != encoding_config(self.config)):
-            raise ValueError("this GistMemory belongs to another engine (model or gist config); load it with this engine")
+            raise ConfigError("this GistMemory belongs to another engine (model or gist config); load it with this engine")
         return memory.prepare(questions[0], passage_lists[0], system)
 
     def _decode(self, ids: list[int], stops: set[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=True)
 
 
+def _prompt_segments(tokenizer, question, passages, system):
+    if isinstance(question, SegmentPrompt):  # pre-built (integrations: a prompt split into parts)
+        if passages:
+            raise InputError("a SegmentPrompt already holds its passages; pass passages=None")
+        return list(question.segments)
+    return build_segments(tokenizer, question, passages, system)
+
+
 def _as_batch(question, passages) -> tuple[list[str], list[list], bool]:
-    if isinstance(question, str):
-        return [question], [list(passages or [])], True
-    questions = list(question)
+    """(questions, passage lists, single), every question and passage checked (gsa_rag.validation)."""
+    if isinstance(question, SegmentPrompt):
+        return [question], [validation.check_passage_list(passages)], True
+    if isinstance(question, (str, bytes, bytearray, memoryview)):
+        return [validation.check_question(question)], [validation.check_passage_list(passages)], True
+    if not isinstance(question, Sequence):
+        raise InputTypeError(f"question must be a str or a list of str (a batch), got {type(question).__name__}")
+    questions = [q if isinstance(q, SegmentPrompt) else validation.check_question(q, f"question {i}")
+                 for i, q in enumerate(question)]
+    if not questions:
+        raise InputError("the batch of questions is empty: pass at least one question")
     if passages is None:
         passages = [[] for _ in questions]
-    if len(passages) != len(questions):
-        raise ValueError(f"a batch of {len(questions)} questions needs as many passage lists, got {len(passages)}")
-    return questions, [list(p) for p in passages], False
+    if isinstance(passages, str) or len(passages) != len(questions):
+        raise InputError(f"a batch of {len(questions)} questions needs as many passage lists, got {len(passages)}")
+    lists = [validation.check_passage_list(p, f"the passages of question {i}") for i, p in enumerate(passages)]
+    return questions, lists, False
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

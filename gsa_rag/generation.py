@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from gsa_rag.attention import GistState
 from gsa_rag.cache import GistCache
 from gsa_rag.config import GistConfig
+from gsa_rag.errors import InputError
 from gsa_rag.layout import GistLayout
 
 # (layout, num_new, config) -> the state the attention function reads (GistState or a plug-in's)
@@ -40,11 +41,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1] (1 turns nucleus sampling off), got {self.top_p}")
 
 
 def _cache_keyword(model) -> str:

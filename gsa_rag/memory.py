@@ -75,8 +75,11 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
+import re
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,8 +90,10 @@ from transformers import DynamicCache
 
 from gsa_rag.cache import GistCache, KeyRotator, OffloadedSource
 from gsa_rag.config import GistConfig
+from gsa_rag.errors import ContextTooLongError, InputError, InputTypeError, MemoryFormatError
 from gsa_rag.generation import forward
 from gsa_rag.layout import Segment, build_layout, encode_text
+from gsa_rag.locking import locked
 from gsa_rag.prompt import DEFAULT_SYSTEM, Passage, as_passage, prompt_ends, reuse_segments
 from gsa_rag.selection import choose_chunks, union_over_groups
 
@@ -102,8 +107,10 @@ MANIFEST = "manifest.json"
 ENCODING_FIELDS = ("chunk_size", "sink", "num_previous_chunks", "word_aware", "gist_token")
 
 
-class MemoryFormatError(ValueError):
-    """A saved memory that cannot be loaded: foreign model or config, corrupt or unknown format."""
+# what save() names its files; load() refuses any other name (no "../" from a tampered manifest)
+_FILE_NAME = re.compile(r"(kv|vectors)-[0-9a-f]{32}\.safetensors")
+_ENTRY_TENSORS = ("ids", "is_gist", "resident", "res_k", "res_v", "raw_k", "raw_v")
+__all__ = ["GistMemory", "MemoryFormatError", "MemoryStats", "SearchHit"]  # MemoryFormatError: from gsa_rag.errors
 
 
 def encoding_config(config: GistConfig) -> dict:
@@ -259,6 +266,10 @@ class GistMemory:
         self._passages: dict[str, _Record] = {}
         self._vectors = _VectorIndex()
         self.encoded_tokens = 0  # tokens run by the model to encode entries (for tests and benchmarks)
+        # guards the tables above (entries and their LRU order, passages, vectors): every public
+        # method that reads or changes them holds it; re-entrant (prepare -> _resolve -> ...)
+        self._lock = threading.RLock()
+        self._pinned: frozenset[str] = frozenset()  # entry keys eviction must skip (a search's candidates)
 
     # ------------------------------------------------------------------------------------------
     # passages
@@ -278,15 +289,22 @@ class GistMemory:
         return isinstance(passage_id, str) and passage_id in self._passages
 
     @property
+    @locked
     def ids(self) -> list[str]:
         return list(self._passages)
 
+    @locked
     def passage(self, passage_id: str) -> Passage:
         record = self._passages[passage_id]
         return Passage(record.text, record.title)
 
+    @locked
     def add(self, passages: Sequence, ids: Sequence[str] | None = None) -> list[str]:
         """Encodes the passages not in memory yet (batched) and returns their ids.
+
+        All or nothing: if encoding fails part way (out of memory, an interrupt), the passages
+        and entries this call added are taken out again and the error is raised; what the
+        memory held before stays as it was.
 
         Args:
             passages: strings, dicts with text/title, or Passages.
@@ -294,22 +312,41 @@ class GistMemory:
                 rendered passage (so the same text always gets the same id).
 
         Raises:
-            ValueError: an id already names a different passage.
+            InputError (a ValueError): an id already names a different passage; an empty
+                passage; ids of the wrong number or type.
+            ContextTooLongError: a passage longer than the model's window.
         """
-        items = [as_passage(p) for p in passages]
-        if ids is not None and len(ids) != len(items):
-            raise ValueError(f"{len(items)} passages but {len(ids)} ids")
+        from gsa_rag.validation import check_passage_list
+
+        items = [as_passage(p) for p in check_passage_list(passages)]
+        if ids is not None:
+            ids = list(ids)
+            if len(ids) != len(items):
+                raise InputError(f"{len(items)} passages but {len(ids)} ids: give one id per passage, or none")
+            bad = [i for i in ids if not isinstance(i, str) or not i.strip()]
+            if bad:
+                raise InputTypeError(f"passage ids must be non-empty str, got {bad[0]!r}")
         sink = self._sink(self.system)[0]
-        out = []
-        for i, item in enumerate(items):
-            out.append(self._record(item, None if ids is None else ids[i]))
-        keys = [self._passage_key(sink, self._passages[pid].sha) for pid in out]
-        self._encode_missing([self._passages[pid] for pid in out], sink)
+        passages_before, entries_before = dict(self._passages), set(self._entries)
+        try:
+            out = []
+            for i, item in enumerate(items):
+                out.append(self._record(item, None if ids is None else ids[i]))
+            keys = [self._passage_key(sink, self._passages[pid].sha) for pid in out]
+            self._encode_missing([self._passages[pid] for pid in out], sink)
+        except BaseException:  # out of memory, interrupt, a refused passage: undo this call's additions
+            self._passages = passages_before
+            for key in [k for k in self._entries if k not in entries_before]:
+                self._entries.pop(key)
+            raise
         self._touch(keys)
         self._vectors.add(self, out)
         return [pid for pid in out if pid in self._passages]
 
+    @locked
     def remove(self, passage_id: str) -> None:
+        if passage_id not in self._passages:
+            raise KeyError(f"no passage {passage_id!r} in this memory (memory.ids lists them)")
         record = self._passages.pop(passage_id)
         self._vectors.remove(passage_id)
         if not any(r.sha == record.sha for r in self._passages.values()):
@@ -321,7 +358,7 @@ class GistMemory:
         passage_id = passage_id or sha[:16]
         old = self._passages.get(passage_id)
         if old is not None and old.sha != sha:
-            raise ValueError(f"passage id {passage_id!r} already names a different passage")
+            raise InputError(f"passage id {passage_id!r} already names a different passage: pick another id, or remove it first")
         self._passages[passage_id] = _Record(item.text, item.title, sha)
         return passage_id
 
@@ -357,7 +394,9 @@ class GistMemory:
             return
         from tqdm.auto import tqdm
 
-        tokenizer = self.engine.tokenizer
+        from gsa_rag.validation import context_window
+
+        tokenizer, window = self.engine.tokenizer, context_window(self.engine.model)
         items = list(todo.items())
         batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         for batch in tqdm(batches, desc="gist memory: encoding", unit="batch", disable=not self.progress or len(batches) < 2):
@@ -365,7 +404,12 @@ class GistMemory:
             for _, r in batch:
                 ids = tuple(encode_text(tokenizer, Passage(r.text, r.title).render(None)))
                 if not ids:
-                    raise ValueError("cannot store an empty passage")
+                    raise InputError("cannot store an empty passage: give it text")
+                if window is not None and len(sink) + len(ids) > window:
+                    raise ContextTooLongError(
+                        f"a passage of {len(ids)} tokens (after {len(sink)} sink tokens) does not fit the model's window "
+                        f"of {window} positions: split it into smaller passages ({r.text[:40]!r}...)"
+                    )
                 units.append(([Segment(tuple(sink), True)] if sink else []) + [Segment(ids, True, 0)])
             for (key, _), entry in zip(batch, self._encode(units, skip=len(sink)), strict=True):
                 entry.key, entry.kind, entry.sink = key, "passage", tuple(sink)
@@ -430,6 +474,7 @@ class GistMemory:
     # ------------------------------------------------------------------------------------------
     # a question over cached passages
 
+    @locked
     @torch.no_grad()
     def prepare(self, question: str, passages: Sequence = (), system: str | None = DEFAULT_SYSTEM):
         """The layout of one question over `passages` and its cache, assembled from memory.
@@ -488,6 +533,7 @@ class GistMemory:
     # ------------------------------------------------------------------------------------------
     # search
 
+    @locked
     @torch.no_grad()
     def search(
         self,
@@ -511,8 +557,13 @@ class GistMemory:
         Returns:
             Up to k SearchHits, best first.
         """
+        from gsa_rag.validation import check_question
+
+        check_question(question)
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # numpy ints are fine
+            raise InputError(f"k must be an int >= 1 (how many passages to return; more than stored returns all), got {k!r}")
         if aggregate not in ("mass", "max"):
-            raise ValueError(f"aggregate must be 'mass' or 'max', got {aggregate!r}")
+            raise InputError(f"aggregate must be 'mass' or 'max', got {aggregate!r}")
         sink = self._sink(system)[0]
         candidates = self.ids
         if prefilter is not None:
@@ -521,7 +572,14 @@ class GistMemory:
         if not candidates or k < 1:
             return []
         entries = [self._entries[self._passage_key(sink, self._passages[pid].sha)] for pid in candidates]
-        queries, tail_start = self._question_queries(question, system)
+        records = [self._passages[pid] for pid in candidates]
+        # under a byte budget, encoding the question's prefix must not evict the candidates: a hit
+        # whose id is gone would later be read as passage text
+        self._pinned = frozenset(e.key for e in entries)
+        try:
+            queries, tail_start = self._question_queries(question, system)
+        finally:
+            self._pinned = frozenset()
         keys, owner, chunk = self._placed_gist_keys(entries, tail_start)
         totals = self._aggregate(queries, keys, owner, len(entries), aggregate)
         order = torch.argsort(totals, descending=True, stable=True)[:k].tolist()
@@ -529,7 +587,7 @@ class GistMemory:
         votes = self._unfold_votes(queries, keys, owner, order)
         hits = []
         for rank, i in enumerate(order):
-            record = self._passages[candidates[i]]
+            record = records[i]
             entry = entries[i]
             chunk_votes = votes[rank]
             chosen = sorted(chunk_votes, key=lambda c: (-chunk_votes[c], c))
@@ -623,6 +681,7 @@ class GistMemory:
         ids = entry.ids[(chunk_of == c) & ~entry.is_gist].tolist()
         return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @locked
     def use_vector_index(self, embedder=None) -> None:
         """Enables the vector prefilter of `search` (FAISS over sentence-transformers
         embeddings of the stored passages).
@@ -640,6 +699,7 @@ class GistMemory:
     # ------------------------------------------------------------------------------------------
     # accounting and budget
 
+    @locked
     def stats(self) -> MemoryStats:
         entries = list(self._entries.values())
         device_bytes = host_bytes = 0
@@ -669,7 +729,7 @@ class GistMemory:
         for key in list(self._entries):
             if total <= self.max_bytes:
                 return
-            if key in protect:
+            if key in protect or key in self._pinned:
                 continue
             entry = self._entries.pop(key)
             total -= entry.res_bytes + entry.raw_bytes
@@ -685,6 +745,7 @@ class GistMemory:
     # ------------------------------------------------------------------------------------------
     # persistence
 
+    @locked
     def save(self, directory: str | os.PathLike) -> Path:
         """Writes the memory to `directory` (created if needed); crash-safe (see the module docstring)."""
         from safetensors.torch import save
@@ -761,6 +822,7 @@ class GistMemory:
             raise MemoryFormatError(f"{path} is not a gist memory manifest")
         if manifest.get("version") != FORMAT_VERSION:
             raise MemoryFormatError(f"{path} has format version {manifest.get('version')}; this gsa-rag reads {FORMAT_VERSION}")
+        _check_manifest(manifest, path)
         memory = cls(engine, offload=bool(offload), max_bytes=max_bytes, num_links=manifest["num_links"],
                      system=manifest["system"], progress=progress)
         if manifest["model_fingerprint"] != memory.fingerprint:
@@ -779,7 +841,14 @@ class GistMemory:
             data = file.read_bytes()
             if _sha256(data) != item["sha256"]:
                 raise MemoryFormatError(f"{file} is corrupt (sha256 differs from the manifest)")
-            t = load(data)
+            try:
+                t = load(data)
+            except Exception as error:  # safetensors raises its own error type on foreign bytes
+                raise MemoryFormatError(f"{file} is not a safetensors file ({error})") from error
+            if not set(_ENTRY_TENSORS) <= set(t):
+                raise MemoryFormatError(f"{file} is not a gist memory entry (tensors {sorted(t)})")
+            if _safetensors_metadata(data).get("key") != item["key"]:  # a valid file put in another's place
+                raise MemoryFormatError(f"{file} holds another entry than the manifest says ({item['key']})")
             entry = _Entry(
                 key=item["key"], kind=item["kind"], ids=t["ids"], is_gist=t["is_gist"], resident=t["resident"],
                 base=int(item["base"]), sink=tuple(item["sink"]),
@@ -790,6 +859,8 @@ class GistMemory:
             memory._check_entry(entry, file)
             memory._entries[entry.key] = entry
         for p in manifest["passages"]:
+            if _sha256(Passage(p["text"], p["title"]).render(None)) != p["text_sha256"]:
+                raise MemoryFormatError(f"{path}: the text of passage {p['id']!r} does not match its sha256 (edited or corrupt)")
             memory._passages[p["id"]] = _Record(p["text"], p["title"], p["text_sha256"])
         if manifest.get("vectors"):
             memory._vectors.load(directory, manifest["vectors"])
@@ -812,6 +883,45 @@ class GistMemory:
 
 # ----------------------------------------------------------------------------------------------
 # files
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file (its header: 8-byte little-endian length, JSON)."""
+    size = int.from_bytes(data[:8], "little")
+    try:
+        return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _check_manifest(manifest: dict, path: Path) -> None:
+    """Refuses a manifest whose fields are missing or of the wrong type, or that names files
+    save() would never write (a tampered manifest must not reach outside its directory)."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise MemoryFormatError(f"{path} is malformed ({what}); it was not written by GistMemory.save, or was edited")
+
+    def is_file_name(name) -> bool:
+        return isinstance(name, str) and _FILE_NAME.fullmatch(name) is not None
+
+    need(isinstance(manifest.get("model_fingerprint"), str), "model_fingerprint")
+    need(isinstance(manifest.get("encoding"), dict), "encoding")
+    need(manifest.get("system") is None or isinstance(manifest.get("system"), str), "system")
+    need(isinstance(manifest.get("num_links"), int), "num_links")
+    need(isinstance(manifest.get("entries"), list) and isinstance(manifest.get("passages"), list), "entries/passages")
+    for item in manifest["entries"]:
+        need(isinstance(item, dict) and isinstance(item.get("key"), str) and item.get("kind") in ("passage", "prefix")
+             and isinstance(item.get("base"), int) and isinstance(item.get("sha256"), str)
+             and isinstance(item.get("sink"), list) and all(isinstance(t, int) for t in item["sink"]), "an entry")
+        need(is_file_name(item.get("file")), f"file name {item.get('file')!r}")
+    for item in manifest["passages"]:
+        need(isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("id", "text_sha256", "text", "title")),
+             "a passage")
+    vectors = manifest.get("vectors")
+    if vectors:
+        need(isinstance(vectors, dict) and is_file_name(vectors.get("file")) and isinstance(vectors.get("ids"), list),
+             "vectors")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from gsa_rag.config import GistConfig
+from gsa_rag.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -298,18 +299,19 @@ def check_supported(config) -> None:
         config: a transformers `PretrainedConfig`.
 
     Raises:
-        ValueError: no RoPE, or sliding-window attention; the message names the model type.
+        UnsupportedModelError (a ValueError): no RoPE, or sliding-window attention; the message
+            names the model type and the families that work.
     """
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     model_type = getattr(config, "model_type", None) or type(config).__name__
     if not _has_rope(config):
-        raise ValueError(
+        raise UnsupportedModelError(
             f"model_type {model_type!r} has no rotary position embeddings (RoPE); GSA needs RoPE "
             f"(e.g. GPT-2's absolute positions cannot be shifted). Models that work: {SUPPORTED_FAMILIES}."
         )
     if _uses_sliding_window(config):
-        raise ValueError(
+        raise UnsupportedModelError(
             f"model_type {model_type!r} uses sliding-window attention "
             f"(sliding_window={getattr(config, 'sliding_window', None)}); GSA needs full attention in every "
             f"layer. Models that work: {SUPPORTED_FAMILIES}; for Mistral pass a config with sliding_window=None."
@@ -406,7 +408,7 @@ def load_model(
         `(model, tokenizer)`.
 
     Raises:
-        ValueError: the model has no RoPE or uses sliding-window attention.
+        UnsupportedModelError (a ValueError): the model has no RoPE or uses sliding-window attention.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

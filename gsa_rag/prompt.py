@@ -8,6 +8,11 @@ parsing off, so no passage or question can forge a special token.
 Segments: everything up to the end of the last passage is context (compressed); the
 question and the assistant header are the raw tail. Each passage is its own segment, so it
 ends with its own closing gist.
+
+`build_message_segments` is the general form (chat messages whose contents are ordered
+`Part`s, a part marked as a passage or not); `build_segments` is that form for a question
+over passages. Framework integrations split a finished prompt into parts
+(gsa_rag.integrations.prompt_split) and hand the engine a `SegmentPrompt`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gsa_rag.layout import Segment, encode_text
+from gsa_rag.errors import InputTypeError
+from gsa_rag.layout import TOKENIZER_LOCK, Segment, encode_text
 
 DEFAULT_SYSTEM = "Answer the question using the documents. Reply with a short answer only."
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template touches them
@@ -39,26 +45,39 @@ class Passage:
 def as_passage(item) -> Passage:
     """Accepts a string, a mapping with `text` (and optional `title`), or any object with
     `text` and `title` attributes (a Passage, an eval example's passage)."""
+    from gsa_rag.validation import check_text
+
     if isinstance(item, Passage):
         return item
-    if isinstance(item, str):
-        return Passage(item)
+    if isinstance(item, (str, bytes, bytearray, memoryview)):  # bytes: refused, with the decode to use
+        return Passage(check_text(item, "a passage"))
     if isinstance(item, dict) and "text" in item:
-        return Passage(str(item["text"]), str(item.get("title") or ""))
+        return Passage(_field_text(item["text"], "a passage's text"), _field_text(item.get("title") or "", "a passage's title"))
     if isinstance(getattr(item, "text", None), str):
-        return Passage(item.text, str(getattr(item, "title", "") or ""))
-    raise TypeError(f"a passage must be a str, a dict with 'text', or have a .text, got {type(item).__name__}")
+        return Passage(check_text(item.text, "a passage's text"), _field_text(getattr(item, "title", "") or "", "a passage's title"))
+    raise InputTypeError(f"a passage must be a str, a dict with 'text', or have a .text, got {type(item).__name__}")
+
+
+def _field_text(value, what: str) -> str:
+    # str() of bytes would be the text "b'...'": refuse bytes, keep str() for numbers and the like
+    from gsa_rag.validation import check_text
+
+    return check_text(value if isinstance(value, (str, bytes, bytearray, memoryview)) else str(value), what)
+
+
+def _render_messages(tokenizer, messages: list[dict]) -> str:
+    """Renders chat messages through the model's chat template, ready for the answer."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # base models without a template: plain text, same placeholders
+    return "\n\n".join(m["content"] for m in messages) + "\nAnswer:"
 
 
 def _render_template(tokenizer, system: str | None, user: str) -> str:
     messages = [{"role": "user", "content": user}]
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # base models without a template: plain text, same placeholders
-    head = f"{system}\n\n" if system is not None else ""
-    return f"{head}{user}\nAnswer:"
+    return _render_messages(tokenizer, messages)
 
 
 def build_segments(tokenizer, question: str, passages, system: str | None = DEFAULT_SYSTEM) -> list[Segment]:
@@ -76,15 +95,96 @@ def build_segments(tokenizer, question: str, passages, system: str | None = DEFA
     pieces = ([system] if system is not None else []) + user_pieces
     user = "".join(_PLACEHOLDER.format(first_user + i) for i in range(len(user_pieces)))
     rendered = _render_template(tokenizer, None if system is None else _PLACEHOLDER.format(0), user)
+    # owner of each piece: PREFIX (system line), a passage number, or TAIL (the question)
+    owners = [_PREFIX] * first_user + list(range(len(passages))) + [_TAIL]
+    return _segments_from_rendered(tokenizer, rendered, pieces, owners, head=_PREFIX)
 
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a chat message's content (see `build_message_segments`).
+
+    Attributes:
+        text: user text (tokenized with special-token parsing off).
+        compress: True for a passage (context, its own gist chunks and closing gist).
+    """
+
+    text: str
+    compress: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentPrompt:
+    """A prompt already laid out as segments; `GistEngine.generate`/`stream` take it in place
+    of a question (with no passages).
+
+    Attributes:
+        segments: from `build_message_segments` (or `build_segments`).
+    """
+
+    segments: tuple[Segment, ...]
+
+
+def build_message_segments(tokenizer, messages) -> list[Segment]:
+    """Lays out chat messages whose contents are ordered lists of parts, through the chat template.
+
+    The general form of `build_segments`: the same placeholder rendering, so no part can forge
+    a special token. Every `compress=True` part is a passage: its own compressed segment (own
+    chunks, own closing gist). A plain part (and the template text after it) belongs to
+      * the compressed prefix when it comes before the first passage (system line, history,
+        the template's header before the context),
+      * the passage before it when it sits between two passages (separators),
+      * the raw tail (full attention, selects chunks) when it comes after the last passage.
+    Template text before the first part goes with the prefix. With no passage at all the whole
+    prompt is one raw segment: no gists, exactly the unmodified model over its chat template.
+
+    Args:
+        tokenizer: the model's tokenizer (with a chat template, or plain text without one).
+        messages: `{"role": ..., "content": str | Sequence[Part | (text, compress)]}` in
+            order; a str content is one plain part. Assistant turns (history) are allowed.
+
+    Returns:
+        Segments: compressed ones (prefix, passages) first, then the raw tail.
+
+    Example:
+        >>> build_message_segments(tok, [{"role": "user", "content": [
+        ...     Part("Context:\n"), Part("Paris is in France.", True), Part("\nQ: Where is Paris?")]}])
+    """
+    parts: list[Part] = []
+    rendered_messages = []
+    for message in messages:
+        content = message["content"]
+        items = [Part(content)] if isinstance(content, str) else [p if isinstance(p, Part) else Part(*p) for p in content]
+        first = len(parts)
+        parts.extend(items)
+        placeholders = "".join(_PLACEHOLDER.format(first + i) for i in range(len(items)))
+        rendered_messages.append({"role": message["role"], "content": placeholders})
+    passages = [i for i, p in enumerate(parts) if p.compress]
+    owners: list[object] = []
+    for i, part in enumerate(parts):
+        if part.compress:
+            owners.append(passages.index(i))
+        elif not passages or i > passages[-1]:
+            owners.append(_TAIL)
+        elif i < passages[0]:
+            owners.append(_PREFIX)
+        else:
+            owners.append(owners[-1])  # a separator between passages joins the one before it
+    rendered = _render_messages(tokenizer, rendered_messages)
+    return _segments_from_rendered(tokenizer, rendered, [p.text for p in parts], owners, head=_PREFIX if passages else _TAIL)
+
+
+def _segments_from_rendered(tokenizer, rendered: str, pieces: list[str], owners: list, head) -> list[Segment]:
+    """Splits a template rendered with placeholders into segments.
+
+    Template text goes with the piece before it (the text before the first piece: `head`);
+    consecutive runs of one owner merge. Owners: PREFIX (compressed, no passage), a passage
+    number (compressed, its own closing gist), TAIL (raw).
+    """
     parts = _PLACEHOLDER_RE.split(rendered)  # template, index, template, index, ..., template
     if [int(x) for x in parts[1::2]] != list(range(len(pieces))):
         raise ValueError("the chat template dropped or reordered message content; gsa-rag cannot lay it out")
-
-    # owner of each piece: PREFIX (system line), a passage number, or TAIL (the question);
-    # template text goes with the piece before it (the text before the first piece: PREFIX)
-    owners = [_PREFIX] * first_user + list(range(len(passages))) + [_TAIL]
-    runs: list[tuple[object, list[int]]] = [(_PREFIX, _template_ids(tokenizer, parts[0]))]
+    runs: list[tuple[object, list[int]]] = [(head, _template_ids(tokenizer, parts[0]))]
     for i, owner in enumerate(owners):
         ids = encode_text(tokenizer, pieces[i]) + _template_ids(tokenizer, parts[2 * i + 2])
         if runs[-1][0] == owner:
@@ -99,7 +199,10 @@ def build_segments(tokenizer, question: str, passages, system: str | None = DEFA
 
 
 def _template_ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if not text:
+        return []
+    with TOKENIZER_LOCK:  # see layout.TOKENIZER_LOCK: never interleaved with user-text tokenization
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def reuse_segments(prefix: Segment, passages: list[list[int]], tail: Segment, link_ids: list[int]) -> list[Segment]:

@@ -1,5 +1,16 @@
 """Fast paths for the hot loops (installed as gsa_rag.kernels).
 
-Each kernel sits beside its torch reference; the references for selection and masks live in
-gsa_rag.selection and gsa_rag.masks until a kernel replaces them on CUDA.
+Each kernel sits beside its torch reference; tests/test_kernels.py compares them.
+
+    gist_select    one decode step's key list per (batch, KV head): gist scores (Triton),
+                   top-k / top-p + GQA union, list expansion (Triton); DecodePlan is built
+                   once per step from gsa_rag.masks.visible, so the list is the engine's rule
+    sparse_decode  split-K flash-decode over that list, GQA-shared K/V loads (Triton)
+    prefill        prefill under the forgetting mask through FlexAttention, recall columns
+                   permuted to the front so the BlockMask is sparse
+    dispatch       which path runs (GSA_RAG_KERNELS: auto / 0 / 1); imports no Triton
+    bench          helpers of the kernel benchmarks (synthetic layouts, timing)
+
+Triton is optional: the references need only torch, and nothing here imports Triton unless a
+kernel is asked for.
 """

@@ -1,8 +1,20 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures.
+
+Without CUDA the Triton kernels (gsa_rag.kernels) run in Triton's interpreter, and Triton reads
+TRITON_INTERPRET when it decorates a function, its own standard library (tl.cumsum, tl.max, ...)
+included; gsa_rag.attention already imports Triton through torch/transformers. So the variable
+is set here, before any test module imports anything, whatever order the suite runs in.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,175 @@
+"""End-to-end decode speed of the GSA engine's loop vs Hugging Face full attention, on the GPU.
+
+    python benchmarks/decode_latency.py            # 8K..32K, < 4 minutes on an H200
+    python benchmarks/decode_latency.py --quick    # 30-second smoke run
+
+A random-weight model of the default model's architecture (SmolLM2-135M: 30 layers, 9 q / 3 kv
+heads, d=64), or `--arch llama3-8b` (Llama-3-8B layers, `--layers` of them), bf16; no download.
+Decode speed does not depend on the weights, so the cache is filled by one plain causal prefill
+over a synthetic gist layout (chunk 8, sink 4, a 32-token question), then each method decodes
+`--steps` tokens from the same cache (cropped back between methods):
+
+    hf        the model with attn_implementation="sdpa": full attention over the whole cache;
+    gsa_ref   gsa_rag.generation.forward with GSA_RAG_KERNELS=0 (dense selective mask + SDPA);
+    gsa       the same with the kernels (key lists + sparse flash-decode).
+
+Adaptive k (about L/8 raw tokens per KV head). tokens/s = batch * steps / wall time (synchronised).
+The KV cache is HF's DynamicCache, which concatenates every layer's K/V at every step (a copy of
+the whole cache): that cost is in every column and bounds the speedup of any sparse attention.
+Writes benchmarks/results/kernels/decode_latency.json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/kernels.py shares its name with the `kernels` package that transformers imports:
+# drop this folder from the import path so `import kernels` can never find a script here
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse
+import time
+
+import torch
+from gsa_rag.kernels.bench import (
+    environment,
+    print_table,
+    synthetic_layout,
+    write_results,
+)
+
+K = 1024
+DEVICE = "cuda"  # a CPU smoke test of this script sets "cpu" (with TRITON_INTERPRET=1)
+ARCHS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_model(arch: str, layers: int | None):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import gsa_rag.attention  # noqa: F401  (registers "gsa")
+
+    spec = dict(ARCHS[arch])
+    if layers:
+        spec["num_hidden_layers"] = layers
+    config = LlamaConfig(max_position_embeddings=256 * K, **spec)
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="gsa", dtype=torch.bfloat16)
+    return model.eval()
+
+
+def set_attention(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older transformers
+        model.config._attn_implementation = name
+
+
+def crop(cache, length: int) -> None:
+    """Cuts every layer of a DynamicCache back to `length` columns (crop's sign convention changed
+    across transformers 5.x releases, so this does it directly)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
+
+
+def decode(model, layout, cache, prefill_len, config, steps, mode):
+    """Decodes `steps` tokens after cropping `cache` to `prefill_len`; returns (seconds, first logits)."""
+    from gsa_rag.generation import _cache_keyword, forward
+
+    crop(cache, prefill_len)
+    token = torch.full((layout.batch_size, 1), 7, dtype=torch.long, device=DEVICE)
+    first = None
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        layout = layout.append(token)
+        if mode == "hf":
+            out = model(input_ids=token, position_ids=layout.position_ids[:, -1:], use_cache=True,
+                        **{_cache_keyword(model): cache})
+        else:
+            out, _ = forward(model, layout, 1, cache, config)
+        if first is None:
+            first = out.logits[:, -1].float()
+        token = out.logits[:, -1:].argmax(-1)
+    sync()
+    return time.perf_counter() - t, first
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="30-second smoke run (8K, 8 steps)")
+    p.add_argument("--arch", default="smollm2-135m", choices=list(ARCHS))
+    p.add_argument("--layers", type=int, default=None, help="override the layer count (llama3-8b: 8 keeps it fast)")
+    p.add_argument("--contexts", default="8,16,32", help="K tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--out", default="benchmarks/results/kernels")
+    args = p.parse_args(argv)
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/decode_latency.py needs CUDA")
+    from transformers import DynamicCache
+
+    from gsa_rag.config import GistConfig
+    from gsa_rag.generation import _cache_keyword
+
+    contexts = [int(x) * K for x in args.contexts.split(",")]
+    steps = args.steps
+    if args.quick:
+        contexts, steps = [8 * K], 8
+    model = make_model(args.arch, args.layers)
+    config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
+    rows = []
+    for L in contexts:
+        layout = synthetic_layout(args.batch, L, 8, sink=4, tail=32, device=DEVICE)
+        T = layout.seq_len
+        cache = DynamicCache()
+        set_attention(model, "sdpa")
+        with torch.inference_mode():
+            model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=True, logits_to_keep=1,
+                  **{_cache_keyword(model): cache})
+            row = {"arch": args.arch, "layers": model.config.num_hidden_layers, "context": L, "T": T,
+                   "batch": args.batch, "steps": steps}
+            firsts = {}
+            for mode in ("hf", "gsa_ref", "gsa"):
+                set_attention(model, "sdpa" if mode == "hf" else "gsa")
+                os.environ["GSA_RAG_KERNELS"] = "0" if mode == "gsa_ref" else "1"
+                decode(model, layout, cache, T, config, 3, mode)  # warm-up (Triton compiles, cuBLAS handles)
+                seconds, firsts[mode] = decode(model, layout, cache, T, config, steps, mode)
+                row[f"{mode}_tok_s"] = args.batch * steps / seconds
+                row[f"{mode}_ms_per_step"] = 1e3 * seconds / steps
+            a, b = firsts["gsa"], firsts["gsa_ref"]
+            row["logits_rel_err"] = float((a - b).norm() / b.norm())
+        row["x_hf"] = row["gsa_tok_s"] / row["hf_tok_s"]
+        row["x_ref"] = row["gsa_tok_s"] / row["gsa_ref_tok_s"]
+        rows.append(row)
+        print(f"L={L // K}K: hf {row['hf_tok_s']:.1f} tok/s, gsa_ref {row['gsa_ref_tok_s']:.1f}, gsa {row['gsa_tok_s']:.1f} "
+              f"(x{row['x_hf']:.2f} hf), logits err {row['logits_rel_err']:.1e}", flush=True)
+    os.environ.pop("GSA_RAG_KERNELS", None)
+    print()
+    print_table(rows, [
+        ("arch", "arch", "s"), ("layers", "layers", "d"), ("context", "ctx", "d"), ("batch", "B", "d"),
+        ("hf_tok_s", "hf tok/s", ".1f"), ("gsa_ref_tok_s", "gsa_ref", ".1f"), ("gsa_tok_s", "gsa", ".1f"),
+        ("hf_ms_per_step", "hf ms", ".2f"), ("gsa_ms_per_step", "gsa ms", ".2f"),
+        ("x_hf", "gsa/hf", ".2f"), ("x_ref", "gsa/ref", ".2f"), ("logits_rel_err", "err", ".1e"),
+    ])
+    print("\nx = tokens/s ratio (> 1: GSA faster); err = first decode step's logits, kernels vs reference path")
+    path = write_results(args.out, "decode_latency_quick" if args.quick else f"decode_latency_{args.arch}",
+                         {"env": environment(), "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

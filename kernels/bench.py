@@ -1,0 +1,120 @@
+"""Helpers the kernel benchmarks share (benchmarks/kernels.py, prefill.py, decode_latency.py):
+a synthetic gist layout of any length (no tokenizer), timing, the measured copy bandwidth,
+and result files. Nothing here runs at import."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from gsa_rag.layout import GistLayout
+
+
+def synthetic_layout(batch: int, context: int, chunk: int, sink: int = 4, tail: int = 32,
+                     device: str | torch.device = "cuda") -> GistLayout:
+    """`sink` raw tokens, n chunks of `chunk` raw tokens + 1 gist (as many as fit in
+    `context` columns), then `tail` raw tokens (question; the last one is the decode query).
+    Every row of the batch has the same layout; token ids are arbitrary (1..999).
+
+    Returns:
+        A GistLayout with T = sink + n * (chunk + 1) + tail columns.
+    """
+    n = max(0, (context - sink) // (chunk + 1))
+    T = sink + n * (chunk + 1) + tail
+    col = torch.arange(T, device=device)
+    rel = col - sink
+    in_ctx = (col >= sink) & (rel < n * (chunk + 1))
+    chunk_id = torch.where(col < sink, -1, torch.where(in_ctx, rel.div(chunk + 1, rounding_mode="floor"), n))
+    is_gist = in_ctx & (rel.remainder(chunk + 1) == chunk)
+    position = col - torch.cumsum(is_gist.long(), 0)
+    gist_index = sink + torch.arange(max(n, 1), device=device) * (chunk + 1) + chunk
+    if n == 0:
+        gist_index.zero_()
+
+    def rows(x):
+        return x[None].expand(batch, -1).contiguous()
+
+    return GistLayout(
+        input_ids=rows(1 + col % 999),
+        is_gist=rows(is_gist),
+        is_sink=rows(col < sink),
+        chunk_id=rows(chunk_id),
+        passage_id=rows(torch.full_like(col, -1)),
+        position_ids=rows(position),
+        valid=rows(torch.ones_like(col, dtype=torch.bool)),
+        num_chunks=torch.full((batch,), n, dtype=torch.long, device=device),
+        gist_index=rows(gist_index),
+    )
+
+
+def bench_us(fn, cuda_graph: bool = False, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time of `fn()` in microseconds (device events through triton.testing; host clock
+    on the CPU). `cuda_graph`: time graph replays (no launch gaps); NaN if capture fails."""
+    if not torch.cuda.is_available():
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    import triton.testing
+
+    if cuda_graph:
+        try:
+            return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+        except Exception as err:  # a path that syncs with the host cannot be captured
+            print(f"  (cuda graph capture failed: {type(err).__name__}: {str(err)[:120]})")
+            return float("nan")
+    return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    return 2 * num_bytes / (us * 1e-6)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def environment() -> dict:
+    import triton
+
+    return {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def write_results(out_dir: str | Path, name: str, payload: dict, plot=None) -> Path:
+    """Writes `name`.json under out_dir; `plot(plt, path)` draws `name`.png if matplotlib imports."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    if plot is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no PNG")
+        else:
+            plot(plt, out_dir / f"{name}.png")
+            plt.close("all")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec)."""
+    heads = [h for _, h, _ in columns]
+    cells = [[format(r.get(k, float("nan")), f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
+    print("  ".join(h.rjust(w) for h, w in zip(heads, widths)))
+    for c in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(c, widths)))

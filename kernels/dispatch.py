@@ -1,0 +1,120 @@
+"""Which path runs: the Triton kernels on CUDA, the torch references elsewhere.
+
+`GSA_RAG_KERNELS` overrides the choice:
+    unset / "auto"  kernels on CUDA tensors when Triton imports, references otherwise;
+    "0"             references everywhere (the benchmarks' baseline);
+    "1"             kernels wherever Triton can run them: CUDA, or CPU tensors under
+                    TRITON_INTERPRET=1 (set before gsa_rag.kernels' Triton modules are
+                    imported; Triton reads it when a kernel is decorated).
+
+This module imports neither Triton nor the kernel modules at import time: gsa_rag.attention
+imports it on every platform.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_compat() -> None:
+    """Triton <= 3.6's interpreter turns a scalar (a 1-element array there) into an int with
+    int(array), which NumPy >= 2.3 refuses, so loops with run-time bounds fail; later Triton
+    squeezes the array first. Do the same on the old ones (interpreter only)."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_gsa_squeezed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._gsa_squeezed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def use_kernels(device: torch.device) -> bool:
+    """Whether tensors on `device` take the Triton path (see the module docstring)."""
+    mode = os.environ.get("GSA_RAG_KERNELS", "auto").strip().lower()
+    if mode in ("0", "false", "off", "ref", "reference"):
+        return False
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return not interpreting()  # the interpreter wants CPU tensors
+    if mode in ("1", "true", "on") and interpreting():
+        _interpreter_compat()
+        return True
+    return False
+
+
+def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            scaling: float | None, state) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The engine's decode step through the key-list kernels, or None to take the dense path.
+
+    Taken when the kernels are on for the device, the forward has one query row, and `state`
+    is a plain GistState whose query row is a tail token (every decode step of the engine).
+
+    Args:
+        module: the attention module (layer_idx).
+        query: [B, Hq, 1, D]; key, value: [B, Hkv, T, D], the layer's cache.
+        scaling: softmax scale.
+        state: the GistState of this forward.
+
+    Returns:
+        ([B, 1, Hq, D] output, bool [B, H, 1, T] mask or None) — the mask only when the state
+        has a hook (gist memory fetches the columns it makes visible); None when not taken.
+    """
+    from gsa_rag.attention import GistState
+
+    if query.shape[2] != 1 or type(state) is not GistState or not use_kernels(query.device):
+        return None
+    layout = state.layout
+    if key.shape[2] != layout.seq_len:
+        return None
+    from gsa_rag.kernels.gist_select import DecodePlan, select_index_list
+    from gsa_rag.kernels.sparse_decode import sparse_decode_triton
+
+    plan = getattr(state, "_decode_plan", None)
+    if plan is None:  # plan-then-run: built by the first layer, reused by the others
+        # one host sync per step: the kernels serve a tail token at the last column
+        if int(state.q_index[-1]) != layout.seq_len - 1 or not bool(layout.is_tail[:, -1].all()):
+            state._decode_plan = False
+            return None
+        plan = DecodePlan.build(layout, state.config, query.shape[1] // key.shape[1])
+        state._decode_plan = plan
+    if plan is False:
+        return None
+    q = query[:, :, 0]
+    index, lengths = select_index_list(q, key, layout, plan, state.config, module.layer_idx, use_triton=True)
+    mask = None
+    hook = getattr(state, "hook", None)
+    if hook is not None:
+        T = key.shape[2]
+        live = torch.arange(index.shape[-1], device=index.device) < lengths[..., None]
+        cols = torch.where(live, index.long(), T)
+        mask = torch.zeros(*index.shape[:2], T + 1, dtype=torch.bool, device=index.device)
+        mask.scatter_(2, cols, True)
+        mask = mask[..., :T, None].transpose(-1, -2)  # [B, H, 1, T]
+        hook(module.layer_idx, query, key, value, mask)
+    state.attended[module.layer_idx] = lengths.float()
+    out = torch.empty(query.shape[0], 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
+    sparse_decode_triton(q, key, value, index, lengths, scaling, out=out[:, 0])
+    return out, mask

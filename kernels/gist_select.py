@@ -1,0 +1,472 @@
+"""Recall for one decode step: score the gist keys, choose chunks, emit a compact key list.
+
+A decode query (one tail column q) sees, per KV head, exactly the columns of
+`gsa_rag.masks.visible` with recall = "the key's chunk is closed and selected by a query head
+of this KV head". That set splits into two parts (visible is an OR over recall):
+
+    base     = visible(recall=False): sink, local window (chunks n-P..n, the tail included),
+               link tokens, the query itself. The same for every layer and head.
+    extra(c) = the columns of closed chunk c that recall adds: chunk_id == c, valid, kv <= q,
+               not isolated, not already in base (raw tokens and gist of chunk c).
+
+so the key list of head h is base ++ concat(extra(c) for c selected by h). `DecodePlan`
+computes base and extra (as CSR over chunks) once per decode step (plan-then-run, shared by
+every layer); per layer only the scores, the top-k and the list expansion run.
+
+Layers that do not select (below first_selecting_layer, or nothing to select) use the
+forgetting row: base plus every closed gist; that list is also built once per step.
+
+Fast path (Triton): `gist_scores` (gist keys loaded once per KV head, shared by its G query
+heads) and `build_index_list` (per (batch, KV head), chunk-wise expansion with a prefix sum;
+no dense mask). Reference path (torch): `gist_scores_ref` is `gsa_rag.selection.gist_scores`;
+`build_index_list_ref` expands column-wise from a mask. Top-k runs through torch.topk on both
+(radix select on CUDA); top-p through the reference `choose_chunks`.
+
+Shapes: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, T key columns, C chunks,
+D head dim. Index lists are int32 [B, H, CAP] padded with 0, with int32 lengths [B, H]
+(H = Hkv, or 1 when every head shares the list).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gsa_rag.config import GistConfig
+from gsa_rag.layout import GistLayout
+from gsa_rag.masks import visible
+from gsa_rag.selection import adaptive_k, choose_chunks, gist_scores, union_over_groups
+
+try:  # triton is optional: the references below need only torch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def pack_columns(mask: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compacts a column mask into an ascending, zero-padded int32 index list.
+
+    Args:
+        mask: bool [..., T].
+        capacity: list width (default: the largest count; needs one host sync).
+
+    Returns:
+        (int32 [..., capacity], int32 [...]) the columns and their counts.
+    """
+    counts = mask.sum(-1)
+    if capacity is None:
+        capacity = max(1, int(counts.max()) if counts.numel() else 1)
+    slot = torch.cumsum(mask.long(), -1) - 1
+    slot = torch.where(mask, slot, capacity)  # unselected columns go to a spill slot, dropped below
+    cols = torch.arange(mask.shape[-1], device=mask.device, dtype=torch.int32).expand_as(mask)
+    out = torch.zeros(*mask.shape[:-1], capacity + 1, dtype=torch.int32, device=mask.device)
+    out.scatter_(-1, slot, cols)
+    return out[..., :capacity].contiguous(), counts.to(torch.int32)
+
+
+@dataclass
+class DecodePlan:
+    """Selection bookkeeping of one decode step (query column q = T-1), shared by all layers.
+
+    Attributes:
+        base: int32 [B, NB] columns every head sees (see module docstring), padded with 0.
+        base_len: int32 [B].
+        chunk_ptr: int32 [B, C + 1], CSR offsets of each chunk's extra columns in chunk_cols.
+        chunk_cols: int32 [B, NX], extra columns grouped by chunk (ascending inside a chunk).
+        chunk_of_col: long [B, NX], the chunk of each chunk_cols entry (C where padding).
+        forget: int32 [B, 1, NF] the forgetting row (non-selecting layers), forget_len int32 [B, 1].
+        k: long [B] chunks per query head (None under top_p); k_max: its maximum (host int).
+        max_chunk_len: the longest extra(c) (host int).
+        capacity: list width that any selection fits in (host int).
+        num_chunks: long [B].
+        selects: whether selecting layers select at all (some row has a chunk).
+        uniform_k: every row has the same k (top-k may then skip sorting its picks).
+        nb_max: the longest base list (host int).
+
+    Built with one host sync (the sizes above); nothing per layer syncs.
+    """
+
+    base: torch.Tensor
+    base_len: torch.Tensor
+    chunk_ptr: torch.Tensor
+    chunk_cols: torch.Tensor
+    chunk_of_col: torch.Tensor
+    forget: torch.Tensor
+    forget_len: torch.Tensor
+    k: torch.Tensor | None
+    k_max: int
+    max_chunk_len: int
+    capacity: int
+    num_chunks: torch.Tensor
+    selects: bool
+    uniform_k: bool = False
+    nb_max: int = 1
+
+    @property
+    def chunk_size(self) -> torch.Tensor:
+        """int32 [B, C], the number of extra columns of each chunk."""
+        return self.chunk_ptr[:, 1:] - self.chunk_ptr[:, :-1]
+
+    @classmethod
+    def build(cls, layout: GistLayout, config: GistConfig, group_size: int) -> DecodePlan:
+        """Plans the step whose single query is the last column of `layout` (a tail token).
+
+        Args:
+            layout: the sequence so far, the new token included.
+            config: P (num_previous_chunks), the k policy.
+            group_size: G, query heads per KV head (for adaptive k and the capacity bound).
+        """
+        device = layout.input_ids.device
+        B, T = layout.input_ids.shape
+        C = layout.gist_index.shape[1]
+        P = config.num_previous_chunks
+        b = torch.arange(B, device=device)[:, None]
+        q = torch.full((1, 1), T - 1, device=device)
+        kv = torch.arange(T, device=device)[None, :]
+        # the engine's rule itself, once without recall and once with every closed chunk recalled
+        base_mask = visible(layout, b, q, kv, P, torch.zeros(B, T, dtype=torch.bool, device=device))
+        closed = (layout.chunk_id >= 0) & (layout.chunk_id < layout.num_chunks[:, None])
+        extra_mask = visible(layout, b, q, kv, P, closed) & ~base_mask
+        forget_mask = visible(layout, b, q, kv, P, layout.is_gist)
+
+        # capacities are upper bounds here (T columns); the lists are trimmed after the one sync
+        base, base_len = pack_columns(base_mask, T)
+        forget, forget_len = pack_columns(forget_mask, T)
+
+        # CSR of the extra columns by chunk: sort by (chunk, column); counts per chunk
+        chunk = torch.where(extra_mask, layout.chunk_id, C)
+        order = torch.argsort(chunk * T + kv, dim=-1, stable=True)
+        counts = torch.zeros(B, C + 1, dtype=torch.long, device=device)
+        counts.scatter_add_(1, chunk, torch.ones_like(chunk))
+        counts = counts[:, :C]
+        chunk_ptr = torch.cat([counts.new_zeros(B, 1), counts.cumsum(-1)], 1).to(torch.int32)
+
+        num_chunks = layout.num_chunks
+        if config.k_policy == "top_p":
+            k = None
+        elif config.k_policy == "adaptive":
+            context_len = (layout.valid & ~layout.is_tail).sum(-1)
+            k = adaptive_k(context_len, num_chunks, group_size, config)
+        else:
+            k = torch.full_like(num_chunks, config.top_k)
+        zero = counts.new_zeros(())
+        # the one host sync of the step: every size the kernels' grids need
+        stats = torch.stack([
+            base_len.max().long(),
+            forget_len.max().long(),
+            extra_mask.sum(-1).max().long(),
+            counts.max().long() if C else zero,
+            k.max() if k is not None else zero,
+            k.min() if k is not None else zero,
+            num_chunks.max(),
+        ]).tolist()
+        nb_max, nf_max, nx, max_chunk_len, k_max, k_min, n_max = stats
+        nb_max, nf_max, nx = max(1, nb_max), max(1, nf_max), max(1, nx)
+        base, forget = base[:, :nb_max].contiguous(), forget[:, :nf_max].contiguous()
+        chunk_cols = order[:, :nx].to(torch.int32)
+        chunk_of_col = torch.gather(chunk, 1, order[:, :nx])
+        uniform_k = k is not None and k_min == k_max
+        k_max = min(k_max, C) if k is not None else C
+        picked = C if k is None else min(C, group_size * k_max)
+        capacity = max(1, nb_max + min(nx, picked * max_chunk_len))
+        return cls(base, base_len, chunk_ptr, chunk_cols, chunk_of_col, forget[:, None], forget_len[:, None],
+                   k, k_max, max_chunk_len, capacity, num_chunks, n_max > 0, uniform_k, nb_max)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def gist_scores_ref(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor, gist_valid: torch.Tensor) -> torch.Tensor:
+    """Reference: `gsa_rag.selection.gist_scores` for one query row.
+
+    Args:
+        query: [B, Hq, D]; key: [B, Hkv, T, D]; gist_index long [B, C]; gist_valid bool [B, C].
+
+    Returns:
+        float32 [B, Hq, C], -inf for missing chunks.
+    """
+    return gist_scores(query[:, :, None], key, gist_index, gist_valid)[:, :, 0]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gist_scores_kernel(
+        Q, K, GIDX, NCH, S, SIZES,
+        s_qb, s_qh, s_qd,
+        s_kb, s_kh, s_kt, s_kd,
+        s_gb, s_gc,
+        s_sb, s_sh, s_sc,
+        Hkv, G, C,
+        G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+        PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr,
+    ):
+        # one program: one (batch, KV head) and BLOCK_C chunks; each gist key row is read once
+        # and scored against all G query heads that share it (one [G_PAD, D] x [D, BLOCK_C] dot;
+        # 16-bit products are exact in fp32 and accumulate in fp32, like the reference's
+        # fp32 matmul of the upcast inputs). It also zeroes its block of the [B, Hkv, C] size
+        # table that the mark kernel fills next (saves a launch).
+        pid = tl.program_id(0)
+        b = pid // Hkv
+        h = pid % Hkv
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        n = tl.load(NCH + b)
+        c_ok = c < C
+        exists = c < n
+        gidx = tl.load(GIDX + b * s_gb + c * s_gc, mask=exists, other=0).to(tl.int64)
+        k = tl.load(K + b.to(tl.int64) * s_kb + h * s_kh + gidx[:, None] * s_kt + d[None, :] * s_kd,
+                    mask=exists[:, None], other=0.0)
+        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd,
+                    mask=(g < G)[:, None], other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            q = q.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_C] fp32
+        s = tl.where(exists[None, :], s, float("-inf"))
+        tl.store(S + b * s_sb + (h * G + g)[:, None] * s_sh + c[None, :] * s_sc, s,
+                 mask=(g < G)[:, None] & c_ok[None, :])
+        if ZERO_SIZES:
+            tl.store(SIZES + pid.to(tl.int64) * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
+
+    @triton.jit
+    def _mark_kernel(
+        VALS, IDX, KROW, PTR, SIZES,
+        s_vb, s_vh, s_vk,
+        s_pb,
+        Hq, G, C, KM,
+        BLOCK_K: tl.constexpr, USE_RANK: tl.constexpr,
+    ):
+        # one program per (batch, query head): its top-k picks set sizes[b, h // G, chunk] to the
+        # chunk's extra-column count (the GQA union: heads of one group write the same value)
+        pid = tl.program_id(0)
+        b = pid // Hq
+        hq = pid % Hq
+        kb = tl.load(KROW + b)
+        sizes = SIZES + (b * (Hq // G) + hq // G).to(tl.int64) * C
+        for r0 in range(0, KM, BLOCK_K):
+            r = r0 + tl.arange(0, BLOCK_K)
+            ok = r < KM
+            v = tl.load(VALS + b * s_vb + hq * s_vh + r * s_vk, mask=ok, other=float("-inf"))
+            c = tl.load(IDX + b * s_vb + hq * s_vh + r * s_vk, mask=ok, other=0).to(tl.int32)
+            keep = ok & (v > float("-inf"))
+            if USE_RANK:
+                keep = keep & (r < kb)
+            lo = tl.load(PTR + b * s_pb + c, mask=keep, other=0)
+            hi = tl.load(PTR + b * s_pb + c + 1, mask=keep, other=0)
+            tl.store(sizes + c, hi - lo, mask=keep)
+
+    @triton.jit
+    def _expand_kernel(
+        BASE, BASE_LEN, PTR, COLS, SIZES, ENDS, OUT, OUT_LEN,
+        s_bb, s_pb, s_cb,
+        s_ob, s_oh,
+        Hkv, C, NBC,
+        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, MAXLEN: tl.constexpr,
+    ):
+        # grid (B * Hkv, NBC + base blocks): program j < NBC writes the extra columns of chunks
+        # [j * BLOCK_C, (j + 1) * BLOCK_C) at base_len + (inclusive prefix sum of sizes) - size;
+        # the other programs copy BLOCK entries of the base list each. Deterministic order:
+        # base first, then chunk by chunk, ascending inside a chunk.
+        pid = tl.program_id(0)
+        j = tl.program_id(1)
+        b = pid // Hkv
+        out = OUT + b.to(tl.int64) * s_ob + (pid % Hkv).to(tl.int64) * s_oh
+        nb = tl.load(BASE_LEN + b)
+        if j < NBC:
+            c = j * BLOCK_C + tl.arange(0, BLOCK_C)
+            ok = c < C
+            row = pid.to(tl.int64) * C
+            size = tl.load(SIZES + row + c, mask=ok, other=0)
+            start = nb + tl.load(ENDS + row + c, mask=ok, other=0) - size
+            lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
+            t = tl.arange(0, MAXLEN)
+            m = t[None, :] < size[:, None]
+            cols = tl.load(COLS + b * s_cb + lo[:, None] + t[None, :], mask=m, other=0)
+            tl.store(out + start[:, None] + t[None, :], cols, mask=m)
+            if j == 0:
+                total = tl.load(ENDS + row + C - 1)
+                tl.store(OUT_LEN + pid, nb + total)
+        else:
+            i = (j - NBC) * BLOCK + tl.arange(0, BLOCK)
+            tl.store(out + i, tl.load(BASE + b * s_bb + i, mask=i < nb, other=0), mask=i < nb)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _scores_launch(query, key, gist_index, num_chunks, sizes=None) -> torch.Tensor:
+    B, Hq, D = query.shape
+    Hkv = key.shape[1]
+    C = gist_index.shape[1]
+    G = Hq // Hkv
+    out = torch.empty(B, Hq, C, dtype=torch.float32, device=query.device)
+    BLOCK_C = 64 if D >= 128 else 128
+    grid = (B * Hkv, triton.cdiv(C, BLOCK_C))
+    _gist_scores_kernel[grid](
+        query, key, gist_index, num_chunks, out, out if sizes is None else sizes,
+        *query.stride(), *key.stride(), *gist_index.stride(), *out.stride(),
+        Hkv, G, C, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
+        # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
+        DOT_F32=_interpret() and query.dtype == torch.bfloat16,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def gist_scores_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor,
+                       num_chunks: torch.Tensor) -> torch.Tensor:
+    """Fast path of `gist_scores_ref` (same contract; chunks >= num_chunks score -inf).
+
+    Args:
+        query: [B, Hq, D] bf16/fp16/fp32; key: [B, Hkv, T, D] same dtype.
+        gist_index: long [B, C]; num_chunks: long [B].
+
+    Returns:
+        float32 [B, Hq, C].
+    """
+    return _scores_launch(query, key, gist_index, num_chunks)
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def choose_union(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int, config: GistConfig,
+                 head_dim: int) -> torch.Tensor:
+    """Per query head top-k (or top-p), union over each GQA group.
+
+    Top-k uses torch.topk (radix select on CUDA) instead of the reference's full argsort;
+    with distinct scores the chosen sets are the same (the reference breaks exact ties by the
+    lower chunk index, topk in an unspecified order). Top-p runs the reference.
+
+    Args:
+        scores: float32 [B, Hq, C], -inf for missing chunks.
+        head_dim: D (top-p's softmax temperature 1/sqrt(D), as the reference).
+
+    Returns:
+        bool [B, Hkv, C].
+    """
+    B, _, C = scores.shape
+    if plan.k is None:
+        chosen = choose_chunks(scores[:, :, None], top_p=config.top_p, scale=1.0 / math.sqrt(head_dim))
+        return union_over_groups(chosen, num_kv_heads)[:, :, 0]
+    k_max = max(1, min(plan.k_max, C))
+    vals, idx = torch.topk(scores, k_max, dim=-1)
+    rank = torch.arange(k_max, device=scores.device)
+    keep = (rank[None, None, :] < plan.k[:, None, None]) & torch.isfinite(vals)
+    selected = torch.zeros(B, num_kv_heads, C + 1, dtype=torch.bool, device=scores.device)
+    idx = torch.where(keep, idx, C).reshape(B, num_kv_heads, -1)  # dropped picks land in a spill column
+    selected.scatter_(2, idx, True)
+    return selected[..., :C]
+
+
+# --------------------------------------------------------------------------- index lists
+
+
+def build_index_list_ref(plan: DecodePlan, selected: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: the columns of base and of every selected chunk's extra, as a column mask.
+
+    Args:
+        plan: the step's plan.
+        selected: bool [B, Hkv, C].
+        seq_len: T.
+
+    Returns:
+        (int32 [B, Hkv, plan.capacity], int32 [B, Hkv]), columns ascending.
+    """
+    B, Hkv, _ = selected.shape
+    device = selected.device
+    mask = torch.zeros(B, Hkv, seq_len + 1, dtype=torch.bool, device=device)  # last column: spill
+    nb = plan.base.shape[1]
+    base_cols = torch.where(torch.arange(nb, device=device) < plan.base_len[:, None], plan.base.long(), seq_len)
+    mask.scatter_(2, base_cols[:, None, :].expand(B, Hkv, nb), True)
+    spill = torch.zeros(B, Hkv, 1, dtype=torch.bool, device=device)
+    take = torch.gather(torch.cat([selected, spill], -1), 2, plan.chunk_of_col[:, None, :].expand(B, Hkv, -1))
+    extra_cols = torch.where(take, plan.chunk_cols[:, None, :].long(), seq_len)
+    mask.scatter_(2, extra_cols, True)
+    return pack_columns(mask[..., :seq_len], plan.capacity)
+
+
+def _expand_launch(plan: DecodePlan, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sizes: int32 [B, Hkv, C] contiguous, each chunk's extra-column count where selected, else 0."""
+    B, Hkv, C = sizes.shape
+    out = torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=sizes.device)
+    out_len = torch.empty(B, Hkv, dtype=torch.int32, device=sizes.device)
+    if C == 0:  # nothing to expand: the base list alone
+        sizes = sizes.new_zeros(B, Hkv, 1)
+    ends = torch.cumsum(sizes, -1, dtype=torch.int32)
+    C = sizes.shape[-1]
+    BLOCK_C, BLOCK = 64, 1024
+    nbc = triton.cdiv(C, BLOCK_C)
+    _expand_kernel[(B * Hkv, nbc + triton.cdiv(plan.nb_max, BLOCK))](
+        plan.base, plan.base_len, plan.chunk_ptr, plan.chunk_cols, sizes, ends, out, out_len,
+        plan.base.stride(0), plan.chunk_ptr.stride(0), plan.chunk_cols.stride(0),
+        out.stride(0), out.stride(1),
+        Hkv, C, nbc, BLOCK=BLOCK, BLOCK_C=BLOCK_C,
+        MAXLEN=_next_pow2(max(1, plan.max_chunk_len)), num_warps=4,
+    )
+    return out, out_len
+
+
+def build_index_list_triton(plan: DecodePlan, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast path of `build_index_list_ref`: the same set (base first, then chunk by chunk) and
+    the same lengths; entries past a row's length are left unwritten."""
+    sizes = torch.where(selected, plan.chunk_size[:, None, :], 0).to(torch.int32).contiguous()
+    return _expand_launch(plan, sizes)
+
+
+def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,
+                             config: GistConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selecting layers' key list without a host sync: scores (which also zero the size
+    table) -> torch.topk (unsorted when every row has the same k) -> mark (union over each GQA
+    group as chunk sizes) -> cumsum -> expansion. Top-p goes through `choose_union`."""
+    B, Hq, D = query.shape
+    Hkv = key.shape[1]
+    C = layout.gist_index.shape[1]
+    if plan.k is None:
+        scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks)
+        return build_index_list_triton(plan, choose_union(scores, plan, Hkv, config, D))
+    sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
+    scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, sizes)
+    k_max = max(1, min(plan.k_max, C))
+    vals, idx = torch.topk(scores, k_max, dim=-1, sorted=not plan.uniform_k)
+    _mark_kernel[(B * Hq,)](
+        vals, idx, plan.k, plan.chunk_ptr, sizes,
+        *vals.stride(), plan.chunk_ptr.stride(0),
+        Hq, Hq // Hkv, C, k_max,
+        BLOCK_K=min(1024, max(16, _next_pow2(k_max))), USE_RANK=not plan.uniform_k, num_warps=4,
+    )
+    return _expand_launch(plan, sizes)
+
+
+def select_index_list(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,
+                      config: GistConfig, layer_idx: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key list of one decode step in one layer.
+
+    Args:
+        query: [B, Hq, D] the step's query (RoPE applied); key: [B, Hkv, T, D] the layer's cache.
+        layout, plan: the step's layout and plan; config: the k policy.
+        use_triton: the Triton fast path (else the torch references).
+
+    Returns:
+        (int32 [B, H, CAP], int32 [B, H]); H is 1 in layers that do not select (one list for all heads).
+    """
+    if layer_idx < config.first_selecting_layer or not config.uses_gists or not plan.selects:
+        return plan.forget, plan.forget_len
+    Hkv = key.shape[1]
+    if use_triton:
+        return select_index_list_triton(query, key, layout, plan, config)
+    scores = gist_scores_ref(query, key, layout.gist_index, layout.gist_valid)
+    selected = choose_union(scores, plan, Hkv, config, query.shape[-1])
+    return build_index_list_ref(plan, selected, key.shape[2])

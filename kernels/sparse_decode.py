@@ -1,0 +1,236 @@
+"""Sparse split-K flash-decode: one decode step's attention over a per-(batch, KV head) key list.
+
+Reads the KV cache where the engine keeps it (the HF DynamicCache layer tensors [B, Hkv, T, D],
+any strides) through an int32 index list (see gist_select.py); nothing is gathered into a
+compact copy first. Each program owns one (batch, KV head) and one contiguous split of the
+list: it loads each listed K/V row once and uses it for all G query heads of that KV head
+(GQA), keeping an online softmax (running max m, running sum l, unnormalised acc). A second
+small kernel combines the splits (no atomics, so results are deterministic).
+
+Grid: (B * Hkv, splits), the split length chosen from the list width so that the programs fill
+every SM about four times at batch 1 (`default_split_len`); each step gathers BLOCK_N = 64 whole
+K and V rows through one 2-D pointer block (rows are contiguous: 16-byte loads) and does a
+[G_PAD, D] x [D, BLOCK_N] tl.dot with the G query heads padded to 16 rows.
+
+Shapes: B batch, Hq query heads, Hkv KV heads (G = Hq // Hkv), T cache length, D head dim
+(64 or 128; any power of two >= 16 works), CAP list width, S splits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def sparse_decode_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor,
+                      lengths: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Reference: gather the listed rows, softmax, weighted sum (fp32).
+
+    Args:
+        query: [B, Hq, D]; key, value: [B, Hkv, T, D] (same dtype).
+        index: int32/long [B, H, CAP] with H in (1, Hkv): the key columns each KV head attends;
+            entries at or past `lengths` are ignored.
+        lengths: int [B, H], >= 1.
+        scale: softmax scale (default 1/sqrt(D)).
+
+    Returns:
+        [B, Hq, D] in query's dtype.
+    """
+    B, Hq, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    index = index.long().expand(B, Hkv, -1)
+    live = torch.arange(index.shape[-1], device=index.device) < lengths.expand(B, Hkv)[..., None]
+    idx = torch.where(live, index, 0)[..., None].expand(-1, -1, -1, D)
+    k = torch.gather(key.float(), 2, idx).repeat_interleave(G, 1)  # [B, Hq, CAP, D]
+    v = torch.gather(value.float(), 2, idx).repeat_interleave(G, 1)
+    s = torch.einsum("bhd,bhnd->bhn", query.float(), k) * scale
+    s = s.masked_fill(~live.repeat_interleave(G, 1), float("-inf"))
+    p = torch.softmax(s, -1)
+    return torch.einsum("bhn,bhnd->bhd", p, v).to(query.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        Q, K, V, IDX, LEN, M, L, ACC,
+        qk_scale,
+        s_qb, s_qh, s_qd,
+        s_kb, s_kh, s_kt, s_kd,
+        s_vb, s_vh, s_vt, s_vd,
+        s_ib, s_ih, s_in,
+        s_lb, s_lh,
+        s_mb, s_mh, s_ms,
+        s_ab, s_ah, s_as, s_ad,
+        Hkv, G, split_len,
+        G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // Hkv
+        h = pid % Hkv
+        n = tl.load(LEN + b * s_lb + h * s_lh)
+        start = split * split_len
+        end = tl.minimum(start + split_len, n)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        head = h * G + g
+        g_ok = g < G
+        q = tl.load(Q + b * s_qb + head[:, None] * s_qh + d[None, :] * s_qd, mask=g_ok[:, None], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+        v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+        idx_base = IDX + b.to(tl.int64) * s_ib + h * s_ih
+        m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([G_PAD], dtype=tl.float32)
+        acc = tl.zeros([G_PAD, D], dtype=tl.float32)
+        # every block this loop visits holds at least one live entry, so m_i turns finite at the
+        # first one and exp2(m_i - m_new) never sees -inf - -inf
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            live = offs < end
+            cols = tl.load(idx_base + offs * s_in, mask=live, other=0).to(tl.int64)
+            k = tl.load(k_base + cols[:, None] * s_kt + d[None, :] * s_kd, mask=live[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * s_vt + d[None, :] * s_vd, mask=live[:, None], other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G_PAD, BLOCK_N], log2 units
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        # an empty split (start >= n) stores m = -inf, l = 0, acc = 0: the combine weighs it 0
+        tl.store(M + b * s_mb + head * s_mh + split * s_ms, m_i, mask=g_ok)
+        tl.store(L + b * s_mb + head * s_mh + split * s_ms, l_i, mask=g_ok)
+        tl.store(ACC + b * s_ab + head[:, None] * s_ah + split * s_as + d[None, :] * s_ad, acc, mask=g_ok[:, None])
+
+    @triton.jit
+    def _combine_kernel(
+        M, L, ACC, O,
+        s_mb, s_mh, s_ms,
+        s_ab, s_ah, s_as, s_ad,
+        s_ob, s_oh, s_od,
+        Hq, S,
+        S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        # one program per (batch, query head): the global max over all splits (a vector of S
+        # floats), then the weighted partial sums BLOCK_S splits at a time (bounded registers)
+        pid = tl.program_id(0)
+        b = pid // Hq
+        hq = pid % Hq
+        d = tl.arange(0, D)
+        s_all = tl.arange(0, S_PAD)
+        m_base = M + b * s_mb + hq * s_mh
+        l_base = L + b * s_mb + hq * s_mh
+        m_all = tl.max(tl.load(m_base + s_all * s_ms, mask=s_all < S, other=float("-inf")), 0)
+        # finite: split 0 always holds a live entry (lengths >= 1)
+        acc = tl.zeros([D], dtype=tl.float32)
+        den = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ok = s < S
+            m = tl.load(m_base + s * s_ms, mask=ok, other=float("-inf"))
+            l = tl.load(l_base + s * s_ms, mask=ok, other=0.0)
+            a = tl.load(ACC + b * s_ab + hq * s_ah + s[:, None] * s_as + d[None, :] * s_ad, mask=ok[:, None], other=0.0)
+            w = tl.exp2(m - m_all)  # empty splits: exp2(-inf) = 0
+            acc += tl.sum(a * w[:, None], 0)
+            den += l * w
+        out = acc / tl.sum(den, 0)
+        tl.store(O + b * s_ob + hq * s_oh + d * s_od, out.to(O.dtype.element_ty))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def default_split_len(capacity: int, batch_kv_heads: int, block_n: int, device: torch.device) -> int:
+    """Entries of the list per program: enough programs (B * Hkv * splits) to fill every SM
+    about four times over, each reading 2..16 blocks (so a program streams 128..1024 keys at
+    block 64 and the per-program overhead stays small)."""
+    want_splits = triton.cdiv(4 * _num_sms(device), batch_kv_heads)
+    per = triton.cdiv(triton.cdiv(capacity, want_splits), block_n) * block_n
+    return max(min(2 * block_n, triton.cdiv(capacity, block_n) * block_n), min(per, 16 * block_n))
+
+
+def default_splits(capacity: int, batch_kv_heads: int, block_n: int, device: torch.device) -> int:
+    """Number of splits of the list width under `default_split_len`."""
+    return triton.cdiv(capacity, default_split_len(capacity, batch_kv_heads, block_n, device))
+
+
+def default_block_n(head_dim: int) -> int:
+    """Keys per inner step: 64 rows of K and of V per step (16 KB each at d=128, bf16)."""
+    return 64
+
+
+def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor,
+                         lengths: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
+                         out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Fast path of `sparse_decode_ref` (same arguments).
+
+    Args:
+        num_splits: S, splits of the list width (default: `default_splits`).
+        out: optional [B, Hq, D] destination (any strides, e.g. a [B, 1, Hq, D] tensor's view).
+        block_n: list entries per inner step (default: `default_block_n`).
+
+    Returns:
+        [B, Hq, D] in query's dtype (`out` when given).
+    """
+    B, Hq, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    if key.dtype != query.dtype or value.dtype != query.dtype:  # fp32 works too (ieee dots), slower
+        raise TypeError("query, key and value must share one dtype")
+    if index.dtype != torch.int32 or lengths.dtype != torch.int32:
+        raise TypeError("index and lengths must be int32")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    cap = index.shape[-1]
+    block_n = block_n or default_block_n(D)
+    if num_splits:
+        split_len = triton.cdiv(triton.cdiv(cap, num_splits), block_n) * block_n
+    else:
+        split_len = default_split_len(cap, B * Hkv, block_n, query.device)
+    S = triton.cdiv(cap, split_len)
+    m = torch.empty(B, Hq, S, dtype=torch.float32, device=query.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=query.device)
+    index = index.expand(B, Hkv, cap) if index.shape[1] == 1 else index
+    lengths = lengths.expand(B, Hkv) if lengths.shape[1] == 1 else lengths
+    G_PAD = max(16, 1 << (G - 1).bit_length())  # tl.dot wants M >= 16; padded rows are masked
+    _split_kernel[(B * Hkv, S)](
+        query, key, value, index, lengths, m, l, acc,
+        scale * LOG2E,
+        *query.stride(), *key.stride(), *value.stride(), *index.stride(), *lengths.stride(),
+        *m.stride(), *acc.stride(),
+        Hkv, G, split_len,
+        G_PAD=G_PAD, D=D, BLOCK_N=block_n, num_warps=4, num_stages=3 if query.is_cuda else 1,
+        # Triton's interpreter (3.6 to 3.9 at least) computes bf16 tl.dot wrongly: upcast there only
+        DOT_F32=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 models: no tf32 rounding
+    )
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=query.dtype, device=query.device)
+    _combine_kernel[(B * Hq,)](
+        m, l, acc, out, *m.stride(), *acc.stride(), *out.stride(), Hq, S,
+        S_PAD=max(2, 1 << (S - 1).bit_length()), D=D, BLOCK_S=16, num_warps=4,
+    )
+    return out

@@ -1,0 +1,311 @@
+"""Each Triton kernel against its torch reference, on fresh random inputs (gsa_rag.kernels).
+
+On a machine without CUDA the kernels run in Triton's interpreter: TRITON_INTERPRET=1 must be
+set before Triton decorates them (at the import of gsa_rag.kernels.gist_select and
+.sparse_decode), so this module sets it first unless CUDA is there. Outputs are poisoned with
+NaN before every run; errors are ||out - ref|| / ||ref|| against a float64 reference on the
+same (rounded) inputs: fp16 <= 2e-3, bf16 <= 1e-2 (METHOD.md's bands for 16-bit operands).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton", reason="triton not installed")
+
+from fakes import FakeTokenizer, random_segments
+from gsa_rag.kernels import dispatch
+from gsa_rag.kernels.gist_select import (
+    DecodePlan,
+    build_index_list_ref,
+    build_index_list_triton,
+    choose_union,
+    gist_scores_ref,
+    gist_scores_triton,
+    select_index_list,
+)
+from gsa_rag.kernels.prefill import gist_prefill, gist_prefill_ref
+from gsa_rag.kernels.sparse_decode import sparse_decode_ref, sparse_decode_triton
+from transformers import DynamicCache, LlamaConfig, Qwen2Config
+
+from gsa_rag.attention import GistState
+from gsa_rag.config import GistConfig
+from gsa_rag.layout import Segment, build_layout
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    dispatch._interpreter_compat()
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "unwritten (poisoned) or NaN output"
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+# --------------------------------------------------------------------------- random layouts
+
+
+def random_layout(seed: int, batch: int = 2, kv_reuse: bool = False):
+    """A random batch laid out for decode: context, question, then one generated token."""
+    rng = random.Random(seed)
+    config = GistConfig(chunk_size=rng.randrange(1, 6), sink=rng.randrange(0, 5), num_previous_chunks=rng.randrange(0, 3),
+                        word_aware=rng.random() < 0.5, top_k=rng.randrange(1, 4),
+                        k_policy=rng.choice(["fixed", "fixed", "adaptive", "top_p"]), adaptive_ratio=2.0)
+    rows = []
+    for _ in range(batch):
+        segments = random_segments(rng, max_passages=4, max_len=30)
+        if kv_reuse:  # independent passages, link tokens after some of them
+            reused = []
+            for i, seg in enumerate(segments[:-1]):
+                reused.append(Segment(seg.ids, True, passage_id=i, independent=True))
+                if rng.random() < 0.5:
+                    reused.append(Segment((5, 6), True, passage_id=i, link=True))
+            segments = reused + segments[-1:]
+        rows.append(segments)
+    layout = build_layout(rows, config, FakeTokenizer())
+    layout = layout.append(torch.randint(1, 990, (batch, 1), generator=torch.Generator().manual_seed(seed)))
+    return layout.to(DEVICE), config
+
+
+def engine_lists(layout, config, q, k, layer):
+    """The set of key columns per (b, KV head) that the engine's dense mask allows."""
+    state = GistState.for_new_tokens(layout, 1, config)
+    mask = state.mask_for_layer(layer, q[:, :, None], k)[:, :, -1]  # [B, 1 or Hkv, T]
+    return mask.expand(-1, k.shape[1], -1)
+
+
+def as_sets(index, lengths, B, H):
+    index, lengths = index.expand(B, H, -1), lengths.expand(B, H)
+    return [[sorted(index[b, h, : lengths[b, h]].tolist()) for h in range(H)] for b in range(B)]
+
+
+@pytest.mark.parametrize("kv_reuse", [False, True])
+def test_key_list_is_the_engine_mask(kv_reuse):
+    """Reference and Triton lists equal the engine's dense selective mask, layer 0 and 1."""
+    for seed in range(6):
+        layout, config = random_layout(seed, kv_reuse=kv_reuse)
+        B, T = layout.input_ids.shape
+        Hq, Hkv, D = 4, 2, 16
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(B, Hq, D, generator=g).to(DEVICE)
+        k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE)
+        plan = DecodePlan.build(layout, config, Hq // Hkv)
+        for layer in (0, 1):
+            want = engine_lists(layout, config, q, k, layer)
+            want = [[torch.nonzero(want[b, h]).flatten().tolist() for h in range(Hkv)] for b in range(B)]
+            for use_triton in (False, True):
+                index, lengths = select_index_list(q, k, layout, plan, config, layer, use_triton)
+                assert index.shape[-1] >= int(lengths.max())
+                assert as_sets(index, lengths, B, Hkv) == want, (seed, layer, use_triton, config)
+
+
+def test_synthetic_benchmark_layout_lists_are_the_engine_mask():
+    """The benchmarks' synthetic layout (gsa_rag.kernels.bench) goes through the same rule."""
+    from gsa_rag.kernels.bench import synthetic_layout
+
+    config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=2.0)
+    layout = synthetic_layout(2, 300, 8, device=DEVICE).append(torch.full((2, 1), 5, device=DEVICE))
+    B, T = layout.input_ids.shape
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(B, 6, 16, generator=g).to(DEVICE), torch.randn(B, 2, T, 16, generator=g).to(DEVICE)
+    plan = DecodePlan.build(layout, config, 3)
+    want = engine_lists(layout, config, q, k, 1)
+    index, lengths = select_index_list(q, k, layout, plan, config, 1, use_triton=True)
+    assert as_sets(index, lengths, B, 2) == [[torch.nonzero(want[b, h]).flatten().tolist() for h in range(2)] for b in range(B)]
+
+
+def test_expand_kernel_equals_reference_on_random_selections():
+    for seed in range(4):
+        layout, config = random_layout(seed + 10, batch=3)
+        plan = DecodePlan.build(layout, GistConfig(chunk_size=config.chunk_size, k_policy="top_p"), 2)
+        C = layout.gist_index.shape[1]
+        selected = torch.rand(3, 2, C, generator=torch.Generator().manual_seed(seed)).to(DEVICE) < 0.4
+        ref_index, ref_len = build_index_list_ref(plan, selected, layout.seq_len)
+        index, lengths = build_index_list_triton(plan, selected)
+        assert torch.equal(lengths, ref_len)
+        assert as_sets(index, lengths, 3, 2) == as_sets(ref_index, ref_len, 3, 2)
+        # no column twice: base and the chunks' extra columns are disjoint
+        for b in range(3):
+            for h in range(2):
+                row = index[b, h, : lengths[b, h]].tolist()
+                assert len(row) == len(set(row))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 16, 40, 9), (1, 9, 3, 64, 70, 20), (2, 8, 8, 128, 30, 5)])
+def test_gist_scores_match_reference(dtype, shape):
+    B, Hq, Hkv, D, T, C = shape
+    g = torch.Generator().manual_seed(hash(shape) % 1000)
+    q = torch.randn(B, Hq, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    gist_index = torch.randint(0, T, (B, C), generator=g).to(DEVICE)
+    num_chunks = torch.tensor([C, C // 2])[:B].to(DEVICE)
+    valid = torch.arange(C, device=DEVICE)[None] < num_chunks[:, None]
+    ref = gist_scores_ref(q.double(), k.double(), gist_index, valid)
+    out = torch.full((B, Hq, C), float("nan"), device=DEVICE)
+    out.copy_(gist_scores_triton(q, k, gist_index, num_chunks))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert rel_err(out[finite], ref[finite]) < 1e-5  # fp32 products of the same 16-bit inputs
+
+
+def test_topk_union_equals_reference_selection():
+    from gsa_rag.selection import select_chunks
+
+    for seed in range(4):
+        layout, _ = random_layout(seed + 20)
+        for policy in ("fixed", "adaptive", "top_p"):
+            config = GistConfig(chunk_size=3, top_k=2, k_policy=policy, adaptive_ratio=1.0)
+            B, T = layout.input_ids.shape
+            g = torch.Generator().manual_seed(seed)
+            q = torch.randn(B, 6, 8, generator=g).to(DEVICE)
+            k = torch.randn(B, 2, T, 8, generator=g).to(DEVICE)
+            plan = DecodePlan.build(layout, config, 3)
+            scores = gist_scores_ref(q, k, layout.gist_index, layout.gist_valid)
+            got = choose_union(scores, plan, 2, config, 8)
+            context_len = (layout.valid & ~layout.is_tail).sum(-1)
+            want = select_chunks(q[:, :, None], k, layout.gist_index, layout.gist_valid, context_len, config)[:, :, 0]
+            assert torch.equal(got, want), (seed, policy)
+
+
+# --------------------------------------------------------------------------- sparse decode
+
+
+def random_lists(B, H, T, cap, g):
+    index = torch.stack([torch.stack([torch.randperm(T, generator=g)[:cap] for _ in range(H)]) for _ in range(B)])
+    lengths = torch.randint(1, cap + 1, (B, H), generator=g)
+    lengths[0, 0] = 1  # one key only (the query itself, in the engine)
+    lengths[-1, -1] = cap
+    return index.int().to(DEVICE), lengths.int().to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 64, 120, 50), (1, 9, 3, 64, 60, 33), (3, 8, 2, 128, 90, 64), (2, 32, 8, 128, 40, 17)])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_sparse_decode_matches_reference(dtype, shape, splits):
+    B, Hq, Hkv, D, T, cap = shape
+    g = torch.Generator().manual_seed(hash((shape, splits)) % 10_000)
+    q = torch.randn(B, Hq, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    shared = splits == 3 and Hkv > 2  # one list for every head (non-selecting layers)
+    index, lengths = random_lists(B, 1 if shared else Hkv, T, cap, g)
+    ref = sparse_decode_ref(q.double(), k.double(), v.double(), index, lengths)
+    out = torch.full((B, Hq, D), float("nan"), dtype=dtype, device=DEVICE)
+    sparse_decode_triton(q, k, v, index, lengths, num_splits=splits, out=out)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("block_n,splits", [(16, 40), (16, None), (None, None)])
+def test_sparse_decode_many_splits_and_blocks(block_n, splits):
+    """Long lists: many blocks per split, more splits than the combine's block of 16, empty
+    trailing splits of short heads, and the default split policy."""
+    g = torch.Generator().manual_seed(7 + (splits or 0) + (block_n or 0))
+    B, Hq, Hkv, D, T, cap = 2, 8, 2, 64, 700, 600
+    q = torch.randn(B, Hq, D, generator=g).to(DEVICE, torch.bfloat16)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, torch.bfloat16)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, torch.bfloat16)
+    index, lengths = random_lists(B, Hkv, T, cap, g)
+    ref = sparse_decode_ref(q.double(), k.double(), v.double(), index, lengths)
+    out = torch.full((B, Hq, D), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    sparse_decode_triton(q, k, v, index, lengths, num_splits=splits, out=out, block_n=block_n)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_sparse_decode_reads_strided_cache_and_writes_strided_output():
+    """The HF cache layer tensor may be a view; the output goes straight into [B, 1, Hq, D]."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, T = 2, 6, 2, 64, 80
+    big_k = torch.randn(B, Hkv, T + 16, D, generator=g).to(DEVICE, torch.float16)
+    big_v = torch.randn(B, Hkv, T + 16, D, generator=g).to(DEVICE, torch.float16)
+    k, v = big_k[:, :, :T], big_v[:, :, :T]
+    q = torch.randn(B, 1, Hq, D, generator=g).to(DEVICE, torch.float16).transpose(1, 2)[:, :, 0]
+    index, lengths = random_lists(B, Hkv, T, 30, g)
+    out = torch.full((B, 1, Hq, D), float("nan"), dtype=torch.float16, device=DEVICE)
+    sparse_decode_triton(q, k, v, index, lengths, scale=0.1, out=out[:, 0])
+    ref = sparse_decode_ref(q.double(), k.double(), v.double(), index, lengths, scale=0.1)
+    assert rel_err(out[:, 0], ref) < TOL[torch.float16]
+
+
+# --------------------------------------------------------------------------- prefill
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_gist_prefill_equals_dense_mask_attention(permute):
+    for seed in range(2):
+        layout, config = random_layout(seed + 30, kv_reuse=seed == 1)
+        B, T = layout.input_ids.shape
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(B, 4, T, 16, generator=g).to(DEVICE)
+        k = torch.randn(B, 2, T, 16, generator=g).to(DEVICE)
+        v = torch.randn(B, 2, T, 16, generator=g).to(DEVICE)
+        ref = gist_prefill_ref(q.double(), k.double(), v.double(), layout, config.num_previous_chunks)
+        out = gist_prefill(q, k, v, layout, config.num_previous_chunks, permute=permute,
+                           block_size=16 if DEVICE == "cpu" else 128)  # compiled flex wants 128
+        assert rel_err(out, ref) < 1e-5
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@pytest.mark.parametrize("family", [LlamaConfig, Qwen2Config])
+def test_engine_decode_with_kernels_equals_reference(family, monkeypatch):
+    """A tiny random model: prefill, then decode steps with GSA_RAG_KERNELS=1 and =0."""
+    from transformers import AutoModelForCausalLM
+
+    import gsa_rag.attention  # noqa: F401  (registers "gsa")
+    from gsa_rag.generation import forward
+
+    torch.manual_seed(0)
+    model_config = family(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(model_config, attn_implementation="gsa").eval().to(DEVICE)
+    for seed in range(2):
+        config = GistConfig(chunk_size=4, sink=2, top_k=2)
+        rng = random.Random(seed)
+        layout = build_layout([random_segments(rng, max_passages=4, max_len=40) for _ in range(2)],
+                              config, FakeTokenizer()).to(DEVICE)
+        tokens = torch.randint(1, 990, (3, 2, 1), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        logits = {}
+        for mode in ("0", "1"):
+            monkeypatch.setenv("GSA_RAG_KERNELS", mode)
+            cache, lay, steps = DynamicCache(), layout, []
+            with torch.no_grad():
+                forward(model, lay, lay.seq_len, cache, config)
+                for token in tokens:  # the same tokens in both modes
+                    lay = lay.append(token)
+                    out, state = forward(model, lay, 1, cache, config)
+                    steps.append(out.logits[:, -1])
+            logits[mode] = torch.stack(steps)
+            assert bool(getattr(state, "_decode_plan", None)) == (mode == "1"), "the kernel path did not run"
+        torch.testing.assert_close(logits["1"], logits["0"], atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_path_gives_the_hook_the_engine_mask(monkeypatch):
+    """Gist memory's hook (fetch offloaded raw KV) sees the same visible columns on both paths."""
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    layout, config = random_layout(50)
+    config = GistConfig(chunk_size=config.chunk_size, sink=config.sink, top_k=2)
+    B, T = layout.input_ids.shape
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, 4, 1, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(B, 2, T, 16, generator=g).to(DEVICE) for _ in range(2))
+    seen = []
+    state = GistState.for_new_tokens(layout, 1, config)
+    state.hook = lambda layer, query, key, value, mask: seen.append(mask)
+    module = torch.nn.Module()
+    module.layer_idx = 1
+    out, _ = dispatch.sparse_decode_attention(module, q, k, v, 0.25, state)
+    want = GistState.for_new_tokens(layout, 1, config).mask_for_layer(1, q, k)
+    assert len(seen) == 1 and torch.equal(seen[0], want)
+    assert torch.equal(state.attended[1], want[:, :, -1].sum(-1).float())
+    assert out.shape == (B, 1, 4, 16) and not out.isnan().any()
