@@ -418,6 +418,24 @@ def test_script_writes_json_table_and_plots_and_resumes(tiny_model_dir, data_fil
     assert "| GSA 8x, top-4 |" in table and "best-subspan EM [95% CI]" in table
     assert out.with_suffix(".budget.png").is_file()  # drawn again from the JSON
 
+    # two runs over the same questions with different adapters merge into one table per set
+    other = tmp_path / "other.json"
+    other_data = json.loads(out.read_text())  # the --fresh run: gsa only
+    other_data["run"]["adapter"] = "/runs/gsa8-sft"
+    other.write_text(json.dumps(other_data))
+    report.main(["--summary", "--plots", str(out), str(other)])
+    table = capsys.readouterr().out
+    assert "| GSA 8x, top-4 · untrained |" in table and "| GSA 8x, top-4 · gsa8-sft |" in table
+    summary = table.split("\n\n")[1].splitlines()
+    n_methods = len(other_data["methods"])
+    assert summary[0].startswith("| method | ") and len(summary) == 2 + 2 * n_methods  # header, rule, rows
+    assert (tmp_path / f"{data['run']['data_tag']}.budget.png").is_file()
+    other_data["run"]["ids_sha"] = "another question set"
+    with pytest.raises(ValueError, match="different questions"):
+        from gsa_rag.eval.rag_report import merge_runs
+
+        merge_runs([json.loads(out.read_text()), other_data])
+
 
 def test_script_refuses_a_missing_adapter(tiny_model_dir, data_file, tmp_path):
     rag_eval = _script("rag_eval")

@@ -16,10 +16,59 @@ def _num(value, fmt: str = ".1f", none: str = "–") -> str:
 def title(result: dict) -> str:
     """One line saying what was run, on what."""
     run, env = result["run"], result["environment"]
-    adapter = Path(run["adapter"]).name if run.get("adapter") else "none (untrained gists)"
+    if run.get("adapters"):
+        adapter = "per row (" + ", ".join(run["adapters"]) + ")"
+    else:
+        adapter = Path(run["adapter"]).name if run.get("adapter") else "none (untrained gists)"
     return (f"**{run['data_tag']}** ({run['split']}, {run['n']} questions) · model {run['model']} · adapter {adapter} · "
             f"{env['device_name']}, {run['dtype']} · greedy, {run['max_new_tokens']} new tokens · "
             f"batch {run['batch_size']} · seed {run['seed']}")
+
+
+def merge_runs(results: list[dict]) -> dict:
+    """One result from several runs over the same questions (e.g. one run per adapter: the
+    baselines on the untrained model, gist rows with their gist adapter).
+
+    Each method keeps its run's adapter (`method["adapter"]`); when the runs' adapters differ,
+    labels name it ("full attention · full-sft"). Refuses runs over different questions.
+    """
+    if len(results) == 1:
+        return results[0]
+    first = results[0]["run"]
+    for r in results[1:]:
+        run = r["run"]
+        if (run["data_tag"], run["split"], run["n"], run.get("ids_sha")) != \
+                (first["data_tag"], first["split"], first["n"], first.get("ids_sha")):
+            raise ValueError(f"cannot merge runs over different questions: {first['data_tag']} ({first['n']}) "
+                             f"and {run['data_tag']} ({run['n']})")
+    adapters = {_adapter_name(r["run"]) for r in results}
+    methods = []
+    for r in results:
+        name = _adapter_name(r["run"])
+        for m in r["methods"]:
+            label = f"{m['label']} · {name}" if len(adapters) > 1 else m["label"]
+            methods.append({**m, "label": label, "adapter": name, "batch_size": r["run"]["batch_size"]})
+    merged = {**results[0], "methods": methods}
+    merged["run"] = {**first, "adapter": None, "adapters": sorted(adapters),
+                     "batch_size": "/".join(sorted({str(r["run"]["batch_size"]) for r in results}))}
+    return merged
+
+
+def _adapter_name(run: dict) -> str:
+    return Path(run["adapter"]).name if run.get("adapter") else "untrained"
+
+
+def summary_table(merged: list[dict]) -> str:
+    """Best-subspan EM of every method (rows) on every set (columns), from merged results."""
+    sets = [f"{r['run']['data_tag']} ({r['run']['n']})" for r in merged]
+    rows: dict[str, list[str]] = {}
+    for i, r in enumerate(merged):
+        for m in r["methods"]:
+            cells = rows.setdefault(m["label"], ["–"] * len(merged))
+            cells[i] = _num(m["summary"]["subspan_em"])
+    lines = ["| method | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    lines += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows.items()]
+    return "\n".join(lines)
 
 
 def markdown_table(result: dict, file_name: str | None = None) -> str:
@@ -149,7 +198,7 @@ def plot_compression(result: dict, path: str | Path) -> Path:
 
 def _plot_title(result: dict, what: str) -> str:
     run = result["run"]
-    adapter = Path(run["adapter"]).name if run.get("adapter") else "untrained"
+    adapter = "per row" if run.get("adapters") else _adapter_name(run)
     return f"{what} — {run['data_tag']} {run['split']} (n={run['n']}), {run['model']}, adapter: {adapter}"
 
 
