@@ -1,7 +1,7 @@
 """Decode-step attention of one layer on the GPU: GSA (gist scoring + top-k + key list + sparse
 split-K flash-decode) against dense SDPA (flash backend) and FlexAttention over the full KV.
 
-    python benchmarks/kernels.py            # full sweep, < 4 minutes on an H200
+    python benchmarks/kernels.py --no-flex  # 4K, 32K, 128K x both shapes x batch 1, 8: ~2-3 minutes
     python benchmarks/kernels.py --quick    # 30-second smoke run
 
 Shapes: Llama-3-8B (32 q / 8 kv heads, d=128) and SmolLM2-135M, the default model (9 q / 3 kv,
@@ -68,8 +68,17 @@ def dense_fn(q4, k, v, scale):
 
 
 def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: float) -> dict:
-    from gsa_rag.kernels.gist_select import DecodePlan, select_index_list
-    from gsa_rag.kernels.sparse_decode import sparse_decode_ref, sparse_decode_triton
+    from gsa_rag.kernels.gist_select import (
+        DecodePlan,
+        _scores_launch,
+        select_index_list,
+    )
+    from gsa_rag.kernels.sparse_decode import (
+        default_block_n,
+        default_split_len,
+        sparse_decode_ref,
+        sparse_decode_triton,
+    )
 
     Hq, Hkv, D = SHAPES[shape]
     G = Hq // Hkv
@@ -79,7 +88,8 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     C = int(layout.num_chunks[0])
     esize = torch.finfo(dtype).bits // 8
     kv_bytes = B * Hkv * T * D * esize * 2
-    copies = max(1, min(8, math.ceil((256 << 20) / kv_bytes)))
+    # rotate among input sets of >= 256 MB in all (the L2 is 60 MB), eager and graph timings alike
+    copies = max(1, min(16, math.ceil((256 << 20) / kv_bytes)))
     sets = []
     for _ in range(copies):
         q = torch.randn(B, Hq, D, device=DEVICE, dtype=dtype)
@@ -99,6 +109,9 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             return body(i)
         return run
 
+    def graph_us(body):  # one graph replays the body on every input set: us per set
+        return bench_us(lambda: [body(i) for i in range(copies)], cuda_graph=True) / copies
+
     def step(i):
         q, k, v = sets[i]
         index, lengths = select_index_list(q, k, layout, plan, config, 1, True)
@@ -107,6 +120,14 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     def select(i):
         q, k, _ = sets[i]
         return select_index_list(q, k, layout, plan, config, 1, True)
+
+    def scores(i):
+        q, k, _ = sets[i]
+        return _scores_launch(q, k, layout.gist_index, layout.num_chunks)
+
+    def scores_topk(i):
+        s = scores(i)
+        return torch.topk(s, max(1, min(plan.k_max, C)), dim=-1, sorted=not plan.uniform_k)
 
     def attend(i):
         q, k, v = sets[i]
@@ -121,12 +142,17 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     err = float((got - ref).norm() / ref.norm())
 
     dense_runs = []
+    backend = "?"
     for q, k, v in sets:
         fn, backend = dense_fn(q[:, :, None], k, v, scale)
         dense_runs.append(fn)
-    row = {"shape": shape, "batch": B, "context": L, "T": T, "chunks": C, "dense_backend": backend, "rel_err": err}
+    block_n = default_block_n(D)
+    split_len = default_split_len(plan.capacity, B * Hkv, block_n, torch.device(DEVICE))
+    row = {"shape": shape, "batch": B, "context": L, "T": T, "chunks": C, "dense_backend": backend, "rel_err": err,
+           "copies": copies, "capacity": plan.capacity, "split_len": split_len,
+           "programs": B * Hkv * (-(-plan.capacity // split_len))}
     row["dense_us"] = bench_us(rotating(lambda i: dense_runs[i]()))
-    row["dense_graph_us"] = bench_us(dense_runs[0], cuda_graph=True)
+    row["dense_graph_us"] = graph_us(lambda i: dense_runs[i]())
     if flex is not None:
         try:
             row["flex_us"] = bench_us(rotating(lambda i: flex(sets[i][0][:, :, None], sets[i][1], sets[i][2],
@@ -135,38 +161,64 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             print(f"  flex failed: {type(e).__name__}: {str(e)[:160]}")
             row["flex_us"] = float("nan")
     row["gsa_us"] = bench_us(rotating(step))
-    row["gsa_graph_us"] = bench_us(lambda: step(0), cuda_graph=True)
-    row["select_us"] = bench_us(rotating(select))
-    row["select_graph_us"] = bench_us(lambda: select(0), cuda_graph=True)
+    row["gsa_graph_us"] = graph_us(step)
+    row["select_graph_us"] = graph_us(select)
+    row["scores_graph_us"] = graph_us(scores)
+    row["scores_topk_graph_us"] = graph_us(scores_topk)
     row["attend_us"] = bench_us(rotating(attend))
+    row["attend_graph_us"] = graph_us(attend)
+    row["topk_graph_us"] = row["scores_topk_graph_us"] - row["scores_graph_us"]
+    row["expand_graph_us"] = row["select_graph_us"] - row["scores_topk_graph_us"]  # mark + cumsum + expand
     row["plan_us"] = plan_us
 
     listed = float(lists[0][1].float().sum())  # key rows over (batch, kv head)
     row["keys_per_head"] = listed / (B * Hkv)
     row["budget"] = row["keys_per_head"] / T
     attend_bytes = listed * (2 * D * esize + 4)
-    gsa_bytes = B * Hkv * C * D * esize + B * Hq * C * 4 * 2 + attend_bytes
-    row["dense_bytes"], row["gsa_bytes"] = kv_bytes, gsa_bytes
+    scores_bytes = B * Hkv * C * D * esize + B * Hq * C * 4 + B * C * 8
+    topk_bytes = B * Hq * C * 4
+    expand_bytes = listed * 4 * 2 + B * Hkv * C * 4 * 3
+    gsa_bytes = scores_bytes + topk_bytes + expand_bytes + attend_bytes
+    row.update(dense_bytes=kv_bytes, gsa_bytes=gsa_bytes, attend_bytes=attend_bytes, scores_bytes=scores_bytes)
     row["ceiling"] = kv_bytes / gsa_bytes
     row["floor_us"] = gsa_bytes / copy_bw * 1e6
     row["dense_floor_us"] = kv_bytes / copy_bw * 1e6
+    for name, nbytes in (("attend", attend_bytes), ("scores", scores_bytes), ("topk", topk_bytes),
+                         ("expand", expand_bytes), ("dense", kv_bytes)):
+        t = row[f"{name}_graph_us"]
+        row[f"{name}_floor_us"] = nbytes / copy_bw * 1e6
+        row[f"{name}_pct_floor"] = 100 * row[f"{name}_floor_us"] / t if t and t > 0 else float("nan")
+        row[f"{name}_tbps"] = nbytes / (t * 1e-6) / 1e12 if t and t > 0 else float("nan")
     best = min(row["gsa_us"], row["gsa_graph_us"]) if not math.isnan(row["gsa_graph_us"]) else row["gsa_us"]
     dense = min(row["dense_us"], row["dense_graph_us"]) if not math.isnan(row["dense_graph_us"]) else row["dense_us"]
     row["x_dense"] = dense / best
     row["x_flex"] = row.get("flex_us", float("nan")) / best
-    sel = row["select_graph_us"] if not math.isnan(row["select_graph_us"]) else row["select_us"]
+    sel = row["select_graph_us"] if not math.isnan(row["select_graph_us"]) else float("nan")
     row["score_share"] = 100 * sel / best
-    row["attend_tbps"] = attend_bytes / (row["attend_us"] * 1e-6) / 1e12
     row["step_tbps"] = gsa_bytes / (best * 1e-6) / 1e12
-    row["dense_tbps"] = kv_bytes / (dense * 1e-6) / 1e12
     row["pct_floor"] = 100 * row["floor_us"] / best
+    sets.clear(), lists.clear(), dense_runs.clear()  # free the inputs before the next case
     return row
+
+
+COLUMNS = [
+    ("shape", "shape", "s"), ("batch", "B", "d"), ("context", "ctx", "d"), ("keys_per_head", "keys/head", ".0f"),
+    ("programs", "progs", "d"), ("dense_us", "dense", ".1f"), ("dense_graph_us", "dense(g)", ".1f"),
+    ("flex_us", "flex", ".1f"), ("gsa_us", "gsa", ".1f"), ("gsa_graph_us", "gsa(g)", ".1f"),
+    ("x_dense", "x_dense", ".2f"), ("ceiling", "ceiling", ".2f"), ("pct_floor", "%floor", ".0f"),
+    ("score_share", "score%", ".0f"),
+    ("scores_graph_us", "scores(g)", ".1f"), ("scores_pct_floor", "%fl", ".0f"),
+    ("topk_graph_us", "topk(g)", ".1f"), ("expand_graph_us", "expand(g)", ".1f"),
+    ("attend_graph_us", "attend(g)", ".1f"), ("attend_floor_us", "att_floor", ".1f"),
+    ("attend_pct_floor", "%fl", ".0f"), ("attend_tbps", "att_TB/s", ".2f"),
+    ("dense_tbps", "dense_TB/s", ".2f"), ("plan_us", "plan", ".0f"), ("rel_err", "err", ".1e"),
+]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a 30-second smoke run (4K and 32K, batch 1)")
-    p.add_argument("--contexts", default="4,8,16,32,64,128", help="context lengths in K tokens")
+    p.add_argument("--contexts", default="4,32,128", help="context lengths in K tokens")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--chunk", type=int, default=8)
@@ -187,29 +239,40 @@ def main(argv=None) -> None:
 
         flex = torch.compile(flex_attention, dynamic=True)  # one compile per head shape, not per length
     bw = copy_bandwidth()
-    print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
-    rows = []
-    for shape in args.shapes.split(","):
-        for B in batches:
-            for L in contexts:
-                row = bench_case(shape, B, L, args.chunk, flex, dtype, bw)
+    print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s", flush=True)
+    name = "decode_step_quick" if args.quick else "decode_step"
+    payload = {"env": environment(), "copy_bw": bw, "rows": [], "failed": []}
+    rows = payload["rows"]
+    # longest contexts first: the targets are at 128K, and a cut-short run keeps them
+    for L in sorted(contexts, reverse=True):
+        for shape in args.shapes.split(","):
+            for B in batches:
+                try:
+                    row = bench_case(shape, B, L, args.chunk, flex, dtype, bw)
+                except Exception as e:  # noqa: BLE001 - one failing shape must not lose the table
+                    msg = f"{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
+                    print("  FAILED " + msg, flush=True)
+                    payload["failed"].append(msg)
+                    torch.cuda.empty_cache()
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
                 rows.append(row)
-                print(f"{shape} B={B} L={L // K}K: dense {row['dense_us']:.1f} us, gsa {row['gsa_us']:.1f} us "
-                      f"(graph {row['gsa_graph_us']:.1f}), x{row['x_dense']:.2f}, err {row['rel_err']:.1e}", flush=True)
+                print(f"{shape} B={B} L={L // K}K: dense {row['dense_graph_us']:.1f} us (graph), gsa {row['gsa_graph_us']:.1f} "
+                      f"(graph; scores {row['scores_graph_us']:.1f}, topk {row['topk_graph_us']:.1f}, "
+                      f"expand {row['expand_graph_us']:.1f}, attend {row['attend_graph_us']:.1f} = "
+                      f"{row['attend_pct_floor']:.0f}% of its floor), x{row['x_dense']:.2f}, err {row['rel_err']:.1e}",
+                      flush=True)
                 if row["rel_err"] > 1e-2:
                     print("  ERROR: sparse decode disagrees with its reference", flush=True)
+                write_results(args.out, name, payload)  # incremental: a killed run keeps its rows
+    rows.sort(key=lambda r: (r["shape"], r["batch"], r["context"]))
     print()
-    print_table(rows, [
-        ("shape", "shape", "s"), ("batch", "B", "d"), ("context", "ctx", "d"), ("keys_per_head", "keys/head", ".0f"),
-        ("dense_us", "dense", ".1f"), ("dense_graph_us", "dense(g)", ".1f"), ("flex_us", "flex", ".1f"),
-        ("gsa_us", "gsa", ".1f"), ("gsa_graph_us", "gsa(g)", ".1f"), ("attend_us", "attend", ".1f"),
-        ("x_dense", "x_dense", ".2f"), ("x_flex", "x_flex", ".2f"), ("ceiling", "ceiling", ".2f"),
-        ("score_share", "score%", ".0f"), ("attend_tbps", "bw_att", ".2f"), ("step_tbps", "bw_step", ".2f"),
-        ("dense_tbps", "bw_dense", ".2f"), ("floor_us", "floor", ".1f"), ("pct_floor", "%floor", ".0f"),
-        ("plan_us", "plan", ".0f"),
-    ])
-    print("\nplan = once per decode step for all layers; bw in TB/s; copy bandwidth "
-          f"{bw / 1e12:.2f} TB/s; x_dense = best dense / best gsa; ceiling = dense bytes / gsa bytes")
+    print_table(rows, COLUMNS)
+    print("\nplan = once per decode step for all layers (eager, host sync included); (g) = CUDA-graph replay "
+          "rotating over input sets; topk = scores+topk - scores; expand = select - scores+topk (mark, cumsum, "
+          f"expansion); %fl = byte floor / time; copy bandwidth {bw / 1e12:.2f} TB/s; x_dense = best dense / best gsa; "
+          "ceiling = dense bytes / gsa bytes")
 
     def plot(plt, path):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -228,8 +291,11 @@ def main(argv=None) -> None:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
 
-    path = write_results(args.out, "decode_step_quick" if args.quick else "decode_step",
-                         {"env": environment(), "copy_bw": bw, "rows": rows}, plot)
+    try:
+        path = write_results(args.out, name, payload, plot)
+    except Exception as e:  # noqa: BLE001 - the JSON is written already
+        print(f"plot failed: {type(e).__name__}: {e}")
+        path = write_results(args.out, name, payload)
     print(f"wrote {path}")
 
 

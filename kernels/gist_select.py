@@ -16,9 +16,12 @@ every layer); per layer only the scores, the top-k and the list expansion run.
 Layers that do not select (below first_selecting_layer, or nothing to select) use the
 forgetting row: base plus every closed gist; that list is also built once per step.
 
-Fast path (Triton): `gist_scores` (gist keys loaded once per KV head, shared by its G query
-heads) and `build_index_list` (per (batch, KV head), chunk-wise expansion with a prefix sum;
-no dense mask). Reference path (torch): `gist_scores_ref` is `gsa_rag.selection.gist_scores`;
+Fast path (`select_index_list_triton`, no host sync): the scores kernel (grid (B * Hkv,
+C / BLOCK_C); gist keys loaded once per KV head, shared by its G query heads; it also zeroes the
+[B, Hkv, C] size table) -> torch.topk (unsorted when k is uniform) -> the mark kernel (each
+pick writes its chunk's extra-column count: the GQA union) -> torch.cumsum of the sizes ->
+the expansion kernel (grid (B * Hkv, C / 64 + base blocks): every chunk block writes its columns
+at base_len + prefix sum; no serial walk, no dense mask). Reference path (torch): `gist_scores_ref` is `gsa_rag.selection.gist_scores`;
 `build_index_list_ref` expands column-wise from a mask. Top-k runs through torch.topk on both
 (radix select on CUDA); top-p through the reference `choose_chunks`.
 

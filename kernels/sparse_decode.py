@@ -100,10 +100,15 @@ if triton is not None:
         acc = tl.zeros([G_PAD, D], dtype=tl.float32)
         # every block this loop visits holds at least one live entry, so m_i turns finite at the
         # first one and exp2(m_i - m_new) never sees -inf - -inf
+        # the next block's indices are loaded one step ahead, so the K/V gathers of a step wait
+        # on one memory round trip, not two (index, then rows)
+        offs = start + tl.arange(0, BLOCK_N)
+        cols = tl.load(idx_base + offs * s_in, mask=offs < end, other=0).to(tl.int64)
         for n0 in range(start, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             live = offs < end
-            cols = tl.load(idx_base + offs * s_in, mask=live, other=0).to(tl.int64)
+            nxt = offs + BLOCK_N
+            cols_next = tl.load(idx_base + nxt * s_in, mask=nxt < end, other=0).to(tl.int64)
             k = tl.load(k_base + cols[:, None] * s_kt + d[None, :] * s_kd, mask=live[:, None], other=0.0)
             v = tl.load(v_base + cols[:, None] * s_vt + d[None, :] * s_vd, mask=live[:, None], other=0.0)
             if DOT_F32:
@@ -117,6 +122,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
+            cols = cols_next
         # an empty split (start >= n) stores m = -inf, l = 0, acc = 0: the combine weighs it 0
         tl.store(M + b * s_mb + head * s_mh + split * s_ms, m_i, mask=g_ok)
         tl.store(L + b * s_mb + head * s_mh + split * s_ms, l_i, mask=g_ok)
@@ -165,11 +171,10 @@ def _num_sms(device: torch.device) -> int:
 
 def default_split_len(capacity: int, batch_kv_heads: int, block_n: int, device: torch.device) -> int:
     """Entries of the list per program: enough programs (B * Hkv * splits) to fill every SM
-    about four times over, each reading 2..16 blocks (so a program streams 128..1024 keys at
-    block 64 and the per-program overhead stays small)."""
+    about four times over, each reading 1..16 blocks (64..1024 keys at block 64)."""
     want_splits = triton.cdiv(4 * _num_sms(device), batch_kv_heads)
     per = triton.cdiv(triton.cdiv(capacity, want_splits), block_n) * block_n
-    return max(min(2 * block_n, triton.cdiv(capacity, block_n) * block_n), min(per, 16 * block_n))
+    return max(block_n, min(per, 16 * block_n))
 
 
 def default_splits(capacity: int, batch_kv_heads: int, block_n: int, device: torch.device) -> int:
