@@ -49,8 +49,9 @@ def merge_runs(results: list[dict]) -> dict:
             label = f"{m['label']} · {name}" if len(adapters) > 1 else m["label"]
             methods.append({**m, "label": label, "adapter": name, "batch_size": r["run"]["batch_size"]})
     merged = {**results[0], "methods": methods}
-    merged["run"] = {**first, "adapter": None, "adapters": sorted(adapters),
-                     "batch_size": "/".join(sorted({str(r["run"]["batch_size"]) for r in results}))}
+    merged["run"] = {**first, "batch_size": "/".join(sorted({str(r["run"]["batch_size"]) for r in results}))}
+    if len(adapters) > 1:
+        merged["run"].update(adapter=None, adapters=sorted(adapters))
     return merged
 
 
