@@ -23,7 +23,7 @@ from gsa_rag.config import GistConfig
 from gsa_rag.kernels.dispatch import sparse_decode_attention
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import dense_gist_mask, dense_unfold_mask
-from gsa_rag.selection import select_chunks
+from gsa_rag.selection import select_chunks, select_hierarchical
 
 
 @dataclass
@@ -73,8 +73,13 @@ class GistState:
         rows = slice(int(tail.any(0).nonzero()[0]), None)
         layout = self.layout
         context_len = (layout.valid & ~layout.is_tail).sum(-1)
-        selected = select_chunks(query[:, :, rows], key, layout.gist_index, layout.gist_valid, context_len, self.config)
-        unfold = dense_unfold_mask(layout, selected, self.config.num_previous_chunks, self.q_index[rows])
+        if layout.levels > 1:  # H-GSA: coarse to fine, each level unfolds what it chose
+            chosen = select_hierarchical(query[:, :, rows], key, layout, self.config)
+            selected, sections = chosen.chunks, chosen.sections
+        else:
+            selected = select_chunks(query[:, :, rows], key, layout.gist_index, layout.gist_valid, context_len, self.config)
+            sections = None
+        unfold = dense_unfold_mask(layout, selected, self.config.num_previous_chunks, self.q_index[rows], sections)
         head_mask = mask.expand(-1, key.shape[1], -1, -1).clone()
         tail_rows = tail[:, None, rows, None]
         head_mask[:, :, rows] = torch.where(tail_rows, unfold, head_mask[:, :, rows])
@@ -114,7 +119,9 @@ def gsa_attention(
         )
         return out.transpose(1, 2).contiguous(), None
 
-    fast = sparse_decode_attention(module, query, key, value, scaling, gsa_state)
+    # the Triton decode kernels know one gist level: H-GSA layouts take the reference path
+    hierarchical = getattr(getattr(gsa_state, "layout", None), "levels", 1) > 1
+    fast = None if hierarchical else sparse_decode_attention(module, query, key, value, scaling, gsa_state)
     if fast is not None:  # one decode row on CUDA: key lists + sparse flash-decode (gsa_rag.kernels)
         return fast[0], None
     mask = gsa_state.mask_for_layer(module.layer_idx, query, key)

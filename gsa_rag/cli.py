@@ -11,10 +11,41 @@ from importlib import resources
 from gsa_rag.config import GistConfig
 
 
+def _add_hierarchy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--meta-chunks", type=int, nargs="+", default=None, metavar="N",
+                   help="H-GSA: gists per <mgist>, one number per level above the first (--chunk-size 8 "
+                        "--meta-chunks 4 is 32x); 0 = single level")
+    p.add_argument("--chunk", type=int, nargs="+", default=None, metavar="N",
+                   help="every level at once: raw tokens per gist, then gists per <mgist> per level (--chunk 8 4)")
+    p.add_argument("--levels", type=int, default=None, help="gist levels; checks --chunk / --meta-chunks (1 + their count)")
+
+
+def _gist_overrides(args) -> dict:
+    """The GistConfig fields given on the command line (None: not given, the adapter's or default).
+
+    `--chunk 8 4` is `--chunk-size 8 --meta-chunks 4`; `--meta-chunks 0` turns the hierarchy off.
+    """
+    given = {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy, "sink": args.sink}
+    meta = args.meta_chunks
+    if args.chunk is not None:
+        if args.chunk_size is not None or meta is not None:
+            raise ValueError("--chunk gives every level: use it instead of --chunk-size / --meta-chunks, not with them")
+        given["chunk_size"], meta = args.chunk[0], args.chunk[1:]
+    if meta is not None:
+        given["meta_chunks"] = () if list(meta) == [0] else tuple(meta)
+    if args.levels is not None:
+        levels = 1 + len(given.get("meta_chunks", ()))
+        if args.levels != levels:
+            raise ValueError(f"--levels {args.levels} but the chunk sizes name {levels} level(s): "
+                             "give one size per level (--chunk 8 4 for two)")
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF id, local dir or .gguf path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="raw tokens per gist; 0 = no gists (full attention); default: the adapter's, else 8")
+    _add_hierarchy_args(p)
     p.add_argument("--top-k", type=int, default=None, help="chunks each query head unfolds (default 4)")
     p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default=None)
     p.add_argument("--sink", type=int, default=None)
@@ -32,8 +63,7 @@ def _engine(args):
     adapter = {"none": None, "default": bundled_default_adapter() if args.model is None else None}.get(args.adapter, args.adapter)
     trained = adapter_config(adapter).to_dict() if adapter is not None else {}
     # the adapter fixes the layout it was trained with unless the command overrides it
-    given = {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy, "sink": args.sink}
-    config = GistConfig(**{**GistConfig().to_dict(), **trained, **{k: v for k, v in given.items() if v is not None}})
+    config = GistConfig(**{**GistConfig().to_dict(), **trained, **_gist_overrides(args)})
     engine = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device)
     args.adapter_used = str(adapter) if adapter is not None else None
     return engine
@@ -78,8 +108,7 @@ def _eval(args) -> None:
 def _train(args) -> None:
     from gsa_rag.train.loop import TrainArgs, train
 
-    gist = {k: v for k, v in {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy,
-                              "sink": args.sink}.items() if v is not None}
+    gist = _gist_overrides(args)
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if k not in ("gist", "base", "stage")}
     out = train(TrainArgs(stage=args.stage, base=args.model, gist=gist, **fields))
     print(f"wrote {out}")
@@ -95,6 +124,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--model", default=None, help="base model id/dir/.gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--init-adapter", default=None, help="continue from an earlier stage's adapter")
     p.add_argument("--chunk-size", type=int, default=None, help="raw tokens per gist (0: train without gists)")
+    _add_hierarchy_args(p)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default=None)
     p.add_argument("--sink", type=int, default=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,11 +27,18 @@ class GistConfig:
     Example:
         >>> GistConfig(chunk_size=8, top_k=4).compression_ratio
         8
+        >>> GistConfig(chunk_size=8, meta_chunks=(4,)).compression_ratio  # H-GSA, two levels
+        32
     """
 
     # raw tokens per chunk; each chunk is followed by one <gist>. 0 inserts no gists at all
     # (plain causal attention: the "full attention" baseline over the same prompt).
     chunk_size: int = 8
+    # hierarchy (gist-of-gist, H-GSA): how many gists of the level below one <mgist> closes, per
+    # level above the first. () is single-level GSA; (4,) after chunk_size 8 puts a <mgist> after
+    # every 4 gists (32x); (4, 4) adds a third level (a level-2 <mgist> after every 4 level-1 ones).
+    # A passage always closes its open sections, as it closes its last chunk.
+    meta_chunks: tuple[int, ...] = ()
     # the first `sink` tokens get no gist and stay visible to every later token
     sink: int = 4
     # a raw token also sees this many chunks before its own (the local window)
@@ -55,6 +63,7 @@ class GistConfig:
     overflow: Literal["error", "drop_passages"] = "error"
 
     def __post_init__(self) -> None:
+        self._check_meta_chunks()
         for name in ("chunk_size", "sink", "num_previous_chunks", "top_k", "first_selecting_layer"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy ints are fine
@@ -73,14 +82,38 @@ class GistConfig:
             raise ConfigError(f"adaptive_ratio must be > 0, got {self.adaptive_ratio}")
         if self.overflow not in ("error", "drop_passages"):
             raise ConfigError(f"overflow must be 'error' or 'drop_passages', got {self.overflow!r}")
+        if self.meta_chunks and self.chunk_size == 0:
+            raise ConfigError(f"meta_chunks {self.meta_chunks} needs gists to group: set chunk_size > 0 or meta_chunks=()")
+        if self.meta_chunks and self.k_policy == "adaptive":
+            raise ConfigError("k_policy 'adaptive' is single-level only; use 'fixed' or 'top_p' with meta_chunks")
+
+    def _check_meta_chunks(self) -> None:
+        # JSON (adapters, memories) stores the tuple as a list: accept any sequence, keep a tuple
+        if isinstance(self.meta_chunks, (str, bytes)) or not hasattr(self.meta_chunks, "__iter__"):
+            raise ConfigError(f"meta_chunks must be a tuple of ints (gists per meta-gist per level), got {self.meta_chunks!r}")
+        self.meta_chunks = tuple(self.meta_chunks)
+        for value in self.meta_chunks:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"meta_chunks entries must be ints >= 1, got {self.meta_chunks!r}")
+        self.meta_chunks = tuple(int(v) for v in self.meta_chunks)
 
     @property
     def uses_gists(self) -> bool:
         return self.chunk_size > 0
 
     @property
+    def levels(self) -> int:
+        """Gist levels: 1 for single-level GSA, 1 + len(meta_chunks) with the hierarchy."""
+        return 1 + len(self.meta_chunks)
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.uses_gists and bool(self.meta_chunks)
+
+    @property
     def compression_ratio(self) -> int:
-        return self.chunk_size
+        """Raw tokens behind one top-level gist: chunk_size times every meta_chunks entry."""
+        return math.prod((self.chunk_size, *self.meta_chunks))
 
     @property
     def special_tokens(self) -> list[str]:

@@ -8,7 +8,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -18,7 +17,7 @@ from gsa_rag.config import GistConfig
 from gsa_rag.errors import ConfigError, InputError, InputTypeError
 from gsa_rag.generation import SamplingParams, generate_tokens
 from gsa_rag.layout import GistLayout, build_layout
-from gsa_rag.locking import locked, locked_generator
+from gsa_rag.locking import GenerationLock, locked, locked_generator
 from gsa_rag.prompt import DEFAULT_SYSTEM, SegmentPrompt, build_segments
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class GistEngine:
         if None in special or tokenizer.unk_token_id in special:
             raise ConfigError("the tokenizer lacks the gist tokens; load with gsa_rag.models.load_model")
         self._banned = torch.tensor(special, dtype=torch.long, device=self.device)
-        self._lock = threading.RLock()
+        self._lock = GenerationLock()  # a stream may be resumed from another thread
 
     @classmethod
     def from_pretrained(
@@ -191,11 +190,19 @@ class GistEngine:
             if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
                 continue
             cut = _cut_at_stop(text, stop)
-            if len(cut) > len(sent):
-                yield cut[len(sent) :]
-                sent = cut
-            if len(cut) < len(text):
+            if len(cut) < len(text):  # a stop string: the answer ends before it
+                if len(cut) > len(sent):
+                    yield cut[len(sent) :]
                 return
+            # hold back a tail that may be the start of a stop string (it spans tokens): once
+            # sent, it could not be taken back when the stop string completes
+            ready = len(cut) - _stop_prefix_length(cut, stop)
+            if ready > len(sent):
+                yield cut[len(sent) : ready]
+                sent = cut[:ready]
+        rest = _cut_at_stop(self._decode(ids, stops), stop)[len(sent) :]  # what was held back
+        if rest:
+            yield rest
 
     def _prepare(self, questions, passage_lists, system, memory, max_new_tokens: int = 0):
         """`_prepare_once`, fitted to the model's window: a prompt that does not fit (raw tokens
@@ -265,3 +272,8 @@ def _as_batch(question, passages) -> tuple[list[str], list[list], bool]:
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cuts = [text.find(s) for s in stop if s and s in text]
     return text[: min(cuts)] if cuts else text
+
+
+def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of a stop string."""
+    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)

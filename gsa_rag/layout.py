@@ -15,12 +15,20 @@ on its own; its tokens get `doc_id = passage_id` (every other token -1) and, und
 rule, see only their own passage and the sink. A `link` segment holds link tokens placed right
 after a passage's closing gist: raw (no gist), in that passage's last chunk, `is_link` True,
 seen by every later token. See gsa_rag.memory for the whole rule.
+
+Hierarchy (H-GSA, `config.meta_chunks`): after the level-0 gists are in place, each higher level
+l puts one `<mgist>` after every `meta_chunks[l-1]` gists of level l-1, and closes its open
+section at the end of every segment (as a passage closes its last chunk). A level-l gist costs no
+position either (`is_gist` is True for every level; `level` says which) and belongs to the chunk
+of the token before it. A token's level-l section is the section of its chunk, so sections, like
+chunks, are -1 for the sink, PAD_CHUNK for padding and `num_sections` (the open one) for the tail.
+A single-level config never runs this pass: its layout is the level-0 layout, bit for bit.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -88,7 +96,8 @@ class GistLayout:
 
     Attributes:
         input_ids: long, token ids with gists inserted.
-        is_gist: bool, True at gist tokens.
+        is_gist: bool, True at gist tokens of every level (all cost no position, none is a
+            label); `level` tells a gist from a meta-gist.
         is_sink: bool, True for the first `sink` tokens of each sequence.
         chunk_id: long, see the module docstring.
         passage_id: long, passage of each token, -1 for template/question/answer/padding.
@@ -101,6 +110,14 @@ class GistLayout:
         doc_id: long [B, T], KV reuse: the independently encoded passage of each token, -1
             elsewhere (default: all -1, the rule is then a no-op).
         is_link: bool [B, T], KV reuse: link tokens (default: none).
+        level: long [B, T], -1 for every non-gist token (padding included), l for a level-l
+            gist (0: `<gist>`, 1 and up: `<mgist>`). Default: 0 where is_gist, else -1.
+        section_id: long [B, T, L-1], the level-l section of each token at [..., l-1] (L gist
+            levels; width 0 for a single-level layout): the section of the token's chunk, the
+            one a level-l gist closes; -1 sink, PAD_CHUNK padding, num_sections[l-1] the tail.
+        num_sections: long [B, L-1], closed level-l sections per sequence.
+        section_index: long [B, L-1, S], column of the gist closing each level-l section (0 where
+            the section does not exist).
     """
 
     input_ids: torch.Tensor
@@ -114,12 +131,30 @@ class GistLayout:
     gist_index: torch.Tensor
     doc_id: torch.Tensor | None = None
     is_link: torch.Tensor | None = None
+    level: torch.Tensor | None = None
+    section_id: torch.Tensor | None = None
+    num_sections: torch.Tensor | None = None
+    section_index: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.doc_id is None:
             self.doc_id = torch.full_like(self.input_ids, -1)
         if self.is_link is None:
             self.is_link = torch.zeros_like(self.is_gist)
+        if self.level is None:  # a single-level layout: every gist is level 0
+            self.level = torch.where(self.is_gist, 0, -1)
+        B, T = self.input_ids.shape
+        if self.section_id is None:
+            self.section_id = self.input_ids.new_zeros(B, T, 0)
+        if self.num_sections is None:
+            self.num_sections = self.input_ids.new_zeros(B, self.section_id.shape[-1])
+        if self.section_index is None:
+            self.section_index = self.input_ids.new_zeros(B, self.section_id.shape[-1], 0)
+
+    @property
+    def levels(self) -> int:
+        """Gist levels L (1: single-level GSA)."""
+        return 1 + self.section_id.shape[-1]
 
     @property
     def batch_size(self) -> int:
@@ -139,6 +174,25 @@ class GistLayout:
     def is_tail(self) -> torch.Tensor:
         """bool [B, T]: tokens after the last gist (question, answer): these select chunks."""
         return self.valid & (self.chunk_id == self.num_chunks[:, None])
+
+    def units(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gists of one level as selection sees them.
+
+        Returns:
+            (long [B, N] gist columns, bool [B, N] which exist): chunks for level 0
+            (gist_index, gist_valid), level-`level` sections above it.
+        """
+        if level == 0:
+            return self.gist_index, self.gist_valid
+        index = self.section_index[:, level - 1]
+        s = torch.arange(index.shape[1], device=index.device)
+        return index, s[None, :] < self.num_sections[:, level - 1, None]
+
+    def parents(self, level: int) -> torch.Tensor:
+        """long [B, N]: the level-(level+1) section of each unit of `level` (see `units`).
+        Entries of units that do not exist are clamped garbage: mask them with `units`' valid."""
+        index, _ = self.units(level)
+        return torch.gather(self.section_id[:, :, level], 1, index)
 
     def to(self, device) -> GistLayout:
         return GistLayout(**{k: v.to(device) for k, v in vars(self).items()})
@@ -164,6 +218,11 @@ class GistLayout:
             gist_index=self.gist_index,
             doc_id=torch.cat([self.doc_id, self.doc_id.new_full(bn, -1)], 1),
             is_link=torch.cat([self.is_link, self.is_link.new_zeros(bn)], 1),
+            level=torch.cat([self.level, self.level.new_full(bn, -1)], 1),
+            # the tail sits in the open section of every level, as it sits in the open chunk
+            section_id=torch.cat([self.section_id, self.num_sections[:, None, :].expand(*bn, -1)], 1),
+            num_sections=self.num_sections,
+            section_index=self.section_index,
         )
 
 
@@ -175,6 +234,8 @@ class _Row:
     passage_id: list[int]
     doc_id: list[int]
     is_link: list[bool]
+    level: list[int] = field(default_factory=list)  # filled by the hierarchy pass
+    boundaries: list[int] = field(default_factory=list)  # column where each segment starts, then the end
 
 
 def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, starts) -> _Row:
@@ -193,6 +254,7 @@ def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, star
         row.is_link.append(link)
 
     for seg in segments:
+        row.boundaries.append(len(row.ids))
         if seg.independent and (not seg.compress or seg.passage_id < 0):
             raise ValueError("an independent (KV reuse) segment must be a compressed passage with passage_id >= 0")
         doc = seg.passage_id if seg.independent else -1
@@ -226,7 +288,78 @@ def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, star
             push(gist_id, True, chunk, seg.passage_id)
             chunk, in_chunk = chunk + 1, 0
     # tokens after the last gist belong to the open chunk `chunk`
+    row.boundaries.append(len(row.ids))
     return row
+
+
+def _add_level(row: _Row, level: int, per_section: int, mgist_id: int) -> _Row:
+    """Inserts a level-`level` gist after every `per_section` gists of level `level - 1`, and at
+    every segment boundary that leaves a section open (a passage closes its sections).
+
+    The new gist copies the chunk, passage and doc of the token before it (the gist it follows),
+    so it stays inside its passage for the KV-reuse rule and chunk ids never move backwards.
+    """
+    out = _Row([], [], [], [], [], [], [], [])
+    closes = set(row.boundaries)  # a section open at one of these columns closes before it
+    open_units = 0  # gists of level - 1 in the open section
+
+    def close_section(after: int) -> None:
+        for name in ("chunk_id", "passage_id", "doc_id"):
+            getattr(out, name).append(getattr(row, name)[after])
+        out.ids.append(mgist_id)
+        out.is_gist.append(True)
+        out.is_link.append(False)
+        out.level.append(level)
+
+    for i in range(len(row.ids) + 1):
+        if i in closes:
+            if open_units:
+                close_section(i - 1)
+                open_units = 0
+            out.boundaries.append(len(out.ids))
+        if i == len(row.ids):
+            break
+        for name in ("ids", "is_gist", "chunk_id", "passage_id", "doc_id", "is_link", "level"):
+            getattr(out, name).append(getattr(row, name)[i])
+        if row.level[i] == level - 1:
+            open_units += 1
+            if open_units == per_section:
+                close_section(i)
+                open_units = 0
+    return out
+
+
+def _lay_out_levels(row: _Row, config: GistConfig, mgist_id: int) -> _Row:
+    """The level-0 row with every higher level of `config.meta_chunks` inserted (H-GSA)."""
+    row.level = [0 if g else -1 for g in row.is_gist]
+    for level, per_section in enumerate(config.meta_chunks, start=1):
+        row = _add_level(row, level, per_section, mgist_id)
+    return row
+
+
+def _section_tables(level: torch.Tensor, chunk_id: torch.Tensor, num_levels: int):
+    """Per-token section ids of one row, from its levels and chunk ids.
+
+    A token's level-l section is the section of its chunk (the tail's: the open one), so the
+    ids follow from where the gists of each level sit: the section of chunk c is the number of
+    level-l gists before chunk c's gist.
+
+    Args:
+        level: long [n]; chunk_id: long [n] (SINK_CHUNK for the sink).
+        num_levels: L.
+
+    Returns:
+        (section_id long [n, L-1], section_index list of L-1 long [S_l] gist columns).
+    """
+    gist0 = torch.nonzero(level == 0).flatten()
+    section_id, section_index = [], []
+    for l in range(1, num_levels):
+        is_l = level == l
+        before = torch.cumsum(is_l.long(), 0) - is_l.long()  # level-l gists strictly before each column
+        chunk_section = torch.cat([before[gist0], is_l.sum()[None]])  # closed chunks, then the tail
+        section_id.append(torch.where(chunk_id >= 0, chunk_section[chunk_id.clamp(min=0)], chunk_id))
+        section_index.append(torch.nonzero(is_l).flatten())
+    return torch.stack(section_id, -1) if section_id else level.new_zeros(len(level), 0), section_index
 
 
 def build_layout(
@@ -255,9 +388,14 @@ def build_layout(
     rows = [_lay_out_row(segs, config, gist_id, starts) for segs in segments_batch]
     if any(not r.ids for r in rows):
         raise ValueError("empty prompt: every sequence needs at least one token")
+    if config.hierarchical:
+        mgist_id = tokenizer.convert_tokens_to_ids(config.mgist_token)
+        if mgist_id is None or mgist_id == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {config.mgist_token!r} token: load the model with gsa_rag.models.load_model")
+        rows = [_lay_out_levels(r, config, mgist_id) for r in rows]
 
     B, T = len(rows), max(len(r.ids) for r in rows)
-    C = max(1, max(sum(r.is_gist) for r in rows))
+    C = max(1, max(sum(r.is_gist) - sum(lv > 0 for lv in r.level) for r in rows))  # level-0 gists
     out = {
         "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
         "is_gist": torch.zeros(B, T, dtype=torch.bool),
@@ -283,7 +421,33 @@ def build_layout(
         out["is_link"][b, pad:] = torch.tensor(r.is_link)
         out["position_ids"][b, pad:] = torch.arange(n) - torch.cumsum(is_gist.long(), 0)
         out["valid"][b, pad:] = True
-        gists = torch.nonzero(is_gist).flatten() + pad
+        level0 = torch.tensor(r.level) == 0 if r.level else is_gist  # chunks are closed by level-0 gists only
+        gists = torch.nonzero(level0).flatten() + pad
         out["num_chunks"][b] = len(gists)
         out["gist_index"][b, : len(gists)] = gists
+    if config.hierarchical:
+        out.update(_hierarchy_tensors(rows, T, config.levels))
     return GistLayout(**out).to(device)
+
+
+def _hierarchy_tensors(rows: list[_Row], T: int, num_levels: int) -> dict[str, torch.Tensor]:
+    """level [B, T], section_id [B, T, L-1], num_sections [B, L-1], section_index [B, L-1, S]
+    of left-padded hierarchical rows (see GistLayout)."""
+    B = len(rows)
+    level = torch.full((B, T), -1, dtype=torch.long)
+    section_id = torch.full((B, T, num_levels - 1), PAD_CHUNK, dtype=torch.long)
+    tables = []
+    for b, r in enumerate(rows):
+        pad = T - len(r.ids)
+        level[b, pad:] = torch.tensor(r.level)
+        ids, index = _section_tables(level[b, pad:], torch.tensor(r.chunk_id), num_levels)
+        section_id[b, pad:] = ids
+        tables.append([i + pad for i in index])
+    S = max(1, max(len(i) for t in tables for i in t))
+    section_index = torch.zeros(B, num_levels - 1, S, dtype=torch.long)
+    num_sections = torch.zeros(B, num_levels - 1, dtype=torch.long)
+    for b, t in enumerate(tables):
+        for l, index in enumerate(t):
+            section_index[b, l, : len(index)] = index
+            num_sections[b, l] = len(index)
+    return {"level": level, "section_id": section_id, "num_sections": num_sections, "section_index": section_index}

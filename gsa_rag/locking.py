@@ -9,6 +9,46 @@ never takes the engine's lock, so the two cannot deadlock.
 from __future__ import annotations
 
 import functools
+import threading
+
+
+class GenerationLock:
+    """Re-entrant for the thread that holds it, yet releasable from another thread.
+
+    A `threading.RLock` must be released by its owner, but a stream holds its engine's lock
+    across yields and may be resumed, finished or closed (by async frameworks' executors, or
+    the garbage collector) in another thread than the one that started it.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._count = 0
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Waits (at most `timeout` seconds; None: forever); True once held."""
+        me = threading.get_ident()
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._count or self._owner == me, timeout):
+                return False
+            self._owner, self._count = me, self._count + 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if not self._count:
+                raise RuntimeError("release of an unheld GenerationLock")
+            self._count -= 1
+            if not self._count:
+                self._owner = None
+                self._cond.notify()
+
+    def __enter__(self) -> GenerationLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def locked(method):

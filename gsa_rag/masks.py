@@ -13,6 +13,13 @@ KV reuse adds two terms (both no-ops on ordinary layouts, where doc_id is -1 and
 link): link tokens are recalled by every later token, like gists; and a token of an
 independently encoded passage (doc_id >= 0) sees nothing outside its own passage but the sink:
     ... AND NOT (doc[q] >= 0 AND doc[kv] != doc[q] AND kv is not a sink token)
+
+Hierarchy (H-GSA, L gist levels; every term is a no-op on a single-level layout):
+  * the forgetting recall is `gist_recall`: a gist of the top level L-1 is seen by every later
+    token; a gist of a lower level l only by tokens of the same level-(l+1) section (a level-0
+    gist only inside its meta-gist section). Selection widens it (`dense_unfold_mask`).
+  * the chunk window belongs to raw tokens and level-0 gists: a meta-gist (level >= 1) sees the
+    sink, itself, the gists of its own section and the higher-level gists before it, no raw text.
 """
 
 from __future__ import annotations
@@ -29,12 +36,28 @@ def visible(layout: GistLayout, b, q, kv, num_previous_chunks: int, recall) -> t
     FlexAttention's mask_mod receives.
     """
     distance = layout.chunk_id[b, q] - layout.chunk_id[b, kv]
-    window = (distance >= 0) & (distance <= num_previous_chunks)
+    window = (distance >= 0) & (distance <= num_previous_chunks) & (layout.level[b, q] <= 0)  # meta-gists: no raw window
     doc_q = layout.doc_id[b, q]
     isolated = (doc_q >= 0) & (layout.doc_id[b, kv] != doc_q)  # KV reuse: passages do not see each other
     sink = layout.is_sink[b, kv]
     seen = (kv <= q) & layout.valid[b, kv] & (sink | (~isolated & (window | recall | layout.is_link[b, kv])))
     return seen | (q == kv)
+
+
+def gist_recall(layout: GistLayout, b, q, kv) -> torch.Tensor:
+    """The forgetting rule's recall: which gist keys a query sees outside its window.
+
+    Single level: every gist. With L levels: a top-level gist always; a gist of level l < L-1
+    only when it shares its level-(l+1) section with the query. Same index conventions as
+    `visible` (broadcastable index tensors, 0-d ones included).
+    """
+    top = layout.section_id.shape[-1]  # L - 1
+    if top == 0:
+        return layout.is_gist[b, kv]
+    level = layout.level[b, kv]
+    parent = level.clamp(0, top - 1)  # section_id[..., l] is the level-(l+1) section
+    same = layout.section_id[b, kv, parent] == layout.section_id[b, q, parent]
+    return (level == top) | ((level >= 0) & same)
 
 
 def _dense_index(layout: GistLayout, q_index: torch.Tensor | None):
@@ -57,29 +80,50 @@ def dense_gist_mask(layout: GistLayout, num_previous_chunks: int, q_index: torch
         bool [B, Tq, T].
     """
     b, q, kv = _dense_index(layout, q_index)
-    return visible(layout, b, q, kv, num_previous_chunks, layout.is_gist[b, kv])
+    return visible(layout, b, q, kv, num_previous_chunks, gist_recall(layout, b, q, kv))
+
+
+def _gather_units(selected: torch.Tensor, unit_of_kv: torch.Tensor) -> torch.Tensor:
+    """bool [B, H, Tq, N] per-unit choice, long [B, T] unit of each column -> bool [B, H, Tq, T]."""
+    B, H, Tq, N = selected.shape
+    index = unit_of_kv.clamp(0, N - 1)[:, None, None, :].expand(B, H, Tq, -1)
+    return torch.gather(selected, 3, index)
 
 
 def dense_unfold_mask(
-    layout: GistLayout, selected: torch.Tensor, num_previous_chunks: int, q_index: torch.Tensor
+    layout: GistLayout,
+    selected: torch.Tensor,
+    num_previous_chunks: int,
+    q_index: torch.Tensor,
+    sections: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The mask of tail tokens that unfold the chunks they selected.
+
+    Recall is: the raw tokens and gist of a selected closed chunk; with the hierarchy, also the
+    gist closing a selected section of each level (selection unfolds level by level: see
+    selection.select_hierarchical). Nothing else outside the window and sink.
 
     Args:
         layout: the whole sequence so far.
         selected: bool [B, H, Tq, C], chunk c selected for query row (per KV head).
         num_previous_chunks: local window in chunks.
         q_index: long [Tq], the query columns.
+        sections: hierarchical layouts only: per level l = 1..L-1, bool [B, H, Tq, S_l], the
+            level-l sections selected.
 
     Returns:
         bool [B, H, Tq, T].
     """
     b, q, kv = _dense_index(layout, q_index)
-    B, H, Tq, C = selected.shape
-    chunk_of_kv = layout.chunk_id.clamp(0, C - 1)  # sink/pad/tail columns are handled by the rule itself
     is_closed = (layout.chunk_id >= 0) & (layout.chunk_id < layout.num_chunks[:, None])
-    index = chunk_of_kv[:, None, None, :].expand(B, H, Tq, layout.seq_len)
-    recall = torch.gather(selected, 3, index) & is_closed[:, None, None, :]
+    recall = _gather_units(selected, layout.chunk_id) & is_closed[:, None, None, :]
+    if layout.levels > 1:
+        if sections is None or len(sections) != layout.levels - 1:
+            raise ValueError(f"a layout of {layout.levels} gist levels needs the selected sections of levels 1..{layout.levels - 1}")
+        recall &= (layout.level <= 0)[:, None, None, :]  # a chunk unfolds its raw tokens and its gist
+        for level, chosen in enumerate(sections, start=1):
+            is_level = (layout.level == level)[:, None, None, :]  # a section unfolds its closing gist
+            recall |= _gather_units(chosen, layout.section_id[..., level - 1]) & is_level
     return visible(layout, b[:, None], q[:, None], kv[:, None], num_previous_chunks, recall)
 
 
@@ -93,7 +137,7 @@ def gist_block_mask(layout: GistLayout, num_previous_chunks: int, q_offset: int 
 
     def mask_mod(b, h, q_idx, kv_idx):
         q = q_idx + q_offset
-        return visible(layout, b, q, kv_idx, num_previous_chunks, layout.is_gist[b, kv_idx])
+        return visible(layout, b, q, kv_idx, num_previous_chunks, gist_recall(layout, b, q, kv_idx))
 
     return create_block_mask(
         mask_mod,

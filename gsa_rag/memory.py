@@ -90,7 +90,7 @@ from transformers import DynamicCache
 
 from gsa_rag.cache import GistCache, KeyRotator, OffloadedSource
 from gsa_rag.config import GistConfig
-from gsa_rag.errors import ContextTooLongError, InputError, InputTypeError, MemoryFormatError
+from gsa_rag.errors import ConfigError, ContextTooLongError, InputError, InputTypeError, MemoryFormatError
 from gsa_rag.generation import forward
 from gsa_rag.layout import Segment, build_layout, encode_text
 from gsa_rag.locking import locked
@@ -248,6 +248,10 @@ class GistMemory:
     ):
         from gsa_rag.models import model_fingerprint
 
+        if engine.config.hierarchical:
+            # entries, search and the cache's chunk index know one gist level (issue 5, still open)
+            raise ConfigError(f"gist memory supports single-level gists only, got meta_chunks={engine.config.meta_chunks}: "
+                              "use an engine with meta_chunks=() for memory, or pass passages to generate directly")
         self.engine = engine
         self.offload = bool(offload)
         self.max_bytes = max_bytes

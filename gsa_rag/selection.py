@@ -2,15 +2,20 @@
 
 Torch reference; kernels/ holds the fast path. Shapes: B batch, Hq query heads, Hkv KV heads
 (G = Hq // Hkv query heads share one), Tq query rows, C chunks, D head dim.
+
+With the hierarchy (H-GSA) `select_hierarchical` runs the same scoring and top-k coarse to
+fine: the top-level gists, then only the children of what was chosen, down to the chunks.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from gsa_rag.config import GistConfig
+from gsa_rag.layout import GistLayout
 
 
 def gist_scores(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor, gist_valid: torch.Tensor) -> torch.Tensor:
@@ -107,3 +112,88 @@ def select_chunks(
             k = torch.full_like(num_chunks, config.top_k)
         chosen = choose_chunks(scores, k=k)
     return union_over_groups(chosen, Hkv)
+
+
+@dataclass
+class HierarchicalSelection:
+    """What coarse-to-fine selection chose and what it had to read, per gist level.
+
+    Attributes:
+        chosen: per level l = 0..L-1, bool [B, Hkv, Tq, N_l]: the units (chunks for l = 0,
+            level-l sections above) a KV head unfolds.
+        scored: per level, bool [B, Hkv, Tq, N_l]: the units whose gist keys were scored (all
+            top-level ones; below, the children of the sections chosen one level up).
+    """
+
+    chosen: list[torch.Tensor]
+    scored: list[torch.Tensor]
+
+    @property
+    def chunks(self) -> torch.Tensor:
+        """bool [B, Hkv, Tq, C], the chunks to unfold (dense_unfold_mask's `selected`)."""
+        return self.chosen[0]
+
+    @property
+    def sections(self) -> list[torch.Tensor]:
+        """Levels 1..L-1 of `chosen` (dense_unfold_mask's `sections`)."""
+        return self.chosen[1:]
+
+
+def _choose_among(scores: torch.Tensor, candidates: torch.Tensor, k: int, config: GistConfig, head_dim: int) -> torch.Tensor:
+    """Per query head, top-k (or top-p) among the candidate units only.
+
+    Args:
+        scores: float [B, Hq, Tq, N]; candidates: bool [B, Hkv, Tq, N] (the GQA group's set).
+
+    Returns:
+        bool [B, Hkv, Tq, N], the union over each group of what its heads chose.
+    """
+    B, Hq = scores.shape[:2]
+    Hkv = candidates.shape[1]
+    allowed = candidates.repeat_interleave(Hq // Hkv, dim=1)
+    scores = scores.masked_fill(~allowed, float("-inf"))  # never a unit outside the chosen sections
+    if config.k_policy == "top_p":
+        chosen = choose_chunks(scores, top_p=config.top_p, scale=1.0 / math.sqrt(head_dim))
+    else:
+        chosen = choose_chunks(scores, k=torch.full((B,), k, dtype=torch.long, device=scores.device))
+    return union_over_groups(chosen, Hkv)
+
+
+def select_hierarchical(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, config: GistConfig) -> HierarchicalSelection:
+    """Coarse to fine (H-GSA): top-k top-level gists, then top-k among the children of the
+    chosen sections, level by level down to the chunks. Each level takes the union over the
+    query heads of a KV head before going down, so a KV head reads about k * G children per
+    chosen level instead of every gist. `top_k` (or `top_p`) applies at every level.
+
+    Args:
+        query: [B, Hq, Tq, D] (RoPE applied).
+        key: [B, Hkv, T, D] (RoPE applied), the whole key cache of the layer.
+        layout: a hierarchical layout (`units` and `parents` give each level's gists).
+        config: k policy ("fixed" or "top_p").
+
+    Returns:
+        HierarchicalSelection with L levels.
+    """
+    B, Hkv, Tq = query.shape[0], key.shape[1], query.shape[2]
+    top = layout.levels - 1
+    _, valid = layout.units(top)
+    candidates = valid[:, None, None, :].expand(B, Hkv, Tq, -1)  # every top-level gist is scored
+    chosen, scored = [None] * layout.levels, [None] * layout.levels
+    for level in range(top, -1, -1):
+        index, valid = layout.units(level)
+        # the reference scores every gist of the level and masks; a kernel reads only candidates
+        scores = gist_scores(query, key, index, valid)
+        scored[level] = candidates
+        chosen[level] = _choose_among(scores, candidates, config.top_k, config, query.shape[-1])
+        if level > 0:  # the children of the chosen sections are the next level's candidates
+            _, child_valid = layout.units(level - 1)
+            candidates = _children(chosen[level], layout.parents(level - 1)) & child_valid[:, None, None, :]
+    return HierarchicalSelection(chosen, scored)
+
+
+def _children(chosen: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+    """bool [B, Hkv, Tq, S] chosen sections, long [B, N] parent section of each child ->
+    bool [B, Hkv, Tq, N]: children whose parent was chosen."""
+    B, Hkv, Tq, S = chosen.shape
+    index = parent.clamp(0, S - 1)[:, None, None, :].expand(B, Hkv, Tq, -1)
+    return torch.gather(chosen, 3, index)

@@ -5,10 +5,10 @@ finds the passages in it (`prompt_split.split_prompt`: stored GistMemory passage
 verbatim, else the context block of LlamaIndex's standard QA templates, else nothing: the
 whole prompt raw, exactly the unmodified model) and runs the engine on that split.
 
-Threads: generation is serialised by one lock per engine (`engine_lock`: backends sharing an
-engine share it; re-entrant within a thread), held for the whole of a `complete` call and, for
-`stream`, from the first piece until the stream is exhausted or closed. The backend holds its
-own lock and does not rely on any lock inside GistEngine. So one backend used from many threads
+Threads: generation is serialised by the engine's own lock (`engine_lock`: backends sharing an
+engine share it; re-entrant within a thread, releasable from another, see
+gsa_rag.locking.GenerationLock), held for the whole of a `complete` call and, for `stream`,
+from the first piece until the stream is exhausted or closed. So one backend used from many threads
 gives exactly the answers of sequential calls; a stream left half-read holds the lock until it
 is closed or garbage-collected (iterate it to the end, or call `.close()`).
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -33,12 +32,11 @@ from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.integrations.prompt_split import ContextPattern, PromptPlan, split_prompt
 from gsa_rag.layout import TOKENIZER_LOCK
+from gsa_rag.locking import GenerationLock
 from gsa_rag.prompt import SegmentPrompt, as_passage, build_message_segments, build_reuse_segments
 
 _ENGINES: dict[tuple, GistEngine] = {}  # engines loaded by backends, shared by equal arguments
-_ENGINES_LOCK = threading.Lock()
 _LOAD_LOCK = threading.Lock()
-_ENGINE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -74,49 +72,10 @@ def default_config(model: str | None = None, adapter: str | None = "default", **
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
-class GenerationLock:
-    """Re-entrant for the thread that holds it, yet releasable from another thread.
-
-    A `threading.RLock` must be released by its owner, but a stream may be finished (or
-    closed by the garbage collector) in another thread than the one that started it.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._owner: int | None = None
-        self._count = 0
-
-    def acquire(self) -> None:
-        me = threading.get_ident()
-        with self._cond:
-            while self._count and self._owner != me:
-                self._cond.wait()
-            self._owner, self._count = me, self._count + 1
-
-    def release(self) -> None:
-        with self._cond:
-            if not self._count:
-                raise RuntimeError("release of an unheld GenerationLock")
-            self._count -= 1
-            if not self._count:
-                self._owner = None
-                self._cond.notify()
-
-    def __enter__(self) -> GenerationLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 def engine_lock(engine: GistEngine) -> GenerationLock:
-    """The lock every backend (and GistMemoryRetriever) over `engine` holds while it runs the model."""
-    with _ENGINES_LOCK:
-        lock = _ENGINE_LOCKS.get(engine)
-        if lock is None:
-            lock = _ENGINE_LOCKS[engine] = GenerationLock()
-        return lock
+    """The lock every backend (and GistMemoryRetriever) over `engine` holds while it runs the
+    model: the engine's own (GistEngine.generate and stream take it too)."""
+    return engine._lock
 
 
 class GistBackend:

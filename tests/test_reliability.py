@@ -313,6 +313,19 @@ def test_a_stream_holds_the_engine_until_closed(engine):
     engine._lock.release()
 
 
+def test_a_stream_resumed_in_another_thread_releases_the_engine(engine):
+    # async frameworks (LlamaIndex astream_*, LangChain _astream) call next() on executor threads
+    want = engine.generate(QUESTION, PASSAGES, max_new_tokens=8)
+    stream = engine.stream(QUESTION, PASSAGES, max_new_tokens=8)
+    pieces = [next(stream)]
+    finisher = threading.Thread(target=lambda: pieces.extend(stream), daemon=True)
+    finisher.start()
+    finisher.join(JOIN_SECONDS)
+    assert not finisher.is_alive() and "".join(pieces) == want
+    assert engine._lock.acquire(timeout=1)  # released by the other thread
+    engine._lock.release()
+
+
 def test_eight_threads_adding_and_searching_one_memory_equal_sequential(engine):
     texts = [f"Passage {i}: the Vasa museum shows item number {i} of the ship." for i in range(16)]
     sequential = GistMemory(engine, progress=False)

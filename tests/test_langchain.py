@@ -1,0 +1,218 @@
+"""LangChain adapters on the default model (CPU): LCEL chain, chat model, text LLM, retriever.
+
+The reference for every answer is the engine (or the backend) called directly with the same
+prompt split, so a test fails when the adapter changes what the model is asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+
+from gsa_rag.integrations.langchain import (
+    GistChatModel,
+    GistLLM,
+    GistMemoryRetriever,
+    format_documents,
+    remember_documents,
+    to_chat_messages,
+)
+from gsa_rag.memory import GistMemory
+
+PASSAGES = [
+    "The warship Vasa sank in 1628 and was raised in 1961 after 333 years under water.",
+    "Stockholm is the capital of Sweden, built on fourteen islands.",
+    "The Vasa Museum opened in 1990 on the island of Djurgarden in Stockholm.",
+    "Hamlet is a tragedy written by William Shakespeare around 1600.",
+]
+QUESTION = "When was the Vasa raised?"
+SEVERAL = "Name three colours."  # the default model answers with several words
+
+
+@pytest.fixture(scope="module")
+def engine():
+    # through the adapter's own path, so models built with the same arguments share this engine
+    return GistChatModel(device="cpu").gist_backend.engine
+
+
+@pytest.fixture(scope="module")
+def memory(engine):
+    memory = GistMemory(engine, progress=False)
+    memory.add(PASSAGES)
+    return memory
+
+
+# ----------------------------------------------------------------------------------------------
+# messages and documents (no model)
+
+
+def test_messages_map_to_backend_roles_and_text():
+    messages = [SystemMessage("Be brief."), HumanMessage([{"type": "text", "text": "Hi "}, "there"]), AIMessage("Hello.")]
+    assert to_chat_messages(messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+    ]
+    with pytest.raises(ValueError, match="tool"):
+        to_chat_messages([ToolMessage("3", tool_call_id="1")])
+    with pytest.raises(ValueError, match="text only"):
+        to_chat_messages([HumanMessage([{"type": "image", "url": "https://example.com/a.png"}])])
+    assert format_documents([Document("a b"), Document("c")]) == "a b\n\nc"
+
+
+def test_models_share_one_engine_per_arguments(engine, memory):
+    assert GistChatModel(device="cpu").gist_backend.engine is engine
+    assert GistLLM(device="cpu").gist_backend.engine is engine
+    assert GistChatModel(memory=memory).gist_backend.memory is memory
+    assert GistChatModel(max_tokens=7).max_new_tokens == 7 == GistChatModel(max_new_tokens=7).max_new_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# retriever
+
+
+def test_retriever_returns_the_memory_search_as_documents(memory):
+    retriever = GistMemoryRetriever(memory=memory, k=3)
+    docs = retriever.invoke(QUESTION)
+    hits = memory.search(QUESTION, k=3)
+    assert [d.id for d in docs] == [h.id for h in hits]
+    assert [d.page_content for d in docs] == [h.text for h in hits]
+    first = docs[0].metadata
+    assert first["passage_id"] == hits[0].id and first["score"] == pytest.approx(hits[0].score)
+    assert first["chunks"] == hits[0].chunks and first["chunk_texts"] == hits[0].chunk_texts
+    assert len(retriever.invoke(QUESTION, k=1)) == 1
+    # the async path keeps invoke's keywords (BaseRetriever's default drops them)
+    assert [d.id for d in asyncio.run(retriever.ainvoke(QUESTION, k=2))] == [h.id for h in hits[:2]]
+
+
+# ----------------------------------------------------------------------------------------------
+# LCEL chain
+
+
+def test_lcel_chain_answers_as_the_engine_over_the_same_split(engine, memory):
+    retriever = GistMemoryRetriever(memory=memory, k=2)
+    prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("human", "{context}\n\n{question}")])
+    chat = GistChatModel(memory=memory, max_tokens=12)
+    chain = {"context": retriever | format_documents, "question": RunnablePassthrough()} | prompt | chat | StrOutputParser()
+
+    encoded = memory.encoded_tokens
+    answer = chain.invoke(QUESTION)
+    assert memory.encoded_tokens == encoded  # the documents' cached KV was reused, nothing re-encoded
+
+    docs = retriever.invoke(QUESTION)
+    plan = chat.gist_backend.plan(to_chat_messages(prompt.invoke({"context": format_documents(docs), "question": QUESTION}).to_messages()))
+    assert (plan.route, plan.passage_ids, plan.question) == ("memory", [d.id for d in docs], QUESTION)
+    expected = engine.generate(QUESTION, [d.id for d in docs], memory=memory, system=memory.system, max_new_tokens=12)
+    assert answer == expected and answer.strip()
+
+
+def test_lcel_chain_batch_from_threads_matches_sequential(memory):
+    # retrieval and generation from 3 threads over one memory: both take the engine's lock
+    retriever = GistMemoryRetriever(memory=memory, k=2)
+    prompt = ChatPromptTemplate.from_messages([("human", "{context}\n\n{question}")])
+    chat = GistChatModel(memory=memory, max_tokens=6)
+    chain = {"context": retriever | format_documents, "question": RunnablePassthrough()} | prompt | chat | StrOutputParser()
+    questions = [QUESTION, "What is the capital of Sweden?", "Who wrote Hamlet?"]
+    sequential = [chain.invoke(q) for q in questions]
+    assert chain.batch(questions, config={"max_concurrency": 3}) == sequential
+
+
+def test_remember_documents_compresses_any_retrievers_documents(engine, memory):
+    new = "The Oresund Bridge between Copenhagen and Malmo opened in July 2000."
+    other_retriever = RunnableLambda(lambda q: [Document(new), Document(PASSAGES[1])])
+    prompt = ChatPromptTemplate.from_messages([("human", "{context}\n\n{question}")])
+    chat = GistChatModel(memory=memory, max_tokens=8)
+    context = other_retriever | remember_documents(memory) | format_documents
+    chain = {"context": context, "question": RunnablePassthrough()} | prompt | chat | StrOutputParser()
+
+    question = "When did the Oresund Bridge open?"
+    answer = chain.invoke(question)
+    ids = memory.add([new, PASSAGES[1]])  # already stored by the chain: returns their ids, encodes nothing
+    assert len(memory) == len(PASSAGES) + 1
+    assert answer == engine.generate(question, ids, memory=memory, system=memory.system, max_new_tokens=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# chat model
+
+
+def test_chat_model_usage_stream_and_stop(memory):
+    chat = GistChatModel(device="cpu", max_tokens=24)
+    messages = [HumanMessage(SEVERAL)]
+    message = chat.invoke(messages)
+    completion = chat.gist_backend.complete(to_chat_messages(messages), max_new_tokens=24)
+    assert message.content == completion.text and len(completion.text) > 6
+    assert message.usage_metadata == {
+        "input_tokens": completion.prompt_tokens,
+        "output_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
+
+    chunks = list(chat.stream(messages))
+    assert len(chunks) > 2 and "".join(c.content for c in chunks) == message.content
+    assert chunks[-1].usage_metadata == message.usage_metadata and chunks[-1].chunk_position == "last"
+
+    stop = message.content[3:5]
+    cut = chat.invoke(messages, stop=[stop]).content
+    assert cut == message.content[: message.content.find(stop)]
+    assert GistChatModel(device="cpu", max_tokens=24, stop=[stop]).invoke(messages).content == cut
+
+
+def test_chat_model_async_matches_sync():
+    chat = GistChatModel(device="cpu", max_tokens=16)
+    expected = chat.invoke(SEVERAL).content
+
+    async def run():
+        # several streams in a row: each must release the engine lock on the thread that took it
+        streams = [[c.content async for c in chat.astream(SEVERAL)] for _ in range(3)]
+        return await chat.ainvoke(SEVERAL), streams
+
+    answer, streams = asyncio.run(run())
+    assert answer.content == expected
+    assert all("".join(s) == expected for s in streams)
+
+    async def first_piece_only():
+        async for chunk in chat.astream(SEVERAL):
+            return chunk.content
+
+    assert expected.startswith(asyncio.run(first_piece_only()))
+    # the abandoned stream released the engine lock: a call from another thread finishes
+    done = {}
+    thread = threading.Thread(target=lambda: done.setdefault("text", chat.invoke(SEVERAL).content), daemon=True)
+    thread.start()
+    thread.join(120)
+    assert done.get("text") == expected
+
+
+def test_chat_model_batch_from_threads_matches_sequential():
+    chat = GistChatModel(device="cpu", max_tokens=8)
+    questions = [SEVERAL, "Name a colour.", "Say hello.", "What is 2 + 2?"]
+    sequential = [chat.invoke(q).content for q in questions]
+    assert [m.content for m in chat.batch(questions, config={"max_concurrency": 4})] == sequential
+
+
+# ----------------------------------------------------------------------------------------------
+# text LLM
+
+
+def test_llm_string_in_string_out_stream_and_stop():
+    llm = GistLLM(device="cpu", max_tokens=24)
+    text = llm.invoke(SEVERAL)
+    assert isinstance(text, str) and text == llm.gist_backend.complete(SEVERAL, max_new_tokens=24).text
+    pieces = list(llm.stream(SEVERAL))
+    assert len(pieces) > 2 and "".join(pieces) == text
+    stop = text[3:5]
+    assert llm.invoke(SEVERAL, stop=[stop]) == text[: text.find(stop)]
+    assert "".join(llm.stream(SEVERAL, stop=[stop])) == text[: text.find(stop)]
+
+    async def run():
+        return [p async for p in llm.astream(SEVERAL)]
+
+    assert "".join(asyncio.run(run())) == text
