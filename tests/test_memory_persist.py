@@ -15,6 +15,7 @@ from test_memory import PASSAGES, QUESTION, tiny_engine
 from transformers import AutoTokenizer
 
 import gsa_rag.memory as memory_module
+from gsa_rag import memory_files
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.memory import GistMemory, MemoryFormatError
@@ -92,9 +93,13 @@ def test_error_inside_the_writer_leaves_the_previous_memory_loadable(tokenizer, 
                 raise OSError("disk full")
             return real(path, data)
 
+        # every write of a save: the entry files (memory_files) and the manifest (memory)
+        monkeypatch.setattr(memory_files, "atomic_write", failing)
         monkeypatch.setattr(memory_module, "_atomic_write", failing)
         with pytest.raises(OSError, match="disk full"):
             memory.save(tmp_path)
+        assert len(calls) == fail_at or calls[-1].name == "manifest.json"
+        monkeypatch.setattr(memory_files, "atomic_write", real)
         monkeypatch.setattr(memory_module, "_atomic_write", real)
         old = GistMemory.load(tmp_path, engine, progress=False)
         assert old.ids == ids

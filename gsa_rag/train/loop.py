@@ -13,7 +13,6 @@ chunks they select. Top-k is hard; gradients flow through attention over what wa
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
