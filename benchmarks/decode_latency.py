@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="30-second smoke run (8K, 8 steps)")
     p.add_argument("--arch", default="smollm2-135m", choices=list(ARCHS))
     p.add_argument("--layers", type=int, default=None, help="override the layer count (llama3-8b: 8 keeps it fast)")
-    p.add_argument("--contexts", default="8,16,32", help="K tokens")
+    p.add_argument("--contexts", nargs="+", default=["8,16,32"], help="tokens (>= 1024) or K tokens, e.g. 8,16,32")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--out", default="benchmarks/results/kernels")
@@ -125,10 +125,11 @@ def main(argv=None) -> None:
     from gsa_rag.config import GistConfig
     from gsa_rag.generation import _cache_keyword
 
-    contexts = [int(x) * K for x in args.contexts.split(",")]
+    contexts = [int(x) if int(x) >= K else int(x) * K for v in args.contexts for x in v.split(",") if x]
     steps = args.steps
     if args.quick:
         contexts, steps = [8 * K], 8
+    name = "decode_latency_quick" if args.quick else f"decode_latency_{args.arch}"
     model = make_model(args.arch, args.layers)
     config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
     rows = []
@@ -157,6 +158,7 @@ def main(argv=None) -> None:
         rows.append(row)
         print(f"L={L // K}K: hf {row['hf_tok_s']:.1f} tok/s, gsa_ref {row['gsa_ref_tok_s']:.1f}, gsa {row['gsa_tok_s']:.1f} "
               f"(x{row['x_hf']:.2f} hf), logits err {row['logits_rel_err']:.1e}", flush=True)
+        write_results(args.out, name, {"env": environment(), "rows": rows})  # incremental
     os.environ.pop("GSA_RAG_KERNELS", None)
     print()
     print_table(rows, [
@@ -166,8 +168,7 @@ def main(argv=None) -> None:
         ("x_hf", "gsa/hf", ".2f"), ("x_ref", "gsa/ref", ".2f"), ("logits_rel_err", "err", ".1e"),
     ])
     print("\nx = tokens/s ratio (> 1: GSA faster); err = first decode step's logits, kernels vs reference path")
-    path = write_results(args.out, "decode_latency_quick" if args.quick else f"decode_latency_{args.arch}",
-                         {"env": environment(), "rows": rows})
+    path = write_results(args.out, name, {"env": environment(), "rows": rows})
     print(f"wrote {path}")
 
 

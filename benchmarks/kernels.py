@@ -40,6 +40,7 @@ from gsa_rag.kernels.bench import (
     bench_us,
     copy_bandwidth,
     environment,
+    host_us,
     print_table,
     synthetic_layout,
     write_results,
@@ -72,6 +73,8 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         DecodePlan,
         _scores_launch,
         select_index_list,
+        select_index_list_triton,
+        select_sizes_triton,
     )
     from gsa_rag.kernels.sparse_decode import (
         default_block_n,
@@ -84,7 +87,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     G = Hq // Hkv
     config = GistConfig(chunk_size=chunk, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
     layout = synthetic_layout(B, L, chunk, sink=4, tail=32, device=DEVICE)
-    T = layout.seq_len
+    T = layout.seq_len + 1  # one appended (generated) token: the query
     C = int(layout.num_chunks[0])
     esize = torch.finfo(dtype).bits // 8
     kv_bytes = B * Hkv * T * D * esize * 2
@@ -97,7 +100,26 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         v = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=dtype)
         sets.append((q, k, v))
     scale = 1.0 / math.sqrt(D)
-    plan_us = bench_us(lambda: DecodePlan.build(layout, config, G), warmup_ms=5, rep_ms=30)
+    # plan: cold (whole sequence, once per generation) and per step (a layout grown by append
+    # reuses the cached plan of its lineage; one appended token per step)
+    layout = layout.append(torch.full((B, 1), 7, device=DEVICE))
+    cold_us = host_us(lambda: DecodePlan.build_full(layout, config, G), reps=5, warmup=1)
+    DecodePlan.build(layout, config, G)
+    grown = [layout]
+
+    def next_plan():
+        grown[0] = grown[0].append(torch.full((B, 1), 7, device=DEVICE))
+        return DecodePlan.build(grown[0], config, G)
+
+    def fresh_lineage():  # append + plan per step, the lineage restarted every 200 steps
+        if grown[0].seq_len - layout.seq_len >= 200:
+            grown[0] = layout
+        return next_plan()
+
+    plan_us = host_us(fresh_lineage)  # with the append of the step's token, as in the engine
+    append_us = host_us(lambda: layout.append(torch.full((B, 1), 7, device=DEVICE)))
+    del grown
+    T = layout.seq_len
     plan = DecodePlan.build(layout, config, G)
     lists = [select_index_list(q, k, layout, plan, config, 1, True) for q, k, _ in sets]
     out = torch.empty(B, Hq, D, device=DEVICE, dtype=dtype)
@@ -125,9 +147,13 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         q, k, _ = sets[i]
         return _scores_launch(q, k, layout.gist_index, layout.num_chunks)
 
-    def scores_topk(i):
-        s = scores(i)
-        return torch.topk(s, max(1, min(plan.k_max, C)), dim=-1, sorted=not plan.uniform_k)
+    def scores_topk(i):  # scores + the select kernel (threshold top-k, union, sizes, prefix sum)
+        q, k, _ = sets[i]
+        return select_sizes_triton(q, k, layout, plan)
+
+    def select_torch_topk(i):  # the previous path: scores, torch.topk, mark, cumsum, expand
+        q, k, _ = sets[i]
+        return select_index_list_triton(q, k, layout, plan, config, fused_topk=False)
 
     def attend(i):
         q, k, v = sets[i]
@@ -167,9 +193,15 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     row["scores_topk_graph_us"] = graph_us(scores_topk)
     row["attend_us"] = bench_us(rotating(attend))
     row["attend_graph_us"] = graph_us(attend)
-    row["topk_graph_us"] = row["scores_topk_graph_us"] - row["scores_graph_us"]
-    row["expand_graph_us"] = row["select_graph_us"] - row["scores_topk_graph_us"]  # mark + cumsum + expand
+    row["select_torch_topk_graph_us"] = graph_us(select_torch_topk)
+    row["topk_graph_us"] = row["scores_topk_graph_us"] - row["scores_graph_us"]  # select kernel
+    row["expand_graph_us"] = row["select_graph_us"] - row["scores_topk_graph_us"]  # expansion
     row["plan_us"] = plan_us
+    row["plan_cold_us"] = cold_us
+    row["append_us"] = append_us
+    fused_list = lists[0]
+    old_list = select_index_list_triton(sets[0][0], sets[0][1], layout, plan, config, fused_topk=False)
+    row["fused_topk_same_lengths"] = bool(torch.equal(fused_list[1], old_list[1]))
 
     listed = float(lists[0][1].float().sum())  # key rows over (batch, kv head)
     row["keys_per_head"] = listed / (B * Hkv)
@@ -177,6 +209,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     attend_bytes = listed * (2 * D * esize + 4)
     scores_bytes = B * Hkv * C * D * esize + B * Hq * C * 4 + B * C * 8
     topk_bytes = B * Hq * C * 4
+    topk_bytes += B * Hq * C + B * Hkv * C * 8  # int8 picks; sizes and prefix sums written
     expand_bytes = listed * 4 * 2 + B * Hkv * C * 4 * 3
     gsa_bytes = scores_bytes + topk_bytes + expand_bytes + attend_bytes
     row.update(dense_bytes=kv_bytes, gsa_bytes=gsa_bytes, attend_bytes=attend_bytes, scores_bytes=scores_bytes)
@@ -211,16 +244,20 @@ COLUMNS = [
     ("topk_graph_us", "topk(g)", ".1f"), ("expand_graph_us", "expand(g)", ".1f"),
     ("attend_graph_us", "attend(g)", ".1f"), ("attend_floor_us", "att_floor", ".1f"),
     ("attend_pct_floor", "%fl", ".0f"), ("attend_tbps", "att_TB/s", ".2f"),
-    ("dense_tbps", "dense_TB/s", ".2f"), ("plan_us", "plan", ".0f"), ("rel_err", "err", ".1e"),
+    ("dense_tbps", "dense_TB/s", ".2f"), ("select_torch_topk_graph_us", "old_sel(g)", ".1f"),
+    ("plan_us", "append+plan", ".0f"), ("plan_cold_us", "plan_cold", ".0f"), ("append_us", "append", ".0f"),
+    ("rel_err", "err", ".1e"),
 ]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a 30-second smoke run (4K and 32K, batch 1)")
-    p.add_argument("--contexts", default="4,32,128", help="context lengths in K tokens")
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--contexts", nargs="+", default=["4,32,128"],
+                   help="context lengths: tokens (>= 1024, e.g. 131072 32768) or K tokens (4,32,128)")
+    p.add_argument("--batches", nargs="+", default=["1,8"])
+    p.add_argument("--shapes", nargs="+", default=[",".join(SHAPES)], help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--name", default=None, help="result file name (default decode_step)")
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes the most time)")
@@ -228,8 +265,15 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs CUDA")
-    contexts = [int(x) * K for x in args.contexts.split(",")]
-    batches = [int(x) for x in args.batches.split(",")]
+    def items(values):
+        return [x for v in values for x in v.split(",") if x]
+
+    contexts = [int(x) if int(x) >= K else int(x) * K for x in items(args.contexts)]
+    batches = [int(x) for x in items(args.batches)]
+    shapes = items(args.shapes)
+    unknown = [x for x in shapes if x not in SHAPES]
+    if unknown:
+        sys.exit(f"unknown shapes {unknown}: choose from {list(SHAPES)}")
     if args.quick:
         contexts, batches = [4 * K, 32 * K], [1]
     dtype = getattr(torch, args.dtype)
@@ -240,12 +284,12 @@ def main(argv=None) -> None:
         flex = torch.compile(flex_attention, dynamic=True)  # one compile per head shape, not per length
     bw = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s", flush=True)
-    name = "decode_step_quick" if args.quick else "decode_step"
+    name = args.name or ("decode_step_quick" if args.quick else "decode_step")
     payload = {"env": environment(), "copy_bw": bw, "rows": [], "failed": []}
     rows = payload["rows"]
     # longest contexts first: the targets are at 128K, and a cut-short run keeps them
     for L in sorted(contexts, reverse=True):
-        for shape in args.shapes.split(","):
+        for shape in shapes:
             for B in batches:
                 try:
                     row = bench_case(shape, B, L, args.chunk, flex, dtype, bw)
@@ -261,15 +305,20 @@ def main(argv=None) -> None:
                 print(f"{shape} B={B} L={L // K}K: dense {row['dense_graph_us']:.1f} us (graph), gsa {row['gsa_graph_us']:.1f} "
                       f"(graph; scores {row['scores_graph_us']:.1f}, topk {row['topk_graph_us']:.1f}, "
                       f"expand {row['expand_graph_us']:.1f}, attend {row['attend_graph_us']:.1f} = "
-                      f"{row['attend_pct_floor']:.0f}% of its floor), x{row['x_dense']:.2f}, err {row['rel_err']:.1e}",
+                      f"{row['attend_pct_floor']:.0f}% of its floor), x{row['x_dense']:.2f}, err {row['rel_err']:.1e}; "
+                      f"old select (torch.topk) {row['select_torch_topk_graph_us']:.1f} vs {row['select_graph_us']:.1f}; "
+                      f"append+plan {row['plan_us']:.0f} us/step (cold plan {row['plan_cold_us']:.0f}; append alone {row['append_us']:.0f})",
                       flush=True)
+                if not row["fused_topk_same_lengths"]:
+                    print("  ERROR: fused top-k and torch.topk lists differ in length", flush=True)
                 if row["rel_err"] > 1e-2:
                     print("  ERROR: sparse decode disagrees with its reference", flush=True)
                 write_results(args.out, name, payload)  # incremental: a killed run keeps its rows
     rows.sort(key=lambda r: (r["shape"], r["batch"], r["context"]))
     print()
     print_table(rows, COLUMNS)
-    print("\nplan = once per decode step for all layers (eager, host sync included); (g) = CUDA-graph replay "
+    print("\nappend+plan = per decode step for all layers, host wall time (layout.append + cached DecodePlan.build); "
+          "plan_cold = the whole-sequence plan (once per generation); (g) = CUDA-graph replay "
           "rotating over input sets; topk = scores+topk - scores; expand = select - scores+topk (mark, cumsum, "
           f"expansion); %fl = byte floor / time; copy bandwidth {bw / 1e12:.2f} TB/s; x_dense = best dense / best gsa; "
           "ceiling = dense bytes / gsa bytes")

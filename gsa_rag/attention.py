@@ -52,7 +52,9 @@ class GistState:
     @classmethod
     def for_new_tokens(cls, layout: GistLayout, num_new: int, config: GistConfig) -> GistState:
         T = layout.seq_len
-        return cls(layout, torch.arange(T - num_new, T, device=layout.input_ids.device), config)
+        state = cls(layout, torch.arange(T - num_new, T, device=layout.input_ids.device), config)
+        state._q_host = (T - num_new, T)  # q_index's range, readable without a device sync
+        return state
 
     def forget_mask(self) -> torch.Tensor:
         """bool [B, 1, Tq, T], the same for every layer, built once."""

@@ -28,7 +28,7 @@ A single-level config never runs this pass: its layout is the level-0 layout, bi
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
 import torch
@@ -195,7 +195,7 @@ class GistLayout:
         return torch.gather(self.section_id[:, :, level], 1, index)
 
     def to(self, device) -> GistLayout:
-        return GistLayout(**{k: v.to(device) for k, v in vars(self).items()})
+        return GistLayout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def append(self, ids: torch.Tensor) -> GistLayout:
         """Extends every sequence with raw tail tokens (generated answer tokens).
@@ -206,7 +206,7 @@ class GistLayout:
         n = ids.shape[1]
         steps = torch.arange(1, n + 1, device=ids.device)
         bn = (self.batch_size, n)
-        return GistLayout(
+        out = GistLayout(
             input_ids=torch.cat([self.input_ids, ids], 1),
             is_gist=torch.cat([self.is_gist, self.is_gist.new_zeros(bn)], 1),
             is_sink=torch.cat([self.is_sink, self.is_sink.new_zeros(bn)], 1),
@@ -224,6 +224,10 @@ class GistLayout:
             num_sections=self.num_sections,
             section_index=self.section_index,
         )
+        # layouts grown by append share a cache of what stays fixed while tail tokens are appended
+        # (gsa_rag.kernels.gist_select.DecodePlan.build); it is keyed by what it depends on
+        out.__dict__["_lineage"] = self.__dict__.get("_lineage", {})
+        return out
 
 
 @dataclass

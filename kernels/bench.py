@@ -69,6 +69,22 @@ def bench_us(fn, cuda_graph: bool = False, warmup_ms: int = 25, rep_ms: int = 10
     return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def host_us(fn, reps: int = 50, warmup: int = 3) -> float:
+    """Median wall time of `fn()` in microseconds, synchronised after each call: for host work
+    (plans, layout growth) that device-event timings would miss when it launches little."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return 1e6 * sorted(times)[len(times) // 2]
+
+
 def copy_bandwidth(num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     if not torch.cuda.is_available():

@@ -94,11 +94,16 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
 
     plan = getattr(state, "_decode_plan", None)
     if plan is None:  # plan-then-run: built by the first layer, reused by the others
-        # one host sync per step: the kernels serve a tail token at the last column
-        if int(state.q_index[-1]) != layout.seq_len - 1 or not bool(layout.is_tail[:, -1].all()):
-            state._decode_plan = False
-            return None
-        plan = DecodePlan.build(layout, state.config, query.shape[1] // key.shape[1])
+        group = query.shape[1] // key.shape[1]
+        if getattr(state, "_q_host", None) == (layout.seq_len - 1, layout.seq_len):
+            # a layout grown by append whose plan is cached: its last column is a tail token
+            plan = DecodePlan.cached(layout, state.config, group)
+        if plan is None:
+            # one host sync: the kernels serve a tail token at the last column
+            if int(state.q_index[-1]) != layout.seq_len - 1 or not bool(layout.is_tail[:, -1].all()):
+                state._decode_plan = False
+                return None
+            plan = DecodePlan.build(layout, state.config, group)
         state._decode_plan = plan
     if plan is False:
         return None

@@ -119,14 +119,43 @@ class DecodePlan:
         return self.chunk_ptr[:, 1:] - self.chunk_ptr[:, :-1]
 
     @classmethod
+    def cached(cls, layout: GistLayout, config: GistConfig, group_size: int) -> DecodePlan | None:
+        """The plan from the layout's lineage cache (see `build`), or None; never syncs."""
+        lineage = layout.__dict__.get("_lineage")
+        if lineage is None:
+            return None
+        entry = lineage.get(_plan_key(config, group_size))
+        if entry is None:
+            return None
+        return entry.plan_for(layout)
+
+    @classmethod
     def build(cls, layout: GistLayout, config: GistConfig, group_size: int) -> DecodePlan:
         """Plans the step whose single query is the last column of `layout` (a tail token).
+
+        Layouts made by `GistLayout.append` share a lineage cache: everything about the columns
+        of an earlier step's layout (T0 of them) stays fixed while tail tokens are appended, and
+        every later query sees all of the appended columns [T0, T) (they are in its own open
+        chunk). So a step of a known lineage costs a few views (no device work, no host sync):
+        the base and forgetting lists are kept with their future tail columns already written.
 
         Args:
             layout: the sequence so far, the new token included.
             config: P (num_previous_chunks), the k policy.
             group_size: G, query heads per KV head (for adaptive k and the capacity bound).
         """
+        plan = cls.cached(layout, config, group_size)
+        if plan is not None:
+            return plan
+        plan = cls.build_full(layout, config, group_size)
+        lineage = layout.__dict__.get("_lineage")
+        if lineage is not None:
+            lineage[_plan_key(config, group_size)] = _PlanCache(layout, plan, group_size)
+        return plan
+
+    @classmethod
+    def build_full(cls, layout: GistLayout, config: GistConfig, group_size: int) -> DecodePlan:
+        """`build` from scratch (the whole sequence through `gsa_rag.masks.visible`; one host sync)."""
         device = layout.input_ids.device
         B, T = layout.input_ids.shape
         C = layout.gist_index.shape[1]
@@ -184,6 +213,53 @@ class DecodePlan:
                    k, k_max, max_chunk_len, capacity, num_chunks, n_max > 0, uniform_k, nb_max)
 
 
+def _plan_key(config: GistConfig, group_size: int) -> tuple:
+    return (config.num_previous_chunks, config.k_policy, config.top_k, config.adaptive_ratio, config.chunk_size,
+            config.sink, group_size)
+
+
+class _PlanCache:
+    """A plan built at T0 columns, and its base / forgetting lists with the next `room` tail
+    columns T0.. already written after each row's entries (the list of step T is a prefix view)."""
+
+    ROOM = 256
+
+    def __init__(self, layout: GistLayout, plan: DecodePlan, group_size: int):
+        self.T0 = layout.seq_len
+        self.num_chunks, self.gist_index = layout.num_chunks, layout.gist_index
+        self.plan = plan
+        device = plan.base.device
+        room = self.ROOM
+        tail = self.T0 + torch.arange(room, device=device, dtype=torch.int32)
+        steps = torch.arange(room + 1, device=device, dtype=torch.int32)[:, None]
+
+        def extend(lst, lens):  # [B, N] list, [B] lengths -> [B, N + room] list, [room + 1, B] lengths
+            B, N = lst.shape
+            buf = torch.zeros(B, N + room, dtype=torch.int32, device=device)
+            buf[:, :N] = lst
+            buf.scatter_(1, lens.long()[:, None] + torch.arange(room, device=device), tail.expand(B, room))
+            return buf, (lens[None, :] + steps).to(torch.int32).contiguous()
+
+        self.base, self.base_len = extend(plan.base, plan.base_len)
+        forget, self.forget_len = extend(plan.forget[:, 0], plan.forget_len[:, 0])
+        self.forget = forget[:, None]
+        self.picked_cols = plan.capacity - plan.nb_max  # the capacity's chunk part (fixed)
+
+    def plan_for(self, layout: GistLayout) -> DecodePlan | None:
+        n = layout.seq_len - self.T0
+        if not 0 <= n <= self.ROOM or layout.num_chunks is not self.num_chunks or layout.gist_index is not self.gist_index:
+            return None
+        p = self.plan
+        if n == 0:
+            return p
+        nb, nf = p.nb_max + n, p.forget.shape[-1] + n
+        return DecodePlan(
+            self.base[:, :nb], self.base_len[n], p.chunk_ptr, p.chunk_cols, p.chunk_of_col,
+            self.forget[:, :, :nf], self.forget_len[n][:, None], p.k, p.k_max, p.max_chunk_len,
+            nb + self.picked_cols, p.num_chunks, p.selects, p.uniform_k, nb,
+        )
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -203,14 +279,14 @@ if triton is not None:
 
     @triton.jit
     def _gist_scores_kernel(
-        Q, K, GIDX, NCH, S, SIZES,
+        Q, K, GIDX, NCH, S, SIZES, CNT,
         s_qb, s_qh, s_qd,
         s_kb, s_kh, s_kt, s_kd,
         s_gb, s_gc,
         s_sb, s_sh, s_sc,
         Hkv, G, C,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
-        PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr,
+        PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr,
     ):
         # one program: one (batch, KV head) and BLOCK_C chunks; each gist key row is read once
         # and scored against all G query heads that share it (one [G_PAD, D] x [D, BLOCK_C] dot;
@@ -240,6 +316,9 @@ if triton is not None:
                  mask=(g < G)[:, None] & c_ok[None, :])
         if ZERO_SIZES:
             tl.store(SIZES + pid.to(tl.int64) * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
+        if ZERO_CNT:  # the arrival counters of the select kernel that runs next
+            if tl.program_id(1) == 0:
+                tl.store(CNT + pid, 0)
 
     @triton.jit
     def _mark_kernel(
@@ -303,12 +382,71 @@ if triton is not None:
             i = (j - NBC) * BLOCK + tl.arange(0, BLOCK)
             tl.store(out + i, tl.load(BASE + b * s_bb + i, mask=i < nb, other=0), mask=i < nb)
 
+    @triton.jit
+    def _topk_union_kernel(
+        S, KROW, PTR, SEL, SIZES, ENDS, CNT,
+        s_pb,
+        Hq, G, C,
+        BLOCK: tl.constexpr,
+    ):
+        # one program per (batch, query head); its score row [C] stays in registers.
+        # 1. the k-th largest score by bisection over the 32 bits of an order-preserving key
+        #    (key(s) = bits | 2^31 for s >= 0, ~bits for s < 0): x = the largest key with
+        #    count(score >= float(x)) >= k, one block reduction per bit (float compares);
+        # 2. pick score > t, plus the first k - count(> t) scores == t by chunk index (the
+        #    reference's stable argsort), never -inf; write the pick as an int8 row;
+        # 3. the last program of each GQA group to finish (arrival counter, zeroed by the
+        #    scores kernel) ORs the G rows (the union), writes each chunk's extra-column count
+        #    and the inclusive prefix sum that the expansion kernel places chunks by.
+        pid = tl.program_id(0)
+        b = pid // Hq
+        hq = pid % Hq
+        grp = b * (Hq // G) + hq // G
+        c = tl.arange(0, BLOCK)
+        ok = c < C
+        s = tl.load(S + pid.to(tl.int64) * C + c, mask=ok, other=float("-inf"))
+        s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0 (a tie, as in the reference's sort)
+        finite = s > float("-inf")
+        k = tl.minimum(tl.load(KROW + b).to(tl.int32), tl.sum(finite.to(tl.int32), 0))
+        x = tl.full([], 0, tl.int64)
+        step = tl.full([], 2147483648, tl.int64)
+        for _ in range(32):
+            y = x + step  # x's bits below `step` are all 0
+            u = tl.where(y >= 2147483648, y - 2147483648, 4294967295 - y)
+            yf = u.to(tl.int32).to(tl.float32, bitcast=True)  # NaN outside the finite keys: counts 0
+            cnt = tl.sum((s >= yf).to(tl.int32), 0)
+            x = tl.where(cnt >= k, y, x)
+            step = step // 2
+        u = tl.where(x >= 2147483648, x - 2147483648, 4294967295 - x)
+        t = u.to(tl.int32).to(tl.float32, bitcast=True)  # the k-th largest (NaN when k == 0)
+        gt = s > t
+        eq = s == t
+        room = k - tl.sum(gt.to(tl.int32), 0)
+        if tl.sum(eq.to(tl.int32), 0) > room:  # a tie straddles the k-th place: lowest chunks first
+            eq = eq & (tl.cumsum(eq.to(tl.int32), 0) <= room)
+        pick = (gt | eq) & finite
+        tl.store(SEL + pid.to(tl.int64) * C + c, pick.to(tl.int8), mask=ok)
+        tl.debug_barrier()  # every thread's row is stored before the arrival is counted
+        arrived = tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu")
+        if arrived == G - 1:
+            union = tl.zeros([BLOCK], dtype=tl.int32)
+            first = (b * Hq + (hq // G) * G).to(tl.int64) * C
+            for g in range(G):
+                union = union | tl.load(SEL + first + g * C + c, mask=ok, other=0, cache_modifier=".cg").to(tl.int32)
+            lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
+            hi = tl.load(PTR + b * s_pb + c + 1, mask=ok, other=0)
+            size = tl.where(union != 0, hi - lo, 0)
+            row = grp.to(tl.int64) * C
+            tl.store(SIZES + row + c, size, mask=ok)
+            tl.store(ENDS + row + c, tl.cumsum(size, 0), mask=ok)
+
+
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _scores_launch(query, key, gist_index, num_chunks, sizes=None) -> torch.Tensor:
+def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None) -> torch.Tensor:
     B, Hq, D = query.shape
     Hkv = key.shape[1]
     C = gist_index.shape[1]
@@ -318,12 +456,13 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None) -> torch.Tens
     grid = (B * Hkv, triton.cdiv(C, BLOCK_C))
     _gist_scores_kernel[grid](
         query, key, gist_index, num_chunks, out, out if sizes is None else sizes,
+        out if counters is None else counters,
         *query.stride(), *key.stride(), *gist_index.stride(), *out.stride(),
         Hkv, G, C, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
         DOT_F32=_interpret() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
-        num_warps=4, num_stages=2,
+        ZERO_CNT=counters is not None, num_warps=4, num_stages=2,
     )
     return out
 
@@ -401,14 +540,16 @@ def build_index_list_ref(plan: DecodePlan, selected: torch.Tensor, seq_len: int)
     return pack_columns(mask[..., :seq_len], plan.capacity)
 
 
-def _expand_launch(plan: DecodePlan, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """sizes: int32 [B, Hkv, C] contiguous, each chunk's extra-column count where selected, else 0."""
+def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sizes: int32 [B, Hkv, C] contiguous, each chunk's extra-column count where selected, else 0;
+    ends: its inclusive prefix sum along C (computed here when None)."""
     B, Hkv, C = sizes.shape
     out = torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=sizes.device)
     out_len = torch.empty(B, Hkv, dtype=torch.int32, device=sizes.device)
     if C == 0:  # nothing to expand: the base list alone
-        sizes = sizes.new_zeros(B, Hkv, 1)
-    ends = torch.cumsum(sizes, -1, dtype=torch.int32)
+        sizes, ends = sizes.new_zeros(B, Hkv, 1), None
+    if ends is None:
+        ends = torch.cumsum(sizes, -1, dtype=torch.int32)
     C = sizes.shape[-1]
     BLOCK_C, BLOCK = 64, 1024
     nbc = triton.cdiv(C, BLOCK_C)
@@ -429,17 +570,35 @@ def build_index_list_triton(plan: DecodePlan, selected: torch.Tensor) -> tuple[t
     return _expand_launch(plan, sizes)
 
 
+# the fused top-k keeps one score row in registers: up to this many chunks (128K tokens at chunk 8)
+TOPK_MAX_CHUNKS = 16384
+
+
+def _topk_block(C: int) -> int:
+    return max(16, _next_pow2(C))
+
+
 def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,
-                             config: GistConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selecting layers' key list without a host sync: scores (which also zero the size
-    table) -> torch.topk (unsorted when every row has the same k) -> mark (union over each GQA
-    group as chunk sizes) -> cumsum -> expansion. Top-p goes through `choose_union`."""
+                             config: GistConfig, fused_topk: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selecting layers' key list without a host sync, in three launches: scores (which also
+    zero the select kernel's arrival counters) -> `_topk_union_kernel` (per query head the set of
+    its k best chunks by a threshold search in registers; the last head of each GQA group writes
+    the union's chunk sizes and their prefix sum) -> expansion.
+
+    Above TOPK_MAX_CHUNKS chunks (or `fused_topk=False`) the older path runs: scores (zeroing the
+    size table) -> torch.topk -> mark kernel -> torch.cumsum -> expansion. Top-p goes through
+    `choose_union`. Both top-k paths pick the reference's set (ties to the lower chunk index);
+    torch.topk breaks exact ties in an unspecified order."""
     B, Hq, D = query.shape
     Hkv = key.shape[1]
     C = layout.gist_index.shape[1]
     if plan.k is None:
         scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks)
         return build_index_list_triton(plan, choose_union(scores, plan, Hkv, config, D))
+    if fused_topk is None:
+        fused_topk = 0 < C <= TOPK_MAX_CHUNKS
+    if fused_topk:
+        return _expand_launch(plan, *select_sizes_triton(query, key, layout, plan))
     sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
     scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, sizes)
     k_max = max(1, min(plan.k_max, C))
@@ -451,6 +610,46 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
         BLOCK_K=min(1024, max(16, _next_pow2(k_max))), USE_RANK=not plan.uniform_k, num_warps=4,
     )
     return _expand_launch(plan, sizes)
+
+
+def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout,
+                        plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two launches of the fused path (scores, select kernel): int32 [B, Hkv, C] size
+    of each chunk in the union (0 where not chosen) and its inclusive prefix sum along C."""
+    B, Hq, _ = query.shape
+    Hkv = key.shape[1]
+    C = layout.gist_index.shape[1]
+    sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
+    ends = torch.empty_like(sizes)
+    counters = torch.empty(B * Hkv, dtype=torch.int32, device=query.device)
+    picks = torch.empty(B, Hq, C, dtype=torch.int8, device=query.device)
+    scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, counters=counters)
+    block = _topk_block(C)
+    _topk_union_kernel[(B * Hq,)](
+        scores, plan.k, plan.chunk_ptr, picks, sizes, ends, counters,
+        plan.chunk_ptr.stride(0), Hq, Hq // Hkv, C,
+        BLOCK=block, num_warps=max(4, min(16, block // 1024)),
+    )
+    return sizes, ends
+
+
+def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int) -> torch.Tensor:
+    """The fused top-k + GQA union alone, as `choose_union`'s bool [B, Hkv, C] (for tests): the
+    chunks whose size the select kernel wrote nonzero (every chunk has at least its gist)."""
+    B, Hq, C = scores.shape
+    sizes = torch.full((B, num_kv_heads, C), -1, dtype=torch.int32, device=scores.device)
+    ends = torch.full_like(sizes, -1)
+    counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)
+    picks = torch.full((B, Hq, C), -1, dtype=torch.int8, device=scores.device)
+    block = _topk_block(C)
+    _topk_union_kernel[(B * Hq,)](
+        scores.contiguous(), plan.k, plan.chunk_ptr, picks, sizes, ends, counters,
+        plan.chunk_ptr.stride(0), Hq, Hq // num_kv_heads, C,
+        BLOCK=block, num_warps=max(4, min(16, block // 1024)),
+    )
+    assert bool((sizes >= 0).all()) and bool((counters == Hq // num_kv_heads).all())
+    assert torch.equal(ends, torch.cumsum(sizes, -1, dtype=torch.int32))
+    return picks.view(B, num_kv_heads, Hq // num_kv_heads, C).any(2), sizes
 
 
 def select_index_list(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,

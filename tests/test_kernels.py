@@ -30,6 +30,8 @@ from gsa_rag.kernels.gist_select import (
     gist_scores_ref,
     gist_scores_triton,
     select_index_list,
+    select_index_list_triton,
+    topk_union_triton,
 )
 from gsa_rag.kernels.prefill import gist_prefill, gist_prefill_ref
 from gsa_rag.kernels.sparse_decode import sparse_decode_ref, sparse_decode_triton
@@ -108,6 +110,36 @@ def test_key_list_is_the_engine_mask(kv_reuse):
                 assert as_sets(index, lengths, B, Hkv) == want, (seed, layer, use_triton, config)
 
 
+@pytest.mark.parametrize("kv_reuse", [False, True])
+def test_cached_plan_of_appended_layouts_equals_a_fresh_plan(kv_reuse):
+    """DecodePlan.build reuses the plan of an earlier step of the same append lineage: every
+    later step's lists (selecting and forgetting layers) equal a fresh plan's and the engine mask."""
+    for seed in range(4):
+        layout, config = random_layout(seed + 40, kv_reuse=kv_reuse)
+        B = layout.batch_size
+        Hq, Hkv, D = 4, 2, 16
+        g = torch.Generator().manual_seed(seed)
+        first = DecodePlan.build(layout, config, Hq // Hkv)
+        assert DecodePlan.build(layout, config, Hq // Hkv) is first or layout.__dict__.get("_lineage") is None
+        for step in range(3):
+            layout = layout.append(torch.randint(1, 990, (B, 1), generator=g).to(DEVICE))
+            T = layout.seq_len
+            plan = DecodePlan.build(layout, config, Hq // Hkv)
+            if step:
+                assert DecodePlan.cached(layout, config, Hq // Hkv) is not None
+            fresh = DecodePlan.build_full(layout, config, Hq // Hkv)
+            assert plan.capacity == fresh.capacity and plan.nb_max == fresh.nb_max
+            q = torch.randn(B, Hq, D, generator=g).to(DEVICE)
+            k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE)
+            for layer in (0, 1):
+                want = engine_lists(layout, config, q, k, layer)
+                want = [[torch.nonzero(want[b, h]).flatten().tolist() for h in range(Hkv)] for b in range(B)]
+                for p in (plan, fresh):
+                    for use_triton in (False, True):
+                        index, lengths = select_index_list(q, k, layout, p, config, layer, use_triton)
+                        assert as_sets(index, lengths, B, Hkv) == want, (seed, step, layer, use_triton)
+
+
 def test_synthetic_benchmark_layout_lists_are_the_engine_mask():
     """The benchmarks' synthetic layout (gsa_rag.kernels.bench) goes through the same rule."""
     from gsa_rag.kernels.bench import synthetic_layout
@@ -175,6 +207,53 @@ def test_topk_union_equals_reference_selection():
             context_len = (layout.valid & ~layout.is_tail).sum(-1)
             want = select_chunks(q[:, :, None], k, layout.gist_index, layout.gist_valid, context_len, config)[:, :, 0]
             assert torch.equal(got, want), (seed, policy)
+
+
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_fused_topk_union_picks_the_reference_sets(G):
+    """The select kernel's threshold search picks the reference's set per head (stable argsort:
+    ties go to the lower chunk index), never a missing chunk, k above the chunks that exist,
+    k = 0, many exact ties, -0.0 against +0.0; then the GQA union, its sizes and prefix sum."""
+    from types import SimpleNamespace
+
+    from gsa_rag.selection import choose_chunks, union_over_groups
+
+    g = torch.Generator().manual_seed(G)
+    for trial in range(8):
+        B, Hkv = 2, 2
+        Hq = Hkv * G
+        C = int(torch.randint(1, 400, (), generator=g))
+        scores = torch.randn(B, Hq, C, generator=g)
+        if trial % 3 == 0:  # few distinct values: ties straddle the k-th place
+            scores = torch.randint(-3, 3, (B, Hq, C), generator=g).float()
+        if trial % 4 == 1:
+            scores = torch.where(scores > 1, -0.0, torch.where(scores < -1, 0.0, scores))
+        num_chunks = torch.randint(0, C + 1, (B,), generator=g)
+        num_chunks[0] = C
+        scores = torch.where(torch.arange(C)[None, None] < num_chunks[:, None, None], scores, float("-inf"))
+        k = torch.randint(0, C + 3, (B,), generator=g)
+        k[0] = min(int(k[0]), 1 + C // 20) if trial % 2 else k[0]
+        sizes = torch.randint(1, 4, (B, C), generator=g)
+        plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.cat([torch.zeros(B, 1, dtype=torch.long), sizes.cumsum(-1)], 1).int().to(DEVICE))
+        got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hkv)
+        want = union_over_groups(choose_chunks(scores[:, :, None], k=k), Hkv)[:, :, 0]
+        assert torch.equal(got.cpu(), want), (G, trial)
+        assert torch.equal(got_sizes.cpu(), torch.where(want, sizes[:, None].int(), 0)), (G, trial)
+
+
+def test_fused_and_torch_topk_paths_give_the_same_lists():
+    """select_index_list_triton with the fused select kernel and with torch.topk + mark + cumsum."""
+    from gsa_rag.kernels.bench import synthetic_layout
+
+    config = GistConfig(chunk_size=4, sink=4, k_policy="adaptive", adaptive_ratio=2.0)
+    layout = synthetic_layout(3, 900, 4, device=DEVICE).append(torch.full((3, 1), 5, device=DEVICE))
+    B, T = layout.input_ids.shape
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(B, 8, 16, generator=g).to(DEVICE), torch.randn(B, 2, T, 16, generator=g).to(DEVICE)
+    plan = DecodePlan.build(layout, config, 4)
+    lists = [select_index_list_triton(q, k, layout, plan, config, fused_topk=f) for f in (True, False)]
+    assert torch.equal(lists[0][1], lists[1][1])
+    assert as_sets(*lists[0], B, 2) == as_sets(*lists[1], B, 2)
 
 
 # --------------------------------------------------------------------------- sparse decode
