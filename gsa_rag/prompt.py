@@ -20,13 +20,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gsa_rag.errors import InputTypeError
+from gsa_rag.errors import InputError, InputTypeError
 from gsa_rag.layout import TOKENIZER_LOCK, Segment, encode_text
 
 DEFAULT_SYSTEM = "Answer the question using the documents. Reply with a short answer only."
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template touches them
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 _PREFIX, _TAIL = "prefix", "tail"
+MESSAGE_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,9 @@ def build_message_segments(tokenizer, messages) -> list[Segment]:
     parts: list[Part] = []
     rendered_messages = []
     for message in messages:
+        if message.get("role") not in MESSAGE_ROLES:
+            # roles are rendered as template text, where special-token strings are live
+            raise InputError(f"message role must be one of {MESSAGE_ROLES}, got {message.get('role')!r}")
         content = message["content"]
         items = [Part(content)] if isinstance(content, str) else [p if isinstance(p, Part) else Part(*p) for p in content]
         first = len(parts)
