@@ -131,6 +131,11 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    p.add_argument("--reuse", action="store_true",
+                   help="sft: train the KV-reuse (gist memory) layout: passages encoded independently, "
+                        "link tokens after each one")
+    p.add_argument("--num-links", type=int, default=None,
+                   help="with --reuse: link tokens after each passage (default: all reserved, as GistMemory uses)")
     defaults = TrainArgs(stage="cpt", output="")
     for name in ("lora_r", "lora_alpha", "lr", "steps", "batch_size", "grad_accum", "warmup", "seed", "block_tokens",
                  "tail_tokens", "max_blocks", "max_prompt_tokens", "save_every", "log_every", "max_minutes"):

@@ -130,7 +130,9 @@ class GistEngine:
             observe: optional callback given the GistState of every forward (for budgets).
             memory: a GistMemory (gsa_rag.memory): passages are then ids in it or texts
                 (added if missing), laid out for KV reuse, and their cached KV is used, never
-                re-encoded. A batch over memory runs one question at a time.
+                re-encoded. An unknown str without whitespace is refused as a mistyped id
+                (pass a one-word text as a Passage or dict; see GistMemory.prepare). A batch
+                over memory runs one question at a time.
 
         Returns:
             The answer, or a list of answers for a batch.

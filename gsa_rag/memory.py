@@ -41,10 +41,24 @@ exactly when `sink == 0`; with a sink, a passage saw the sink `sink` positions a
 was cached but sees it `offset` positions away in one forward: the only difference, and the
 one KVLink's training also makes.
 
+Hierarchy (H-GSA, `GistConfig.meta_chunks`). Nothing changes but what the layout inserts: a
+passage unit is laid out with its meta-gists, and since every segment closes its open sections,
+the passage's tokens, gists and meta-gists (and its mask, all relative to the passage) are the
+same alone as in any prompt. Its meta-gists are resident like its gists; the question selects
+coarse to fine over the assembled cache (`selection.select_hierarchical`), and offloaded raw KV
+is fetched for exactly the chunks that selection unfolds (plus the local windows).
+test_memory_hierarchy holds the same exactness tests as for one level.
+
+Ids or texts. `prepare` (and `engine.generate(memory=...)`) take passage ids or passages. A str
+that names a stored passage is that passage; an unknown str with no whitespace looks like an id
+(ids `add` assigns are 16 hex digits) and is refused with InputError, so a mistyped or evicted
+id never silently becomes a one-word passage; any other str is text. Passages and dicts are
+always text (the way to pass a one-word text).
+
 Storage. Entries are content-addressed: the memory is bound to (model fingerprint, the
 encoding fields of the GistConfig: chunk_size, sink, num_previous_chunks, word_aware,
-gist_token), and within it an entry's key is sha256 over (kind, sink ids, sha256 of the
-rendered passage text). Adding a passage twice costs nothing. Gist KV (and the prefix's sink
+gist_token, meta_chunks, and with a hierarchy mgist_token), and within it an entry's key is
+sha256 over (kind, sink ids, sha256 of the rendered passage text). Adding a passage twice costs nothing. Gist KV (and the prefix's sink
 KV) always lives on the model device; raw KV on the device or, with `offload=True`, in host
 memory (pinned when CUDA is there), copied to the device per layer only for the columns a
 question makes visible (`cache.GistCache`). A byte budget (`max_bytes`) evicts the least
@@ -55,10 +69,13 @@ bytes, and then `manifest.json` (format version, model fingerprint, GistConfig, 
 ids, text hashes, each file's sha256) through a temporary file and `os.replace`; files the new
 manifest no longer names are deleted last. A crash at any point leaves the previous manifest and
 every file it names intact. `load` refuses another model, another encoding config, a newer
-format, and any file whose sha256 differs. No pickle anywhere.
+format, and any file whose sha256 differs (a manifest without meta_chunks, saved before the
+hierarchy, is single-level). No pickle anywhere.
 
-Search. `search(question, k)` scores stored passages by the model's own gist attention: the
-question is run closed-book (prefix + question) and its per-layer queries (post-RoPE, every
+Search. `search(question, k)` scores stored passages by the model's own gist attention over
+their chunk (level-0) gists; with a hierarchy it stays single-level: meta-gists are not scored,
+and a hit's `chunks` are those single-level top-k would unfold among the hits (the question's
+coarse-to-fine selection may unfold others). The question is run closed-book (prefix + question) and its per-layer queries (post-RoPE, every
 question token, layers >= first_selecting_layer, every query head) are scored against each
 passage's gist keys, placed as if the passage were the document right before the question.
 Two aggregations: "max" (default) — the mean over (layer, head, token) of the passage's best
@@ -76,6 +93,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -87,7 +105,7 @@ from transformers import DynamicCache
 
 from gsa_rag.cache import GistCache, KeyRotator, OffloadedSource
 from gsa_rag.config import GistConfig
-from gsa_rag.errors import ConfigError, ContextTooLongError, InputError, InputTypeError, MemoryFormatError
+from gsa_rag.errors import ContextTooLongError, InputError, InputTypeError, MemoryFormatError
 from gsa_rag.generation import forward
 from gsa_rag.layout import Segment, build_layout, encode_text
 from gsa_rag.locking import locked
@@ -107,15 +125,25 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # GistConfig fields that change the cached KV; the others (k policy, top-k, ...) only change
 # what a question unfolds, so a memory serves any of them
-ENCODING_FIELDS = ("chunk_size", "sink", "num_previous_chunks", "word_aware", "gist_token")
+ENCODING_FIELDS = ("chunk_size", "sink", "num_previous_chunks", "word_aware", "gist_token", "meta_chunks")
+# encoding fields added after format version 1 first shipped, with the value every older memory was
+# built with (it refused a hierarchy), so older saves still load
+_ENCODING_DEFAULTS = {"meta_chunks": []}
 
 
+_WHITESPACE = re.compile(r"\s")  # a str passage without it is read as an id (see GistMemory._resolve)
 _ENTRY_TENSORS = ("ids", "is_gist", "resident", "res_k", "res_v", "raw_k", "raw_v")
 __all__ = ["GistMemory", "MemoryFormatError", "MemoryStats", "SearchHit"]  # MemoryFormatError: from gsa_rag.errors
 
 
 def encoding_config(config: GistConfig) -> dict:
-    return {name: getattr(config, name) for name in ENCODING_FIELDS}
+    """The GistConfig fields that change cached KV, as JSON keeps them (meta_chunks a list);
+    with a hierarchy also the meta-gist token."""
+    out = {name: getattr(config, name) for name in ENCODING_FIELDS}
+    out["meta_chunks"] = list(config.meta_chunks)
+    if config.hierarchical:
+        out["mgist_token"] = config.mgist_token
+    return out
 
 
 @dataclass
@@ -170,7 +198,7 @@ class _Record:
 @dataclass
 class MemoryStats:
     """What the memory holds. `entries`: cached units (passages and prompt prefixes);
-    `tokens`, `gists`: their tokens and gist tokens. `gist_bytes`: KV of gist tokens (and the
+    `tokens`, `gists`: their tokens and gist tokens (of every level). `gist_bytes`: KV of gist tokens (and the
     prefixes' sink), always on the model device; `raw_bytes`: KV of every other cached token, on
     the device or (offload) the host."""
 
@@ -245,10 +273,6 @@ class GistMemory:
     ):
         from gsa_rag.models import model_fingerprint
 
-        if engine.config.hierarchical:
-            # entries, search and the cache's chunk index know one gist level (issue 5, still open)
-            raise ConfigError(f"gist memory supports single-level gists only, got meta_chunks={engine.config.meta_chunks}: "
-                              "use an engine with meta_chunks=() for memory, or pass passages to generate directly")
         self.engine = engine
         self.offload = bool(offload)
         self.max_bytes = max_bytes
@@ -263,6 +287,7 @@ class GistMemory:
         self.rotator = KeyRotator(engine.model)
         self.fingerprint = model_fingerprint(engine.model)
         self.encoding = encoding_config(engine.config)
+        self._gist_id = engine.tokenizer.convert_tokens_to_ids(engine.config.gist_token)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._passages: dict[str, _Record] = {}
         self._vectors = _VectorIndex()
@@ -462,13 +487,24 @@ class GistMemory:
         return self._entries[key]
 
     def _resolve(self, passages: Sequence, sink: list[int]) -> list[_Entry]:
-        """Passage ids or texts -> their entries under `sink`, encoding what is missing."""
+        """Passage ids or texts -> their entries under `sink`, encoding what is missing.
+
+        The rule for a str (see `prepare`): a stored id names its passage; an unknown str with
+        no whitespace looks like an id (every id `add` assigns is 16 hex digits; custom ids are
+        usually one word) and is refused, so a mistyped or evicted id never becomes a one-line
+        passage; any other str is passage text. Passages and dicts are always text.
+        """
         records = []
         for item in passages:
             if isinstance(item, str) and item in self._passages:
                 records.append(self._passages[item])
-            else:
-                records.append(self._passages[self._record(as_passage(item), None)])
+                continue
+            if isinstance(item, str) and item.strip() and not _WHITESPACE.search(item.strip()):
+                raise InputError(
+                    f"no passage with id {item!r} in this memory (unknown, mistyped or evicted; memory.ids lists them). "
+                    "To pass it as passage text, give Passage(text) or {'text': text}: a one-word str is read as an id"
+                )
+            records.append(self._passages[self._record(as_passage(item), None)])
         self._encode_missing(records, sink)
         return [self._entries[self._passage_key(sink, r.sha)] for r in records]
 
@@ -483,7 +519,10 @@ class GistMemory:
         Args:
             question: the question.
             passages: passage ids in this memory, or passages (texts, dicts, Passages; those
-                not in memory yet are added).
+                not in memory yet are added). A str is an id when it names a stored passage;
+                an unknown str without whitespace is taken for a mistyped or evicted id and
+                refused (InputError); any other str is text. Wrap a one-word text as
+                Passage(text) or {"text": text}: Passages and dicts are always text.
             system: the system line.
 
         Returns:
@@ -621,8 +660,9 @@ class GistMemory:
         keys, owner, chunk, shifts = [], [], [], []
         for i, e in enumerate(entries):
             n_raw = int((~e.is_gist).sum())
-            m = e.res_k.shape[2]
-            keys.append(e.res_k[layers])
+            gists = self._chunk_gists(e)  # level-0 gists only: meta-gists are not chunks
+            m = len(gists)
+            keys.append(e.res_k[layers][:, :, gists])
             owner.append(torch.full((m,), i, dtype=torch.long))
             chunk.append(torch.arange(m))
             shifts.append(torch.full((m,), tail_start - self.num_links - n_raw - e.base, dtype=torch.long))
@@ -677,8 +717,17 @@ class GistMemory:
                 votes[hit_of[p]][local[p]] = float(counts[j]) / pairs
         return votes
 
+    def _level0(self, entry: _Entry) -> torch.Tensor:
+        """bool [n]: the entry's level-0 gists (the chunk gists; meta-gists carry another id)."""
+        return entry.is_gist & (entry.ids == self._gist_id)
+
+    def _chunk_gists(self, entry: _Entry) -> torch.Tensor:
+        """long [C] on the model device: which resident KV columns of a passage are its chunk gists, in order."""
+        return torch.nonzero(self._level0(entry)[entry.resident]).flatten().to(entry.res_k.device)
+
     def _chunk_text(self, entry: _Entry, c: int) -> str:
-        chunk_of = torch.cumsum(entry.is_gist.long(), 0) - entry.is_gist.long()
+        gist = self._level0(entry).long()
+        chunk_of = torch.cumsum(gist, 0) - gist
         ids = entry.ids[(chunk_of == c) & ~entry.is_gist].tolist()
         return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -831,8 +880,10 @@ class GistMemory:
                 f"{directory} was built with another model (fingerprint {manifest['model_fingerprint']}, this engine's "
                 f"model is {memory.fingerprint}); rebuild the memory with this model"
             )
-        if manifest["encoding"] != memory.encoding:
-            diff = {k: (manifest["encoding"].get(k), v) for k, v in memory.encoding.items() if manifest["encoding"].get(k) != v}
+        saved = {**_ENCODING_DEFAULTS, **manifest["encoding"]}
+        if saved != memory.encoding:
+            diff = {k: (saved.get(k), memory.encoding.get(k)) for k in sorted(set(saved) | set(memory.encoding))
+                    if saved.get(k) != memory.encoding.get(k)}
             raise MemoryFormatError(f"{directory} was built with another gist config (saved, engine): {diff}")
         model_dtype = next(engine.model.parameters()).dtype
         for item in manifest["entries"]:

@@ -15,11 +15,9 @@ from gsa_rag.attention import GistState
 from gsa_rag.cli import main
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
-from gsa_rag.errors import ConfigError
 from gsa_rag.eval.methods.base import parse_spec
 from gsa_rag.generation import forward
 from gsa_rag.layout import Segment, build_layout
-from gsa_rag.memory import GistMemory
 from gsa_rag.models import load_model
 from gsa_rag.prompt import build_segments
 from gsa_rag.train.data import IGNORE, collate, pack_documents
@@ -131,12 +129,7 @@ def test_cli_trains_with_levels_and_the_adapter_keeps_them(tiny_dir, tmp_path, c
         assert "gsa-rag: error" in capsys.readouterr().err
 
 
-# --- the rest of the system: memory refuses, eval specs ---------------------------------------------------------
-
-
-def test_gist_memory_refuses_a_hierarchy_with_a_clear_error(tokenizer):  # noqa: F811
-    with pytest.raises(ConfigError, match="single-level"):
-        GistMemory(tiny_engine(tokenizer, **HIER), progress=False)
+# --- the rest of the system: eval specs (gist memory over a hierarchy: tests/test_memory_hierarchy.py) ---------
 
 
 @pytest.mark.parametrize("spec,ratio,meta", [("gsa:chunk=8:meta=4", 32, (4,)), ("gsa:chunk=4:meta=4", 16, (4,)),

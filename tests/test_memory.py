@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Llam
 
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
+from gsa_rag.errors import InputError
 from gsa_rag.generation import SamplingParams, forward, generate_tokens
 from gsa_rag.layout import Segment, build_layout, encode_text
 from gsa_rag.masks import dense_gist_mask, dense_unfold_mask
@@ -326,6 +327,27 @@ def test_engine_generate_and_stream_over_memory(tokenizer):
     with pytest.raises(ValueError, match="another engine"):
         other_engine = tiny_engine(tokenizer, seed=1)
         other_engine.generate(QUESTION, ids, memory=memory)
+
+
+def test_an_unknown_one_word_str_is_refused_as_a_mistyped_id_not_read_as_text(tokenizer):
+    engine = tiny_engine(tokenizer)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    typo = ids[0][:-1] + ("0" if ids[0][-1] != "0" else "1")
+    memory.remove(ids[2])
+    encoded = memory.encoded_tokens
+    for bad in (typo, "doc-7", ids[2], f" {typo}\n"):  # mistyped, custom-looking, removed (or evicted)
+        with pytest.raises(InputError, match="no passage with id"):
+            memory.prepare(QUESTION, [ids[0], bad])
+        with pytest.raises(InputError, match=r"Passage\(text\)"):
+            engine.generate(QUESTION, [bad], memory=memory, max_new_tokens=1)
+    assert memory.ids == ids[:2] and memory.encoded_tokens == encoded  # nothing was added nor encoded
+    # ids (default or custom) name their passages; a str with whitespace is text and is added;
+    # a one-word text goes in as a Passage or dict
+    memory.add(["The Moon orbits the Earth."], ids=["moon"])
+    layout, _ = memory.prepare(QUESTION, [ids[0], "moon", "Paris is in France.", Passage("Paris"), {"text": "Oslo"}])
+    assert len(memory) == 6 and int(layout.doc_id.max()) == 4
+    assert memory.passage(memory.ids[-1]).text == "Oslo"
 
 
 # --- search ---------------------------------------------------------------------------------------

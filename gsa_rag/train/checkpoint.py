@@ -9,6 +9,11 @@ A checkpoint directory holds:
 
 Writes go to a temporary sibling directory renamed into place, so a crash mid-save leaves the
 previous checkpoint intact.
+
+Under FSDP2 parameters and optimizer moments are sharded DTensors: saving gathers each one whole
+(every rank must call `save_checkpoint`; only the one with `write=True` writes), and loading
+hands every rank its own shard of the saved whole tensor. A checkpoint is therefore the same
+files whatever the number of processes or the sharding, and resumes under either.
 """
 
 from __future__ import annotations
@@ -28,15 +33,34 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(directory: str | Path, model, optimizer, scheduler, step: int, args: dict) -> Path:
-    """Writes the checkpoint for `step` under `directory/step-<step>` atomically."""
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor on the CPU (a sharded DTensor is gathered: a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    t = t.detach()
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.contiguous().cpu()
+
+
+def _like(saved: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`saved` (a whole tensor) laid out as `target`: this rank's shard when target is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        return distribute_tensor(saved.to(target.device, target.dtype), target.device_mesh, target.placements)
+    return saved.to(target.device, target.dtype)
+
+
+def save_checkpoint(directory: str | Path, model, optimizer, scheduler, step: int, args: dict, write: bool = True) -> Path:
+    """Writes the checkpoint for `step` under `directory/step-<step>` atomically.
+
+    With sharded (FSDP) parameters every rank calls this (the gathers are collectives) and only
+    the one with `write` True touches the disk."""
     directory = Path(directory)
     target = directory / f"step-{step:07d}"
-    tmp = directory / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     params = _trainable(model)
-    save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+    weights = {n: whole_tensor(p) for n, p in params.items()}
 
     names = {id(p): n for n, p in params.items()}
     tensors, scalars = {}, {}
@@ -44,9 +68,15 @@ def save_checkpoint(directory: str | Path, model, optimizer, scheduler, step: in
         name = names[id(param)]
         for key, value in state.items():
             if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{name}/{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}/{key}"] = whole_tensor(value)
             else:
                 scalars[f"{name}/{key}"] = float(value)
+    if not write:
+        return target
+    tmp = directory / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / "trainable.safetensors"))
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -84,11 +114,11 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> int:
         raise ValueError(f"{path}: the checkpoint's trainable parameters do not match this model/adapter setup")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(saved[name].to(p.device, p.dtype))
+            p.copy_(_like(saved[name], p))
 
     tensors = load_file(str(path / "optimizer.safetensors"))
     for name, p in params.items():
-        entry = {k.split("/", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.split("/", 1)[0] == name}
+        entry = {k.split("/", 1)[1]: _like(v, p) for k, v in tensors.items() if k.split("/", 1)[0] == name}
         entry.update({k.split("/", 1)[1]: torch.tensor(v) for k, v in state["optimizer_scalars"].items()
                       if k.split("/", 1)[0] == name})
         if entry:

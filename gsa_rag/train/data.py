@@ -10,6 +10,10 @@ and the same gsa attention function as inference: nothing is re-implemented for 
 - Stage 2 (SFT): a RAG example is rendered with the chat template exactly as at inference
   (prompt.build_segments) and the answer + end-of-turn token is appended to the raw tail.
   Loss: the answer tokens only.
+- Stage 2 with KV reuse (`--reuse`): the gist-memory layout, built by the very code GistMemory
+  uses (prompt.build_reuse_segments): every passage rendered without its number and encoded as
+  an independent segment (it sees itself and the sink only), followed by the link tokens that
+  bridge it to later tokens, then the raw tail + answer. Loss: the answer tokens only.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout, Segment, build_layout
-from gsa_rag.prompt import build_segments
+from gsa_rag.prompt import build_reuse_segments, build_segments
 
 IGNORE = -100
 
@@ -97,10 +101,20 @@ def pack_documents(texts, tokenizer, block_tokens: int, tail_tokens: int, max_bl
     return blocks
 
 
-def rag_example(tokenizer, question: str, passages, answer: str, system=None) -> TrainExample:
-    """One SFT example: the inference prompt with `answer` + end-of-turn appended to the tail."""
+def rag_example(tokenizer, question: str, passages, answer: str, system=None,
+                link_ids: list[int] | None = None) -> TrainExample:
+    """One SFT example: the inference prompt with `answer` + end-of-turn appended to the tail.
+
+    Args:
+        link_ids: None for the ordinary prompt (`prompt.build_segments`, as `engine.generate`
+            lays it out); a list (possibly empty) for the KV-reuse prompt with these link
+            tokens after every passage (`prompt.build_reuse_segments`, as `GistMemory` lays it out).
+    """
     kwargs = {} if system is None else {"system": system}
-    segments = build_segments(tokenizer, question, passages, **kwargs)
+    if link_ids is None:
+        segments = build_segments(tokenizer, question, passages, **kwargs)
+    else:
+        segments = build_reuse_segments(tokenizer, question, passages, list(link_ids), **kwargs)
     answer_ids = tokenizer(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     answer_ids.append(tokenizer.eos_token_id)
     tail = segments[-1]
@@ -108,8 +122,10 @@ def rag_example(tokenizer, question: str, passages, answer: str, system=None) ->
     return TrainExample(segments, loss_tokens=len(answer_ids))
 
 
-def rag_examples(paths, tokenizer, max_prompt_tokens: int | None = None, seed: int = 0) -> list[TrainExample]:
-    """SFT examples from canonical RAG JSONL files (the first answer is the target).
+def rag_examples(paths, tokenizer, max_prompt_tokens: int | None = None, seed: int = 0,
+                 link_ids: list[int] | None = None) -> list[TrainExample]:
+    """SFT examples from canonical RAG JSONL files (the first answer is the target); `link_ids`:
+    see `rag_example` (not None: the KV-reuse layout).
 
     Examples whose prompt exceeds `max_prompt_tokens` lose passages from the end until it fits
     (gold passages last), so no example is silently truncated mid-passage.
@@ -121,11 +137,11 @@ def rag_examples(paths, tokenizer, max_prompt_tokens: int | None = None, seed: i
     for path in paths:
         for ex in load_examples(path):
             passages = list(ex.passages)
-            example = rag_example(tokenizer, ex.question, passages, ex.answers[0])
+            example = rag_example(tokenizer, ex.question, passages, ex.answers[0], link_ids=link_ids)
             while max_prompt_tokens and _length(example) > max_prompt_tokens and passages:
                 drop = next((i for i in reversed(range(len(passages))) if not passages[i].is_gold), len(passages) - 1)
                 passages.pop(drop)
-                example = rag_example(tokenizer, ex.question, passages, ex.answers[0])
+                example = rag_example(tokenizer, ex.question, passages, ex.answers[0], link_ids=link_ids)
             out.append(example)
     rng.shuffle(out)
     return out

@@ -3,7 +3,9 @@ one or many processes (DDP; FSDP through an accelerate config), resumable checkp
 
     gsa-rag train cpt --data docs.jsonl --output runs/cpt8 --chunk-size 8
     gsa-rag train sft --data nq/train.jsonl --output runs/sft8 --init-adapter runs/cpt8
-    accelerate launch --num_processes 2 -m gsa_rag.cli train sft ...
+    gsa-rag train sft --reuse --data nq/train.jsonl --output runs/sft8-reuse --init-adapter runs/cpt8
+    accelerate launch --num_processes 2 -m gsa_rag.cli train sft ...                      # DDP
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml -m gsa_rag.cli train sft ...  # FSDP2
 
 Every forward is the inference forward: `model(..., gsa_state=GistState(...))` through the
 "gsa" attention function, context rows under the forgetting mask and tail rows unfolding the
@@ -50,6 +52,8 @@ class TrainArgs:
     tail_tokens: int = 128  # cpt: raw tail that recalls by selection
     max_blocks: int | None = None  # cpt: cap on packed blocks
     max_prompt_tokens: int = 4096  # sft: drop passages beyond this
+    reuse: bool = False  # sft: the KV-reuse (gist memory) layout: independent passages + link tokens
+    num_links: int | None = None  # sft --reuse: link tokens after each passage; None: all (as GistMemory)
     gradient_checkpointing: bool = False
     save_every: int = 0  # steps between resumable checkpoints; 0: only at the end
     resume: bool = False
@@ -57,15 +61,32 @@ class TrainArgs:
     max_minutes: float = 0.0  # stop early (and save) once this much time is spent; 0: no limit
 
 
-def build_examples(args: TrainArgs, tokenizer) -> list[TrainExample]:
+def reuse_link_ids(args: TrainArgs, config: GistConfig, tokenizer) -> list[int] | None:
+    """The link token ids a `--reuse` run puts after every passage (None: not a reuse run).
+
+    As many as GistMemory uses at inference: `num_links`, by default all of `config.link_tokens`.
+    """
+    if not args.reuse:
+        return None
+    if args.stage != "sft":
+        raise ValueError("--reuse trains the gist-memory (KV reuse) layout of RAG examples: use it with `train sft`")
+    links = config.link_tokens
+    n = len(links) if args.num_links is None else args.num_links
+    if not 0 <= n <= len(links):
+        raise ValueError(f"--num-links must be in 0..{len(links)} (the reserved link tokens), got {n}")
+    return [tokenizer.convert_tokens_to_ids(t) for t in links[:n]]
+
+
+def build_examples(args: TrainArgs, tokenizer, config: GistConfig | None = None) -> list[TrainExample]:
     from gsa_rag.train.data import pack_documents, rag_examples, read_texts
 
     if not args.data:
         raise ValueError("no training data: pass --data FILE [FILE ...]")
+    link_ids = reuse_link_ids(args, config or GistConfig(**args.gist), tokenizer)
     if args.stage == "cpt":
         examples = pack_documents(read_texts(args.data), tokenizer, args.block_tokens, args.tail_tokens, args.max_blocks)
     elif args.stage == "sft":
-        examples = rag_examples(args.data, tokenizer, args.max_prompt_tokens, seed=args.seed)
+        examples = rag_examples(args.data, tokenizer, args.max_prompt_tokens, seed=args.seed, link_ids=link_ids)
     else:
         raise ValueError(f"stage must be 'cpt' or 'sft', got {args.stage!r}")
     if not examples:
@@ -114,6 +135,8 @@ def train(args: TrainArgs) -> Path:
         raise FileExistsError(f"{output} already holds a trained adapter; choose another --output (nothing was overwritten)")
     if args.full and args.init_adapter:
         raise ValueError("--full trains a whole model: continue from an earlier full run with --base, not --init-adapter")
+    if args.reuse and args.stage != "sft":
+        raise ValueError("--reuse trains the gist-memory (KV reuse) layout of RAG examples: use it with `train sft`")
     # stage 2 keeps stage 1's layout; explicitly given gist options (e.g. top_k) override it
     base_config = adapter_config(args.init_adapter).to_dict() if args.init_adapter else {}
     config = GistConfig(**{**base_config, **args.gist})
@@ -122,6 +145,8 @@ def train(args: TrainArgs) -> Path:
         gradient_accumulation_steps=args.grad_accum,
         cpu=not torch.cuda.is_available(),
     )
+    _check_fsdp(accelerator)
+    fsdp = _is_fsdp(accelerator)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.base, gist_config=config, dtype=torch.float32, device=accelerator.device)
@@ -132,14 +157,18 @@ def train(args: TrainArgs) -> Path:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = _wrap_trainable(model, tokenizer, args, config)
     model.train()
-    examples = build_examples(args, tokenizer)
+    if fsdp:
+        _fsdp2_shard(model, accelerator)
+    examples = build_examples(args, tokenizer, config)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
     # the scheduler stays outside prepare(): accelerate would step it once per process, which
     # makes an N-process run finish its schedule in steps / N
     model, optimizer = accelerator.prepare(model, optimizer)
+    # after prepare: FSDP2 replaces every parameter by a sharded DTensor (the optimizer is switched
+    # over by accelerate); gradient clipping must see those
+    params = [p for p in model.parameters() if p.requires_grad]
 
     start = 0
     checkpoints = output / "checkpoints"
@@ -183,15 +212,69 @@ def train(args: TrainArgs) -> Path:
             break
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(checkpoints, accelerator.unwrap_model(model), optimizer, scheduler, step + 1, asdict(args))
+            # every rank takes part (FSDP gathers sharded tensors); the main process writes
+            save_checkpoint(checkpoints, accelerator.unwrap_model(model), optimizer, scheduler, step + 1, asdict(args),
+                            write=accelerator.is_main_process)
 
     accelerator.wait_for_everyone()
+    # under FSDP the full state dict is gathered by every rank together; otherwise None (the model's own)
+    state_dict = _full_state_dict(accelerator.unwrap_model(model)) if fsdp else None
     if accelerator.is_main_process:
         _save_result(accelerator.unwrap_model(model), tokenizer, output, args, config, fingerprint, losses,
-                     num_processes=accelerator.num_processes)
+                     num_processes=accelerator.num_processes, state_dict=state_dict,
+                     parallelism="fsdp2" if fsdp else "ddp" if accelerator.num_processes > 1 else "single")
     accelerator.end_training()
     return output
+
+
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _check_fsdp(accelerator) -> None:
+    """FSDP runs as FSDP2 (`fully_shard`: parameters stay named, each a sharded DTensor), which
+    checkpoints and adapters handle; FSDP1's flattened parameters are refused up front."""
+    if _is_fsdp(accelerator) and not accelerator.is_fsdp2:
+        raise ValueError("gsa-rag trains under FSDP version 2 only: set `fsdp_version: 2` in the accelerate config "
+                         "(see examples/accelerate_fsdp2.yaml)")
+
+
+def _fsdp2_shard(model, accelerator) -> None:
+    """Shards the (PEFT-wrapped) model with FSDP2 before accelerate sees it: one unit per decoder
+    layer, the rest (embedding, final norm, lm_head) in the root unit.
+
+    accelerate's own FSDP2 wrapping puts the input embedding and the lm_head in separate units
+    unless `get_input_embeddings().weight is get_output_embeddings().weight`; PEFT's trainable
+    tokens wrap both (each wrapper's `.weight` is a fresh tensor), so a tied embedding (SmolLM2)
+    would be sharded twice and `fully_shard` fails. In the root unit the tied weight is sharded
+    once. accelerate's prepare then keeps the model as it is (it is an FSDPModule already).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    kwargs = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
+              "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    # resolves the config's layer classes (default: the model's _no_split_modules) while they still
+    # have their own names; fully_shard renames them (FSDPLlamaDecoderLayer) and accelerate's
+    # second call is then a no-op
+    plugin.set_auto_wrap_policy(model)
+    layers = set(plugin.transformer_cls_names_to_wrap or getattr(model, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in layers]
+    if not units:
+        raise ValueError(f"FSDP: no decoder layers ({sorted(layers)}) found in {type(model).__name__}")
+    for module in units:
+        fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def _full_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every entry of the model's state dict whole, on the CPU (sharded DTensors gathered: every
+    rank must call this). Keys are the model's own (fully_shard keeps parameter names)."""
+    from gsa_rag.train.checkpoint import whole_tensor
+
+    return {name: whole_tensor(t) for name, t in model.state_dict().items()}
 
 
 def _all_agree(accelerator, flag: bool) -> bool:
@@ -213,24 +296,29 @@ def _example_order(n: int, args: TrainArgs, accelerator) -> list[int]:
 
 
 def _save_result(model, tokenizer, output: Path, args: TrainArgs, config: GistConfig, fingerprint: str, losses,
-                 num_processes: int = 1) -> None:
+                 num_processes: int = 1, state_dict: dict | None = None, parallelism: str = "single") -> None:
+    """Writes the adapter (or full model). `state_dict`: the gathered full state dict when the
+    parameters are sharded (FSDP); None: the model's own."""
     from safetensors.torch import load_file, save_file
 
     from gsa_rag.adapters import write_manifest
 
     base = args.base or "default (SmolLM2-135M-Instruct)"
     if args.full:
-        model.save_pretrained(output)
+        model.save_pretrained(output, state_dict=state_dict)
         tokenizer.save_pretrained(output)
     else:
         # the resized embedding is the base's plus mean rows (models.add_gist_tokens), rebuilt
         # at load; only the trained gist/link rows travel, inside PEFT's trainable tokens
-        model.save_pretrained(output, save_embedding_layers=False)
+        model.save_pretrained(output, save_embedding_layers=False, state_dict=state_dict)
         # bf16 halves the adapter (it must fit the 16 MiB a GPU run can send back)
         weights = output / "adapter_model.safetensors"
         save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()},
                   str(weights))
     tail = losses[-20:]
+    # a --reuse adapter was trained for GistMemory with this many link tokens after each passage
+    links = config.link_tokens[: len(config.link_tokens) if args.num_links is None else args.num_links]
+    kv_reuse = {"num_links": len(links), "link_tokens": list(links)} if args.reuse else None
     write_manifest(output, base_model=str(base), fingerprint=fingerprint, config=config, stage=args.stage,
                    train_args=asdict(args), final_loss=sum(tail) / max(1, len(tail)), num_processes=num_processes,
-                   micro_steps_done=len(losses))
+                   micro_steps_done=len(losses), kv_reuse=kv_reuse, parallelism=parallelism)
