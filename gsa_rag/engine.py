@@ -48,6 +48,7 @@ class GistEngine:
             raise ConfigError("the tokenizer lacks the gist tokens; load with gsa_rag.models.load_model")
         self._banned = torch.tensor(special, dtype=torch.long, device=self.device)
         self._lock = GenerationLock()  # a stream may be resumed from another thread
+        self.adapter: dict | None = None  # the loaded adapter's gsa_adapter.json (from_pretrained sets it)
 
     @classmethod
     def from_pretrained(
@@ -73,7 +74,7 @@ class GistEngine:
             device: default CUDA when available, else CPU.
             dtype: default bf16 on CUDA, fp32 on CPU.
         """
-        from gsa_rag.adapters import adapter_config, apply_adapter, base_fingerprint, bundled_default_adapter
+        from gsa_rag.adapters import adapter_config, apply_adapter, base_fingerprint, bundled_default_adapter, read_manifest
         from gsa_rag.models import load_model
 
         if adapter == "default":
@@ -83,7 +84,9 @@ class GistEngine:
         lm, tokenizer = load_model(model, gguf_file=gguf_file, gist_config=config, dtype=dtype, device=device)
         if adapter is not None:
             lm = apply_adapter(lm, adapter, base_fingerprint(lm))
-        return cls(lm, tokenizer, config)
+        engine = cls(lm, tokenizer, config)
+        engine.adapter = read_manifest(adapter) if adapter is not None else None
+        return engine
 
     @property
     def device(self) -> torch.device:

@@ -253,7 +253,8 @@ class GistMemory:
         offload: keep raw (non-gist) KV in host memory; only gist KV stays on the device.
         max_bytes: budget for all cached KV (device + host); least recently used entries
             (and the passage ids naming them) are evicted past it. None: no budget.
-        num_links: link tokens after each passage (default: all of GistConfig.link_tokens).
+        num_links: link tokens after each passage (default: what the engine's adapter was trained
+            with by `train sft --reuse`, else all of GistConfig.link_tokens).
         system: the system line whose first `sink` tokens passages are encoded after (a
             question asked with another system line re-encodes what it needs).
         batch_size: passages encoded per forward in `add`.
@@ -277,7 +278,10 @@ class GistMemory:
         self.offload = bool(offload)
         self.max_bytes = max_bytes
         links = engine.config.link_tokens
-        self.num_links = len(links) if num_links is None else int(num_links)
+        if num_links is None:
+            trained = ((getattr(engine, "adapter", None) or {}).get("kv_reuse") or {}).get("num_links")
+            num_links = len(links) if trained is None else trained
+        self.num_links = int(num_links)
         if not 0 <= self.num_links <= len(links):
             raise ValueError(f"num_links must be in 0..{len(links)} (the reserved link tokens), got {num_links}")
         self.link_ids = [engine.tokenizer.convert_tokens_to_ids(t) for t in links[: self.num_links]]

@@ -127,7 +127,8 @@ def test_cli_train_sft_reuse_records_the_layout_and_serves_gist_memory(tiny_dir,
     assert manifest["kv_reuse"] == {"num_links": 2, "link_tokens": ["<link1>", "<link2>"]}
     assert manifest["train_args"]["reuse"] is True
     engine = GistEngine.from_pretrained(str(tiny_dir), adapter=str(out), device="cpu")
-    memory = GistMemory(engine, num_links=manifest["kv_reuse"]["num_links"], progress=False)
+    memory = GistMemory(engine, progress=False)  # the number of links comes from the adapter
+    assert memory.num_links == 2 and engine.adapter["kv_reuse"]["num_links"] == 2
     assert isinstance(engine.generate(QUESTION, memory.add(PASSAGES), memory=memory, max_new_tokens=2), str)
     with pytest.raises(SystemExit):  # cpt has no passages to reuse
         main(["train", "cpt", "--reuse", "--model", str(tiny_dir), "--data", _rag_file(tmp_path),
@@ -135,6 +136,8 @@ def test_cli_train_sft_reuse_records_the_layout_and_serves_gist_memory(tiny_dir,
     plain = train(TrainArgs(stage="sft", output=str(tmp_path / "plain"), base=str(tiny_dir), data=[_rag_file(tmp_path)],
                             steps=1, batch_size=1, gist={"chunk_size": 4}))
     assert json.loads((plain / "gsa_adapter.json").read_text())["kv_reuse"] is None
+    plain_engine = GistEngine.from_pretrained(str(tiny_dir), adapter=str(plain), device="cpu")
+    assert GistMemory(plain_engine, progress=False).num_links == len(plain_engine.config.link_tokens)
 
 
 def test_fsdp2_two_processes_train_the_same_adapter_as_one(tiny_dir, tmp_path):  # noqa: F811
