@@ -136,6 +136,11 @@ def _add_train_parser(sub) -> None:
                         "link tokens after each one")
     p.add_argument("--num-links", type=int, default=None,
                    help="with --reuse: link tokens after each passage (default: all reserved, as GistMemory uses)")
+    p.add_argument("--selection-loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="sft: add WEIGHT x a listwise loss on the gist scores that pushes the gold passages' "
+                        "chunks up (needs is_gold in the data; 0 = answer loss only)")
+    p.add_argument("--selection-rows", choices=["last", "tail"], default="last",
+                   help="with --selection-loss: score the prompt's last token (default) or every tail row")
     defaults = TrainArgs(stage="cpt", output="")
     for name in ("lora_r", "lora_alpha", "lr", "steps", "batch_size", "grad_accum", "warmup", "seed", "block_tokens",
                  "tail_tokens", "max_blocks", "max_prompt_tokens", "save_every", "log_every", "max_minutes"):

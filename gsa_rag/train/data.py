@@ -29,16 +29,21 @@ import torch
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout, Segment, build_layout
 from gsa_rag.prompt import build_reuse_segments, build_segments
+from gsa_rag.train.selection_loss import gold_chunk_mask
 
 IGNORE = -100
 
 
 @dataclass
 class TrainExample:
-    """Segments plus how many tokens at the end of the raw tail carry loss (None: all raw tokens)."""
+    """Segments plus how many tokens at the end of the raw tail carry loss (None: all raw tokens).
+
+    `gold`: the passages (0-based, prompt order: `Segment.passage_id`) marked gold; empty where
+    none is known (CPT blocks, files without `is_gold`)."""
 
     segments: list[Segment]
     loss_tokens: int | None = None
+    gold: frozenset[int] = frozenset()
 
 
 HF_PREFIX = "hf:"
@@ -119,7 +124,14 @@ def rag_example(tokenizer, question: str, passages, answer: str, system=None,
     answer_ids.append(tokenizer.eos_token_id)
     tail = segments[-1]
     segments[-1] = Segment(tail.ids + tuple(answer_ids), compress=False)
-    return TrainExample(segments, loss_tokens=len(answer_ids))
+    gold = frozenset(i for i, p in enumerate(passages) if _is_gold(p))
+    return TrainExample(segments, loss_tokens=len(answer_ids), gold=gold)
+
+
+def _is_gold(passage) -> bool:
+    """A passage's `is_gold` (attribute or dict key); False where absent or null."""
+    value = passage.get("is_gold") if isinstance(passage, dict) else getattr(passage, "is_gold", None)
+    return value is True
 
 
 def rag_examples(paths, tokenizer, max_prompt_tokens: int | None = None, seed: int = 0,
@@ -155,6 +167,14 @@ def _length(example: TrainExample) -> int:
 class Batch:
     layout: GistLayout
     labels: torch.Tensor  # long [B, T], IGNORE where no loss
+    gold_chunks: torch.Tensor | None = None  # bool [B, C], chunks holding a gold passage's raw tokens
+    prompt_end: torch.Tensor | None = None  # long [B], column of each row's last prompt token
+
+    def to(self, device) -> Batch:
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Batch(self.layout.to(device), self.labels.to(device), move(self.gold_chunks), move(self.prompt_end))
 
 
 def collate(examples: list[TrainExample], config: GistConfig, tokenizer) -> Batch:
@@ -162,7 +182,9 @@ def collate(examples: list[TrainExample], config: GistConfig, tokenizer) -> Batc
 
     Labels follow transformers' convention (the model shifts them): a label at column j is the
     target of column j - 1. Gists are never targets (the layout inserts them); padding and the
-    prompt of SFT examples carry no loss.
+    prompt of SFT examples carry no loss. `gold_chunks` maps each example's gold passages to the
+    chunks holding their raw tokens (layout passage_id / chunk_id); `prompt_end` is the column of
+    its last prompt token (the last column where the whole tail is prompt).
     """
     layout = build_layout([ex.segments for ex in examples], config, tokenizer)
     labels = layout.input_ids.masked_fill(layout.is_gist | ~layout.valid, IGNORE)
@@ -170,4 +192,6 @@ def collate(examples: list[TrainExample], config: GistConfig, tokenizer) -> Batc
         if ex.loss_tokens is not None:
             labels[b, : layout.seq_len - ex.loss_tokens] = IGNORE
     labels[:, 0] = IGNORE
-    return Batch(layout, labels)
+    gold_chunks = gold_chunk_mask(layout, [ex.gold for ex in examples])
+    prompt_end = torch.tensor([layout.seq_len - 1 - (ex.loss_tokens or 0) for ex in examples], dtype=torch.long)
+    return Batch(layout, labels, gold_chunks, prompt_end)

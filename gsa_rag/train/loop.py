@@ -10,6 +10,9 @@ one or many processes (DDP; FSDP through an accelerate config), resumable checkp
 Every forward is the inference forward: `model(..., gsa_state=GistState(...))` through the
 "gsa" attention function, context rows under the forgetting mask and tail rows unfolding the
 chunks they select. Top-k is hard; gradients flow through attention over what was selected.
+`train sft --selection-loss W` adds W times a listwise loss on the gist scores themselves,
+pushing gold passages' chunks up (gsa_rag.train.selection_loss); W = 0 (the default) is the
+plain answer loss, computed exactly as without the option.
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from tqdm import tqdm
 from gsa_rag.attention import GistState
 from gsa_rag.config import GistConfig
 from gsa_rag.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gsa_rag.train.data import TrainExample, collate
+from gsa_rag.train.data import Batch, TrainExample, collate
+from gsa_rag.train.selection_loss import (
+    ROWS,
+    ScoreCollector,
+    eligible_chunk_mask,
+    listwise_loss,
+    query_rows,
+)
 
 
 @dataclass
@@ -54,6 +64,8 @@ class TrainArgs:
     max_prompt_tokens: int = 4096  # sft: drop passages beyond this
     reuse: bool = False  # sft: the KV-reuse (gist memory) layout: independent passages + link tokens
     num_links: int | None = None  # sft --reuse: link tokens after each passage; None: all (as GistMemory)
+    selection_loss: float = 0.0  # sft: weight of the auxiliary gold-chunk selection loss; 0: none
+    selection_rows: str = "last"  # sft --selection-loss: query rows it scores: "last" prompt token or whole "tail"
     gradient_checkpointing: bool = False
     save_every: int = 0  # steps between resumable checkpoints; 0: only at the end
     resume: bool = False
@@ -113,13 +125,41 @@ def _wrap_trainable(model, tokenizer, args: TrainArgs, config: GistConfig):
     return get_peft_model(model, lora)
 
 
-def batch_loss(model, batch, config: GistConfig) -> torch.Tensor:
-    """Mean next-token loss of a collated batch through the inference attention path."""
+def batch_loss(model, batch: Batch, config: GistConfig, selection_weight: float = 0.0,
+               selection_rows: str = "last") -> torch.Tensor:
+    """Mean next-token loss of a collated batch through the inference attention path, plus
+    `selection_weight` times the selection loss (see `batch_losses`)."""
+    return batch_losses(model, batch, config, selection_weight, selection_rows)[0]
+
+
+def batch_losses(model, batch: Batch, config: GistConfig, selection_weight: float = 0.0,
+                 selection_rows: str = "last") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(total, answer, selection) losses of a collated batch.
+
+    answer: the mean next-token loss over the labelled tokens. selection: the listwise gold-chunk
+    loss on the gist scores of every selecting layer (gsa_rag.train.selection_loss), None when
+    `selection_weight` is 0 — then nothing extra runs and total is the answer loss itself.
+    """
     layout = batch.layout
     state = GistState.for_new_tokens(layout, layout.seq_len, config)
+    collector = None
+    if selection_weight:
+        if batch.gold_chunks is None or batch.prompt_end is None:
+            raise ValueError("the selection loss needs a batch from train.data.collate (gold chunks, prompt ends)")
+        cols, row_valid = query_rows(layout, batch.prompt_end, selection_rows)
+        collector = ScoreCollector(layout, cols, config.first_selecting_layer)
+        state.hook = collector
     out = model(input_ids=layout.input_ids, position_ids=layout.position_ids, labels=batch.labels,
                 gsa_state=state, use_cache=False)
-    return out.loss
+    if collector is None:
+        return out.loss, out.loss, None
+    collector.recording = False  # gradient-checkpoint recomputation runs the hook again: keep the first
+    if collector.calls == 0:
+        raise RuntimeError("the selection loss reads gist scores through GistState.hook, but the attention path "
+                           "never called it (an attention kernel that bypasses the hook?)")
+    eligible = eligible_chunk_mask(layout, config.num_previous_chunks)
+    selection = listwise_loss(collector.scores, batch.gold_chunks, eligible, row_valid, collector.head_dim)
+    return out.loss + selection_weight * selection, out.loss, selection
 
 
 def train(args: TrainArgs) -> Path:
@@ -137,6 +177,7 @@ def train(args: TrainArgs) -> Path:
         raise ValueError("--full trains a whole model: continue from an earlier full run with --base, not --init-adapter")
     if args.reuse and args.stage != "sft":
         raise ValueError("--reuse trains the gist-memory (KV reuse) layout of RAG examples: use it with `train sft`")
+    _check_selection_args(args)
     # stage 2 keeps stage 1's layout; explicitly given gist options (e.g. top_k) override it
     base_config = adapter_config(args.init_adapter).to_dict() if args.init_adapter else {}
     config = GistConfig(**{**base_config, **args.gist})
@@ -160,6 +201,11 @@ def train(args: TrainArgs) -> Path:
     if fsdp:
         _fsdp2_shard(model, accelerator)
     examples = build_examples(args, tokenizer, config)
+    if args.selection_loss:
+        if not config.uses_gists:
+            raise ValueError("--selection-loss trains the choice among gists: it needs gists (--chunk-size > 0)")
+        if not any(ex.gold for ex in examples):
+            raise ValueError("--selection-loss needs gold passages: no training example marks one (`is_gold: true`)")
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup, args.steps)
@@ -183,15 +229,16 @@ def train(args: TrainArgs) -> Path:
     bar = tqdm(range(start, args.steps), desc=f"train {args.stage}", disable=not accelerator.is_main_process,
                initial=start, total=args.steps)
     losses: list[float] = []
+    parts: list[tuple[float, float]] = []  # (answer, selection) per micro-step, with --selection-loss
     tokens, t0 = 0, time.perf_counter()
     for step in bar:
         for micro in range(args.grad_accum):
             index = (step * args.grad_accum + micro) * args.batch_size
             batch = collate([examples[order[(index + i) % len(order)]] for i in range(args.batch_size)], config, tokenizer)
-            batch.layout = batch.layout.to(accelerator.device)
-            batch.labels = batch.labels.to(accelerator.device)
+            batch = batch.to(accelerator.device)
             with accelerator.accumulate(model):
-                loss = batch_loss(model, batch, config)
+                loss, answer_loss, selection_loss = batch_losses(model, batch, config, args.selection_loss,
+                                                                 args.selection_rows)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, 1.0)
@@ -201,9 +248,15 @@ def train(args: TrainArgs) -> Path:
                 optimizer.zero_grad()
             tokens += int(batch.layout.valid.sum())
             losses.append(loss.item())
+            if selection_loss is not None:
+                parts.append((answer_loss.item(), selection_loss.item()))
         if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
-            record = {"step": step + 1, "loss": sum(losses[-args.grad_accum * args.log_every:]) / len(losses[-args.grad_accum * args.log_every:]),
+            window = args.grad_accum * args.log_every
+            record = {"step": step + 1, "loss": sum(losses[-window:]) / len(losses[-window:]),
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens * accelerator.num_processes / (time.perf_counter() - t0)}
+            if parts:  # with --selection-loss, "loss" is answer + weight * selection
+                record["answer_loss"] = sum(a for a, _ in parts[-window:]) / len(parts[-window:])
+                record["selection_loss"] = sum(s for _, s in parts[-window:]) / len(parts[-window:])
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -220,11 +273,20 @@ def train(args: TrainArgs) -> Path:
     # under FSDP the full state dict is gathered by every rank together; otherwise None (the model's own)
     state_dict = _full_state_dict(accelerator.unwrap_model(model)) if fsdp else None
     if accelerator.is_main_process:
-        _save_result(accelerator.unwrap_model(model), tokenizer, output, args, config, fingerprint, losses,
+        _save_result(accelerator.unwrap_model(model), tokenizer, output, args, config, fingerprint, losses, parts=parts,
                      num_processes=accelerator.num_processes, state_dict=state_dict,
                      parallelism="fsdp2" if fsdp else "ddp" if accelerator.num_processes > 1 else "single")
     accelerator.end_training()
     return output
+
+
+def _check_selection_args(args: TrainArgs) -> None:
+    if args.selection_rows not in ROWS:
+        raise ValueError(f"--selection-rows must be one of {ROWS}, got {args.selection_rows!r}")
+    if args.selection_loss < 0:
+        raise ValueError(f"--selection-loss is a weight >= 0, got {args.selection_loss}")
+    if args.selection_loss and args.stage != "sft":
+        raise ValueError("--selection-loss needs RAG examples with gold passages: use it with `train sft`")
 
 
 def _is_fsdp(accelerator) -> bool:
@@ -296,7 +358,8 @@ def _example_order(n: int, args: TrainArgs, accelerator) -> list[int]:
 
 
 def _save_result(model, tokenizer, output: Path, args: TrainArgs, config: GistConfig, fingerprint: str, losses,
-                 num_processes: int = 1, state_dict: dict | None = None, parallelism: str = "single") -> None:
+                 num_processes: int = 1, state_dict: dict | None = None, parallelism: str = "single",
+                 parts: list[tuple[float, float]] | None = None) -> None:
     """Writes the adapter (or full model). `state_dict`: the gathered full state dict when the
     parameters are sharded (FSDP); None: the model's own."""
     from safetensors.torch import load_file, save_file
@@ -319,6 +382,10 @@ def _save_result(model, tokenizer, output: Path, args: TrainArgs, config: GistCo
     # a --reuse adapter was trained for GistMemory with this many link tokens after each passage
     links = config.link_tokens[: len(config.link_tokens) if args.num_links is None else args.num_links]
     kv_reuse = {"num_links": len(links), "link_tokens": list(links)} if args.reuse else None
+    extra = {}
+    if parts:  # --selection-loss: final_loss is answer + weight * selection; both parts too
+        extra = {"final_answer_loss": sum(a for a, _ in parts[-20:]) / len(parts[-20:]),
+                 "final_selection_loss": sum(s for _, s in parts[-20:]) / len(parts[-20:])}
     write_manifest(output, base_model=str(base), fingerprint=fingerprint, config=config, stage=args.stage,
                    train_args=asdict(args), final_loss=sum(tail) / max(1, len(tail)), num_processes=num_processes,
-                   micro_steps_done=len(losses), kv_reuse=kv_reuse, parallelism=parallelism)
+                   micro_steps_done=len(losses), kv_reuse=kv_reuse, parallelism=parallelism, **extra)

@@ -1,0 +1,157 @@
+"""Auxiliary selection loss: teach the question's queries to score gold chunks' gists highest.
+
+    gsa-rag train sft --data nq/train.jsonl --init-adapter runs/cpt8 --output runs/sft8-sel --selection-loss 1.0
+
+Why. Top-k is hard: the answer loss reaches the selection only through attention over what
+top-k chose, never through the choice itself. After CPT+SFT the 8x adapter's question heads
+unfold a gold chunk *less* often than chance (NQ 42% vs 49%; README, "What the run shows"):
+nothing taught them to score gists by content. This loss gives the scores a direct signal.
+
+What. In every selecting layer (>= `config.first_selecting_layer`), for the query rows chosen
+by `rows` (below), the raw gist scores q . k_gist — `gsa_rag.selection.gist_scores` on the
+layer's very query and key, read through the `GistState` hook, so they are exactly the scores
+selection ranks — are turned into a listwise cross-entropy:
+
+    p = softmax(scores / sqrt(D)) over the eligible chunks
+    loss = - mean over gold chunks g of log p_g          (target: uniform over gold chunks)
+
+per query head and row, averaged over heads, rows and layers, then over the examples that have
+a gold chunk. Eligible chunks are those selection may choose that the question does not see
+anyway: every closed chunk but the last `num_previous_chunks` (the local window; the same rule
+as `gsa_rag.eval.harness.gold_selection`). Gold chunks are the eligible chunks holding raw tokens
+of a passage marked `is_gold` in the training file. With H-GSA the loss scores the level-0
+(chunk) gists, the level coarse-to-fine selection ends at.
+
+Rows. "last" (default): the prompt's last token, the row that predicts the first answer token —
+the prefill row whose selection `gold_selection` measures and the one that decides what the
+answer starts from. "tail": every tail row (question, assistant header and answer tokens; every
+row that selects during prefill and decoding).
+
+The loss is per example (no statistic across the batch or processes), so DDP averages its
+gradients like the answer loss's. Under gradient checkpointing the hook runs again during
+recomputation (so the checkpoint sees the same saved tensors) but records only the first forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gsa_rag.selection import gist_scores
+
+ROWS = ("last", "tail")
+
+
+def gold_chunk_mask(layout, gold: list[frozenset[int] | set[int] | None]) -> torch.Tensor:
+    """bool [B, C]: the chunks holding raw tokens of each row's gold passages.
+
+    Args:
+        layout: the batch's layout (passage_id, chunk_id, is_gist, valid, num_chunks).
+        gold: per row, the gold passages' numbers (0-based, prompt order; `Segment.passage_id`),
+            empty or None where none is known.
+    """
+    B, C = layout.gist_index.shape
+    out = torch.zeros(B, C, dtype=torch.bool, device=layout.chunk_id.device)
+    for b, passages in enumerate(gold):
+        if not passages:
+            continue
+        wanted = torch.tensor(sorted(passages), dtype=torch.long, device=layout.passage_id.device)
+        chunk = layout.chunk_id[b]
+        cols = (layout.valid[b] & ~layout.is_gist[b] & (chunk >= 0) & (chunk < layout.num_chunks[b])
+                & torch.isin(layout.passage_id[b], wanted))
+        out[b, chunk[cols].unique()] = True
+    return out
+
+
+def eligible_chunk_mask(layout, num_previous_chunks: int) -> torch.Tensor:
+    """bool [B, C]: closed chunks outside the question's local window (the ones selection chooses among)."""
+    c = torch.arange(layout.gist_index.shape[1], device=layout.num_chunks.device)
+    return c[None, :] < (layout.num_chunks - num_previous_chunks)[:, None]
+
+
+def query_rows(layout, prompt_end: torch.Tensor, rows: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query rows whose gist scores enter the loss.
+
+    Args:
+        prompt_end: long [B], column of each row's last prompt token.
+        rows: "last" or "tail" (see the module docstring).
+
+    Returns:
+        (long [B, R] columns, bool [B, R] which are real rows).
+    """
+    if rows == "last":
+        cols = prompt_end[:, None]
+        return cols, layout.is_tail.gather(1, cols)
+    if rows == "tail":
+        T = layout.seq_len
+        R = max(1, int(layout.is_tail.sum(-1).max()))  # the tail is a suffix of every (left-padded) row
+        cols = torch.arange(T - R, T, device=prompt_end.device)[None].expand(layout.batch_size, -1)
+        return cols, layout.is_tail[:, T - R :]
+    raise ValueError(f"selection-loss rows must be one of {ROWS}, got {rows!r}")
+
+
+class ScoreCollector:
+    """A `GistState.hook` that records, per selecting layer, the gist scores of the loss rows.
+
+    Attributes:
+        scores: layer -> float32 [B, Hq, R, C], `gist_scores` of the rows (graph attached).
+        calls: how many times the attention path called the hook while recording.
+        head_dim: D, the queries' head dimension (the softmax temperature is 1 / sqrt(D)).
+        recording: set False after the forward (checkpoint recomputation must not record again).
+    """
+
+    def __init__(self, layout, cols: torch.Tensor, first_selecting_layer: int):
+        self.layout = layout
+        self.cols = cols
+        self.first_selecting_layer = first_selecting_layer
+        self.scores: dict[int, torch.Tensor] = {}
+        self.calls = 0
+        self.head_dim = 1
+        self.recording = True
+
+    def __call__(self, layer_idx: int, query, key, value, mask) -> None:
+        if self.recording:
+            self.calls += 1
+        if layer_idx < self.first_selecting_layer:
+            return
+        B, Hq, _, D = query.shape
+        self.head_dim = D
+        rows = torch.gather(query, 2, self.cols[:, None, :, None].expand(B, Hq, -1, D))
+        # the function selection ranks with, on the same query rows and key cache
+        scores = gist_scores(rows, key, self.layout.gist_index, self.layout.gist_valid)
+        if self.recording:
+            self.scores[layer_idx] = scores
+
+
+def listwise_loss(scores: dict[int, torch.Tensor], gold: torch.Tensor, eligible: torch.Tensor,
+                  row_valid: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Cross-entropy of softmax(scores / sqrt(D)) over eligible chunks against uniform-over-gold.
+
+    Args:
+        scores: layer -> float [B, Hq, R, C] raw gist scores (-inf for missing chunks).
+        gold, eligible: bool [B, C] (gold chunks outside `eligible` are ignored).
+        row_valid: bool [B, R], rows that count.
+        head_dim: D.
+
+    Returns:
+        A scalar: mean over heads, valid rows and layers per example, then over the examples
+        with at least one eligible gold chunk; 0 (no graph) when there are none.
+    """
+    gold = gold & eligible
+    has = gold.any(-1) & row_valid.any(-1)  # [B]
+    device = gold.device
+    if not scores or not bool(has.any()):
+        return torch.zeros((), device=device)
+    target = gold.float() / gold.sum(-1, keepdim=True).clamp(min=1)  # [B, C]
+    rows = row_valid.float()
+    per_layer = []
+    for layer in sorted(scores):
+        logits = (scores[layer] / math.sqrt(head_dim)).masked_fill(~eligible[:, None, None, :], float("-inf"))
+        logits = torch.where(has[:, None, None, None], logits, 0.0)  # rows with nothing to learn: finite
+        logp = torch.log_softmax(logits, dim=-1)
+        ce = -(torch.where(gold[:, None, None, :], logp, 0.0) * target[:, None, None, :]).sum(-1)  # [B, Hq, R]
+        per_row = ce.mean(1)  # over heads -> [B, R]
+        per_layer.append((per_row * rows).sum(-1) / rows.sum(-1).clamp(min=1))  # [B]
+    per_example = torch.stack(per_layer).mean(0)
+    return per_example[has].mean()
