@@ -128,7 +128,7 @@ class GistEngine:
             passages: for one question, a list of passages (str, dict with text/title, or
                 Passage); for a batch, one such list per question. None or []: closed book.
             max_new_tokens, temperature, top_p, seed: sampling (temperature 0 is greedy).
-            stop: strings that end the answer (the text is cut before them).
+            stop: strings that end the answer (the text is cut before them); one str is one stop string.
             system: the system line of the prompt; None for none.
             observe: optional callback given the GistState of every forward (for budgets).
             memory: a GistMemory (gsa_rag.memory): passages are then ids in it or texts
@@ -147,6 +147,7 @@ class GistEngine:
                 (unless GistConfig(overflow="drop_passages")).
         """
         questions, passage_lists, single = _as_batch(question, passages)
+        stop = validation.check_stop(stop)  # a str is one stop string, not one per character
         if memory is not None and not single:
             kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                           system=system, observe=observe, memory=memory)
@@ -181,6 +182,7 @@ class GistEngine:
         questions, passage_lists, single = _as_batch(question, passages)
         if not single:
             raise InputError("stream answers one question; for a batch use generate")
+        stop = validation.check_stop(stop)
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
         layout, cache = self._prepare(questions, passage_lists, system, memory, max_new_tokens)
         stops = self.stop_ids()
@@ -219,8 +221,13 @@ class GistEngine:
             excess = validation.overflow(layout, window, max_new_tokens)
             if not any(excess):
                 return layout, cache
-            keep = [validation.passages_to_keep(layout, r, e) if e else None for r, e in enumerate(excess)]
             positions = validation.prompt_positions(layout)
+            # a SegmentPrompt holds its passages inside its segments: nothing here can drop them
+            # (truncating its empty passage list would change nothing and loop forever)
+            whole = [r for r, e in enumerate(excess) if e and isinstance(questions[r], SegmentPrompt)]
+            if whole:
+                raise validation.too_long(positions[whole[0]], max_new_tokens, window, prebuilt=True)
+            keep = [validation.passages_to_keep(layout, r, e) if e else None for r, e in enumerate(excess)]
             stuck = [r for r, e in enumerate(excess) if e and keep[r] is None]  # too long even with no passage
             if stuck:
                 raise validation.too_long(positions[stuck[0]], max_new_tokens, window, without_passages=True)

@@ -499,17 +499,26 @@ class GistMemory:
         passage; any other str is passage text. Passages and dicts are always text.
         """
         records = []
-        for item in passages:
-            if isinstance(item, str) and item in self._passages:
-                records.append(self._passages[item])
-                continue
-            if isinstance(item, str) and item.strip() and not _WHITESPACE.search(item.strip()):
-                raise InputError(
-                    f"no passage with id {item!r} in this memory (unknown, mistyped or evicted; memory.ids lists them). "
-                    "To pass it as passage text, give Passage(text) or {'text': text}: a one-word str is read as an id"
-                )
-            records.append(self._passages[self._record(as_passage(item), None)])
-        self._encode_missing(records, sink)
+        # all or nothing, as in `add`: a refused or failed passage leaves no record behind (a record
+        # without its entry would be listed by `ids` and refused again at every later use)
+        passages_before, entries_before = dict(self._passages), set(self._entries)
+        try:
+            for item in passages:
+                if isinstance(item, str) and item in self._passages:
+                    records.append(self._passages[item])
+                    continue
+                if isinstance(item, str) and item.strip() and not _WHITESPACE.search(item.strip()):
+                    raise InputError(
+                        f"no passage with id {item!r} in this memory (unknown, mistyped or evicted; memory.ids lists them). "
+                        "To pass it as passage text, give Passage(text) or {'text': text}: a one-word str is read as an id"
+                    )
+                records.append(self._passages[self._record(as_passage(item), None)])
+            self._encode_missing(records, sink)
+        except BaseException:
+            self._passages = passages_before
+            for key in [k for k in self._entries if k not in entries_before]:
+                self._entries.pop(key)
+            raise
         return [self._entries[self._passage_key(sink, r.sha)] for r in records]
 
     # ------------------------------------------------------------------------------------------

@@ -15,13 +15,17 @@ Decisions (each is a test in tests/test_reliability.py):
   `ContextTooLongError` unless `GistConfig(overflow="drop_passages")`, which drops the last
   passages (retrievers rank best first) until the prompt fits. A passage that cannot fit the
   window on its own is refused by GistMemory.add.
+* `stop`: one str is one stop string (not one per character, as iterating it would give); a
+  list must hold only str.
+* A prompt given whole as a SegmentPrompt (the framework integrations) cannot drop passages:
+  over the window it is refused with ContextTooLongError, whatever `overflow` says.
 * k: GistConfig refuses top_k < 1; top_k above the number of chunks selects every chunk
   (selection.choose_chunks clamps). `GistMemory.search(k=...)` refuses k < 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -59,6 +63,22 @@ def check_question(question, what: str = "the question") -> str:
     if not question.strip():
         raise InputError(f"{what} is empty (or only whitespace): pass the question to answer")
     return question
+
+
+def check_stop(stop) -> tuple[str, ...]:
+    """Stop strings as a tuple: None -> (), one str -> (str,) (not its characters), else each
+    item must be a str."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, _BINARY) or not isinstance(stop, Iterable):
+        raise InputTypeError(f"stop must be a str or a list of str, got {type(stop).__name__}")
+    stop = tuple(stop)
+    bad = [s for s in stop if not isinstance(s, str)]
+    if bad:
+        raise InputTypeError(f"stop strings must be str, got {type(bad[0]).__name__} ({bad[0]!r})")
+    return stop
 
 
 def check_passage_list(passages, what: str = "passages") -> list:
@@ -122,11 +142,16 @@ def passages_to_keep(layout, row: int, excess: int) -> int | None:
     return None
 
 
-def too_long(positions: int, max_new_tokens: int, window: int, *, without_passages: bool = False) -> ContextTooLongError:
+def too_long(positions: int, max_new_tokens: int, window: int, *, without_passages: bool = False,
+             prebuilt: bool = False) -> ContextTooLongError:
+    """The error for a prompt over the window. `prebuilt`: the prompt came as a SegmentPrompt (a
+    framework prompt already split into parts), whose passages the engine cannot drop."""
     fix = ("shorten the question or the system line, or lower max_new_tokens" if without_passages else
+           "pass fewer or shorter passages (e.g. a lower similarity_top_k), or lower max_new_tokens" if prebuilt else
            "pass fewer or shorter passages, lower max_new_tokens, or set GistConfig(overflow='drop_passages') "
            "to drop the last passages until it fits")
-    what = "even without passages, the prompt" if without_passages else "the prompt"
+    what = ("even without passages, the prompt" if without_passages else
+            "the prompt (given whole, so overflow='drop_passages' cannot drop its passages)" if prebuilt else "the prompt")
     return ContextTooLongError(
         f"{what} needs {positions + max_new_tokens} positions ({positions} prompt tokens + max_new_tokens="
         f"{max_new_tokens}) but the model's window is {window}: {fix}"

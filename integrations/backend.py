@@ -12,6 +12,12 @@ from the first piece until the stream is exhausted or closed. So one backend use
 gives exactly the answers of sequential calls; a stream left half-read holds the lock until it
 is closed or garbage-collected (iterate it to the end, or call `.close()`).
 
+Memory: an engine a backend loads itself (no `engine=`) goes into a process-wide cache keyed by
+(model, adapter, config, device), so adapters built with equal arguments share one model. That
+cache is never emptied: the model stays loaded for the life of the process even after every
+backend using it is gone. To control its lifetime, load the engine yourself
+(`GistEngine.from_pretrained(...)`) and pass `engine=` (or a GistMemory) instead.
+
 Example:
     >>> backend = GistBackend()                       # the trained default model, loaded on first use
     >>> backend.complete("Context information is below.\\n---------------------\\n"
@@ -34,6 +40,7 @@ from gsa_rag.integrations.prompt_split import ContextPattern, PromptPlan, split_
 from gsa_rag.layout import TOKENIZER_LOCK
 from gsa_rag.locking import GenerationLock
 from gsa_rag.prompt import SegmentPrompt, as_passage, build_message_segments, build_reuse_segments
+from gsa_rag.validation import check_stop
 
 _ENGINES: dict[tuple, GistEngine] = {}  # engines loaded by backends, shared by equal arguments
 _LOAD_LOCK = threading.Lock()
@@ -141,9 +148,9 @@ class GistBackend:
         Args:
             prompt: a string, or messages `[{"role": "system"|"user"|"assistant", "content": str}]`.
             max_new_tokens, temperature, top_p, seed: sampling (temperature 0: greedy).
-            stop: strings that end the text (cut before them).
+            stop: strings that end the text (cut before them); one str is one stop string.
         """
-        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=check_stop(stop))
         engine = self.engine
         with engine_lock(engine):
             question, passages, extra, prompt_tokens = self._engine_call(prompt)
@@ -162,7 +169,7 @@ class GistBackend:
     ) -> Iterator[str]:
         """Yields the completion piece by piece; the pieces join to `complete(...).text`.
         The engine lock is held from the first piece until the stream ends or is closed."""
-        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=check_stop(stop))
         engine = self.engine
         with engine_lock(engine):
             question, passages, extra, _ = self._engine_call(prompt)

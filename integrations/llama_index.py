@@ -41,6 +41,7 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from gsa_rag.integrations.backend import GistBackend, default_config, engine_lock
+from gsa_rag.validation import check_stop
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct + gsa-rag 8x adapter"
 # LlamaIndex roles -> the three the chat template knows
@@ -124,7 +125,7 @@ class GistLLM(CustomLLM):
             temperature=float(kwargs.get("temperature", self.temperature)),
             top_p=float(kwargs.get("top_p", self.top_p)),
             seed=kwargs.get("seed", self.seed),
-            stop=tuple(kwargs.get("stop") or ()),
+            stop=check_stop(kwargs.get("stop")),  # one str is one stop string, not its characters
         )
 
     @llm_completion_callback()

@@ -69,8 +69,10 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
                             scaling: float | None, state) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The engine's decode step through the key-list kernels, or None to take the dense path.
 
-    Taken when the kernels are on for the device, the forward has one query row, and `state`
-    is a plain GistState whose query row is a tail token (every decode step of the engine).
+    Taken when the kernels are on for the device, the forward has one query row, the head dim
+    is a power of two >= 16 (the kernels' tl.arange / tl.dot need it; e.g. 80, 96 or 100 take
+    the reference path), and `state` is a plain GistState whose query row is a tail token
+    (every decode step of the engine).
 
     Args:
         module: the attention module (layer_idx).
@@ -85,6 +87,9 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     from gsa_rag.attention import GistState
 
     if query.shape[2] != 1 or type(state) is not GistState or not use_kernels(query.device):
+        return None
+    head_dim = query.shape[-1]
+    if head_dim < 16 or head_dim & (head_dim - 1):
         return None
     layout = state.layout
     if key.shape[2] != layout.seq_len:

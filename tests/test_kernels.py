@@ -369,6 +369,24 @@ def test_engine_decode_with_kernels_equals_reference(family, monkeypatch):
         torch.testing.assert_close(logits["1"], logits["0"], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("head_dim", [24, 8])
+def test_head_dims_the_kernels_cannot_take_fall_back_to_the_reference(head_dim, monkeypatch):
+    """Regression: the kernels index the head dim with tl.arange(0, D) (a power of two) and
+    tl.dot (D >= 16); a model with another head dim (e.g. 80, 96, 100) crashed on CUDA
+    instead of taking the reference path."""
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    layout, config = random_layout(50)
+    config = GistConfig(chunk_size=config.chunk_size, sink=config.sink, top_k=2)
+    B, T = layout.input_ids.shape
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, 4, 1, head_dim, generator=g).to(DEVICE)
+    k, v = (torch.randn(B, 2, T, head_dim, generator=g).to(DEVICE) for _ in range(2))
+    module = torch.nn.Module()
+    module.layer_idx = 1
+    state = GistState.for_new_tokens(layout, 1, config)
+    assert dispatch.sparse_decode_attention(module, q, k, v, 0.25, state) is None
+
+
 def test_kernel_path_gives_the_hook_the_engine_mask(monkeypatch):
     """Gist memory's hook (fetch offloaded raw KV) sees the same visible columns on both paths."""
     monkeypatch.setenv("GSA_RAG_KERNELS", "1")

@@ -112,6 +112,17 @@ def test_async_variants_equal_the_sync_ones(llm):
     assert asyncio.run(run()) == (text, text, text, text)
 
 
+def test_a_stop_str_is_one_stop_string(llm):
+    """Regression: complete(prompt, stop="Answer:") was cut at any of the characters A, n, s, ..."""
+    prompt = "Name a fruit."
+    text = llm.complete(prompt).text
+    word = text.strip().split()[-1] if text.strip() else ""
+    assert llm._sampling({"stop": "Query:"})["stop"] == ("Query:",)
+    assert llm._sampling({"stop": ["a", "b"]})["stop"] == ("a", "b") and llm._sampling({})["stop"] == ()
+    if len(word) > 1:  # an answer to cut: the str and the one-item list cut the same
+        assert llm.complete(prompt, stop=word).text == llm.complete(prompt, stop=[word]).text == text[: text.index(word)]
+
+
 def test_metadata_and_settings(llm):
     meta = llm.metadata
     assert meta.is_chat_model and meta.num_output == 8

@@ -104,6 +104,8 @@ def _engine_cases():
          .generate(LONG + "?", ["The Vasa sank."], max_new_tokens=2), ContextTooLongError, "even without passages, the prompt"),
         ("question over the window, closed book", lambda e, m: small_window(e, 128).generate(LONG + "?", max_new_tokens=2),
          ContextTooLongError, "shorten the question"),
+        ("stop list holding an int", g(QUESTION, PASSAGES, stop=["x", 3]), InputTypeError, "stop strings must be str"),
+        ("stop an int", g(QUESTION, PASSAGES, stop=3), InputTypeError, "stop must be a str or a list"),
     ]
 
 
@@ -227,6 +229,58 @@ def test_drop_passages_keeps_the_first_passages_that_fit(engine):
     assert window.generate(QUESTION, short + [LONG, "never seen"], max_new_tokens=3) == want
     with pytest.raises(ContextTooLongError):  # the default refuses the same call
         small_window(engine, 128).generate(QUESTION, short + [LONG], max_new_tokens=3)
+
+
+def test_a_segment_prompt_over_the_window_is_refused_not_looped_on(engine):
+    """Regression: with overflow="drop_passages", a SegmentPrompt (how the integrations hand
+    the engine a framework prompt) over the window looped forever: its passages sit inside its
+    segments, so truncating its (empty) passage list never made the prompt shorter."""
+    from gsa_rag.prompt import Part, SegmentPrompt, build_message_segments
+
+    content = [Part("Context:\n"), Part(LONG, True), Part("\n\n"), Part(LONG, True), Part(f"\n{QUESTION}")]
+    prompt = SegmentPrompt(tuple(build_message_segments(engine.tokenizer, [{"role": "user", "content": content}])))
+    for overflow in ("drop_passages", "error"):
+        outcome = []
+
+        def run(overflow=overflow):
+            try:
+                small_window(engine, 128, overflow=overflow).generate(prompt, max_new_tokens=2)
+                outcome.append(None)
+            except Exception as error:  # noqa: BLE001 - checked below
+                outcome.append(error)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(JOIN_SECONDS)
+        assert not thread.is_alive(), f"overflow={overflow!r}: generate never returned"
+        (error,) = outcome
+        assert isinstance(error, ContextTooLongError) and "cannot drop its passages" in str(error), error
+
+
+def test_a_stop_str_is_one_stop_string_not_its_characters(engine):
+    """Regression: stop="..." was iterated as one stop string per character."""
+    full = engine.generate(QUESTION, PASSAGES, max_new_tokens=12)
+    word = full.strip().split()[-1]
+    assert len(word) > 1 and full.index(word) > 0
+    # a stop string made of the answer's first character and its last word: as characters it cuts at once
+    stop = full.strip()[0] + word
+    assert stop not in full
+    assert engine.generate(QUESTION, PASSAGES, max_new_tokens=12, stop=stop) == full
+    assert "".join(engine.stream(QUESTION, PASSAGES, max_new_tokens=12, stop=stop)) == full
+    assert engine.generate(QUESTION, PASSAGES, max_new_tokens=12, stop=word) == full[: full.index(word)]
+    assert engine.generate(QUESTION, PASSAGES, max_new_tokens=12, stop=[word]) == full[: full.index(word)]
+
+
+def test_a_passage_refused_by_prepare_leaves_no_record(engine):
+    """Regression: generate(..., memory=) with a new passage text too long for the window
+    raised, but left the passage recorded without its KV: memory.ids listed it (so the
+    integrations' prompt split matched it) and every later use was refused again."""
+    memory = GistMemory(small_window(engine, 64), progress=False)
+    memory.add(["The Vasa sank in 1628."])
+    before = memory.ids
+    with pytest.raises(ContextTooLongError):
+        memory.prepare(QUESTION, [memory.ids[0], LONG])
+    assert memory.ids == before and len(memory) == 1
 
 
 def test_memory_search_k_above_the_stored_passages_returns_them_all(memory):
