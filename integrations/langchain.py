@@ -36,8 +36,9 @@ everything raw: full attention, exactly the unmodified model, correct for any pr
 
 Threads: generation is serialised per engine by the backend's lock (the retriever's search takes
 it too), so models and retrievers can be shared between threads. `ainvoke` runs in LangChain's
-default executor; `astream` runs each stream on one worker thread (the lock is held across a
-stream and must be released by the thread that took it).
+default executor; `astream` runs each stream on one worker thread (the engine's lock is held
+across a stream and is re-entrant by thread: a stream that hopped between executor threads
+would let a pooled thread re-enter it while the stream is paused).
 """
 
 from __future__ import annotations
@@ -156,8 +157,9 @@ async def _iterate_in_thread(make: Callable[[], Iterator]) -> AsyncIterator:
     """Runs a synchronous iterator to the end on one worker thread and yields its items.
 
     LangChain's default `_astream` calls `next` through the executor, so one stream can hop
-    between threads; the backend holds its per-engine (re-entrant, thread-owned) lock across a
-    stream, which must be released by the thread that took it. Here one thread iterates; when
+    between threads; the engine's lock, held across a stream, is re-entrant by thread id, so a
+    paused stream whose thread went back to the pool would let that thread re-enter it. Here
+    one thread iterates; when
     the consumer stops early, the worker closes the iterator (releasing the lock) at its next item.
     """
     loop = asyncio.get_running_loop()

@@ -5,7 +5,8 @@ messages. The retrieved passages are somewhere inside it. `split_prompt` finds t
 they are compressed with gists while every other word stays raw. The rule, in order:
 
 1. **Memory** (only when a GistMemory is given). Every stored passage whose text occurs
-   verbatim in the *question message* (the last message holding any) is a passage; matches
+   verbatim, on lines of its own, in the *question message* (the last message holding any) is
+   a passage (a passage quoted inside a sentence is left as text); matches
    are taken longest passage first, one occurrence each, never overlapping. Route
    "memory": the model gets the memory's own KV-reuse prompt (`GistMemory.prepare`): the
    memory's system line (its passages were encoded after it), the matched passages in the
@@ -183,7 +184,7 @@ def _memory_plan(messages: list[dict], memory) -> PromptPlan | None:
             start = 0
             while (i := m["content"].find(text, start)) >= 0:
                 j = i + len(text)
-                if not any(i < b and a < j for a, b, _ in taken):
+                if _on_own_lines(m["content"], i, j) and not any(i < b and a < j for a, b, _ in taken):
                     taken.append((i, j, texts[text]))
                     break  # one occurrence per passage: it is laid out once
                 start = i + 1
@@ -202,6 +203,15 @@ def _memory_plan(messages: list[dict], memory) -> PromptPlan | None:
     if not question:  # nothing but passages: no question to ask over them, so not this route
         return None
     return PromptPlan("memory", question=question, passage_ids=[pid for _, _, pid in spans[last]])
+
+
+def _on_own_lines(content: str, i: int, j: int) -> bool:
+    """Whether content[i:j] stands on its own lines (only spaces or tabs beside it up to a line
+    break or the message's ends): how frameworks write context blocks, and what keeps a short
+    stored passage ("Paris") from being cut out of the question that mentions it."""
+    before = content[:i].rstrip(" \t")
+    after = content[j:].lstrip(" \t")
+    return (not before or before.endswith("\n")) and (not after or after.startswith("\n"))
 
 
 @lru_cache(maxsize=1)

@@ -126,12 +126,15 @@ def test_memory_matching_rules():
     prompt = [{"role": "system", "content": "Be an expert."},
               {"role": "user", "content": "Earlier: Rome is in Italy."},
               {"role": "assistant", "content": "Noted."},
-              {"role": "user", "content": f"Docs:\n{P2}\n\n\n\nRome is in Italy.\nWhere is Paris? Paris!"}]
+              {"role": "user", "content": f"Docs:\n{P2}\n\n\n\nRome is in Italy.\nWhere is Paris? Paris!\nParis  \n"}]
     plan = split_prompt(prompt, memory)
     assert plan.route == "memory"
-    # longest first (the full sentence, not its "Paris"); one occurrence each; prompt order; only the last message
+    # longest first (the full sentence, not its "Paris"); one occurrence each; prompt order; only the
+    # last message; only passages on lines of their own (the question's "Paris" stays)
     assert plan.passage_ids == ["id1", "id2", "id0"]
-    assert plan.question == "User: Earlier: Rome is in Italy.\n\nAssistant: Noted.\n\nDocs:\n\nWhere is ? Paris!"
+    assert plan.question == "User: Earlier: Rome is in Italy.\n\nAssistant: Noted.\n\nDocs:\n\nWhere is Paris? Paris!"
+    inline = split_prompt([{"role": "user", "content": "Is it true that Rome is in Italy. I wonder."}], memory)
+    assert inline.route == "raw"  # quoted inside a sentence: text, not a passage
     assert split_prompt(f"{P2}\n\nRome is in Italy.", memory).route == "raw"  # only passages: no question
     assert split_prompt(qa_prompt(), FakeMemory(["Never quoted."]), llama_index_patterns()).route == "template"
 

@@ -399,6 +399,10 @@ def test_vector_prefilter_narrows_candidates(tokenizer, tmp_path):
     assert sorted(h.id for h in hits) == sorted(near)
     new = memory.add(["Apples grow on trees."])[0]  # the index follows additions
     assert new in memory._vectors.search(memory, "apple trees", 1)
+    # a text given to a question is searchable too (the index syncs with memory.ids at search time)
+    memory.prepare("Which planet has rings?", ["Saturn has bright rings of ice."])
+    assert memory._vectors.search(memory, "Saturn rings", 1) == [memory.ids[-1]]
+    memory.remove(memory.ids[-1])
     memory.save(tmp_path)  # the vectors are saved with the memory and come back
     loaded = GistMemory.load(tmp_path, engine, progress=False)
     assert [h.id for h in loaded.search("apple trees", k=1, prefilter=1)] == [new]
