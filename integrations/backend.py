@@ -29,9 +29,12 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 
 from gsa_rag.config import GistConfig
@@ -206,3 +209,44 @@ def _shared_engine(model, adapter, config, device) -> GistEngine:
         if key not in _ENGINES:
             _ENGINES[key] = GistEngine.from_pretrained(model, config=config, adapter=adapter, device=device)
         return _ENGINES[key]
+
+
+async def iterate_in_thread(make: Callable[[], Iterator]) -> AsyncIterator:
+    """Runs a synchronous iterator to the end on one worker thread and yields its items.
+
+    For the frameworks' async streams (LangChain `_astream`, LlamaIndex `astream_*`): the event
+    loop never blocks on the model, and the stream stays on one thread (the engine's lock, held
+    across a stream, is re-entrant by thread id, so a stream hopping between pool threads would
+    let a pooled thread re-enter it while the stream is paused). When the consumer stops early,
+    the worker closes the iterator (releasing the lock) at its next item.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+    end = object()
+
+    def work() -> None:
+        error = None
+        try:
+            with closing(make()) as items:
+                for item in items:
+                    if stop.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+        except BaseException as raised:  # noqa: BLE001 - handed to the consumer and raised there
+            error = raised
+        finally:  # always, so the consumer never waits for an item that cannot come
+            loop.call_soon_threadsafe(queue.put_nowait, (end, error))
+
+    worker = loop.run_in_executor(None, contextvars.copy_context().run, work)  # callbacks and tracing see the caller's context
+    try:
+        while True:
+            item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is end:
+                break
+            yield item
+    finally:
+        stop.set()
+        await worker

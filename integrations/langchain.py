@@ -43,9 +43,7 @@ would let a pooled thread re-enter it while the stream is paused).
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import closing
 from typing import Any, Literal
 
@@ -68,6 +66,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("gsa_rag.integrations.langchain needs langchain-core 1.x: pip install 'gsa-rag[langchain]'") from error
 
 from gsa_rag.errors import InputError
+from gsa_rag.integrations.backend import iterate_in_thread
 
 __all__ = ["GistChatModel", "GistLLM", "GistMemoryRetriever", "format_documents", "remember_documents", "to_chat_messages"]
 
@@ -151,47 +150,6 @@ def remember_documents(memory) -> RunnableLambda:
 
 # ----------------------------------------------------------------------------------------------
 # shared settings, and running a stream on one thread for asyncio
-
-
-async def _iterate_in_thread(make: Callable[[], Iterator]) -> AsyncIterator:
-    """Runs a synchronous iterator to the end on one worker thread and yields its items.
-
-    LangChain's default `_astream` calls `next` through the executor, so one stream can hop
-    between threads; the engine's lock, held across a stream, is re-entrant by thread id, so a
-    paused stream whose thread went back to the pool would let that thread re-enter it. Here
-    one thread iterates; when
-    the consumer stops early, the worker closes the iterator (releasing the lock) at its next item.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
-    end = object()
-
-    def work() -> None:
-        error = None
-        try:
-            with closing(make()) as items:
-                for item in items:
-                    if stop.is_set():
-                        break
-                    loop.call_soon_threadsafe(queue.put_nowait, (item, None))
-        except BaseException as raised:  # noqa: BLE001 - handed to the consumer and raised there
-            error = raised
-        finally:  # always, so the consumer never waits for an item that cannot come
-            loop.call_soon_threadsafe(queue.put_nowait, (end, error))
-
-    worker = asyncio.ensure_future(run_in_executor(None, work))  # a coroutine: schedule it now
-    try:
-        while True:
-            item, error = await queue.get()
-            if error is not None:
-                raise error
-            if item is end:
-                break
-            yield item
-    finally:
-        stop.set()
-        await worker
 
 
 class _GistSettings(BaseModel):
@@ -366,7 +324,7 @@ class GistChatModel(_GistSettings, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         sync_manager = run_manager.get_sync() if run_manager else None
-        async for chunk in _iterate_in_thread(lambda: self._stream(messages, stop, sync_manager, **kwargs)):
+        async for chunk in iterate_in_thread(lambda: self._stream(messages, stop, sync_manager, **kwargs)):
             yield chunk
 
 
@@ -428,7 +386,7 @@ class GistLLM(_GistSettings, LLM):
         **kwargs: Any,
     ) -> AsyncIterator[GenerationChunk]:
         sync_manager = run_manager.get_sync() if run_manager else None
-        async for chunk in _iterate_in_thread(lambda: self._stream(prompt, stop, sync_manager, **kwargs)):
+        async for chunk in iterate_in_thread(lambda: self._stream(prompt, stop, sync_manager, **kwargs)):
             yield chunk
 
 

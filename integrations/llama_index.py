@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +30,10 @@ from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
+    ChatResponseAsyncGen,
     ChatResponseGen,
     CompletionResponse,
+    CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
@@ -40,7 +43,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
-from gsa_rag.integrations.backend import GistBackend, default_config, engine_lock
+from gsa_rag.integrations.backend import GistBackend, default_config, engine_lock, iterate_in_thread
 from gsa_rag.validation import check_stop
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct + gsa-rag 8x adapter"
@@ -154,6 +157,20 @@ class GistLLM(CustomLLM):
         usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
                  "total_tokens": done.prompt_tokens + done.completion_tokens}
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=done.text), raw={"usage": usage})
+
+    # async: the model runs on a worker thread, never on the event loop (CustomLLM's defaults call
+    # the sync methods in the loop). The sync methods carry the callbacks, so events fire once.
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
+
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await asyncio.to_thread(self.chat, messages, **kwargs)
+
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
+        return iterate_in_thread(lambda: self.stream_complete(prompt, formatted, **kwargs))
+
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return iterate_in_thread(lambda: self.stream_chat(messages, **kwargs))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:

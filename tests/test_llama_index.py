@@ -112,6 +112,32 @@ def test_async_variants_equal_the_sync_ones(llm):
     assert asyncio.run(run()) == (text, text, text, text)
 
 
+def test_async_calls_leave_the_event_loop_free(llm):
+    # the model runs on a worker thread: other tasks keep running while it generates
+    async def run():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        start = ticks
+        await llm.acomplete("Name a fruit.", max_new_tokens=8)
+        after_complete = ticks
+        async for _ in await llm.astream_chat([ChatMessage(role=MessageRole.USER, content="Name a fruit.")],
+                                              max_new_tokens=8):
+            pass
+        task.cancel()
+        return start, after_complete, ticks
+
+    start, after_complete, end = asyncio.run(run())
+    assert after_complete - start > 3 and end - after_complete > 3
+
+
 def test_a_stop_str_is_one_stop_string(llm):
     """Regression: complete(prompt, stop="Answer:") was cut at any of the characters A, n, s, ..."""
     prompt = "Name a fruit."
