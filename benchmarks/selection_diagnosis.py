@@ -28,7 +28,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchm
 
 from gsa_rag.engine import GistEngine  # noqa: E402
 from gsa_rag.eval.data import load_examples  # noqa: E402
-from gsa_rag.eval.harness import _recording_factory  # noqa: E402
+from gsa_rag.eval.harness import _recording_factory, unfolded_chunks  # noqa: E402
 from gsa_rag.generation import forward  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
@@ -99,24 +99,22 @@ def tally(engine, examples, first_layer: int, current: dict | None = None) -> di
         raw = layout.valid[0] & ~layout.is_gist[0] & (chunk >= 0) & (chunk < eligible)
         place = torch.full((eligible,), -1, dtype=torch.long)
         place[chunk[raw]] = layout.passage_id[0, :T][raw]
-        for layer, row in state.rows.items():
-            if layer < first_layer:
+        layers = [layer for layer in sorted(state.rows) if layer >= first_layer]
+        if not layers:
+            continue
+        unfolded = unfolded_chunks(layout, [state.rows[layer] for layer in layers], engine.config.num_previous_chunks)
+        for sel in unfolded[:, 0].flatten(0, 1)[:, :eligible]:  # one (layer, KV head) at a time
+            n_sel = int(sel.sum())
+            if n_sel == 0:
                 continue
-            vis = row[0]  # [H, T]
-            for h in range(vis.shape[0]):
-                sel = torch.zeros(eligible, dtype=torch.bool)
-                sel[chunk[vis[h] & raw].unique()] = True
-                n_sel = int(sel.sum())
-                if n_sel == 0:
-                    continue
-                for c, cat in enumerate(cats):
-                    entry = counts.setdefault(cat, [0.0, 0.0])
-                    entry[0] += float(sel[c]) / n_sel
-                    entry[1] += 1.0 / eligible
-                for p in range(10):
-                    in_p = place == p
-                    by_place[0, p] += float((sel & in_p).sum()) / n_sel
-                    by_place[1, p] += float(in_p.sum()) / eligible
+            for c, cat in enumerate(cats):
+                entry = counts.setdefault(cat, [0.0, 0.0])
+                entry[0] += float(sel[c]) / n_sel
+                entry[1] += 1.0 / eligible
+            for p in range(10):
+                in_p = place == p
+                by_place[0, p] += float((sel & in_p).sum()) / n_sel
+                by_place[1, p] += float(in_p.sum()) / eligible
     total = sum(v[1] for v in counts.values()) or 1.0
     shares = {k: {"selected": 100 * v[0] / total, "uniform": 100 * v[1] / total} for k, v in sorted(counts.items())}
     place_total = by_place.sum(-1, keepdim=True).clamp(min=1e-9)

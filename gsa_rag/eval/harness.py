@@ -27,6 +27,7 @@ from gsa_rag.engine import GistEngine
 from gsa_rag.eval.methods.base import Method, RunContext
 from gsa_rag.eval.metrics import best_subspan_em, bootstrap_ci, exact_match, normalize_answer, token_f1
 from gsa_rag.generation import SamplingParams, generate_tokens
+from gsa_rag.selection import eligible_chunk_mask, gold_chunk_mask
 
 
 @dataclass
@@ -74,6 +75,30 @@ def _recording_factory(factory):
     return make_state
 
 
+def unfolded_chunks(layout, rows: list[torch.Tensor], num_previous_chunks: int) -> torch.Tensor:
+    """Which chunks each visibility row unfolded, outside the local window (visible anyway).
+
+    Args:
+        layout: the prompt's layout (chunk_id, is_gist, num_chunks).
+        rows: per layer, bool [B, H or 1, T], the keys one query row saw.
+        num_previous_chunks: the local window's size in chunks.
+
+    Returns:
+        bool [L, B, H, C], C = the most chunks of any row.
+    """
+    C = int(layout.num_chunks.max())
+    H = max(r.shape[1] for r in rows)
+    vis = torch.stack([r.expand(-1, H, -1) for r in rows])  # [L, B, H, T]
+    T = vis.shape[-1]
+    chunk = layout.chunk_id[:, :T]
+    eligible_chunks = (layout.num_chunks - num_previous_chunks).clamp(min=0)  # [B]
+    eligible = (~layout.is_gist[:, :T]) & (chunk >= 0) & (chunk < eligible_chunks[:, None])  # [B, T]
+    index = torch.where(eligible, chunk, C)[None, :, None, :].expand_as(vis)
+    hits = torch.zeros(*vis.shape[:3], C + 1, dtype=torch.long, device=vis.device)
+    chosen = (vis & eligible[None, :, None, :]).long()
+    return hits.scatter_add(-1, index, chosen)[..., :C] > 0
+
+
 def gold_selection(layout, rows: dict[int, torch.Tensor], gold: list[set[int]], num_previous_chunks: int,
                    first_selecting_layer: int) -> list[dict | None]:
     """Did the question's last token unfold a chunk of a gold passage?
@@ -94,24 +119,15 @@ def gold_selection(layout, rows: dict[int, torch.Tensor], gold: list[set[int]], 
     B = layout.batch_size
     if not layers:
         return [None] * B
-    C = int(layout.num_chunks.max())
-    H = max(rows[layer].shape[1] for layer in layers)
-    vis = torch.stack([rows[layer].expand(-1, H, -1) for layer in layers])  # [L, B, H, T]
-    T = vis.shape[-1]
-    chunk = layout.chunk_id[:, :T]
+    selected = unfolded_chunks(layout, [rows[layer] for layer in layers], num_previous_chunks)  # [L, B, H, C]
+    C = selected.shape[-1]
     eligible_chunks = (layout.num_chunks - num_previous_chunks).clamp(min=0)  # [B]
-    eligible = (~layout.is_gist[:, :T]) & (chunk >= 0) & (chunk < eligible_chunks[:, None])  # [B, T]
-    index = torch.where(eligible, chunk, C)[None, :, None, :].expand_as(vis)
-    hits = torch.zeros(*vis.shape[:3], C + 1, dtype=torch.long, device=vis.device)
-    chosen = (vis & eligible[None, :, None, :]).long()
-    selected = hits.scatter_add(-1, index, chosen)[..., :C] > 0  # [L, B, H, C]
+    # the rule the selection loss trains on: gold chunks among those selection chooses from
+    gold_all = (gold_chunk_mask(layout, gold) & eligible_chunk_mask(layout, num_previous_chunks))[:, :C]  # [B, C]
     out: list[dict | None] = []
     for b in range(B):
         n = int(eligible_chunks[b])
-        gold_cols = eligible[b] & torch.isin(layout.passage_id[b, :T], torch.tensor(sorted(gold[b]), dtype=torch.long,
-                                                                                      device=chunk.device))
-        gold_chunks = torch.zeros(C, dtype=torch.bool, device=chunk.device)
-        gold_chunks[chunk[b, gold_cols].unique()] = True
+        gold_chunks = gold_all[b]
         g = int(gold_chunks.sum())
         if not gold[b] or g == 0 or n == 0:
             out.append(None)

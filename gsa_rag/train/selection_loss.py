@@ -38,36 +38,9 @@ import math
 
 import torch
 
-from gsa_rag.selection import gist_scores
+from gsa_rag.selection import eligible_chunk_mask, gist_scores, gold_chunk_mask  # noqa: F401 (re-exported)
 
 ROWS = ("last", "tail")
-
-
-def gold_chunk_mask(layout, gold: list[frozenset[int] | set[int] | None]) -> torch.Tensor:
-    """bool [B, C]: the chunks holding raw tokens of each row's gold passages.
-
-    Args:
-        layout: the batch's layout (passage_id, chunk_id, is_gist, valid, num_chunks).
-        gold: per row, the gold passages' numbers (0-based, prompt order; `Segment.passage_id`),
-            empty or None where none is known.
-    """
-    B, C = layout.gist_index.shape
-    out = torch.zeros(B, C, dtype=torch.bool, device=layout.chunk_id.device)
-    for b, passages in enumerate(gold):
-        if not passages:
-            continue
-        wanted = torch.tensor(sorted(passages), dtype=torch.long, device=layout.passage_id.device)
-        chunk = layout.chunk_id[b]
-        cols = (layout.valid[b] & ~layout.is_gist[b] & (chunk >= 0) & (chunk < layout.num_chunks[b])
-                & torch.isin(layout.passage_id[b], wanted))
-        out[b, chunk[cols].unique()] = True
-    return out
-
-
-def eligible_chunk_mask(layout, num_previous_chunks: int) -> torch.Tensor:
-    """bool [B, C]: closed chunks outside the question's local window (the ones selection chooses among)."""
-    c = torch.arange(layout.gist_index.shape[1], device=layout.num_chunks.device)
-    return c[None, :] < (layout.num_chunks - num_previous_chunks)[:, None]
 
 
 def query_rows(layout, prompt_end: torch.Tensor, rows: str) -> tuple[torch.Tensor, torch.Tensor]:
