@@ -16,7 +16,9 @@ Bytes: "full KV" is the KV cache of the full prompt; "memory device"/"memory hos
 memory keeps between questions (with --offload, raw KV on the host and only gist KV, plus the
 prompt prefix's sink, on the device); "question buffer" is the per-question device buffer
 (full length, zeros where raw KV was not fetched); "fetched" the raw KV copied to the device for
-the question's first token.
+the question's first token. "aten ops" counts the torch ops one question dispatches (memory path,
+and the full prefill): on a GPU each is a kernel launch or a host step, so this count tracks the
+host overhead that dominates there (issue #3) even where the CPU wall clock hides it.
 
 Passages: --data names a canonical JSONL set (nq, hotpotqa, ... under $GSA_RAG_DATA, or a path);
 the first examples' passages are pooled. Without data, seeded synthetic passages of about the
@@ -95,6 +97,22 @@ def timed(fns: dict, device, repeats: int) -> tuple[dict, dict]:
             sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}, results
+
+
+def aten_ops(fn) -> int:
+    """How many aten ops one call of `fn` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.ops
 
 
 def kv_bytes_per_token(model) -> int:
@@ -182,6 +200,7 @@ def main() -> None:
         else:
             _, cache, layout = results["memory"]
         stats = memory.stats()
+        ops_memory, ops_full = aten_ops(from_memory), aten_ops(full_prefill)
         buffer = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
         row = {
             "passages": n,
@@ -200,6 +219,8 @@ def main() -> None:
             "question_buffer_bytes": buffer,
             "fetched_bytes": cache.fetched_bytes,
             "question_peak_device_bytes": peak,
+            "question_aten_ops_memory": ops_memory,
+            "question_aten_ops_full": ops_full,
             "device": name,
             "dtype": str(dtype),
             "offload": args.offload,
@@ -215,15 +236,15 @@ def main() -> None:
     print()
     print("| passages | prompt tokens | TTFT full (HF) ms | TTFT GSA prefill ms | TTFT GSA memory ms | speedup vs full "
           "| encode once ms | full KV MiB | memory device MiB | memory host MiB | device / full KV | question buffer MiB "
-          "| fetched MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fetched MiB | aten ops memory / full |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gsa_ms = "-" if r["ttft_gsa_prefill_ms"] is None else f"{r['ttft_gsa_prefill_ms']:.1f}"
         print(f"| {r['passages']} | {r['prompt_tokens']} | {r['ttft_full_hf_ms']:.1f} | {gsa_ms} "
               f"| {r['ttft_gsa_memory_ms']:.1f} | {r['speedup_vs_full']:.1f}x | {r['encode_once_ms']:.0f} "
               f"| {r['full_kv_bytes'] * mib:.2f} | {r['memory_device_bytes'] * mib:.2f} | {r['memory_host_bytes'] * mib:.2f} "
               f"| {r['memory_device_bytes'] / r['full_kv_bytes']:.3f} | {r['question_buffer_bytes'] * mib:.2f} "
-              f"| {r['fetched_bytes'] * mib:.2f} |")
+              f"| {r['fetched_bytes'] * mib:.2f} | {r['question_aten_ops_memory']} / {r['question_aten_ops_full']} |")
     if args.out:
         with open(args.out, "x") as f:  # never overwrite a saved result
             json.dump(rows, f, indent=2)

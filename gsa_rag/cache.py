@@ -12,7 +12,11 @@ there). Their columns start as zeros in the device buffers; in every layer, once
 function knows the mask, `GistCache.hook` copies to the device the raw columns the mask makes
 visible (the chunks the question unfolds and the local windows) that are not there yet,
 re-rotating the keys on the way. Masked columns contribute exactly nothing to attention, so
-offloaded answers equal device-resident answers.
+offloaded answers equal device-resident answers. A layer's fetch is one device sync (the host
+must learn which columns the mask opened), a gather on the host into one (pinned) buffer, one
+asynchronous copy, one rotation and one index_copy per tensor: the device work does not grow
+with the number of passages (on a GPU, per-passage copies and kernels made the question path
+launch-bound; issue #3).
 
 The device buffers are full length (zeros where nothing was fetched); a compact paged working
 set is the kernels' business. What stays on the device *between* questions is only what
@@ -110,6 +114,11 @@ class KeyRotator:
             raise ValueError(f"{shifts.numel()} shifts for {n} keys")
         else:
             cos, sin = self.cos_sin(shifts, keys.device)
+        return self.apply(keys, cos, sin)
+
+    @staticmethod
+    def apply(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotates keys [..., N, D] by (cos, sin) [N or 1, D] from `cos_sin`; same dtype out."""
         if cos.shape[-1] != keys.shape[-1]:
             raise UnsupportedModelError(f"rotary dim {cos.shape[-1]} != head dim {keys.shape[-1]}: partial RoPE is not supported (gist memory re-rotates whole heads)")
         k = keys.float()
@@ -121,7 +130,7 @@ class OffloadedSource:
     """Raw KV of one cached passage kept off the device.
 
     Attributes:
-        columns: long [r], the layout columns of the raw tokens (on the model device).
+        columns: long [r] (CPU), the layout columns of the raw tokens, ascending.
         keys, values: [L, Hkv, r, D] on the host (pinned when CUDA is there), as cached.
         shift: RoPE shift from the cached positions to the layout's.
     """
@@ -137,9 +146,11 @@ class GistCache(DynamicCache):
 
     Args:
         keys, values: per layer, [1, Hkv, T, D] on the model device: every column of the
-            layout; open slots and offloaded raw columns hold zeros.
+            layout; open slots and offloaded raw columns hold zeros. The cache takes these
+            tensors over (no copy).
         pending: long [n], the layout columns the first forward fills (sorted).
-        offloaded: raw KV left on the host, fetched per layer on demand.
+        offloaded: raw KV left on the host, fetched per layer on demand, in layout order (the
+            columns ascend across sources).
         rotator: re-rotates fetched keys (needed when `offloaded` is not empty).
     """
 
@@ -148,24 +159,37 @@ class GistCache(DynamicCache):
         if keys[0].shape[0] != 1:
             raise ValueError("a GistCache holds one question (batch size 1)")
         for layer_idx, (k, v) in enumerate(zip(keys, values, strict=True)):
-            DynamicCache.update(self, k, v, layer_idx)
+            DynamicCache.update(self, k[:, :, :0], v[:, :, :0], layer_idx)  # creates the layer, whatever its class
+            self.layers[layer_idx].keys, self.layers[layer_idx].values = k, v  # update itself would copy the buffers
         self.num_layers = len(keys)
         self.pending: torch.Tensor | None = pending if pending.numel() else None
         self._filled: set[int] = set()
         self.offloaded = list(offloaded)
         self.rotator = rotator
-        T = keys[0].shape[-2]
-        device = keys[0].device
-        # per layer: offloaded raw columns not on the device yet
-        self._source = torch.full((T,), -1, dtype=torch.long, device=device)
-        self._local = torch.zeros(T, dtype=torch.long, device=device)
-        for i, src in enumerate(self.offloaded):
-            self._source[src.columns] = i
-            self._local[src.columns] = torch.arange(len(src.columns), device=device)
-        self._missing = [self._source >= 0 for _ in range(self.num_layers)]
         self.fetched_columns = 0  # summed over layers
         self.fetched_bytes = 0
         self.queries: dict[int, torch.Tensor] | None = None  # set to {} to record each layer's queries
+        if self.offloaded:
+            self._index_offloaded(keys[0].shape[-2], keys[0].device)
+
+    def _index_offloaded(self, T: int, device: torch.device) -> None:
+        """Per-question tables, so that a layer's fetch costs a fixed number of device ops
+        whatever the number of passages: the source of every layout column (and its index among
+        the source's raw columns), on the host; the source again and one (cos, sin) row per
+        source, on the device."""
+        columns = torch.cat([src.columns.cpu() for src in self.offloaded])
+        if len(columns) > 1 and not bool((columns[1:] > columns[:-1]).all()):
+            raise ValueError("offloaded sources must come in layout order (their columns ascending)")
+        lengths = torch.tensor([len(src.columns) for src in self.offloaded])
+        owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        self._source_host = torch.full((T,), -1, dtype=torch.long)
+        self._source_host[columns] = owner
+        self._local_host = torch.zeros(T, dtype=torch.long)
+        self._local_host[columns] = torch.arange(len(columns)) - (torch.cumsum(lengths, 0) - lengths)[owner]
+        self._source = self._source_host.to(device)
+        self._missing = (self._source >= 0).expand(self.num_layers, T).clone()  # per layer: not on the device yet
+        self._cos, self._sin = self.rotator.cos_sin(torch.tensor([src.shift for src in self.offloaded]), device)
+        self._pin = device.type == "cuda"  # a pinned staging buffer makes the copy asynchronous
 
     # -- the first forward fills the open slots ------------------------------------------------
 
@@ -192,28 +216,38 @@ class GistCache(DynamicCache):
         """GistState hook: fetch the offloaded raw columns that `mask` makes visible."""
         if self.queries is not None:
             self.queries[layer_idx] = query.detach()
-        missing = self._missing[layer_idx]
         if not self.offloaded:
             return
-        visible = mask.reshape(-1, mask.shape[-1]).any(0)[: len(missing)]  # later columns are never offloaded
-        fetch = torch.nonzero(visible & missing).flatten()
+        missing = self._missing[layer_idx]
+        visible = mask.reshape(-1, mask.shape[-1]).any(0)[: missing.shape[0]]  # later columns are never offloaded
+        fetch = torch.nonzero(visible & missing).flatten()  # the layer's one sync: the host must know what to send
         if fetch.numel() == 0:
             return
+        kv = self._gather(layer_idx, fetch.cpu()).to(fetch.device, non_blocking=True)
+        source = self._source[fetch]
+        k, v = self.rotator.apply(kv[0], self._cos[source], self._sin[source]), kv[1]
         layer = self.layers[layer_idx]
         targets = [(layer.keys, layer.values)]
         if key is not layer.keys:
             targets.append((key, value))
-        sources = self._source[fetch]
-        for i in torch.unique(sources).tolist():
-            src = self.offloaded[i]
-            cols = fetch[sources == i]
-            local = self._local[cols].cpu()
-            k = src.keys[layer_idx].index_select(1, local).to(key.device, non_blocking=True)
-            v = src.values[layer_idx].index_select(1, local).to(value.device, non_blocking=True)
-            k = self.rotator.rotate(k, src.shift)
-            for tk, tv in targets:
-                tk[0].index_copy_(1, cols, k.to(tk.dtype))
-                tv[0].index_copy_(1, cols, v.to(tv.dtype))
-            self.fetched_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+        for tk, tv in targets:
+            tk[0].index_copy_(1, fetch, k.to(tk.dtype))
+            tv[0].index_copy_(1, fetch, v.to(tv.dtype))
         missing[fetch] = False
         self.fetched_columns += int(fetch.numel())
+        self.fetched_bytes += kv.numel() * kv.element_size()
+
+    def _gather(self, layer_idx: int, fetch: torch.Tensor) -> torch.Tensor:
+        """[2, Hkv, n, D] on the host (pinned with CUDA, so one asynchronous copy moves it): the
+        layer's keys and values of the offloaded columns `fetch` (ascending, on the host)."""
+        counts = torch.bincount(self._source_host[fetch], minlength=len(self.offloaded)).tolist()
+        keys, values = [], []
+        for src, local in zip(self.offloaded, torch.split(self._local_host[fetch], counts), strict=True):
+            if len(local):  # sources ascend with the columns, so the pieces keep the order of `fetch`
+                keys.append(src.keys[layer_idx].index_select(1, local))
+                values.append(src.values[layer_idx].index_select(1, local))
+        H, _, D = keys[0].shape
+        out = torch.empty((2, H, len(fetch), D), dtype=keys[0].dtype, pin_memory=self._pin)
+        torch.cat(keys, 1, out=out[0])
+        torch.cat(values, 1, out=out[1])
+        return out

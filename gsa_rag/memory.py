@@ -133,6 +133,7 @@ _ENCODING_DEFAULTS = {"meta_chunks": []}
 
 _WHITESPACE = re.compile(r"\s")  # a str passage without it is read as an id (see GistMemory._resolve)
 _ENTRY_TENSORS = ("ids", "is_gist", "resident", "res_k", "res_v", "raw_k", "raw_v")
+_ROTATE_BLOCK_ELEMENTS = 1 << 24  # float32 elements per block when re-rotating cached keys (64 MiB)
 __all__ = ["GistMemory", "MemoryFormatError", "MemoryStats", "SearchHit"]  # MemoryFormatError: from gsa_rag.errors
 
 
@@ -549,39 +550,62 @@ class GistMemory:
         prefix_entry = self._prefix_entry(prefix)
         self._touch([prefix_entry.key] + [e.key for e in entries])
         segments = reuse_segments(prefix, [e.raw_ids for e in entries], tail, self.link_ids)
-        layout = build_layout([segments], self.config, self.engine.tokenizer, device=self.device)
-
-        T = layout.seq_len
-        doc = layout.doc_id[0].cpu()
-        places = [(prefix_entry, 0)]
-        for p, entry in enumerate(entries):
-            places.append((entry, int(torch.nonzero(doc == p)[0])))
-        L, H, _, D = prefix_entry.res_k.shape
-        keys = torch.zeros(L, 1, H, T, D, dtype=prefix_entry.res_k.dtype, device=self.device)
-        values = torch.zeros_like(keys)
-        cached = torch.zeros(T, dtype=torch.bool)
-        offloaded = []
-        for entry, start in places:
-            n = len(entry.ids)
-            cols = torch.arange(start, start + n, device=self.device)
-            if not torch.equal(layout.input_ids[0, start : start + n].cpu(), entry.ids):
-                raise RuntimeError("a cached entry no longer matches the prompt layout (tokenizer or config changed?)")
-            cached[start : start + n] = True
-            shift = int(layout.position_ids[0, start]) - entry.base
-            res = entry.resident.to(self.device)
-            keys[:, 0].index_copy_(2, cols[res], self.rotator.rotate(entry.res_k, shift))
-            values[:, 0].index_copy_(2, cols[res], entry.res_v)
-            if entry.raw_k.shape[2] == 0:
-                continue
-            if not self.offload:
-                keys[:, 0].index_copy_(2, cols[~res], self.rotator.rotate(entry.raw_k, shift))
-                values[:, 0].index_copy_(2, cols[~res], entry.raw_v)
-            else:
-                offloaded.append(OffloadedSource(cols[~res], entry.raw_k, entry.raw_v, shift))
-        pending = torch.nonzero(~cached).flatten().to(self.device)
+        host = build_layout([segments], self.config, self.engine.tokenizer)  # read on the host: no device syncs
+        places = [prefix_entry, *entries]
+        keys, values, pending, offloaded = self._assemble(host, places)
         cache = GistCache(list(keys.unbind(0)), list(values.unbind(0)), pending, offloaded, self.rotator)
-        self._evict(protect={e.key for e, _ in places})
-        return layout, cache
+        self._evict(protect={e.key for e in places})
+        return host.to(self.device), cache
+
+    def _assemble(self, layout, entries: list[_Entry]):
+        """The question's KV buffers from the prefix and passage entries (in prompt order):
+        keys, values [L, 1, Hkv, T, D] on the device with every cached column re-rotated into
+        place (open slots, and offloaded raw columns, zero); the open columns; the offloaded raw
+        KV. Batched over entries, so the device work does not grow with their number."""
+        doc = layout.doc_id[0].tolist()
+        starts = [0] + [doc.index(p) for p in range(len(entries) - 1)]  # the prefix, then passage p where doc_id is p
+        lengths = torch.tensor([len(e.ids) for e in entries])
+        owner = torch.repeat_interleave(torch.arange(len(entries)), lengths)  # the entry of every cached column
+        columns = torch.arange(len(owner)) + (torch.tensor(starts) - (torch.cumsum(lengths, 0) - lengths))[owner]
+        if not torch.equal(layout.input_ids[0, columns], torch.cat([e.ids for e in entries])):
+            raise RuntimeError("a cached entry no longer matches the prompt layout (tokenizer or config changed?)")
+        shifts = (layout.position_ids[0, starts] - torch.tensor([e.base for e in entries])).tolist()
+        cos, sin = self.rotator.cos_sin(torch.tensor(shifts), self.device)  # one row per entry
+        L, H, _, D = entries[0].res_k.shape
+        keys = torch.zeros(L, 1, H, layout.seq_len, D, dtype=entries[0].res_k.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        resident = torch.cat([e.resident for e in entries])
+        self._place(keys, values, columns[resident], owner[resident], [e.res_k for e in entries], [e.res_v for e in entries],
+                    (cos, sin))
+        raw = ~resident
+        offloaded = []
+        if not self.offload:
+            self._place(keys, values, columns[raw], owner[raw], [e.raw_k for e in entries], [e.raw_v for e in entries],
+                        (cos, sin))
+        else:
+            per_entry = torch.split(columns[raw], [e.raw_k.shape[2] for e in entries])
+            offloaded = [OffloadedSource(cols, e.raw_k, e.raw_v, shift)
+                         for e, cols, shift in zip(entries, per_entry, shifts, strict=True) if len(cols)]
+        open_columns = torch.ones(layout.seq_len, dtype=torch.bool)
+        open_columns[columns] = False
+        return keys, values, torch.nonzero(open_columns).flatten().to(self.device), offloaded
+
+    def _place(self, keys, values, columns, owner, k_parts, v_parts, rotation) -> None:
+        """Copies KV parts (one per entry, [L, Hkv, n_i, D], in order) into the buffers at
+        `columns` (host), keys re-rotated by the row of `rotation` (cos, sin) of their `owner` entry."""
+        if len(columns) == 0:
+            return
+        index, owner = torch.stack([columns, owner]).to(self.device)
+        k = torch.cat(k_parts, 2)
+        # rotation runs in float32: in blocks of columns, so its temporaries stay small however long the prompt
+        L, H, _, D = k.shape
+        block = max(1, _ROTATE_BLOCK_ELEMENTS // (L * H * D))
+        for first in range(0, len(index), block):
+            cols = slice(first, first + block)
+            rows = owner[cols]
+            rotated = self.rotator.apply(k[:, :, cols], rotation[0][rows], rotation[1][rows])
+            keys[:, 0].index_copy_(2, index[cols], rotated)
+        values[:, 0].index_copy_(2, index, torch.cat(v_parts, 2))
 
     # ------------------------------------------------------------------------------------------
     # search

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 import random
@@ -11,6 +12,7 @@ import torch
 from fakes import FakeTokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig
 
 from gsa_rag.config import GistConfig
@@ -243,6 +245,50 @@ def test_offloaded_raw_kv_gives_the_same_answers_as_resident(tokenizer):
         out_a, _ = forward(engine.model, layout_a, len(cache_a.pending), cache_a, engine.config)
         out_b, _ = forward(engine.model, layout_b, len(cache_b.pending), cache_b, engine.config)
     assert torch.equal(out_a.logits, out_b.logits)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def offload_hook_ops(engine, passages) -> tuple[collections.Counter, int]:
+    """The aten ops GistCache.hook dispatches over one question's first forward, and its offloaded sources."""
+    memory = GistMemory(engine, offload=True, progress=False)
+    layout, cache = memory.prepare(QUESTION, memory.add(passages))
+    counter, hook = OpCounter(), cache.hook
+
+    def counted(*args):
+        with counter:
+            hook(*args)
+
+    cache.hook = counted
+    with torch.no_grad():
+        forward(engine.model, layout, len(cache.pending), cache, engine.config)
+    return counter.ops, len(cache.offloaded)
+
+
+def test_offload_fetch_does_a_fixed_amount_of_device_work_per_layer(tokenizer):
+    """Issue #3: on a GPU, per-passage copies and rotations in every layer made time to first
+    token launch-bound. Now only the host-side gather (select + index_select, per source) grows
+    with the passages; the rest of a layer's fetch (one copy, one batched rotation, one
+    index_copy per tensor) does not."""
+    engine = tiny_engine(tokenizer, chunk_size=8, top_k=2)
+    more = PASSAGES + [f"Passage {i} tells of the island number {i} and its {i * 7} old harbours." for i in range(5)]
+    few, few_sources = offload_hook_ops(engine, PASSAGES[:1])
+    many, many_sources = offload_hook_ops(engine, more)
+    assert many_sources == few_sources + len(more) - 1
+    host_gather = {"select", "index_select"}
+    assert {op: n for op, n in few.items() if op not in host_gather} == {op: n for op, n in many.items() if op not in host_gather}
+    layers = engine.model.config.num_hidden_layers
+    assert many["index_copy_"] == 2 * layers and many["index_select"] <= 2 * layers * many_sources
 
 
 def test_passages_in_memory_are_not_re_encoded(tokenizer):
