@@ -14,8 +14,15 @@ over a synthetic gist layout (chunk 8, sink 4, a 32-token question), then each m
     gsa       the same with the kernels (key lists + sparse flash-decode).
 
 Adaptive k (about L/8 raw tokens per KV head). tokens/s = batch * steps / wall time (synchronised).
-The KV cache is HF's DynamicCache, which concatenates every layer's K/V at every step (a copy of
-the whole cache): that cost is in every column and bounds the speedup of any sparse attention.
+The KV cache of these three is HF's DynamicCache, which concatenates every layer's K/V at every
+step (a copy of the whole cache): that cost is in each of them and bounds the speedup of any
+sparse attention. With `--cache both` (the default) two more columns decode from the same prefill
+held in the engine's own cache, gsa_rag.decode_cache.DecodeCache (a step writes its one column):
+
+    hf_dc     hf over a DecodeCache (full attention without the copy: the fair dense baseline);
+    gsa_dc    gsa over a DecodeCache (what GistEngine runs).
+
+`--cache dynamic` runs the first three only (the output of earlier rounds).
 Writes benchmarks/results/kernels/decode_latency.json.
 """
 
@@ -79,10 +86,21 @@ def set_attention(model, name: str) -> None:
 
 def crop(cache, length: int) -> None:
     """Cuts every layer of a DynamicCache back to `length` columns (crop's sign convention changed
-    across transformers 5.x releases, so this does it directly)."""
+    across transformers 5.x releases, so this does it directly). On a DecodeCache the cut layers
+    stay views of its buffers, so the next steps write over the cut columns: no reallocation."""
     for layer in cache.layers:
         layer.keys = layer.keys[:, :, :length]
         layer.values = layer.values[:, :, :length]
+
+
+def decode_cache_from(cache, reserve: int):
+    """A DecodeCache holding the columns of a filled DynamicCache, with `reserve` spare columns."""
+    from gsa_rag.decode_cache import DecodeCache
+
+    grown = DecodeCache(reserve=reserve)
+    for layer_idx, layer in enumerate(cache.layers):
+        grown.update(layer.keys, layer.values, layer_idx)
+    return grown
 
 
 def decode(model, layout, cache, prefill_len, config, steps, mode):
@@ -108,6 +126,10 @@ def decode(model, layout, cache, prefill_len, config, steps, mode):
     return time.perf_counter() - t, first
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="30-second smoke run (8K, 8 steps)")
@@ -116,6 +138,11 @@ def main(argv=None) -> None:
     p.add_argument("--contexts", nargs="+", default=["8,16,32"], help="tokens (>= 1024) or K tokens, e.g. 8,16,32")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps per method before timing (Triton compiles a variant per new integer "
+                        "specialisation in the first steps: more warm-up keeps compiles out of the timing)")
+    p.add_argument("--cache", default="both", choices=["both", "dynamic"],
+                   help="both: also hf_dc / gsa_dc over the engine's DecodeCache; dynamic: DynamicCache only")
     p.add_argument("--out", default="benchmarks/results/kernels")
     args = p.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -142,22 +169,34 @@ def main(argv=None) -> None:
             model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=True, logits_to_keep=1,
                   **{_cache_keyword(model): cache})
             row = {"arch": args.arch, "layers": model.config.num_hidden_layers, "context": L, "T": T,
-                   "batch": args.batch, "steps": steps}
+                   "batch": args.batch, "steps": steps, "warmup": args.warmup}
             firsts = {}
-            for mode in ("hf", "gsa_ref", "gsa"):
-                set_attention(model, "sdpa" if mode == "hf" else "gsa")
-                os.environ["GSA_RAG_KERNELS"] = "0" if mode == "gsa_ref" else "1"
-                decode(model, layout, cache, T, config, 3, mode)  # warm-up (Triton compiles, cuBLAS handles)
-                seconds, firsts[mode] = decode(model, layout, cache, T, config, steps, mode)
+            runs = [("hf", cache), ("gsa_ref", cache), ("gsa", cache)]
+            if args.cache == "both":  # the same prefill, copied once into the engine's cache
+                grown = decode_cache_from(cache, reserve=max(steps, args.warmup))
+                runs += [("hf_dc", grown), ("gsa_dc", grown)]
+            for mode, kv in runs:
+                method = mode.removesuffix("_dc")
+                set_attention(model, "sdpa" if method == "hf" else "gsa")
+                os.environ["GSA_RAG_KERNELS"] = "0" if method == "gsa_ref" else "1"
+                decode(model, layout, kv, T, config, args.warmup, method)  # warm-up (Triton compiles, cuBLAS handles)
+                seconds, firsts[mode] = decode(model, layout, kv, T, config, steps, method)
                 row[f"{mode}_tok_s"] = args.batch * steps / seconds
                 row[f"{mode}_ms_per_step"] = 1e3 * seconds / steps
-            a, b = firsts["gsa"], firsts["gsa_ref"]
-            row["logits_rel_err"] = float((a - b).norm() / b.norm())
+            row["logits_rel_err"] = rel_err(firsts["gsa"], firsts["gsa_ref"])
         row["x_hf"] = row["gsa_tok_s"] / row["hf_tok_s"]
         row["x_ref"] = row["gsa_tok_s"] / row["gsa_ref_tok_s"]
+        line = (f"L={L // K}K: hf {row['hf_tok_s']:.1f} tok/s, gsa_ref {row['gsa_ref_tok_s']:.1f}, gsa {row['gsa_tok_s']:.1f} "
+                f"(x{row['x_hf']:.2f} hf), logits err {row['logits_rel_err']:.1e}")
+        if args.cache == "both":
+            row["x_hf_dc"] = row["gsa_dc_tok_s"] / row["hf_dc_tok_s"]  # both without the per-step copy
+            row["x_dc_hf"] = row["gsa_dc_tok_s"] / row["hf_tok_s"]  # the engine vs stock HF (DynamicCache)
+            row["x_dc"] = row["gsa_dc_tok_s"] / row["gsa_tok_s"]  # what the cache alone gains
+            row["dc_logits_rel_err"] = rel_err(firsts["gsa_dc"], firsts["gsa"])  # same kernels: ~0
+            line += (f"; DecodeCache: hf {row['hf_dc_tok_s']:.1f}, gsa {row['gsa_dc_tok_s']:.1f} "
+                     f"(x{row['x_hf_dc']:.2f} hf_dc, x{row['x_dc_hf']:.2f} hf, x{row['x_dc']:.2f} gsa)")
         rows.append(row)
-        print(f"L={L // K}K: hf {row['hf_tok_s']:.1f} tok/s, gsa_ref {row['gsa_ref_tok_s']:.1f}, gsa {row['gsa_tok_s']:.1f} "
-              f"(x{row['x_hf']:.2f} hf), logits err {row['logits_rel_err']:.1e}", flush=True)
+        print(line, flush=True)
         write_results(args.out, name, {"env": environment(), "rows": rows})  # incremental
     os.environ.pop("GSA_RAG_KERNELS", None)
     print()
@@ -166,8 +205,14 @@ def main(argv=None) -> None:
         ("hf_tok_s", "hf tok/s", ".1f"), ("gsa_ref_tok_s", "gsa_ref", ".1f"), ("gsa_tok_s", "gsa", ".1f"),
         ("hf_ms_per_step", "hf ms", ".2f"), ("gsa_ms_per_step", "gsa ms", ".2f"),
         ("x_hf", "gsa/hf", ".2f"), ("x_ref", "gsa/ref", ".2f"), ("logits_rel_err", "err", ".1e"),
-    ])
+    ] + ([
+        ("hf_dc_tok_s", "hf_dc", ".1f"), ("gsa_dc_tok_s", "gsa_dc", ".1f"), ("gsa_dc_ms_per_step", "gsa_dc ms", ".2f"),
+        ("x_hf_dc", "gsa_dc/hf_dc", ".2f"), ("x_dc_hf", "gsa_dc/hf", ".2f"), ("x_dc", "gsa_dc/gsa", ".2f"),
+        ("dc_logits_rel_err", "dc err", ".1e"),
+    ] if args.cache == "both" else []))
     print("\nx = tokens/s ratio (> 1: GSA faster); err = first decode step's logits, kernels vs reference path")
+    if args.cache == "both":
+        print("_dc = over gsa_rag's DecodeCache (no per-step KV copy); dc err = gsa_dc vs gsa logits")
     path = write_results(args.out, name, {"env": environment(), "rows": rows})
     print(f"wrote {path}")
 

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from gsa_rag.attention import GistState
 from gsa_rag.cache import GistCache
 from gsa_rag.config import GistConfig
+from gsa_rag.decode_cache import DecodeCache
 from gsa_rag.errors import InputError
 from gsa_rag.layout import GistLayout
 
@@ -121,13 +122,16 @@ def generate_tokens(
     `observe` sees the GistState of every forward (prefill, then each decode step);
     `state_factory` is passed to `forward` (default: GistState).
     `cache`: a pre-filled cache whose columns are the first columns of `layout` (e.g. a
-    `GistCache` from gist memory); the prefill then runs only the rest.
+    `GistCache` from gist memory); the prefill then runs only the rest. Default: a
+    `DecodeCache` with room for the whole answer (a decode step writes its one column; a
+    DynamicCache would copy every layer's KV each step).
     """
     device = layout.input_ids.device
     generator = None
     if params.temperature > 0 and params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    cache = DynamicCache() if cache is None else cache
+    if cache is None:
+        cache = DecodeCache(reserve=params.max_new_tokens)
     num_new = layout.seq_len - cache.get_seq_length()
     out, state = forward(model, layout, num_new, cache, config, state_factory=state_factory, logits_to_keep=1)
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
