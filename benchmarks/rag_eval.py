@@ -3,10 +3,13 @@
     python benchmarks/rag_eval.py --data nq --limit 100                      # every method, CPU or GPU
     python benchmarks/rag_eval.py --data hotpotqa --methods closed-book,full,vector:k=1,gsa:chunk=16
     python benchmarks/rag_eval.py --data nq --device cuda --batch-size 32 --adapter runs/sft8
+    python benchmarks/rag_eval.py --data hotpotqa --methods gsa,gsa:reuse=1 --adapter runs/sft8-reuse  # KV reuse
     python benchmarks/rag_eval.py --list-methods
 
 Methods are spec strings "name:option=value:..." (see --list-methods), or the presets
-`baselines`, `open`, `sparse`, `all` (default). Every method answers the same questions, greedy;
+`baselines`, `open`, `sparse`, `all` (default; no preset holds the KV-reuse rows `gsa:...:reuse=1`,
+which answer from one gist memory shared by the run, best with an adapter trained by
+`gsa-rag train sft --reuse`). Every method answers the same questions, greedy;
 the results file (JSON, under benchmarks/results/rag_eval/) is written after each method, and a
 rerun of the same command skips the methods already in it (so a long run survives a time
 limit: run it again). Then a markdown table on stdout and two plots beside the JSON.

@@ -190,8 +190,29 @@ def test_every_method_registered_and_specs_round_trip():
     assert parse_spec("gsa:chunk=16:policy=adaptive").label == "GSA 16x, adaptive k"
 
 
+def test_gsa_reuse_spec_and_label():
+    method = parse_spec("gsa:reuse=1")
+    assert method.reuse and method.spec == "gsa:reuse=True" and method.label == "GSA 8x, top-4, KV reuse"
+    assert method.batch_limit == 1 and parse_spec("gsa").batch_limit is None
+    spec = "gsa:chunk=16:k=2:meta=4:reuse=True:budget_mb=64"
+    assert parse_spec(spec).spec == spec and parse_spec(spec).label == "H-GSA 64x (16,4), top-2, KV reuse"
+    assert parse_spec("gsa:policy=adaptive:reuse=yes").label == "GSA 8x, adaptive k, KV reuse"
+    from gsa_rag.eval.rag_report import _family
+
+    assert _family({"name": "gsa", "options": parse_spec("gsa:policy=adaptive:reuse=1").options()}) == \
+        "gsa (adaptive, KV reuse)"
+    assert _family({"name": "gsa", "options": parse_spec("gsa").options()}) == "gsa"
+
+
+def test_list_methods_shows_the_reuse_option(capsys):
+    _script("rag_eval").main(["--list-methods"])
+    listed = capsys.readouterr().out
+    assert "reuse=False" in listed and "budget_mb=0" in listed and "KV reuse" in listed
+
+
 @pytest.mark.parametrize("bad", ["nope", "gsa:chunk", "gsa:size=3", "gsa:chunk=eight", "vector:source=web",
-                                 "quest:policy=top_p"])
+                                 "quest:policy=top_p", "gsa:budget_mb=64", "gsa:reuse=1:budget_mb=-1",
+                                 "gsa:reuse=maybe"])
 def test_bad_specs_say_what_is_wrong(bad):
     with pytest.raises(ValueError):
         parse_spec(bad)
@@ -294,7 +315,7 @@ def test_quest_selects_k_chunks_per_head(engine, examples):
 
 
 @pytest.mark.parametrize("spec", ["closed-book", "full", "gist-only", "quest", "gsa", "gsa:chunk=16:policy=adaptive",
-                                  "vector:k=1", "vector:k=2:source=corpus"])
+                                  "gsa:reuse=True", "vector:k=1", "vector:k=2:source=corpus"])
 def test_each_method_runs_on_three_questions(spec, engine, examples, corpus_file, tmp_path):
     method = parse_spec(spec)
     out = run_method(engine, method, examples, _ctx(tmp_path, corpus_file), SETTINGS)
@@ -316,7 +337,7 @@ def test_each_method_runs_on_three_questions(spec, engine, examples, corpus_file
         assert shown == [4, 4, 4]
     if method.selects:
         assert "gold_recall" in s and 0.0 <= s["gold_recall"] <= 100.0 and 0.0 <= s["gold_chance"] <= 100.0
-    if spec in ("gsa", "quest"):
+    if spec in ("gsa", "quest", "gsa:reuse=True"):
         full_keys = s["prompt_tokens"]
         assert s["attended_question"] < full_keys  # sparse: fewer keys than the prompt
 
@@ -332,6 +353,81 @@ def test_harness_answers_as_the_engine_does(engine, examples, tmp_path):
             want += plain.generate([ex.question for ex in batch], [ex.passages for ex in batch],
                                    max_new_tokens=SETTINGS.max_new_tokens)
         assert [r["prediction"] for r in out["results"]] == want
+
+
+# --- KV reuse (gsa:reuse=1): one gist memory for the whole run ------------------------------------
+
+
+def test_reuse_answers_as_the_engine_over_memory_does(engine, examples, tmp_path):
+    """Every question shows all four passages: 12 uses, 4 encodings; the answers are the engine's
+    own over a gist memory, and the same on a second run (no adapter, greedy)."""
+    from gsa_rag.memory import GistMemory
+
+    method = parse_spec("gsa:reuse=1")
+    out = run_method(engine, method, examples, _ctx(tmp_path), SETTINGS)
+    s = out["summary"]
+    assert s["batch_size"] == 1 and s["passages_used"] == 12 and s["passages_unique"] == 4
+    assert s["passages_encoded"] == 4 and s["encode_seconds"] > 0 and s["num_links"] >= 1
+    assert not s["link_tokens_trained"] and s["memory_stats"]["passages"] == 4
+    assert s["memory_budget_bytes"] > 0 and s["memory_stats"]["full_bytes"] <= s["memory_budget_bytes"]
+    assert "gold_recall" in s and all("gold_recall" in r for r in out["results"])
+
+    plain = GistEngine(engine.model, engine.tokenizer, method.gist_config(_ctx(tmp_path)))
+    memory = GistMemory(plain, progress=False)
+    want = [plain.generate(ex.question, memory.add(ex.passages), memory=memory,
+                           max_new_tokens=SETTINGS.max_new_tokens) for ex in examples]
+    assert [r["prediction"] for r in out["results"]] == want
+    again = run_method(engine, parse_spec("gsa:reuse=1"), examples, _ctx(tmp_path), SETTINGS)
+    assert again["results"] == out["results"]  # predictions, scores, attended keys, gold selection
+
+
+def _examples_over(passage_lists: list[list[int]]) -> list[Example]:
+    return [Example(f"s-{i}", QUESTIONS[i % 3][1], QUESTIONS[i % 3][2],
+                    [Passage(*PASSAGES[j], is_gold=j == i % 3) for j in shown])
+            for i, shown in enumerate(passage_lists)]
+
+
+def test_reuse_encodes_a_shared_passage_once(engine, tmp_path, monkeypatch):
+    settings = RunSettings(batch_size=4, max_new_tokens=1, bootstrap=10, progress=False)
+    shared = _examples_over([[0, 1], [1, 2]])  # passage 1 is in both questions
+    s = run_method(engine, parse_spec("gsa:reuse=1"), shared, _ctx(tmp_path), settings)["summary"]
+    assert (s["passages_used"], s["passages_unique"], s["passages_encoded"]) == (4, 3, 3)
+    # under a budget too small for anything, what the next question does not need is evicted,
+    # and a passage that comes back is encoded again
+    from gsa_rag.eval import reuse
+
+    monkeypatch.setattr(reuse, "default_budget", lambda device: 1)
+    back = _examples_over([[0, 1], [2], [0]])
+    s = run_method(engine, parse_spec("gsa:reuse=1"), back, _ctx(tmp_path), settings)["summary"]
+    assert (s["passages_used"], s["passages_unique"], s["passages_encoded"]) == (4, 3, 4)
+    assert s["memory_budget_bytes"] == 1 and s["memory_stats"]["passages"] == 1
+
+
+def test_reuse_prompt_is_the_plain_prompt_without_passage_numbers(engine, examples):
+    """What the two routes put around the passages is the same text; reuse drops "[n]" and adds link tokens."""
+    import re
+
+    from gsa_rag.eval.reuse import ReuseMemory
+
+    ex = examples[1]
+    plain = engine.layout([ex.question], [ex.passages])
+    layout, _ = ReuseMemory().prepare(engine, ex.question, ex.passages)
+    links = {engine.tokenizer.convert_tokens_to_ids(t) for t in engine.config.link_tokens}
+
+    def text(lay, drop=()):
+        ids = lay.input_ids[0, lay.valid[0] & ~lay.is_gist[0]].tolist()
+        return engine.tokenizer.decode([i for i in ids if i not in drop])
+
+    assert text(layout, drop=links) == re.sub(r"Document \[\d+\]", "Document", text(plain))
+    # no adapter: every reserved link token follows each passage
+    assert int(torch.isin(layout.input_ids, torch.tensor(sorted(links))).sum()) == len(links) * len(ex.passages)
+
+
+def test_reuse_refuses_an_engine_without_gists(engine, examples, tmp_path):
+    from gsa_rag.errors import GsaRagError
+
+    with pytest.raises(GsaRagError, match="no gists.*chunk size >= 1"):
+        run_method(engine, parse_spec("gsa:chunk=0:reuse=1"), examples, _ctx(tmp_path), SETTINGS)
 
 
 def test_vector_rankings_are_cached(engine, examples, corpus_file, tmp_path, monkeypatch):
@@ -435,6 +531,19 @@ def test_script_writes_json_table_and_plots_and_resumes(tiny_model_dir, data_fil
         from gsa_rag.eval.rag_report import merge_runs
 
         merge_runs([json.loads(out.read_text()), other_data])
+
+
+def test_script_runs_the_reuse_row(tiny_model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "reuse.json"
+    result = _script("rag_eval").main(["--data", str(data_file), "--model", str(tiny_model_dir), "--adapter", "none",
+                                       "--device", "cpu", "--batch-size", "2", "--max-new-tokens", "3",
+                                       "--out", str(out), "--methods", "gsa,gsa:reuse=1", "--no-plots"])
+    printed = capsys.readouterr().out
+    assert "| GSA 8x, top-4 |" in printed and "| GSA 8x, top-4, KV reuse |" in printed
+    assert "GSA 8x, top-4, KV reuse: batches of 1; the gist memory encoded 4 passages for 12 uses" in printed
+    plain, reuse = result["methods"]
+    assert reuse["spec"] == "gsa:reuse=True" and reuse["options"]["reuse"] and not plain["options"]["reuse"]
+    assert plain["summary"]["batch_size"] == 2 and reuse["summary"]["batch_size"] == 1
 
 
 def test_script_refuses_a_missing_adapter(tiny_model_dir, data_file, tmp_path):

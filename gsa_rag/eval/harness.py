@@ -1,6 +1,7 @@
 """The benchmark loop behind benchmarks/rag_eval.py: run one method over a set, score it, time it.
 
-For each batch the method gives the passages and the layout; the harness decodes greedily with
+For each batch the method gives the passages and the layout (and, answering from gist memory,
+a cache already holding the passages' KV); the harness decodes greedily with
 `generation.generate_tokens` (exactly what `GistEngine.generate` does: same stop ids, banned
 gist tokens, decoding), and records per question:
 
@@ -9,7 +10,8 @@ gist tokens, decoding), and records per question:
   decoding steps; both averaged over all layers and heads;
 - gold selection (methods that select chunks): in every selecting layer and KV head, whether
   the question's last token unfolded a chunk of a gold passage (the local window excluded),
-  and the chance of that under a random choice of as many chunks;
+  and the chance of that under a random choice of as many chunks (over gist memory too: the
+  prefill over a GistCache hands its masks to the cache's hook);
 - time to first token (layout + prefill + first sample) and time per output token, per batch.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from gsa_rag.cache import GistCache
 from gsa_rag.engine import GistEngine
 from gsa_rag.eval.methods.base import Method, RunContext
 from gsa_rag.eval.metrics import best_subspan_em, bootstrap_ci, exact_match, normalize_answer, token_f1
@@ -73,6 +76,20 @@ def _recording_factory(factory):
         return _Recorder(make(layout, num_new, config), keep=num_new == layout.seq_len)
 
     return make_state
+
+
+def _record_through_cache(cache: GistCache, rows: dict[int, torch.Tensor]) -> None:
+    """The same rows for a prefill over a GistCache (gist memory): that forward makes its own
+    GistState (no state factory), but hands every layer's mask to the cache's hook, so the hook
+    is wrapped here (for this one cache). Only the first forward's rows are kept: decode steps
+    pass the hook too."""
+    hook = cache.hook
+
+    def recording_hook(layer_idx, query, key, value, mask):
+        rows.setdefault(layer_idx, mask[:, :, -1].clone())
+        hook(layer_idx, query, key, value, mask)
+
+    cache.hook = recording_hook
 
 
 def unfolded_chunks(layout, rows: list[torch.Tensor], num_previous_chunks: int) -> torch.Tensor:
@@ -230,9 +247,12 @@ def answer_batch(engine: GistEngine, method: Method, questions: list[str], passa
                           dtype=torch.long, device=device)
     _sync(device)
     start = time.perf_counter()
-    layout = method.layout(engine, questions, passages)
+    layout, cache = method.prepare(engine, questions, passages)
     factory = method.state_factory(engine.config)
-    if record_selection:
+    cache_rows: dict[int, torch.Tensor] = {}
+    if record_selection and isinstance(cache, GistCache):
+        _record_through_cache(cache, cache_rows)
+    elif record_selection:
         factory = _recording_factory(factory)
     first_state: list = []
     decode_budget: list[torch.Tensor] = []
@@ -247,7 +267,7 @@ def answer_batch(engine: GistEngine, method: Method, questions: list[str], passa
     first = end = start
     steps = 0
     for step, token in enumerate(generate_tokens(engine.model, layout, engine.config, params, stops, banned,
-                                                 observe, state_factory=factory)):
+                                                 observe, state_factory=factory, cache=cache)):
         ids = token.tolist()  # synchronises
         if step == 0:
             first = time.perf_counter()
@@ -266,7 +286,8 @@ def answer_batch(engine: GistEngine, method: Method, questions: list[str], passa
         attended_decode.append(float(per_step[:n, b].mean()) if n > 0 else at_question[b])
     selection = [None] * len(questions)
     if record_selection and gold is not None:
-        selection = gold_selection(layout, state.rows, gold, engine.config.num_previous_chunks,
+        rows_seen = state.rows if isinstance(state, _Recorder) else cache_rows
+        selection = gold_selection(layout, rows_seen, gold, engine.config.num_previous_chunks,
                                    method.first_selecting_layer(engine.config))
     prompt_tokens = (layout.valid & ~layout.is_gist).sum(-1).tolist()
     predictions = [tokenizer.decode([i for i in r if i not in stops], skip_special_tokens=True) for r in rows]
@@ -287,6 +308,7 @@ def run_method(engine_base: GistEngine, method: Method, examples, ctx: RunContex
     """Answers every example with one method; returns {"spec", "label", ..., "summary", "results"}."""
     config = method.gist_config(ctx)
     engine = GistEngine(engine_base.model, engine_base.tokenizer, config)
+    engine.adapter = getattr(engine_base, "adapter", None)  # gist memory reads its trained link count
     setup_start = time.perf_counter()
     method.setup(examples, ctx)
     setup_seconds = time.perf_counter() - setup_start
@@ -296,9 +318,10 @@ def run_method(engine_base: GistEngine, method: Method, examples, ctx: RunContex
     torch.manual_seed(settings.seed)
     results, ttfts, tpots = [], [], []
     start = time.perf_counter()
-    batches = range(0, len(examples), settings.batch_size)
+    batch_size = min(settings.batch_size, method.batch_limit or settings.batch_size)
+    batches = range(0, len(examples), batch_size)
     for i in tqdm(batches, desc=method.label, unit="batch", disable=not settings.progress):
-        batch = examples[i : i + settings.batch_size]
+        batch = examples[i : i + batch_size]
         shown = [method.passages(ex) for ex in batch]
         gold = [{j for j, p in enumerate(ps) if getattr(p, "is_gold", None)} for ps in shown]
         out = answer_batch(engine, method, [ex.question for ex in batch], shown, params,
@@ -334,7 +357,8 @@ def run_method(engine_base: GistEngine, method: Method, examples, ctx: RunContex
         "memory_kind": memory.kind,
         "seconds": seconds,
         "setup_seconds": setup_seconds,
-        "batch_size": settings.batch_size,
+        "batch_size": batch_size,
+        **method.finish(),
     })
     return {
         "spec": method.spec,

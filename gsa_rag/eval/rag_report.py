@@ -111,6 +111,12 @@ def markdown_table(result: dict, file_name: str | None = None) -> str:
     note = (f"Peak memory: {', '.join(sorted(kinds))}. TTFT and ms/token are per batch of "
             f"{result['run']['batch_size']}; keys at the question are a mean over all layers and heads.")
     lines += ["", note]
+    for m in methods:  # KV reuse: answered one question at a time, over a memory shared by the run
+        s = m["summary"]
+        if "passages_encoded" in s:
+            lines.append(f"{m['label']}: batches of {s['batch_size']}; the gist memory encoded {s['passages_encoded']} "
+                         f"passages for {s['passages_used']} uses ({s['passages_unique']} distinct) in "
+                         f"{s['encode_seconds']:.1f} s (inside TTFT).")
     return "\n".join(lines)
 
 
@@ -133,8 +139,10 @@ def _family(m: dict) -> str:
     fam = m.get("family") or m["name"]
     if fam == "vector" and m["options"].get("source") == "corpus":
         return "vector (corpus)"
-    if fam == "gsa" and m["options"].get("policy", "fixed") != "fixed":
-        return f"gsa ({m['options']['policy']})"
+    if fam == "gsa":
+        kinds = [m["options"]["policy"]] if m["options"].get("policy", "fixed") != "fixed" else []
+        kinds += ["KV reuse"] if m["options"].get("reuse") else []
+        return f"gsa ({', '.join(kinds)})" if kinds else fam
     return fam
 
 

@@ -1,7 +1,8 @@
 """The interface every benchmark method implements, and the spec strings that name them.
 
 A method decides two things for a batch of questions: which passages each question sees, and
-how attention treats them (a GistConfig, and optionally its own layout and attention state).
+how attention treats them (a GistConfig, and optionally its own layout and attention state, or
+a cache already holding the passages' KV).
 The harness (gsa_rag.eval.harness) does everything else: batching, decoding, timing, metrics.
 
 Adding a method is one file in this package: a dataclass subclass of `Method` with a `name`;
@@ -13,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
+
+from transformers import DynamicCache
 
 from gsa_rag.config import GistConfig
 from gsa_rag.generation import StateFactory
@@ -90,6 +93,22 @@ class Method:
     def state_factory(self, config: GistConfig) -> StateFactory | None:
         """A fresh attention-state factory for one batch (default None: GistState)."""
         return None
+
+    def prepare(self, engine, questions: list[str], passages: list[list]) -> tuple[GistLayout, DynamicCache | None]:
+        """The batch's layout and a cache already holding KV of its first columns (e.g. a
+        GistCache from gist memory; the prefill then runs only the rest). Default: `layout`,
+        no cache."""
+        return self.layout(engine, questions, passages), None
+
+    @property
+    def batch_limit(self) -> int | None:
+        """The most questions one batch may hold (a GistCache holds one); None: no limit."""
+        return None
+
+    def finish(self) -> dict:
+        """Called once every question is answered: run-level fields for the summary; releases
+        what the run held (e.g. a gist memory)."""
+        return {}
 
     def first_selecting_layer(self, config: GistConfig) -> int:
         """The first layer whose question tokens select chunks (for gold-selection recall)."""

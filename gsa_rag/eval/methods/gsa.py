@@ -1,16 +1,29 @@
 """gsa: Gist Sparse Attention — gists after every chunk, the question unfolds the chunks its
-heads select (fixed top-k, adaptive k, or top-p).
+heads select (fixed top-k, adaptive k, or top-p). `reuse=1`: KV reuse, answers from one gist memory
+shared by the run, one question at a time; each passage encoded once, alone, shown unnumbered
+with link tokens after it; otherwise the plain prompt (details below).
 
 H-GSA (gist-of-gist): `meta` names the gists per <mgist> of each level above the first, e.g.
 "gsa:chunk=8:meta=4" (32x, two levels) or "gsa:chunk=8:meta=4x4" (three levels; "x", not ",",
 which separates methods in benchmarks/rag_eval.py --methods); selection runs coarse to fine.
+
+KV reuse ("gsa:reuse=1", with any other option): one GistMemory (gsa_rag.memory) serves the whole
+run; each passage is encoded once, alone, and its cached KV re-rotated to its place in every
+prompt that uses it (gsa_rag.eval.reuse). The prompt is the plain method's (same system line,
+template and question) except what reuse needs: passages are rendered without their number
+("Document (Title: t) text", so a passage encodes the same wherever it lands), they do not attend
+to each other, and the adapter's link tokens follow each one. Questions are answered one at a
+time (a memory's cache holds one question). TTFT includes encoding the passages a question brings
+that the memory does not hold yet (`encode_seconds` in the summary sums that part);
+`budget_mb` caps the memory's KV (0: a quarter of the free GPU memory, 4 GiB on the CPU).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gsa_rag.config import GistConfig
 from gsa_rag.eval.methods.base import Method, RunContext
+from gsa_rag.eval.reuse import ReuseMemory
 
 
 @dataclass
@@ -23,6 +36,15 @@ class GSA(Method):
     p: float = 0.9  # mass for policy "top_p"
     ratio: float = 8.0  # adaptive k aims at context_length / ratio raw tokens per KV head
     meta: str = ""  # H-GSA: gists per <mgist> per level above the first ("4", "4x4"); "" single level
+    reuse: bool = False  # answer from one gist memory shared by the run (KV reuse)
+    budget_mb: int = 0  # with reuse: the memory's KV budget in MiB; 0: automatic
+    _reuse: ReuseMemory | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.budget_mb and not self.reuse:
+            raise ValueError("gsa option budget_mb is the gist memory's budget: it needs reuse=1")
+        if self.budget_mb < 0:
+            raise ValueError(f"gsa option budget_mb must be >= 0 (0: automatic), got {self.budget_mb}")
 
     @property
     def meta_chunks(self) -> tuple[int, ...]:
@@ -35,10 +57,11 @@ class GSA(Method):
     @property
     def label(self) -> str:
         k = {"fixed": f"top-{self.k}", "adaptive": "adaptive k", "top_p": f"top-p {self.p}"}.get(self.policy, self.policy)
+        reuse = ", KV reuse" if self.reuse else ""
         if self.meta_chunks:
             sizes = ",".join(str(n) for n in (self.chunk, *self.meta_chunks))
-            return f"H-GSA {self.compression_ratio():.0f}x ({sizes}), {k}"
-        return f"GSA {self.chunk}x, {k}"
+            return f"H-GSA {self.compression_ratio():.0f}x ({sizes}), {k}{reuse}"
+        return f"GSA {self.chunk}x, {k}{reuse}"
 
     def gist_config(self, ctx: RunContext) -> GistConfig:
         return GistConfig(chunk_size=self.chunk, top_k=self.k, k_policy=self.policy, top_p=self.p,
@@ -46,3 +69,21 @@ class GSA(Method):
 
     def compression_ratio(self) -> float:
         return float(math.prod((self.chunk, *self.meta_chunks)))
+
+    # --- KV reuse --------------------------------------------------------------------------
+
+    def prepare(self, engine, questions, passages):
+        if not self.reuse:
+            return super().prepare(engine, questions, passages)
+        if self._reuse is None:
+            self._reuse = ReuseMemory(self.budget_mb)
+        (question,), (shown,) = questions, passages  # batch_limit is 1
+        return self._reuse.prepare(engine, question, shown)
+
+    @property
+    def batch_limit(self) -> int | None:
+        return 1 if self.reuse else None
+
+    def finish(self) -> dict:
+        reuse, self._reuse = self._reuse, None  # the memory's KV goes before the next method runs
+        return reuse.report() if reuse is not None else {}
