@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Round 2 of the default model's training on one GPU: does a selection loss fix the 8x adapter's
+# below-chance gold-chunk recall, and how does H-GSA train? Same data, steps and settings as
+# benchmarks/train_default.sh (round 1), all runs side by side on one GPU.
+#
+#   stage 1 (CPT): chunk 8; H-GSA (8,4) = 32x; H-GSA (4,4) = 16x
+#   stage 2 (SFT) from the chunk-8 CPT: answer loss only (the control), + selection loss 0.3,
+#     + selection loss 1.0, and the KV-reuse layout (--reuse); from each H-GSA CPT: its SFT.
+#
+# Usage: benchmarks/train_round2.sh DATA_DIR OUT_DIR [RUN...]   (DATA_DIR: cpt/, nq/, hotpotqa/ as in
+# ../shared/data; RUN: names below, e.g. gsa8 gsa8-sel1 to do only those; default every run)
+# A run whose adapter exists is skipped, so a second call redoes only what failed (six SFTs side by
+# side can run an H200 out of memory: the dense-mask runs take ~50 GB each).
+set -euo pipefail
+data=$1; out=$2; shift 2; only=" $* "
+mkdir -p "$out"
+done_() { [ -f "$out/$1/gsa_adapter.json" ]; }
+skip() { [ "$only" != "  " ] && [[ "$only" != *" $1 "* ]]; }
+common="--batch-size 8 --lr 2e-4 --warmup 20 --lora-r 16 --lora-alpha 32 --seed 0 --log-every 10"
+cpt() {  # name chunk-args...
+  local name=$1; shift
+  skip "$name" || done_ "$name-cpt" && return
+  python3 -m gsa_rag.cli train cpt --data "$data"/cpt/*.jsonl --output "$out/$name-cpt" "$@" $common \
+    --steps "${CPT_STEPS:-300}" --block-tokens 1024 --tail-tokens 128 --max-minutes "${CPT_MINUTES:-3.5}" \
+    > "$out/$name-cpt.log" 2>&1
+}
+sft() {  # name init extra-args...
+  local name=$1 init=$2; shift 2
+  skip "$name" || done_ "$name" && return
+  rm -rf "${out:?}/$name"  # a run that died leaves a log and no adapter
+  python3 -m gsa_rag.cli train sft --data "$data"/nq/train.jsonl "$data"/hotpotqa/train.jsonl --output "$out/$name" \
+    --init-adapter "$out/$init-cpt" "$@" $common --steps "${SFT_STEPS:-300}" --max-prompt-tokens 2048 \
+    --max-minutes "${SFT_MINUTES:-3.5}" > "$out/$name.log" 2>&1
+}
+cpt gsa8 --chunk 8 &
+cpt hgsa32 --chunk 8 4 &
+cpt hgsa16 --chunk 4 4 &
+wait
+sft gsa8-sft gsa8 &
+sft gsa8-sel0.3 gsa8 --selection-loss 0.3 &
+sft gsa8-sel1 gsa8 --selection-loss 1.0 &
+sft gsa8-reuse gsa8 --reuse &
+sft hgsa32-sft hgsa32 &
+sft hgsa16-sft hgsa16 &
+wait
