@@ -141,6 +141,9 @@ def _add_train_parser(sub) -> None:
                         "chunks up (needs is_gold in the data; 0 = answer loss only)")
     p.add_argument("--selection-rows", choices=["last", "tail"], default="last",
                    help="with --selection-loss: score the prompt's last token (default) or every tail row")
+    p.add_argument("--selection-target", choices=["any", "all"], default="any",
+                   help="with --selection-loss: raise the gold passages' total probability (default) or "
+                        "spread it over every gold chunk (the loss of H200 round 2)")
     defaults = TrainArgs(stage="cpt", output="")
     for name in ("lora_r", "lora_alpha", "lr", "steps", "batch_size", "grad_accum", "warmup", "seed", "block_tokens",
                  "tail_tokens", "max_blocks", "max_prompt_tokens", "save_every", "log_every", "max_minutes"):

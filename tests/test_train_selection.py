@@ -112,7 +112,7 @@ def test_weight_zero_is_todays_loss_and_gradients(tiny):
     assert torch.equal(batch_loss(model, batch, config), before)
 
 
-def _hand_selection_loss(model, batch, config, rows: str) -> float:
+def _hand_selection_loss(model, batch, config, rows: str, target: str) -> float:
     """The loss from the layers' query and key, one head, row and chunk at a time."""
     layout = batch.layout
     seen = {}
@@ -145,15 +145,18 @@ def _hand_selection_loss(model, batch, config, rows: str) -> float:
                          for c in range(num_eligible)]
                     m = max(s)
                     log_z = m + math.log(sum(math.exp(x - m) for x in s))
-                    row_losses.append(-sum(s[g] - log_z for g in gold) / len(gold))
+                    if target == "all":  # uniform over gold chunks
+                        row_losses.append(-sum(s[g] - log_z for g in gold) / len(gold))
+                    else:  # the gold chunks' total probability
+                        row_losses.append(-(math.log(sum(math.exp(s[g] - m) for g in gold)) + m - log_z))
                 head_losses.append(sum(row_losses) / len(row_losses))
             layer_losses.append(sum(head_losses) / len(head_losses))
         per_example.append(sum(layer_losses) / len(layer_losses))
     return sum(per_example) / len(per_example)
 
 
-@pytest.mark.parametrize("rows", ["last", "tail"])
-def test_selection_loss_is_the_hand_computed_listwise_loss(tiny_dir, rows):  # noqa: F811
+@pytest.mark.parametrize("rows,target", [("last", "any"), ("tail", "any"), ("last", "all"), ("tail", "all")])
+def test_selection_loss_is_the_hand_computed_listwise_loss(tiny_dir, rows, target):  # noqa: F811
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from gsa_rag.models import add_gist_tokens
@@ -166,8 +169,9 @@ def test_selection_loss_is_the_hand_computed_listwise_loss(tiny_dir, rows):  # n
     add_gist_tokens(model, tok, CONFIG)
     batch = collate(hand_examples(), CONFIG, tok)
     with torch.no_grad():
-        total, answer, selection = batch_losses(model, batch, CONFIG, selection_weight=0.5, selection_rows=rows)
-    want = _hand_selection_loss(model, batch, CONFIG, rows)
+        total, answer, selection = batch_losses(model, batch, CONFIG, selection_weight=0.5, selection_rows=rows,
+                                                selection_target=target)
+    want = _hand_selection_loss(model, batch, CONFIG, rows, target)
     assert selection.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert selection.item() > 0
     torch.testing.assert_close(total, answer + 0.5 * selection)
@@ -337,6 +341,7 @@ def test_cli_logs_both_losses_records_the_weight_and_refuses_misuse(tiny_dir, tm
         assert record["selection_loss"] > 0
     manifest = json.loads((out / "gsa_adapter.json").read_text())
     assert manifest["train_args"]["selection_loss"] == 0.5 and manifest["train_args"]["selection_rows"] == "last"
+    assert manifest["train_args"]["selection_target"] == "any"
     assert manifest["final_selection_loss"] > 0
     plain = tmp_path / "plain"
     main(["train", "sft", *common, "--output", str(plain)])
@@ -344,7 +349,8 @@ def test_cli_logs_both_losses_records_the_weight_and_refuses_misuse(tiny_dir, tm
     assert json.loads((plain / "gsa_adapter.json").read_text())["train_args"]["selection_loss"] == 0.0
     for bad in (["train", "cpt", *common, "--selection-loss", "1"],  # no passages in CPT
                 ["train", "sft", *common[:-4], "--chunk-size", "0", "--selection-loss", "1"],  # no gists to choose
-                ["train", "sft", *common, "--selection-loss", "-1"]):
+                ["train", "sft", *common, "--selection-loss", "-1"],
+                ["train", "sft", *common, "--selection-loss", "1", "--selection-target", "some"]):
         with pytest.raises(SystemExit):
             main([*bad, "--output", str(tmp_path / "bad")])
     no_gold = tmp_path / "no_gold.jsonl"

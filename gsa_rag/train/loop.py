@@ -32,6 +32,7 @@ from gsa_rag.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from gsa_rag.train.data import Batch, TrainExample, collate
 from gsa_rag.train.selection_loss import (
     ROWS,
+    TARGETS,
     ScoreCollector,
     eligible_chunk_mask,
     listwise_loss,
@@ -66,6 +67,7 @@ class TrainArgs:
     num_links: int | None = None  # sft --reuse: link tokens after each passage; None: all (as GistMemory)
     selection_loss: float = 0.0  # sft: weight of the auxiliary gold-chunk selection loss; 0: none
     selection_rows: str = "last"  # sft --selection-loss: query rows it scores: "last" prompt token or whole "tail"
+    selection_target: str = "any"  # sft --selection-loss: gold mass as a whole ("any") or on every gold chunk ("all")
     gradient_checkpointing: bool = False
     save_every: int = 0  # steps between resumable checkpoints; 0: only at the end
     resume: bool = False
@@ -126,14 +128,14 @@ def _wrap_trainable(model, tokenizer, args: TrainArgs, config: GistConfig):
 
 
 def batch_loss(model, batch: Batch, config: GistConfig, selection_weight: float = 0.0,
-               selection_rows: str = "last") -> torch.Tensor:
+               selection_rows: str = "last", selection_target: str = "any") -> torch.Tensor:
     """Mean next-token loss of a collated batch through the inference attention path, plus
     `selection_weight` times the selection loss (see `batch_losses`)."""
-    return batch_losses(model, batch, config, selection_weight, selection_rows)[0]
+    return batch_losses(model, batch, config, selection_weight, selection_rows, selection_target)[0]
 
 
 def batch_losses(model, batch: Batch, config: GistConfig, selection_weight: float = 0.0,
-                 selection_rows: str = "last") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 selection_rows: str = "last", selection_target: str = "any") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(total, answer, selection) losses of a collated batch.
 
     answer: the mean next-token loss over the labelled tokens. selection: the listwise gold-chunk
@@ -158,7 +160,8 @@ def batch_losses(model, batch: Batch, config: GistConfig, selection_weight: floa
         raise RuntimeError("the selection loss reads gist scores through GistState.hook, but the attention path "
                            "never called it (an attention kernel that bypasses the hook?)")
     eligible = eligible_chunk_mask(layout, config.num_previous_chunks)
-    selection = listwise_loss(collector.scores, batch.gold_chunks, eligible, row_valid, collector.head_dim)
+    selection = listwise_loss(collector.scores, batch.gold_chunks, eligible, row_valid, collector.head_dim,
+                              selection_target)
     return out.loss + selection_weight * selection, out.loss, selection
 
 
@@ -238,7 +241,7 @@ def train(args: TrainArgs) -> Path:
             batch = batch.to(accelerator.device)
             with accelerator.accumulate(model):
                 loss, answer_loss, selection_loss = batch_losses(model, batch, config, args.selection_loss,
-                                                                 args.selection_rows)
+                                                                 args.selection_rows, args.selection_target)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, 1.0)
@@ -283,6 +286,8 @@ def train(args: TrainArgs) -> Path:
 def _check_selection_args(args: TrainArgs) -> None:
     if args.selection_rows not in ROWS:
         raise ValueError(f"--selection-rows must be one of {ROWS}, got {args.selection_rows!r}")
+    if args.selection_target not in TARGETS:
+        raise ValueError(f"--selection-target must be one of {TARGETS}, got {args.selection_target!r}")
     if args.selection_loss < 0:
         raise ValueError(f"--selection-loss is a weight >= 0, got {args.selection_loss}")
     if args.selection_loss and args.stage != "sft":
