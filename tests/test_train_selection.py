@@ -378,3 +378,19 @@ def test_ddp_two_processes_train_with_the_selection_loss(tiny_dir, tmp_path):  #
     assert manifest["num_processes"] == 2 and manifest["train_args"]["selection_loss"] == 1.0
     log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["selection_loss"] > 0 for r in log)
+
+
+@pytest.mark.parametrize("target", ["any", "all"])
+def test_an_example_without_gold_gives_finite_gradients(target):
+    """A batch may hold an example with no eligible gold chunk: it must drop out, not NaN the step."""
+    from gsa_rag.train.selection_loss import listwise_loss
+
+    torch.manual_seed(0)
+    scores = {1: torch.randn(2, 4, 1, 6, requires_grad=True)}
+    gold = torch.tensor([[False, True, True, False, False, False], [False] * 6])
+    eligible = torch.tensor([[True] * 5 + [False], [True] * 5 + [False]])
+    loss = listwise_loss(scores, gold, eligible, torch.ones(2, 1, dtype=torch.bool), head_dim=16, target=target)
+    loss.backward()
+    grad = scores[1].grad
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert grad[1].abs().sum() == 0 and grad[0].abs().sum() > 0  # only the example with gold learns

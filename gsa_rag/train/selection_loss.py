@@ -80,6 +80,8 @@ class ScoreCollector:
         recording: set False after the forward (checkpoint recomputation must not record again).
     """
 
+    reads_mask = False  # the attention function then skips materialising the per-head mask for it
+
     def __init__(self, layout, cols: torch.Tensor, first_selecting_layer: int):
         self.layout = layout
         self.cols = cols
@@ -134,8 +136,10 @@ def listwise_loss(scores: dict[int, torch.Tensor], gold: torch.Tensor, eligible:
         logits = torch.where(has[:, None, None, None], logits, 0.0)  # rows with nothing to learn: finite
         logp = torch.log_softmax(logits, dim=-1)
         if target == "any":
-            ce = -torch.logsumexp(logp.masked_fill(~gold[:, None, None, :], float("-inf")), dim=-1)
-            ce = torch.where(has[:, None, None], ce, 0.0)  # rows without gold: -(-inf) would poison the mean
+            # rows with nothing to learn sum over every column instead of none, so no value is -inf
+            # and the gradient behind the torch.where does not hinge on how logsumexp treats -inf rows
+            pick = (gold | ~has[:, None])[:, None, None, :]
+            ce = torch.where(has[:, None, None], -torch.logsumexp(logp.masked_fill(~pick, float("-inf")), dim=-1), 0.0)
         else:
             ce = -(torch.where(gold[:, None, None, :], logp, 0.0) * weights[:, None, None, :]).sum(-1)  # [B, Hq, R]
         per_row = ce.mean(1)  # over heads -> [B, R]
