@@ -1,11 +1,14 @@
 """GistCache: a question's KV cache assembled from gist memory, and RoPE re-rotation of cached keys.
 
-A `GistCache` is a transformers `DynamicCache` whose buffers already hold the KV of every
-cached column of a layout (prompt prefix, passages) and leave *open slots* for the columns
-that still have to run (link tokens, which sit between passages, and the question). The first
-forward writes its keys and values into those slots instead of appending; later forwards
-(decode steps) append as usual. So the layout keeps its one column order for every room
-(masks, selection) and the model runs only the open columns.
+A `GistCache` is a `DecodeCache` (a transformers `DynamicCache` whose layers keep buffers with
+spare columns, gsa_rag.decode_cache) whose buffers already hold the KV of every cached column of
+a layout (prompt prefix, passages) and leave *open slots* for the columns that still have to run
+(link tokens, which sit between passages, and the question). The first forward writes its keys
+and values into those slots instead of appending; later forwards (decode steps) append as a
+DecodeCache does: into the spare columns past the layout (gist memory leaves room for the answer),
+one column per step, where a DynamicCache would copy the whole layer KV every step. So the layout
+keeps its one column order for every room (masks, selection) and the model runs only the open
+columns.
 
 Raw KV offload: passages' raw (non-gist) KV may live in host memory (pinned when CUDA is
 there). Their columns start as zeros in the device buffers; in every layer, once the attention
@@ -34,8 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from gsa_rag.decode_cache import DecodeCache
 from gsa_rag.errors import UnsupportedModelError
 
 # rope types whose angle is (fixed inverse frequency) x position: rotations compose exactly
@@ -141,26 +144,31 @@ class OffloadedSource:
     shift: int
 
 
-class GistCache(DynamicCache):
-    """A DynamicCache assembled from cached KV, with open slots for the columns still to run.
+class GistCache(DecodeCache):
+    """A DecodeCache assembled from cached KV, with open slots for the columns still to run.
 
     Args:
-        keys, values: per layer, [1, Hkv, T, D] on the model device: every column of the
-            layout; open slots and offloaded raw columns hold zeros. The cache takes these
-            tensors over (no copy).
+        keys, values: per layer, [1, Hkv, capacity, D] on the model device: the first `length`
+            columns are every column of the layout (open slots and offloaded raw columns hold
+            zeros), the rest is room for decode steps. The cache takes these tensors over (no copy).
         pending: long [n], the layout columns the first forward fills (sorted).
         offloaded: raw KV left on the host, fetched per layer on demand, in layout order (the
             columns ascend across sources).
         rotator: re-rotates fetched keys (needed when `offloaded` is not empty).
+        length: the layout's columns (default: all of `capacity`, so the first decode step
+            reallocates the buffers at double length; GistMemory.prepare leaves room instead).
     """
 
-    def __init__(self, keys, values, pending: torch.Tensor, offloaded: list[OffloadedSource] = (), rotator=None):
-        super().__init__()
+    def __init__(self, keys, values, pending: torch.Tensor, offloaded: list[OffloadedSource] = (), rotator=None,
+                 length: int | None = None):
+        super().__init__()  # past the adopted room, the buffers double (DecodeCache's rule)
         if keys[0].shape[0] != 1:
             raise ValueError("a GistCache holds one question (batch size 1)")
-        for layer_idx, (k, v) in enumerate(zip(keys, values, strict=True)):
-            DynamicCache.update(self, k[:, :, :0], v[:, :, :0], layer_idx)  # creates the layer, whatever its class
-            self.layers[layer_idx].keys, self.layers[layer_idx].values = k, v  # update itself would copy the buffers
+        T = keys[0].shape[-2] if length is None else length
+        for k, v in zip(keys, values, strict=True):
+            layer = self.layer_class_to_replicate()
+            layer.adopt(k, v, T)  # update would copy the buffers
+            self.layers.append(layer)
         self.num_layers = len(keys)
         self.pending: torch.Tensor | None = pending if pending.numel() else None
         self._filled: set[int] = set()
@@ -170,7 +178,7 @@ class GistCache(DynamicCache):
         self.fetched_bytes = 0
         self.queries: dict[int, torch.Tensor] | None = None  # set to {} to record each layer's queries
         if self.offloaded:
-            self._index_offloaded(keys[0].shape[-2], keys[0].device)
+            self._index_offloaded(T, keys[0].device)
 
     def _index_offloaded(self, T: int, device: torch.device) -> None:
         """Per-question tables, so that a layer's fetch costs a fixed number of device ops

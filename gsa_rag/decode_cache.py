@@ -58,6 +58,16 @@ class GrowingLayer(DynamicLayer):
         super().lazy_initialization(key_states, value_states)
         self.key_buffer = self.value_buffer = None
 
+    def adopt(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Takes over buffers `[B, Hkv, capacity, D]` filled elsewhere (no copy): their first
+        `length` columns are the cached KV, the rest is room for later updates (gist memory
+        assembles a question's KV in place and leaves room for the answer: gsa_rag.cache)."""
+        if not 0 <= length <= key_buffer.shape[-2] or key_buffer.shape != value_buffer.shape:
+            raise ValueError(f"cannot adopt {length} columns of buffers {tuple(key_buffer.shape)}, {tuple(value_buffer.shape)}")
+        self.lazy_initialization(key_buffer, value_buffer)
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends `[B, Hkv, n, D]` keys and values; returns the `[B, Hkv, L + n, D]` views."""
         if not self.is_initialized:

@@ -134,6 +134,7 @@ _ENCODING_DEFAULTS = {"meta_chunks": []}
 _WHITESPACE = re.compile(r"\s")  # a str passage without it is read as an id (see GistMemory._resolve)
 _ENTRY_TENSORS = ("ids", "is_gist", "resident", "res_k", "res_v", "raw_k", "raw_v")
 _ROTATE_BLOCK_ELEMENTS = 1 << 24  # float32 elements per block when re-rotating cached keys (64 MiB)
+DECODE_RESERVE = 64  # answer columns a question's cache has room for by default (GistEngine.generate's default)
 __all__ = ["GistMemory", "MemoryFormatError", "MemoryStats", "SearchHit"]  # MemoryFormatError: from gsa_rag.errors
 
 
@@ -527,7 +528,8 @@ class GistMemory:
 
     @locked
     @torch.no_grad()
-    def prepare(self, question: str, passages: Sequence = (), system: str | None = DEFAULT_SYSTEM):
+    def prepare(self, question: str, passages: Sequence = (), system: str | None = DEFAULT_SYSTEM,
+                max_new_tokens: int = DECODE_RESERVE):
         """The layout of one question over `passages` and its cache, assembled from memory.
 
         Args:
@@ -538,12 +540,16 @@ class GistMemory:
                 refused (InputError); any other str is text. Wrap a one-word text as
                 Passage(text) or {"text": text}: Passages and dicts are always text.
             system: the system line.
+            max_new_tokens: room left in the cache's buffers for the answer: that many decode
+                steps each write one column in place (past them the buffers double once).
 
         Returns:
             (GistLayout [1, T], GistCache): the cache holds every prefix and passage column
             (re-rotated to its place; raw columns left on the host when offloading) and leaves
             the link and question columns open for the first forward.
         """
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         sink, prefix, _ = self._sink(system)
         _, tail = prompt_ends(self.engine.tokenizer, question, system)
         entries = self._resolve(passages, sink)
@@ -552,16 +558,18 @@ class GistMemory:
         segments = reuse_segments(prefix, [e.raw_ids for e in entries], tail, self.link_ids)
         host = build_layout([segments], self.config, self.engine.tokenizer)  # read on the host: no device syncs
         places = [prefix_entry, *entries]
-        keys, values, pending, offloaded = self._assemble(host, places)
-        cache = GistCache(list(keys.unbind(0)), list(values.unbind(0)), pending, offloaded, self.rotator)
+        keys, values, pending, offloaded = self._assemble(host, places, room=max_new_tokens)
+        cache = GistCache(list(keys.unbind(0)), list(values.unbind(0)), pending, offloaded, self.rotator,
+                          length=host.seq_len)
         self._evict(protect={e.key for e in places})
         return host.to(self.device), cache
 
-    def _assemble(self, layout, entries: list[_Entry]):
+    def _assemble(self, layout, entries: list[_Entry], room: int = 0):
         """The question's KV buffers from the prefix and passage entries (in prompt order):
-        keys, values [L, 1, Hkv, T, D] on the device with every cached column re-rotated into
-        place (open slots, and offloaded raw columns, zero); the open columns; the offloaded raw
-        KV. Batched over entries, so the device work does not grow with their number."""
+        keys, values [L, 1, Hkv, T + room, D] on the device with every cached column re-rotated
+        into place (open slots, offloaded raw columns and the `room` for decode steps, zero); the
+        open columns; the offloaded raw KV. Batched over entries, so the device work does not grow
+        with their number."""
         doc = layout.doc_id[0].tolist()
         starts = [0] + [doc.index(p) for p in range(len(entries) - 1)]  # the prefix, then passage p where doc_id is p
         lengths = torch.tensor([len(e.ids) for e in entries])
@@ -572,7 +580,7 @@ class GistMemory:
         shifts = (layout.position_ids[0, starts] - torch.tensor([e.base for e in entries])).tolist()
         cos, sin = self.rotator.cos_sin(torch.tensor(shifts), self.device)  # one row per entry
         L, H, _, D = entries[0].res_k.shape
-        keys = torch.zeros(L, 1, H, layout.seq_len, D, dtype=entries[0].res_k.dtype, device=self.device)
+        keys = torch.zeros(L, 1, H, layout.seq_len + room, D, dtype=entries[0].res_k.dtype, device=self.device)
         values = torch.zeros_like(keys)
         resident = torch.cat([e.resident for e in entries])
         self._place(keys, values, columns[resident], owner[resident], [e.res_k for e in entries], [e.res_v for e in entries],

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig
 
+from gsa_rag.cache import GistCache
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.errors import InputError
@@ -245,6 +246,61 @@ def test_offloaded_raw_kv_gives_the_same_answers_as_resident(tokenizer):
         out_a, _ = forward(engine.model, layout_a, len(cache_a.pending), cache_a, engine.config)
         out_b, _ = forward(engine.model, layout_b, len(cache_b.pending), cache_b, engine.config)
     assert torch.equal(out_a.logits, out_b.logits)
+
+
+class CatGistCache(GistCache):
+    """The GistCache decode path before it built on DecodeCache: every decode step appends by
+    torch.cat, copying the whole layer KV (DynamicLayer.update). The reference for answers."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.pending is not None:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        layer.keys = torch.cat([layer.keys, key_states], -2)
+        layer.values = torch.cat([layer.values, value_states], -2)
+        return layer.keys, layer.values
+
+
+def decode_logits(engine, layout, cache, n: int) -> list[torch.Tensor]:
+    """Greedy: the last-row logits of the first forward and of n - 1 decode steps."""
+    out = []
+    with torch.no_grad():
+        logits = forward(engine.model, layout, len(cache.pending), cache, engine.config, logits_to_keep=1)[0].logits
+        for step in range(n):
+            out.append(logits[0, -1])
+            if step == n - 1:
+                return out
+            layout = layout.append(logits[:, -1].argmax(-1, keepdim=True))
+            logits = forward(engine.model, layout, 1, cache, engine.config)[0].logits
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_decode_over_gist_memory_writes_in_place_and_answers_as_before(tokenizer, offload):
+    """A decode step over a GistCache writes its column into the room `prepare` left (no layer
+    buffer reallocated, none copied) and gives, logit for logit, what the torch.cat path gave."""
+    engine = tiny_engine(tokenizer, top_k=1)
+    memory = GistMemory(engine, offload=offload, progress=False)
+    ids = memory.add(PASSAGES)
+    steps = 6
+    layout, cache = memory.prepare(QUESTION, ids, max_new_tokens=steps)
+    T = layout.seq_len
+    buffers = [(layer.key_buffer.data_ptr(), layer.value_buffer.data_ptr()) for layer in cache.layers]
+    assert all(layer.capacity == T + steps and layer.get_seq_length() == T for layer in cache.layers)
+    got = decode_logits(engine, layout, cache, steps)
+    assert [(layer.key_buffer.data_ptr(), layer.value_buffer.data_ptr()) for layer in cache.layers] == buffers
+    assert all(layer.keys.data_ptr() == layer.key_buffer.data_ptr() for layer in cache.layers)  # views, not copies
+    assert cache.get_seq_length() == T + steps - 1
+    if offload:
+        assert cache.fetched_columns > 0  # the hook's fetches landed in the adopted buffers
+
+    layout, reference = memory.prepare(QUESTION, ids, max_new_tokens=0)
+    reference.__class__ = CatGistCache
+    want = decode_logits(engine, layout, reference, steps)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    # no room left: the first decode step doubles the buffers once, then writes in place again
+    layout, tight = memory.prepare(QUESTION, ids, max_new_tokens=0)
+    assert all(torch.equal(g, w) for g, w in zip(decode_logits(engine, layout, tight, steps), want, strict=True))
+    assert all(layer.capacity == 2 * T for layer in tight.layers)
 
 
 class OpCounter(TorchDispatchMode):
