@@ -217,7 +217,7 @@ class GistEngine:
         passages are dropped until it fits (see gsa_rag.validation)."""
         window = validation.context_window(self.model)
         while True:
-            layout, cache = self._prepare_once(questions, passage_lists, system, memory)
+            layout, cache = self._prepare_once(questions, passage_lists, system, memory, max_new_tokens)
             excess = validation.overflow(layout, window, max_new_tokens)
             if not any(excess):
                 return layout, cache
@@ -237,7 +237,7 @@ class GistEngine:
                            [len(p) if k is None else k for p, k in zip(passage_lists, keep)])
             passage_lists = validation.truncate_lists(passage_lists, keep)
 
-    def _prepare_once(self, questions, passage_lists, system, memory):
+    def _prepare_once(self, questions, passage_lists, system, memory, max_new_tokens: int = 0):
         """(layout, pre-filled cache or None): from gist memory for one question, else a fresh layout."""
         if memory is None:
             return self.layout(questions, passage_lists, system), None
@@ -247,7 +247,8 @@ class GistEngine:
             raise InputError("a SegmentPrompt is laid out as it is; it cannot be combined with memory=")
         if memory.engine is not self and (memory.engine.model is not self.model or memory.encoding != encoding_config(self.config)):
             raise ConfigError("this GistMemory belongs to another engine (model or gist config); load it with this engine")
-        return memory.prepare(questions[0], passage_lists[0], system)
+        # room in the cache for the answer, so decoding never regrows the buffers
+        return memory.prepare(questions[0], passage_lists[0], system, max_new_tokens=max_new_tokens)
 
     def _decode(self, ids: list[int], stops: set[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=True)
