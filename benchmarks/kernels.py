@@ -3,10 +3,16 @@ split-K flash-decode) against dense SDPA (flash backend) and FlexAttention over 
 
     python benchmarks/kernels.py --no-flex  # 4K, 32K, 128K x both shapes x batch 1, 8: ~2-3 minutes
     python benchmarks/kernels.py --quick    # 30-second smoke run
+    python benchmarks/kernels.py --no-flex --meta 4 --contexts 32,128 --name decode_step_hgsa32
+                                            # H-GSA 32x (chunk 8, meta 4, top-4 per level)
 
 Shapes: Llama-3-8B (32 q / 8 kv heads, d=128) and SmolLM2-135M, the default model (9 q / 3 kv,
 d=64); batch 1 and 8; context 4K..128K; chunk 8, adaptive k (about L/8 raw tokens per KV
-head, the union of its query heads' picks); bf16.
+head, the union of its query heads' picks); bf16. With `--meta` the layout is hierarchical
+(H-GSA, `GistConfig.meta_chunks`; fixed top-k per level, `--top-k`) and the step selects coarse to
+fine (kernels/hier_select.py): `scores` then times the top level's scoring alone (the part that
+grows with the context), topk / expand / old_sel are left empty, and `scored` is the gist keys the
+step read per KV head over all levels (the byte model counts those).
 
 Byte floor: a step cannot beat the bytes it must read once. Dense: all K and V. GSA: the gist
 keys, the listed K/V rows, the index list and the fp32 scores (written, then read by top-k).
@@ -68,7 +74,9 @@ def dense_fn(q4, k, v, scale):
         return (lambda: F.scaled_dot_product_attention(q4, kk, vv, scale=scale)), "default"
 
 
-def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: float) -> dict:
+def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: float,
+               meta: tuple[int, ...] = (), top_k: int = 4) -> dict:
+    from gsa_rag.kernels.bench import synthetic_hier_layout
     from gsa_rag.kernels.gist_select import (
         DecodePlan,
         _scores_launch,
@@ -76,6 +84,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         select_index_list_triton,
         select_sizes_triton,
     )
+    from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list
     from gsa_rag.kernels.sparse_decode import (
         default_block_n,
         default_split_len,
@@ -85,8 +94,12 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
 
     Hq, Hkv, D = SHAPES[shape]
     G = Hq // Hkv
-    config = GistConfig(chunk_size=chunk, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
-    layout = synthetic_layout(B, L, chunk, sink=4, tail=32, device=DEVICE)
+    if meta:  # H-GSA: adaptive k is single-level only
+        config = GistConfig(chunk_size=chunk, meta_chunks=meta, sink=4, k_policy="fixed", top_k=top_k, word_aware=False)
+        layout = synthetic_hier_layout(B, L, chunk, meta, sink=4, tail=32, device=DEVICE)
+    else:
+        config = GistConfig(chunk_size=chunk, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
+        layout = synthetic_layout(B, L, chunk, sink=4, tail=32, device=DEVICE)
     T = layout.seq_len + 1  # one appended (generated) token: the query
     C = int(layout.num_chunks[0])
     esize = torch.finfo(dtype).bits // 8
@@ -103,13 +116,21 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     # plan: cold (whole sequence, once per generation) and per step (a layout grown by append
     # reuses the cached plan of its lineage; one appended token per step)
     layout = layout.append(torch.full((B, 1), 7, device=DEVICE))
-    cold_us = host_us(lambda: DecodePlan.build_full(layout, config, G), reps=5, warmup=1)
-    DecodePlan.build(layout, config, G)
+
+    def build_plan(lay):
+        return HierPlan.build(lay, config, G) if meta else DecodePlan.build(lay, config, G)
+
+    def cold_plan():
+        flat = DecodePlan.build_full(layout, config, G)
+        return HierPlan._build(layout, config, G, flat) if meta else flat
+
+    cold_us = host_us(cold_plan, reps=5, warmup=1)
+    build_plan(layout)
     grown = [layout]
 
     def next_plan():
         grown[0] = grown[0].append(torch.full((B, 1), 7, device=DEVICE))
-        return DecodePlan.build(grown[0], config, G)
+        return build_plan(grown[0])
 
     def fresh_lineage():  # append + plan per step, the lineage restarted every 200 steps
         if grown[0].seq_len - layout.seq_len >= 200:
@@ -120,8 +141,14 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     append_us = host_us(lambda: layout.append(torch.full((B, 1), 7, device=DEVICE)))
     del grown
     T = layout.seq_len
-    plan = DecodePlan.build(layout, config, G)
-    lists = [select_index_list(q, k, layout, plan, config, 1, True) for q, k, _ in sets]
+    plan = build_plan(layout)
+
+    def select_list(q, k, scored=None):
+        if meta:
+            return select_hier_index_list(q, k, layout, plan, config, 1, scored=scored)
+        return select_index_list(q, k, layout, plan, config, 1, True)
+
+    lists = [select_list(q, k) for q, k, _ in sets]
     out = torch.empty(B, Hq, D, device=DEVICE, dtype=dtype)
     turn = [0]
 
@@ -136,15 +163,17 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
 
     def step(i):
         q, k, v = sets[i]
-        index, lengths = select_index_list(q, k, layout, plan, config, 1, True)
+        index, lengths = select_list(q, k)
         return sparse_decode_triton(q, k, v, index, lengths, scale, out=out)
 
     def select(i):
         q, k, _ = sets[i]
-        return select_index_list(q, k, layout, plan, config, 1, True)
+        return select_list(q, k)
 
-    def scores(i):
+    def scores(i):  # H-GSA: the top level's scores (the part that grows with the context)
         q, k, _ = sets[i]
+        if meta:
+            return _scores_launch(q, k, plan.unit_index[-1], plan.num_units[-1])
         return _scores_launch(q, k, layout.gist_index, layout.num_chunks)
 
     def scores_topk(i):  # scores + the select kernel (threshold top-k, union, sizes, prefix sum)
@@ -175,6 +204,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     block_n = default_block_n(D)
     split_len = default_split_len(plan.capacity, B * Hkv, block_n, torch.device(DEVICE))
     row = {"shape": shape, "batch": B, "context": L, "T": T, "chunks": C, "dense_backend": backend, "rel_err": err,
+           "meta": list(meta), "top_k": top_k if meta else None,
            "copies": copies, "capacity": plan.capacity, "split_len": split_len,
            "programs": B * Hkv * (-(-plan.capacity // split_len))}
     row["dense_us"] = bench_us(rotating(lambda i: dense_runs[i]()))
@@ -190,18 +220,27 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     row["gsa_graph_us"] = graph_us(step)
     row["select_graph_us"] = graph_us(select)
     row["scores_graph_us"] = graph_us(scores)
-    row["scores_topk_graph_us"] = graph_us(scores_topk)
+    nan = float("nan")  # the single-level breakdown has no H-GSA counterpart
+    row["scores_topk_graph_us"] = nan if meta else graph_us(scores_topk)
     row["attend_us"] = bench_us(rotating(attend))
     row["attend_graph_us"] = graph_us(attend)
-    row["select_torch_topk_graph_us"] = graph_us(select_torch_topk)
+    row["select_torch_topk_graph_us"] = nan if meta else graph_us(select_torch_topk)
     row["topk_graph_us"] = row["scores_topk_graph_us"] - row["scores_graph_us"]  # select kernel
     row["expand_graph_us"] = row["select_graph_us"] - row["scores_topk_graph_us"]  # expansion
     row["plan_us"] = plan_us
     row["plan_cold_us"] = cold_us
     row["append_us"] = append_us
-    fused_list = lists[0]
-    old_list = select_index_list_triton(sets[0][0], sets[0][1], layout, plan, config, fused_topk=False)
-    row["fused_topk_same_lengths"] = bool(torch.equal(fused_list[1], old_list[1]))
+    if meta:
+        row["fused_topk_same_lengths"] = True
+        scored = torch.zeros(B * Hkv, dtype=torch.int32, device=DEVICE)
+        select_list(sets[0][0], sets[0][1], scored)
+        row["keys_scored"] = float(scored.float().mean())  # gist keys per (batch, KV head), all levels
+        C = row["keys_scored"]  # the byte model below: the gist keys actually read
+    else:
+        fused_list = lists[0]
+        old_list = select_index_list_triton(sets[0][0], sets[0][1], layout, plan, config, fused_topk=False)
+        row["fused_topk_same_lengths"] = bool(torch.equal(fused_list[1], old_list[1]))
+        row["keys_scored"] = C
 
     listed = float(lists[0][1].float().sum())  # key rows over (batch, kv head)
     row["keys_per_head"] = listed / (B * Hkv)
@@ -236,6 +275,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
 
 COLUMNS = [
     ("shape", "shape", "s"), ("batch", "B", "d"), ("context", "ctx", "d"), ("keys_per_head", "keys/head", ".0f"),
+    ("keys_scored", "scored", ".0f"),
     ("programs", "progs", "d"), ("dense_us", "dense", ".1f"), ("dense_graph_us", "dense(g)", ".1f"),
     ("flex_us", "flex", ".1f"), ("gsa_us", "gsa", ".1f"), ("gsa_graph_us", "gsa(g)", ".1f"),
     ("x_dense", "x_dense", ".2f"), ("ceiling", "ceiling", ".2f"), ("pct_floor", "%floor", ".0f"),
@@ -261,9 +301,12 @@ def main(argv=None) -> None:
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes the most time)")
+    p.add_argument("--meta", type=int, nargs="*", default=[],
+                   help="H-GSA: gists per meta-gist per level above the chunks (4: 32x at chunk 8)")
+    p.add_argument("--top-k", type=int, default=4, help="H-GSA: units each query head picks per level")
     p.add_argument("--out", default="benchmarks/results/kernels")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs CUDA")
     def items(values):
         return [x for v in values for x in v.split(",") if x]
@@ -292,7 +335,7 @@ def main(argv=None) -> None:
         for shape in shapes:
             for B in batches:
                 try:
-                    row = bench_case(shape, B, L, args.chunk, flex, dtype, bw)
+                    row = bench_case(shape, B, L, args.chunk, flex, dtype, bw, tuple(args.meta), args.top_k)
                 except Exception as e:  # noqa: BLE001 - one failing shape must not lose the table
                     msg = f"{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
                     print("  FAILED " + msg, flush=True)

@@ -5,6 +5,9 @@ Each kernel sits beside its torch reference; tests/test_kernels.py compares them
     gist_select    one decode step's key list per (batch, KV head): gist scores (Triton),
                    top-k / top-p + GQA union, list expansion (Triton); DecodePlan is built
                    once per step from gsa_rag.masks.visible, so the list is the engine's rule
+    hier_select    the same for H-GSA layouts: coarse-to-fine selection that scores only the
+                   top level and the children of what was chosen (scores and top-k kernels of
+                   gist_select, one unfold kernel per level), HierPlan beside DecodePlan
     sparse_decode  split-K flash-decode over that list, GQA-shared K/V loads (Triton)
     prefill        prefill under the forgetting mask through FlexAttention, recall columns
                    permuted to the front so the BlockMask is sparse

@@ -50,6 +50,32 @@ def synthetic_layout(batch: int, context: int, chunk: int, sink: int = 4, tail: 
     )
 
 
+class _StubTokenizer:
+    """What build_layout asks of a tokenizer when word_aware is off: the gist tokens' ids."""
+
+    pad_token_id = 0
+    unk_token_id = None
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 998 if token == "<mgist>" else 999
+
+
+def synthetic_hier_layout(batch: int, context: int, chunk: int, meta_chunks: tuple[int, ...], sink: int = 4,
+                          tail: int = 32, device: str | torch.device = "cuda") -> GistLayout:
+    """`synthetic_layout`'s sequence (the same raw tokens: sink, n chunks, tail) laid out with
+    the hierarchy (H-GSA, `meta_chunks` as in GistConfig) by `gsa_rag.layout.build_layout`
+    itself: one passage, so every level's sections are full but the last. Host-side Python,
+    about a second per 100K tokens."""
+    from gsa_rag.config import GistConfig
+    from gsa_rag.layout import Segment, build_layout
+
+    n = max(0, (context - sink) // (chunk + 1))
+    ids = tuple(1 + i % 990 for i in range(sink + n * chunk))
+    segments = [Segment(ids, True), Segment(tuple(1 + i % 990 for i in range(tail)), False)]
+    config = GistConfig(chunk_size=chunk, meta_chunks=tuple(meta_chunks), sink=sink, word_aware=False)
+    return build_layout([segments] * batch, config, _StubTokenizer(), device=device)
+
+
 def bench_us(fn, cuda_graph: bool = False, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time of `fn()` in microseconds (device events through triton.testing; host clock
     on the CPU). `cuda_graph`: time graph replays (no launch gaps); NaN if capture fails."""

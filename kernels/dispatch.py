@@ -72,7 +72,8 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     Taken when the kernels are on for the device, the forward has one query row, the head dim
     is a power of two >= 16 (the kernels' tl.arange / tl.dot need it; e.g. 80, 96 or 100 take
     the reference path), and `state` is a plain GistState whose query row is a tail token
-    (every decode step of the engine).
+    (every decode step of the engine). Hierarchical (H-GSA) layouts select coarse to fine
+    through kernels/hier_select.py; single-level ones through kernels/gist_select.py.
 
     Args:
         module: the attention module (layer_idx).
@@ -94,7 +95,10 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     layout = state.layout
     if key.shape[2] != layout.seq_len:
         return None
+    if layout.levels > 1 and state.config.k_policy == "adaptive":
+        return None  # select_hierarchical takes top_k at every level (GistConfig refuses this pair)
     from gsa_rag.kernels.gist_select import DecodePlan, select_index_list
+    from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list
     from gsa_rag.kernels.sparse_decode import sparse_decode_triton
 
     plan = getattr(state, "_decode_plan", None)
@@ -109,11 +113,16 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
                 state._decode_plan = False
                 return None
             plan = DecodePlan.build(layout, state.config, group)
+        if layout.levels > 1:  # H-GSA: the same base and forgetting row, selection level by level
+            plan = HierPlan.build(layout, state.config, group, plan)
         state._decode_plan = plan
     if plan is False:
         return None
     q = query[:, :, 0]
-    index, lengths = select_index_list(q, key, layout, plan, state.config, module.layer_idx, use_triton=True)
+    if isinstance(plan, HierPlan):
+        index, lengths = select_hier_index_list(q, key, layout, plan, state.config, module.layer_idx)
+    else:
+        index, lengths = select_index_list(q, key, layout, plan, state.config, module.layer_idx, use_triton=True)
     mask = None
     hook = getattr(state, "hook", None)
     if hook is not None:

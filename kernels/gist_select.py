@@ -40,7 +40,7 @@ import torch
 
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout
-from gsa_rag.masks import visible
+from gsa_rag.masks import gist_recall, visible
 from gsa_rag.selection import adaptive_k, choose_chunks, gist_scores, union_over_groups
 
 try:  # triton is optional: the references below need only torch
@@ -73,6 +73,27 @@ def pack_columns(mask: torch.Tensor, capacity: int | None = None) -> tuple[torch
     out = torch.zeros(*mask.shape[:-1], capacity + 1, dtype=torch.int32, device=mask.device)
     out.scatter_(-1, slot, cols)
     return out[..., :capacity].contiguous(), counts.to(torch.int32)
+
+
+def csr_columns(mask: torch.Tensor, unit: torch.Tensor, num_units: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The columns of `mask` grouped by unit (ascending inside a unit), as CSR.
+
+    Args:
+        mask: bool [B, T]; unit: long [B, T], the unit (chunk, section) of each column, in
+            [0, num_units) where mask is set (anything elsewhere).
+
+    Returns:
+        (int32 [B, N + 1] offsets, long [B, T] columns, long [B, T] the unit of each entry):
+        a row's first ptr[:, N] entries are its columns; the rest are padding (unit N).
+    """
+    B, T = mask.shape
+    unit = torch.where(mask, unit, num_units)
+    kv = torch.arange(T, device=mask.device)[None, :]
+    order = torch.argsort(unit * T + kv, dim=-1, stable=True)  # by (unit, column)
+    counts = torch.zeros(B, num_units + 1, dtype=torch.long, device=mask.device)
+    counts.scatter_add_(1, unit, torch.ones_like(unit))
+    ptr = torch.cat([counts.new_zeros(B, 1), counts[:, :num_units].cumsum(-1)], 1).to(torch.int32)
+    return ptr, order, torch.gather(unit, 1, order)
 
 
 @dataclass
@@ -166,20 +187,22 @@ class DecodePlan:
         # the engine's rule itself, once without recall and once with every closed chunk recalled
         base_mask = visible(layout, b, q, kv, P, torch.zeros(B, T, dtype=torch.bool, device=device))
         closed = (layout.chunk_id >= 0) & (layout.chunk_id < layout.num_chunks[:, None])
+        forget_recall = layout.is_gist
+        if layout.levels > 1:
+            # H-GSA (masks.dense_unfold_mask): a chunk unfolds its raw tokens and level-0 gist only
+            # (the meta-gists are unfolded by their sections: kernels.hier_select); the forgetting
+            # row recalls the top-level gists and those of its own sections
+            closed = closed & (layout.level <= 0)
+            forget_recall = gist_recall(layout, b, q, kv)
         extra_mask = visible(layout, b, q, kv, P, closed) & ~base_mask
-        forget_mask = visible(layout, b, q, kv, P, layout.is_gist)
+        forget_mask = visible(layout, b, q, kv, P, forget_recall)
 
         # capacities are upper bounds here (T columns); the lists are trimmed after the one sync
         base, base_len = pack_columns(base_mask, T)
         forget, forget_len = pack_columns(forget_mask, T)
 
-        # CSR of the extra columns by chunk: sort by (chunk, column); counts per chunk
-        chunk = torch.where(extra_mask, layout.chunk_id, C)
-        order = torch.argsort(chunk * T + kv, dim=-1, stable=True)
-        counts = torch.zeros(B, C + 1, dtype=torch.long, device=device)
-        counts.scatter_add_(1, chunk, torch.ones_like(chunk))
-        counts = counts[:, :C]
-        chunk_ptr = torch.cat([counts.new_zeros(B, 1), counts.cumsum(-1)], 1).to(torch.int32)
+        chunk_ptr, order, chunk = csr_columns(extra_mask, layout.chunk_id, C)
+        counts = chunk_ptr[:, 1:] - chunk_ptr[:, :-1]
 
         num_chunks = layout.num_chunks
         if config.k_policy == "top_p":
@@ -189,7 +212,7 @@ class DecodePlan:
             k = adaptive_k(context_len, num_chunks, group_size, config)
         else:
             k = torch.full_like(num_chunks, config.top_k)
-        zero = counts.new_zeros(())
+        zero = num_chunks.new_zeros(())
         # the one host sync of the step: every size the kernels' grids need
         stats = torch.stack([
             base_len.max().long(),
@@ -204,7 +227,7 @@ class DecodePlan:
         nb_max, nf_max, nx = max(1, nb_max), max(1, nf_max), max(1, nx)
         base, forget = base[:, :nb_max].contiguous(), forget[:, :nf_max].contiguous()
         chunk_cols = order[:, :nx].to(torch.int32)
-        chunk_of_col = torch.gather(chunk, 1, order[:, :nx])
+        chunk_of_col = chunk[:, :nx]
         uniform_k = k is not None and k_min == k_max
         k_max = min(k_max, C) if k is not None else C
         picked = C if k is None else min(C, group_size * k_max)
@@ -279,30 +302,32 @@ if triton is not None:
 
     @triton.jit
     def _gist_scores_kernel(
-        Q, K, GIDX, NCH, S, SIZES, CNT,
+        Q, K, GIDX, NCH, S, SIZES, CNT, SCORED,
         s_qb, s_qh, s_qd,
         s_kb, s_kh, s_kt, s_kd,
-        s_gb, s_gc,
+        s_gb, s_gh, s_gc,
+        s_nb, s_nh,
         s_sb, s_sh, s_sc,
         Hkv, G, C,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
-        PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr,
+        PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr, COUNT: tl.constexpr,
     ):
         # one program: one (batch, KV head) and BLOCK_C chunks; each gist key row is read once
         # and scored against all G query heads that share it (one [G_PAD, D] x [D, BLOCK_C] dot;
         # 16-bit products are exact in fp32 and accumulate in fp32, like the reference's
         # fp32 matmul of the upcast inputs). It also zeroes its block of the [B, Hkv, C] size
-        # table that the mark kernel fills next (saves a launch).
+        # table that the mark kernel fills next (saves a launch). The gist list and its length are
+        # per batch row (s_gh = s_nh = 0) or, for H-GSA's candidate lists, per (batch, KV head).
         pid = tl.program_id(0)
         b = pid // Hkv
         h = pid % Hkv
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
-        n = tl.load(NCH + b)
+        n = tl.load(NCH + b * s_nb + h * s_nh)
         c_ok = c < C
         exists = c < n
-        gidx = tl.load(GIDX + b * s_gb + c * s_gc, mask=exists, other=0).to(tl.int64)
+        gidx = tl.load(GIDX + b * s_gb + h * s_gh + c * s_gc, mask=exists, other=0).to(tl.int64)
         k = tl.load(K + b.to(tl.int64) * s_kb + h * s_kh + gidx[:, None] * s_kt + d[None, :] * s_kd,
                     mask=exists[:, None], other=0.0)
         q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd,
@@ -316,6 +341,8 @@ if triton is not None:
                  mask=(g < G)[:, None] & c_ok[None, :])
         if ZERO_SIZES:
             tl.store(SIZES + pid.to(tl.int64) * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
+        if COUNT:  # gist keys this program read (tests and benchmarks count a step's keys)
+            tl.atomic_add(SCORED + pid, tl.sum(exists.to(tl.int32), 0))
         if ZERO_CNT:  # the arrival counters of the select kernel that runs next
             if tl.program_id(1) == 0:
                 tl.store(CNT + pid, 0)
@@ -446,23 +473,29 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None) -> torch.Tensor:
+def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None, scored=None) -> torch.Tensor:
+    """gist_index: [B, C] with num_chunks [B] (one list per batch row), or [B, Hkv, C] with
+    num_chunks [B, Hkv] (one per KV head: H-GSA's candidates); scored: optional int32 [B * Hkv]
+    to which each (batch, KV head) adds the gist keys it read."""
     B, Hq, D = query.shape
     Hkv = key.shape[1]
-    C = gist_index.shape[1]
+    C = gist_index.shape[-1]
     G = Hq // Hkv
+    per_head = gist_index.dim() == 3
+    s_gb, s_gh, s_gc = gist_index.stride() if per_head else (gist_index.stride(0), 0, gist_index.stride(1))
+    s_nb, s_nh = num_chunks.stride() if per_head else (num_chunks.stride(0), 0)
     out = torch.empty(B, Hq, C, dtype=torch.float32, device=query.device)
     BLOCK_C = 64 if D >= 128 else 128
     grid = (B * Hkv, triton.cdiv(C, BLOCK_C))
     _gist_scores_kernel[grid](
         query, key, gist_index, num_chunks, out, out if sizes is None else sizes,
-        out if counters is None else counters,
-        *query.stride(), *key.stride(), *gist_index.stride(), *out.stride(),
+        out if counters is None else counters, out if scored is None else scored,
+        *query.stride(), *key.stride(), s_gb, s_gh, s_gc, s_nb, s_nh, *out.stride(),
         Hkv, G, C, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
         DOT_F32=_interpret() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
-        ZERO_CNT=counters is not None, num_warps=4, num_stages=2,
+        ZERO_CNT=counters is not None, COUNT=scored is not None, num_warps=4, num_stages=2,
     )
     return out
 
