@@ -7,7 +7,9 @@ Without a `gsa_state` the function is plain causal SDPA: the unmodified model.
 
 Plan-then-run: `GistState` builds the forgetting mask once per forward and reuses it in
 every layer; only the chunk selection, which depends on each layer's queries and keys, is
-redone per layer.
+redone per layer. Only the tail rows (question, answer) select, so a layer's mask stays split
+(`LayerMask`): one mask shared by all heads for the rows before the tail, per-head masks for
+the tail rows alone. A [B, H, Tq, T] mask is never built for the attention itself.
 """
 
 from __future__ import annotations
@@ -27,6 +29,72 @@ from gsa_rag.selection import select_chunks, select_hierarchical
 
 
 @dataclass
+class LayerMask:
+    """One layer's mask, kept split by query rows.
+
+    Only the tail rows (question and answer tokens: tens of rows) unfold chunks, and they may
+    unfold different chunks per KV head; every earlier row sees the forgetting mask, the same
+    for every head. Keeping the two apart means no [B, H, Tq, T] mask is ever built for a
+    prefill or training forward: the shared rows go to SDPA as one [B, 1, rows, T] mask that it
+    broadcasts over heads, only the tail rows as a per-head mask.
+
+    Attributes:
+        shared: bool [B, 1, Tq, T], the forgetting mask (rows before `start` use it).
+        start: the first row of `tail`; Tq when no row selects.
+        tail: bool [B, 1 or Hkv, Tq - start, T], the mask of rows `start`..; None when none.
+    """
+
+    shared: torch.Tensor
+    start: int
+    tail: torch.Tensor | None = None
+    # dtype -> `shared` as an additive bias; GistState hands every layer of a forward the same dict
+    biases: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def whole(cls, mask: torch.Tensor) -> LayerMask:
+        """A mask given whole (bool [B, 1 or H, Tq, T]), e.g. by a plug-in state's mask_for_layer."""
+        if mask.shape[1] == 1:
+            return cls(mask, mask.shape[2])
+        return cls(mask[:, :1], 0, mask)
+
+    def full(self) -> torch.Tensor:
+        """bool [B, 1 or Hkv, Tq, T], the mask materialised (what `mask_for_layer` returns)."""
+        if self.tail is None:
+            return self.shared
+        shared = self.shared[:, :, : self.start].expand(-1, self.tail.shape[1], -1, -1)
+        return torch.cat([shared, self.tail], dim=2)
+
+    def last_row(self) -> torch.Tensor:
+        """bool [B, 1 or Hkv, T]: the keys the last query row sees."""
+        return (self.shared if self.tail is None else self.tail)[:, :, -1]
+
+    def shared_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`shared` as SDPA's additive float bias (0 or -inf), built once per forward.
+
+        SDPA turns a bool mask into exactly this bias on every call, and autograd keeps each
+        layer's copy for backward; one bias handed to every layer is kept once. On CUDA its rows
+        are padded to a multiple of 8 columns: the memory-efficient kernel copies a bias whose
+        row stride is not aligned.
+        """
+        bias = self.biases.get(dtype)
+        if bias is None:
+            B, H, Tq, T = self.shared.shape
+            width = -(-T // 8) * 8 if self.shared.is_cuda else T
+            bias = torch.zeros(B, H, Tq, width, dtype=dtype, device=self.shared.device)[..., :T]
+            bias.masked_fill_(~self.shared, float("-inf"))
+            self.biases[dtype] = bias
+        return bias
+
+
+def layer_mask(state, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> LayerMask:
+    """`state.layer_mask(...)`, or a plug-in state's `mask_for_layer` taken whole."""
+    split = getattr(state, "layer_mask", None)
+    if split is not None:
+        return split(layer_idx, query, key)
+    return LayerMask.whole(state.mask_for_layer(layer_idx, query, key))
+
+
+@dataclass
 class GistState:
     """What one forward pass needs to know about the sequence.
 
@@ -39,7 +107,8 @@ class GistState:
         hook: optional `hook(layer_idx, query, key, value, mask)`, called in every layer once
             the mask is known and before attention: gist memory uses it to copy offloaded raw
             KV of the chunks the mask unfolds into `key`/`value` (in place), search to read
-            the queries.
+            the queries. `mask` is what `mask_for_layer` returns; a hook with a false
+            `reads_mask` attribute gets None instead (building the full mask costs memory).
     """
 
     layout: GistLayout
@@ -48,6 +117,7 @@ class GistState:
     attended: dict[int, torch.Tensor] = field(default_factory=dict)
     hook: Callable | None = None
     _forget_mask: torch.Tensor | None = None
+    _biases: dict = field(default_factory=dict)  # LayerMask.shared_bias, shared by the layers
 
     @classmethod
     def for_new_tokens(cls, layout: GistLayout, num_new: int, config: GistConfig) -> GistState:
@@ -65,14 +135,20 @@ class GistState:
 
     def mask_for_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """bool [B, 1 or Hkv, Tq, T]: the forgetting mask, with tail rows unfolding their
-        selected chunks in layers that select."""
+        selected chunks in layers that select (`layer_mask`, materialised)."""
+        return self.layer_mask(layer_idx, query, key).full()
+
+    def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> LayerMask:
+        """The layer's mask, split: the forgetting mask for every row, and per KV head the rows
+        from the earliest tail row on, which unfold their selected chunks in layers that select."""
         mask = self.forget_mask()
         tail = self.layout.is_tail[:, self.q_index]  # [B, Tq]
         nothing_to_select = not self.config.uses_gists or int(self.layout.num_chunks.max()) == 0
         if layer_idx < self.config.first_selecting_layer or nothing_to_select or not tail.any():
-            return mask
+            return LayerMask(mask, mask.shape[2], biases=self._biases)
         # the tail is a suffix of every row, so rows before the earliest tail row never select
-        rows = slice(int(tail.any(0).nonzero()[0]), None)
+        start = int(tail.any(0).nonzero()[0])
+        rows = slice(start, None)
         layout = self.layout
         context_len = (layout.valid & ~layout.is_tail).sum(-1)
         if layout.levels > 1:  # H-GSA: coarse to fine, each level unfolds what it chose
@@ -82,10 +158,26 @@ class GistState:
             selected = select_chunks(query[:, :, rows], key, layout.gist_index, layout.gist_valid, context_len, self.config)
             sections = None
         unfold = dense_unfold_mask(layout, selected, self.config.num_previous_chunks, self.q_index[rows], sections)
-        head_mask = mask.expand(-1, key.shape[1], -1, -1).clone()
-        tail_rows = tail[:, None, rows, None]
-        head_mask[:, :, rows] = torch.where(tail_rows, unfold, head_mask[:, :, rows])
-        return head_mask
+        # rows past `start` that are not (yet) tail in a batch row keep the forgetting mask
+        tail_mask = torch.where(tail[:, None, rows, None], unfold, mask[:, :, rows])
+        return LayerMask(mask, start, tail_mask, self._biases)
+
+
+def _sdpa_rows(query, key, value, mask: LayerMask, scaling, dropout, gqa: bool) -> torch.Tensor:
+    """SDPA of the shared rows and of the tail rows, each under its own mask -> [B, Tq, Hq, D]."""
+    Hq = query.shape[1]
+    parts = []
+    if mask.start > 0:  # one mask for every head: SDPA broadcasts it, and one bias serves every layer
+        rows = query[:, :, : mask.start]
+        bias = mask.shared_bias(query.dtype)[:, :, : mask.start]
+        parts.append(F.scaled_dot_product_attention(rows, key, value, attn_mask=bias, dropout_p=dropout,
+                                                    scale=scaling, enable_gqa=gqa))
+    if mask.tail is not None:  # per KV head: repeated to the query heads (SDPA wants Hq or 1)
+        tail = mask.tail.repeat_interleave(Hq // mask.tail.shape[1], dim=1)
+        parts.append(F.scaled_dot_product_attention(query[:, :, mask.start :], key, value, attn_mask=tail,
+                                                    dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    # [B, Hq, rows, D] -> [B, rows, Hq, D]: the concatenation is the contiguous output
+    return torch.cat([p.transpose(1, 2) for p in parts], dim=1)
 
 
 def gsa_attention(
@@ -121,24 +213,22 @@ def gsa_attention(
         )
         return out.transpose(1, 2).contiguous(), None
 
-    # the Triton decode kernels know one gist level: H-GSA layouts take the reference path
-    hierarchical = getattr(getattr(gsa_state, "layout", None), "levels", 1) > 1
-    fast = None if hierarchical else sparse_decode_attention(module, query, key, value, scaling, gsa_state)
+    fast = sparse_decode_attention(module, query, key, value, scaling, gsa_state)
     if fast is not None:  # one decode row on CUDA: key lists + sparse flash-decode (gsa_rag.kernels)
         return fast[0], None
-    mask = gsa_state.mask_for_layer(module.layer_idx, query, key)
+    mask = layer_mask(gsa_state, module.layer_idx, query, key)
     hook = getattr(gsa_state, "hook", None)  # plug-in states (state_factory) may not have one
     if hook is not None:
-        hook(module.layer_idx, query, key, value, mask)
-    gsa_state.attended[module.layer_idx] = mask[:, :, -1].sum(-1)
-    if mask.shape[1] > 1:
-        mask = mask.repeat_interleave(Hq // Hkv, dim=1)
-    if Hq != Hkv:  # SDPA's enable_gqa with a mask falls back to the memory-hungry math kernel
+        hook(module.layer_idx, query, key, value, mask.full() if getattr(hook, "reads_mask", True) else None)
+    gsa_state.attended[module.layer_idx] = mask.last_row().sum(-1)
+    gqa = Hq != Hkv
+    if gqa and query.device.type != "cpu":
+        # on CUDA, SDPA's enable_gqa with a mask falls back to the math kernel, which builds the
+        # [B, Hq, Tq, T] score matrix: repeated K/V (Hq x T x D) are far cheaper. CPU's flash
+        # kernel takes GQA and a mask, so there the repeat would only cost memory.
         key, value = key.repeat_interleave(Hq // Hkv, dim=1), value.repeat_interleave(Hq // Hkv, dim=1)
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
-    )
-    return out.transpose(1, 2).contiguous(), None
+        gqa = False
+    return _sdpa_rows(query, key, value, mask, scaling, dropout, gqa), None
 
 
 AttentionInterface.register("gsa", gsa_attention)

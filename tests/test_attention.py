@@ -2,13 +2,22 @@
 
 import random
 
+import pytest
 import torch
-from fakes import FakeTokenizer, random_segments
+import torch.nn.functional as F
+from fakes import (
+    FakeTokenizer,
+    random_config,
+    random_hierarchical_config,
+    random_segments,
+)
 
-from gsa_rag.attention import GistState
+from gsa_rag import attention
+from gsa_rag.attention import GistState, gsa_attention
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import build_layout
-from gsa_rag.masks import dense_gist_mask
+from gsa_rag.masks import dense_gist_mask, dense_unfold_mask
+from gsa_rag.selection import select_chunks, select_hierarchical
 
 
 def state_and_qk(seed, config, Hq=4, Hkv=2, D=8):
@@ -66,3 +75,119 @@ def test_k_covering_every_chunk_unfolds_everything():
     causal_valid = torch.tril(torch.ones(q.shape[2], q.shape[2], dtype=torch.bool))[None] & state.layout.valid[:, None, :]
     for h in range(mask.shape[1]):
         assert torch.equal(mask[:, h][tail], causal_valid[tail])
+
+
+# --- the split mask (LayerMask) against the per-head mask it replaced -------------------------------
+
+
+def per_head_mask(state, layer_idx, query, key):
+    """The previous construction: the forgetting mask copied to every KV head, tail rows
+    overwritten with what they unfold -> bool [B, 1 or Hkv, Tq, T]."""
+    mask, layout, config = state.forget_mask(), state.layout, state.config
+    tail = layout.is_tail[:, state.q_index]
+    if layer_idx < config.first_selecting_layer or int(layout.num_chunks.max()) == 0 or not tail.any():
+        return mask
+    rows = slice(int(tail.any(0).nonzero()[0]), None)
+    if layout.levels > 1:
+        chosen = select_hierarchical(query[:, :, rows], key, layout, config)
+        selected, sections = chosen.chunks, chosen.sections
+    else:
+        context_len = (layout.valid & ~layout.is_tail).sum(-1)
+        selected = select_chunks(query[:, :, rows], key, layout.gist_index, layout.gist_valid, context_len, config)
+        sections = None
+    unfold = dense_unfold_mask(layout, selected, config.num_previous_chunks, state.q_index[rows], sections)
+    head_mask = mask.expand(-1, key.shape[1], -1, -1).clone()
+    head_mask[:, :, rows] = torch.where(tail[:, None, rows, None], unfold, head_mask[:, :, rows])
+    return head_mask
+
+
+def per_head_attention(mask, query, key, value, scaling):
+    """The previous attention: mask, keys and values repeated to the query heads, one SDPA."""
+    group = query.shape[1] // key.shape[1]
+    if mask.shape[1] > 1:
+        mask = mask.repeat_interleave(group, dim=1)
+    key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling).transpose(1, 2)
+
+
+def layer_module(layer_idx):
+    module = torch.nn.Module()
+    module.layer_idx = layer_idx
+    return module
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_split_mask_attention_equals_the_per_head_mask(hierarchical):
+    """GQA 9/3 heads, layouts with gists: every layer (layer 0 never selects), full forwards and
+    forwards over context rows only (no tail row), single-level and H-GSA layouts."""
+    Hq, Hkv, D = 9, 3, 16
+    checked = {"tail": 0, "no tail": 0}
+    for seed in range(12):
+        rng = random.Random(seed)
+        config = random_hierarchical_config(rng) if hierarchical else random_config(rng)
+        config = GistConfig(**{**config.to_dict(), "chunk_size": max(config.chunk_size, 1)})  # gists, always
+        layout = build_layout([random_segments(rng, max_len=30) for _ in range(3)], config, FakeTokenizer())
+        B, T = layout.input_ids.shape
+        context_rows = int((~layout.is_tail).sum(-1).min())  # columns before every row's tail
+        g = torch.Generator().manual_seed(seed)
+        key, value = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+        for q_index in (torch.arange(T), torch.arange(context_rows)):
+            if len(q_index) == 0:
+                continue
+            query = torch.randn(B, Hq, len(q_index), D, generator=g)
+            for layer_idx in range(3):
+                state = GistState(layout, q_index, config)
+                want_mask = per_head_mask(GistState(layout, q_index, config), layer_idx, query, key)
+                assert torch.equal(state.mask_for_layer(layer_idx, query, key), want_mask)
+                out, _ = gsa_attention(layer_module(layer_idx), query, key, value, None, 0.25, gsa_state=state)
+                want = per_head_attention(want_mask, query, key, value, 0.25)
+                assert out.is_contiguous() and out.shape == want.shape
+                torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+                assert torch.equal(state.attended[layer_idx], want_mask[:, :, -1].sum(-1))
+                checked["tail" if want_mask.shape[1] > 1 else "no tail"] += 1
+    assert checked["tail"] and checked["no tail"]
+
+
+def test_hooks_get_the_full_mask_unless_they_do_not_read_it():
+    config = GistConfig(chunk_size=4, sink=2, top_k=1)
+    state, q, k = state_and_qk(3, config, Hq=9, Hkv=3)
+    seen = []
+
+    def hook(layer_idx, query, key, value, mask):
+        seen.append(mask)
+
+    state.hook = hook
+    gsa_attention(layer_module(1), q, k, k, None, 0.25, gsa_state=state)
+    assert torch.equal(seen[-1], per_head_mask(state, 1, q, k))
+    hook.reads_mask = False
+    gsa_attention(layer_module(1), q, k, k, None, 0.25, gsa_state=state)
+    assert seen[-1] is None
+
+
+def test_no_per_head_mask_reaches_sdpa_when_the_tail_is_short(monkeypatch):
+    """A long prompt with a short tail: SDPA gets the shared mask once for all heads
+    ([B, 1, rows, T]) and per-head masks only for the tail rows; nothing [B, H, Tq, T]-sized."""
+    config = GistConfig(chunk_size=4, sink=2, top_k=1)
+    rng = random.Random(0)
+    segments = [random_segments(rng, max_passages=8, max_len=30) for _ in range(2)]
+    layout = build_layout(segments, config, FakeTokenizer())
+    B, T = layout.input_ids.shape
+    tail_rows = T - int((~layout.is_tail).sum(-1).min())
+    assert tail_rows < T // 4  # the case that matters: the tail is a small part of the prompt
+    Hq, Hkv = 9, 3
+    q, k = torch.randn(B, Hq, T, 8), torch.randn(B, Hkv, T, 8)
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        masks.append(tuple(attn_mask.shape))
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    state = GistState.for_new_tokens(layout, T, config)
+    for layer_idx in range(3):
+        gsa_attention(layer_module(layer_idx), q, k, k, None, 0.25, gsa_state=state)
+    assert masks[0] == (B, 1, T, T)  # layer 0 selects nothing: one call, one mask for every head
+    assert masks[1:] == [(B, 1, T - tail_rows, T), (B, Hq, tail_rows, T)] * 2
+    shared = {state.layer_mask(layer, q, k).shared_bias(q.dtype).data_ptr() for layer in range(3)}
+    assert len(shared) == 1  # one float bias per forward, whatever the layer

@@ -423,6 +423,81 @@ def test_reuse_prompt_is_the_plain_prompt_without_passage_numbers(engine, exampl
     assert int(torch.isin(layout.input_ids, torch.tensor(sorted(links))).sum()) == len(links) * len(ex.passages)
 
 
+def _forced_selection(monkeypatch, method, target: str) -> list:
+    """Makes every selecting layer and KV head unfold exactly one chunk per question: the first
+    eligible chunk of its gold passage ("gold") or of its first other passage ("other"), read off
+    the layout the method prepared (each route has its own). Returns, per question, its layout
+    (the batch's) and its row in it."""
+    from gsa_rag import attention
+    from gsa_rag.selection import eligible_chunk_mask
+
+    rows, targets = [], []
+    prepare = method.prepare
+
+    def remember(engine, questions, passages):
+        layout, cache = prepare(engine, questions, passages)
+        eligible = eligible_chunk_mask(layout, engine.config.num_previous_chunks)
+        targets.clear()
+        for b, shown in enumerate(passages):
+            gold = {j for j, p in enumerate(shown) if p.is_gold}
+            wanted = gold if target == "gold" else {min(set(range(len(shown))) - gold)}
+            raw = layout.valid[b] & ~layout.is_gist[b] & ~layout.is_link[b]
+            chunks = layout.chunk_id[b, raw & torch.isin(layout.passage_id[b], torch.tensor(sorted(wanted)))]
+            targets.append(int(chunks[eligible[b, chunks.clamp(min=0)]].min()))
+            rows.append((layout, b))
+        return layout, cache
+
+    def select_chunks(query, key, gist_index, gist_valid, context_len, config):
+        chosen = torch.zeros(query.shape[0], key.shape[1], query.shape[2], gist_index.shape[1], dtype=torch.bool)
+        for b, chunk in enumerate(targets):
+            chosen[b, ..., chunk] = True
+        return chosen
+
+    monkeypatch.setattr(method, "prepare", remember)
+    monkeypatch.setattr(attention, "select_chunks", select_chunks)
+    return rows
+
+
+@pytest.mark.parametrize("target", ["gold", "other"])
+def test_gold_recall_is_the_same_through_the_plain_and_the_reuse_route(engine, examples, tmp_path, monkeypatch, target):
+    """With the selection forced to one known chunk, both routes score the same gold recall, and
+    the chance of one chunk. The reuse route once counted link tokens (seen by every later token,
+    raw, in their passage's last chunk) as unfolding that chunk: every passage's last chunk looked
+    selected by every head, so gold recall read 1.0 (H200: NQ 99.6% vs 43% for the plain route)."""
+    from gsa_rag.selection import gold_chunk_mask
+
+    runs = {}
+    for spec in ("gsa", "gsa:reuse=1"):
+        method = parse_spec(spec)
+        layouts = _forced_selection(monkeypatch, method, target)
+        out = run_method(engine, method, examples, _ctx(tmp_path), SETTINGS)
+        runs[spec] = out["results"]
+        npc = method.gist_config(_ctx(tmp_path)).num_previous_chunks
+        for row, ex, (layout, b) in zip(out["results"], examples, layouts, strict=True):
+            gold = [{j for j, p in enumerate(ex.passages) if p.is_gold}] * layout.batch_size
+            n = int(layout.num_chunks[b]) - npc
+            g = int(gold_chunk_mask(layout, gold)[b, :n].sum())
+            assert row["gold_chance"] == pytest.approx(_chance_of_gold(n, g, 1), abs=1e-4), spec
+    want = 1.0 if target == "gold" else 0.0
+    assert [r["gold_recall"] for r in runs["gsa"]] == [want] * len(examples)
+    assert [r["gold_recall"] for r in runs["gsa:reuse=1"]] == [want] * len(examples)
+
+
+def test_link_tokens_unfold_nothing(engine, examples):
+    """A row that selects nothing (the forgetting mask: sink, gists, links, local window) unfolds
+    no chunk on a KV-reuse layout either, though it sees every passage's link tokens."""
+    from gsa_rag.eval.harness import unfolded_chunks
+    from gsa_rag.eval.reuse import ReuseMemory
+    from gsa_rag.masks import dense_gist_mask
+
+    ex = examples[0]
+    layout, _ = ReuseMemory().prepare(engine, ex.question, ex.passages)
+    npc = engine.config.num_previous_chunks
+    row = dense_gist_mask(layout, npc)[:, None, -1]  # [1, 1, T], the question's last token
+    assert bool((row & layout.is_link).any())  # it sees link tokens outside its window
+    assert not unfolded_chunks(layout, [row], npc).any()
+
+
 def test_reuse_refuses_an_engine_without_gists(engine, examples, tmp_path):
     from gsa_rag.errors import GsaRagError
 

@@ -60,10 +60,13 @@ class _Recorder:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def mask_for_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        mask = self._inner.mask_for_layer(layer_idx, query, key)
+    def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
+        # the attention function asks for the split mask (gsa_rag.attention.LayerMask)
+        from gsa_rag.attention import layer_mask
+
+        mask = layer_mask(self._inner, layer_idx, query, key)
         if self._keep:
-            self.rows[layer_idx] = mask[:, :, -1].clone()
+            self.rows[layer_idx] = mask.last_row().clone()
         return mask
 
 
@@ -95,8 +98,14 @@ def _record_through_cache(cache: GistCache, rows: dict[int, torch.Tensor]) -> No
 def unfolded_chunks(layout, rows: list[torch.Tensor], num_previous_chunks: int) -> torch.Tensor:
     """Which chunks each visibility row unfolded, outside the local window (visible anyway).
 
+    A chunk counts as unfolded when the row sees one of its raw passage tokens. Columns every
+    later row sees whatever it selects do not count: gists, the sink, the local window, and on
+    a KV-reuse layout (gist memory, `gsa:reuse=1`) the link tokens, which sit raw in the last
+    chunk of their passage (gsa_rag.layout) — counting them made every passage's last chunk
+    look unfolded by every head of every layer.
+
     Args:
-        layout: the prompt's layout (chunk_id, is_gist, num_chunks).
+        layout: the prompt's layout (chunk_id, is_gist, is_link, num_chunks).
         rows: per layer, bool [B, H or 1, T], the keys one query row saw.
         num_previous_chunks: the local window's size in chunks.
 
@@ -109,7 +118,8 @@ def unfolded_chunks(layout, rows: list[torch.Tensor], num_previous_chunks: int) 
     T = vis.shape[-1]
     chunk = layout.chunk_id[:, :T]
     eligible_chunks = (layout.num_chunks - num_previous_chunks).clamp(min=0)  # [B]
-    eligible = (~layout.is_gist[:, :T]) & (chunk >= 0) & (chunk < eligible_chunks[:, None])  # [B, T]
+    raw = ~layout.is_gist[:, :T] & ~layout.is_link[:, :T]
+    eligible = raw & (chunk >= 0) & (chunk < eligible_chunks[:, None])  # [B, T]
     index = torch.where(eligible, chunk, C)[None, :, None, :].expand_as(vis)
     hits = torch.zeros(*vis.shape[:3], C + 1, dtype=torch.long, device=vis.device)
     chosen = (vis & eligible[None, :, None, :]).long()
