@@ -336,9 +336,10 @@ def test_gist_prefill_equals_dense_mask_attention(permute):
 # --------------------------------------------------------------------------- the engine
 
 
-@pytest.mark.parametrize("family", [LlamaConfig, Qwen2Config])
-def test_engine_decode_with_kernels_equals_reference(family, monkeypatch):
-    """A tiny random model: prefill, then decode steps with GSA_RAG_KERNELS=1 and =0."""
+@pytest.mark.parametrize("family,meta", [(LlamaConfig, ()), (Qwen2Config, ()), (LlamaConfig, (4,))])
+def test_engine_decode_with_kernels_equals_reference(family, meta, monkeypatch):
+    """A tiny random model: prefill, then decode steps with GSA_RAG_KERNELS=1 and =0, with one
+    gist level and with H-GSA (meta-gists over 4 gists)."""
     from transformers import AutoModelForCausalLM
 
     import gsa_rag.attention  # noqa: F401  (registers "gsa")
@@ -349,7 +350,7 @@ def test_engine_decode_with_kernels_equals_reference(family, monkeypatch):
                           num_attention_heads=4, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(model_config, attn_implementation="gsa").eval().to(DEVICE)
     for seed in range(2):
-        config = GistConfig(chunk_size=4, sink=2, top_k=2)
+        config = GistConfig(chunk_size=4, sink=2, top_k=2, meta_chunks=meta)
         rng = random.Random(seed)
         layout = build_layout([random_segments(rng, max_passages=4, max_len=40) for _ in range(2)],
                               config, FakeTokenizer()).to(DEVICE)
