@@ -5,11 +5,13 @@ attention layer calls `gsa_attention`, which reads the `gsa_state` keyword that 
 passes to the model's forward (transformers forwards extra keywords down to attention).
 Without a `gsa_state` the function is plain causal SDPA: the unmodified model.
 
-Plan-then-run: `GistState` builds the forgetting mask once per forward and reuses it in
-every layer; only the chunk selection, which depends on each layer's queries and keys, is
-redone per layer. Only the tail rows (question, answer) select, so a layer's mask stays split
-(`LayerMask`): one mask shared by all heads for the rows before the tail, per-head masks for
-the tail rows alone. A [B, H, Tq, T] mask is never built for the attention itself.
+Plan-then-run: `GistState` builds the forgetting mask and finds the rows that select once per
+forward and reuses them in every layer; only the chunk selection, which depends on each layer's
+queries and keys, is redone per layer. No layer reads a tensor value back to the host (on a GPU
+that is a device sync): the branches read host-side facts of the layout
+(`GistLayout.host_facts`). Only the tail rows (question, answer) select, so a layer's mask stays
+split (`LayerMask`): one mask shared by all heads for the rows before the tail, per-head masks
+for the tail rows alone. A [B, H, Tq, T] mask is never built for the attention itself.
 """
 
 from __future__ import annotations
@@ -86,6 +88,26 @@ class LayerMask:
         return bias
 
 
+@dataclass
+class TailRows:
+    """The query rows of one forward that select chunks: the same in every layer.
+
+    Attributes:
+        start: the first of them (LayerMask.start): no earlier row is a tail row.
+        q_index: long [Tq - start], their columns.
+        tail: bool [B, Tq - start], which of them are tail rows of each sequence.
+        context_len: long [B], tokens before each sequence's tail (adaptive k).
+    """
+
+    start: int
+    q_index: torch.Tensor
+    tail: torch.Tensor
+    context_len: torch.Tensor
+
+
+_UNKNOWN = object()  # GistState._tail_rows before tail_rows() has run (None means "no row selects")
+
+
 def layer_mask(state, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> LayerMask:
     """`state.layer_mask(...)`, or a plug-in state's `mask_for_layer` taken whole."""
     split = getattr(state, "layer_mask", None)
@@ -118,6 +140,7 @@ class GistState:
     hook: Callable | None = None
     _forget_mask: torch.Tensor | None = None
     _biases: dict = field(default_factory=dict)  # LayerMask.shared_bias, shared by the layers
+    _tail_rows: TailRows | None | object = _UNKNOWN  # tail_rows(), once per forward
 
     @classmethod
     def for_new_tokens(cls, layout: GistLayout, num_new: int, config: GistConfig) -> GistState:
@@ -138,28 +161,61 @@ class GistState:
         selected chunks in layers that select (`layer_mask`, materialised)."""
         return self.layer_mask(layer_idx, query, key).full()
 
+    def tail_rows(self) -> TailRows | None:
+        """The rows that select, worked out once per forward (every layer reuses them), or None
+        where no row can select. The `if`s here read the layout's host-side facts and the query
+        columns on the host: no layer waits on the device to decide (see layout.HostFacts)."""
+        if self._tail_rows is _UNKNOWN:
+            self._tail_rows = self._find_tail_rows()
+        return self._tail_rows
+
+    def _find_tail_rows(self) -> TailRows | None:
+        layout = self.layout
+        if not self.config.uses_gists:
+            return None
+        facts = layout.host_facts()
+        if facts.max_chunks == 0:
+            return None
+        # rows whose column is before every sequence's tail never select; the tail is a suffix of
+        # every sequence, so `start` is the earliest tail row (rows past it that are not (yet) tail
+        # in some batch row are masked by `tail` below)
+        q_host = getattr(self, "_q_host", None)
+        if q_host is not None:  # for_new_tokens: q_index is the range lo..hi-1
+            lo, hi = q_host
+            start = max(facts.first_tail, lo) - lo
+            if start >= hi - lo:
+                return None
+        else:  # q_index given: one read of it per forward (none on the host)
+            later = [i for i, q in enumerate(self.q_index.tolist()) if q >= facts.first_tail]
+            if not later:
+                return None
+            start = later[0]
+        q_index = self.q_index[start:]
+        return TailRows(
+            start=start,
+            q_index=q_index,
+            tail=layout.is_tail[:, q_index],
+            context_len=(layout.valid & ~layout.is_tail).sum(-1),
+        )
+
     def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> LayerMask:
         """The layer's mask, split: the forgetting mask for every row, and per KV head the rows
         from the earliest tail row on, which unfold their selected chunks in layers that select."""
         mask = self.forget_mask()
-        tail = self.layout.is_tail[:, self.q_index]  # [B, Tq]
-        nothing_to_select = not self.config.uses_gists or int(self.layout.num_chunks.max()) == 0
-        if layer_idx < self.config.first_selecting_layer or nothing_to_select or not tail.any():
+        rows = self.tail_rows() if layer_idx >= self.config.first_selecting_layer else None
+        if rows is None:
             return LayerMask(mask, mask.shape[2], biases=self._biases)
-        # the tail is a suffix of every row, so rows before the earliest tail row never select
-        start = int(tail.any(0).nonzero()[0])
-        rows = slice(start, None)
-        layout = self.layout
-        context_len = (layout.valid & ~layout.is_tail).sum(-1)
+        layout, start = self.layout, rows.start
         if layout.levels > 1:  # H-GSA: coarse to fine, each level unfolds what it chose
-            chosen = select_hierarchical(query[:, :, rows], key, layout, self.config)
+            chosen = select_hierarchical(query[:, :, start:], key, layout, self.config)
             selected, sections = chosen.chunks, chosen.sections
         else:
-            selected = select_chunks(query[:, :, rows], key, layout.gist_index, layout.gist_valid, context_len, self.config)
+            selected = select_chunks(query[:, :, start:], key, layout.gist_index, layout.gist_valid,
+                                     rows.context_len, self.config)
             sections = None
-        unfold = dense_unfold_mask(layout, selected, self.config.num_previous_chunks, self.q_index[rows], sections)
+        unfold = dense_unfold_mask(layout, selected, self.config.num_previous_chunks, rows.q_index, sections)
         # rows past `start` that are not (yet) tail in a batch row keep the forgetting mask
-        tail_mask = torch.where(tail[:, None, rows, None], unfold, mask[:, :, rows])
+        tail_mask = torch.where(rows.tail[:, None, :, None], unfold, mask[:, :, start:])
         return LayerMask(mask, start, tail_mask, self._biases)
 
 

@@ -28,6 +28,7 @@ A single-level config never runs this pass: its layout is the level-0 layout, bi
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
@@ -88,6 +89,32 @@ def word_starts(tokenizer, ids: list[int]) -> list[bool]:
     """For each id, whether that token begins a word (so a chunk may end just before it)."""
     table = _word_start_table(tokenizer)
     return [table[i] if 0 <= i < len(table) else True for i in ids]
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """The layout facts that attention branches on in every layer, as Python ints.
+
+    Reading a value out of a device tensor (`int(t)`, `if t.any()`) waits for the device to
+    finish all queued work; doing it in each of 30 layers stalls the launch queue 30 times per
+    forward. These facts depend on the layout only, so they are read once (for free where the
+    layout is still on the host) and carried along by `to` and `append`.
+
+    Attributes:
+        max_chunks: the most closed chunks of any sequence (0: nothing can be selected).
+        first_tail: the earliest column of any sequence's tail (see `GistLayout.is_tail`); the
+            sequence length at the time if no sequence has a tail yet (appended tokens start
+            there). Appending tail tokens changes neither.
+    """
+
+    max_chunks: int
+    first_tail: int
+
+
+# id(layout) -> its HostFacts. Not kept in the layout's __dict__: callers read `vars(layout)` as
+# the list of its tensors. weakref.finalize drops an entry when its layout is freed, before the id
+# can be reused.
+_HOST_FACTS: dict[int, HostFacts] = {}
 
 
 @dataclass
@@ -194,8 +221,33 @@ class GistLayout:
         index, _ = self.units(level)
         return torch.gather(self.section_id[:, :, level], 1, index)
 
+    def host_facts(self) -> HostFacts:
+        """The layout's HostFacts: carried from the host layout it was moved or grown from, else
+        read once (one device sync for a layout on an accelerator) and kept."""
+        facts = _HOST_FACTS.get(id(self))
+        if facts is None:
+            tail = self.is_tail
+            first = torch.where(tail.any(-1), tail.int().argmax(-1), self.seq_len).min()
+            max_chunks, first_tail = torch.stack([self.num_chunks.max(), first]).tolist()
+            facts = HostFacts(max_chunks, first_tail)
+            self._keep_host_facts(facts)
+        return facts
+
+    def _keep_host_facts(self, facts: HostFacts | None) -> None:
+        if facts is not None and id(self) not in _HOST_FACTS:
+            _HOST_FACTS[id(self)] = facts
+            weakref.finalize(self, _HOST_FACTS.pop, id(self), None)
+
+    def _free_host_facts(self) -> HostFacts | None:
+        """The HostFacts if they cost no device sync (already known, or the layout is on the host)."""
+        if id(self) in _HOST_FACTS or self.num_chunks.device.type == "cpu":
+            return self.host_facts()
+        return None
+
     def to(self, device) -> GistLayout:
-        return GistLayout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        out = GistLayout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        out._keep_host_facts(self._free_host_facts())  # read here, on the host, before the move
+        return out
 
     def append(self, ids: torch.Tensor) -> GistLayout:
         """Extends every sequence with raw tail tokens (generated answer tokens).
@@ -227,6 +279,7 @@ class GistLayout:
         # layouts grown by append share a cache of what stays fixed while tail tokens are appended
         # (gsa_rag.kernels.gist_select.DecodePlan.build); it is keyed by what it depends on
         out.__dict__["_lineage"] = self.__dict__.get("_lineage", {})
+        out._keep_host_facts(self._free_host_facts())  # appended tail tokens change neither fact
         return out
 
 

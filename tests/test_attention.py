@@ -1,6 +1,7 @@
 """The gsa attention function's masks, layer by layer, on random queries and keys."""
 
 import random
+from dataclasses import fields
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from fakes import (
 from gsa_rag import attention
 from gsa_rag.attention import GistState, gsa_attention
 from gsa_rag.config import GistConfig
-from gsa_rag.layout import build_layout
+from gsa_rag.layout import GistLayout, HostFacts, build_layout
 from gsa_rag.masks import dense_gist_mask, dense_unfold_mask
 from gsa_rag.selection import select_chunks, select_hierarchical
 
@@ -191,3 +192,103 @@ def test_no_per_head_mask_reaches_sdpa_when_the_tail_is_short(monkeypatch):
     assert masks[1:] == [(B, 1, T - tail_rows, T), (B, Hq, tail_rows, T)] * 2
     shared = {state.layer_mask(layer, q, k).shared_bias(q.dtype).data_ptr() for layer in range(3)}
     assert len(shared) == 1  # one float bias per forward, whatever the layer
+
+
+# --- no device syncs per layer: what every layer branches on is read once per forward -------------
+
+# Tensor methods that hand a value to Python: on an accelerator each one waits for the device.
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")
+
+
+def _tiny_gsa_model(num_layers):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="gsa").eval()
+
+
+def _forward_counting(monkeypatch, model, layout, config, explicit_q_index):
+    """One prefill of the whole layout: (host reads of tensor values, _find_tail_rows calls)."""
+    counts = {"reads": 0, "plans": 0}
+    state = (GistState(layout, torch.arange(layout.seq_len), config) if explicit_q_index
+             else GistState.for_new_tokens(layout, layout.seq_len, config))
+    find = GistState._find_tail_rows
+
+    def counted_find(self):
+        counts["plans"] += 1
+        return find(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GistState, "_find_tail_rows", counted_find)
+        for name in _HOST_READS:
+            method = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _method=method, **kwargs):
+                counts["reads"] += 1
+                return _method(self, *args, **kwargs)
+
+            patch.setattr(torch.Tensor, name, counted)
+        with torch.no_grad():
+            model(input_ids=layout.input_ids, position_ids=layout.position_ids, gsa_state=state, use_cache=False)
+    return counts
+
+
+@pytest.mark.parametrize("explicit_q_index", [False, True], ids=["for_new_tokens", "q_index"])
+@pytest.mark.parametrize("meta", [(), (2,)], ids=["gsa", "h-gsa"])
+def test_host_reads_per_forward_do_not_grow_with_layers(monkeypatch, explicit_q_index, meta):
+    """The reference path reads no tensor value per layer (on a GPU each read is a device sync
+    that stalls the launch queue): the tail rows are found once per forward, and a forward of a
+    6-layer model reads exactly as many values back as one of a 2-layer model."""
+    monkeypatch.setenv("GSA_RAG_KERNELS", "0")
+    config = GistConfig(chunk_size=4, sink=2, top_k=1, meta_chunks=meta)
+    layout = build_layout([random_segments(random.Random(seed), max_len=30) for seed in range(2)],
+                          config, FakeTokenizer())
+    assert layout.is_tail.any() and int(layout.num_chunks.max()) > 0  # rows that select, in layers >= 1
+    counts = {n: _forward_counting(monkeypatch, _tiny_gsa_model(n), layout, config, explicit_q_index) for n in (2, 6)}
+    assert counts[2]["plans"] == counts[6]["plans"] == 1
+    assert counts[2]["reads"] == counts[6]["reads"]
+
+
+def test_layout_host_facts_travel_with_to_and_append():
+    """Read on the host at build time, carried by `to` and `append`: equal to reading them again."""
+    config = GistConfig(chunk_size=4, sink=2)
+    for seed in range(6):
+        rng = random.Random(seed)
+        segments = [random_segments(rng, max_len=30) for _ in range(3)]
+        if seed % 2:  # sequences with no tail yet: the tail starts where appended tokens go
+            segments = [[s for s in segs if s.compress] or segs for segs in segments]
+        layout = build_layout(segments, config, FakeTokenizer())
+        grown = layout.append(torch.ones(3, 2, dtype=torch.long))
+        for carried in (layout.to("cpu"), grown, grown.append(torch.ones(3, 1, dtype=torch.long))):
+            fresh = GistLayout(**{f.name: getattr(carried, f.name).clone() for f in fields(carried)})
+            assert carried.host_facts() == fresh.host_facts()
+            tail = fresh.is_tail
+            first = min((int(row.nonzero()[0]) for row in tail if row.any()), default=fresh.seq_len)
+            assert fresh.host_facts() == HostFacts(int(fresh.num_chunks.max()), first)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA syncs can only be observed on a CUDA device")
+def test_cuda_syncs_per_forward_do_not_grow_with_layers(monkeypatch):
+    """torch's sync debug mode warns at each device sync: as many for 6 layers as for 2."""
+    import warnings
+
+    monkeypatch.setenv("GSA_RAG_KERNELS", "0")
+    config = GistConfig(chunk_size=4, sink=2, top_k=1)
+    layout = build_layout([random_segments(random.Random(seed), max_len=30) for seed in range(2)],
+                          config, FakeTokenizer(), device="cuda")
+    syncs = {}
+    for n in (2, 6):
+        model = _tiny_gsa_model(n).cuda()
+        state = GistState.for_new_tokens(layout, layout.seq_len, config)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model(input_ids=layout.input_ids, position_ids=layout.position_ids, gsa_state=state, use_cache=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[n] = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs[2]) == len(syncs[6]), syncs[6]
