@@ -16,7 +16,13 @@ from gsa_rag.generation import forward
 from gsa_rag.models import load_model
 from gsa_rag.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gsa_rag.train.data import IGNORE, collate, pack_documents, rag_example
-from gsa_rag.train.loop import TrainArgs, _save_result, _wrap_trainable, batch_loss, train
+from gsa_rag.train.loop import (
+    TrainArgs,
+    _save_result,
+    _wrap_trainable,
+    batch_loss,
+    train,
+)
 
 PASSAGES = [{"title": "Vasa", "text": "The warship Vasa sank in 1628 and was raised in 1961 from Stockholm harbour."},
             {"title": "Stockholm", "text": "Stockholm is the capital of Sweden, built on fourteen islands."}]
@@ -208,23 +214,11 @@ def test_checkpoint_restores_parameters_and_optimizer(tiny, tmp_path):
 
 def test_accelerate_two_processes_run_a_step(tiny_dir, tmp_path):
     data = _rag_file(tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     # accelerate's own launcher runs one process with --cpu; torchrun (what it uses for several
     # GPUs) starts two, and Accelerator joins them over gloo
-    # (--standalone: a free port, so parallel runs never share a rendezvous)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gsa_rag.cli",
-           "train", "sft",
-           "--model", str(tiny_dir), "--data", data, "--output", str(tmp_path / "ddp"), "--steps", "2",
-           "--batch-size", "1", "--log-every", "1", "--chunk-size", "4"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    finally:  # never leave a rank behind, even on timeout
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_ranks(["-m", "gsa_rag.cli", "train", "sft", "--model", str(tiny_dir), "--data", data,
+                   "--output", str(tmp_path / "ddp"), "--steps", "2", "--batch-size", "1", "--log-every", "1",
+                   "--chunk-size", "4"])
     manifest = json.loads((tmp_path / "ddp" / "gsa_adapter.json").read_text())
     assert manifest["stage"] == "sft" and manifest["gist_config"]["chunk_size"] == 4
     assert manifest["num_processes"] == 2
@@ -291,6 +285,22 @@ def test_full_fine_tuning_and_gradient_checkpointing(tiny_dir, tmp_path):
                           gradient_checkpointing=True))
     engine = GistEngine.from_pretrained(str(out), adapter=None, config=config, device="cpu")
     assert isinstance(engine.generate("When was the Vasa raised?", PASSAGES, max_new_tokens=2), str)
+
+
+def run_two_ranks(args: list[str], env: dict | None = None, cwd=None) -> None:
+    """`torchrun --standalone --nproc_per_node 2 ARGS` on the CPU (one thread per rank); fails the
+    test with the ranks' stderr when they fail. --standalone picks a free port, so parallel runs
+    never share a rendezvous; the ranks get a process group of their own, killed whole on a
+    timeout, so none outlives the test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 0, stderr[-3000:]
 
 
 def _rag_file(tmp_path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import PASSAGES, _rag_file, _state, tiny_dir  # noqa: F401  (tiny_dir: a fixture)
+from test_train import PASSAGES, _rag_file, _state, run_two_ranks, tiny_dir  # noqa: F401  (tiny_dir: a fixture)
 
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
@@ -149,8 +149,6 @@ def test_fsdp2_two_processes_train_the_same_adapter_as_one(tiny_dir, tmp_path): 
     gate (see its docstring). On GPUs the same run is
     `accelerate launch --config_file examples/accelerate_fsdp2.yaml -m gsa_rag.cli train ...`."""
     import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -161,19 +159,10 @@ def test_fsdp2_two_processes_train_the_same_adapter_as_one(tiny_dir, tmp_path): 
     common = ["train", "sft", "--reuse", "--model", str(tiny_dir), "--data", data, "--steps", "2",
               "--log-every", "1", "--chunk-size", "4", "--lr", "1e-2", "--warmup", "0"]
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_FSDP="true", FSDP_VERSION="2",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(root / "tests" / "fsdp_cpu_launch.py"), *common, "--batch-size", "1", "--save-every", "1",
-           "--output", str(tmp_path / "fsdp")]
-    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:  # never leave a rank behind, even on timeout
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    assert proc.returncode == 0, stderr[-3000:]
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    run_two_ranks([str(root / "tests" / "fsdp_cpu_launch.py"), *common, "--batch-size", "1", "--save-every", "1",
+                   "--output", str(tmp_path / "fsdp")], env=env, cwd=root)
     manifest = json.loads((tmp_path / "fsdp" / "gsa_adapter.json").read_text())
     assert manifest["parallelism"] == "fsdp2" and manifest["num_processes"] == 2 and manifest["kv_reuse"]["num_links"] == 4
 

@@ -6,13 +6,10 @@ steps with it raise the gold chunks' rank and the gold selection recall of a tin
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from test_train import tiny_dir  # noqa: F401  (a fixture)
+from test_train import run_two_ranks, tiny_dir  # noqa: F401  (tiny_dir: a fixture)
 
 from gsa_rag.attention import GistState
 from gsa_rag.config import GistConfig
@@ -361,19 +358,9 @@ def test_cli_logs_both_losses_records_the_weight_and_refuses_misuse(tiny_dir, tm
 
 
 def test_ddp_two_processes_train_with_the_selection_loss(tiny_dir, tmp_path):  # noqa: F811
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gsa_rag.cli",
-           "train", "sft", "--reuse", "--selection-loss", "1", "--model", str(tiny_dir), "--data", _rag_file(tmp_path),
-           "--output", str(tmp_path / "ddp"), "--steps", "2", "--batch-size", "1", "--log-every", "1",
-           "--chunk-size", "4"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:  # never leave a rank behind, even on timeout
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-    assert proc.returncode == 0, stderr[-3000:]
+    run_two_ranks(["-m", "gsa_rag.cli", "train", "sft", "--reuse", "--selection-loss", "1", "--model", str(tiny_dir),
+                   "--data", _rag_file(tmp_path), "--output", str(tmp_path / "ddp"), "--steps", "2", "--batch-size", "1",
+                   "--log-every", "1", "--chunk-size", "4"])
     manifest = json.loads((tmp_path / "ddp" / "gsa_adapter.json").read_text())
     assert manifest["num_processes"] == 2 and manifest["train_args"]["selection_loss"] == 1.0
     log = [json.loads(line) for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
