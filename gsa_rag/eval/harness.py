@@ -25,10 +25,17 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from gsa_rag.attention import layer_mask
 from gsa_rag.cache import GistCache
 from gsa_rag.engine import GistEngine
 from gsa_rag.eval.methods.base import Method, RunContext
-from gsa_rag.eval.metrics import best_subspan_em, bootstrap_ci, exact_match, normalize_answer, token_f1
+from gsa_rag.eval.metrics import (
+    best_subspan_em,
+    bootstrap_ci,
+    exact_match,
+    normalize_answer,
+    token_f1,
+)
 from gsa_rag.generation import SamplingParams, generate_tokens
 from gsa_rag.selection import eligible_chunk_mask, gold_chunk_mask
 
@@ -62,8 +69,6 @@ class _Recorder:
 
     def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
         # the attention function asks for the split mask (gsa_rag.attention.LayerMask)
-        from gsa_rag.attention import layer_mask
-
         mask = layer_mask(self._inner, layer_idx, query, key)
         if self._keep:
             self.rows[layer_idx] = mask.last_row().clone()
