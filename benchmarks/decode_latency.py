@@ -41,40 +41,21 @@ import time
 
 import torch
 from gsa_rag.kernels.bench import (
+    ARCHS,
     environment,
     print_table,
+    random_model,
     synthetic_layout,
     write_results,
 )
 
 K = 1024
 DEVICE = "cuda"  # a CPU smoke test of this script sets "cpu" (with TRITON_INTERPRET=1)
-ARCHS = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-}
 
 
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def make_model(arch: str, layers: int | None):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    import gsa_rag.attention  # noqa: F401  (registers "gsa")
-
-    spec = dict(ARCHS[arch])
-    if layers:
-        spec["num_hidden_layers"] = layers
-    config = LlamaConfig(max_position_embeddings=256 * K, **spec)
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="gsa", dtype=torch.bfloat16)
-    return model.eval()
 
 
 def set_attention(model, name: str) -> None:
@@ -157,7 +138,7 @@ def main(argv=None) -> None:
     if args.quick:
         contexts, steps = [8 * K], 8
     name = "decode_latency_quick" if args.quick else f"decode_latency_{args.arch}"
-    model = make_model(args.arch, args.layers)
+    model = random_model(args.arch, args.layers, DEVICE)
     config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
     rows = []
     for L in contexts:

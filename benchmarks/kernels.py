@@ -75,7 +75,7 @@ def dense_fn(q4, k, v, scale):
 
 
 def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: float,
-               meta: tuple[int, ...] = (), top_k: int = 4) -> dict:
+               meta: tuple[int, ...] = (), top_k: int = 4, sweep: bool = False) -> dict:
     from gsa_rag.kernels.bench import synthetic_hier_layout
     from gsa_rag.kernels.gist_select import (
         DecodePlan,
@@ -176,9 +176,9 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             return _scores_launch(q, k, plan.unit_index[-1], plan.num_units[-1])
         return _scores_launch(q, k, layout.gist_index, layout.num_chunks)
 
-    def scores_topk(i):  # scores + the select kernel (threshold top-k, union, sizes, prefix sum)
+    def scores_topk(i, search=None):  # scores + the select kernel (threshold top-k, union, sizes, prefix sum)
         q, k, _ = sets[i]
-        return select_sizes_triton(q, k, layout, plan)
+        return select_sizes_triton(q, k, layout, plan, search)
 
     def select_torch_topk(i):  # the previous path: scores, torch.topk, mark, cumsum, expand
         q, k, _ = sets[i]
@@ -222,8 +222,23 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     row["scores_graph_us"] = graph_us(scores)
     nan = float("nan")  # the single-level breakdown has no H-GSA counterpart
     row["scores_topk_graph_us"] = nan if meta else graph_us(scores_topk)
+    for search in ("radix", "bisect"):  # the select kernel's two threshold searches (GSA_RAG_TOPK_SEARCH)
+        row[f"topk_{search}_graph_us"] = (nan if meta else graph_us(lambda i: scores_topk(i, search))
+                                          - row["scores_graph_us"])
     row["attend_us"] = bench_us(rotating(attend))
     row["attend_graph_us"] = graph_us(attend)
+    if sweep:  # the attention kernel over other split lengths and key blocks: {"splits x block_n": us}
+        splits = -(-plan.capacity // split_len)
+        row["attend_sweep"] = {}
+        for bn in (32, 64, 128):
+            for s in sorted({max(1, splits // 2), splits, 2 * splits, 4 * splits}):
+                def attend_with(i, s=s, bn=bn):
+                    q, k, v = sets[i]
+                    return sparse_decode_triton(q, k, v, *lists[i], scale, num_splits=s, out=out, block_n=bn)
+                row["attend_sweep"][f"{s}x{bn}"] = graph_us(attend_with)
+        best = min(row["attend_sweep"], key=row["attend_sweep"].get)
+        print(f"  attend sweep (splits x block_n: us): default {splits}x{block_n} {row['attend_graph_us']:.1f}; "
+              + ", ".join(f"{k} {v:.1f}" for k, v in row["attend_sweep"].items()) + f"; best {best}", flush=True)
     row["select_torch_topk_graph_us"] = nan if meta else graph_us(select_torch_topk)
     row["topk_graph_us"] = row["scores_topk_graph_us"] - row["scores_graph_us"]  # select kernel
     row["expand_graph_us"] = row["select_graph_us"] - row["scores_topk_graph_us"]  # expansion
@@ -281,7 +296,8 @@ COLUMNS = [
     ("x_dense", "x_dense", ".2f"), ("ceiling", "ceiling", ".2f"), ("pct_floor", "%floor", ".0f"),
     ("score_share", "score%", ".0f"),
     ("scores_graph_us", "scores(g)", ".1f"), ("scores_pct_floor", "%fl", ".0f"),
-    ("topk_graph_us", "topk(g)", ".1f"), ("expand_graph_us", "expand(g)", ".1f"),
+    ("topk_graph_us", "topk(g)", ".1f"), ("topk_radix_graph_us", "radix(g)", ".1f"),
+    ("topk_bisect_graph_us", "bisect(g)", ".1f"), ("expand_graph_us", "expand(g)", ".1f"),
     ("attend_graph_us", "attend(g)", ".1f"), ("attend_floor_us", "att_floor", ".1f"),
     ("attend_pct_floor", "%fl", ".0f"), ("attend_tbps", "att_TB/s", ".2f"),
     ("dense_tbps", "dense_TB/s", ".2f"), ("select_torch_topk_graph_us", "old_sel(g)", ".1f"),
@@ -304,6 +320,8 @@ def main(argv=None) -> None:
     p.add_argument("--meta", type=int, nargs="*", default=[],
                    help="H-GSA: gists per meta-gist per level above the chunks (4: 32x at chunk 8)")
     p.add_argument("--top-k", type=int, default=4, help="H-GSA: units each query head picks per level")
+    p.add_argument("--attend-sweep", action="store_true",
+                   help="also time the attention kernel at 1/2..4x the default splits and key blocks of 32..128")
     p.add_argument("--out", default="benchmarks/results/kernels")
     args = p.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -335,7 +353,7 @@ def main(argv=None) -> None:
         for shape in shapes:
             for B in batches:
                 try:
-                    row = bench_case(shape, B, L, args.chunk, flex, dtype, bw, tuple(args.meta), args.top_k)
+                    row = bench_case(shape, B, L, args.chunk, flex, dtype, bw, tuple(args.meta), args.top_k, args.attend_sweep)
                 except Exception as e:  # noqa: BLE001 - one failing shape must not lose the table
                     msg = f"{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
                     print("  FAILED " + msg, flush=True)

@@ -127,6 +127,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model id/path/.gguf (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter", default="default", help="gist adapter dir; 'default': the bundled one for the "
                         "default model (if any); 'none': the base model (timing does not depend on it)")
+    parser.add_argument("--arch", default=None, help="instead of --model: a random-weight model of these shapes "
+                        "(gsa_rag.kernels.bench.ARCHS, e.g. llama3-8b) with the default model's tokenizer; the full "
+                        "prefill then runs the same weights without gists (plain causal SDPA)")
+    parser.add_argument("--layers", type=int, default=None, help="with --arch: override its layer count")
     parser.add_argument("--links", type=int, default=None, help="link tokens per passage (default: all reserved)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -153,14 +157,23 @@ def main() -> None:
     torch.manual_seed(0)
     config = GistConfig(chunk_size=args.chunk_size, top_k=args.top_k)
     adapter = None if args.adapter == "none" else args.adapter
-    gsa = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=device, dtype=dtype)
+    if args.arch:
+        from gsa_rag.kernels.bench import random_model
+
+        base, tokenizer = load_model(args.model, gist_config=config, device="cpu")  # for its tokenizer
+        del base
+        gsa = GistEngine(random_model(args.arch, args.layers, device, dtype, vocab_size=len(tokenizer)), tokenizer, config)
+        ref_model = gsa.model  # without a gist state its attention is plain causal SDPA
+    else:
+        gsa = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=device, dtype=dtype)
+        ref_model, _ = load_model(args.model, device=device, dtype=dtype, attn_implementation="sdpa")
     gsa_model, tokenizer = gsa.model, gsa.tokenizer
-    ref_model, _ = load_model(args.model, device=device, dtype=dtype, attn_implementation="sdpa")
     full = GistEngine(gsa_model, tokenizer, GistConfig(chunk_size=0))  # the same prompt, no gists (for ids)
     per_token = kv_bytes_per_token(gsa_model)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     all_passages, question, source = load_passages(args.data, max(args.passages))
-    print(f"# {name}, {dtype}, model {gsa_model.config.model_type} ({args.model or 'default'}), chunk {args.chunk_size}, "
+    model_name = f"random {args.arch}, {gsa_model.config.num_hidden_layers} layers" if args.arch else args.model or "default"
+    print(f"# {name}, {dtype}, model {gsa_model.config.model_type} ({model_name}), chunk {args.chunk_size}, "
           f"top-{args.top_k}, links {args.links if args.links is not None else len(config.link_tokens)}, offload={args.offload}, "
           f"passages: {source}, question: {question!r}")
 
@@ -222,6 +235,7 @@ def main() -> None:
             "question_aten_ops_memory": ops_memory,
             "question_aten_ops_full": ops_full,
             "device": name,
+            "model": model_name,
             "dtype": str(dtype),
             "offload": args.offload,
             "chunk_size": args.chunk_size,

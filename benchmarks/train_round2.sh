@@ -5,7 +5,10 @@
 #
 #   stage 1 (CPT): chunk 8; H-GSA (8,4) = 32x; H-GSA (4,4) = 16x
 #   stage 2 (SFT) from the chunk-8 CPT: answer loss only (the control), + selection loss 0.3,
-#     + selection loss 1.0, and the KV-reuse layout (--reuse); from each H-GSA CPT: its SFT.
+#     + selection loss 1.0 (both against every gold chunk: target `all`, as run in round 2), the
+#     KV-reuse layout (--reuse); from each H-GSA CPT: its SFT.
+#   round 3 adds selection loss 1.0 with target `any` (the gold passages' total probability) on
+#     the prompt's last row (gsa8-any1) and on every question row (gsa8-any1-tail).
 #
 # Usage: benchmarks/train_round2.sh DATA_DIR OUT_DIR [RUN...]   (DATA_DIR: cpt/, nq/, hotpotqa/ as in
 # ../shared/data; RUN: names below, e.g. gsa8 gsa8-sel1 to do only those; default every run)
@@ -37,8 +40,10 @@ cpt hgsa32 --chunk 8 4 &
 cpt hgsa16 --chunk 4 4 &
 wait
 sft gsa8-sft gsa8 &
-sft gsa8-sel0.3 gsa8 --selection-loss 0.3 &
-sft gsa8-sel1 gsa8 --selection-loss 1.0 &
+sft gsa8-sel0.3 gsa8 --selection-loss 0.3 --selection-target all &
+sft gsa8-sel1 gsa8 --selection-loss 1.0 --selection-target all &
+sft gsa8-any1 gsa8 --selection-loss 1.0 --selection-target any &
+sft gsa8-any1-tail gsa8 --selection-loss 1.0 --selection-target any --selection-rows tail &
 sft gsa8-reuse gsa8 --reuse &
 sft hgsa32-sft hgsa32 &
 sft hgsa16-sft hgsa16 &

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from gsa_rag.config import GistConfig
 from gsa_rag.kernels.dispatch import sparse_decode_attention
 from gsa_rag.layout import GistLayout
-from gsa_rag.masks import dense_gist_mask, dense_unfold_mask
+from gsa_rag.masks import dense_index, dense_gist_mask, recall_gate, unfold_recall, visible
 from gsa_rag.selection import select_chunks, select_hierarchical
 
 
@@ -95,14 +95,18 @@ class TailRows:
     Attributes:
         start: the first of them (LayerMask.start): no earlier row is a tail row.
         q_index: long [Tq - start], their columns.
-        tail: bool [B, Tq - start], which of them are tail rows of each sequence.
         context_len: long [B], tokens before each sequence's tail (adaptive k).
+        base, gate: bool [B, 1, Tq - start, T], the rows' mask is base | (gate & the layer's
+            recall) (masks.recall_gate): base is what they see without recall (the forgetting
+            mask on rows that are not tail rows), gate where recall may add a key (nowhere on
+            those rows). Built once per forward, so a layer adds its recall in two ops.
     """
 
     start: int
     q_index: torch.Tensor
-    tail: torch.Tensor
     context_len: torch.Tensor
+    base: torch.Tensor
+    gate: torch.Tensor
 
 
 _UNKNOWN = object()  # GistState._tail_rows before tail_rows() has run (None means "no row selects")
@@ -191,11 +195,15 @@ class GistState:
                 return None
             start = later[0]
         q_index = self.q_index[start:]
+        tail = layout.is_tail[:, q_index][:, None, :, None]  # rows past `start` may not be tail in every sequence
+        b, q, kv = dense_index(layout, q_index)
+        unfolded = visible(layout, b, q, kv, self.config.num_previous_chunks, False)[:, None]
         return TailRows(
             start=start,
             q_index=q_index,
-            tail=layout.is_tail[:, q_index],
             context_len=(layout.valid & ~layout.is_tail).sum(-1),
+            base=torch.where(tail, unfolded, self.forget_mask()[:, :, start:]),
+            gate=recall_gate(layout, b, q, kv)[:, None] & tail,
         )
 
     def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> LayerMask:
@@ -213,9 +221,8 @@ class GistState:
             selected = select_chunks(query[:, :, start:], key, layout.gist_index, layout.gist_valid,
                                      rows.context_len, self.config)
             sections = None
-        unfold = dense_unfold_mask(layout, selected, self.config.num_previous_chunks, rows.q_index, sections)
-        # rows past `start` that are not (yet) tail in a batch row keep the forgetting mask
-        tail_mask = torch.where(rows.tail[:, None, :, None], unfold, mask[:, :, start:])
+        # = dense_unfold_mask on the tail rows; rows not (yet) tail in a batch row keep the forgetting mask
+        tail_mask = rows.base | (rows.gate & unfold_recall(layout, selected, sections))
         return LayerMask(mask, start, tail_mask, self._biases)
 
 

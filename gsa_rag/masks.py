@@ -44,6 +44,14 @@ def visible(layout: GistLayout, b, q, kv, num_previous_chunks: int, recall) -> t
     return seen | (q == kv)
 
 
+def recall_gate(layout: GistLayout, b, q, kv) -> torch.Tensor:
+    """Where recall can add a key: visible(.., recall) == visible(.., False) | (gate & recall)
+    for every recall (the rule is an OR of recall with terms that do not depend on it). Lets a
+    forward build the recall-free part once and each layer add its own recall in two ops."""
+    doc_q = layout.doc_id[b, q]
+    return (kv <= q) & layout.valid[b, kv] & ~((doc_q >= 0) & (layout.doc_id[b, kv] != doc_q))
+
+
 def gist_recall(layout: GistLayout, b, q, kv) -> torch.Tensor:
     """The forgetting rule's recall: which gist keys a query sees outside its window.
 
@@ -60,7 +68,9 @@ def gist_recall(layout: GistLayout, b, q, kv) -> torch.Tensor:
     return (level == top) | ((level >= 0) & same)
 
 
-def _dense_index(layout: GistLayout, q_index: torch.Tensor | None):
+def dense_index(layout: GistLayout, q_index: torch.Tensor | None):
+    """(b [B, 1, 1], q [1, Tq, 1], kv [1, 1, T]) index tensors for `visible` over the query
+    columns q_index (default every column) and every key column."""
     device = layout.input_ids.device
     if q_index is None:
         q_index = torch.arange(layout.seq_len, device=device)
@@ -79,7 +89,7 @@ def dense_gist_mask(layout: GistLayout, num_previous_chunks: int, q_index: torch
     Returns:
         bool [B, Tq, T].
     """
-    b, q, kv = _dense_index(layout, q_index)
+    b, q, kv = dense_index(layout, q_index)
     return visible(layout, b, q, kv, num_previous_chunks, gist_recall(layout, b, q, kv))
 
 
@@ -114,7 +124,14 @@ def dense_unfold_mask(
     Returns:
         bool [B, H, Tq, T].
     """
-    b, q, kv = _dense_index(layout, q_index)
+    b, q, kv = dense_index(layout, q_index)
+    recall = unfold_recall(layout, selected, sections)
+    return visible(layout, b[:, None], q[:, None], kv[:, None], num_previous_chunks, recall)
+
+
+def unfold_recall(layout: GistLayout, selected: torch.Tensor, sections: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """`dense_unfold_mask`'s recall term alone: bool [B, H, Tq, T] (same arguments); the mask is
+    visible(.., False) | (recall_gate & this)."""
     is_closed = (layout.chunk_id >= 0) & (layout.chunk_id < layout.num_chunks[:, None])
     recall = _gather_units(selected, layout.chunk_id) & is_closed[:, None, None, :]
     if layout.levels > 1:
@@ -124,7 +141,7 @@ def dense_unfold_mask(
         for level, chosen in enumerate(sections, start=1):
             is_level = (layout.level == level)[:, None, None, :]  # a section unfolds its closing gist
             recall |= _gather_units(chosen, layout.section_id[..., level - 1]) & is_level
-    return visible(layout, b[:, None], q[:, None], kv[:, None], num_previous_chunks, recall)
+    return recall
 
 
 def gist_block_mask(layout: GistLayout, num_previous_chunks: int, q_offset: int = 0, block_size: int = 128):

@@ -76,6 +76,38 @@ def synthetic_hier_layout(batch: int, context: int, chunk: int, meta_chunks: tup
     return build_layout([segments] * batch, config, _StubTokenizer(), device=device)
 
 
+# random-weight stand-ins for timing (speed does not depend on the weights; no download)
+ARCHS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def random_model(arch: str, layers: int | None = None, device: str | torch.device = "cuda",
+                 dtype: torch.dtype = torch.bfloat16, vocab_size: int | None = None, max_positions: int = 256 * 1024):
+    """A Llama model of `arch`'s shapes (`ARCHS`) with seeded random weights, attention "gsa",
+    in eval mode; `layers` and `vocab_size` override the architecture's (a tokenizer of
+    another model fits when the vocabulary is its size)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import gsa_rag.attention  # noqa: F401  (registers "gsa")
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}: choose from {sorted(ARCHS)}")
+    spec = dict(ARCHS[arch])
+    if layers:
+        spec["num_hidden_layers"] = layers
+    if vocab_size:
+        spec["vocab_size"] = vocab_size
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(max_position_embeddings=max_positions, **spec),
+                                                 attn_implementation="gsa", dtype=dtype)
+    return model.eval()
+
+
 def bench_us(fn, cuda_graph: bool = False, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time of `fn()` in microseconds (device events through triton.testing; host clock
     on the CPU). `cuda_graph`: time graph replays (no launch gaps); NaN if capture fails."""

@@ -45,8 +45,8 @@ from gsa_rag.kernels.gist_select import (
     DecodePlan,
     _next_pow2,
     _scores_launch,
-    _topk_block,
     csr_columns,
+    topk_union_launch,
 )
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import visible
@@ -55,8 +55,6 @@ from gsa_rag.selection import choose_chunks, union_over_groups
 try:  # triton is optional (see gist_select.py)
     import triton
     import triton.language as tl
-
-    from gsa_rag.kernels.gist_select import _topk_union_kernel
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -240,13 +238,8 @@ def _union_flags(scores: torch.Tensor, plan: HierPlan, counters: torch.Tensor, n
     flags = torch.empty(B, num_kv_heads, NC, dtype=torch.int32, device=scores.device)
     ends = torch.empty_like(flags)  # the running count of chosen slots (unused here)
     picks = torch.empty(B, Hq, NC, dtype=torch.int8, device=scores.device)
-    block = _topk_block(NC)
     # the identity size table (stride 0 over batch): each chosen slot's "size" is 1
-    _topk_union_kernel[(B * Hq,)](
-        scores, k, plan.ident, picks, flags, ends, counters,
-        0, Hq, Hq // num_kv_heads, NC,
-        BLOCK=block, num_warps=max(4, min(16, block // 1024)),
-    )
+    topk_union_launch(scores, k, plan.ident, 0, picks, flags, ends, counters, num_kv_heads)
     return flags
 
 

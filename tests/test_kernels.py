@@ -209,9 +209,10 @@ def test_topk_union_equals_reference_selection():
             assert torch.equal(got, want), (seed, policy)
 
 
+@pytest.mark.parametrize("search", ["radix", "bisect"])
 @pytest.mark.parametrize("G", [1, 3, 4])
-def test_fused_topk_union_picks_the_reference_sets(G):
-    """The select kernel's threshold search picks the reference's set per head (stable argsort:
+def test_fused_topk_union_picks_the_reference_sets(G, search):
+    """The select kernel's threshold search (both searches) picks the reference's set per head (stable argsort:
     ties go to the lower chunk index), never a missing chunk, k above the chunks that exist,
     k = 0, many exact ties, -0.0 against +0.0; then the GQA union, its sizes and prefix sum."""
     from types import SimpleNamespace
@@ -228,6 +229,8 @@ def test_fused_topk_union_picks_the_reference_sets(G):
             scores = torch.randint(-3, 3, (B, Hq, C), generator=g).float()
         if trial % 4 == 1:
             scores = torch.where(scores > 1, -0.0, torch.where(scores < -1, 0.0, scores))
+        if trial == 6:  # both signs and magnitudes far apart: every digit of the key matters
+            scores = scores * torch.logspace(-30, 30, C)[torch.randperm(C, generator=g)]
         num_chunks = torch.randint(0, C + 1, (B,), generator=g)
         num_chunks[0] = C
         scores = torch.where(torch.arange(C)[None, None] < num_chunks[:, None, None], scores, float("-inf"))
@@ -235,7 +238,7 @@ def test_fused_topk_union_picks_the_reference_sets(G):
         k[0] = min(int(k[0]), 1 + C // 20) if trial % 2 else k[0]
         sizes = torch.randint(1, 4, (B, C), generator=g)
         plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.cat([torch.zeros(B, 1, dtype=torch.long), sizes.cumsum(-1)], 1).int().to(DEVICE))
-        got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hkv)
+        got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hkv, search)
         want = union_over_groups(choose_chunks(scores[:, :, None], k=k), Hkv)[:, :, 0]
         assert torch.equal(got.cpu(), want), (G, trial)
         assert torch.equal(got_sizes.cpu(), torch.where(want, sizes[:, None].int(), 0)), (G, trial)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gsa_rag.layout import build_layout
-from gsa_rag.masks import dense_gist_mask, dense_unfold_mask, gist_block_mask
+from gsa_rag.masks import dense_gist_mask, dense_index, dense_unfold_mask, gist_block_mask, recall_gate, visible
 
 seeds = st.integers(0, 2**32 - 1)
 
@@ -43,6 +43,27 @@ def test_dense_gist_mask_equals_brute_force(seed):
             for kv in range(T):
                 want = brute_force_visible(layout, b, q, kv, config.num_previous_chunks, bool(layout.is_gist[b, kv]))
                 assert bool(mask[b, q, kv]) == want, (b, q, kv)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seeds)
+def test_recall_gate_splits_the_rule(seed):
+    """visible(recall) == visible(no recall) | (recall_gate & recall) for any recall, with KV-reuse
+    passages (doc_id) and link tokens drawn at random: what lets a forward build the
+    recall-free part once and each layer add only its own recall (attention.TailRows)."""
+    from dataclasses import replace
+
+    rng = random.Random(seed)
+    config, layout = random_batch(rng)
+    g = torch.Generator().manual_seed(seed % 2**31)
+    B, T = layout.input_ids.shape
+    layout = replace(layout, doc_id=torch.randint(-1, 3, (B, T), generator=g),
+                     is_link=torch.rand(B, T, generator=g) < 0.2)
+    b, q, kv = dense_index(layout, None)
+    recall = torch.rand(B, T, T, generator=g) < 0.3
+    P = config.num_previous_chunks
+    whole = visible(layout, b, q, kv, P, recall)
+    assert torch.equal(whole, visible(layout, b, q, kv, P, False) | (recall_gate(layout, b, q, kv) & recall))
 
 
 @settings(max_examples=100, deadline=None)
