@@ -176,9 +176,9 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             return _scores_launch(q, k, plan.unit_index[-1], plan.num_units[-1])
         return _scores_launch(q, k, layout.gist_index, layout.num_chunks)
 
-    def scores_topk(i, search=None):  # scores + the select kernel (threshold top-k, union, sizes, prefix sum)
+    def scores_topk(i):  # scores + the select kernel (threshold top-k, union, sizes, prefix sum)
         q, k, _ = sets[i]
-        return select_sizes_triton(q, k, layout, plan, search)
+        return select_sizes_triton(q, k, layout, plan)
 
     def select_torch_topk(i):  # the previous path: scores, torch.topk, mark, cumsum, expand
         q, k, _ = sets[i]
@@ -222,9 +222,6 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     row["scores_graph_us"] = graph_us(scores)
     nan = float("nan")  # the single-level breakdown has no H-GSA counterpart
     row["scores_topk_graph_us"] = nan if meta else graph_us(scores_topk)
-    for search in ("radix", "bisect"):  # the select kernel's two threshold searches (GSA_RAG_TOPK_SEARCH)
-        row[f"topk_{search}_graph_us"] = (nan if meta else graph_us(lambda i: scores_topk(i, search))
-                                          - row["scores_graph_us"])
     row["attend_us"] = bench_us(rotating(attend))
     row["attend_graph_us"] = graph_us(attend)
     if sweep:  # the attention kernel over other split lengths and key blocks: {"splits x block_n": us}
@@ -296,8 +293,7 @@ COLUMNS = [
     ("x_dense", "x_dense", ".2f"), ("ceiling", "ceiling", ".2f"), ("pct_floor", "%floor", ".0f"),
     ("score_share", "score%", ".0f"),
     ("scores_graph_us", "scores(g)", ".1f"), ("scores_pct_floor", "%fl", ".0f"),
-    ("topk_graph_us", "topk(g)", ".1f"), ("topk_radix_graph_us", "radix(g)", ".1f"),
-    ("topk_bisect_graph_us", "bisect(g)", ".1f"), ("expand_graph_us", "expand(g)", ".1f"),
+    ("topk_graph_us", "topk(g)", ".1f"), ("expand_graph_us", "expand(g)", ".1f"),
     ("attend_graph_us", "attend(g)", ".1f"), ("attend_floor_us", "att_floor", ".1f"),
     ("attend_pct_floor", "%fl", ".0f"), ("attend_tbps", "att_TB/s", ".2f"),
     ("dense_tbps", "dense_TB/s", ".2f"), ("select_torch_topk_graph_us", "old_sel(g)", ".1f"),

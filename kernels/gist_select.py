@@ -410,58 +410,41 @@ if triton is not None:
             tl.store(out + i, tl.load(BASE + b * s_bb + i, mask=i < nb, other=0), mask=i < nb)
 
     @triton.jit
-    def _kth_largest_bisect(s, k):
-        # the k-th largest of the row s by bisection over the 32 bits of an order-preserving key
-        # (key(s) = bits | 2^31 for s >= 0, ~bits for s < 0): x = the largest key with
-        # count(score >= float(x)) >= k, one block reduction per bit (float compares)
-        x = tl.full([], 0, tl.int64)
-        step = tl.full([], 2147483648, tl.int64)
-        for _ in range(32):
-            y = x + step  # x's bits below `step` are all 0
-            u = tl.where(y >= 2147483648, y - 2147483648, 4294967295 - y)
-            yf = u.to(tl.int32).to(tl.float32, bitcast=True)  # NaN outside the finite keys: counts 0
-            cnt = tl.sum((s >= yf).to(tl.int32), 0)
-            x = tl.where(cnt >= k, y, x)
-            step = step // 2
-        u = tl.where(x >= 2147483648, x - 2147483648, 4294967295 - x)
-        return u.to(tl.int32).to(tl.float32, bitcast=True)  # NaN when k == 0
+    def _key_float(y):
+        # the float of an order-preserving 32-bit key (int64 in [0, 2^32)): key(s) = bits | 2^31
+        # for s >= 0, ~bits for s < 0; keys past the finite floats give NaN (which compares false)
+        u = tl.where(y >= 2147483648, y - 2147483648, 4294967295 - y)
+        return u.to(tl.int32).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _kth_largest_radix(s, finite, k):
-        # the k-th largest of the row s by radix select: four passes over 8-bit digits of an
-        # order-preserving key, from the top; each pass is one 256-bin histogram of the
-        # scores that share the digits chosen so far (4 block operations instead of 32)
-        bits = s.to(tl.int32, bitcast=True)
-        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF) ^ -2147483648  # unsigned order, as int32 bits
-        bins = tl.arange(0, 256)
-        prefix = tl.full([], 0, tl.int32)
-        need = k  # how many of the scores sharing `prefix` are still to be taken
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            digit = (key >> shift) & 255
-            if p == 0:
-                same = finite
-            else:
-                same = finite & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist = tl.histogram(digit, 256, mask=same)
-            at_least = tl.cumsum(hist, 0, reverse=True)  # scores with digit >= bin
-            d = tl.max(tl.where(at_least >= need, bins, 0), 0)
-            need -= tl.sum(tl.where(bins > d, hist, 0), 0)
-            prefix = prefix | (d << shift)
-        key = prefix ^ -2147483648
-        bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
-        t = bits.to(tl.float32, bitcast=True)
-        return tl.where(k > 0, t, float("nan"))
+    def _kth_largest(s, k):
+        # the k-th largest of the row s: x = the largest key with count(s >= float(x)) >= k, built
+        # from the top two bits at a time. Each step counts three thresholds x + j * step (j = 1..3)
+        # in one block reduction: the three 0/1 counts packed in 21-bit fields of an int64
+        # (C <= TOPK_MAX_CHUNKS < 2^21), so 16 reductions instead of 32 (the reductions are the cost)
+        x = tl.full([], 0, tl.int64)
+        step = tl.full([], 1073741824, tl.int64)  # 2^30
+        for _ in range(16):
+            f1 = _key_float(x + step)
+            f2 = _key_float(x + 2 * step)
+            f3 = _key_float(x + 3 * step)
+            packed = tl.sum((s >= f1).to(tl.int64) + ((s >= f2).to(tl.int64) << 21) + ((s >= f3).to(tl.int64) << 42), 0)
+            c1 = packed & 2097151
+            c2 = (packed >> 21) & 2097151
+            c3 = packed >> 42
+            x = tl.where(c3 >= k, x + 3 * step, tl.where(c2 >= k, x + 2 * step, tl.where(c1 >= k, x + step, x)))
+            step = step // 4
+        return _key_float(x)  # NaN when k == 0
 
     @triton.jit
     def _topk_union_kernel(
         S, KROW, PTR, SEL, SIZES, ENDS, CNT,
         s_pb,
         Hq, G, C,
-        BLOCK: tl.constexpr, RADIX: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         # one program per (batch, query head); its score row [C] stays in registers.
-        # 1. the k-th largest score t (radix select, or bisection: `_kth_largest_*`);
+        # 1. the k-th largest score t (`_kth_largest`: bisection over the bits of its key);
         # 2. pick score > t, plus the first k - count(> t) scores == t by chunk index (the
         #    reference's stable argsort), never -inf; write the pick as an int8 row;
         # 3. the last program of each GQA group to finish (arrival counter, zeroed by the
@@ -477,10 +460,7 @@ if triton is not None:
         s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0 (a tie, as in the reference's sort)
         finite = s > float("-inf")
         k = tl.minimum(tl.load(KROW + b).to(tl.int32), tl.sum(finite.to(tl.int32), 0))
-        if RADIX:
-            t = _kth_largest_radix(s, finite, k)
-        else:
-            t = _kth_largest_bisect(s, k)
+        t = _kth_largest(s, k)
         gt = s > t
         eq = s == t
         room = k - tl.sum(gt.to(tl.int32), 0)
@@ -640,27 +620,21 @@ def build_index_list_triton(plan: DecodePlan, selected: torch.Tensor) -> tuple[t
 
 # the fused top-k keeps one score row in registers: up to this many chunks (128K tokens at chunk 8)
 TOPK_MAX_CHUNKS = 16384
-# how the fused top-k finds each row's k-th largest score: "radix" (4 histogram passes) or
-# "bisect" (32 reductions); the same picks either way (benchmarks/kernels.py --topk-search times both)
-TOPK_SEARCH = os.environ.get("GSA_RAG_TOPK_SEARCH", "bisect")
 
 
 def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Tensor, ptr_stride: int,
                       picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor, counters: torch.Tensor,
-                      num_kv_heads: int, search: str | None = None) -> None:
+                      num_kv_heads: int) -> None:
     """Launches `_topk_union_kernel` over scores float32 [B, Hq, C] (contiguous) with k long [B],
     chunk_ptr the CSR offsets of each chunk's extra columns (row stride `ptr_stride`; 0 shares one
     row), into picks int8 [B, Hq, C], sizes and ends int32 [B, Hkv, C], counters int32 [B * Hkv]
     (zeroed; each group's last arrival writes the union)."""
     B, Hq, C = scores.shape
-    search = search or TOPK_SEARCH
-    if search not in ("radix", "bisect"):
-        raise ValueError(f"top-k search {search!r}: use 'radix' or 'bisect' (GSA_RAG_TOPK_SEARCH)")
     block = max(16, _next_pow2(C))
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, ends, counters,
         ptr_stride, Hq, Hq // num_kv_heads, C,
-        BLOCK=block, RADIX=search == "radix", num_warps=max(4, min(16, block // 1024)),
+        BLOCK=block, num_warps=max(4, min(16, block // 1024)),
     )
 
 
@@ -699,7 +673,7 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
 
 
 def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout,
-                        plan: DecodePlan, search: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
     """The first two launches of the fused path (scores, select kernel): int32 [B, Hkv, C] size
     of each chunk in the union (0 where not chosen) and its inclusive prefix sum along C."""
     B, Hq, _ = query.shape
@@ -710,12 +684,11 @@ def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
     counters = torch.empty(B * Hkv, dtype=torch.int32, device=query.device)
     picks = torch.empty(B, Hq, C, dtype=torch.int8, device=query.device)
     scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, counters=counters)
-    topk_union_launch(scores, plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends, counters, Hkv, search)
+    topk_union_launch(scores, plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends, counters, Hkv)
     return sizes, ends
 
 
-def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
-                      search: str | None = None) -> torch.Tensor:
+def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int) -> torch.Tensor:
     """The fused top-k + GQA union alone, as `choose_union`'s bool [B, Hkv, C] (for tests): the
     chunks whose size the select kernel wrote nonzero (every chunk has at least its gist)."""
     B, Hq, C = scores.shape
@@ -724,7 +697,7 @@ def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
     counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)
     picks = torch.full((B, Hq, C), -1, dtype=torch.int8, device=scores.device)
     topk_union_launch(scores.contiguous(), plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends,
-                      counters, num_kv_heads, search)
+                      counters, num_kv_heads)
     assert bool((sizes >= 0).all()) and bool((counters == Hq // num_kv_heads).all())
     assert torch.equal(ends, torch.cumsum(sizes, -1, dtype=torch.int32))
     return picks.view(B, num_kv_heads, Hq // num_kv_heads, C).any(2), sizes
