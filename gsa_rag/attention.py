@@ -96,6 +96,7 @@ class TailRows:
         start: the first of them (LayerMask.start): no earlier row is a tail row.
         q_index: long [Tq - start], their columns.
         context_len: long [B], tokens before each sequence's tail (adaptive k).
+        gist_valid: bool [B, C], the layout's (a computed property: read once here).
         base, gate: bool [B, 1, Tq - start, T], the rows' mask is base | (gate & the layer's
             recall) (masks.recall_gate): base is what they see without recall (the forgetting
             mask on rows that are not tail rows), gate where recall may add a key (nowhere on
@@ -105,6 +106,7 @@ class TailRows:
     start: int
     q_index: torch.Tensor
     context_len: torch.Tensor
+    gist_valid: torch.Tensor
     base: torch.Tensor
     gate: torch.Tensor
 
@@ -202,6 +204,7 @@ class GistState:
             start=start,
             q_index=q_index,
             context_len=(layout.valid & ~layout.is_tail).sum(-1),
+            gist_valid=layout.gist_valid,
             base=torch.where(tail, unfolded, self.forget_mask()[:, :, start:]),
             gate=recall_gate(layout, b, q, kv)[:, None] & tail,
         )
@@ -218,7 +221,7 @@ class GistState:
             chosen = select_hierarchical(query[:, :, start:], key, layout, self.config)
             selected, sections = chosen.chunks, chosen.sections
         else:
-            selected = select_chunks(query[:, :, start:], key, layout.gist_index, layout.gist_valid,
+            selected = select_chunks(query[:, :, start:], key, layout.gist_index, rows.gist_valid,
                                      rows.context_len, self.config)
             sections = None
         # = dense_unfold_mask on the tail rows; rows not (yet) tail in a batch row keep the forgetting mask

@@ -31,10 +31,12 @@ def gist_scores(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor
         float32 [B, Hq, Tq, C].
     """
     B, Hkv, _, D = key.shape
-    G = query.shape[1] // Hkv
+    _, Hq, Tq, _ = query.shape
     gist_keys = torch.gather(key, 2, gist_index[:, None, :, None].expand(B, Hkv, -1, D))
-    gist_keys = gist_keys.repeat_interleave(G, dim=1)
-    scores = torch.matmul(query.float(), gist_keys.float().transpose(-1, -2))
+    # query head h reads KV head h // G: the G heads of a group share one matmul over their rows,
+    # so the gist keys are never repeated per query head
+    rows = query.float().reshape(B, Hkv, (Hq // Hkv) * Tq, D)
+    scores = torch.matmul(rows, gist_keys.float().transpose(-1, -2)).view(B, Hq, Tq, -1)
     return scores.masked_fill(~gist_valid[:, None, None, :], float("-inf"))
 
 
