@@ -16,10 +16,11 @@ function knows the mask, `GistCache.hook` copies to the device the raw columns t
 visible (the chunks the question unfolds and the local windows) that are not there yet,
 re-rotating the keys on the way. Masked columns contribute exactly nothing to attention, so
 offloaded answers equal device-resident answers. A layer's fetch is one device sync (the host
-must learn which columns the mask opened), a gather on the host into one (pinned) buffer, one
-asynchronous copy, one rotation and one index_copy per tensor: the device work does not grow
-with the number of passages (on a GPU, per-passage copies and kernels made the question path
-launch-bound; issue #3).
+must learn which columns the mask opened), one gather on the host per block of the store the
+passages live in (gsa_rag.host_kv: usually one or two) into one (pinned) buffer, one
+asynchronous copy, one rotation and one index_copy per tensor: neither the host nor the device
+work grows with the number of passages (on a GPU, per-passage copies and kernels made the
+question path launch-bound; issue #3).
 
 The device buffers are full length (zeros where nothing was fetched); a compact paged working
 set is the kernels' business. What stays on the device *between* questions is only what
@@ -40,6 +41,7 @@ import torch
 
 from gsa_rag.decode_cache import DecodeCache
 from gsa_rag.errors import UnsupportedModelError
+from gsa_rag.host_kv import HostKV
 
 # rope types whose angle is (fixed inverse frequency) x position: rotations compose exactly
 EXACT_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn", "proportional"})
@@ -134,13 +136,13 @@ class OffloadedSource:
 
     Attributes:
         columns: long [r] (CPU), the layout columns of the raw tokens, ascending.
-        keys, values: [L, Hkv, r, D] on the host (pinned when CUDA is there), as cached.
+        home: where its r columns of keys and values are, as cached (a HostKV of gsa_rag.host_kv:
+            a host block, pinned when CUDA is there, and the first column in it).
         shift: RoPE shift from the cached positions to the layout's.
     """
 
     columns: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
+    home: HostKV
     shift: int
 
 
@@ -181,20 +183,32 @@ class GistCache(DecodeCache):
             self._index_offloaded(T, keys[0].device)
 
     def _index_offloaded(self, T: int, device: torch.device) -> None:
-        """Per-question tables, so that a layer's fetch costs a fixed number of device ops
-        whatever the number of passages: the source of every layout column (and its index among
-        the source's raw columns), on the host; the source again and one (cos, sin) row per
-        source, on the device."""
+        """Per-question tables, so that a layer's fetch costs a fixed number of ops whatever the
+        number of passages: the host block of every layout column and its column in that block,
+        on the host; the source of every column and one (cos, sin) row per source, on the device."""
         columns = torch.cat([src.columns.cpu() for src in self.offloaded])
         if len(columns) > 1 and not bool((columns[1:] > columns[:-1]).all()):
             raise ValueError("offloaded sources must come in layout order (their columns ascending)")
+        for src in self.offloaded:
+            if len(src.columns) != src.home.length:
+                raise ValueError(f"an offloaded source has {len(src.columns)} columns but {src.home.length} stored")
         lengths = torch.tensor([len(src.columns) for src in self.offloaded])
         owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        self._source_host = torch.full((T,), -1, dtype=torch.long)
-        self._source_host[columns] = owner
-        self._local_host = torch.zeros(T, dtype=torch.long)
-        self._local_host[columns] = torch.arange(len(columns)) - (torch.cumsum(lengths, 0) - lengths)[owner]
-        self._source = self._source_host.to(device)
+        index: dict[int, int] = {}  # id of a host block -> its place in self._blocks
+        self._blocks = []
+        for src in self.offloaded:
+            if id(src.home.block) not in index:
+                index[id(src.home.block)] = len(self._blocks)
+                self._blocks.append(src.home.block)
+        block_of = torch.tensor([index[id(src.home.block)] for src in self.offloaded])
+        start_of = torch.tensor([src.home.start for src in self.offloaded])
+        source_host = torch.full((T,), -1, dtype=torch.long)
+        source_host[columns] = owner
+        self._block_host = torch.zeros(T, dtype=torch.long)
+        self._block_host[columns] = block_of[owner]
+        self._slot_host = torch.zeros(T, dtype=torch.long)  # the column's place in its block
+        self._slot_host[columns] = start_of[owner] + torch.arange(len(columns)) - (torch.cumsum(lengths, 0) - lengths)[owner]
+        self._source = source_host.to(device)
         self._missing = (self._source >= 0).expand(self.num_layers, T).clone()  # per layer: not on the device yet
         self._cos, self._sin = self.rotator.cos_sin(torch.tensor([src.shift for src in self.offloaded]), device)
         self._pin = device.type == "cuda"  # a pinned staging buffer makes the copy asynchronous
@@ -247,15 +261,16 @@ class GistCache(DecodeCache):
 
     def _gather(self, layer_idx: int, fetch: torch.Tensor) -> torch.Tensor:
         """[2, Hkv, n, D] on the host (pinned with CUDA, so one asynchronous copy moves it): the
-        layer's keys and values of the offloaded columns `fetch` (ascending, on the host)."""
-        counts = torch.bincount(self._source_host[fetch], minlength=len(self.offloaded)).tolist()
-        keys, values = [], []
-        for src, local in zip(self.offloaded, torch.split(self._local_host[fetch], counts), strict=True):
-            if len(local):  # sources ascend with the columns, so the pieces keep the order of `fetch`
-                keys.append(src.keys[layer_idx].index_select(1, local))
-                values.append(src.values[layer_idx].index_select(1, local))
-        H, _, D = keys[0].shape
-        out = torch.empty((2, H, len(fetch), D), dtype=keys[0].dtype, pin_memory=self._pin)
-        torch.cat(keys, 1, out=out[0])
-        torch.cat(values, 1, out=out[1])
+        layer's keys and values of the offloaded columns `fetch` (ascending, on the host), one
+        gather per host block they live in."""
+        slot = self._slot_host[fetch]
+        _, _, H, _, D = self._blocks[0].shape
+        out = torch.empty((2, H, len(fetch), D), dtype=self._blocks[0].dtype, pin_memory=self._pin)
+        if len(self._blocks) == 1:
+            return torch.index_select(self._blocks[0][layer_idx], 2, slot, out=out)
+        which = self._block_host[fetch]
+        for i, block in enumerate(self._blocks):
+            at = torch.nonzero(which == i).flatten()
+            if len(at):
+                out.index_copy_(2, at, block[layer_idx].index_select(2, slot[at]))
         return out

@@ -107,6 +107,7 @@ from gsa_rag.cache import GistCache, KeyRotator, OffloadedSource
 from gsa_rag.config import GistConfig
 from gsa_rag.errors import ContextTooLongError, InputError, InputTypeError, MemoryFormatError
 from gsa_rag.generation import forward
+from gsa_rag.host_kv import HostKV, HostKVStore
 from gsa_rag.layout import Segment, build_layout, encode_text
 from gsa_rag.locking import locked
 from gsa_rag.memory_files import atomic_write as _atomic_write
@@ -161,8 +162,10 @@ class _Entry:
             prefix's sink).
         base: RoPE position of the first token when it was cached.
         res_k, res_v: [L, Hkv, n_resident, D] on the model device.
-        raw_k, raw_v: [L, Hkv, n - n_resident, D] on the device or the host.
+        raw_k, raw_v: [L, Hkv, n - n_resident, D] on the device, or with offload views of
+            `raw_home`'s host block.
         sink: the sink ids a passage was encoded after (() for a prefix).
+        raw_home: with offload, where raw_k and raw_v are stored (gsa_rag.host_kv), else None.
     """
 
     key: str
@@ -176,6 +179,7 @@ class _Entry:
     raw_k: torch.Tensor
     raw_v: torch.Tensor
     sink: tuple[int, ...] = ()
+    raw_home: HostKV | None = None
 
     @property
     def raw_ids(self) -> list[int]:
@@ -202,7 +206,9 @@ class MemoryStats:
     """What the memory holds. `entries`: cached units (passages and prompt prefixes);
     `tokens`, `gists`: their tokens and gist tokens (of every level). `gist_bytes`: KV of gist tokens (and the
     prefixes' sink), always on the model device; `raw_bytes`: KV of every other cached token, on
-    the device or (offload) the host."""
+    the device or (offload) the host. `host_reserved_bytes`: with offload, the host blocks that
+    hold the raw KV (gsa_rag.host_kv: room still unfilled and holes left by evicted entries
+    included; at most about twice `host_bytes` plus one block)."""
 
     passages: int
     entries: int
@@ -212,6 +218,7 @@ class MemoryStats:
     raw_bytes: int
     device_bytes: int
     host_bytes: int
+    host_reserved_bytes: int = 0
 
     @property
     def full_bytes(self) -> int:
@@ -302,6 +309,7 @@ class GistMemory:
         # method that reads or changes them holds it; re-entrant (prepare -> _resolve -> ...)
         self._lock = threading.RLock()
         self._pinned: frozenset[str] = frozenset()  # entry keys eviction must skip (a search's candidates)
+        self._host_kv = HostKVStore() if self.offload else None  # raw KV, with offload
 
     # ------------------------------------------------------------------------------------------
     # passages
@@ -384,6 +392,7 @@ class GistMemory:
         if not any(r.sha == record.sha for r in self._passages.values()):
             for key in [k for k, e in self._entries.items() if e.kind == "passage" and e.key.endswith(record.sha)]:
                 self._entries.pop(key)
+            self._tidy_host_kv()
 
     def _record(self, item: Passage, passage_id: str | None) -> str:
         sha = _sha256(item.render(None))
@@ -465,24 +474,34 @@ class GistMemory:
             resident = is_gist | layout.is_sink[b, cols]
             k, v = keys[:, b][:, :, cols], values[:, b][:, :, cols]
             raw = ~resident
-            entries.append(
-                _Entry(
-                    key="", kind="", ids=layout.input_ids[b, cols].cpu(), is_gist=is_gist.cpu(),
-                    resident=resident.cpu(), base=int(layout.position_ids[b, cols[0]]),
-                    res_k=k[:, :, resident].contiguous(), res_v=v[:, :, resident].contiguous(),
-                    raw_k=self._place_raw(k[:, :, raw]), raw_v=self._place_raw(v[:, :, raw]),
-                )
+            entry = _Entry(
+                key="", kind="", ids=layout.input_ids[b, cols].cpu(), is_gist=is_gist.cpu(),
+                resident=resident.cpu(), base=int(layout.position_ids[b, cols[0]]),
+                res_k=k[:, :, resident].contiguous(), res_v=v[:, :, resident].contiguous(),
+                raw_k=k[:, :, raw], raw_v=v[:, :, raw],
             )
+            self._place_raw(entry)
+            entries.append(entry)
         return entries
 
-    def _place_raw(self, t: torch.Tensor) -> torch.Tensor:
-        """Raw KV goes to the model device, or with offload to (pinned) host memory."""
+    def _place_raw(self, entry: _Entry) -> None:
+        """Moves an entry's raw KV to the model device, or with offload into the host store."""
         if not self.offload:
-            return t.to(self.device).contiguous()
-        host = t.to("cpu").contiguous()
-        if torch.cuda.is_available():
-            host = host.pin_memory()
-        return host
+            entry.raw_k, entry.raw_v = entry.raw_k.to(self.device).contiguous(), entry.raw_v.to(self.device).contiguous()
+            return
+        entry.raw_home = self._host_kv.put(entry.raw_k, entry.raw_v)
+        entry.raw_k, entry.raw_v = entry.raw_home.keys, entry.raw_home.values
+
+    def _tidy_host_kv(self) -> None:
+        """After entries left: repack the host store when its blocks hold more than twice the
+        live raw KV (evicted entries leave holes until their block empties; see host_kv)."""
+        if self._host_kv is None:
+            return
+        homes = [e for e in self._entries.values() if e.raw_home is not None]
+        live = sum(e.raw_bytes for e in homes)
+        if self._host_kv.reserved_bytes > 2 * live + self._host_kv.block_bytes:
+            for entry, home in zip(homes, self._host_kv.repack([e.raw_home for e in homes]), strict=True):
+                entry.raw_home, entry.raw_k, entry.raw_v = home, home.keys, home.values
 
     def _prefix_entry(self, prefix: Segment) -> _Entry:
         key = self._prefix_key(prefix.ids)
@@ -592,7 +611,7 @@ class GistMemory:
                         (cos, sin))
         else:
             per_entry = torch.split(columns[raw], [e.raw_k.shape[2] for e in entries])
-            offloaded = [OffloadedSource(cols, e.raw_k, e.raw_v, shift)
+            offloaded = [OffloadedSource(cols, e.raw_home, shift)
                          for e, cols, shift in zip(entries, per_entry, shifts, strict=True) if len(cols)]
         open_columns = torch.ones(layout.seq_len, dtype=torch.bool)
         open_columns[columns] = False
@@ -809,6 +828,7 @@ class GistMemory:
             tokens=sum(len(e.ids) for e in entries), gists=sum(int(e.is_gist.sum()) for e in entries),
             gist_bytes=sum(e.res_bytes for e in entries), raw_bytes=sum(e.raw_bytes for e in entries),
             device_bytes=device_bytes, host_bytes=host_bytes,
+            host_reserved_bytes=self._host_kv.reserved_bytes if self._host_kv is not None else 0,
         )
 
     def _touch(self, keys) -> None:
@@ -823,7 +843,7 @@ class GistMemory:
         total = sum(e.res_bytes + e.raw_bytes for e in self._entries.values())
         for key in list(self._entries):
             if total <= self.max_bytes:
-                return
+                break
             if key in protect or key in self._pinned:
                 continue
             entry = self._entries.pop(key)
@@ -834,6 +854,7 @@ class GistMemory:
                 for pid in [p for p, r in self._passages.items() if r.sha == sha] if own else []:
                     self._passages.pop(pid)
                     self._vectors.remove(pid)
+        self._tidy_host_kv()
         if total > self.max_bytes:
             logger.warning("gist memory: %d bytes in use exceed max_bytes=%d (all needed now)", total, self.max_bytes)
 
@@ -950,10 +971,10 @@ class GistMemory:
                 key=item["key"], kind=item["kind"], ids=t["ids"], is_gist=t["is_gist"], resident=t["resident"],
                 base=int(item["base"]), sink=tuple(item["sink"]),
                 res_k=t["res_k"].to(memory.device, model_dtype), res_v=t["res_v"].to(memory.device, model_dtype),
-                raw_k=memory._place_raw(t["raw_k"].to(dtype=model_dtype)),
-                raw_v=memory._place_raw(t["raw_v"].to(dtype=model_dtype)),
+                raw_k=t["raw_k"].to(dtype=model_dtype), raw_v=t["raw_v"].to(dtype=model_dtype),
             )
             memory._check_entry(entry, file)
+            memory._place_raw(entry)
             memory._entries[entry.key] = entry
         for p in manifest["passages"]:
             if _sha256(Passage(p["text"], p["title"]).render(None)) != p["text_sha256"]:
