@@ -128,8 +128,9 @@ def main() -> None:
     parser.add_argument("--adapter", default="default", help="gist adapter dir; 'default': the bundled one for the "
                         "default model (if any); 'none': the base model (timing does not depend on it)")
     parser.add_argument("--arch", default=None, help="instead of --model: a random-weight model of these shapes "
-                        "(gsa_rag.kernels.bench.ARCHS, e.g. llama3-8b) with the default model's tokenizer; the full "
-                        "prefill then runs the same weights without gists (plain causal SDPA)")
+                        "(gsa_rag.kernels.bench.ARCHS, e.g. llama3-8b) with the tokenizer of --model (its weights are "
+                        "loaded on the CPU and dropped); no adapter; the full prefill then runs the same weights without "
+                        "gists (plain causal SDPA)")
     parser.add_argument("--layers", type=int, default=None, help="with --arch: override its layer count")
     parser.add_argument("--links", type=int, default=None, help="link tokens per passage (default: all reserved)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

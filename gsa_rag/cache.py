@@ -17,10 +17,10 @@ visible (the chunks the question unfolds and the local windows) that are not the
 re-rotating the keys on the way. Masked columns contribute exactly nothing to attention, so
 offloaded answers equal device-resident answers. A layer's fetch is one device sync (the host
 must learn which columns the mask opened), one gather on the host per block of the store the
-passages live in (gsa_rag.host_kv: usually one or two) into one (pinned) buffer, one
-asynchronous copy, one rotation and one index_copy per tensor: neither the host nor the device
-work grows with the number of passages (on a GPU, per-passage copies and kernels made the
-question path launch-bound; issue #3).
+passages live in (gsa_rag.host_kv; a block holds tens of passages of a small model) into one
+(pinned) buffer, one asynchronous copy, one rotation and one index_copy per tensor: the work
+grows with the blocks a question touches, not with its passages (on a GPU, per-passage copies,
+kernels and gathers made the question path launch-bound; issue #3).
 
 The device buffers are full length (zeros where nothing was fetched); a compact paged working
 set is the kernels' business. What stays on the device *between* questions is only what

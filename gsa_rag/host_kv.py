@@ -6,12 +6,13 @@ passage, that fetch is one gather per passage per layer: on a GPU machine the ho
 50 passages x 30 layers cost more than the copy itself. Here passages share blocks
 [L, 2, Hkv, capacity, D] (keys and values of every layer, pinned when CUDA is there, one
 registration per block instead of one per passage), so a layer's fetch is one gather per
-block the question touches: usually one or two.
+block the question touches. A block is BLOCK_BYTES: in bf16 about 5,800 raw columns (40 NQ
+passages) of SmolLM2-135M, 1,024 of Llama-3-8B.
 
 Blocks are filled in order and never rewritten: a passage's KV is a view of its block. A block
 is freed when no stored entry holds a view of it any more (Python reference counting), so
 evicted passages leave holes until their block empties; `GistMemory` repacks its entries
-(`HostKVStore.repack`) when the blocks hold more than twice the live bytes.
+(`HostKVStore.repack`) when the blocks they use hold more than twice their bytes plus a block.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 BLOCK_BYTES = 128 << 20  # a block's size (one entry larger than this gets a block of its own)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: == on tensor fields would not give a bool
 class HostKV:
     """One entry's raw KV in a block.
 

@@ -206,9 +206,9 @@ class MemoryStats:
     """What the memory holds. `entries`: cached units (passages and prompt prefixes);
     `tokens`, `gists`: their tokens and gist tokens (of every level). `gist_bytes`: KV of gist tokens (and the
     prefixes' sink), always on the model device; `raw_bytes`: KV of every other cached token, on
-    the device or (offload) the host. `host_reserved_bytes`: with offload, the host blocks that
-    hold the raw KV (gsa_rag.host_kv: room still unfilled and holes left by evicted entries
-    included; at most about twice `host_bytes` plus one block)."""
+    the device or (offload) the host. `host_reserved_bytes`: with offload, the host blocks alive
+    (gsa_rag.host_kv): the raw KV, room still unfilled, holes left by removed entries (repacked
+    past twice the live bytes plus a block) and blocks a question's cache still holds."""
 
     passages: int
     entries: int
@@ -378,6 +378,7 @@ class GistMemory:
             self._passages = passages_before
             for key in [k for k in self._entries if k not in entries_before]:
                 self._entries.pop(key)
+            self._tidy_host_kv()
             raise
         self._touch(keys)
         self._vectors.add(self, out)
@@ -493,13 +494,16 @@ class GistMemory:
         entry.raw_k, entry.raw_v = entry.raw_home.keys, entry.raw_home.values
 
     def _tidy_host_kv(self) -> None:
-        """After entries left: repack the host store when its blocks hold more than twice the
-        live raw KV (evicted entries leave holes until their block empties; see host_kv)."""
+        """After entries left: repack the host store when the blocks the entries still use hold
+        more than twice their raw KV (evicted entries leave holes until their block empties;
+        see host_kv). Blocks that only a question's cache still holds do not count: they go
+        with the cache."""
         if self._host_kv is None:
             return
         homes = [e for e in self._entries.values() if e.raw_home is not None]
-        live = sum(e.raw_bytes for e in homes)
-        if self._host_kv.reserved_bytes > 2 * live + self._host_kv.block_bytes:
+        blocks = {id(e.raw_home.block): e.raw_home.block for e in homes}.values()
+        used = sum(b.numel() * b.element_size() for b in blocks)
+        if used > 2 * sum(e.raw_bytes for e in homes) + self._host_kv.block_bytes:
             for entry, home in zip(homes, self._host_kv.repack([e.raw_home for e in homes]), strict=True):
                 entry.raw_home, entry.raw_k, entry.raw_v = home, home.keys, home.values
 
@@ -539,6 +543,7 @@ class GistMemory:
             self._passages = passages_before
             for key in [k for k in self._entries if k not in entries_before]:
                 self._entries.pop(key)
+            self._tidy_host_kv()
             raise
         return [self._entries[self._passage_key(sink, r.sha)] for r in records]
 
@@ -841,12 +846,14 @@ class GistMemory:
         if self.max_bytes is None:
             return
         total = sum(e.res_bytes + e.raw_bytes for e in self._entries.values())
+        evicted = False
         for key in list(self._entries):
             if total <= self.max_bytes:
                 break
             if key in protect or key in self._pinned:
                 continue
             entry = self._entries.pop(key)
+            evicted = True
             total -= entry.res_bytes + entry.raw_bytes
             if entry.kind == "passage":
                 sha = key.rsplit("-", 1)[1]
@@ -854,7 +861,8 @@ class GistMemory:
                 for pid in [p for p, r in self._passages.items() if r.sha == sha] if own else []:
                     self._passages.pop(pid)
                     self._vectors.remove(pid)
-        self._tidy_host_kv()
+        if evicted:
+            self._tidy_host_kv()
         if total > self.max_bytes:
             logger.warning("gist memory: %d bytes in use exceed max_bytes=%d (all needed now)", total, self.max_bytes)
 

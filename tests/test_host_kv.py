@@ -51,15 +51,17 @@ def test_eviction_repacks_the_host_blocks_and_answers_stay(tokenizer, monkeypatc
     memory = GistMemory(engine, offload=True, progress=False)
     ids = memory.add(many)
     assert len({id(e.raw_home.block) for e in memory._entries.values()}) < len(memory._entries)  # blocks are shared
-    layout, cache = memory.prepare(QUESTION, ids[:2])
-    want = greedy(engine, layout, cache)
+    asked = {pid: greedy(engine, *memory.prepare(QUESTION, [pid])) for pid in ids[:2] + ids[3::2]}
+    held = memory.prepare(QUESTION, ids)  # a question's cache keeps every old block alive
     for pid in ids[2::2]:  # every other passage: each block keeps some live KV, so none empties by itself
         memory.remove(pid)
-    del cache
-    gc.collect()
     stats = memory.stats()
-    assert stats.host_reserved_bytes <= 2 * stats.host_bytes + memory._host_kv.block_bytes
-    layout, cache = memory.prepare(QUESTION, ids[:2])
-    assert greedy(engine, layout, cache) == want
-    layout, cache = memory.prepare(QUESTION, ids[3::2])  # passages that moved to new blocks
-    assert len(greedy(engine, layout, cache)) > 0
+    used = {id(e.raw_home.block): e.raw_home.block for e in memory._entries.values()}
+    assert sum(b.numel() * b.element_size() for b in used.values()) <= 2 * stats.host_bytes + memory._host_kv.block_bytes
+    memory._tidy_host_kv()  # the blocks `held` keeps do not count: no second repack
+    assert {id(e.raw_home.block) for e in memory._entries.values()} == set(used)
+    del held
+    gc.collect()
+    assert memory.stats().host_reserved_bytes <= 2 * stats.host_bytes + memory._host_kv.block_bytes
+    for pid, want in asked.items():  # the repacked KV answers as before
+        assert greedy(engine, *memory.prepare(QUESTION, [pid])) == want
