@@ -226,6 +226,17 @@ def gold_chunk_mask(layout, gold: list[frozenset[int] | set[int] | None]) -> tor
     return out
 
 
+def lift_units(layout, mask: torch.Tensor, level: int) -> torch.Tensor:
+    """bool [B, N_(level-1)] over the units of level - 1 -> bool [B, N_level]: the level-`level`
+    sections (of an H-GSA layout, see GistLayout.units) that hold at least one marked unit."""
+    _, child_valid = layout.units(level - 1)
+    _, valid = layout.units(level)
+    parent = layout.parents(level - 1).clamp(0, max(0, valid.shape[1] - 1))
+    marked = (mask & child_valid).long()
+    out = torch.zeros(valid.shape, dtype=torch.long, device=valid.device).scatter_reduce(1, parent, marked, "amax")
+    return (out > 0) & valid
+
+
 def eligible_chunk_mask(layout, num_previous_chunks: int) -> torch.Tensor:
     """bool [B, C]: closed chunks outside the question's local window (the ones selection chooses among;
     the window's chunks are visible anyway)."""

@@ -381,3 +381,87 @@ def test_an_example_without_gold_gives_finite_gradients(target):
     grad = scores[1].grad
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert grad[1].abs().sum() == 0 and grad[0].abs().sum() > 0  # only the example with gold learns
+
+
+HIER = GistConfig(chunk_size=2, meta_chunks=(2,), sink=2, top_k=1, word_aware=False)  # H-GSA 4x: two levels
+
+
+def test_lift_units_marks_the_sections_holding_a_marked_chunk(tiny):
+    """selection.lift_units against the layout read token by token: chunk c's level-1 section is
+    the section_id of its gist column."""
+    from gsa_rag.selection import lift_units
+
+    _, tok = tiny
+    layout = collate(hand_examples(), HIER, tok).layout
+    assert layout.levels == 2
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        mask = torch.rand(layout.gist_index.shape, generator=g) < 0.3
+        got = lift_units(layout, mask, 1)
+        _, valid = layout.units(1)
+        for b in range(layout.batch_size):
+            want = {int(layout.section_id[b, layout.gist_index[b, c], 0]) for c in range(int(layout.num_chunks[b]))
+                    if mask[b, c]}
+            assert set(got[b].nonzero().flatten().tolist()) == {s for s in want if valid[b, s]}
+
+
+def test_hierarchical_selection_loss_is_the_mean_over_levels_of_the_hand_computed_loss(tiny_dir):  # noqa: F811
+    """With H-GSA the loss runs at the chunks and at the sections (gold: a section holding a gold
+    chunk; eligible: one holding an eligible chunk) and averages the levels; checked against the
+    layers' query and key, one head, row and unit at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from gsa_rag.models import add_gist_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True), attn_implementation="gsa").eval()
+    add_gist_tokens(model, tok, HIER)
+    batch = collate(hand_examples(), HIER, tok)
+    layout = batch.layout
+    seen = {}
+
+    def hook(layer_idx, query, key, value, mask):
+        seen[layer_idx] = (query.detach(), key.detach())
+
+    state = GistState.for_new_tokens(layout, layout.seq_len, HIER)
+    state.hook = hook
+    with torch.no_grad():
+        model(input_ids=layout.input_ids, position_ids=layout.position_ids, gsa_state=state, use_cache=False)
+        _, _, selection = batch_losses(model, batch, HIER, selection_weight=1.0)
+
+    def level_loss(level):  # mean over examples with a gold unit of (mean over layers, heads of -log p(gold))
+        per_example = []
+        for b in range(layout.batch_size):
+            chunks = range(int(layout.num_chunks[b]) - HIER.num_previous_chunks)  # eligible chunks
+            unit = (lambda c: c) if level == 0 else (lambda c: int(layout.section_id[b, layout.gist_index[b, c], 0]))
+            eligible = sorted({unit(c) for c in chunks})
+            gold = {unit(c) for c in chunks if batch.gold_chunks[b, c]}
+            if not gold:
+                continue
+            index, _ = layout.units(level)
+            t = int(batch.prompt_end[b])
+            layers = []
+            for layer, (query, key) in sorted(seen.items()):
+                if layer < HIER.first_selecting_layer:
+                    continue
+                G, D = query.shape[1] // key.shape[1], query.shape[-1]
+                heads = []
+                for h in range(query.shape[1]):
+                    s = torch.tensor([float(query[b, h, t] @ key[b, h // G, int(index[b, u])]) / math.sqrt(D) for u in eligible],
+                                     dtype=torch.float64)
+                    p = torch.softmax(s, 0)
+                    heads.append(-math.log(sum(float(p[i]) for i, u in enumerate(eligible) if u in gold)))
+                layers.append(sum(heads) / len(heads))
+            per_example.append(sum(layers) / len(layers))
+        return sum(per_example) / len(per_example)
+
+    levels = [level_loss(0), level_loss(1)]
+    assert levels[1] > 0 and levels[0] != pytest.approx(levels[1])  # both levels matter
+    assert selection.item() == pytest.approx(sum(levels) / 2, rel=1e-5, abs=1e-6)
+    _, _, selection = batch_losses(model, batch, HIER, selection_weight=1.0)
+    selection.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads) and any(bool(g.any()) for g in grads)

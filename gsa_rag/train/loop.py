@@ -34,8 +34,8 @@ from gsa_rag.train.selection_loss import (
     ROWS,
     TARGETS,
     ScoreCollector,
+    collected_loss,
     eligible_chunk_mask,
-    listwise_loss,
     query_rows,
 )
 
@@ -160,8 +160,7 @@ def batch_losses(model, batch: Batch, config: GistConfig, selection_weight: floa
         raise RuntimeError("the selection loss reads gist scores through GistState.hook, but the attention path "
                            "never called it (an attention kernel that bypasses the hook?)")
     eligible = eligible_chunk_mask(layout, config.num_previous_chunks)
-    selection = listwise_loss(collector.scores, batch.gold_chunks, eligible, row_valid, collector.head_dim,
-                              selection_target)
+    selection = collected_loss(collector, batch.gold_chunks, eligible, row_valid, selection_target)
     return out.loss + selection_weight * selection, out.loss, selection
 
 

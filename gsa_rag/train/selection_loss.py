@@ -24,8 +24,12 @@ uniform distribution's value (~ln of the eligible count) after 232 steps, and go
 below chance. Eligible chunks are those selection may choose that the question does not see
 anyway: every closed chunk but the last `num_previous_chunks` (the local window; the same rule
 as `gsa_rag.eval.harness.gold_selection`). Gold chunks are the eligible chunks holding raw tokens
-of a passage marked `is_gold` in the training file. With H-GSA the loss scores the level-0
-(chunk) gists, the level coarse-to-fine selection ends at.
+of a passage marked `is_gold` in the training file. With H-GSA the same loss runs at every level
+coarse-to-fine selection passes through, and the loss is their mean: level 0 over the chunk
+gists as above, level l over the level-l (meta-)gists, where a section is eligible when it
+holds an eligible chunk and gold when it holds a gold one (`selection.lift_units`). The coarse
+levels are where H-GSA's selection failed on the H200: its sections picked gold less often than
+chance (README, round 3).
 
 Rows. "last" (default): the prompt's last token, the row that predicts the first answer token —
 the prefill row whose selection `gold_selection` measures and the one that decides what the
@@ -43,7 +47,7 @@ import math
 
 import torch
 
-from gsa_rag.selection import eligible_chunk_mask, gist_scores, gold_chunk_mask  # noqa: F401 (re-exported)
+from gsa_rag.selection import eligible_chunk_mask, gist_scores, gold_chunk_mask, lift_units  # noqa: F401 (re-exported)
 
 ROWS = ("last", "tail")
 TARGETS = ("any", "all")
@@ -75,6 +79,8 @@ class ScoreCollector:
 
     Attributes:
         scores: layer -> float32 [B, Hq, R, C], `gist_scores` of the rows (graph attached).
+        section_scores: H-GSA only: level l >= 1 -> layer -> float32 [B, Hq, R, N_l], the scores of
+            the level-l gists (GistLayout.units).
         calls: how many times the attention path called the hook while recording.
         head_dim: D, the queries' head dimension (the softmax temperature is 1 / sqrt(D)).
         recording: set False after the forward (checkpoint recomputation must not record again).
@@ -87,6 +93,7 @@ class ScoreCollector:
         self.cols = cols
         self.first_selecting_layer = first_selecting_layer
         self.scores: dict[int, torch.Tensor] = {}
+        self.section_scores: dict[int, dict[int, torch.Tensor]] = {level: {} for level in range(1, layout.levels)}
         self.calls = 0
         self.head_dim = 1
         self.recording = True
@@ -103,6 +110,8 @@ class ScoreCollector:
         scores = gist_scores(rows, key, self.layout.gist_index, self.layout.gist_valid)
         if self.recording:
             self.scores[layer_idx] = scores
+            for level, by_layer in self.section_scores.items():
+                by_layer[layer_idx] = gist_scores(rows, key, *self.layout.units(level))
 
 
 def listwise_loss(scores: dict[int, torch.Tensor], gold: torch.Tensor, eligible: torch.Tensor,
@@ -146,3 +155,20 @@ def listwise_loss(scores: dict[int, torch.Tensor], gold: torch.Tensor, eligible:
         per_layer.append((per_row * rows).sum(-1) / rows.sum(-1).clamp(min=1))  # [B]
     per_example = torch.stack(per_layer).mean(0)
     return per_example[has].mean()
+
+
+def collected_loss(collector: ScoreCollector, gold: torch.Tensor, eligible: torch.Tensor, row_valid: torch.Tensor,
+                   target: str = "any") -> torch.Tensor:
+    """`listwise_loss` at every gist level the collector scored, averaged: the chunks, and with
+    H-GSA each level of sections (gold / eligible: the sections holding a gold / eligible chunk).
+
+    Args:
+        gold, eligible: bool [B, C] over the chunks; row_valid: bool [B, R].
+    """
+    losses = [listwise_loss(collector.scores, gold, eligible, row_valid, collector.head_dim, target)]
+    gold = gold & eligible
+    for level in sorted(collector.section_scores):
+        gold, eligible = lift_units(collector.layout, gold, level), lift_units(collector.layout, eligible, level)
+        losses.append(listwise_loss(collector.section_scores[level], gold, eligible, row_valid, collector.head_dim,
+                                    target))
+    return torch.stack(losses).mean()
