@@ -109,9 +109,8 @@ def test_weight_zero_is_todays_loss_and_gradients(tiny):
     assert torch.equal(batch_loss(model, batch, config), before)
 
 
-def _hand_selection_loss(model, batch, config, rows: str, target: str) -> float:
-    """The loss from the layers' query and key, one head, row and chunk at a time."""
-    layout = batch.layout
+def _layer_queries_keys(model, layout, config) -> dict:
+    """layer -> (query, key) as the attention function saw them in one forward over `layout`."""
     seen = {}
 
     def hook(layer_idx, query, key, value, mask):
@@ -121,6 +120,28 @@ def _hand_selection_loss(model, batch, config, rows: str, target: str) -> float:
     state.hook = hook
     with torch.no_grad():
         model(input_ids=layout.input_ids, position_ids=layout.position_ids, gsa_state=state, use_cache=False)
+    return seen
+
+
+def _random_model(tiny_dir, config, seed):  # noqa: F811
+    """(three-layer random Llama with the tiny tokenizer's vocabulary and gist tokens, tokenizer)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from gsa_rag.models import add_gist_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True), attn_implementation="gsa").eval()
+    add_gist_tokens(model, tok, config)
+    return model, tok
+
+
+def _hand_selection_loss(model, batch, config, rows: str, target: str) -> float:
+    """The loss from the layers' query and key, one head, row and chunk at a time."""
+    layout = batch.layout
+    seen = _layer_queries_keys(model, layout, config)
     per_example = []
     for b in range(layout.batch_size):
         num_eligible = int(layout.num_chunks[b]) - config.num_previous_chunks
@@ -154,16 +175,7 @@ def _hand_selection_loss(model, batch, config, rows: str, target: str) -> float:
 
 @pytest.mark.parametrize("rows,target", [("last", "any"), ("tail", "any"), ("last", "all"), ("tail", "all")])
 def test_selection_loss_is_the_hand_computed_listwise_loss(tiny_dir, rows, target):  # noqa: F811
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from gsa_rag.models import add_gist_tokens
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    torch.manual_seed(1)  # three layers: two select
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True), attn_implementation="gsa").eval()
-    add_gist_tokens(model, tok, CONFIG)
+    model, tok = _random_model(tiny_dir, CONFIG, seed=1)  # three layers: two select
     batch = collate(hand_examples(), CONFIG, tok)
     with torch.no_grad():
         total, answer, selection = batch_losses(model, batch, CONFIG, selection_weight=0.5, selection_rows=rows,
@@ -409,27 +421,11 @@ def test_hierarchical_selection_loss_is_the_mean_over_levels_of_the_hand_compute
     """With H-GSA the loss runs at the chunks and at the sections (gold: a section holding a gold
     chunk; eligible: one holding an eligible chunk) and averages the levels; checked against the
     layers' query and key, one head, row and unit at a time."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from gsa_rag.models import add_gist_tokens
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    torch.manual_seed(2)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True), attn_implementation="gsa").eval()
-    add_gist_tokens(model, tok, HIER)
+    model, tok = _random_model(tiny_dir, HIER, seed=2)
     batch = collate(hand_examples(), HIER, tok)
     layout = batch.layout
-    seen = {}
-
-    def hook(layer_idx, query, key, value, mask):
-        seen[layer_idx] = (query.detach(), key.detach())
-
-    state = GistState.for_new_tokens(layout, layout.seq_len, HIER)
-    state.hook = hook
+    seen = _layer_queries_keys(model, layout, HIER)
     with torch.no_grad():
-        model(input_ids=layout.input_ids, position_ids=layout.position_ids, gsa_state=state, use_cache=False)
         _, _, selection = batch_losses(model, batch, HIER, selection_weight=1.0)
 
     def level_loss(level):  # mean over examples with a gold unit of (mean over layers, heads of -log p(gold))
