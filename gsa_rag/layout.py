@@ -28,7 +28,6 @@ A single-level config never runs this pass: its layout is the level-0 layout, bi
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 
@@ -109,12 +108,6 @@ class HostFacts:
 
     max_chunks: int
     first_tail: int
-
-
-# id(layout) -> its HostFacts. Not kept in the layout's __dict__: callers read `vars(layout)` as
-# the list of its tensors. weakref.finalize drops an entry when its layout is freed, before the id
-# can be reused.
-_HOST_FACTS: dict[int, HostFacts] = {}
 
 
 @dataclass
@@ -224,23 +217,22 @@ class GistLayout:
     def host_facts(self) -> HostFacts:
         """The layout's HostFacts: carried from the host layout it was moved or grown from, else
         read once (one device sync for a layout on an accelerator) and kept."""
-        facts = _HOST_FACTS.get(id(self))
+        facts = self.__dict__.get("_host_facts")
         if facts is None:
             tail = self.is_tail
             first = torch.where(tail.any(-1), tail.int().argmax(-1), self.seq_len).min()
             max_chunks, first_tail = torch.stack([self.num_chunks.max(), first]).tolist()
-            facts = HostFacts(max_chunks, first_tail)
-            self._keep_host_facts(facts)
+            facts = self.__dict__["_host_facts"] = HostFacts(max_chunks, first_tail)
         return facts
 
     def _keep_host_facts(self, facts: HostFacts | None) -> None:
-        if facts is not None and id(self) not in _HOST_FACTS:
-            _HOST_FACTS[id(self)] = facts
-            weakref.finalize(self, _HOST_FACTS.pop, id(self), None)
+        # beside the dataclass fields (like append's `_lineage`): `fields(layout)` lists the tensors
+        if facts is not None:
+            self.__dict__.setdefault("_host_facts", facts)
 
     def _free_host_facts(self) -> HostFacts | None:
         """The HostFacts if they cost no device sync (already known, or the layout is on the host)."""
-        if id(self) in _HOST_FACTS or self.num_chunks.device.type == "cpu":
+        if "_host_facts" in self.__dict__ or self.num_chunks.device.type == "cpu":
             return self.host_facts()
         return None
 

@@ -1,4 +1,5 @@
 import random
+from dataclasses import fields
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ seeds = st.integers(0, 2**32 - 1)
 
 def lay_out_one(segments, config, tokenizer=None):
     layout = build_layout([segments], config, tokenizer or FakeTokenizer())
-    return {k: v[0].tolist() for k, v in vars(layout).items() if v.dim() == 2}, layout
+    return {f.name: getattr(layout, f.name)[0].tolist() for f in fields(layout) if getattr(layout, f.name).dim() == 2}, layout
 
 
 @settings(max_examples=200, deadline=None)

@@ -6,6 +6,7 @@ import collections
 import functools
 import importlib.util
 import random
+from dataclasses import fields
 
 import pytest
 import torch
@@ -137,7 +138,7 @@ def test_reuse_layout_puts_links_after_each_closing_gist_in_the_passage_last_chu
         Segment((50, 51), False),
     ]
     layout = build_layout([segments], config, FakeTokenizer())
-    row = {k: v[0].tolist() for k, v in vars(layout).items() if v.dim() == 2}
+    row = {f.name: getattr(layout, f.name)[0].tolist() for f in fields(layout) if getattr(layout, f.name).dim() == 2}
     links = [i for i, x in enumerate(row["is_link"]) if x]
     assert [row["input_ids"][i] for i in links] == [991, 992, 991, 992]
     for first in (links[0], links[2]):

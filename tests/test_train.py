@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
@@ -118,7 +119,8 @@ def _state(layout, config):
 def _truncate(layout, n):
     from gsa_rag.layout import GistLayout
 
-    return GistLayout(**{k: (v[:, :n] if k not in ("num_chunks", "gist_index") else v) for k, v in vars(layout).items()})
+    return GistLayout(**{f.name: (getattr(layout, f.name)[:, :n] if f.name not in ("num_chunks", "gist_index")
+                             else getattr(layout, f.name)) for f in fields(layout)})
 
 
 def test_adapter_saves_loads_and_reproduces_logits(tiny_dir, tmp_path):
