@@ -88,10 +88,19 @@ class HostKVStore:
     def reserved_bytes(self) -> int:
         """Host bytes of the blocks still alive (entries' KV, holes and unfilled room)."""
         self._blocks = [ref for ref in self._blocks if ref() is not None]
-        return sum(b.numel() * b.element_size() for b in (ref() for ref in self._blocks) if b is not None)
+        return _bytes(b for b in (ref() for ref in self._blocks) if b is not None)
+
+    @staticmethod
+    def block_bytes_of(stored: list[HostKV]) -> int:
+        """Host bytes of the blocks `stored` lives in (each block once)."""
+        return _bytes({id(kv.block): kv.block for kv in stored}.values())
 
     def repack(self, stored: list[HostKV]) -> list[HostKV]:
         """Copies `stored` into fresh blocks, in order, and returns their new homes; the old
         blocks are freed once the callers drop the old `HostKV`s (and views of them)."""
         self._open, self._used = None, 0
         return [self.put(kv.keys, kv.values) for kv in stored]
+
+
+def _bytes(blocks) -> int:
+    return sum(b.numel() * b.element_size() for b in blocks)

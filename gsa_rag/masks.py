@@ -37,19 +37,23 @@ def visible(layout: GistLayout, b, q, kv, num_previous_chunks: int, recall) -> t
     """
     distance = layout.chunk_id[b, q] - layout.chunk_id[b, kv]
     window = (distance >= 0) & (distance <= num_previous_chunks) & (layout.level[b, q] <= 0)  # meta-gists: no raw window
-    doc_q = layout.doc_id[b, q]
-    isolated = (doc_q >= 0) & (layout.doc_id[b, kv] != doc_q)  # KV reuse: passages do not see each other
+    isolated = _isolated(layout, b, q, kv)
     sink = layout.is_sink[b, kv]
     seen = (kv <= q) & layout.valid[b, kv] & (sink | (~isolated & (window | recall | layout.is_link[b, kv])))
     return seen | (q == kv)
+
+
+def _isolated(layout: GistLayout, b, q, kv) -> torch.Tensor:
+    """KV reuse: a token of an independently encoded passage does not see other passages."""
+    doc_q = layout.doc_id[b, q]
+    return (doc_q >= 0) & (layout.doc_id[b, kv] != doc_q)
 
 
 def recall_gate(layout: GistLayout, b, q, kv) -> torch.Tensor:
     """Where recall can add a key: visible(.., recall) == visible(.., False) | (gate & recall)
     for every recall (the rule is an OR of recall with terms that do not depend on it). Lets a
     forward build the recall-free part once and each layer add its own recall in two ops."""
-    doc_q = layout.doc_id[b, q]
-    return (kv <= q) & layout.valid[b, kv] & ~((doc_q >= 0) & (layout.doc_id[b, kv] != doc_q))
+    return (kv <= q) & layout.valid[b, kv] & ~_isolated(layout, b, q, kv)
 
 
 def gist_recall(layout: GistLayout, b, q, kv) -> torch.Tensor:

@@ -501,8 +501,7 @@ class GistMemory:
         if self._host_kv is None:
             return
         homes = [e for e in self._entries.values() if e.raw_home is not None]
-        blocks = {id(e.raw_home.block): e.raw_home.block for e in homes}.values()
-        used = sum(b.numel() * b.element_size() for b in blocks)
+        used = self._host_kv.block_bytes_of([e.raw_home for e in homes])
         if used > 2 * sum(e.raw_bytes for e in homes) + self._host_kv.block_bytes:
             for entry, home in zip(homes, self._host_kv.repack([e.raw_home for e in homes]), strict=True):
                 entry.raw_home, entry.raw_k, entry.raw_v = home, home.keys, home.values
