@@ -9,7 +9,7 @@ mkdir -p "$out/logs"
 methods() {
   case $1 in
     gsa8-reuse) echo gsa:reuse=1 ;;
-    hgsa32-sft|hgsa32-any1) echo gsa:chunk=8:meta=4 ;;
+    hgsa32-sft|hgsa32-any1|hgsa32-any1-tail) echo gsa:chunk=8:meta=4 ;;
     hgsa16-sft) echo gsa:chunk=4:meta=4 ;;
     *) echo gsa ;;
   esac

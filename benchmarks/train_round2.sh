@@ -9,7 +9,8 @@
 #     KV-reuse layout (--reuse); from each H-GSA CPT: its SFT.
 #   round 3 adds selection loss 1.0 with target `any` (the gold passages' total probability) on
 #     the prompt's last row (gsa8-any1) and on every question row (gsa8-any1-tail); next, the same
-#     loss at every level of H-GSA 32x (hgsa32-any1: chunks and sections).
+#     loss at every level of H-GSA 32x (chunks and sections), on the last row (hgsa32-any1) and on
+#     every question row (hgsa32-any1-tail).
 #
 # Usage: benchmarks/train_round2.sh DATA_DIR OUT_DIR [RUN...]   (DATA_DIR: cpt/, nq/, hotpotqa/ as in
 # ../shared/data; RUN: names below, e.g. gsa8 gsa8-sel1 to do only those; default every run)
@@ -48,5 +49,6 @@ sft gsa8-any1-tail gsa8 --selection-loss 1.0 --selection-target any --selection-
 sft gsa8-reuse gsa8 --reuse &
 sft hgsa32-sft hgsa32 &
 sft hgsa32-any1 hgsa32 --selection-loss 1.0 --selection-target any &
+sft hgsa32-any1-tail hgsa32 --selection-loss 1.0 --selection-target any --selection-rows tail &
 sft hgsa16-sft hgsa16 &
 wait
