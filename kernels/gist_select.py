@@ -417,18 +417,31 @@ if triton is not None:
         return u.to(tl.int32).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _kth_largest(s, k):
+    def _kth_largest(s, k, EARLY_EXIT: tl.constexpr):
         # the k-th largest of the row s by bisection over the 32 bits of its key (`_key_float`):
         # x = the largest key with count(s >= float(x)) >= k, one block reduction per bit.
-        # Measured on the H200 (benchmarks/results/kernels/NOTES.md): this beats a radix select
-        # over tl.histogram (2.4x slower) and two bits per step in packed int64 counts (1.1x slower)
+        # EARLY_EXIT stops once count(s >= float(x)) == k: float(x) then splits the row into its k
+        # best and the rest just as the k-th largest would (the caller picks s >= t with ties
+        # resolved by `room`, and none straddle); with distinct scores that is after the bits
+        # that separate the k-th from the (k+1)-th largest, about 20 of 32 at 16K chunks.
+        # Measured on the H200 (benchmarks/results/kernels/NOTES.md): the bisection beats a radix
+        # select over tl.histogram (2.4x slower) and two bits per step in packed int64 counts (1.1x slower)
         x = tl.full([], 0, tl.int64)
         step = tl.full([], 2147483648, tl.int64)
-        for _ in range(32):
-            y = x + step  # x's bits below `step` are all 0
-            cnt = tl.sum((s >= _key_float(y)).to(tl.int32), 0)
-            x = tl.where(cnt >= k, y, x)
-            step = step // 2
+        if EARLY_EXIT:
+            count_x = tl.full([], -1, tl.int32)
+            while (step > 0) & (count_x != k):
+                y = x + step  # x's bits below `step` are all 0
+                cnt = tl.sum((s >= _key_float(y)).to(tl.int32), 0)
+                x = tl.where(cnt >= k, y, x)
+                count_x = tl.where(cnt >= k, cnt, count_x)
+                step = step // 2
+        else:
+            for _ in range(32):
+                y = x + step
+                cnt = tl.sum((s >= _key_float(y)).to(tl.int32), 0)
+                x = tl.where(cnt >= k, y, x)
+                step = step // 2
         return _key_float(x)  # NaN when k == 0
 
     @triton.jit
@@ -436,9 +449,10 @@ if triton is not None:
         S, KROW, PTR, SEL, SIZES, ENDS, CNT,
         s_pb,
         Hq, G, C,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr,
     ):
         # one program per (batch, query head); its score row [C] stays in registers.
+        # (UNION=False stops after step 2: benchmarks/select_kernel.py times the parts apart)
         # 1. the k-th largest score t (`_kth_largest`: bisection over the bits of its key);
         # 2. pick score > t, plus the first k - count(> t) scores == t by chunk index (the
         #    reference's stable argsort), never -inf; write the pick as an int8 row;
@@ -455,7 +469,7 @@ if triton is not None:
         s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0 (a tie, as in the reference's sort)
         finite = s > float("-inf")
         k = tl.minimum(tl.load(KROW + b).to(tl.int32), tl.sum(finite.to(tl.int32), 0))
-        t = _kth_largest(s, k)
+        t = _kth_largest(s, k, EARLY_EXIT)
         gt = s > t
         eq = s == t
         room = k - tl.sum(gt.to(tl.int32), 0)
@@ -463,19 +477,20 @@ if triton is not None:
             eq = eq & (tl.cumsum(eq.to(tl.int32), 0) <= room)
         pick = (gt | eq) & finite
         tl.store(SEL + pid.to(tl.int64) * C + c, pick.to(tl.int8), mask=ok)
-        tl.debug_barrier()  # every thread's row is stored before the arrival is counted
-        arrived = tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu")
-        if arrived == G - 1:
-            union = tl.zeros([BLOCK], dtype=tl.int32)
-            first = (b * Hq + (hq // G) * G).to(tl.int64) * C
-            for g in range(G):
-                union = union | tl.load(SEL + first + g * C + c, mask=ok, other=0, cache_modifier=".cg").to(tl.int32)
-            lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
-            hi = tl.load(PTR + b * s_pb + c + 1, mask=ok, other=0)
-            size = tl.where(union != 0, hi - lo, 0)
-            row = grp.to(tl.int64) * C
-            tl.store(SIZES + row + c, size, mask=ok)
-            tl.store(ENDS + row + c, tl.cumsum(size, 0), mask=ok)
+        if UNION:
+            tl.debug_barrier()  # every thread's row is stored before the arrival is counted
+            arrived = tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu")
+            if arrived == G - 1:
+                union = tl.zeros([BLOCK], dtype=tl.int32)
+                first = (b * Hq + (hq // G) * G).to(tl.int64) * C
+                for g in range(G):
+                    union = union | tl.load(SEL + first + g * C + c, mask=ok, other=0, cache_modifier=".cg").to(tl.int32)
+                lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
+                hi = tl.load(PTR + b * s_pb + c + 1, mask=ok, other=0)
+                size = tl.where(union != 0, hi - lo, 0)
+                row = grp.to(tl.int64) * C
+                tl.store(SIZES + row + c, size, mask=ok)
+                tl.store(ENDS + row + c, tl.cumsum(size, 0), mask=ok)
 
 
 
@@ -615,21 +630,29 @@ def build_index_list_triton(plan: DecodePlan, selected: torch.Tensor) -> tuple[t
 
 # the fused top-k keeps one score row in registers: up to this many chunks (128K tokens at chunk 8)
 TOPK_MAX_CHUNKS = 16384
+# the select kernel's threshold search stops once it splits off exactly k (`_kth_largest`)
+EARLY_EXIT = True
 
 
 def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Tensor, ptr_stride: int,
                       picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor, counters: torch.Tensor,
-                      num_kv_heads: int) -> None:
+                      num_kv_heads: int, early_exit: bool | None = None, union: bool = True,
+                      num_warps: int | None = None) -> None:
     """Launches `_topk_union_kernel` over scores float32 [B, Hq, C] (contiguous) with k long [B],
     chunk_ptr the CSR offsets of each chunk's extra columns (row stride `ptr_stride`; 0 shares one
     row), into picks int8 [B, Hq, C], sizes and ends int32 [B, Hkv, C], counters int32 [B * Hkv]
-    (zeroed; each group's last arrival writes the union)."""
+    (zeroed; each group's last arrival writes the union).
+
+    early_exit: stop the threshold search once it splits off exactly k (default EARLY_EXIT);
+    union=False writes the picks only; num_warps: default by row length. The last three are
+    for benchmarks/select_kernel.py."""
     B, Hq, C = scores.shape
     block = max(16, _next_pow2(C))
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, ends, counters,
         ptr_stride, Hq, Hq // num_kv_heads, C,
-        BLOCK=block, num_warps=max(4, min(16, block // 1024)),
+        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union,
+        num_warps=num_warps or max(4, min(16, block // 1024)),
     )
 
 
@@ -683,7 +706,8 @@ def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
     return sizes, ends
 
 
-def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int) -> torch.Tensor:
+def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
+                      early_exit: bool | None = None) -> torch.Tensor:
     """The fused top-k + GQA union alone, as `choose_union`'s bool [B, Hkv, C] (for tests): the
     chunks whose size the select kernel wrote nonzero (every chunk has at least its gist)."""
     B, Hq, C = scores.shape
@@ -692,7 +716,7 @@ def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int)
     counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)
     picks = torch.full((B, Hq, C), -1, dtype=torch.int8, device=scores.device)
     topk_union_launch(scores.contiguous(), plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends,
-                      counters, num_kv_heads)
+                      counters, num_kv_heads, early_exit=early_exit)
     assert bool((sizes >= 0).all()) and bool((counters == Hq // num_kv_heads).all())
     assert torch.equal(ends, torch.cumsum(sizes, -1, dtype=torch.int32))
     return picks.view(B, num_kv_heads, Hq // num_kv_heads, C).any(2), sizes
