@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from gsa_rag.kernels.bench import bench_us, environment, print_table, write_results
 from gsa_rag.kernels.gist_select import topk_union_launch
 
