@@ -26,8 +26,8 @@ from transformers import AttentionInterface
 from gsa_rag.config import GistConfig
 from gsa_rag.kernels.dispatch import sparse_decode_attention
 from gsa_rag.layout import GistLayout
-from gsa_rag.masks import dense_index, dense_gist_mask, recall_gate, unfold_recall, visible
-from gsa_rag.selection import select_chunks, select_hierarchical
+from gsa_rag.masks import UnfoldRecall, dense_gist_mask, dense_index, recall_gate, visible
+from gsa_rag.selection import ChunkSelector, select_hierarchical
 
 
 @dataclass
@@ -95,20 +95,21 @@ class TailRows:
     Attributes:
         start: the first of them (LayerMask.start): no earlier row is a tail row.
         q_index: long [Tq - start], their columns.
-        context_len: long [B], tokens before each sequence's tail (adaptive k).
-        gist_valid: bool [B, C], the layout's (a computed property: read once here).
         base, gate: bool [B, 1, Tq - start, T], the rows' mask is base | (gate & the layer's
             recall) (masks.recall_gate): base is what they see without recall (the forgetting
             mask on rows that are not tail rows), gate where recall may add a key (nowhere on
             those rows). Built once per forward, so a layer adds its recall in two ops.
+        select: single-level layouts: the chunk selection with its per-forward parts (k, the
+            gist columns) worked out once (selection.ChunkSelector); None with H-GSA.
+        recall: the columns each chosen chunk unfolds, worked out once (masks.UnfoldRecall).
     """
 
     start: int
     q_index: torch.Tensor
-    context_len: torch.Tensor
-    gist_valid: torch.Tensor
     base: torch.Tensor
     gate: torch.Tensor
+    select: ChunkSelector | None
+    recall: UnfoldRecall
 
 
 _UNKNOWN = object()  # GistState._tail_rows before tail_rows() has run (None means "no row selects")
@@ -200,13 +201,17 @@ class GistState:
         tail = layout.is_tail[:, q_index][:, None, :, None]  # rows past `start` may not be tail in every sequence
         b, q, kv = dense_index(layout, q_index)
         unfolded = visible(layout, b, q, kv, self.config.num_previous_chunks, False)[:, None]
+        select = None
+        if layout.levels == 1:
+            context_len = (layout.valid & ~layout.is_tail).sum(-1)
+            select = ChunkSelector(layout.gist_index, layout.gist_valid, context_len, self.config)
         return TailRows(
             start=start,
             q_index=q_index,
-            context_len=(layout.valid & ~layout.is_tail).sum(-1),
-            gist_valid=layout.gist_valid,
             base=torch.where(tail, unfolded, self.forget_mask()[:, :, start:]),
             gate=recall_gate(layout, b, q, kv)[:, None] & tail,
+            select=select,
+            recall=UnfoldRecall(layout),
         )
 
     def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> LayerMask:
@@ -217,15 +222,13 @@ class GistState:
         if rows is None:
             return LayerMask(mask, mask.shape[2], biases=self._biases)
         layout, start = self.layout, rows.start
-        if layout.levels > 1:  # H-GSA: coarse to fine, each level unfolds what it chose
+        if rows.select is None:  # H-GSA: coarse to fine, each level unfolds what it chose
             chosen = select_hierarchical(query[:, :, start:], key, layout, self.config)
             selected, sections = chosen.chunks, chosen.sections
         else:
-            selected = select_chunks(query[:, :, start:], key, layout.gist_index, rows.gist_valid,
-                                     rows.context_len, self.config)
-            sections = None
+            selected, sections = rows.select(query[:, :, start:], key), None
         # = dense_unfold_mask on the tail rows; rows not (yet) tail in a batch row keep the forgetting mask
-        tail_mask = rows.base | (rows.gate & unfold_recall(layout, selected, sections))
+        tail_mask = rows.base | (rows.gate & rows.recall(selected, sections))
         return LayerMask(mask, start, tail_mask, self._biases)
 
 

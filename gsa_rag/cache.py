@@ -179,6 +179,7 @@ class GistCache(DecodeCache):
         self.fetched_columns = 0  # summed over layers
         self.fetched_bytes = 0
         self.queries: dict[int, torch.Tensor] | None = None  # set to {} to record each layer's queries
+        self.observers: list = []  # observer(layer_idx, mask): each layer's mask, seen by `hook` first
         if self.offloaded:
             self._index_offloaded(T, keys[0].device)
 
@@ -234,8 +235,15 @@ class GistCache(DecodeCache):
 
     # -- per layer, before attention -----------------------------------------------------------
 
+    def has_work(self) -> bool:
+        """Whether `hook` does anything (offloaded columns to fetch, queries to record, observers):
+        the engine leaves it out otherwise, and with it each layer's full mask that it reads."""
+        return bool(self.offloaded) or self.queries is not None or bool(self.observers)
+
     def hook(self, layer_idx: int, query, key, value, mask) -> None:
         """GistState hook: fetch the offloaded raw columns that `mask` makes visible."""
+        for observe in self.observers:
+            observe(layer_idx, mask)
         if self.queries is not None:
             self.queries[layer_idx] = query.detach()
         if not self.offloaded:

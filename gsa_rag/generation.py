@@ -77,7 +77,7 @@ def forward(model, layout: GistLayout, num_new: int, cache: DynamicCache, config
     else:
         columns = slice(layout.seq_len - num_new, None)
         state = (state_factory or GistState.for_new_tokens)(layout, num_new, config)
-    if isinstance(cache, GistCache):
+    if isinstance(cache, GistCache) and cache.has_work():
         state.hook = cache.hook  # fetches offloaded raw KV of the chunks each layer unfolds
     out = model(
         input_ids=layout.input_ids[:, columns],

@@ -136,16 +136,32 @@ def dense_unfold_mask(
 def unfold_recall(layout: GistLayout, selected: torch.Tensor, sections: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`dense_unfold_mask`'s recall term alone: bool [B, H, Tq, T] (same arguments); the mask is
     visible(.., False) | (recall_gate & this)."""
-    is_closed = (layout.chunk_id >= 0) & (layout.chunk_id < layout.num_chunks[:, None])
-    recall = _gather_units(selected, layout.chunk_id) & is_closed[:, None, None, :]
-    if layout.levels > 1:
-        if sections is None or len(sections) != layout.levels - 1:
-            raise ValueError(f"a layout of {layout.levels} gist levels needs the selected sections of levels 1..{layout.levels - 1}")
-        recall &= (layout.level <= 0)[:, None, None, :]  # a chunk unfolds its raw tokens and its gist
-        for level, chosen in enumerate(sections, start=1):
-            is_level = (layout.level == level)[:, None, None, :]  # a section unfolds its closing gist
-            recall |= _gather_units(chosen, layout.section_id[..., level - 1]) & is_level
-    return recall
+    return UnfoldRecall(layout)(selected, sections)
+
+
+class UnfoldRecall:
+    """`unfold_recall` for every layer of one forward: the closed columns and their chunks are
+    worked out once (they do not depend on the layer), so a layer pays one gather and one AND."""
+
+    def __init__(self, layout: GistLayout):
+        self.layout = layout
+        C = max(1, layout.gist_index.shape[1])
+        closed = (layout.chunk_id >= 0) & (layout.chunk_id < layout.num_chunks[:, None])
+        if layout.levels > 1:
+            closed &= layout.level <= 0  # a chunk unfolds its raw tokens and its gist
+        self.closed = closed[:, None, None, :]
+        self.chunk_of = layout.chunk_id.clamp(0, C - 1)[:, None, None, :]
+
+    def __call__(self, selected: torch.Tensor, sections: list[torch.Tensor] | None = None) -> torch.Tensor:
+        layout = self.layout
+        recall = torch.gather(selected, 3, self.chunk_of.expand(*selected.shape[:3], -1)) & self.closed
+        if layout.levels > 1:
+            if sections is None or len(sections) != layout.levels - 1:
+                raise ValueError(f"a layout of {layout.levels} gist levels needs the selected sections of levels 1..{layout.levels - 1}")
+            for level, chosen in enumerate(sections, start=1):
+                is_level = (layout.level == level)[:, None, None, :]  # a section unfolds its closing gist
+                recall |= _gather_units(chosen, layout.section_id[..., level - 1]) & is_level
+        return recall
 
 
 def gist_block_mask(layout: GistLayout, num_previous_chunks: int, q_offset: int = 0, block_size: int = 128):

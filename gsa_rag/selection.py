@@ -31,13 +31,20 @@ def gist_scores(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor
         float32 [B, Hq, Tq, C].
     """
     B, Hkv, _, D = key.shape
-    _, Hq, Tq, _ = query.shape
-    gist_keys = torch.gather(key, 2, gist_index[:, None, :, None].expand(B, Hkv, -1, D))
+    return _gist_scores(query, key, gist_index[:, None, :, None].expand(B, Hkv, -1, D), ~gist_valid[:, None, None, :])
+
+
+def _gist_scores(query: torch.Tensor, key: torch.Tensor, gather_index: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """`gist_scores` from its per-forward parts: gather_index long [B, Hkv, C, D] (the gist
+    columns, expanded over heads and dims), missing bool [B, 1, 1, C]."""
+    B, Hkv = key.shape[:2]
+    Hq, Tq = query.shape[1:3]
+    gist_keys = torch.gather(key, 2, gather_index)
     # query head h reads KV head h // G: the G heads of a group share one matmul over their rows,
     # so the gist keys are never repeated per query head
-    rows = query.float().reshape(B, Hkv, (Hq // Hkv) * Tq, D)
+    rows = query.float().reshape(B, Hkv, (Hq // Hkv) * Tq, -1)
     scores = torch.matmul(rows, gist_keys.float().transpose(-1, -2)).view(B, Hq, Tq, -1)
-    return scores.masked_fill(~gist_valid[:, None, None, :], float("-inf"))
+    return scores.masked_fill(missing, float("-inf"))
 
 
 def adaptive_k(context_len: torch.Tensor, num_chunks: torch.Tensor, group_size: int, config: GistConfig) -> torch.Tensor:
@@ -62,17 +69,20 @@ def choose_chunks(scores: torch.Tensor, k: torch.Tensor | None = None, top_p: fl
     Returns:
         bool [B, Hq, Tq, C]; never selects a missing chunk.
     """
+    if top_p is None:
+        return _top_k(scores, torch.arange(scores.shape[-1], device=scores.device) < k.view(-1, 1, 1, 1))
     order = scores.argsort(dim=-1, descending=True, stable=True)
     sorted_scores = scores.gather(-1, order)
-    exists = torch.isfinite(sorted_scores)
-    if top_p is not None:
-        mass = torch.softmax(sorted_scores * scale, dim=-1).nan_to_num(0.0)
-        before = mass.cumsum(-1) - mass  # mass of the better chunks
-        keep = before < top_p
-    else:
-        rank = torch.arange(scores.shape[-1], device=scores.device)
-        keep = rank < k.view(-1, 1, 1, 1)
-    keep = (keep & exists).expand_as(order)
+    mass = torch.softmax(sorted_scores * scale, dim=-1).nan_to_num(0.0)
+    before = mass.cumsum(-1) - mass  # mass of the better chunks
+    keep = (before < top_p) & torch.isfinite(sorted_scores)
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def _top_k(scores: torch.Tensor, rank_kept: torch.Tensor) -> torch.Tensor:
+    """`choose_chunks` top-k, given rank_kept bool [B, 1, 1, C] = (rank < k) (per forward)."""
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    keep = rank_kept & torch.isfinite(scores.gather(-1, order))
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
@@ -102,18 +112,44 @@ def select_chunks(
     Returns:
         bool [B, Hkv, Tq, C].
     """
-    Hkv = key.shape[1]
-    scores = gist_scores(query, key, gist_index, gist_valid)
-    num_chunks = gist_valid.sum(-1)
-    if config.k_policy == "top_p":
-        chosen = choose_chunks(scores, top_p=config.top_p, scale=1.0 / math.sqrt(query.shape[-1]))
-    else:
-        if config.k_policy == "adaptive":
-            k = adaptive_k(context_len, num_chunks, query.shape[1] // Hkv, config)
+    return ChunkSelector(gist_index, gist_valid, context_len, config)(query, key)
+
+
+class ChunkSelector:
+    """`select_chunks` for every layer of one forward: what is the same in every layer (k, the
+    rank cut, the gathered gist columns, the missing chunks) is worked out once, at the first
+    layer (the heads and head dim come with its query and key), so a layer runs only its own
+    scores, sort and union: the engine's question forward runs this in each of its layers."""
+
+    def __init__(self, gist_index: torch.Tensor, gist_valid: torch.Tensor, context_len: torch.Tensor, config: GistConfig):
+        self.gist_index, self.gist_valid, self.context_len, self.config = gist_index, gist_valid, context_len, config
+        self._parts: tuple | None = None  # (heads and head dim, gather index, missing, rank cut)
+
+    def _prepare(self, query: torch.Tensor, key: torch.Tensor) -> tuple:
+        B, Hkv, _, D = key.shape
+        shape = (query.shape[1], Hkv, D)
+        if self._parts is None or self._parts[0] != shape:
+            config, num_chunks = self.config, self.gist_valid.sum(-1)
+            rank_kept = None
+            if config.k_policy != "top_p":
+                if config.k_policy == "adaptive":
+                    k = adaptive_k(self.context_len, num_chunks, query.shape[1] // Hkv, config)
+                else:
+                    k = torch.full_like(num_chunks, config.top_k)
+                rank_kept = torch.arange(self.gist_index.shape[1], device=k.device) < k.view(-1, 1, 1, 1)
+            gather_index = self.gist_index[:, None, :, None].expand(B, Hkv, -1, D)
+            self._parts = (shape, gather_index, ~self.gist_valid[:, None, None, :], rank_kept)
+        return self._parts
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """query [B, Hq, Tq, D], key [B, Hkv, T, D] -> bool [B, Hkv, Tq, C]."""
+        _, gather_index, missing, rank_kept = self._prepare(query, key)
+        scores = _gist_scores(query, key, gather_index, missing)
+        if rank_kept is None:
+            chosen = choose_chunks(scores, top_p=self.config.top_p, scale=1.0 / math.sqrt(query.shape[-1]))
         else:
-            k = torch.full_like(num_chunks, config.top_k)
-        chosen = choose_chunks(scores, k=k)
-    return union_over_groups(chosen, Hkv)
+            chosen = _top_k(scores, rank_kept)
+        return union_over_groups(chosen, key.shape[1])
 
 
 @dataclass

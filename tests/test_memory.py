@@ -255,6 +255,27 @@ def test_offloaded_raw_kv_gives_the_same_answers_as_resident(tokenizer, block_by
     assert torch.equal(out_a.logits, out_b.logits)
 
 
+def test_resident_memory_runs_without_the_hook_and_observers_see_every_layer(tokenizer, monkeypatch):
+    """With nothing offloaded the engine leaves the cache's hook out (and the full mask it reads);
+    an observer brings it back and sees each layer's mask, and the answer is the same."""
+    engine = tiny_engine(tokenizer, top_k=1)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    calls = []
+    hook = GistCache.hook
+    monkeypatch.setattr(GistCache, "hook", lambda self, *args: calls.append(args[0]) or hook(self, *args))
+    layout, cache = memory.prepare(QUESTION, ids)
+    plain = greedy(engine, layout, cache, n=3)
+    assert calls == []
+    layout, cache = memory.prepare(QUESTION, ids)
+    seen = {}
+    cache.observers.append(lambda layer, mask: seen.setdefault(layer, mask))
+    assert greedy(engine, layout, cache, n=3) == plain
+    layers = engine.model.config.num_hidden_layers
+    assert sorted(seen) == list(range(layers)) and calls[:layers] == list(range(layers))
+    assert all(mask.dtype == torch.bool and mask.shape[-1] == layout.seq_len for mask in seen.values())
+
+
 class CatGistCache(GistCache):
     """The GistCache decode path before it built on DecodeCache: every decode step appends by
     torch.cat, copying the whole layer KV (DynamicLayer.update). The reference for answers."""

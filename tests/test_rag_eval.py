@@ -447,14 +447,18 @@ def _forced_selection(monkeypatch, method, target: str) -> list:
             rows.append((layout, b))
         return layout, cache
 
-    def select_chunks(query, key, gist_index, gist_valid, context_len, config):
-        chosen = torch.zeros(query.shape[0], key.shape[1], query.shape[2], gist_index.shape[1], dtype=torch.bool)
-        for b, chunk in enumerate(targets):
-            chosen[b, ..., chunk] = True
-        return chosen
+    class Forced:  # attention.ChunkSelector's interface: each row's target chunk, in every layer
+        def __init__(self, gist_index, gist_valid, context_len, config):
+            self.num_chunks = gist_index.shape[1]
+
+        def __call__(self, query, key):
+            chosen = torch.zeros(query.shape[0], key.shape[1], query.shape[2], self.num_chunks, dtype=torch.bool)
+            for b, chunk in enumerate(targets):
+                chosen[b, ..., chunk] = True
+            return chosen
 
     monkeypatch.setattr(method, "prepare", remember)
-    monkeypatch.setattr(attention, "select_chunks", select_chunks)
+    monkeypatch.setattr(attention, "ChunkSelector", Forced)
     return rows
 
 

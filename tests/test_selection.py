@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gsa_rag.config import GistConfig
-from gsa_rag.selection import adaptive_k, choose_chunks, gist_scores, select_chunks, union_over_groups
+from gsa_rag.selection import ChunkSelector, adaptive_k, choose_chunks, gist_scores, select_chunks, union_over_groups
 
 
 def random_problem(seed, B=2, Hq=4, Hkv=2, Tq=3, T=40, C=6, D=8):
@@ -45,6 +45,24 @@ def test_selection_never_picks_missing_chunks_and_unions_groups(seed, k, policy)
         n = gist_valid.sum(-1).clamp(max=k)
         assert torch.equal(per_head.sum(-1), n[:, None, None].expand(2, 4, 3))
         assert torch.equal(selected, union_over_groups(per_head, 2))
+
+
+@pytest.mark.parametrize("policy", ["fixed", "adaptive", "top_p"])
+def test_one_selector_serves_every_layer_as_select_chunks_would(policy):
+    """The attention keeps one ChunkSelector per forward (its k and gist columns worked out at the
+    first layer): each later layer's queries and keys, and a change of heads, give what a fresh
+    select_chunks gives."""
+    query, key, gist_index, gist_valid = random_problem(3)
+    context_len = torch.tensor([40, 13])
+    config = GistConfig(k_policy=policy, top_k=2, top_p=0.5, adaptive_ratio=2, chunk_size=2)
+    selector = ChunkSelector(gist_index, gist_valid, context_len, config)
+    g = torch.Generator().manual_seed(7)
+    for layer in range(4):
+        Hq, Hkv = (4, 2) if layer < 3 else (6, 3)
+        q = torch.randn(2, Hq, 3, 8, generator=g)
+        k = torch.randn(2, Hkv, 40, 8, generator=g)
+        want = select_chunks(q, k, gist_index, gist_valid, context_len, config)
+        assert torch.equal(selector(q, k), want), layer
 
 
 def test_k_at_least_number_of_chunks_selects_all():

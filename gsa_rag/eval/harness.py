@@ -88,16 +88,9 @@ def _recording_factory(factory):
 
 def _record_through_cache(cache: GistCache, rows: dict[int, torch.Tensor]) -> None:
     """The same rows for a prefill over a GistCache (gist memory): that forward makes its own
-    GistState (no state factory), but hands every layer's mask to the cache's hook, so the hook
-    is wrapped here (for this one cache). Only the first forward's rows are kept: decode steps
-    pass the hook too."""
-    hook = cache.hook
-
-    def recording_hook(layer_idx, query, key, value, mask):
-        rows.setdefault(layer_idx, mask[:, :, -1].clone())
-        hook(layer_idx, query, key, value, mask)
-
-    cache.hook = recording_hook
+    GistState (no state factory), but hands every layer's mask to the cache's observers. Only the
+    first forward's rows are kept: decode steps pass them too."""
+    cache.observers.append(lambda layer_idx, mask: rows.setdefault(layer_idx, mask[:, :, -1].clone()))
 
 
 def unfolded_chunks(layout, rows: list[torch.Tensor], num_previous_chunks: int) -> torch.Tensor:
