@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import torch
 
 from gsa_rag.config import GistConfig
-from gsa_rag.kernels.sparse_decode import _num_sms
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import gist_recall, visible
 from gsa_rag.selection import adaptive_k, choose_chunks, gist_scores, union_over_groups
@@ -653,18 +652,16 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
         scores, k, chunk_ptr, picks, sizes, ends, counters,
         ptr_stride, Hq, Hq // num_kv_heads, C,
         BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union,
-        num_warps=num_warps or _select_warps(block, B * Hq, scores.device),
+        num_warps=num_warps or _select_warps(block),
     )
 
 
-def _select_warps(block: int, programs: int, device: torch.device) -> int:
-    """Warps of a select program: 8 for long rows when every program has an SM to itself, else 4.
-    Measured on the H200 (benchmarks/results/kernels/h200_round6/select_kernel.json, us at
-    4/8/16 warps): 16K chunks at batch 1 (32 programs) 36.0/30.2/31.0, at batch 8 (256) 51.3/59.6/61.4;
-    3.7K chunks at batch 1 14.6/12.4/13.4; 64 chunks 6.2/6.6/7.6."""
-    if block < 2048 or device.type != "cuda":
-        return 4
-    return 8 if programs <= _num_sms(device) else 4
+def _select_warps(block: int) -> int:
+    """Warps of a select program by row length (4 to 16). Fewer warps for long rows (8 at batch 1,
+    4 when the programs outnumber the SMs) were faster on random-normal scores in
+    benchmarks/select_kernel.py but slower on the decode benchmark's scores (top-k 45.9 vs 36.9 us
+    at 128K batch 1, 107.8 vs 73.4 at batch 8: benchmarks/results/kernels/NOTES.md, round 7)."""
+    return max(4, min(16, block // 1024))
 
 
 def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,
