@@ -8,7 +8,7 @@ list: it loads each listed K/V row once and uses it for all G query heads of tha
 small kernel combines the splits (no atomics, so results are deterministic).
 
 Grid: (B * Hkv, splits), the split length chosen from the list width so that the programs fill
-every SM about four times at batch 1 (`default_split_len`); each step gathers BLOCK_N = 64 whole
+every SM about twice at batch 1 (`default_split_len`); each step gathers BLOCK_N = 64 whole
 K and V rows through one 2-D pointer block (rows are contiguous: 16-byte loads) and does a
 [G_PAD, D] x [D, BLOCK_N] tl.dot with the G query heads padded to 16 rows.
 
@@ -171,8 +171,11 @@ def _num_sms(device: torch.device) -> int:
 
 def default_split_len(capacity: int, batch_kv_heads: int, block_n: int, device: torch.device) -> int:
     """Entries of the list per program: enough programs (B * Hkv * splits) to fill every SM
-    about four times over, each reading 1..16 blocks (64..1024 keys at block 64)."""
-    want_splits = triton.cdiv(4 * _num_sms(device), batch_kv_heads)
+    about twice over, each reading 1..16 blocks (64..1024 keys at block 64). The H200 sweep of
+    `benchmarks/kernels.py --attend-sweep` (kernels/h200_round4) put the best settings near two
+    programs per SM: at 128K batch 1, 29 splits of 64-key blocks took 27.7 us against 32.5 for the
+    58 of four per SM; at 32K batch 8, 4 splits 44.7 against 50.5 for 9; elsewhere within noise."""
+    want_splits = triton.cdiv(2 * _num_sms(device), batch_kv_heads)
     per = triton.cdiv(triton.cdiv(capacity, want_splits), block_n) * block_n
     return max(block_n, min(per, 16 * block_n))
 
