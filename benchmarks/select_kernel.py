@@ -10,9 +10,6 @@ benchmarks/kernels.py use, and the rows of H-GSA 32x (top level 3.7K units, leve
   early      the search stopping once exactly k scores are above the threshold (EARLY_EXIT)
   picks only the same without the GQA union (each group's last program: OR of the G pick rows,
              sizes, prefix sum), so union = total - picks only
-  scatter    early exit, each program writing its picked chunks' sizes into the group's zeroed row
-             (no serial union), plus the zeroing and the torch.cumsum the expansion then needs:
-             the whole replacement of `early` (which also zeroes its arrival counters)
 and the early search at 4, 8, 16, 32 warps. Microseconds per launch (median), each set of inputs
 replayed from one graph with its counters re-zeroed (a memset, timed alone as `zero`).
 """
@@ -50,16 +47,8 @@ def time_case(B: int, C: int, k: int, Hq: int = 32, Hkv: int = 8) -> dict:
     want = sizes.clone()
     row["early"] = bench_us(launch(early_exit=True), cuda_graph=True)
     row["same_sets"] = bool(torch.equal(sizes, want))
-    row["bisect_picks_only"] = bench_us(launch(early_exit=False, union="picks"), cuda_graph=True)
-    row["early_picks_only"] = bench_us(launch(early_exit=True, union="picks"), cuda_graph=True)
-
-    def scatter():
-        sizes.zero_()
-        topk_union_launch(scores, krow, ptr, 0, picks, sizes, ends, counters, Hkv, early_exit=True, union="scatter")
-        torch.cumsum(sizes, -1, dtype=torch.int32, out=ends)
-
-    row["scatter"] = bench_us(scatter, cuda_graph=True)
-    row["scatter_same_sets"] = bool(torch.equal(sizes, want))
+    row["bisect_picks_only"] = bench_us(launch(early_exit=False, union=False), cuda_graph=True)
+    row["early_picks_only"] = bench_us(launch(early_exit=True, union=False), cuda_graph=True)
     for warps in (4, 8, 16, 32):
         row[f"early_w{warps}"] = bench_us(launch(early_exit=True, num_warps=warps), cuda_graph=True)
     return row
@@ -79,8 +68,7 @@ def main(argv=None) -> None:
     print()
     print_table(rows, [("batch", "B", "d"), ("chunks", "C", "d"), ("k", "k", "d"), ("bisect", "bisect us", ".1f"),
                        ("early", "early us", ".1f"), ("bisect_picks_only", "bisect picks-only", ".1f"),
-                       ("early_picks_only", "early picks-only", ".1f"), ("scatter", "scatter us", ".1f"),
-                       ("scatter_same_sets", "same", ""), ("early_w4", "w4", ".1f"),
+                       ("early_picks_only", "early picks-only", ".1f"), ("early_w4", "w4", ".1f"),
                        ("early_w8", "w8", ".1f"), ("early_w16", "w16", ".1f"), ("early_w32", "w32", ".1f"),
                        ("zero", "zero us", ".1f"), ("same_sets", "same", "")])
     path = write_results(args.out, "select_kernel", {"environment": environment(), "rows": rows})

@@ -452,17 +452,13 @@ if triton is not None:
         BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr,
     ):
         # one program per (batch, query head); its score row [C] stays in registers.
+        # (UNION=False stops after step 2: benchmarks/select_kernel.py times the parts apart)
         # 1. the k-th largest score t (`_kth_largest`: bisection over the bits of its key);
         # 2. pick score > t, plus the first k - count(> t) scores == t by chunk index (the
-        #    reference's stable argsort), never -inf;
-        # 3. by UNION (`UNION_MODES`): 0 writes the pick as an int8 row and stops (for timing);
-        #    1 ("tail") writes it, and the last program of each GQA group to finish (arrival
-        #    counter, zeroed by the scores kernel) ORs the G rows (the union), writes each
-        #    chunk's extra-column count and the inclusive prefix sum that the expansion kernel
-        #    places chunks by; 2 ("scatter") writes the count of each picked chunk straight
-        #    into the group's size row (zeroed by the scores kernel): the G heads of a group write
-        #    the same value for a chunk they share, so the row ends as the union, with no serial
-        #    tail; the prefix sum is then left to the caller.
+        #    reference's stable argsort), never -inf; write the pick as an int8 row;
+        # 3. the last program of each GQA group to finish (arrival counter, zeroed by the
+        #    scores kernel) ORs the G rows (the union), writes each chunk's extra-column count
+        #    and the inclusive prefix sum that the expansion kernel places chunks by.
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
@@ -480,13 +476,8 @@ if triton is not None:
         if tl.sum(eq.to(tl.int32), 0) > room:  # a tie straddles the k-th place: lowest chunks first
             eq = eq & (tl.cumsum(eq.to(tl.int32), 0) <= room)
         pick = (gt | eq) & finite
-        if UNION == 2:
-            lo = tl.load(PTR + b * s_pb + c, mask=pick, other=0)
-            hi = tl.load(PTR + b * s_pb + c + 1, mask=pick, other=0)
-            tl.store(SIZES + grp.to(tl.int64) * C + c, hi - lo, mask=pick)
-        else:
-            tl.store(SEL + pid.to(tl.int64) * C + c, pick.to(tl.int8), mask=ok)
-        if UNION == 1:
+        tl.store(SEL + pid.to(tl.int64) * C + c, pick.to(tl.int8), mask=ok)
+        if UNION:
             tl.debug_barrier()  # every thread's row is stored before the arrival is counted
             arrived = tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu")
             if arrived == G - 1:
@@ -643,29 +634,24 @@ TOPK_MAX_CHUNKS = 16384
 EARLY_EXIT = True
 
 
-UNION_MODES = {"picks": 0, "tail": 1, "scatter": 2}  # `_topk_union_kernel` step 3
-# how the fused decode path (`select_sizes_triton`) forms the GQA union (see `_topk_union_kernel`)
-SELECT_UNION = "scatter"
-
-
 def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Tensor, ptr_stride: int,
                       picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor, counters: torch.Tensor,
-                      num_kv_heads: int, early_exit: bool | None = None, union: str = "tail",
+                      num_kv_heads: int, early_exit: bool | None = None, union: bool = True,
                       num_warps: int | None = None) -> None:
     """Launches `_topk_union_kernel` over scores float32 [B, Hq, C] (contiguous) with k long [B],
     chunk_ptr the CSR offsets of each chunk's extra columns (row stride `ptr_stride`; 0 shares one
-    row), into picks int8 [B, Hq, C], sizes and ends int32 [B, Hkv, C], counters int32 [B * Hkv].
+    row), into picks int8 [B, Hq, C], sizes and ends int32 [B, Hkv, C], counters int32 [B * Hkv]
+    (zeroed; each group's last arrival writes the union).
 
-    union: "tail" (counters zeroed; each group's last arrival writes sizes and ends from the picks),
-    "scatter" (sizes zeroed; written where picked; picks, ends and counters untouched) or "picks"
-    (the picks only, for timing). early_exit: stop the threshold search once it splits off exactly
-    k (default EARLY_EXIT); num_warps: default `_select_warps`."""
+    early_exit: stop the threshold search once it splits off exactly k (default EARLY_EXIT);
+    union=False writes the picks only; num_warps: default `_select_warps`. The last three are
+    for benchmarks/select_kernel.py."""
     B, Hq, C = scores.shape
     block = max(16, _next_pow2(C))
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, ends, counters,
         ptr_stride, Hq, Hq // num_kv_heads, C,
-        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=UNION_MODES[union],
+        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union,
         num_warps=num_warps or _select_warps(block),
     )
 
@@ -713,23 +699,13 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
 
 
 def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout,
-                        plan: DecodePlan, union: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused path up to the expansion: int32 [B, Hkv, C] size of each chunk in the union (0
-    where not chosen) and its inclusive prefix sum along C. union (default SELECT_UNION): "tail",
-    two launches (scores zero the arrival counters; the select kernel's last program per group
-    writes both), or "scatter", three (scores zero the sizes; the select kernel writes the picked
-    sizes; torch.cumsum)."""
+                        plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two launches of the fused path (scores, select kernel): int32 [B, Hkv, C] size
+    of each chunk in the union (0 where not chosen) and its inclusive prefix sum along C."""
     B, Hq, _ = query.shape
     Hkv = key.shape[1]
     C = layout.gist_index.shape[1]
-    union = union or SELECT_UNION
     sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
-    if union == "scatter":
-        scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, sizes=sizes)
-        unused = sizes  # picks, ends and counters: scatter does not touch them
-        topk_union_launch(scores, plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), unused, sizes, unused, unused, Hkv,
-                          union="scatter")
-        return sizes, torch.cumsum(sizes, -1, dtype=torch.int32)
     ends = torch.empty_like(sizes)
     counters = torch.empty(B * Hkv, dtype=torch.int32, device=query.device)
     picks = torch.empty(B, Hq, C, dtype=torch.int8, device=query.device)
@@ -739,22 +715,17 @@ def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
 
 
 def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
-                      early_exit: bool | None = None, union: str = "tail") -> torch.Tensor:
+                      early_exit: bool | None = None) -> torch.Tensor:
     """The fused top-k + GQA union alone, as `choose_union`'s bool [B, Hkv, C] (for tests): the
     chunks whose size the select kernel wrote nonzero (every chunk has at least its gist)."""
     B, Hq, C = scores.shape
-    fill = 0 if union == "scatter" else -1  # what scatter leaves alone must already be 0
-    sizes = torch.full((B, num_kv_heads, C), fill, dtype=torch.int32, device=scores.device)
+    sizes = torch.full((B, num_kv_heads, C), -1, dtype=torch.int32, device=scores.device)
     ends = torch.full_like(sizes, -1)
     counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)
     picks = torch.full((B, Hq, C), -1, dtype=torch.int8, device=scores.device)
     topk_union_launch(scores.contiguous(), plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends,
-                      counters, num_kv_heads, early_exit=early_exit, union=union)
-    assert bool((sizes >= 0).all())
-    if union == "scatter":
-        assert bool((ends == -1).all()) and bool((picks == -1).all()) and bool((counters == 0).all())
-        return sizes > 0, sizes
-    assert bool((counters == Hq // num_kv_heads).all())
+                      counters, num_kv_heads, early_exit=early_exit)
+    assert bool((sizes >= 0).all()) and bool((counters == Hq // num_kv_heads).all())
     assert torch.equal(ends, torch.cumsum(sizes, -1, dtype=torch.int32))
     return picks.view(B, num_kv_heads, Hq // num_kv_heads, C).any(2), sizes
 
