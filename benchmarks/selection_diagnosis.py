@@ -57,25 +57,25 @@ def chunk_categories(layout, b: int, gold: set[int], eligible: int) -> list[str]
 def position_free_scoring(engine, current: dict) -> None:
     """Experiment: score gists by q . k with RoPE taken out of both (each rotated back to
     position 0), so the score no longer depends on the distance between question and chunk.
-    Patches gsa_rag.selection.gist_scores; `current["layout"]` names the layout being run."""
+    Patches gsa_rag.selection._gist_scores (what every selection path scores through);
+    `current["layout"]` names the layout being run."""
     import gsa_rag.selection as selection
     from gsa_rag.cache import KeyRotator
 
-    rotator, plain = KeyRotator(engine.model), selection.gist_scores
+    rotator, plain = KeyRotator(engine.model), selection._gist_scores
 
-    def scores(query, key, gist_index, gist_valid):
+    def scores(query, key, gather_index, missing):
         layout = current["layout"]
         assert layout.batch_size == 1, "the experiment runs one question at a time"
-        D = key.shape[-1]
+        gist_index = gather_index[:, 0, :, 0]
         q_pos = layout.position_ids[0, -query.shape[2]:]
         g_pos = layout.position_ids[0].gather(0, gist_index[0].clamp(min=0))
-        keys = torch.gather(key, 2, gist_index[:, None, :, None].expand(1, key.shape[1], -1, D))
         q0 = rotator.rotate(query, -q_pos)
-        k0 = rotator.rotate(keys, -g_pos)
-        index = torch.arange(k0.shape[2], device=key.device)[None].expand(1, -1)
-        return plain(q0, k0, index, gist_valid)
+        k0 = rotator.rotate(torch.gather(key, 2, gather_index), -g_pos)
+        index = torch.arange(k0.shape[2], device=key.device)[None, None, :, None].expand_as(k0)
+        return plain(q0, k0, index, missing)
 
-    selection.gist_scores = scores
+    selection._gist_scores = scores
 
 
 def tally(engine, examples, first_layer: int, current: dict | None = None) -> dict:

@@ -236,9 +236,10 @@ class GistCache(DecodeCache):
     # -- per layer, before attention -----------------------------------------------------------
 
     def has_work(self) -> bool:
-        """Whether `hook` does anything (offloaded columns to fetch, queries to record, observers):
-        the engine leaves it out otherwise, and with it each layer's full mask that it reads."""
-        return bool(self.offloaded) or self.queries is not None or bool(self.observers)
+        """Whether `hook` does anything (offloaded columns to fetch, queries to record, observers,
+        or a hook assigned on this cache in its place): the engine leaves it out otherwise, and
+        with it each layer's full mask that it reads."""
+        return bool(self.offloaded) or self.queries is not None or bool(self.observers) or "hook" in vars(self)
 
     def hook(self, layer_idx: int, query, key, value, mask) -> None:
         """GistState hook: fetch the offloaded raw columns that `mask` makes visible."""

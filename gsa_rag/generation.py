@@ -59,7 +59,8 @@ def forward(model, layout: GistLayout, num_new: int, cache: DynamicCache, config
     """Runs the model on the last `num_new` columns of `layout`, appending to `cache`.
 
     With a `GistCache` (gist memory) that still has open columns, those columns run instead
-    (their count must be `num_new`), and every layer's mask goes through the cache's hook.
+    (their count must be `num_new`); every layer's mask goes through the cache's hook when the cache
+    has work for it (`GistCache.has_work`: offloaded raw KV to fetch, queries or observers).
 
     `state_factory(layout, num_new, config)` makes the per-forward state the attention function
     reads (default `GistState.for_new_tokens`); a plug-in (e.g. gsa_rag.eval.quest) passes its

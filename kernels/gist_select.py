@@ -442,7 +442,7 @@ if triton is not None:
                 cnt = tl.sum((s >= _key_float(y)).to(tl.int32), 0)
                 x = tl.where(cnt >= k, y, x)
                 step = step // 2
-        return _key_float(x)  # NaN when k == 0
+        return _key_float(x)  # k == 0: NaN, or (early exit) a threshold above every score; no pick either way
 
     @triton.jit
     def _topk_union_kernel(

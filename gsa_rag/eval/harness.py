@@ -11,7 +11,7 @@ gist tokens, decoding), and records per question:
 - gold selection (methods that select chunks): in every selecting layer and KV head, whether
   the question's last token unfolded a chunk of a gold passage (the local window excluded),
   and the chance of that under a random choice of as many chunks (over gist memory too: the
-  prefill over a GistCache hands its masks to the cache's hook);
+  prefill over a GistCache hands its masks to the cache's observers);
 - time to first token (layout + prefill + first sample) and time per output token, per batch.
 """
 
@@ -86,11 +86,17 @@ def _recording_factory(factory):
     return make_state
 
 
-def _record_through_cache(cache: GistCache, rows: dict[int, torch.Tensor]) -> None:
+def _record_through_cache(cache: GistCache, rows: dict[int, torch.Tensor]):
     """The same rows for a prefill over a GistCache (gist memory): that forward makes its own
-    GistState (no state factory), but hands every layer's mask to the cache's observers. Only the
-    first forward's rows are kept: decode steps pass them too."""
-    cache.observers.append(lambda layer_idx, mask: rows.setdefault(layer_idx, mask[:, :, -1].clone()))
+    GistState (no state factory), but hands every layer's mask to the cache's observers. Returns
+    the observer, which the caller removes after the first forward (an observer keeps the hook,
+    and a full mask per layer, on every decode step)."""
+
+    def record(layer_idx, mask):
+        rows.setdefault(layer_idx, mask[:, :, -1].clone())
+
+    cache.observers.append(record)
+    return record
 
 
 def unfolded_chunks(layout, rows: list[torch.Tensor], num_previous_chunks: int) -> torch.Tensor:
@@ -258,8 +264,9 @@ def answer_batch(engine: GistEngine, method: Method, questions: list[str], passa
     layout, cache = method.prepare(engine, questions, passages)
     factory = method.state_factory(engine.config)
     cache_rows: dict[int, torch.Tensor] = {}
+    recorder = None
     if record_selection and isinstance(cache, GistCache):
-        _record_through_cache(cache, cache_rows)
+        recorder = _record_through_cache(cache, cache_rows)
     elif record_selection:
         factory = _recording_factory(factory)
     first_state: list = []
@@ -268,6 +275,8 @@ def answer_batch(engine: GistEngine, method: Method, questions: list[str], passa
     def observe(state) -> None:
         if not first_state:
             first_state.append(state)
+            if recorder is not None:  # the prefill's rows are recorded: decode steps run without it
+                cache.observers.remove(recorder)
         else:
             decode_budget.append(_per_row_attended(state))
 
