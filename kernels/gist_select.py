@@ -449,7 +449,7 @@ if triton is not None:
         S, KROW, PTR, SEL, SIZES, ENDS, CNT,
         s_pb,
         Hq, G, C,
-        BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr,
+        BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr, WRITE_ENDS: tl.constexpr,
     ):
         # one program per (batch, query head); its score row [C] stays in registers.
         # (UNION=False stops after step 2: benchmarks/select_kernel.py times the parts apart)
@@ -490,7 +490,8 @@ if triton is not None:
                 size = tl.where(union != 0, hi - lo, 0)
                 row = grp.to(tl.int64) * C
                 tl.store(SIZES + row + c, size, mask=ok)
-                tl.store(ENDS + row + c, tl.cumsum(size, 0), mask=ok)
+                if WRITE_ENDS:  # H-GSA reads the union flags only
+                    tl.store(ENDS + row + c, tl.cumsum(size, 0), mask=ok)
 
 
 
@@ -635,13 +636,13 @@ EARLY_EXIT = True
 
 
 def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Tensor, ptr_stride: int,
-                      picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor, counters: torch.Tensor,
+                      picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor | None, counters: torch.Tensor,
                       num_kv_heads: int, early_exit: bool | None = None, union: bool = True,
                       num_warps: int | None = None) -> None:
     """Launches `_topk_union_kernel` over scores float32 [B, Hq, C] (contiguous) with k long [B],
     chunk_ptr the CSR offsets of each chunk's extra columns (row stride `ptr_stride`; 0 shares one
-    row), into picks int8 [B, Hq, C], sizes and ends int32 [B, Hkv, C], counters int32 [B * Hkv]
-    (zeroed; each group's last arrival writes the union).
+    row), into picks int8 [B, Hq, C], sizes and ends int32 [B, Hkv, C] (ends None: the prefix sum is
+    not written), counters int32 [B * Hkv] (zeroed; each group's last arrival writes the union).
 
     early_exit: stop the threshold search once it splits off exactly k (default EARLY_EXIT);
     union=False writes the picks only; num_warps: default `_select_warps`. The last three are
@@ -649,9 +650,9 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
     B, Hq, C = scores.shape
     block = max(16, _next_pow2(C))
     _topk_union_kernel[(B * Hq,)](
-        scores, k, chunk_ptr, picks, sizes, ends, counters,
+        scores, k, chunk_ptr, picks, sizes, sizes if ends is None else ends, counters,
         ptr_stride, Hq, Hq // num_kv_heads, C,
-        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union,
+        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union, WRITE_ENDS=ends is not None,
         num_warps=num_warps or _select_warps(block),
     )
 

@@ -236,10 +236,9 @@ def _union_flags(scores: torch.Tensor, plan: HierPlan, counters: torch.Tensor, n
         chosen = choose_chunks(scores[:, :, None], k=k, top_p=top_p, scale=1.0 / math.sqrt(head_dim))
         return union_over_groups(chosen, num_kv_heads)[:, :, 0].to(torch.int32)
     flags = torch.empty(B, num_kv_heads, NC, dtype=torch.int32, device=scores.device)
-    ends = torch.empty_like(flags)  # the running count of chosen slots (unused here)
     picks = torch.empty(B, Hq, NC, dtype=torch.int8, device=scores.device)
-    # the identity size table (stride 0 over batch): each chosen slot's "size" is 1
-    topk_union_launch(scores, k, plan.ident, 0, picks, flags, ends, counters, num_kv_heads)
+    # the identity size table (stride 0 over batch): each chosen slot's "size" is 1; no prefix sum
+    topk_union_launch(scores, k, plan.ident, 0, picks, flags, None, counters, num_kv_heads)
     return flags
 
 
