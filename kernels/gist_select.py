@@ -16,14 +16,17 @@ every layer); per layer only the scores, the top-k and the list expansion run.
 Layers that do not select (below first_selecting_layer, or nothing to select) use the
 forgetting row: base plus every closed gist; that list is also built once per step.
 
-Fast path (`select_index_list_triton`, no host sync): the scores kernel (grid (B * Hkv,
-C / BLOCK_C); gist keys loaded once per KV head, shared by its G query heads; it also zeroes the
-[B, Hkv, C] size table) -> torch.topk (unsorted when k is uniform) -> the mark kernel (each
-pick writes its chunk's extra-column count: the GQA union) -> torch.cumsum of the sizes ->
-the expansion kernel (grid (B * Hkv, C / 64 + base blocks): every chunk block writes its columns
-at base_len + prefix sum; no serial walk, no dense mask). Reference path (torch): `gist_scores_ref` is `gsa_rag.selection.gist_scores`;
-`build_index_list_ref` expands column-wise from a mask. Top-k runs through torch.topk on both
-(radix select on CUDA); top-p through the reference `choose_chunks`.
+Fast path (`select_index_list_triton`, no host sync), three launches: the scores kernel (grid
+(B * Hkv, C / BLOCK_C); gist keys loaded once per KV head, shared by its G query heads) -> the
+select kernel (`_topk_union_kernel`, grid B * Hq: each query head's k-th largest score by a
+bisection over the bits of its key in registers, stopping once exactly k scores lie above it; the
+last head of each GQA group to finish writes the union's chunk sizes and their prefix sum) -> the
+expansion kernel (grid (B * Hkv, C / 64 + base blocks): every chunk block writes its columns at
+base_len + prefix sum; no serial walk, no dense mask). Above TOPK_MAX_CHUNKS chunks the select
+kernel's row does not fit in registers and torch.topk, the mark kernel (each pick writes its
+chunk's extra-column count: the GQA union) and torch.cumsum take its place. Reference path
+(torch): `gist_scores_ref` is `gsa_rag.selection.gist_scores`; `build_index_list_ref` expands
+column-wise from a mask. Top-p goes through the reference `choose_chunks` on both.
 
 Shapes: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, T key columns, C chunks,
 D head dim. Index lists are int32 [B, H, CAP] padded with 0, with int32 lengths [B, H]
