@@ -70,13 +70,18 @@ def choose_chunks(scores: torch.Tensor, k: torch.Tensor | None = None, top_p: fl
         bool [B, Hq, Tq, C]; never selects a missing chunk.
     """
     if top_p is None:
-        return _top_k(scores, torch.arange(scores.shape[-1], device=scores.device) < k.view(-1, 1, 1, 1))
+        return _top_k(scores, _rank_kept(k, scores.shape[-1]))
     order = scores.argsort(dim=-1, descending=True, stable=True)
     sorted_scores = scores.gather(-1, order)
     mass = torch.softmax(sorted_scores * scale, dim=-1).nan_to_num(0.0)
     before = mass.cumsum(-1) - mass  # mass of the better chunks
     keep = (before < top_p) & torch.isfinite(sorted_scores)
     return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def _rank_kept(k: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """long [B] k -> bool [B, 1, 1, C]: rank < k (`_top_k`'s cut)."""
+    return torch.arange(num_chunks, device=k.device) < k.view(-1, 1, 1, 1)
 
 
 def _top_k(scores: torch.Tensor, rank_kept: torch.Tensor) -> torch.Tensor:
@@ -136,7 +141,7 @@ class ChunkSelector:
                     k = adaptive_k(self.context_len, num_chunks, query.shape[1] // Hkv, config)
                 else:
                     k = torch.full_like(num_chunks, config.top_k)
-                rank_kept = torch.arange(self.gist_index.shape[1], device=k.device) < k.view(-1, 1, 1, 1)
+                rank_kept = _rank_kept(k, self.gist_index.shape[1])
             gather_index = self.gist_index[:, None, :, None].expand(B, Hkv, -1, D)
             self._parts = (shape, gather_index, ~self.gist_valid[:, None, None, :], rank_kept)
         return self._parts
