@@ -49,6 +49,11 @@ class GistConfig:
     # length, see selection.adaptive_k), or "top_p" (smallest set with softmax mass >= top_p)
     k_policy: Literal["fixed", "adaptive", "top_p"] = "fixed"
     top_k: int = 4
+    # H-GSA: sections each query head keeps at every level above the chunks (the beam of the
+    # coarse-to-fine search); None keeps top_k there too. A wider beam scores more gists
+    # (beam x meta_chunks per level and head) but unfolds no more raw tokens: each head still
+    # unfolds top_k chunks, now chosen among the children of more sections.
+    section_top_k: int | None = None
     top_p: float = 0.9
     # adaptive k aims at attending ~ context_length / adaptive_ratio raw tokens per KV head
     adaptive_ratio: float = 8.0
@@ -86,6 +91,19 @@ class GistConfig:
             raise ConfigError(f"meta_chunks {self.meta_chunks} needs gists to group: set chunk_size > 0 or meta_chunks=()")
         if self.meta_chunks and self.k_policy == "adaptive":
             raise ConfigError("k_policy 'adaptive' is single-level only; use 'fixed' or 'top_p' with meta_chunks")
+        self._check_section_top_k()
+
+    def _check_section_top_k(self) -> None:
+        k = self.section_top_k
+        if k is None:
+            return
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ConfigError(f"section_top_k must be None (= top_k) or an int >= 1, got {k!r}")
+        if not self.meta_chunks:
+            raise ConfigError(f"section_top_k={k} is the H-GSA beam over sections: it needs meta_chunks (or leave it None)")
+        if self.k_policy != "fixed":
+            raise ConfigError(f"section_top_k needs k_policy 'fixed' (with {self.k_policy!r} that policy applies at every level)")
+        self.section_top_k = int(k)
 
     def _check_meta_chunks(self) -> None:
         # JSON (adapters, memories) stores the tuple as a list: accept any sequence, keep a tuple
@@ -109,6 +127,11 @@ class GistConfig:
     @property
     def hierarchical(self) -> bool:
         return self.uses_gists and bool(self.meta_chunks)
+
+    def level_top_k(self, level: int) -> int:
+        """Units each query head keeps at gist level `level` (policy "fixed"): top_k chunks at
+        level 0, section_top_k (default top_k) sections above."""
+        return self.top_k if level == 0 or self.section_top_k is None else self.section_top_k
 
     @property
     def compression_ratio(self) -> int:

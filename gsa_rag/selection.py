@@ -206,7 +206,8 @@ def select_hierarchical(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
     """Coarse to fine (H-GSA): top-k top-level gists, then top-k among the children of the
     chosen sections, level by level down to the chunks. Each level takes the union over the
     query heads of a KV head before going down, so a KV head reads about k * G children per
-    chosen level instead of every gist. `top_k` (or `top_p`) applies at every level.
+    chosen level instead of every gist. `top_k` (or `top_p`) applies at every level, or
+    `section_top_k` above the chunks (`GistConfig.level_top_k`).
 
     Args:
         query: [B, Hq, Tq, D] (RoPE applied).
@@ -227,7 +228,7 @@ def select_hierarchical(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
         # the reference scores every gist of the level and masks; a kernel reads only candidates
         scores = gist_scores(query, key, index, valid)
         scored[level] = candidates
-        chosen[level] = _choose_among(scores, candidates, config.top_k, config, query.shape[-1])
+        chosen[level] = _choose_among(scores, candidates, config.level_top_k(level), config, query.shape[-1])
         if level > 0:  # the children of the chosen sections are the next level's candidates
             _, child_valid = layout.units(level - 1)
             candidates = _children(chosen[level], layout.parents(level - 1)) & child_valid[:, None, None, :]

@@ -76,6 +76,9 @@ class HierPlan:
         slots: candidate list width per level: every top-level unit; below, at most
             (units chosen one level up) x (their children).
         room: list entries the sections' gists can add (capacity = flat.capacity + room).
+        section_k: long [B] sections per query head at every level above the chunks
+            (GistConfig.level_top_k; flat.k, the chunks' k, when the config leaves it None;
+            None under top_p); section_k_max: its maximum (host int).
         ident: int32 [max slots + 1] = 0, 1, 2, ...: the top level's candidate units, and the
             select kernel's size table (every slot counts 1, so it writes union flags).
     """
@@ -91,6 +94,8 @@ class HierPlan:
     slots: list[int]
     room: int
     ident: torch.Tensor
+    section_k: torch.Tensor | None
+    section_k_max: int
 
     @property
     def capacity(self) -> int:
@@ -106,7 +111,7 @@ class HierPlan:
         """
         flat = DecodePlan.build(layout, config, group_size) if flat is None else flat
         lineage = layout.__dict__.get("_lineage")
-        key = ("hier", config.num_previous_chunks, config.k_policy, config.top_k, config.sink, group_size)
+        key = ("hier", config.num_previous_chunks, config.k_policy, config.top_k, config.section_top_k, config.sink, group_size)
         cached = lineage.get(key) if lineage is not None else None
         if cached is not None and cached.section_index is layout.section_index and cached.num_chunks is layout.num_chunks:
             return replace(cached.plan, flat=flat)
@@ -150,8 +155,12 @@ class HierPlan:
         child_max = [0] + stats[4::4]
         extra_cols = [extra_cols[0]] + [c[:, : max(1, n)].contiguous() for c, n in zip(extra_cols[1:], stats[2::4])]
 
-        def chosen(slots: int) -> int:  # units one KV head can choose among `slots` candidates
-            return slots if flat.k is None else min(slots, group_size * flat.k_max)
+        section_k, section_k_max = flat.k, flat.k_max
+        if flat.k is not None and config.section_top_k is not None:
+            section_k, section_k_max = torch.full_like(flat.k, config.section_top_k), config.section_top_k
+
+        def chosen(slots: int) -> int:  # sections one KV head can choose among `slots` candidates
+            return slots if section_k is None else min(slots, group_size * section_k_max)
 
         slots = [0] * L
         slots[L - 1] = max(1, n_max[L - 1])
@@ -160,7 +169,7 @@ class HierPlan:
         room = sum(min(nx, chosen(slots[level])) for level, nx in zip(range(1, L), stats[2::4]))
         ident = torch.arange(max(slots) + 1, dtype=torch.int32, device=device)
         return cls(flat, extra_ptr, extra_cols, extra_max, child_ptr, child_max, unit_index, num_units,
-                   slots, room, ident)
+                   slots, room, ident, section_k, section_k_max)
 
 
 @dataclass
@@ -219,8 +228,9 @@ if triton is not None:
 
 
 def _union_flags(scores: torch.Tensor, plan: HierPlan, counters: torch.Tensor, num_kv_heads: int,
-                 config: GistConfig, head_dim: int) -> torch.Tensor:
-    """Per query head top-k (top-p) over the candidate slots, union over each GQA group.
+                 config: GistConfig, head_dim: int, level: int) -> torch.Tensor:
+    """Per query head top-k (top-p) over the candidate slots of gist level `level`, union over
+    each GQA group.
 
     Args:
         scores: float32 [B, Hq, NC], -inf past each (batch, KV head)'s candidates.
@@ -230,7 +240,7 @@ def _union_flags(scores: torch.Tensor, plan: HierPlan, counters: torch.Tensor, n
         int32 [B, Hkv, NC], 1 where a slot is chosen.
     """
     B, Hq, NC = scores.shape
-    k = plan.flat.k
+    k = plan.flat.k if level == 0 else plan.section_k
     if k is None or NC > TOPK_MAX_CHUNKS:  # the reference's choice, on the small candidate rows
         top_p = config.top_p if k is None else None
         chosen = choose_chunks(scores[:, :, None], k=k, top_p=top_p, scale=1.0 / math.sqrt(head_dim))
@@ -268,7 +278,7 @@ def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout
     s_ur = 0
     for level in range(top, -1, -1):
         scores = _scores_launch(query, key, gist_cols, count, counters=counters, scored=scored)
-        flags = _union_flags(scores, plan, counters, Hkv, config, D)
+        flags = _union_flags(scores, plan, counters, Hkv, config, D, level)
         NC = flags.shape[-1]
         children = level > 0
         if children:

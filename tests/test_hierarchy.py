@@ -50,12 +50,20 @@ def test_config_levels_ratios_and_round_trip():
     assert deep.meta_chunks == (4, 2) and deep.levels == 3 and deep.compression_ratio == 64
     assert GistConfig.from_json(deep.to_json()) == deep
     assert GistConfig.from_dict({k: v for k, v in GistConfig().to_dict().items() if k != "meta_chunks"}) == GistConfig()
+    beam = GistConfig(chunk_size=8, meta_chunks=(4, 4), top_k=2, section_top_k=6)
+    assert [beam.level_top_k(level) for level in range(3)] == [2, 6, 6]
+    assert [deep.level_top_k(level) for level in range(3)] == [4, 4, 4]  # None: top_k at every level
+    assert GistConfig.from_json(beam.to_json()) == beam
+    # adapters saved before section_top_k existed load with the old behaviour
+    assert GistConfig.from_dict({k: v for k, v in deep.to_dict().items() if k != "section_top_k"}) == deep
 
 
 @pytest.mark.parametrize("bad", [
     {"meta_chunks": (0,)}, {"meta_chunks": (4, -1)}, {"meta_chunks": 4}, {"meta_chunks": "4"},
     {"meta_chunks": (2.5,)}, {"meta_chunks": (True,)}, {"chunk_size": 0, "meta_chunks": (4,)},
     {"meta_chunks": (4,), "k_policy": "adaptive"},
+    {"section_top_k": 2}, {"meta_chunks": (4,), "section_top_k": 0}, {"meta_chunks": (4,), "section_top_k": True},
+    {"meta_chunks": (4,), "section_top_k": 2.0}, {"meta_chunks": (4,), "k_policy": "top_p", "section_top_k": 2},
 ])
 def test_bad_hierarchy_configs_are_refused(bad):
     with pytest.raises(ConfigError):
@@ -321,9 +329,10 @@ def random_qk(layout, seed, Hq=4, Hkv=2, Tq=2, D=8):
     return torch.randn(B, Hq, Tq, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
 
 
-def brute_force_selection(query, key, layout, k):
+def brute_force_selection(query, key, layout, k, section_k=None):
     """Coarse to fine in plain Python: per KV head and row, the group's heads each take their k
-    best candidates; the union's children are the next level's candidates."""
+    best candidates (section_k, when given, above the chunks); the union's children are the next
+    level's candidates."""
     B, Hq, Tq, _ = query.shape
     Hkv = key.shape[1]
     G, top = Hq // Hkv, layout.levels - 1
@@ -339,7 +348,8 @@ def brute_force_selection(query, key, layout, k):
                     union = set()
                     for qh in range(h * G, (h + 1) * G):
                         score = {u: float(query[b, qh, r] @ key[b, h, gists[level][u]]) for u in candidates}
-                        union |= set(sorted(candidates, key=lambda u: -score[u])[:k])
+                        keep = k if level == 0 or section_k is None else section_k
+                        union |= set(sorted(candidates, key=lambda u: -score[u])[:keep])
                     out[b, h, r, level] = union
                     if level:
                         candidates = {c for c, p in enumerate(parents[level - 1]) if p in union}
@@ -347,14 +357,15 @@ def brute_force_selection(query, key, layout, k):
 
 
 @settings(max_examples=80, deadline=None)
-@given(seeds, st.integers(1, 4))
-def test_coarse_to_fine_equals_brute_force_and_keeps_its_invariants(seed, k):
+@given(seeds, st.integers(1, 4), st.one_of(st.none(), st.integers(1, 6)))
+def test_coarse_to_fine_equals_brute_force_and_keeps_its_invariants(seed, k, section_k):
     rng = random.Random(seed)
-    config = GistConfig(**{**random_hierarchical_config(rng).to_dict(), "top_k": k})
+    config = GistConfig(**{**random_hierarchical_config(rng).to_dict(), "top_k": k, "k_policy": "fixed",
+                           "section_top_k": section_k})
     _, layout = lay_out(rng, config)
     query, key = random_qk(layout, seed)
     sel = select_hierarchical(query, key, layout, config)
-    want = brute_force_selection(query, key, layout, k)
+    want = brute_force_selection(query, key, layout, k, section_k)
     for level in range(config.levels):
         _, valid = layout.units(level)
         chosen, scored = sel.chosen[level], sel.scored[level]

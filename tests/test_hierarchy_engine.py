@@ -14,6 +14,7 @@ from gsa_rag import attention
 from gsa_rag.attention import GistState
 from gsa_rag.cli import main
 from gsa_rag.config import GistConfig
+from gsa_rag.errors import ConfigError
 from gsa_rag.engine import GistEngine
 from gsa_rag.eval.methods.base import parse_spec
 from gsa_rag.generation import forward
@@ -144,3 +145,13 @@ def test_eval_specs_name_the_hierarchy(spec, ratio, meta):
     assert method.label.startswith("H-GSA" if meta else "GSA")
     with pytest.raises(ValueError, match="meta"):
         parse_spec("gsa:meta=four").gist_config(None)
+
+
+def test_eval_spec_sets_the_section_beam():
+    method = parse_spec("gsa:chunk=8:meta=4:sk=8")
+    config = method.gist_config(None)
+    assert (config.top_k, config.section_top_k, config.compression_ratio) == (4, 8, 32)
+    assert parse_spec(method.spec).gist_config(None) == config and "8 sections" in method.label
+    assert parse_spec("gsa:chunk=8:meta=4").gist_config(None).section_top_k is None
+    with pytest.raises(ConfigError, match="meta_chunks"):
+        parse_spec("gsa:sk=8").gist_config(None)  # a beam over sections needs sections

@@ -39,12 +39,14 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}  # as tes
 HIERARCHIES = [(4, 4), (8, 4), (4, 2, 2)]
 
 
-def random_hier_layout(seed: int, hierarchy: tuple[int, ...], policy: str = "fixed"):
-    """Two sequences of different lengths (left padding), context then question, one generated token."""
+def random_hier_layout(seed: int, hierarchy: tuple[int, ...], policy: str = "fixed", beam: bool = False):
+    """Two sequences of different lengths (left padding), context then question, one generated token.
+    beam: sections kept above the chunks = top_k + 2 (GistConfig.section_top_k)."""
     rng = random.Random(seed)
+    top_k = rng.randrange(1, 4)
     config = GistConfig(chunk_size=hierarchy[0], meta_chunks=hierarchy[1:], sink=rng.randrange(0, 5),
                         num_previous_chunks=rng.randrange(0, 3), word_aware=rng.random() < 0.5,
-                        top_k=rng.randrange(1, 4), k_policy=policy, top_p=0.5)
+                        top_k=top_k, k_policy=policy, top_p=0.5, section_top_k=top_k + 2 if beam else None)
     rows = [random_segments(rng, max_passages=4, max_len=rng.choice([30, 120])) for _ in range(2)]
     layout = build_layout(rows, config, FakeTokenizer())
     layout = layout.append(torch.randint(1, 990, (2, 1), generator=torch.Generator().manual_seed(seed)))
@@ -80,13 +82,14 @@ def assert_lists_are_the_mask(index, lengths, want, context):
 
 
 @pytest.mark.parametrize("hierarchy", HIERARCHIES)
-@pytest.mark.parametrize("policy", ["fixed", "top_p"])
-def test_hier_key_list_is_the_engine_mask(hierarchy, policy):
+@pytest.mark.parametrize("policy,beam", [("fixed", False), ("top_p", False), ("fixed", True)])
+def test_hier_key_list_is_the_engine_mask(hierarchy, policy, beam):
     """Per (batch, KV head) the list holds exactly the reference mask's decode row: selecting
-    and non-selecting layers, GQA 4 query / 2 KV heads, two rows of different lengths."""
+    and non-selecting layers, GQA 4 query / 2 KV heads, two rows of different lengths; with
+    `beam`, more sections than chunks per head (section_top_k)."""
     chose_fewer = 0
     for seed in range(4):
-        layout, config = random_hier_layout(seed, hierarchy, policy)
+        layout, config = random_hier_layout(seed, hierarchy, policy, beam)
         q, k = decode_inputs(layout, seed)
         plan = HierPlan.build(layout, config, 2)
         for layer in (0, 1):
@@ -162,15 +165,16 @@ def test_hier_decode_through_dispatch_equals_reference_attention(dtype, hierarch
 
 
 @pytest.mark.parametrize("hierarchy", [(4, 4), (4, 2, 2)])
-def test_gist_keys_scored_per_step_do_not_grow_with_the_chunks(hierarchy):
+@pytest.mark.parametrize("section_top_k", [None, 3])
+def test_gist_keys_scored_per_step_do_not_grow_with_the_chunks(hierarchy, section_top_k):
     """The scoring kernel's own count of the gist keys it read: every top-level gist, and below
     it at most (units chosen one level up) x (children per section) per level, whatever the
     context; single-level GSA would read every chunk's gist. Context grows 8x."""
     chunk, meta = hierarchy[0], hierarchy[1:]
-    config = GistConfig(chunk_size=chunk, meta_chunks=meta, sink=4, top_k=2, word_aware=False)
+    config = GistConfig(chunk_size=chunk, meta_chunks=meta, sink=4, top_k=2, word_aware=False, section_top_k=section_top_k)
     Hq, Hkv, D = 4, 2, 16
     G = Hq // Hkv
-    below_bound = sum(G * config.top_k * c for c in meta)  # per level: G*k sections chosen, c children each
+    below_bound = sum(G * config.level_top_k(1) * c for c in meta)  # per level: G*k sections chosen, c children each
     counts = {}
     for context in (300, 2400):
         layout = synthetic_hier_layout(2, context, chunk, meta, device=DEVICE)

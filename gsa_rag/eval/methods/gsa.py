@@ -5,7 +5,9 @@ with link tokens after it; otherwise the plain prompt (details below).
 
 H-GSA (gist-of-gist): `meta` names the gists per <mgist> of each level above the first, e.g.
 "gsa:chunk=8:meta=4" (32x, two levels) or "gsa:chunk=8:meta=4x4" (three levels; "x", not ",",
-which separates methods in benchmarks/rag_eval.py --methods); selection runs coarse to fine.
+which separates methods in benchmarks/rag_eval.py --methods); selection runs coarse to fine,
+`k` per level, or `sk` sections per head above the chunks ("gsa:chunk=8:meta=4:sk=8": a wider
+beam, still k chunks unfolded).
 
 KV reuse ("gsa:reuse=1", with any other option): one GistMemory (gsa_rag.memory) serves the whole
 run; each passage is encoded once, alone, and its cached KV re-rotated to its place in every
@@ -36,6 +38,7 @@ class GSA(Method):
     p: float = 0.9  # mass for policy "top_p"
     ratio: float = 8.0  # adaptive k aims at context_length / ratio raw tokens per KV head
     meta: str = ""  # H-GSA: gists per <mgist> per level above the first ("4", "4x4"); "" single level
+    sk: int = 0  # H-GSA: sections per query head above the chunks (GistConfig.section_top_k); 0: k
     reuse: bool = False  # answer from one gist memory shared by the run (KV reuse)
     budget_mb: int = 0  # with reuse: the memory's KV budget in MiB; 0: automatic
     _reuse: ReuseMemory | None = field(default=None, init=False, repr=False, compare=False)
@@ -43,6 +46,8 @@ class GSA(Method):
     def __post_init__(self) -> None:
         if self.budget_mb and not self.reuse:
             raise ValueError("gsa option budget_mb is the gist memory's budget: it needs reuse=1")
+        if self.sk < 0:
+            raise ValueError(f"gsa option sk must be >= 0 (0: the same as k), got {self.sk}")
         if self.budget_mb < 0:
             raise ValueError(f"gsa option budget_mb must be >= 0 (0: automatic), got {self.budget_mb}")
 
@@ -60,12 +65,13 @@ class GSA(Method):
         reuse = ", KV reuse" if self.reuse else ""
         if self.meta_chunks:
             sizes = ",".join(str(n) for n in (self.chunk, *self.meta_chunks))
-            return f"H-GSA {self.compression_ratio():.0f}x ({sizes}), {k}{reuse}"
+            beam = f", {self.sk} sections" if self.sk else ""
+            return f"H-GSA {self.compression_ratio():.0f}x ({sizes}), {k}{beam}{reuse}"
         return f"GSA {self.chunk}x, {k}{reuse}"
 
     def gist_config(self, ctx: RunContext) -> GistConfig:
         return GistConfig(chunk_size=self.chunk, top_k=self.k, k_policy=self.policy, top_p=self.p,
-                          adaptive_ratio=self.ratio, meta_chunks=self.meta_chunks)
+                          adaptive_ratio=self.ratio, meta_chunks=self.meta_chunks, section_top_k=self.sk or None)
 
     def compression_ratio(self) -> float:
         return float(math.prod((self.chunk, *self.meta_chunks)))
