@@ -1,17 +1,34 @@
 """Where the fused top-k + union kernel's time goes (issue #6: it is the largest item of a decode
 step at batch 1), in one run on one GPU, CUDA-graph replay.
 
-    python benchmarks/select_kernel.py [--out benchmarks/results/kernels/select]
+    python benchmarks/select_kernel.py [--scores normal|qk] [--out benchmarks/results/kernels/select]
 
-One launch of `gsa_rag.kernels.gist_select._topk_union_kernel` over random scores [B, 32, C]
-(Llama-3-8B's 32 query heads over 8 KV heads), k per head as the 128K / 32K decode steps of
-benchmarks/kernels.py use, and the rows of H-GSA 32x (top level 3.7K units, level 0 64 candidates):
+One launch of `gsa_rag.kernels.gist_select._topk_union_kernel` over scores [B, 32, C] (Llama-3-8B's
+32 query heads over 8 KV heads), k per head as the 128K / 32K decode steps of benchmarks/kernels.py
+use, and the rows of H-GSA 32x (top level 3.7K units, level 0 64 candidates):
   bisect     the threshold search over all 32 bits of the score's key (rounds 3-5)
-  early      the search stopping once exactly k scores are above the threshold (EARLY_EXIT)
+  early      the search stopping once exactly k scores are above the threshold (EARLY_EXIT); its
+             union tail writes the sizes' prefix sum along C (ENDS_PREFIX)
+  blocksum   the same, the tail writing one sum per 64 chunks instead (ENDS_BLOCKS)
   picks only the same without the GQA union (each group's last program: OR of the G pick rows,
              sizes, prefix sum), so union = total - picks only
+  expand     the expansion launch that follows each (it places chunks by what the tail wrote:
+             block sums make every expansion program scan its own block), and select + expand
+             for both, the part of the decode step that the choice changes; same_lists: both give
+             the same key lists
 and the early search at 4, 8, 16, 32 warps. Microseconds per launch (median), each set of inputs
-replayed from one graph with its counters re-zeroed (a memset, timed alone as `zero`).
+replayed from one graph with its counters re-zeroed (a memset, timed alone as `zero`, and inside
+every select column).
+
+--scores normal (default): random-normal score rows, the chunks and k of each case (rounds 6-9).
+--scores qk: the decode benchmark's rows instead, which disagreed with random normals on what is
+fastest (round 7, benchmarks/results/kernels/NOTES.md): bf16 random query and key tensors as
+benchmarks/kernels.py draws them, scored by the decode step's scores kernel over the gist keys of
+its synthetic layout (chunk 8, sink 4, a 32-token tail and one appended token) at the case's
+context, with its adaptive k (ratio 8): 14563 chunks, k 512 at 128K. The H-GSA rows (fixed top-4)
+score a layout of exactly their chunks. Either way the chunk sizes and the expansion's lists come
+from that layout's DecodePlan (the select kernel reads its per-row offsets, as in the decode step;
+rounds 6-9 shared one row of 9 columns per chunk).
 """
 
 from __future__ import annotations
@@ -19,34 +36,109 @@ from __future__ import annotations
 import argparse
 
 import torch
-from gsa_rag.kernels.bench import bench_us, environment, print_table, write_results
-from gsa_rag.kernels.gist_select import topk_union_launch
+from gsa_rag.kernels.bench import (
+    bench_us,
+    environment,
+    print_table,
+    synthetic_layout,
+    write_results,
+)
+from gsa_rag.kernels.gist_select import (
+    ENDS_BLOCKS,
+    ENDS_PREFIX,
+    DecodePlan,
+    _expand_launch,
+    _scores_launch,
+    ends_width,
+    topk_union_launch,
+)
 
-CASES = [  # (batch, chunks, k): 128K and 32K at chunk 8 with adaptive k, H-GSA 32x's two levels
-    (1, 16384, 512), (8, 16384, 512), (1, 4096, 128), (8, 4096, 128), (1, 3704, 4), (1, 64, 4),
+from gsa_rag.config import GistConfig
+
+CASES = [  # (batch, chunks, k, context of the decode benchmark's step): 128K and 32K at chunk 8 with
+    # adaptive k, H-GSA 32x's two levels (no single-level context: fixed top-4 over `chunks`)
+    (1, 16384, 512, 131072), (8, 16384, 512, 131072), (1, 4096, 128, 32768), (8, 4096, 128, 32768),
+    (1, 3704, 4, None), (1, 64, 4, None),
 ]
+CHUNK, SINK, TAIL = 8, 4, 32  # benchmarks/kernels.py's synthetic layout
 
 
-def time_case(B: int, C: int, k: int, Hq: int = 32, Hkv: int = 8) -> dict:
-    scores = torch.randn(B, Hq, C, device="cuda")
-    krow = torch.full((B,), k, device="cuda", dtype=torch.long)
-    ptr = torch.arange(C + 1, device="cuda", dtype=torch.int32)[None].expand(B, -1).contiguous() * 9
-    picks = torch.empty(B, Hq, C, dtype=torch.int8, device="cuda")
-    sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device="cuda")
-    ends = torch.empty_like(sizes)
-    counters = torch.zeros(B * Hkv, dtype=torch.int32, device="cuda")
+def case_layout(C: int, k: int, context: int | None, scores: str) -> tuple[int, GistConfig]:
+    """The synthetic layout's context (tokens) and the config of one case: with --scores qk and a
+    context, the decode benchmark's (its adaptive k decides); otherwise a layout of exactly C
+    chunks of CHUNK tokens and their gists, and fixed top-k."""
+    if scores == "qk" and context is not None:
+        return context, GistConfig(chunk_size=CHUNK, sink=SINK, k_policy="adaptive", adaptive_ratio=8.0)
+    return SINK + C * (CHUNK + 1), GistConfig(chunk_size=CHUNK, sink=SINK, k_policy="fixed", top_k=k)
 
-    def launch(**kw):
+
+def case_inputs(B: int, C: int, k: int, context: int | None, scores: str, Hq: int = 32, Hkv: int = 8,
+                D: int = 128, device: str = "cuda") -> tuple[torch.Tensor, DecodePlan]:
+    """float32 [B, Hq, C'] score rows and the plan of their layout (C' = C unless --scores qk takes
+    the decode benchmark's context). qk: as benchmarks/kernels.py, bf16 q [B, Hq, D] and keys
+    [B, Hkv, T + 1, D], then the layout grows by the query token; scored as the decode step does."""
+    tokens, config = case_layout(C, k, context, scores)
+    layout = synthetic_layout(B, tokens, CHUNK, sink=SINK, tail=TAIL, device=device)
+    T = layout.seq_len + 1  # one appended (generated) token: the query
+    layout = layout.append(torch.full((B, 1), 7, device=device))
+    plan = DecodePlan.build(layout, config, Hq // Hkv)
+    if scores == "qk":
+        q = torch.randn(B, Hq, D, device=device, dtype=torch.bfloat16)
+        key = torch.randn(B, Hkv, T, D, device=device, dtype=torch.bfloat16)
+        return _scores_launch(q, key, layout.gist_index, layout.num_chunks), plan
+    return torch.randn(B, Hq, layout.gist_index.shape[1], device=device), plan
+
+
+def same_lists(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether two (index [B, H, CAP], lengths [B, H]) key lists are equal: the same lengths and the
+    same entries, in order, up to each row's length (what lies past it is unwritten)."""
+    (ia, la), (ib, lb) = a, b
+    if not torch.equal(la, lb):
+        return False
+    width = int(la.max()) if la.numel() else 0
+    live = torch.arange(width, device=la.device) < la[..., None]
+    return bool(torch.equal(torch.where(live, ia[..., :width], 0), torch.where(live, ib[..., :width], 0)))
+
+
+def time_case(B: int, C: int, k: int, context: int | None = None, scores: str = "normal", Hq: int = 32,
+              Hkv: int = 8, D: int = 128, device: str = "cuda") -> dict:
+    score_rows, plan = case_inputs(B, C, k, context, scores, Hq, Hkv, D, device)
+    C = score_rows.shape[-1]
+    krow = plan.k
+    ptr = plan.chunk_ptr
+    picks = torch.empty(B, Hq, C, dtype=torch.int8, device=device)
+    sizes = {mode: torch.empty(B, Hkv, C, dtype=torch.int32, device=device) for mode in (ENDS_PREFIX, ENDS_BLOCKS)}
+    ends = {mode: torch.empty(B, Hkv, ends_width(C, mode), dtype=torch.int32, device=device)
+            for mode in (ENDS_PREFIX, ENDS_BLOCKS)}
+    lists = {mode: (torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=device),
+                    torch.empty(B, Hkv, dtype=torch.int32, device=device)) for mode in (ENDS_PREFIX, ENDS_BLOCKS)}
+    counters = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
+
+    def launch(ends_mode=ENDS_PREFIX, **kw):
         def run():
             counters.zero_()
-            topk_union_launch(scores, krow, ptr, 0, picks, sizes, ends, counters, Hkv, **kw)
+            topk_union_launch(score_rows, krow, ptr, ptr.stride(0), picks, sizes[ends_mode], ends[ends_mode], counters,
+                              Hkv, ends_mode=ends_mode, **kw)
         return run
 
-    row = {"batch": B, "chunks": C, "k": k, "zero": bench_us(counters.zero_, cuda_graph=True)}
+    def expand(ends_mode):
+        return lambda: _expand_launch(plan, sizes[ends_mode], ends[ends_mode], ends_mode, out=lists[ends_mode])
+
+    row = {"batch": B, "chunks": C, "k": int(krow.max()), "scores": scores,
+           "zero": bench_us(counters.zero_, cuda_graph=True)}
     row["bisect"] = bench_us(launch(early_exit=False), cuda_graph=True)
-    want = sizes.clone()
+    want = sizes[ENDS_PREFIX].clone()
     row["early"] = bench_us(launch(early_exit=True), cuda_graph=True)
-    row["same_sets"] = bool(torch.equal(sizes, want))
+    row["same_sets"] = bool(torch.equal(sizes[ENDS_PREFIX], want))
+    row["blocksum"] = bench_us(launch(ENDS_BLOCKS, early_exit=True), cuda_graph=True)
+    row["expand_prefix"] = bench_us(expand(ENDS_PREFIX), cuda_graph=True)
+    row["expand_blocks"] = bench_us(expand(ENDS_BLOCKS), cuda_graph=True)
+    row["early_step"] = row["early"] + row["expand_prefix"]
+    row["blocksum_step"] = row["blocksum"] + row["expand_blocks"]
+    for mode in (ENDS_PREFIX, ENDS_BLOCKS):  # the lists from a fresh run of each (the sets: same_sets)
+        launch(mode, early_exit=True)()
+        expand(mode)()
+    row["same_lists"] = same_lists(lists[ENDS_PREFIX], lists[ENDS_BLOCKS])
     row["bisect_picks_only"] = bench_us(launch(early_exit=False, union=False), cuda_graph=True)
     row["early_picks_only"] = bench_us(launch(early_exit=True, union=False), cuda_graph=True)
     for warps in (4, 8, 16, 32):
@@ -56,22 +148,28 @@ def time_case(B: int, C: int, k: int, Hq: int = 32, Hkv: int = 8) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scores", choices=["normal", "qk"], default="normal",
+                        help="random-normal score rows, or the decode benchmark's q . k of bf16 tensors")
     parser.add_argument("--out", default="benchmarks/results/kernels/select")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("select_kernel.py times a CUDA kernel: run it on a machine with a GPU")
     torch.manual_seed(0)
     rows = []
-    for B, C, k in CASES:
-        rows.append(time_case(B, C, k))
+    for B, C, k, context in CASES:
+        rows.append(time_case(B, C, k, context, args.scores))
         print({key: round(v, 2) if isinstance(v, float) else v for key, v in rows[-1].items()}, flush=True)
     print()
     print_table(rows, [("batch", "B", "d"), ("chunks", "C", "d"), ("k", "k", "d"), ("bisect", "bisect us", ".1f"),
-                       ("early", "early us", ".1f"), ("bisect_picks_only", "bisect picks-only", ".1f"),
+                       ("early", "early us", ".1f"), ("blocksum", "blocksum us", ".1f"),
+                       ("expand_prefix", "expand", ".1f"), ("expand_blocks", "expand(bs)", ".1f"),
+                       ("early_step", "early+expand", ".1f"), ("blocksum_step", "blocksum+expand", ".1f"),
+                       ("bisect_picks_only", "bisect picks-only", ".1f"),
                        ("early_picks_only", "early picks-only", ".1f"), ("early_w4", "w4", ".1f"),
                        ("early_w8", "w8", ".1f"), ("early_w16", "w16", ".1f"), ("early_w32", "w32", ".1f"),
-                       ("zero", "zero us", ".1f"), ("same_sets", "same", "")])
-    path = write_results(args.out, "select_kernel", {"environment": environment(), "rows": rows})
+                       ("zero", "zero us", ".1f"), ("same_sets", "same", ""), ("same_lists", "same_lists", "")])
+    name = "select_kernel" if args.scores == "normal" else f"select_kernel_{args.scores}"
+    path = write_results(args.out, name, {"environment": environment(), "scores": args.scores, "rows": rows})
     print(f"wrote {path}")
 
 

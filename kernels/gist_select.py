@@ -20,13 +20,14 @@ Fast path (`select_index_list_triton`, no host sync), three launches: the scores
 (B * Hkv, C / BLOCK_C); gist keys loaded once per KV head, shared by its G query heads) -> the
 select kernel (`_topk_union_kernel`, grid B * Hq: each query head's k-th largest score by a
 bisection over the bits of its key in registers, stopping once exactly k scores lie above it; the
-last head of each GQA group to finish writes the union's chunk sizes and their prefix sum) -> the
-expansion kernel (grid (B * Hkv, C / 64 + base blocks): every chunk block writes its columns at
-base_len + prefix sum; no serial walk, no dense mask). Above TOPK_MAX_CHUNKS chunks the select
-kernel's row does not fit in registers and torch.topk, the mark kernel (each pick writes its
-chunk's extra-column count: the GQA union) and torch.cumsum take its place. Reference path
-(torch): `gist_scores_ref` is `gsa_rag.selection.gist_scores`; `build_index_list_ref` expands
-column-wise from a mask. Top-p goes through the reference `choose_chunks` on both.
+last head of each GQA group to finish writes the union's chunk sizes and their prefix sum, or
+(ENDS_BLOCKS, an experiment) one sum per block of 64 chunks) -> the expansion kernel (grid
+(B * Hkv, C / 64 + base blocks): every chunk block writes its columns at base_len + prefix sum;
+no serial walk, no dense mask). Above TOPK_MAX_CHUNKS chunks the select kernel's row does not fit
+in registers and torch.topk, the mark kernel (each pick writes its chunk's extra-column count: the
+GQA union) and torch.cumsum take its place. Reference path (torch): `gist_scores_ref` is
+`gsa_rag.selection.gist_scores`; `build_index_list_ref` expands column-wise from a mask. Top-p
+goes through the reference `choose_chunks` on both.
 
 Shapes: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, T key columns, C chunks,
 D head dim. Index lists are int32 [B, H, CAP] padded with 0, with int32 lengths [B, H]
@@ -383,12 +384,16 @@ if triton is not None:
         s_bb, s_pb, s_cb,
         s_ob, s_oh,
         Hkv, C, NBC,
-        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, MAXLEN: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, MAXLEN: tl.constexpr, ENDS_MODE: tl.constexpr,
+        NBC_POW2: tl.constexpr,
     ):
         # grid (B * Hkv, NBC + base blocks): program j < NBC writes the extra columns of chunks
         # [j * BLOCK_C, (j + 1) * BLOCK_C) at base_len + (inclusive prefix sum of sizes) - size;
         # the other programs copy BLOCK entries of the base list each. Deterministic order:
-        # base first, then chunk by chunk, ascending inside a chunk.
+        # base first, then chunk by chunk, ascending inside a chunk. ENDS holds the prefix sum
+        # along C (ENDS_PREFIX, [B * Hkv, C]) or one sum per block of BLOCK_C chunks (ENDS_BLOCKS,
+        # [B * Hkv, NBC]): then each program adds the sums of the blocks before its own (one masked
+        # load of <= NBC_POW2 sums) and scans its own BLOCK_C sizes, so no row-wide scan is needed.
         pid = tl.program_id(0)
         j = tl.program_id(1)
         b = pid // Hkv
@@ -399,14 +404,23 @@ if triton is not None:
             ok = c < C
             row = pid.to(tl.int64) * C
             size = tl.load(SIZES + row + c, mask=ok, other=0)
-            start = nb + tl.load(ENDS + row + c, mask=ok, other=0) - size
+            if ENDS_MODE == 2:  # ENDS_BLOCKS
+                # (not named `i`: a name bound in both branches of `if j < NBC` must keep one shape)
+                jb = tl.arange(0, NBC_POW2)
+                bsum = tl.load(ENDS + pid.to(tl.int64) * NBC + jb, mask=jb < NBC, other=0)
+                start = nb + tl.sum(tl.where(jb < j, bsum, 0), 0) + tl.cumsum(size, 0) - size
+            else:
+                start = nb + tl.load(ENDS + row + c, mask=ok, other=0) - size
             lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
             t = tl.arange(0, MAXLEN)
             m = t[None, :] < size[:, None]
             cols = tl.load(COLS + b * s_cb + lo[:, None] + t[None, :], mask=m, other=0)
             tl.store(out + start[:, None] + t[None, :], cols, mask=m)
             if j == 0:
-                total = tl.load(ENDS + row + C - 1)
+                if ENDS_MODE == 2:
+                    total = tl.sum(bsum, 0)
+                else:
+                    total = tl.load(ENDS + row + C - 1)
                 tl.store(OUT_LEN + pid, nb + total)
         else:
             i = (j - NBC) * BLOCK + tl.arange(0, BLOCK)
@@ -445,7 +459,8 @@ if triton is not None:
         S, KROW, PTR, SEL, SIZES, ENDS, CNT,
         s_pb,
         Hq, G, C,
-        BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr, WRITE_ENDS: tl.constexpr,
+        BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr, ENDS_MODE: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         # one program per (batch, query head); its score row [C] stays in registers.
         # (UNION=False stops after step 2: benchmarks/select_kernel.py times the parts apart)
@@ -454,7 +469,9 @@ if triton is not None:
         #    reference's stable argsort), never -inf; write the pick as an int8 row;
         # 3. the last program of each GQA group to finish (arrival counter, zeroed by the
         #    scores kernel) ORs the G rows (the union), writes each chunk's extra-column count
-        #    and the inclusive prefix sum that the expansion kernel places chunks by.
+        #    and what the expansion kernel places chunks by (ENDS_MODE, see ENDS_PREFIX): the
+        #    inclusive prefix sum over the row, or the sums of its blocks of BLOCK_C chunks (the
+        #    expansion's blocks; a row-wide scan is the serial tail's largest part), or nothing.
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
@@ -486,8 +503,16 @@ if triton is not None:
                 size = tl.where(union != 0, hi - lo, 0)
                 row = grp.to(tl.int64) * C
                 tl.store(SIZES + row + c, size, mask=ok)
-                if WRITE_ENDS:  # H-GSA reads the union flags only
+                if ENDS_MODE == 1:  # ENDS_PREFIX
                     tl.store(ENDS + row + c, tl.cumsum(size, 0), mask=ok)
+                if ENDS_MODE == 2:  # ENDS_BLOCKS; size is 0 past C, so the last block needs no mask
+                    nbc = tl.cdiv(C, BLOCK_C)
+                    if BLOCK >= BLOCK_C:
+                        bsum = tl.sum(tl.reshape(size, [BLOCK // BLOCK_C, BLOCK_C]), axis=1)
+                        jb = tl.arange(0, BLOCK // BLOCK_C)
+                        tl.store(ENDS + grp.to(tl.int64) * nbc + jb, bsum, mask=jb < nbc)
+                    else:  # a row shorter than one block (BLOCK >= 16): one sum
+                        tl.store(ENDS + grp.to(tl.int64) * nbc, tl.sum(size, 0))
 
 
 
@@ -595,25 +620,52 @@ def build_index_list_ref(plan: DecodePlan, selected: torch.Tensor, seq_len: int)
     return pack_columns(mask[..., :seq_len], plan.capacity)
 
 
-def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+# the expansion kernel places the chunks of one block of EXPAND_BLOCK_C per program; the select
+# kernel's block sums (ENDS_BLOCKS) are over the same blocks
+EXPAND_BLOCK_C = 64
+# what the select kernel's union tail writes for the expansion kernel to place chunks by:
+# ENDS_NONE nothing (H-GSA reads the union flags only); ENDS_PREFIX the inclusive prefix sum of the
+# sizes along C; ENDS_BLOCKS the sum of each block of EXPAND_BLOCK_C chunks, from which each
+# expansion program computes its own block's start (the tail then skips its row-wide scan, the
+# larger part of its ~12 us at 16K chunks: benchmarks/results/kernels/NOTES.md, rounds 6 and 9)
+ENDS_NONE, ENDS_PREFIX, ENDS_BLOCKS = 0, 1, 2
+# the fused path's choice; benchmarks/select_kernel.py times both (select + expansion)
+ENDS_MODE = ENDS_PREFIX
+
+
+def ends_width(num_chunks: int, ends_mode: int) -> int:
+    """The last dimension of the select kernel's `ends` output: C prefix sums (ENDS_PREFIX) or
+    cdiv(C, EXPAND_BLOCK_C) block sums (ENDS_BLOCKS)."""
+    return -(-num_chunks // EXPAND_BLOCK_C) if ends_mode == ENDS_BLOCKS else num_chunks
+
+
+def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | None = None,
+                   ends_mode: int = ENDS_PREFIX, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """sizes: int32 [B, Hkv, C] contiguous, each chunk's extra-column count where selected, else 0;
-    ends: its inclusive prefix sum along C (computed here when None)."""
+    ends: int32 [B, Hkv, ends_width(C, ends_mode)] contiguous, its inclusive prefix sum along C
+    (ENDS_PREFIX; computed here when None) or its sums over blocks of EXPAND_BLOCK_C chunks
+    (ENDS_BLOCKS); out: the list and lengths to write into (tests poison them), else new ones."""
+    assert ends_mode in (ENDS_PREFIX, ENDS_BLOCKS), ends_mode
     B, Hkv, C = sizes.shape
-    out = torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=sizes.device)
-    out_len = torch.empty(B, Hkv, dtype=torch.int32, device=sizes.device)
+    if out is None:
+        out = (torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=sizes.device),
+               torch.empty(B, Hkv, dtype=torch.int32, device=sizes.device))
+    out, out_len = out
     if C == 0:  # nothing to expand: the base list alone
         sizes, ends = sizes.new_zeros(B, Hkv, 1), None
     if ends is None:
-        ends = torch.cumsum(sizes, -1, dtype=torch.int32)
+        ends, ends_mode = torch.cumsum(sizes, -1, dtype=torch.int32), ENDS_PREFIX
     C = sizes.shape[-1]
-    BLOCK_C, BLOCK = 64, 1024
-    nbc = triton.cdiv(C, BLOCK_C)
+    BLOCK = 1024
+    nbc = triton.cdiv(C, EXPAND_BLOCK_C)
     _expand_kernel[(B * Hkv, nbc + triton.cdiv(plan.nb_max, BLOCK))](
         plan.base, plan.base_len, plan.chunk_ptr, plan.chunk_cols, sizes, ends, out, out_len,
         plan.base.stride(0), plan.chunk_ptr.stride(0), plan.chunk_cols.stride(0),
         out.stride(0), out.stride(1),
-        Hkv, C, nbc, BLOCK=BLOCK, BLOCK_C=BLOCK_C,
-        MAXLEN=_next_pow2(max(1, plan.max_chunk_len)), num_warps=4,
+        Hkv, C, nbc, BLOCK=BLOCK, BLOCK_C=EXPAND_BLOCK_C,
+        MAXLEN=_next_pow2(max(1, plan.max_chunk_len)), ENDS_MODE=ends_mode,
+        NBC_POW2=_next_pow2(nbc) if ends_mode == ENDS_BLOCKS else 1, num_warps=4,
     )
     return out, out_len
 
@@ -634,22 +686,25 @@ EARLY_EXIT = True
 def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Tensor, ptr_stride: int,
                       picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor | None, counters: torch.Tensor,
                       num_kv_heads: int, early_exit: bool | None = None, union: bool = True,
-                      num_warps: int | None = None) -> None:
+                      num_warps: int | None = None, ends_mode: int | None = None) -> None:
     """Launches `_topk_union_kernel` over scores float32 [B, Hq, C] (contiguous) with k long [B],
     chunk_ptr the CSR offsets of each chunk's extra columns (row stride `ptr_stride`; 0 shares one
-    row), into picks int8 [B, Hq, C], sizes and ends int32 [B, Hkv, C] (ends None: the prefix sum is
-    not written), counters int32 [B * Hkv] (zeroed; each group's last arrival writes the union).
+    row), into picks int8 [B, Hq, C], sizes int32 [B, Hkv, C], ends int32 [B, Hkv,
+    ends_width(C, ends_mode)] contiguous (None: nothing written to place chunks by), counters int32
+    [B * Hkv] (zeroed; each group's last arrival writes the union).
 
+    ends_mode: what ends receives, ENDS_PREFIX or ENDS_BLOCKS (default ENDS_MODE);
     early_exit: stop the threshold search once it splits off exactly k (default EARLY_EXIT);
-    union=False writes the picks only; num_warps: default `_select_warps`. The last three are
-    for benchmarks/select_kernel.py."""
+    union=False writes the picks only; num_warps: default `_select_warps`. The last four are
+    for benchmarks/select_kernel.py (and ends_mode for the tests)."""
     B, Hq, C = scores.shape
     block = max(16, _next_pow2(C))
+    mode = ENDS_NONE if ends is None else ENDS_MODE if ends_mode is None else ends_mode
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, sizes if ends is None else ends, counters,
         ptr_stride, Hq, Hq // num_kv_heads, C,
-        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union, WRITE_ENDS=ends is not None,
-        num_warps=num_warps or _select_warps(block),
+        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union, ENDS_MODE=mode,
+        BLOCK_C=EXPAND_BLOCK_C, num_warps=num_warps or _select_warps(block),
     )
 
 
@@ -662,11 +717,13 @@ def _select_warps(block: int) -> int:
 
 
 def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,
-                             config: GistConfig, fused_topk: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             config: GistConfig, fused_topk: bool | None = None,
+                             ends_mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The selecting layers' key list without a host sync, in three launches: scores (which also
     zero the select kernel's arrival counters) -> `_topk_union_kernel` (per query head the set of
     its k best chunks by a threshold search in registers; the last head of each GQA group writes
-    the union's chunk sizes and their prefix sum) -> expansion.
+    the union's chunk sizes and their prefix sum, or with ends_mode=ENDS_BLOCKS their sums per
+    expansion block; default ENDS_MODE) -> expansion.
 
     Above TOPK_MAX_CHUNKS chunks (or `fused_topk=False`) the older path runs: scores (zeroing the
     size table) -> torch.topk -> mark kernel -> torch.cumsum -> expansion. Top-p goes through
@@ -681,7 +738,8 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
     if fused_topk is None:
         fused_topk = 0 < C <= TOPK_MAX_CHUNKS
     if fused_topk:
-        return _expand_launch(plan, *select_sizes_triton(query, key, layout, plan))
+        ends_mode = ENDS_MODE if ends_mode is None else ends_mode
+        return _expand_launch(plan, *select_sizes_triton(query, key, layout, plan, ends_mode), ends_mode)
     sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
     scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, sizes)
     k_max = max(1, min(plan.k_max, C))
@@ -696,34 +754,50 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
 
 
 def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout,
-                        plan: DecodePlan) -> tuple[torch.Tensor, torch.Tensor]:
+                        plan: DecodePlan, ends_mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first two launches of the fused path (scores, select kernel): int32 [B, Hkv, C] size
-    of each chunk in the union (0 where not chosen) and its inclusive prefix sum along C."""
+    of each chunk in the union (0 where not chosen) and int32 [B, Hkv, ends_width(C, ends_mode)]
+    its inclusive prefix sum along C (ENDS_PREFIX) or its sums per EXPAND_BLOCK_C chunks
+    (ENDS_BLOCKS); default ENDS_MODE."""
     B, Hq, _ = query.shape
     Hkv = key.shape[1]
     C = layout.gist_index.shape[1]
+    ends_mode = ENDS_MODE if ends_mode is None else ends_mode
     sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
-    ends = torch.empty_like(sizes)
+    ends = torch.empty(B, Hkv, ends_width(C, ends_mode), dtype=torch.int32, device=query.device)
     counters = torch.empty(B * Hkv, dtype=torch.int32, device=query.device)
     picks = torch.empty(B, Hq, C, dtype=torch.int8, device=query.device)
     scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, counters=counters)
-    topk_union_launch(scores, plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends, counters, Hkv)
+    topk_union_launch(scores, plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends, counters, Hkv,
+                      ends_mode=ends_mode)
     return sizes, ends
 
 
+def block_sums(sizes: torch.Tensor) -> torch.Tensor:
+    """Reference of ENDS_BLOCKS: int32 [..., C] -> int32 [..., cdiv(C, EXPAND_BLOCK_C)], the sum
+    of each block of EXPAND_BLOCK_C entries (the last one short)."""
+    C = sizes.shape[-1]
+    nbc = ends_width(C, ENDS_BLOCKS)
+    padded = torch.nn.functional.pad(sizes, (0, nbc * EXPAND_BLOCK_C - C))
+    return padded.view(*sizes.shape[:-1], nbc, EXPAND_BLOCK_C).sum(-1, dtype=torch.int32)
+
+
 def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
-                      early_exit: bool | None = None) -> torch.Tensor:
+                      early_exit: bool | None = None, ends_mode: int | None = None) -> torch.Tensor:
     """The fused top-k + GQA union alone, as `choose_union`'s bool [B, Hkv, C] (for tests): the
-    chunks whose size the select kernel wrote nonzero (every chunk has at least its gist)."""
+    chunks whose size the select kernel wrote nonzero (every chunk has at least its gist). Checks
+    what the kernel wrote to place chunks by (ends_mode, default ENDS_MODE) against torch."""
     B, Hq, C = scores.shape
+    ends_mode = ENDS_MODE if ends_mode is None else ends_mode
     sizes = torch.full((B, num_kv_heads, C), -1, dtype=torch.int32, device=scores.device)
-    ends = torch.full_like(sizes, -1)
+    ends = torch.full((B, num_kv_heads, ends_width(C, ends_mode)), -1, dtype=torch.int32, device=scores.device)
     counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)
     picks = torch.full((B, Hq, C), -1, dtype=torch.int8, device=scores.device)
     topk_union_launch(scores.contiguous(), plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends,
-                      counters, num_kv_heads, early_exit=early_exit)
+                      counters, num_kv_heads, early_exit=early_exit, ends_mode=ends_mode)
     assert bool((sizes >= 0).all()) and bool((counters == Hq // num_kv_heads).all())
-    assert torch.equal(ends, torch.cumsum(sizes, -1, dtype=torch.int32))
+    want = torch.cumsum(sizes, -1, dtype=torch.int32) if ends_mode == ENDS_PREFIX else block_sums(sizes)
+    assert torch.equal(ends, want), ends_mode
     return picks.view(B, num_kv_heads, Hq // num_kv_heads, C).any(2), sizes
 
 

@@ -1,5 +1,6 @@
 """gsa_rag.kernels.bench's random-weight models: what benchmarks/decode_latency.py and
-benchmarks/memory_ttft.py --arch time in place of downloaded checkpoints."""
+benchmarks/memory_ttft.py --arch time in place of downloaded checkpoints; benchmarks/select_kernel.py's
+inputs and list check, and one small case through it (Triton's interpreter on the CPU)."""
 
 import pytest
 import torch
@@ -26,3 +27,68 @@ def test_random_model_refuses_an_unknown_architecture():
     with pytest.raises(ValueError, match="llama3-8b"):
         random_model("llama-9000", device="cpu")
     assert {"smollm2-135m", "llama3-8b"} <= set(ARCHS)
+
+
+# --- benchmarks/select_kernel.py ------------------------------------------------------------------
+
+
+def _select_kernel_script():
+    import importlib.util
+    from pathlib import Path
+
+    from gsa_rag.kernels import dispatch
+
+    if not torch.cuda.is_available():
+        dispatch._interpreter_compat()  # run-time loop bounds under Triton's interpreter (tests/test_kernels.py)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "select_kernel.py"
+    spec = importlib.util.spec_from_file_location("_bench_select_kernel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_select_kernel_cases_take_the_decode_benchmarks_layout_and_k():
+    """--scores qk scores the decode benchmark's layout at the case's context with its adaptive k
+    (128K: 14563 chunks, k 512, as the 16384-chunk rows' k); otherwise exactly the case's chunks
+    with fixed k (the H-GSA rows in both modes)."""
+    from gsa_rag.kernels.gist_select import DecodePlan
+
+    sk = _select_kernel_script()
+    for C, k, context, scores, want in [
+        (16384, 512, 131072, "qk", (14563, 512)), (16384, 512, 131072, "normal", (16384, 512)),
+        (4096, 128, 32768, "qk", (3640, 128)), (3704, 4, None, "qk", (3704, 4)),
+    ]:
+        tokens, config = sk.case_layout(C, k, context, scores)
+        layout = synthetic_layout(1, tokens, sk.CHUNK, sink=sk.SINK, tail=sk.TAIL, device="cpu")
+        layout = layout.append(torch.full((1, 1), 7))
+        plan = DecodePlan.build(layout, config, 4)
+        assert (int(layout.num_chunks[0]), int(plan.k[0])) == want, (C, context, scores)
+
+
+def test_select_kernel_same_lists_compares_entries_up_to_each_length():
+    sk = _select_kernel_script()
+    index = torch.tensor([[[3, 4, 5, 9], [1, 2, 7, 7]]], dtype=torch.int32)
+    lengths = torch.tensor([[3, 2]], dtype=torch.int32)
+    other = index.clone()
+    other[0, 0, 3], other[0, 1, 2:] = -1, -1  # past the lengths: unwritten, ignored
+    assert sk.same_lists((index, lengths), (other, lengths))
+    other[0, 1, 1] = 8
+    assert not sk.same_lists((index, lengths), (other, lengths))
+    assert not sk.same_lists((index, lengths), (index, lengths + 1))
+    assert sk.same_lists((index[:, :, :0], lengths * 0), (index[:, :, :1], lengths * 0))
+
+
+@pytest.mark.parametrize("scores", ["normal", "qk"])
+def test_select_kernel_times_a_small_case_and_both_ends_modes_agree(scores):
+    """One small case through every column (on the CPU bench_us runs it twice, Triton's
+    interpreter); the two union tails (prefix sum, block sums) give the same key lists."""
+    sk = _select_kernel_script()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    row = sk.time_case(2, 150, 6, 1400, scores, Hq=4, Hkv=2, D=16, device=device)
+    assert row["same_sets"] and row["same_lists"]
+    # qk: the decode benchmark's layout at 1400 tokens, adaptive k = 1399 // (8 * 2 * 8) + 1
+    assert (row["chunks"], row["k"]) == ((155, 11) if scores == "qk" else (150, 6))
+    for key in ("bisect", "early", "blocksum", "expand_prefix", "expand_blocks", "early_step", "blocksum_step",
+                "early_w8"):
+        assert row[key] > 0, key

@@ -21,9 +21,12 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton not installed")
 
 from fakes import FakeTokenizer, random_segments
-from gsa_rag.kernels import dispatch
+from gsa_rag.kernels import dispatch, gist_select
 from gsa_rag.kernels.gist_select import (
+    ENDS_BLOCKS,
+    ENDS_PREFIX,
     DecodePlan,
+    _expand_launch,
     build_index_list_ref,
     build_index_list_triton,
     choose_union,
@@ -31,6 +34,7 @@ from gsa_rag.kernels.gist_select import (
     gist_scores_triton,
     select_index_list,
     select_index_list_triton,
+    select_sizes_triton,
     topk_union_triton,
 )
 from gsa_rag.kernels.prefill import gist_prefill, gist_prefill_ref
@@ -90,9 +94,12 @@ def as_sets(index, lengths, B, H):
     return [[sorted(index[b, h, : lengths[b, h]].tolist()) for h in range(H)] for b in range(B)]
 
 
+@pytest.mark.parametrize("ends_mode", [ENDS_PREFIX, ENDS_BLOCKS])
 @pytest.mark.parametrize("kv_reuse", [False, True])
-def test_key_list_is_the_engine_mask(kv_reuse):
-    """Reference and Triton lists equal the engine's dense selective mask, layer 0 and 1."""
+def test_key_list_is_the_engine_mask(kv_reuse, ends_mode, monkeypatch):
+    """Reference and Triton lists equal the engine's dense selective mask, layer 0 and 1; the
+    fused path placing chunks by the prefix sum and by block sums (gist_select.ENDS_MODE)."""
+    monkeypatch.setattr(gist_select, "ENDS_MODE", ends_mode)
     for seed in range(6):
         layout, config = random_layout(seed, kv_reuse=kv_reuse)
         B, T = layout.input_ids.shape
@@ -209,13 +216,15 @@ def test_topk_union_equals_reference_selection():
             assert torch.equal(got, want), (seed, policy)
 
 
-@pytest.mark.parametrize("early_exit", [False, True])
+@pytest.mark.parametrize("early_exit,ends_mode", [(False, ENDS_PREFIX), (True, ENDS_PREFIX), (True, ENDS_BLOCKS)])
 @pytest.mark.parametrize("G", [1, 3, 4])
-def test_fused_topk_union_picks_the_reference_sets(G, early_exit):
+def test_fused_topk_union_picks_the_reference_sets(G, early_exit, ends_mode):
     """The select kernel's threshold search picks the reference's set per head (stable argsort:
     ties go to the lower chunk index), never a missing chunk, k above the chunks that exist,
-    k = 0, many exact ties, -0.0 against +0.0; then the GQA union, its sizes and prefix sum.
-    Both searches: all 32 bits, and stopping once exactly k scores are above the threshold."""
+    k = 0, many exact ties, -0.0 against +0.0; then the GQA union, its sizes and what the
+    expansion places chunks by: the prefix sum, or the sums per block of 64 chunks (ENDS_BLOCKS;
+    rows of one short block, several with a short last one, and whole blocks only). Both
+    searches: all 32 bits, and stopping once exactly k scores are above the threshold."""
     from types import SimpleNamespace
 
     from gsa_rag.selection import choose_chunks, union_over_groups
@@ -224,7 +233,9 @@ def test_fused_topk_union_picks_the_reference_sets(G, early_exit):
     for trial in range(8):
         B, Hkv = 2, 2
         Hq = Hkv * G
-        C = int(torch.randint(1, 400, (), generator=g))
+        C = int(torch.randint(1, 64 if trial in (2, 5) else 400, (), generator=g))
+        if trial == 7:  # whole blocks of 64
+            C = 64 * (1 + C % 6)
         scores = torch.randn(B, Hq, C, generator=g)
         if trial % 3 == 0:  # few distinct values: ties straddle the k-th place
             scores = torch.randint(-3, 3, (B, Hq, C), generator=g).float()
@@ -239,14 +250,16 @@ def test_fused_topk_union_picks_the_reference_sets(G, early_exit):
         k[0] = min(int(k[0]), 1 + C // 20) if trial % 2 else k[0]
         sizes = torch.randint(1, 4, (B, C), generator=g)
         plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.cat([torch.zeros(B, 1, dtype=torch.long), sizes.cumsum(-1)], 1).int().to(DEVICE))
-        got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hkv, early_exit=early_exit)
+        got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hkv, early_exit=early_exit, ends_mode=ends_mode)
         want = union_over_groups(choose_chunks(scores[:, :, None], k=k), Hkv)[:, :, 0]
         assert torch.equal(got.cpu(), want), (G, trial)
         assert torch.equal(got_sizes.cpu(), torch.where(want, sizes[:, None].int(), 0)), (G, trial)
 
 
-def test_fused_and_torch_topk_paths_give_the_same_lists():
-    """select_index_list_triton with the fused select kernel and with torch.topk + mark + cumsum."""
+@pytest.mark.parametrize("ends_mode", [ENDS_PREFIX, ENDS_BLOCKS])
+def test_fused_and_torch_topk_paths_give_the_same_lists(ends_mode):
+    """select_index_list_triton with the fused select kernel (placing chunks by the prefix sum or
+    by block sums) and with torch.topk + mark + cumsum: the same lists, in the same order."""
     from gsa_rag.kernels.bench import synthetic_layout
 
     config = GistConfig(chunk_size=4, sink=4, k_policy="adaptive", adaptive_ratio=2.0)
@@ -255,9 +268,70 @@ def test_fused_and_torch_topk_paths_give_the_same_lists():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(B, 8, 16, generator=g).to(DEVICE), torch.randn(B, 2, T, 16, generator=g).to(DEVICE)
     plan = DecodePlan.build(layout, config, 4)
-    lists = [select_index_list_triton(q, k, layout, plan, config, fused_topk=f) for f in (True, False)]
+    lists = [select_index_list_triton(q, k, layout, plan, config, fused_topk=f, ends_mode=ends_mode)
+             for f in (True, False)]
     assert torch.equal(lists[0][1], lists[1][1])
     assert as_sets(*lists[0], B, 2) == as_sets(*lists[1], B, 2)
+    assert all(torch.equal(lists[0][0][b, h, :n], lists[1][0][b, h, :n])
+               for b in range(B) for h in range(2) for n in [int(lists[0][1][b, h])])
+
+
+def ordered_list(plan, selected, b, h):
+    """The key list the fast path writes: base, then each selected chunk's extra columns by chunk."""
+    cols = plan.base[b, : int(plan.base_len[b])].tolist()
+    ptr, chunk_cols = plan.chunk_ptr[b].tolist(), plan.chunk_cols[b].tolist()
+    for c in torch.nonzero(selected[b, h]).flatten().tolist():
+        cols += chunk_cols[ptr[c] : ptr[c + 1]]
+    return cols
+
+
+@pytest.mark.parametrize("ends_mode", [ENDS_PREFIX, ENDS_BLOCKS])
+def test_fused_select_writes_the_reference_lists_in_order(ends_mode):
+    """scores -> select kernel -> expansion into outputs poisoned with -1: exactly the list of the
+    reference's choice (stable argsort, ties to the lower chunk; GQA union) in the fast path's
+    order, its length, nothing written past it. Chunks placed by the prefix sum and by block sums
+    (ENDS_BLOCKS: each expansion block adds the sums of the blocks before it). Rows of fewer than
+    64 chunks (random layouts: rows with 0 or 1 chunks, k above the chunks there), of 150 (three
+    blocks, the last one short) and of 128 (whole blocks); batch 3; G 1 and 4; integer scores
+    (many exact ties) and k per row from 0 up."""
+    import dataclasses
+
+    from gsa_rag.kernels.bench import synthetic_layout
+    from gsa_rag.selection import choose_chunks, union_over_groups
+
+    g = torch.Generator().manual_seed(ends_mode)
+    cases = [random_layout(seed + 60, batch=3) for seed in range(3)]
+    for n in (150, 128):
+        layout = synthetic_layout(3, 4 + 3 * n, 2, device=DEVICE).append(torch.full((3, 1), 5, device=DEVICE))
+        cases.append((layout, GistConfig(chunk_size=2, sink=4)))
+    for i, (layout, config) in enumerate(cases):
+        config = dataclasses.replace(config, k_policy="fixed", top_k=12)
+        for Hkv, G in ((3, 1), (2, 4)):
+            B, T = layout.input_ids.shape
+            Hq = Hkv * G
+            plan = DecodePlan.build(layout, config, G)
+            k_row = torch.randint(0, 13, (B,), generator=g)
+            k_row[0] = 12
+            plan = dataclasses.replace(plan, k=k_row.to(DEVICE), uniform_k=False)  # k <= k_max: the capacity holds
+            span = 2 if i % 2 else 8  # integer q, k: exact scores, few distinct values (ties) or more
+            q = torch.randint(-span, span + 1, (B, Hq, 16), generator=g).float().to(DEVICE)
+            k = torch.randint(-span, span + 1, (B, Hkv, T, 16), generator=g).float().to(DEVICE)
+            scores = gist_scores_ref(q, k, layout.gist_index, layout.gist_valid)
+            selected = union_over_groups(choose_chunks(scores[:, :, None].cpu(), k=k_row), Hkv)[:, :, 0]
+            sizes, ends = select_sizes_triton(q, k, layout, plan, ends_mode)
+            # poisoned, with room past the capacity: a misplaced chunk lands there, not out of bounds
+            index = torch.full((B, Hkv, plan.capacity + plan.chunk_cols.shape[1]), -1, dtype=torch.int32, device=DEVICE)
+            lengths = torch.full((B, Hkv), -1, dtype=torch.int32, device=DEVICE)
+            _expand_launch(plan, sizes, ends, ends_mode, out=(index[..., : plan.capacity], lengths))
+            ref_index, ref_len = build_index_list_ref(plan, selected.to(DEVICE), T)
+            assert torch.equal(lengths, ref_len), (i, Hkv)
+            for b in range(B):
+                for h in range(Hkv):
+                    n = int(lengths[b, h])
+                    want = ordered_list(plan, selected, b, h)
+                    assert sorted(want) == ref_index[b, h, :n].tolist(), (i, b, h)  # the reference's set
+                    assert index[b, h, :n].tolist() == want, (i, Hkv, b, h)
+                    assert bool((index[b, h, n:] == -1).all()), (i, Hkv, b, h)
 
 
 # --------------------------------------------------------------------------- sparse decode
