@@ -20,8 +20,8 @@ Fast path (`select_index_list_triton`, no host sync), three launches: the scores
 (B * Hkv, C / BLOCK_C); gist keys loaded once per KV head, shared by its G query heads) -> the
 select kernel (`_topk_union_kernel`, grid B * Hq: each query head's k-th largest score by a
 bisection over the bits of its key in registers, stopping once exactly k scores lie above it; the
-last head of each GQA group to finish writes the union's chunk sizes and their prefix sum, or
-(ENDS_BLOCKS, an experiment) one sum per block of 64 chunks) -> the expansion kernel (grid
+last head of each GQA group to finish writes the union's chunk sizes and one sum per block of 64
+chunks (ENDS_BLOCKS; or their prefix sum, ENDS_PREFIX)) -> the expansion kernel (grid
 (B * Hkv, C / 64 + base blocks): every chunk block writes its columns at base_len + prefix sum;
 no serial walk, no dense mask). Above TOPK_MAX_CHUNKS chunks the select kernel's row does not fit
 in registers and torch.topk, the mark kernel (each pick writes its chunk's extra-column count: the
@@ -629,8 +629,8 @@ EXPAND_BLOCK_C = 64
 # expansion program computes its own block's start (the tail then skips its row-wide scan, the
 # larger part of its ~12 us at 16K chunks: benchmarks/results/kernels/NOTES.md, rounds 6 and 9)
 ENDS_NONE, ENDS_PREFIX, ENDS_BLOCKS = 0, 1, 2
-# the fused path's choice; benchmarks/select_kernel.py times both (select + expansion)
-ENDS_MODE = ENDS_PREFIX
+# the fused path's choice (benchmarks/select_kernel.py times both, select + expansion: NOTES.md round 10)
+ENDS_MODE = ENDS_BLOCKS
 
 
 def ends_width(num_chunks: int, ends_mode: int) -> int:
