@@ -18,6 +18,9 @@ def _add_hierarchy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, nargs="+", default=None, metavar="N",
                    help="every level at once: raw tokens per gist, then gists per <mgist> per level (--chunk 8 4)")
     p.add_argument("--levels", type=int, default=None, help="gist levels; checks --chunk / --meta-chunks (1 + their count)")
+    p.add_argument("--section-top-k", type=int, default=None, metavar="K",
+                   help="H-GSA: sections each query head keeps above the chunks (default: --top-k); a wider beam "
+                        "scores more gists but unfolds no more raw tokens")
 
 
 def _gist_overrides(args) -> dict:
@@ -25,7 +28,8 @@ def _gist_overrides(args) -> dict:
 
     `--chunk 8 4` is `--chunk-size 8 --meta-chunks 4`; `--meta-chunks 0` turns the hierarchy off.
     """
-    given = {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy, "sink": args.sink}
+    given = {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy, "sink": args.sink,
+             "section_top_k": args.section_top_k}
     meta = args.meta_chunks
     if args.chunk is not None:
         if args.chunk_size is not None or meta is not None:

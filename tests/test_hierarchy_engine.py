@@ -120,13 +120,16 @@ def test_cli_trains_with_levels_and_the_adapter_keeps_them(tiny_dir, tmp_path, c
     out = tmp_path / "h"
     common = ["train", "cpt", "--model", str(tiny_dir), "--data", str(data), "--steps", "1", "--batch-size", "1",
               "--block-tokens", "64", "--tail-tokens", "8", "--sink", "2"]
-    main([*common, "--output", str(out), "--levels", "2", "--chunk", "4", "2"])
+    main([*common, "--output", str(out), "--levels", "2", "--chunk", "4", "2", "--section-top-k", "3"])
     manifest = json.loads((out / "gsa_adapter.json").read_text())
     assert manifest["gist_config"]["chunk_size"] == 4 and manifest["gist_config"]["meta_chunks"] == [2]
+    assert manifest["gist_config"]["section_top_k"] == 3  # the beam it was trained with
     engine = GistEngine.from_pretrained(str(tiny_dir), adapter=str(out), device="cpu")
     assert engine.config.meta_chunks == (2,) and engine.config.compression_ratio == 8
+    assert engine.config.section_top_k == 3
     assert isinstance(engine.generate(QUESTION, PASSAGES, max_new_tokens=2), str)
-    for bad in (["--levels", "3", "--chunk", "4", "2"], ["--chunk", "4", "2", "--meta-chunks", "2"]):
+    for bad in (["--levels", "3", "--chunk", "4", "2"], ["--chunk", "4", "2", "--meta-chunks", "2"],
+                ["--chunk", "4", "--section-top-k", "3"]):  # a beam over sections without sections
         with pytest.raises(SystemExit):
             main([*common, "--output", str(tmp_path / "bad"), *bad])
         assert "gsa-rag: error" in capsys.readouterr().err
