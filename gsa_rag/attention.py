@@ -16,7 +16,7 @@ for the tail rows alone. A [B, H, Tq, T] mask is never built for the attention i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -148,12 +148,15 @@ class GistState:
     _forget_mask: torch.Tensor | None = None
     _biases: dict = field(default_factory=dict)  # LayerMask.shared_bias, shared by the layers
     _tail_rows: TailRows | None | object = _UNKNOWN  # tail_rows(), once per forward
+    # q_index's columns readable on the host without a device sync (a range, or a GistCache's
+    # open columns); None: read q_index once per forward
+    _q_host: Sequence[int] | None = None
 
     @classmethod
     def for_new_tokens(cls, layout: GistLayout, num_new: int, config: GistConfig) -> GistState:
         T = layout.seq_len
         state = cls(layout, torch.arange(T - num_new, T, device=layout.input_ids.device), config)
-        state._q_host = (T - num_new, T)  # q_index's range, readable without a device sync
+        state._q_host = range(T - num_new, T)
         return state
 
     def forget_mask(self) -> torch.Tensor:
@@ -186,17 +189,13 @@ class GistState:
         # rows whose column is before every sequence's tail never select; the tail is a suffix of
         # every sequence, so `start` is the earliest tail row (rows past it that are not (yet) tail
         # in some batch row are masked by `tail` below)
-        q_host = getattr(self, "_q_host", None)
-        if q_host is not None:  # for_new_tokens: q_index is the range lo..hi-1
-            lo, hi = q_host
-            start = max(facts.first_tail, lo) - lo
-            if start >= hi - lo:
-                return None
-        else:  # q_index given: one read of it per forward (none on the host)
-            later = [i for i, q in enumerate(self.q_index.tolist()) if q >= facts.first_tail]
-            if not later:
-                return None
-            start = later[0]
+        q_host = self.q_index.tolist() if self._q_host is None else self._q_host  # the tolist waits on the device
+        if isinstance(q_host, range):  # for_new_tokens
+            start = max(facts.first_tail, q_host.start) - q_host.start
+        else:
+            start = next((i for i, q in enumerate(q_host) if q >= facts.first_tail), len(q_host))
+        if start >= len(q_host):
+            return None
         q_index = self.q_index[start:]
         tail = layout.is_tail[:, q_index][:, None, :, None]  # rows past `start` may not be tail in every sequence
         b, q, kv = dense_index(layout, q_index)

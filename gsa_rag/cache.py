@@ -153,7 +153,8 @@ class GistCache(DecodeCache):
         keys, values: per layer, [1, Hkv, capacity, D] on the model device: the first `length`
             columns are every column of the layout (open slots and offloaded raw columns hold
             zeros), the rest is room for decode steps. The cache takes these tensors over (no copy).
-        pending: long [n], the layout columns the first forward fills (sorted).
+        pending: long [n], the layout columns the first forward fills (sorted); on the host
+            preferably (the cache keeps a host copy and moves it to the model device).
         offloaded: raw KV left on the host, fetched per layer on demand, in layout order (the
             columns ascend across sources).
         rotator: re-rotates fetched keys (needed when `offloaded` is not empty).
@@ -172,6 +173,8 @@ class GistCache(DecodeCache):
             layer.adopt(k, v, T)  # update would copy the buffers
             self.layers.append(layer)
         self.num_layers = len(keys)
+        self.pending_host: list[int] = pending.tolist()  # host copy (a read of the device here if pending is there)
+        pending = pending.to(keys[0].device)
         self.pending: torch.Tensor | None = pending if pending.numel() else None
         self._filled: set[int] = set()
         self.offloaded = list(offloaded)

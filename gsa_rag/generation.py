@@ -75,6 +75,7 @@ def forward(model, layout: GistLayout, num_new: int, cache: DynamicCache, config
         if len(columns) != num_new:
             raise ValueError(f"this GistCache has {len(columns)} open columns, not {num_new}")
         state = GistState(layout, columns, config)
+        state._q_host = cache.pending_host  # no device read to find the question's rows
     else:
         columns = slice(layout.seq_len - num_new, None)
         state = (state_factory or GistState.for_new_tokens)(layout, num_new, config)

@@ -619,7 +619,7 @@ class GistMemory:
                          for e, cols, shift in zip(entries, per_entry, shifts, strict=True) if len(cols)]
         open_columns = torch.ones(layout.seq_len, dtype=torch.bool)
         open_columns[columns] = False
-        return keys, values, torch.nonzero(open_columns).flatten().to(self.device), offloaded
+        return keys, values, torch.nonzero(open_columns).flatten(), offloaded  # on the host: GistCache keeps both
 
     def _place(self, keys, values, columns, owner, k_parts, v_parts, rotation) -> None:
         """Copies KV parts (one per entry, [L, Hkv, n_i, D], in order) into the buffers at

@@ -104,7 +104,7 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     plan = getattr(state, "_decode_plan", None)
     if plan is None:  # plan-then-run: built by the first layer, reused by the others
         group = query.shape[1] // key.shape[1]
-        if getattr(state, "_q_host", None) == (layout.seq_len - 1, layout.seq_len):
+        if getattr(state, "_q_host", None) == range(layout.seq_len - 1, layout.seq_len):
             # a layout grown by append whose plan is cached: its last column is a tail token
             plan = DecodePlan.cached(layout, state.config, group)
         if plan is None:

@@ -276,6 +276,27 @@ def test_resident_memory_runs_without_the_hook_and_observers_see_every_layer(tok
     assert all(mask.dtype == torch.bool and mask.shape[-1] == layout.seq_len for mask in seen.values())
 
 
+class _NoHostRead(torch.Tensor):
+    """A tensor that refuses to be read on the host (a device sync on a GPU)."""
+
+    def tolist(self):
+        raise AssertionError("the question's columns were read from the device")
+
+
+def test_the_question_forward_finds_its_rows_without_reading_the_device(tokenizer):
+    """The open columns of a GistCache are known on the host (GistCache.pending_host): the
+    forward finds the question's rows from them, never by reading its device tensor."""
+    engine = tiny_engine(tokenizer, top_k=1)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    layout, cache = memory.prepare(QUESTION, ids)
+    want = greedy(engine, layout, cache, n=3)
+    layout, cache = memory.prepare(QUESTION, ids)
+    assert cache.pending_host == cache.pending.tolist() and cache.pending_host == sorted(cache.pending_host)
+    cache.pending = cache.pending.as_subclass(_NoHostRead)
+    assert greedy(engine, layout, cache, n=3) == want
+
+
 class CatGistCache(GistCache):
     """The GistCache decode path before it built on DecodeCache: every decode step appends by
     torch.cat, copying the whole layer KV (DynamicLayer.update). The reference for answers."""
