@@ -20,6 +20,12 @@ the question's first token. "aten ops" counts the torch ops one question dispatc
 and the full prefill): on a GPU each is a kernel launch or a host step, so this count tracks the
 host overhead that dominates there (issue #3) even where the CPU wall clock hides it.
 
+`--graph` (CUDA only) measures what replaying the forwards as CUDA graphs would give, the host's
+launches gone: the full prefill, and the memory question's forward over a prepared cache, each
+captured once and replayed (the same inputs every time, so this is a bound for a graph-captured
+engine, not a path the engine has); the memory column then adds the eager `prepare` (assembling
+the cached KV), timed apart. A capture that fails is reported with its error.
+
 Passages: --data names a canonical JSONL set (nq, hotpotqa, ... under $GSA_RAG_DATA, or a path);
 the first examples' passages are pooled. Without data, seeded synthetic passages of about the
 same length stand in (the timing does not depend on the words).
@@ -37,7 +43,7 @@ import torch
 
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
-from gsa_rag.generation import SamplingParams, generate_tokens
+from gsa_rag.generation import SamplingParams, forward, generate_tokens
 from gsa_rag.memory import GistMemory
 from gsa_rag.models import load_model
 
@@ -99,6 +105,69 @@ def timed(fns: dict, device, repeats: int) -> tuple[dict, dict]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}, results
 
 
+def graph_replay_ms(fn, repeats: int) -> tuple[float, object]:
+    """Median milliseconds of replaying `fn` captured as one CUDA graph, and the captured output
+    (fn must run the same device work each call and never read the device on the host)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (allocator, cuBLAS workspaces)
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    times = []
+    for _ in range(repeats + 1):  # the first replay is not timed
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3, out
+
+
+def rerunnable_question(gsa, layout, cache):
+    """The memory question's forward over a prepared GistCache as a function that does the same
+    device work on every call (it re-opens the cache's open columns, which the forward then fills
+    again with the same KV): what a CUDA graph of it replays. Returns the last row's logits."""
+    pending = cache.pending
+
+    def question_forward():
+        cache.pending, cache._filled = pending, set()
+        out, _ = forward(gsa.model, layout, len(pending), cache, gsa.config, logits_to_keep=1)
+        return out.logits
+
+    return question_forward
+
+
+def graph_columns(gsa, ref_model, prompt, memory, question, ids, repeats: int) -> dict:
+    """--graph: the full prefill and the memory question's forward replayed as CUDA graphs."""
+    row = {}
+    try:
+        with torch.inference_mode():
+            row["ttft_full_graph_ms"], logits = graph_replay_ms(lambda: ref_model(prompt, logits_to_keep=1).logits, repeats)
+        row["full_graph_token"] = int(logits[0, -1].argmax())
+    except Exception as error:  # report it; the row keeps the eager columns
+        row["full_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+    prepare = []
+    for _ in range(repeats):
+        sync(gsa.device)
+        start = time.perf_counter()
+        layout, cache = memory.prepare(question, ids)
+        sync(gsa.device)
+        prepare.append(time.perf_counter() - start)
+    row["prepare_ms"] = statistics.median(prepare) * 1e3
+    try:
+        with torch.inference_mode():
+            row["question_graph_ms"], logits = graph_replay_ms(rerunnable_question(gsa, layout, cache), repeats)
+        row["memory_graph_token"] = int(logits[0, -1].argmax())
+        row["ttft_gsa_memory_graph_ms"] = row["prepare_ms"] + row["question_graph_ms"]
+    except Exception as error:
+        row["memory_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+    return row
+
+
 def aten_ops(fn) -> int:
     """How many aten ops one call of `fn` dispatches."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -148,6 +217,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (on a shared, busy CPU use 1: spinning OpenMP threads that wait "
                         "for a descheduled peer make the many small ops of the memory path 30x slower)")
+    parser.add_argument("--graph", action="store_true",
+                        help="CUDA: also replay the full prefill and the memory question's forward as CUDA graphs")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args()
     if args.threads:
@@ -243,6 +314,11 @@ def main() -> None:
             "top_k": args.top_k,
             "source": source,
         }
+        if args.graph and device.type == "cuda":
+            row.update(graph_columns(gsa, ref_model, prompt, memory, question, ids, args.repeats))
+            if "ttft_gsa_memory_graph_ms" in row and "ttft_full_graph_ms" in row:
+                row["speedup_graph_vs_full_graph"] = row["ttft_full_graph_ms"] / row["ttft_gsa_memory_graph_ms"]
+                row["speedup_graph_vs_full"] = t_full / row["ttft_gsa_memory_graph_ms"]
         rows.append(row)
         print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
                           if k not in ("device", "dtype", "source")}), flush=True)

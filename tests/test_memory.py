@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import random
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,6 +296,26 @@ def test_the_question_forward_finds_its_rows_without_reading_the_device(tokenize
     assert cache.pending_host == cache.pending.tolist() and cache.pending_host == sorted(cache.pending_host)
     cache.pending = cache.pending.as_subclass(_NoHostRead)
     assert greedy(engine, layout, cache, n=3) == want
+
+
+def test_the_benchmark_can_rerun_a_question_forward_as_a_graph_would(tokenizer):
+    """benchmarks/memory_ttft.py --graph replays one question's forward over one prepared cache:
+    every re-run gives the logits of a fresh prepare + forward."""
+    spec = importlib.util.spec_from_file_location("memory_ttft", Path(__file__).parent.parent / "benchmarks/memory_ttft.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    engine = tiny_engine(tokenizer, top_k=1)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    with torch.inference_mode():
+        layout, cache = memory.prepare(QUESTION, ids)
+        want, _ = forward(engine.model, layout, len(cache.pending), cache, engine.config, logits_to_keep=1)
+        layout, cache = memory.prepare(QUESTION, ids)
+        rerun = script.rerunnable_question(engine, layout, cache)
+        runs = [rerun() for _ in range(3)]
+    assert cache.pending is None  # each run filled the open columns
+    for logits in runs:
+        torch.testing.assert_close(logits, want.logits, rtol=0, atol=0)
 
 
 class CatGistCache(GistCache):
