@@ -176,7 +176,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             return _scores_launch(q, k, plan.unit_index[-1], plan.num_units[-1])
         return _scores_launch(q, k, layout.gist_index, layout.num_chunks)
 
-    def scores_topk(i):  # scores + the select kernel (threshold top-k, union, sizes, prefix sum)
+    def scores_topk(i):  # scores + the select kernel (threshold top-k, union, sizes, block sums)
         q, k, _ = sets[i]
         return select_sizes_triton(q, k, layout, plan)
 
@@ -260,8 +260,8 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     attend_bytes = listed * (2 * D * esize + 4)
     scores_bytes = B * Hkv * C * D * esize + B * Hq * C * 4 + B * C * 8
     topk_bytes = B * Hq * C * 4
-    topk_bytes += B * Hq * C + B * Hkv * C * 8  # int8 picks; sizes and prefix sums written
-    expand_bytes = listed * 4 * 2 + B * Hkv * C * 4 * 3
+    topk_bytes += B * Hq * C + B * Hkv * C * 4  # int8 picks; sizes written (block sums: C / 64 more)
+    expand_bytes = listed * 4 * 2 + B * Hkv * C * 4 * 2
     gsa_bytes = scores_bytes + topk_bytes + expand_bytes + attend_bytes
     row.update(dense_bytes=kv_bytes, gsa_bytes=gsa_bytes, attend_bytes=attend_bytes, scores_bytes=scores_bytes)
     row["ceiling"] = kv_bytes / gsa_bytes

@@ -19,14 +19,16 @@ def _add_hierarchy_args(p: argparse.ArgumentParser) -> None:
                    help="every level at once: raw tokens per gist, then gists per <mgist> per level (--chunk 8 4)")
     p.add_argument("--levels", type=int, default=None, help="gist levels; checks --chunk / --meta-chunks (1 + their count)")
     p.add_argument("--section-top-k", type=int, default=None, metavar="K",
-                   help="H-GSA: sections each query head keeps above the chunks (default: --top-k); a wider beam "
-                        "scores more gists but unfolds no more raw tokens")
+                   help="H-GSA: sections each query head keeps above the chunks (default: the adapter's, else "
+                        "--top-k; 0: --top-k); a wider beam scores more gists but unfolds no more raw tokens")
 
 
 def _gist_overrides(args) -> dict:
     """The GistConfig fields given on the command line (None: not given, the adapter's or default).
 
     `--chunk 8 4` is `--chunk-size 8 --meta-chunks 4`; `--meta-chunks 0` turns the hierarchy off.
+    `--section-top-k 0` sets it back to top_k (None), as does turning the hierarchy or fixed k off
+    when the command does not name it (an adapter's saved beam would then be refused).
     """
     given = {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy, "sink": args.sink,
              "section_top_k": args.section_top_k}
@@ -42,7 +44,11 @@ def _gist_overrides(args) -> dict:
         if args.levels != levels:
             raise ValueError(f"--levels {args.levels} but the chunk sizes name {levels} level(s): "
                              "give one size per level (--chunk 8 4 for two)")
-    return {k: v for k, v in given.items() if v is not None}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    beam_off = overrides.get("meta_chunks") == () or overrides.get("k_policy", "fixed") != "fixed"
+    if args.section_top_k == 0 or (args.section_top_k is None and beam_off):
+        overrides["section_top_k"] = None
+    return overrides
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

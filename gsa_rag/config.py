@@ -144,7 +144,10 @@ class GistConfig:
         return [self.gist_token, self.mgist_token, *self.link_tokens]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["section_top_k"] is None:  # unused: leave it out, so gsa-rag versions before it still read the file
+            del data["section_top_k"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> GistConfig:

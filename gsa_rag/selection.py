@@ -203,11 +203,11 @@ def _choose_among(scores: torch.Tensor, candidates: torch.Tensor, k: int, config
 
 
 def select_hierarchical(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, config: GistConfig) -> HierarchicalSelection:
-    """Coarse to fine (H-GSA): top-k top-level gists, then top-k among the children of the
-    chosen sections, level by level down to the chunks. Each level takes the union over the
-    query heads of a KV head before going down, so a KV head reads about k * G children per
-    chosen level instead of every gist. `top_k` (or `top_p`) applies at every level, or
-    `section_top_k` above the chunks (`GistConfig.level_top_k`).
+    """Coarse to fine (H-GSA): the k best top-level gists, then the k best among the children of
+    the chosen sections, level by level down to the chunks (k = `GistConfig.level_top_k`: top_k
+    for the chunks, section_top_k, default top_k, for the sections; or top_p at every level).
+    Each level takes the union over the query heads of a KV head before going down, so a KV
+    head reads about k * G * (children per section) gists per level instead of every gist.
 
     Args:
         query: [B, Hq, Tq, D] (RoPE applied).

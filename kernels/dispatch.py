@@ -96,7 +96,7 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     if key.shape[2] != layout.seq_len:
         return None
     if layout.levels > 1 and state.config.k_policy == "adaptive":
-        return None  # select_hierarchical takes top_k at every level (GistConfig refuses this pair)
+        return None  # the hierarchy takes a fixed k per level (GistConfig.level_top_k; it refuses this pair)
     from gsa_rag.kernels.gist_select import DecodePlan, select_index_list
     from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list
     from gsa_rag.kernels.sparse_decode import sparse_decode_triton

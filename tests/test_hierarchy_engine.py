@@ -128,6 +128,11 @@ def test_cli_trains_with_levels_and_the_adapter_keeps_them(tiny_dir, tmp_path, c
     assert engine.config.meta_chunks == (2,) and engine.config.compression_ratio == 8
     assert engine.config.section_top_k == 3
     assert isinstance(engine.generate(QUESTION, PASSAGES, max_new_tokens=2), str)
+    ask = ["ask", QUESTION, "--passage", PASSAGES[0]["text"], "--model", str(tiny_dir), "--adapter", str(out),
+           "--max-new-tokens", "2", "--device", "cpu"]
+    for turn_off in (["--meta-chunks", "0"], ["--k-policy", "top_p"], ["--section-top-k", "0"]):
+        main([*ask, *turn_off])  # the saved beam gives way instead of refusing the command
+        capsys.readouterr()
     for bad in (["--levels", "3", "--chunk", "4", "2"], ["--chunk", "4", "2", "--meta-chunks", "2"],
                 ["--chunk", "4", "--section-top-k", "3"]):  # a beam over sections without sections
         with pytest.raises(SystemExit):
@@ -156,5 +161,6 @@ def test_eval_spec_sets_the_section_beam():
     assert (config.top_k, config.section_top_k, config.compression_ratio) == (4, 8, 32)
     assert parse_spec(method.spec).gist_config(None) == config and "8 sections" in method.label
     assert parse_spec("gsa:chunk=8:meta=4").gist_config(None).section_top_k is None
-    with pytest.raises(ConfigError, match="meta_chunks"):
-        parse_spec("gsa:sk=8").gist_config(None)  # a beam over sections needs sections
+    for bad in ("gsa:sk=8", "gsa:meta=4:policy=top_p:sk=8"):  # a beam over sections needs sections, fixed k
+        with pytest.raises(ValueError, match="sections"):
+            parse_spec(bad)

@@ -196,7 +196,7 @@ def test_gist_keys_scored_per_step_do_not_grow_with_the_chunks(hierarchy, sectio
 
 def test_dispatch_declines_what_the_hierarchical_kernels_do_not_serve(monkeypatch):
     """None (the reference path) for a hierarchical layout under an adaptive-k config (the
-    reference picks top_k per level) and for a head dim the kernels cannot take."""
+    reference takes a fixed k per level) and for a head dim the kernels cannot take."""
     monkeypatch.setenv("GSA_RAG_KERNELS", "1")
     layout, config = random_hier_layout(3, (4, 4))
     module = torch.nn.Module()
