@@ -10,6 +10,11 @@ use, and the rows of H-GSA 32x (top level 3.7K units, level 0 64 candidates):
   early      the search stopping once exactly k scores are above the threshold (EARLY_EXIT); its
              union tail writes the sizes' prefix sum along C (ENDS_PREFIX)
   blocksum   the same, the tail writing one sum per 64 chunks instead (ENDS_BLOCKS)
+  interp     the interpolation search (SEARCH_INTERP: a normal fit, then regula falsi on the
+             counts' normal quantiles, safeguarded by the bisection), the union tail in the default
+             mode (ENDS_MODE); same_sets_interp: it picks what the early bisection picks (every
+             head's row, the sizes and what the tail wrote); early_red / interp_red: each search's
+             block reductions per head, mean and (_max) the slowest head, from the kernel's STATS
   picks only the same without the GQA union (each group's last program: OR of the G pick rows,
              sizes, prefix sum), so union = total - picks only
   expand     the expansion launch that follows each (it places chunks by what the tail wrote:
@@ -45,7 +50,10 @@ from gsa_rag.kernels.bench import (
 )
 from gsa_rag.kernels.gist_select import (
     ENDS_BLOCKS,
+    ENDS_MODE,
     ENDS_PREFIX,
+    SEARCH_BISECT,
+    SEARCH_INTERP,
     DecodePlan,
     _expand_launch,
     _scores_launch,
@@ -100,6 +108,13 @@ def same_lists(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torc
     return bool(torch.equal(torch.where(live, ia[..., :width], 0), torch.where(live, ib[..., :width], 0)))
 
 
+def reduction_summary(stats: torch.Tensor) -> tuple[float, int]:
+    """The select kernel's STATS output int32 [..., 2] -> (mean, max) over heads of the threshold
+    search's block reductions (its first column; the kernel waits for its slowest program)."""
+    steps = stats[..., 0].flatten().float()
+    return (float(steps.mean()), int(steps.max())) if steps.numel() else (0.0, 0)
+
+
 def time_case(B: int, C: int, k: int, context: int | None = None, scores: str = "normal", Hq: int = 32,
               Hkv: int = 8, D: int = 128, device: str = "cuda") -> dict:
     score_rows, plan = case_inputs(B, C, k, context, scores, Hq, Hkv, D, device)
@@ -114,11 +129,11 @@ def time_case(B: int, C: int, k: int, context: int | None = None, scores: str = 
                     torch.empty(B, Hkv, dtype=torch.int32, device=device)) for mode in (ENDS_PREFIX, ENDS_BLOCKS)}
     counters = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
 
-    def launch(ends_mode=ENDS_PREFIX, **kw):
+    def launch(ends_mode=ENDS_PREFIX, search=SEARCH_BISECT, **kw):  # the bisection columns unless told
         def run():
             counters.zero_()
             topk_union_launch(score_rows, krow, ptr, ptr.stride(0), picks, sizes[ends_mode], ends[ends_mode], counters,
-                              Hkv, ends_mode=ends_mode, **kw)
+                              Hkv, ends_mode=ends_mode, search=search, **kw)
         return run
 
     def expand(ends_mode):
@@ -131,16 +146,27 @@ def time_case(B: int, C: int, k: int, context: int | None = None, scores: str = 
     row["early"] = bench_us(launch(early_exit=True), cuda_graph=True)
     row["same_sets"] = bool(torch.equal(sizes[ENDS_PREFIX], want))
     row["blocksum"] = bench_us(launch(ENDS_BLOCKS, early_exit=True), cuda_graph=True)
+    # the interpolation search, the default union tail; its sets against a fresh early bisection's
+    launch(ENDS_MODE, early_exit=True, search=SEARCH_BISECT)()
+    want = (picks.clone(), sizes[ENDS_MODE].clone(), ends[ENDS_MODE].clone())
+    row["interp"] = bench_us(launch(ENDS_MODE, search=SEARCH_INTERP), cuda_graph=True)
+    row["same_sets_interp"] = all(torch.equal(a, b) for a, b in zip((picks, sizes[ENDS_MODE], ends[ENDS_MODE]), want))
+    stats = torch.empty(B, Hq, 2, dtype=torch.int32, device=device)
+    for name, search in (("early", SEARCH_BISECT), ("interp", SEARCH_INTERP)):
+        launch(ENDS_MODE, early_exit=True, search=search, stats=stats)()
+        row[f"{name}_red"], row[f"{name}_red_max"] = reduction_summary(stats)
     row["expand_prefix"] = bench_us(expand(ENDS_PREFIX), cuda_graph=True)
     row["expand_blocks"] = bench_us(expand(ENDS_BLOCKS), cuda_graph=True)
     row["early_step"] = row["early"] + row["expand_prefix"]
     row["blocksum_step"] = row["blocksum"] + row["expand_blocks"]
+    row["interp_step"] = row["interp"] + row["expand_blocks" if ENDS_MODE == ENDS_BLOCKS else "expand_prefix"]
     for mode in (ENDS_PREFIX, ENDS_BLOCKS):  # the lists from a fresh run of each (the sets: same_sets)
         launch(mode, early_exit=True)()
         expand(mode)()
     row["same_lists"] = same_lists(lists[ENDS_PREFIX], lists[ENDS_BLOCKS])
     row["bisect_picks_only"] = bench_us(launch(early_exit=False, union=False), cuda_graph=True)
     row["early_picks_only"] = bench_us(launch(early_exit=True, union=False), cuda_graph=True)
+    row["interp_picks_only"] = bench_us(launch(search=SEARCH_INTERP, union=False), cuda_graph=True)
     for warps in (4, 8, 16, 32):
         row[f"early_w{warps}"] = bench_us(launch(early_exit=True, num_warps=warps), cuda_graph=True)
     return row
@@ -162,12 +188,18 @@ def main(argv=None) -> None:
     print()
     print_table(rows, [("batch", "B", "d"), ("chunks", "C", "d"), ("k", "k", "d"), ("bisect", "bisect us", ".1f"),
                        ("early", "early us", ".1f"), ("blocksum", "blocksum us", ".1f"),
+                       ("interp", "interp us", ".1f"),
                        ("expand_prefix", "expand", ".1f"), ("expand_blocks", "expand(bs)", ".1f"),
                        ("early_step", "early+expand", ".1f"), ("blocksum_step", "blocksum+expand", ".1f"),
+                       ("interp_step", "interp+expand", ".1f"),
                        ("bisect_picks_only", "bisect picks-only", ".1f"),
-                       ("early_picks_only", "early picks-only", ".1f"), ("early_w4", "w4", ".1f"),
+                       ("early_picks_only", "early picks-only", ".1f"),
+                       ("interp_picks_only", "interp picks-only", ".1f"),
+                       ("early_red", "early red", ".1f"), ("early_red_max", "max", "d"),
+                       ("interp_red", "interp red", ".1f"), ("interp_red_max", "max", "d"), ("early_w4", "w4", ".1f"),
                        ("early_w8", "w8", ".1f"), ("early_w16", "w16", ".1f"), ("early_w32", "w32", ".1f"),
-                       ("zero", "zero us", ".1f"), ("same_sets", "same", ""), ("same_lists", "same_lists", "")])
+                       ("zero", "zero us", ".1f"), ("same_sets", "same", ""), ("same_lists", "same_lists", ""),
+                       ("same_sets_interp", "same_interp", "")])
     name = "select_kernel" if args.scores == "normal" else f"select_kernel_{args.scores}"
     path = write_results(args.out, name, {"environment": environment(), "scores": args.scores, "rows": rows})
     print(f"wrote {path}")

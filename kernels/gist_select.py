@@ -19,7 +19,8 @@ forgetting row: base plus every closed gist; that list is also built once per st
 Fast path (`select_index_list_triton`, no host sync), three launches: the scores kernel (grid
 (B * Hkv, C / BLOCK_C); gist keys loaded once per KV head, shared by its G query heads) -> the
 select kernel (`_topk_union_kernel`, grid B * Hq: each query head's k-th largest score by a
-bisection over the bits of its key in registers, stopping once exactly k scores lie above it; the
+bisection over the bits of its key in registers, stopping once exactly k scores lie above it, or
+with SEARCH_INTERP by interpolation on a normal fit of the row, fewer reductions; the
 last head of each GQA group to finish writes the union's chunk sizes and one sum per block of 64
 chunks (ENDS_BLOCKS; or their prefix sum, ENDS_PREFIX)) -> the expansion kernel (grid
 (B * Hkv, C / 64 + base blocks): every chunk block writes its columns at base_len + prefix sum;
@@ -442,36 +443,175 @@ if triton is not None:
         # resolved by `room`, and none straddle); with distinct scores that is after the bits
         # that separate the k-th from the (k+1)-th largest, about 20 of 32 at 16K chunks.
         # Measured on the H200 (benchmarks/results/kernels/NOTES.md): the bisection beats a radix
-        # select over tl.histogram (2.4x slower) and two bits per step in packed int64 counts (1.1x slower)
+        # select over tl.histogram (2.4x slower) and two bits per step in packed int64 counts (1.1x slower).
+        # Also returns the number of reductions it ran (the kernel's STATS output).
         x = tl.full([], 0, tl.int64)
         step = tl.full([], 2147483648, tl.int64)
         count_x = tl.full([], -1, tl.int32)  # count(s >= float(x)) once known
+        steps = tl.full([], 0, tl.int32)
         while (step > 0) & ((count_x != k) | (not EARLY_EXIT)):
             y = x + step  # x's bits below `step` are all 0
             cnt = tl.sum((s >= _key_float(y)).to(tl.int32), 0)
             x = tl.where(cnt >= k, y, x)
             count_x = tl.where(cnt >= k, cnt, count_x)
             step = step // 2
-        return _key_float(x)  # k == 0: NaN, or (early exit) a threshold above every score; no pick either way
+            steps += 1
+        # k == 0: NaN, or (early exit) a threshold above every score; no pick either way
+        return _key_float(x), steps
+
+    @triton.jit
+    def _float_key(x):
+        # the order-preserving key of a float32 (the inverse of `_key_float`): int64 in [0, 2^32)
+        bits = x.to(tl.int32, bitcast=True).to(tl.int64)
+        return tl.where(bits >= 0, bits + 2147483648, -1 - bits)
+
+    @triton.jit
+    def _probit(c, n):
+        # Phi^-1((c + 1/2) / (n + 1)): the standard normal quantile of "c of the n scores lie at or
+        # above t" (the halves keep c = 0 and c = n finite). On a normal row it is linear in t, so
+        # the search interpolates in it; Abramowitz & Stegun 26.2.23 (error < 4.5e-4, monotone
+        # enough: it only places probes, never decides a pick)
+        m = tl.minimum(c, n - c).to(tl.float32)
+        r = tl.sqrt(-2.0 * tl.log((m + 0.5) / (n.to(tl.float32) + 1.0)))
+        z = r - (2.515517 + r * (0.802853 + r * 0.010328)) / (1.0 + r * (1.432788 + r * (0.189269 + r * 0.001308)))
+        return tl.where(2 * c < n, -z, z)
+
+    @triton.jit
+    def _stats_combine(n1, lo1, hi1, a1, q1, n2, lo2, hi2, a2, q2):
+        # count, min, max, sum, sum of squares in one reduction (one barrier round, not five)
+        return n1 + n2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2), a1 + a2, q1 + q2
+
+    @triton.jit
+    def _top3_combine(a1, a2, a3, b1, b2, b3):
+        # the three largest of two sorted triples (equal values stay apart: ties show): the i-th of
+        # the union is the largest min(a_p, b_q) over p + q = i (a_0 = b_0 = +inf)
+        return (tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2)),
+                tl.maximum(tl.maximum(a3, b3), tl.maximum(tl.minimum(a1, b2), tl.minimum(a2, b1))))
+
+    @triton.jit
+    def _kth_interp(s, k, n, s_min, s_max, mean, std):
+        # A threshold t that splits the row s as its k-th largest does, from fewer block reductions
+        # than `_kth_largest` on smooth rows (0 < k <= n = the finite scores, from one reduction of
+        # count, min, max, sum and sum of squares). Returns (t, exact, steps): exact = 1 when
+        # count(s >= t) == k (the caller then picks s >= t), else t is the k-th largest value itself
+        # and a tie straddles the k-th place (the caller's tie rule picks the lowest chunks).
+        #
+        # The bracket [lo, hi), as keys (`_float_key`): c_lo = count(s >= lo) > k > c_hi =
+        # count(s >= hi); it starts at [min, max + 1 ulp] (c_lo = n, c_hi = 0). Each step runs one
+        # block reduction:
+        # - a probe t inside the bracket, count(s >= t): done if == k, else t replaces an end.
+        #   Where it lands: first the normal fit mean - std * probit(k) (`_probit`), then regula
+        #   falsi on probit(count) - probit(k) (Illinois: an end kept twice has its value halved, so
+        #   the search does not creep from one side), in float space. probit(count) is linear in t
+        #   on a normal row (q.k of random vectors: the decode benchmark's scores), so the far
+        #   initial ends still give good probes. The probe is the bracket's midpoint in key space
+        #   instead when the interpolated one is not strictly inside (NaN, overflow, rounding
+        #   onto an end), after two interpolations in a row that neither halved the bracket nor
+        #   halved the count gap min(c_lo - k, k - c_hi) (rows far from smooth: magnitudes spread
+        #   over many octaves), and once 31 steps other than midpoints have run;
+        # - after a probe that found no score between itself and the end it replaced (count ==
+        #   that end's count), the end moves onto the nearest score instead (`snap`: max of the
+        #   scores below hi, or min of those at or above lo): ties and outliers otherwise take
+        #   one bisection per octave between the tied value and the probe;
+        # - once k - c_hi <= 2 (or c_lo - k <= 2) the three largest scores below hi (the three
+        #   smallest at or above lo) finish: the k-th largest and its neighbour, equal or not (the
+        #   last few scores cost a probe each otherwise: about 1 reduction less on average).
+        # Bound: at most 32 midpoints (each halves the key width, < 2^32 at the start), 31
+        # interpolations and snaps, one finish: 64 reductions, the loop's cap (NaN scores, which
+        # q.k of finite tensors never gives, stop there too, with a wrong threshold but no hang).
+        # (a search that is done closes the bracket onto its threshold: hi <= lo + 1, t = lo)
+        lo_k = _float_key(s_min)
+        exact = (n == k).to(tl.int32)  # k == n: every finite score (k == 0 never gets here)
+        # s_max = +inf: hi is NaN, and count(s >= NaN) = 0 still
+        hi_k = tl.where(exact != 0, lo_k, _float_key(s_max)) + 1
+        c_lo = n
+        c_hi = tl.full([], 0, tl.int32)
+        g_k = _probit(k, n)
+        f_lo = _probit(c_lo, n) - g_k  # > 0
+        f_hi = _probit(c_hi, n) - g_k  # < 0
+        guess = mean - std * g_k  # the normal fit's k-th largest (NaN or inf on wild rows: unused)
+        side = tl.full([], 0, tl.int32)  # +1: lo moved last, -1: hi moved last
+        snap = tl.full([], 0, tl.int32)  # +1 / -1: move lo / hi onto the nearest score next
+        stall = tl.full([], 0, tl.int32)  # interpolations in a row without progress
+        free = tl.full([], 0, tl.int32)  # interpolations and snaps so far
+        steps = tl.full([], 0, tl.int32)
+        while (hi_k - lo_k > 1) & (steps < 64):
+            steps += 1
+            lo_f = _key_float(lo_k)
+            hi_f = _key_float(hi_k)
+            finish = (k - c_hi <= 2) | (c_lo - k <= 2)
+            if finish | (snap != 0):
+                # the largest three below hi, or (negated) the smallest three at or above lo
+                below = tl.where(finish, k - c_hi <= 2, snap < 0)
+                inside = (s >= tl.where(below, hi_f, lo_f)) != below  # s < hi, or s >= lo
+                v = tl.where(inside, s * tl.where(below, 1.0, -1.0), float("-inf"))
+                none = tl.full(v.shape, float("-inf"), tl.float32)
+                a1, a2, a3 = tl.reduce((v, none, none), 0, _top3_combine)
+                # finish below hi: the k-th largest is a_j (j = k - c_hi); at lo: -a_(j+1) (j = c_lo - k);
+                # it splits off exactly k unless a_j == a_(j+1). A snap moves an end onto a1.
+                j = tl.where(below, k - c_hi, c_lo - k)
+                aj = tl.where(j == 1, a1, a2)
+                aj1 = tl.where(j == 1, a2, a3)
+                t_k = _float_key(tl.where(below, aj, -aj1))
+                exact = (finish & (aj != aj1)).to(tl.int32)
+                lo_k = tl.where(finish, t_k, tl.where(below, lo_k, _float_key(-a1)))
+                hi_k = tl.where(finish, t_k + 1, tl.where(below, _float_key(a1) + 1, hi_k))
+                free += (finish == 0).to(tl.int32)
+                snap = tl.full([], 0, tl.int32)
+            else:
+                w = f_lo / (f_lo - f_hi)
+                cand = lo_f + (hi_f - lo_f) * w
+                g_in = (guess == guess) & (_float_key(guess) > lo_k) & (_float_key(guess) < hi_k)
+                cand = tl.where((steps == 1) & g_in, guess, cand)  # the first probe: the normal fit
+                tk = _float_key(cand)
+                interp = (cand == cand) & (tk > lo_k) & (tk < hi_k) & (stall < 2) & (free < 31)
+                tk = tl.where(interp, tk, (lo_k + hi_k) // 2)
+                c = tl.sum((s >= _key_float(tk)).to(tl.int32), 0)
+                exact = (c == k).to(tl.int32)
+                width = hi_k - lo_k
+                gap = tl.minimum(c_lo - k, k - c_hi)
+                up = c > k
+                empty = interp & tl.where(up, c == c_lo, c == c_hi)
+                f_c = _probit(c, n) - g_k
+                # Illinois: the end kept a second time in a row weighs half
+                f_hi = tl.where(up & (side > 0), f_hi * 0.5, f_hi)
+                f_lo = tl.where((up == 0) & (side < 0), f_lo * 0.5, f_lo)
+                lo_k = tl.where(c >= k, tk, lo_k)
+                c_lo = tl.where(up, c, c_lo)
+                f_lo = tl.where(up, f_c, f_lo)
+                hi_k = tl.where(up, hi_k, tk)  # c == k: lo = hi = tk, done
+                c_hi = tl.where(up, c_hi, c)
+                f_hi = tl.where(up, f_hi, f_c)
+                side = tl.where(up, 1, -1)
+                free += interp.to(tl.int32)
+                snap = tl.where(empty & (free < 31), side, 0)
+                progress = ((hi_k - lo_k) * 2 <= width) | (tl.minimum(c_lo - k, k - c_hi) * 2 <= gap)
+                stall = tl.where(interp & (progress == 0), stall + 1, 0)
+        # not exact: lo and hi are adjacent keys, so lo is the k-th largest (a tie straddles it)
+        return _key_float(lo_k), exact, steps
 
     @triton.jit
     def _topk_union_kernel(
-        S, KROW, PTR, SEL, SIZES, ENDS, CNT,
+        S, KROW, PTR, SEL, SIZES, ENDS, CNT, NRED,
         s_pb,
         Hq, G, C,
         BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr, ENDS_MODE: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_C: tl.constexpr, SEARCH: tl.constexpr, STATS: tl.constexpr,
     ):
         # one program per (batch, query head); its score row [C] stays in registers.
         # (UNION=False stops after step 2: benchmarks/select_kernel.py times the parts apart)
-        # 1. the k-th largest score t (`_kth_largest`: bisection over the bits of its key);
+        # 1. the k-th largest score t: SEARCH_BISECT `_kth_largest` (bisection over the bits of its
+        #    key), SEARCH_INTERP `_kth_interp` (interpolation, fewer reductions on smooth rows);
         # 2. pick score > t, plus the first k - count(> t) scores == t by chunk index (the
-        #    reference's stable argsort), never -inf; write the pick as an int8 row;
+        #    reference's stable argsort), never -inf; write the pick as an int8 row. When the
+        #    search knows count(s >= t) == k (`_kth_interp`'s exact), that is s >= t: no reduction;
         # 3. the last program of each GQA group to finish (arrival counter, zeroed by the
         #    scores kernel) ORs the G rows (the union), writes each chunk's extra-column count
         #    and what the expansion kernel places chunks by (ENDS_MODE, see ENDS_PREFIX): the
         #    inclusive prefix sum over the row, or the sums of its blocks of BLOCK_C chunks (the
         #    expansion's blocks; a row-wide scan is the serial tail's largest part), or nothing.
+        # STATS (tests, benchmarks): NRED[pid] = (reductions of the search, block reductions and
+        # scans of steps 1-2 in all).
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
@@ -481,14 +621,38 @@ if triton is not None:
         s = tl.load(S + pid.to(tl.int64) * C + c, mask=ok, other=float("-inf"))
         s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0 (a tie, as in the reference's sort)
         finite = s > float("-inf")
-        k = tl.minimum(tl.load(KROW + b).to(tl.int32), tl.sum(finite.to(tl.int32), 0))
-        t = _kth_largest(s, k, EARLY_EXIT)
-        gt = s > t
-        eq = s == t
-        room = k - tl.sum(gt.to(tl.int32), 0)
-        if tl.sum(eq.to(tl.int32), 0) > room:  # a tie straddles the k-th place: lowest chunks first
-            eq = eq & (tl.cumsum(eq.to(tl.int32), 0) <= room)
-        pick = (gt | eq) & finite
+        if SEARCH == 1:  # SEARCH_INTERP: the finite scores' count, min, max, sum, sum of squares at once
+            sf = tl.where(finite, s, 0.0)
+            n, s_min, s_max, s_sum, s_sq = tl.reduce(
+                (finite.to(tl.int32), tl.where(finite, s, float("inf")), s, sf, sf * sf), 0, _stats_combine)
+            k = tl.minimum(tl.load(KROW + b).to(tl.int32), n)
+            if k == 0:  # no pick: a threshold above every score (NaN if the max is +inf)
+                t = _key_float(_float_key(s_max) + 1)
+                exact = tl.full([], 1, tl.int32)
+                steps = tl.full([], 0, tl.int32)
+            else:
+                mean = s_sum / n
+                t, exact, steps = _kth_interp(s, k, n, s_min, s_max, mean,
+                                              tl.sqrt(tl.maximum(s_sq / n - mean * mean, 0.0)))
+        else:
+            k = tl.minimum(tl.load(KROW + b).to(tl.int32), tl.sum(finite.to(tl.int32), 0))
+            t, steps = _kth_largest(s, k, EARLY_EXIT)
+            exact = tl.full([], 0, tl.int32)
+        reductions = 1 + steps
+        if exact != 0:  # count(s >= t) == k: no tie straddles t
+            pick = (s >= t) & finite
+        else:
+            gt = s > t
+            eq = s == t
+            room = k - tl.sum(gt.to(tl.int32), 0)
+            reductions += 2
+            if tl.sum(eq.to(tl.int32), 0) > room:  # a tie straddles the k-th place: lowest chunks first
+                eq = eq & (tl.cumsum(eq.to(tl.int32), 0) <= room)
+                reductions += 1
+            pick = (gt | eq) & finite
+        if STATS:
+            tl.store(NRED + pid * 2, steps)
+            tl.store(NRED + pid * 2 + 1, reductions)
         tl.store(SEL + pid.to(tl.int64) * C + c, pick.to(tl.int8), mask=ok)
         if UNION:
             tl.debug_barrier()  # every thread's row is stored before the arrival is counted
@@ -512,7 +676,7 @@ if triton is not None:
                         jb = tl.arange(0, BLOCK // BLOCK_C)
                         tl.store(ENDS + grp.to(tl.int64) * nbc + jb, bsum, mask=jb < nbc)
                     else:  # a row shorter than one block (BLOCK >= 16): one sum
-                        tl.store(ENDS + grp.to(tl.int64) * nbc, tl.sum(size, 0))
+                        tl.store(ENDS + grp.to(tl.int64) * nbc, tl.sum(size, 0), mask=nbc > 0)  # C == 0: no room
 
 
 
@@ -681,12 +845,19 @@ def build_index_list_triton(plan: DecodePlan, selected: torch.Tensor) -> tuple[t
 TOPK_MAX_CHUNKS = 16384
 # the select kernel's threshold search stops once it splits off exactly k (`_kth_largest`)
 EARLY_EXIT = True
+# the select kernel's threshold search: SEARCH_BISECT, a bisection over the 32 bits of the score's
+# key (`_kth_largest`, one block reduction per bit, EARLY_EXIT), or SEARCH_INTERP, an interpolation
+# on a normal fit of the row safeguarded by that bisection (`_kth_interp`: fewer reductions on
+# smooth rows, the same picks); benchmarks/select_kernel.py times both
+SEARCH_BISECT, SEARCH_INTERP = 0, 1
+SEARCH = SEARCH_INTERP  # 31.4 -> 22.7 us at 128K batch 1 (NOTES.md, round 11)
 
 
 def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Tensor, ptr_stride: int,
                       picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor | None, counters: torch.Tensor,
                       num_kv_heads: int, early_exit: bool | None = None, union: bool = True,
-                      num_warps: int | None = None, ends_mode: int | None = None) -> None:
+                      num_warps: int | None = None, ends_mode: int | None = None, search: int | None = None,
+                      stats: torch.Tensor | None = None) -> None:
     """Launches `_topk_union_kernel` over scores float32 [B, Hq, C] (contiguous) with k long [B],
     chunk_ptr the CSR offsets of each chunk's extra columns (row stride `ptr_stride`; 0 shares one
     row), into picks int8 [B, Hq, C], sizes int32 [B, Hkv, C], ends int32 [B, Hkv,
@@ -694,17 +865,22 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
     [B * Hkv] (zeroed; each group's last arrival writes the union).
 
     ends_mode: what ends receives, ENDS_PREFIX or ENDS_BLOCKS (default ENDS_MODE);
-    early_exit: stop the threshold search once it splits off exactly k (default EARLY_EXIT);
-    union=False writes the picks only; num_warps: default `_select_warps`. The last four are
-    for benchmarks/select_kernel.py (and ends_mode for the tests)."""
+    early_exit: stop the bisection once it splits off exactly k (default EARLY_EXIT);
+    search: SEARCH_BISECT or SEARCH_INTERP (default SEARCH);
+    union=False writes the picks only; num_warps: default `_select_warps`; stats: int32 [B, Hq, 2]
+    contiguous, or None: receives per head the threshold search's block reductions and those of
+    the whole pick (step 1-2 of the kernel, scans included). The last six are for
+    benchmarks/select_kernel.py (and ends_mode, search, stats for the tests)."""
     B, Hq, C = scores.shape
     block = max(16, _next_pow2(C))
     mode = ENDS_NONE if ends is None else ENDS_MODE if ends_mode is None else ends_mode
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, sizes if ends is None else ends, counters,
+        counters if stats is None else stats,
         ptr_stride, Hq, Hq // num_kv_heads, C,
         BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union, ENDS_MODE=mode,
-        BLOCK_C=EXPAND_BLOCK_C, num_warps=num_warps or _select_warps(block),
+        BLOCK_C=EXPAND_BLOCK_C, SEARCH=SEARCH if search is None else search, STATS=stats is not None,
+        num_warps=num_warps or _select_warps(block),
     )
 
 
@@ -783,10 +959,12 @@ def block_sums(sizes: torch.Tensor) -> torch.Tensor:
 
 
 def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
-                      early_exit: bool | None = None, ends_mode: int | None = None) -> torch.Tensor:
+                      early_exit: bool | None = None, ends_mode: int | None = None, search: int | None = None,
+                      stats: torch.Tensor | None = None) -> torch.Tensor:
     """The fused top-k + GQA union alone, as `choose_union`'s bool [B, Hkv, C] (for tests): the
     chunks whose size the select kernel wrote nonzero (every chunk has at least its gist). Checks
-    what the kernel wrote to place chunks by (ends_mode, default ENDS_MODE) against torch."""
+    what the kernel wrote to place chunks by (ends_mode, default ENDS_MODE) against torch.
+    search: the threshold search (default SEARCH); stats: `topk_union_launch`'s."""
     B, Hq, C = scores.shape
     ends_mode = ENDS_MODE if ends_mode is None else ends_mode
     sizes = torch.full((B, num_kv_heads, C), -1, dtype=torch.int32, device=scores.device)
@@ -794,7 +972,7 @@ def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
     counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)
     picks = torch.full((B, Hq, C), -1, dtype=torch.int8, device=scores.device)
     topk_union_launch(scores.contiguous(), plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends,
-                      counters, num_kv_heads, early_exit=early_exit, ends_mode=ends_mode)
+                      counters, num_kv_heads, early_exit=early_exit, ends_mode=ends_mode, search=search, stats=stats)
     assert bool((sizes >= 0).all()) and bool((counters == Hq // num_kv_heads).all())
     want = torch.cumsum(sizes, -1, dtype=torch.int32) if ends_mode == ENDS_PREFIX else block_sums(sizes)
     assert torch.equal(ends, want), ends_mode

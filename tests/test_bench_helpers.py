@@ -78,17 +78,26 @@ def test_select_kernel_same_lists_compares_entries_up_to_each_length():
     assert sk.same_lists((index[:, :, :0], lengths * 0), (index[:, :, :1], lengths * 0))
 
 
+def test_select_kernel_reduction_summary_is_the_search_columns_mean_and_max():
+    sk = _select_kernel_script()
+    stats = torch.tensor([[[3, 4], [7, 10]], [[2, 3], [4, 5]]], dtype=torch.int32)  # [B, Hq, 2]
+    assert sk.reduction_summary(stats) == (4.0, 7)
+    assert sk.reduction_summary(stats[:, :0]) == (0.0, 0)
+
+
 @pytest.mark.parametrize("scores", ["normal", "qk"])
 def test_select_kernel_times_a_small_case_and_both_ends_modes_agree(scores):
     """One small case through every column (on the CPU bench_us runs it twice, Triton's
-    interpreter); the two union tails (prefix sum, block sums) give the same key lists."""
+    interpreter); the two union tails (prefix sum, block sums) give the same key lists, and the
+    interpolation search the early bisection's sets, with fewer reductions."""
     sk = _select_kernel_script()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     row = sk.time_case(2, 150, 6, 1400, scores, Hq=4, Hkv=2, D=16, device=device)
-    assert row["same_sets"] and row["same_lists"]
+    assert row["same_sets"] and row["same_lists"] and row["same_sets_interp"]
     # qk: the decode benchmark's layout at 1400 tokens, adaptive k = 1399 // (8 * 2 * 8) + 1
     assert (row["chunks"], row["k"]) == ((155, 11) if scores == "qk" else (150, 6))
-    for key in ("bisect", "early", "blocksum", "expand_prefix", "expand_blocks", "early_step", "blocksum_step",
-                "early_w8"):
+    for key in ("bisect", "early", "blocksum", "interp", "expand_prefix", "expand_blocks", "early_step",
+                "blocksum_step", "interp_step", "interp_picks_only", "early_w8"):
         assert row[key] > 0, key
+    assert 0 < row["interp_red"] < row["early_red"] and row["interp_red_max"] <= row["early_red_max"]

@@ -25,6 +25,8 @@ from gsa_rag.kernels import dispatch, gist_select
 from gsa_rag.kernels.gist_select import (
     ENDS_BLOCKS,
     ENDS_PREFIX,
+    SEARCH_BISECT,
+    SEARCH_INTERP,
     DecodePlan,
     _expand_launch,
     build_index_list_ref,
@@ -35,6 +37,7 @@ from gsa_rag.kernels.gist_select import (
     select_index_list,
     select_index_list_triton,
     select_sizes_triton,
+    topk_union_launch,
     topk_union_triton,
 )
 from gsa_rag.kernels.prefill import gist_prefill, gist_prefill_ref
@@ -47,9 +50,48 @@ from gsa_rag.layout import Segment, build_layout
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _interpreter_tree_reduce() -> None:
+    """Triton's interpreter reduces with a custom combine function (the select kernel's interpolation
+    search: count, min, max and sums at once; the three largest) one element at a time in Python,
+    seconds per 16K-element row. Reduce pairwise over NumPy halves instead: the same combine
+    function, log2(n) calls (its associativity is what the GPU's tree relies on too)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.ReduceOps.generic_reduce
+    if getattr(original, "_gsa_tree", False):
+        return
+
+    def tree(self, input):
+        data = [arg.handle.data for arg in input]
+        if self.axis != 0 or self.keep_dims or any(d.ndim != 1 for d in data):
+            return original(self, input)
+        dtypes = [arg.dtype for arg in input]
+        while data[0].shape[0] > 1:
+            half = data[0].shape[0] // 2
+            out = self.combine_fn.fn(*(self.to_tensor(d[:half], t) for d, t in zip(data, dtypes)),
+                                     *(self.to_tensor(d[half:2 * half], t) for d, t in zip(data, dtypes)))
+            out = out if isinstance(out, tuple) else (out,)
+            data = [np.concatenate([o.handle.data, d[2 * half:]]) for o, d in zip(out, data)]
+        return [self.to_tensor(d[0], t) for d, t in zip(data, dtypes)]
+
+    tree._gsa_tree = True
+    interpreter.ReduceOps.generic_reduce = tree
+
+
 if DEVICE == "cpu":
     dispatch._interpreter_compat()
+    _interpreter_tree_reduce()
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+# the interpolation search's sums (mean, spread) of rows with +-1e30 (or magnitudes up to 1e30)
+# overflow to inf / NaN, which the interpreter's NumPy reports; the kernel then leaves its normal
+# fit unused, as on the GPU
+OVERFLOW_OK = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                                         "ignore:invalid value encountered:RuntimeWarning")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,12 +136,15 @@ def as_sets(index, lengths, B, H):
     return [[sorted(index[b, h, : lengths[b, h]].tolist()) for h in range(H)] for b in range(B)]
 
 
-@pytest.mark.parametrize("ends_mode", [ENDS_PREFIX, ENDS_BLOCKS])
+@pytest.mark.parametrize("ends_mode,search", [(ENDS_PREFIX, SEARCH_BISECT), (ENDS_BLOCKS, SEARCH_BISECT),
+                                              (ENDS_BLOCKS, SEARCH_INTERP)])
 @pytest.mark.parametrize("kv_reuse", [False, True])
-def test_key_list_is_the_engine_mask(kv_reuse, ends_mode, monkeypatch):
+def test_key_list_is_the_engine_mask(kv_reuse, ends_mode, search, monkeypatch):
     """Reference and Triton lists equal the engine's dense selective mask, layer 0 and 1; the
-    fused path placing chunks by the prefix sum and by block sums (gist_select.ENDS_MODE)."""
+    fused path placing chunks by the prefix sum and by block sums (gist_select.ENDS_MODE), with
+    either threshold search (gist_select.SEARCH)."""
     monkeypatch.setattr(gist_select, "ENDS_MODE", ends_mode)
+    monkeypatch.setattr(gist_select, "SEARCH", search)
     for seed in range(6):
         layout, config = random_layout(seed, kv_reuse=kv_reuse)
         B, T = layout.input_ids.shape
@@ -216,15 +261,19 @@ def test_topk_union_equals_reference_selection():
             assert torch.equal(got, want), (seed, policy)
 
 
-@pytest.mark.parametrize("early_exit,ends_mode", [(False, ENDS_PREFIX), (True, ENDS_PREFIX), (True, ENDS_BLOCKS)])
+@OVERFLOW_OK
+@pytest.mark.parametrize("early_exit,ends_mode,search", [
+    (False, ENDS_PREFIX, SEARCH_BISECT), (True, ENDS_PREFIX, SEARCH_BISECT), (True, ENDS_BLOCKS, SEARCH_BISECT),
+    (True, ENDS_PREFIX, SEARCH_INTERP), (True, ENDS_BLOCKS, SEARCH_INTERP)])
 @pytest.mark.parametrize("G", [1, 3, 4])
-def test_fused_topk_union_picks_the_reference_sets(G, early_exit, ends_mode):
+def test_fused_topk_union_picks_the_reference_sets(G, early_exit, ends_mode, search):
     """The select kernel's threshold search picks the reference's set per head (stable argsort:
     ties go to the lower chunk index), never a missing chunk, k above the chunks that exist,
     k = 0, many exact ties, -0.0 against +0.0; then the GQA union, its sizes and what the
     expansion places chunks by: the prefix sum, or the sums per block of 64 chunks (ENDS_BLOCKS;
-    rows of one short block, several with a short last one, and whole blocks only). Both
-    searches: all 32 bits, and stopping once exactly k scores are above the threshold."""
+    rows of one short block, several with a short last one, and whole blocks only). The
+    searches: bisection over all 32 bits, bisection stopping once exactly k scores are above the
+    threshold, and interpolation (SEARCH_INTERP)."""
     from types import SimpleNamespace
 
     from gsa_rag.selection import choose_chunks, union_over_groups
@@ -250,17 +299,182 @@ def test_fused_topk_union_picks_the_reference_sets(G, early_exit, ends_mode):
         k[0] = min(int(k[0]), 1 + C // 20) if trial % 2 else k[0]
         sizes = torch.randint(1, 4, (B, C), generator=g)
         plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.cat([torch.zeros(B, 1, dtype=torch.long), sizes.cumsum(-1)], 1).int().to(DEVICE))
-        got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hkv, early_exit=early_exit, ends_mode=ends_mode)
+        got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hkv, early_exit=early_exit, ends_mode=ends_mode,
+                                           search=search)
         want = union_over_groups(choose_chunks(scores[:, :, None], k=k), Hkv)[:, :, 0]
         assert torch.equal(got.cpu(), want), (G, trial)
         assert torch.equal(got_sizes.cpu(), torch.where(want, sizes[:, None].int(), 0)), (G, trial)
 
 
-@pytest.mark.parametrize("ends_mode", [ENDS_PREFIX, ENDS_BLOCKS])
-def test_fused_and_torch_topk_paths_give_the_same_lists(ends_mode):
+def hard_rows(B: int, C: int, g: torch.Generator) -> torch.Tensor:
+    """float32 [B, 10, C] score rows that stress a threshold search, one kind per head: normal;
+    integers in [-3, 3) (ties straddle most k-th places); normal rounded to 0.25 (many exact ties
+    at the threshold); normal with a few huge outliers (+-1e30); tiny (1e-30 scale, a third
+    denormals and zeros); all equal; +0.0 / -0.0 and a few ones; signs and magnitudes from 1e-30
+    to 1e30; bf16-rounded q . k (the decode benchmark's kind); two clusters 1e6 apart. Odd batch
+    rows end in -inf padding (a random share), so k often exceeds the chunks that exist."""
+    def normal():
+        return torch.randn(B, C, generator=g)
+
+    def pick(n):  # n random positions per row
+        return torch.rand(B, C, generator=g).argsort(-1)[:, :n]
+
+    huge = normal()
+    huge.scatter_(1, pick(min(C, 3)), 1e30)
+    huge.scatter_(1, pick(min(C, 2)), -1e30)
+    tiny = normal() * 1e-30
+    denormal = torch.randint(-40, 40, (B, C), generator=g).float() * 1.4e-45
+    tiny = torch.where(torch.rand(B, C, generator=g) < 0.33, denormal, tiny)
+    zeros = torch.where(torch.rand(B, C, generator=g) < 0.5, -0.0, 0.0)
+    zeros = torch.where(torch.rand(B, C, generator=g) < 0.1, 1.0, zeros)
+    wide = normal() * 10.0 ** (60 * torch.rand(B, C, generator=g) - 30)
+    q = torch.randn(B, 64, generator=g).bfloat16().float()
+    qk = torch.einsum("bd,bcd->bc", q, torch.randn(B, C, 64, generator=g).bfloat16().float())
+    clusters = normal() + 1e6 * (torch.rand(B, C, generator=g) < 0.1)
+    rows = torch.stack([normal(), torch.randint(-3, 3, (B, C), generator=g).float(), (normal() * 4).round() / 4,
+                        huge, tiny, torch.full((B, C), 0.375), zeros, wide, qk, clusters], 1)
+    assert bool((tiny[tiny != 0].abs() < 1.2e-38).any()) or C < 16  # denormals made it through float32
+    pad = (torch.arange(C)[None] >= (torch.rand(B, 1, generator=g) * C).long()) & (torch.arange(B)[:, None] % 2 == 1)
+    return torch.where(pad[:, None], float("-inf"), rows)
+
+
+@OVERFLOW_OK
+@pytest.mark.parametrize("search", [SEARCH_BISECT, SEARCH_INTERP])
+@pytest.mark.parametrize("C", [5, 16, 300, 2500])
+def test_threshold_searches_pick_the_reference_sets_on_hard_rows(search, C):
+    """Both threshold searches on `hard_rows` (one GQA group per head, so each head's picks are
+    checked), k = 0, 1, 2, 3, C / 32, C / 2, C - 2, C - 1, C and C + 3 on the batch rows: the
+    reference's set (stable argsort: ties to the lower chunk, never -inf), outputs poisoned; the
+    interpolation never spends more than its 64 reductions, nor more than 2 beyond the 32
+    bisection steps' worth on any of these rows."""
+    from types import SimpleNamespace
+
+    from gsa_rag.selection import choose_chunks
+
+    g = torch.Generator().manual_seed(1000 * C + search)
+    k = torch.tensor([0, 1, 2, 3, max(1, C // 32), C // 2, max(0, C - 2), C - 1, C, C + 3])
+    B = len(k)
+    scores = hard_rows(B, C, g)
+    Hq = scores.shape[1]
+    sizes = torch.randint(1, 4, (B, C), generator=g)
+    plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.cat([torch.zeros(B, 1, dtype=torch.long), sizes.cumsum(-1)], 1).int().to(DEVICE))
+    stats = torch.full((B, Hq, 2), -1, dtype=torch.int32, device=DEVICE)
+    got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hq, search=search, stats=stats)
+    want = choose_chunks(scores[:, :, None], k=k)[:, :, 0]
+    for h in range(Hq):
+        assert torch.equal(got[:, h].cpu(), want[:, h]), (C, search, h)
+    assert torch.equal(got_sizes.cpu(), torch.where(want, sizes[:, None].int(), 0))
+    steps = stats[..., 0].cpu()
+    assert bool((steps >= 0).all()) and bool((stats[..., 1].cpu() > steps).all())
+    assert int(steps.max()) <= (34 if search == SEARCH_INTERP else 32), steps
+
+
+# a row of 100 eighths (value * 8: copies) on which an interpolation search that moved hi onto the
+# largest score below an empty probe, instead of one key above it, picked the wrong set at k = 51
+# (found by fuzzing such a mutation; the row's order does not matter, its sums are exact)
+TIED_GROUPS_ROW = [(-59, 1), (-56, 3), (-52, 26), (-50, 1), (-49, 1), (-46, 22), (-45, 1), (-39, 1), (-37, 2),
+                   (-36, 1), (-34, 1), (-27, 1), (-21, 3), (-19, 2), (-18, 1), (-15, 1), (-14, 1), (-12, 15),
+                   (-11, 1), (-9, 1), (-8, 1), (-7, 1), (-5, 1), (-3, 1), (1, 1), (2, 1), (3, 1), (5, 2), (9, 1),
+                   (12, 1), (15, 1), (16, 2)]
+
+
+@pytest.mark.parametrize("search", [SEARCH_BISECT, SEARCH_INTERP])
+def test_threshold_searches_pick_the_reference_sets_for_every_k_on_tied_groups(search):
+    """Rows of a few tied groups (3 to 30 copies of a value) among distinct scores, each with every
+    k from 0 to past its length (one batch row per k, -inf padding to the longest): ties straddle
+    the k-th place at many k while the bracket's ends are still far from it, where an end moved
+    onto the wrong side of a tied group shows. TIED_GROUPS_ROW and three random rows, shuffled."""
+    from types import SimpleNamespace
+
+    from gsa_rag.selection import choose_chunks
+
+    g = torch.Generator().manual_seed(7 + search)
+    rows = [torch.cat([torch.full((n,), v / 8) for v, n in TIED_GROUPS_ROW])]
+    for trial in range(3):
+        groups = int(torch.randint(1, 5, (), generator=g))
+        values = torch.randint(-40, 40, (groups,), generator=g) / 4
+        body = torch.randint(-60, 20, (int(torch.randint(0, 60, (), generator=g)),), generator=g) / 8
+        rows.append(torch.cat([values.repeat_interleave(torch.randint(3, 30, (groups,), generator=g)), body]))
+    C = max(len(r) for r in rows)
+    scores, k = [], []
+    for r in rows:
+        r = torch.cat([r[torch.randperm(len(r), generator=g)], torch.full((C - len(r),), float("-inf"))])
+        scores.append(r.expand(len(r) + 2, C))
+        k.append(torch.arange(len(r) + 2))
+    scores, k = torch.cat(scores)[:, None].contiguous(), torch.cat(k)
+    B = len(k)
+    plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.arange(C + 1, dtype=torch.int32).expand(B, -1).contiguous().to(DEVICE))
+    got, _ = topk_union_triton(scores.to(DEVICE), plan, 1, search=search)
+    want = choose_chunks(scores[:, :, None], k=k)[:, :, 0]
+    wrong = [(i, int(k[i])) for i in range(B) if not torch.equal(got[i].cpu(), want[i])]
+    assert not wrong, wrong
+
+
+@OVERFLOW_OK
+def test_interpolation_search_at_full_width():
+    """C = TOPK_MAX_CHUNKS (16384, the widest row in registers): the interpolation search picks the
+    reference's set on `hard_rows` with k = 0, 1, 512 and C, as the bisection does."""
+    from types import SimpleNamespace
+
+    from gsa_rag.selection import choose_chunks
+
+    g = torch.Generator().manual_seed(16384)
+    C = gist_select.TOPK_MAX_CHUNKS
+    k = torch.tensor([0, 1, 512, C])
+    scores = hard_rows(len(k), C, g)
+    B, Hq, _ = scores.shape
+    plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.arange(C + 1, dtype=torch.int32).expand(B, -1).contiguous().to(DEVICE))
+    want = choose_chunks(scores[:, :, None], k=k)[:, :, 0]
+    for search in (SEARCH_INTERP, SEARCH_BISECT):
+        got, _ = topk_union_triton(scores.to(DEVICE), plan, Hq, search=search)
+        assert torch.equal(got.cpu(), want), search
+
+
+def search_reductions(C: int, rows: int, seed: int) -> dict[int, torch.Tensor]:
+    """Per search, the threshold search's block reductions (the select kernel's STATS output) on
+    `rows` random-normal rows of C chunks with k = C / 32; both searches' picks are the reference's."""
+    from types import SimpleNamespace
+
+    from gsa_rag.selection import choose_chunks
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(1, rows, C, generator=g)
+    k = torch.tensor([C // 32])
+    plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.arange(C + 1, dtype=torch.int32)[None].to(DEVICE))
+    want = choose_chunks(scores[:, :, None], k=k)[:, :, 0]
+    out = {}
+    for search in (SEARCH_BISECT, SEARCH_INTERP):
+        stats = torch.full((1, rows, 2), -1, dtype=torch.int32, device=DEVICE)
+        got, _ = topk_union_triton(scores.to(DEVICE), plan, rows, search=search, stats=stats)
+        assert torch.equal(got.cpu(), want), search
+        out[search] = stats[0].cpu()
+    return out
+
+
+@pytest.mark.parametrize("C", [4096, 16384])
+def test_interpolation_search_needs_far_fewer_reductions_on_normal_rows(C):
+    """On random-normal rows of 4K-16K chunks with k = C / 32 (the decode benchmark's ratio) the
+    interpolation search runs at most a third of the bisection's reductions on average, and its
+    slowest row (the kernel waits for its slowest program) stays under the bisection's mean."""
+    counts = search_reductions(C, 32, seed=C)
+    bisect, interp = (counts[s][:, 0].float() for s in (SEARCH_BISECT, SEARCH_INTERP))
+    assert interp.mean() * 3 <= bisect.mean(), (bisect.tolist(), interp.tolist())
+    assert interp.max() < bisect.mean(), (bisect.tolist(), interp.tolist())
+    # distinct scores: the interpolation always ends on an exact split, so the pick runs no tie
+    # rule (the bisection's two sums); the bisection's pick is its search, the count and those sums
+    assert torch.equal(counts[SEARCH_INTERP][:, 1], counts[SEARCH_INTERP][:, 0] + 1)
+    assert torch.equal(counts[SEARCH_BISECT][:, 1], counts[SEARCH_BISECT][:, 0] + 3)
+
+
+@pytest.mark.parametrize("ends_mode,search", [(ENDS_PREFIX, SEARCH_BISECT), (ENDS_BLOCKS, SEARCH_BISECT),
+                                              (ENDS_BLOCKS, SEARCH_INTERP)])
+def test_fused_and_torch_topk_paths_give_the_same_lists(ends_mode, search, monkeypatch):
     """select_index_list_triton with the fused select kernel (placing chunks by the prefix sum or
-    by block sums) and with torch.topk + mark + cumsum: the same lists, in the same order."""
+    by block sums; either threshold search) and with torch.topk + mark + cumsum: the same lists,
+    in the same order."""
     from gsa_rag.kernels.bench import synthetic_layout
+
+    monkeypatch.setattr(gist_select, "SEARCH", search)
 
     config = GistConfig(chunk_size=4, sink=4, k_policy="adaptive", adaptive_ratio=2.0)
     layout = synthetic_layout(3, 900, 4, device=DEVICE).append(torch.full((3, 1), 5, device=DEVICE))
@@ -285,16 +499,20 @@ def ordered_list(plan, selected, b, h):
     return cols
 
 
-@pytest.mark.parametrize("ends_mode", [ENDS_PREFIX, ENDS_BLOCKS])
-def test_fused_select_writes_the_reference_lists_in_order(ends_mode):
+@pytest.mark.parametrize("ends_mode,search", [(ENDS_PREFIX, SEARCH_BISECT), (ENDS_BLOCKS, SEARCH_BISECT),
+                                              (ENDS_BLOCKS, SEARCH_INTERP)])
+def test_fused_select_writes_the_reference_lists_in_order(ends_mode, search, monkeypatch):
     """scores -> select kernel -> expansion into outputs poisoned with -1: exactly the list of the
     reference's choice (stable argsort, ties to the lower chunk; GQA union) in the fast path's
     order, its length, nothing written past it. Chunks placed by the prefix sum and by block sums
-    (ENDS_BLOCKS: each expansion block adds the sums of the blocks before it). Rows of fewer than
-    64 chunks (random layouts: rows with 0 or 1 chunks, k above the chunks there), of 150 (three
-    blocks, the last one short) and of 128 (whole blocks); batch 3; G 1 and 4; integer scores
-    (many exact ties) and k per row from 0 up."""
+    (ENDS_BLOCKS: each expansion block adds the sums of the blocks before it); the bisection and
+    the interpolation search (gist_select.SEARCH). Rows of fewer than 64 chunks (random layouts:
+    rows with 0 or 1 chunks, k above the chunks there), of 150 (three blocks, the last one short)
+    and of 128 (whole blocks); batch 3; G 1 and 4; integer scores (many exact ties) and k per row
+    from 0 up."""
     import dataclasses
+
+    monkeypatch.setattr(gist_select, "SEARCH", search)
 
     from gsa_rag.kernels.bench import synthetic_layout
     from gsa_rag.selection import choose_chunks, union_over_groups
@@ -485,3 +703,21 @@ def test_kernel_path_gives_the_hook_the_engine_mask(monkeypatch):
     assert len(seen) == 1 and torch.equal(seen[0], want)
     assert torch.equal(state.attended[1], want[:, :, -1].sum(-1).float())
     assert out.shape == (B, 1, 4, 16) and not out.isnan().any()
+
+
+@pytest.mark.parametrize("ends_mode", [ENDS_PREFIX, ENDS_BLOCKS])
+@pytest.mark.parametrize("search", [SEARCH_BISECT, SEARCH_INTERP])
+def test_select_kernel_on_a_row_without_chunks_writes_nothing_out_of_bounds(ends_mode, search):
+    """C == 0 (no chunk closed yet): the union tail's `ends` output has no room, so nothing may be
+    stored there (the block-sum tail once stored one sum unmasked: an illegal address on a GPU)."""
+    B, Hq, Hkv = 2, 4, 2
+    scores = torch.empty(B, Hq, 0, device=DEVICE)
+    guard = torch.full((B, Hkv, 1), -7, dtype=torch.int32, device=DEVICE)  # ends' storage, one slot past its 0 width
+    ends = guard[:, :, :0]
+    sizes = torch.empty(B, Hkv, 0, dtype=torch.int32, device=DEVICE)
+    picks = torch.empty(B, Hq, 0, dtype=torch.int8, device=DEVICE)
+    counters = torch.zeros(B * Hkv, dtype=torch.int32, device=DEVICE)
+    k = torch.full((B,), 3, dtype=torch.long, device=DEVICE)
+    ptr = torch.zeros(B, 1, dtype=torch.int32, device=DEVICE)
+    topk_union_launch(scores, k, ptr, ptr.stride(0), picks, sizes, ends, counters, Hkv, ends_mode=ends_mode, search=search)
+    assert bool((guard == -7).all()) and bool((counters == Hq // Hkv).all())
