@@ -102,7 +102,8 @@ class GistConfig:
         if not self.meta_chunks:
             raise ConfigError(f"section_top_k={k} is the H-GSA beam over sections: it needs meta_chunks (or leave it None)")
         if self.k_policy != "fixed":
-            raise ConfigError(f"section_top_k needs k_policy 'fixed' (with {self.k_policy!r} that policy applies at every level)")
+            raise ConfigError(f"section_top_k (the beam over sections) needs k_policy 'fixed' "
+                              f"(with {self.k_policy!r} that policy applies at every level)")
         self.section_top_k = int(k)
 
     def _check_meta_chunks(self) -> None:

@@ -48,8 +48,8 @@ class GSA(Method):
             raise ValueError("gsa option budget_mb is the gist memory's budget: it needs reuse=1")
         if self.sk < 0:
             raise ValueError(f"gsa option sk must be >= 0 (0: the same as k), got {self.sk}")
-        if self.sk and (not self.meta or self.policy != "fixed"):
-            raise ValueError("gsa option sk is the H-GSA beam over sections: it needs meta (and policy fixed)")
+        if self.sk:  # GistConfig's rules for the beam (sections, fixed k), at parse time
+            self.gist_config(None)
         if self.budget_mb < 0:
             raise ValueError(f"gsa option budget_mb must be >= 0 (0: automatic), got {self.budget_mb}")
 
