@@ -84,7 +84,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         select_index_list_triton,
         select_sizes_triton,
     )
-    from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list
+    from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list, select_hier_index_list_triton
     from gsa_rag.kernels.sparse_decode import (
         default_block_n,
         default_split_len,
@@ -237,6 +237,12 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         print(f"  attend sweep (splits x block_n: us): default {splits}x{block_n} {row['attend_graph_us']:.1f}; "
               + ", ".join(f"{k} {v:.1f}" for k, v in row["attend_sweep"].items()) + f"; best {best}", flush=True)
     row["select_torch_topk_graph_us"] = nan if meta else graph_us(select_torch_topk)
+
+    def select_unfold64(i):  # H-GSA: the unfold walk in the 64-slot steps it took before round 12
+        q, k, _ = sets[i]
+        return select_hier_index_list_triton(q, k, layout, plan, config, block=64)
+
+    row["select_unfold64_graph_us"] = graph_us(select_unfold64) if meta else nan
     row["topk_graph_us"] = row["scores_topk_graph_us"] - row["scores_graph_us"]  # select kernel
     row["expand_graph_us"] = row["select_graph_us"] - row["scores_topk_graph_us"]  # expansion
     row["plan_us"] = plan_us
@@ -297,6 +303,7 @@ COLUMNS = [
     ("attend_graph_us", "attend(g)", ".1f"), ("attend_floor_us", "att_floor", ".1f"),
     ("attend_pct_floor", "%fl", ".0f"), ("attend_tbps", "att_TB/s", ".2f"),
     ("dense_tbps", "dense_TB/s", ".2f"), ("select_torch_topk_graph_us", "old_sel(g)", ".1f"),
+    ("select_graph_us", "select(g)", ".1f"), ("select_unfold64_graph_us", "sel_u64(g)", ".1f"),
     ("plan_us", "append+plan", ".0f"), ("plan_cold_us", "plan_cold", ".0f"), ("append_us", "append", ".0f"),
     ("rel_err", "err", ".1e"),
 ]
@@ -364,6 +371,7 @@ def main(argv=None) -> None:
                       f"expand {row['expand_graph_us']:.1f}, attend {row['attend_graph_us']:.1f} = "
                       f"{row['attend_pct_floor']:.0f}% of its floor), x{row['x_dense']:.2f}, err {row['rel_err']:.1e}; "
                       f"old select (torch.topk) {row['select_torch_topk_graph_us']:.1f} vs {row['select_graph_us']:.1f}; "
+                      f"H-GSA select with 64-slot unfold steps {row['select_unfold64_graph_us']:.1f}; "
                       f"append+plan {row['plan_us']:.0f} us/step (cold plan {row['plan_cold_us']:.0f}; append alone {row['append_us']:.0f})",
                       flush=True)
                 if not row["fused_topk_same_lengths"]:

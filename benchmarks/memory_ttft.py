@@ -40,6 +40,7 @@ import statistics
 import time
 
 import torch
+from transformers import AutoTokenizer
 
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
@@ -141,6 +142,34 @@ def rerunnable_question(gsa, layout, cache):
     return question_forward
 
 
+def profile_question(gsa, memory, question, ids, top: int = 20) -> None:
+    """--profile: where one question's time goes. Prints the host functions of `prepare` (cProfile,
+    by own time) and, on CUDA, the device kernels of one eager question (torch.profiler, by
+    device time)."""
+    import cProfile
+    import pstats
+
+    device = gsa.device
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(5):
+        memory.prepare(question, ids)
+    sync(device)
+    profiler.disable()
+    print(f"\n# prepare, 5 calls, host functions by own time (top {top})")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        layout, cache = memory.prepare(question, ids)
+        first_token(gsa, layout, cache)
+        sync(device)
+    print(f"# one question (prepare + first token), by device time (top {top})")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+
+
 def graph_columns(gsa, ref_model, prompt, memory, question, ids, repeats: int) -> dict:
     """--graph: the full prefill and the memory question's forward replayed as CUDA graphs."""
     row = {}
@@ -219,8 +248,15 @@ def main() -> None:
                         "for a descheduled peer make the many small ops of the memory path 30x slower)")
     parser.add_argument("--graph", action="store_true",
                         help="CUDA: also replay the full prefill and the memory question's forward as CUDA graphs")
+    parser.add_argument("--tokenizer", default=None, help="with --arch: a tokenizer directory (save_pretrained of a "
+                        "gsa-rag tokenizer) instead of loading --model for its tokenizer")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where one question's time goes at the largest --passages (prepare's host "
+                        "functions; on CUDA the device kernels)")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args()
+    if args.tokenizer and not args.arch:
+        parser.error("--tokenizer goes with --arch (a random-weight model); --model loads its own tokenizer")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -232,8 +268,12 @@ def main() -> None:
     if args.arch:
         from gsa_rag.kernels.bench import random_model
 
-        base, tokenizer = load_model(args.model, gist_config=config, device="cpu")  # for its tokenizer
-        del base
+        if args.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            tokenizer.add_tokens(config.special_tokens, special_tokens=True)  # no-op for a gsa-rag tokenizer
+        else:
+            base, tokenizer = load_model(args.model, gist_config=config, device="cpu")  # for its tokenizer
+            del base
         gsa = GistEngine(random_model(args.arch, args.layers, device, dtype, vocab_size=len(tokenizer)), tokenizer, config)
         ref_model = gsa.model  # without a gist state its attention is plain causal SDPA
     else:
@@ -320,6 +360,8 @@ def main() -> None:
                 row["speedup_graph_vs_full_graph"] = row["ttft_full_graph_ms"] / row["ttft_gsa_memory_graph_ms"]
                 row["speedup_graph_vs_full"] = t_full / row["ttft_gsa_memory_graph_ms"]
         rows.append(row)
+        if args.profile and n == max(args.passages):
+            profile_question(gsa, memory, question, ids)
         print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
                           if k not in ("device", "dtype", "source")}), flush=True)
 

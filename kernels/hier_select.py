@@ -252,14 +252,28 @@ def _union_flags(scores: torch.Tensor, plan: HierPlan, counters: torch.Tensor, n
     return flags
 
 
+# elements of one unfold step's widest tile ([block, XMAX] columns or [block, CMAX] children):
+# the walk over a row's slots is serial, so the top level (every top-level gist: 3,640 slots at
+# 128K, 32x) takes 2 steps at this size where 64-slot blocks took 57
+UNFOLD_TILE = 8192
+
+
+def unfold_block(slots: int, xmax: int, cmax: int) -> int:
+    """Slots per step of `_unfold_kernel`: the whole row when it fits in UNFOLD_TILE, at least 64."""
+    widest = _next_pow2(max(1, xmax, cmax))
+    return max(64, min(_next_pow2(max(1, slots)), UNFOLD_TILE // widest))
+
+
 def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: HierPlan,
-                                  config: GistConfig, scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                  config: GistConfig, scored: torch.Tensor | None = None,
+                                  block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The selecting layers' key list of a hierarchical layout (module docstring), no host sync.
 
     Args:
         query: [B, Hq, D] (RoPE applied); key: [B, Hkv, T, D] the layer's cache.
         scored: optional int32 [B * Hkv], zeroed by the caller: each (batch, KV head) adds the
             gist keys the scoring kernel read for it, over all levels.
+        block: slots per unfold step at every level (a power of two); default `unfold_block`.
 
     Returns:
         (int32 [B, Hkv, plan.capacity], int32 [B, Hkv]): base first, then each level's columns
@@ -291,14 +305,15 @@ def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout
             nxt = nxt_cols = nxt_len = cptr = cidx = lengths
             width = 0
         xptr, xcols = plan.extra_ptr[level], plan.extra_cols[level]
+        xmax, cmax = _next_pow2(max(1, plan.extra_max[level])), _next_pow2(max(1, plan.child_max[level]))
+        step = unfold_block(NC, xmax, cmax) if block is None else block
         _unfold_kernel[(B * Hkv,)](
             units, flags, xptr, xcols, out, lengths,
             cptr, cidx, nxt, nxt_cols, nxt_len,
             s_ur, NC, xptr.stride(0), xcols.stride(0), plan.capacity,
             cptr.stride(0) if children else 0, cidx.stride(0) if children else 0, width,
             Hkv, NC,
-            BLOCK=64, XMAX=_next_pow2(max(1, plan.extra_max[level])),
-            CMAX=_next_pow2(max(1, plan.child_max[level])), CHILDREN=children, num_warps=4,
+            BLOCK=step, XMAX=xmax, CMAX=cmax, CHILDREN=children, num_warps=4 if step * max(xmax, cmax) <= 2048 else 8,
         )
         units, gist_cols, count, s_ur = nxt, nxt_cols, nxt_len, width
     return out, lengths

@@ -24,7 +24,7 @@ from fakes import FakeTokenizer, random_segments
 from gsa_rag.kernels import dispatch
 from gsa_rag.kernels.bench import synthetic_hier_layout
 from gsa_rag.kernels.gist_select import DecodePlan
-from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list
+from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list, select_hier_index_list_triton
 from gsa_rag.kernels.sparse_decode import sparse_decode_triton
 
 from gsa_rag.attention import GistState
@@ -96,6 +96,10 @@ def test_hier_key_list_is_the_engine_mask(hierarchy, policy, beam):
             want = reference_rows(layout, config, q, k, layer)
             index, lengths = select_hier_index_list(q, k, layout, plan, config, layer)
             assert_lists_are_the_mask(index, lengths, want, (hierarchy, policy, seed, layer))
+        # the unfold walk in steps of 4 slots: offsets carried across steps (the default step
+        # holds these rows whole)
+        stepped = select_hier_index_list_triton(q, k, layout, plan, config, block=4)
+        assert_lists_are_the_mask(*stepped, want, (hierarchy, policy, seed, "block 4"))
         unfolded = (want & ~layout.is_gist[:, None]).sum(-1)
         chose_fewer += int((unfolded < (layout.valid & ~layout.is_gist).sum(-1)[:, None]).sum())
     assert chose_fewer > 0, "every case unfolded everything: selection was not exercised"
