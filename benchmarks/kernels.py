@@ -11,8 +11,10 @@ d=64); batch 1 and 8; context 4K..128K; chunk 8, adaptive k (about L/8 raw token
 head, the union of its query heads' picks); bf16. With `--meta` the layout is hierarchical
 (H-GSA, `GistConfig.meta_chunks`; fixed top-k per level, `--top-k`) and the step selects coarse to
 fine (kernels/hier_select.py): `scores` then times the top level's scoring alone (the part that
-grows with the context), topk / expand / old_sel are left empty, and `scored` is the gist keys the
-step read per KV head over all levels (the byte model counts those).
+grows with the context), `topk` its top-k + union kernel, `expand` the rest of the selection (the
+unfold kernels and the levels below), old_sel is left empty and `sel_u64` is the selection with the
+unfold walk in 64-slot steps (before round 12); `scored` is the gist keys the step read per KV head
+over all levels (the byte model counts those).
 
 Byte floor: a step cannot beat the bytes it must read once. Dense: all K and V. GSA: the gist
 keys, the listed K/V rows, the index list and the fp32 scores (written, then read by top-k).
@@ -84,7 +86,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         select_index_list_triton,
         select_sizes_triton,
     )
-    from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list, select_hier_index_list_triton
+    from gsa_rag.kernels.hier_select import HierPlan, _union_flags, select_hier_index_list, select_hier_index_list_triton
     from gsa_rag.kernels.sparse_decode import (
         default_block_n,
         default_split_len,
@@ -176,8 +178,14 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             return _scores_launch(q, k, plan.unit_index[-1], plan.num_units[-1])
         return _scores_launch(q, k, layout.gist_index, layout.num_chunks)
 
+    counters = torch.empty(B * Hkv, dtype=torch.int32, device=DEVICE)
+
     def scores_topk(i):  # scores + the select kernel (threshold top-k, union, sizes, block sums)
         q, k, _ = sets[i]
+        if meta:  # H-GSA: the top level's scores and union flags
+            top = layout.levels - 1
+            scores = _scores_launch(q, k, plan.unit_index[top], plan.num_units[top], counters=counters)
+            return _union_flags(scores, plan, counters, Hkv, config, D, top)
         return select_sizes_triton(q, k, layout, plan)
 
     def select_torch_topk(i):  # the previous path: scores, torch.topk, mark, cumsum, expand
@@ -221,7 +229,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     row["select_graph_us"] = graph_us(select)
     row["scores_graph_us"] = graph_us(scores)
     nan = float("nan")  # the single-level breakdown has no H-GSA counterpart
-    row["scores_topk_graph_us"] = nan if meta else graph_us(scores_topk)
+    row["scores_topk_graph_us"] = graph_us(scores_topk)
     row["attend_us"] = bench_us(rotating(attend))
     row["attend_graph_us"] = graph_us(attend)
     if sweep:  # the attention kernel over other split lengths and key blocks: {"splits x block_n": us}

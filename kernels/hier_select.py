@@ -184,20 +184,29 @@ if triton is not None:
     @triton.jit
     def _unfold_kernel(
         UNITS, FLAGS, XPTR, XCOLS, OUT, LEN,
-        CPTR, CIDX, NEXT, NEXT_COLS, NEXT_LEN,
+        CPTR, CIDX, NEXT, NEXT_COLS, NEXT_LEN, BASE, BASE_LEN,
         s_ur, s_fr, s_xb, s_cb, s_or,
-        s_pb, s_ib, s_nr,
+        s_pb, s_ib, s_nr, s_bb,
         Hkv, NC,
         BLOCK: tl.constexpr, XMAX: tl.constexpr, CMAX: tl.constexpr, CHILDREN: tl.constexpr,
+        FROM_BASE: tl.constexpr, BASE_BLOCK: tl.constexpr,
     ):
         # one program per (batch, KV head) row: its NC candidate slots in blocks of BLOCK, two
         # running offsets carried across blocks: where the chosen units' extra columns go in the
         # key list (LEN: what base and the levels above already hold, updated on exit), and
         # where their children go in the next level's candidate list (from 0). Slot order is
-        # kept in both (prefix sums), so lists stay in ascending unit order.
+        # kept in both (prefix sums), so lists stay in ascending unit order. The top level
+        # (FROM_BASE) first copies the batch row's base list to the row's start: two launches
+        # (a copy and a fill of LEN) less per layer.
         row = tl.program_id(0)
         b = row // Hkv
-        off = tl.load(LEN + row)
+        if FROM_BASE:
+            off = tl.load(BASE_LEN + b)
+            for i0 in range(0, off, BASE_BLOCK):
+                i = i0 + tl.arange(0, BASE_BLOCK)
+                tl.store(OUT + row * s_or + i, tl.load(BASE + b * s_bb + i, mask=i < off), mask=i < off)
+        else:
+            off = tl.load(LEN + row)
         nxt = tl.zeros([], dtype=tl.int32)
         t = tl.arange(0, XMAX)
         tc = tl.arange(0, CMAX)
@@ -273,7 +282,8 @@ def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout
         query: [B, Hq, D] (RoPE applied); key: [B, Hkv, T, D] the layer's cache.
         scored: optional int32 [B * Hkv], zeroed by the caller: each (batch, KV head) adds the
             gist keys the scoring kernel read for it, over all levels.
-        block: slots per unfold step at every level (a power of two); default `unfold_block`.
+        block: slots per unfold step at every level, and base entries per copy step (a power
+            of two); default `unfold_block` and 256.
 
     Returns:
         (int32 [B, Hkv, plan.capacity], int32 [B, Hkv]): base first, then each level's columns
@@ -284,8 +294,7 @@ def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout
     device = query.device
     flat = plan.flat
     out = torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=device)
-    out[:, :, : flat.base.shape[1]] = flat.base[:, None]  # entries past base_len are overwritten or ignored
-    lengths = flat.base_len[:, None].expand(B, Hkv).to(torch.int32).contiguous()
+    lengths = torch.empty(B, Hkv, dtype=torch.int32, device=device)  # the top level's unfold starts it at base_len
     counters = torch.empty(B * Hkv, dtype=torch.int32, device=device)
     top = layout.levels - 1
     units, gist_cols, count = plan.ident, plan.unit_index[top], plan.num_units[top]  # every top-level unit
@@ -309,11 +318,12 @@ def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout
         step = unfold_block(NC, xmax, cmax) if block is None else block
         _unfold_kernel[(B * Hkv,)](
             units, flags, xptr, xcols, out, lengths,
-            cptr, cidx, nxt, nxt_cols, nxt_len,
+            cptr, cidx, nxt, nxt_cols, nxt_len, flat.base, flat.base_len,
             s_ur, NC, xptr.stride(0), xcols.stride(0), plan.capacity,
-            cptr.stride(0) if children else 0, cidx.stride(0) if children else 0, width,
+            cptr.stride(0) if children else 0, cidx.stride(0) if children else 0, width, flat.base.stride(0),
             Hkv, NC,
-            BLOCK=step, XMAX=xmax, CMAX=cmax, CHILDREN=children, num_warps=4 if step * max(xmax, cmax) <= 2048 else 8,
+            BLOCK=step, XMAX=xmax, CMAX=cmax, CHILDREN=children, FROM_BASE=level == top, BASE_BLOCK=256 if block is None else block,
+            num_warps=4 if step * max(xmax, cmax) <= 2048 else 8,
         )
         units, gist_cols, count, s_ur = nxt, nxt_cols, nxt_len, width
     return out, lengths

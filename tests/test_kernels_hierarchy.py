@@ -96,7 +96,7 @@ def test_hier_key_list_is_the_engine_mask(hierarchy, policy, beam):
             want = reference_rows(layout, config, q, k, layer)
             index, lengths = select_hier_index_list(q, k, layout, plan, config, layer)
             assert_lists_are_the_mask(index, lengths, want, (hierarchy, policy, seed, layer))
-        # the unfold walk in steps of 4 slots: offsets carried across steps (the default step
+        # the unfold walk (and the base copy) in steps of 4: offsets carried across steps (the default step
         # holds these rows whole)
         stepped = select_hier_index_list_triton(q, k, layout, plan, config, block=4)
         assert_lists_are_the_mask(*stepped, want, (hierarchy, policy, seed, "block 4"))
