@@ -132,11 +132,11 @@ def rerunnable_question(gsa, layout, cache):
     """The memory question's forward over a prepared GistCache as a function that does the same
     device work on every call (it re-opens the cache's open columns, which the forward then fills
     again with the same KV): what a CUDA graph of it replays. Returns the last row's logits."""
-    pending = cache.pending
+    num_open = len(cache.pending_host)
 
     def question_forward():
-        cache.pending, cache._filled = pending, set()
-        out, _ = forward(gsa.model, layout, len(pending), cache, gsa.config, logits_to_keep=1)
+        cache.reopen()
+        out, _ = forward(gsa.model, layout, num_open, cache, gsa.config, logits_to_keep=1)
         return out.logits
 
     return question_forward

@@ -177,6 +177,7 @@ class GistCache(DecodeCache):
         pending = pending.to(keys[0].device)
         self.pending: torch.Tensor | None = pending if pending.numel() else None
         self._filled: set[int] = set()
+        self._opened = (self.pending, T)  # what `reopen` restores
         self.offloaded = list(offloaded)
         self.rotator = rotator
         self.fetched_columns = 0  # summed over layers
@@ -231,6 +232,22 @@ class GistCache(DecodeCache):
         if len(self._filled) == self.num_layers:
             self.pending = None
         return layer.keys, layer.values
+
+    def reopen(self) -> None:
+        """Opens the first forward's slots again, so that the same first forward can run again
+        over the same cache and write the same KV (a CUDA graph of it replays; benchmarks re-time
+        it). Offloaded raw columns already fetched stay on the device.
+
+        Raises:
+            ValueError: a decode step has run since (its columns would be read as the first
+                forward's context), or the cache had no open slots.
+        """
+        pending, length = self._opened
+        if pending is None:
+            raise ValueError("this GistCache had no open slots: nothing to reopen")
+        if super().get_seq_length(0) != length:
+            raise ValueError("a decode step has run over this GistCache: reopen only before the first decode step")
+        self.pending, self._filled = pending, set()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         length = super().get_seq_length(layer_idx)

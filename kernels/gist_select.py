@@ -853,6 +853,12 @@ SEARCH_BISECT, SEARCH_INTERP = 0, 1
 SEARCH = SEARCH_INTERP  # 31.4 -> 22.7 us at 128K batch 1 (NOTES.md, round 11)
 
 
+def _ends_mode_or_default(ends_mode: int | None) -> int:
+    """`ends_mode`, or ENDS_MODE when None: the module default read at call time, so a benchmark
+    that sets gist_select.ENDS_MODE switches every launcher."""
+    return ENDS_MODE if ends_mode is None else ends_mode
+
+
 def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Tensor, ptr_stride: int,
                       picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor | None, counters: torch.Tensor,
                       num_kv_heads: int, early_exit: bool | None = None, union: bool = True,
@@ -873,7 +879,7 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
     benchmarks/select_kernel.py (and ends_mode, search, stats for the tests)."""
     B, Hq, C = scores.shape
     block = max(16, _next_pow2(C))
-    mode = ENDS_NONE if ends is None else ENDS_MODE if ends_mode is None else ends_mode
+    mode = ENDS_NONE if ends is None else _ends_mode_or_default(ends_mode)
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, sizes if ends is None else ends, counters,
         counters if stats is None else stats,
@@ -914,7 +920,7 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
     if fused_topk is None:
         fused_topk = 0 < C <= TOPK_MAX_CHUNKS
     if fused_topk:
-        ends_mode = ENDS_MODE if ends_mode is None else ends_mode
+        ends_mode = _ends_mode_or_default(ends_mode)
         return _expand_launch(plan, *select_sizes_triton(query, key, layout, plan, ends_mode), ends_mode)
     sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
     scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, sizes)
@@ -938,7 +944,7 @@ def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
     B, Hq, _ = query.shape
     Hkv = key.shape[1]
     C = layout.gist_index.shape[1]
-    ends_mode = ENDS_MODE if ends_mode is None else ends_mode
+    ends_mode = _ends_mode_or_default(ends_mode)
     sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
     ends = torch.empty(B, Hkv, ends_width(C, ends_mode), dtype=torch.int32, device=query.device)
     counters = torch.empty(B * Hkv, dtype=torch.int32, device=query.device)
@@ -966,7 +972,7 @@ def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
     what the kernel wrote to place chunks by (ends_mode, default ENDS_MODE) against torch.
     search: the threshold search (default SEARCH); stats: `topk_union_launch`'s."""
     B, Hq, C = scores.shape
-    ends_mode = ENDS_MODE if ends_mode is None else ends_mode
+    ends_mode = _ends_mode_or_default(ends_mode)
     sizes = torch.full((B, num_kv_heads, C), -1, dtype=torch.int32, device=scores.device)
     ends = torch.full((B, num_kv_heads, ends_width(C, ends_mode)), -1, dtype=torch.int32, device=scores.device)
     counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)

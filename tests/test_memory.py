@@ -318,6 +318,25 @@ def test_the_benchmark_can_rerun_a_question_forward_as_a_graph_would(tokenizer):
         torch.testing.assert_close(logits, want.logits, rtol=0, atol=0)
 
 
+def test_reopen_refuses_after_a_decode_step_and_without_open_slots(tokenizer):
+    engine = tiny_engine(tokenizer, top_k=1)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    with torch.inference_mode():
+        layout, cache = memory.prepare(QUESTION, ids)
+        forward(engine.model, layout, len(cache.pending), cache, engine.config, logits_to_keep=1)
+        cache.reopen()  # before any decode step: the slots open again
+        assert cache.pending_host == cache.pending.tolist()
+        forward(engine.model, layout, len(cache.pending), cache, engine.config, logits_to_keep=1)
+        grown = layout.append(torch.tensor([[5]]))
+        forward(engine.model, grown, 1, cache, engine.config, logits_to_keep=1)  # one decode step
+        with pytest.raises(ValueError, match="decode step"):
+            cache.reopen()
+    keys = [torch.zeros(1, 1, 4, 2)]
+    with pytest.raises(ValueError, match="no open slots"):
+        GistCache(keys, keys, torch.zeros(0, dtype=torch.long)).reopen()
+
+
 class CatGistCache(GistCache):
     """The GistCache decode path before it built on DecodeCache: every decode step appends by
     torch.cat, copying the whole layer KV (DynamicLayer.update). The reference for answers."""
