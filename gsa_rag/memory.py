@@ -73,16 +73,27 @@ format, and any file whose sha256 differs (a manifest without meta_chunks, saved
 hierarchy, is single-level). No pickle anywhere.
 
 Search. `search(question, k)` scores stored passages by the model's own gist attention over
-their chunk (level-0) gists; with a hierarchy it stays single-level: meta-gists are not scored,
-and a hit's `chunks` are those single-level top-k would unfold among the hits (the question's
-coarse-to-fine selection may unfold others). The question is run closed-book (prefix + question) and its per-layer queries (post-RoPE, every
-question token, layers >= first_selecting_layer, every query head) are scored against each
-passage's gist keys, placed as if the passage were the document right before the question.
+their chunk (level-0) gists; with a hierarchy too (meta-gists are not scored). The question is
+run closed-book (prefix + question) and its per-layer queries (post-RoPE, every question token,
+layers >= first_selecting_layer, every query head) are scored against each passage's gist keys,
+placed as if the passage were the document right before the question.
 Two aggregations: "max" (default) — the mean over (layer, head, token) of the passage's best
 raw gist score q.k, the very quantity top-k selection ranks chunks by; a passage's score does
 not depend on the other candidates. "mass" — each (layer, head, token) spreads
 softmax(q.k / sqrt(d)) over all candidates' gists and a passage scores the mean mass its gists
-receive: scores sum to 1 over the candidates and shift when candidates are added. An optional vector prefilter (FAISS over sentence-transformers
+receive: scores sum to 1 over the candidates and shift when candidates are added.
+A hit's `chunks` are the chunks the engine's own selection would unfold if the hits were the
+only passages: in every selecting layer the question's last token selects among the hits'
+gists (of every level, each hit placed as for the scores) under the config's rule, and
+`chunk_votes` give the fraction of (layer, KV head) pairs that unfold each chunk. One level:
+`selection.ChunkSelector` (fixed top_k; adaptive k from the length of the prompt that asks the
+question over the hits, prefix and links included; or top_p). A hierarchy:
+`selection.select_coarse_to_fine`, the walk `select_hierarchical` runs over a prompt: the
+top-level gists, then at each level only the children of the sections chosen above, with the
+union over each GQA group per level. The prompt's prefix chunks are not among the choices, and
+in a real prompt each hit sits at its own place, so a question asked over the hits can still
+unfold other chunks.
+An optional vector prefilter (FAISS over sentence-transformers
 embeddings) narrows the candidates first.
 """
 
@@ -117,7 +128,7 @@ from gsa_rag.memory_files import sha256 as _sha256
 from gsa_rag.memory_files import write_if_changed as _write_if_changed
 from gsa_rag.memory_vectors import VectorIndex as _VectorIndex
 from gsa_rag.prompt import DEFAULT_SYSTEM, Passage, as_passage, prompt_ends, reuse_segments
-from gsa_rag.selection import choose_chunks, union_over_groups
+from gsa_rag.selection import ChunkSelector, select_coarse_to_fine
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +248,10 @@ class SearchHit:
         id: the passage id.
         score: its aggregate gist-attention score (see the module docstring).
         text, title: the passage.
-        chunks: indices of the passage's chunks the question's last token would unfold
-            (top-k gist selection among the hits' gists, in some selecting layer and KV
-            head), most often chosen first.
+        chunks: indices of the passage's chunks that the question's last token unfolds in
+            some selecting layer and KV head under the engine's selection (the config's k
+            policy; coarse to fine with a hierarchy) run over the hits' gists alone, each hit
+            placed right before the question; most often chosen first. See the module docstring.
         chunk_votes: for each of `chunks`, the fraction of (selecting layer, KV head) pairs
             that unfold it.
         chunk_texts: the raw text of each of `chunks`.
@@ -685,19 +697,22 @@ class GistMemory:
         # whose id is gone would later be read as passage text
         self._pinned = frozenset(e.key for e in entries)
         try:
-            queries, tail_start = self._question_queries(question, system)
+            queries, tail_start, prefix_len = self._question_queries(question, system)
         finally:
             self._pinned = frozenset()
-        keys, owner, chunk = self._placed_gist_keys(entries, tail_start)
+        keys, owner, _ = self._placed_gist_keys(entries, tail_start)
         totals = self._aggregate(queries, keys, owner, len(entries), aggregate)
         order = torch.argsort(totals, descending=True, stable=True)[:k].tolist()
         self._touch([entries[i].key for i in order])
-        votes = self._unfold_votes(queries, keys, owner, order)
+        # the hits in candidate order: selection breaks ties of equal scores toward the earlier gist
+        in_order = sorted(order)
+        votes = dict(zip(in_order, self._unfold_votes(queries, [entries[i] for i in in_order], tail_start, prefix_len),
+                         strict=True))
         hits = []
-        for rank, i in enumerate(order):
+        for i in order:
             record = records[i]
             entry = entries[i]
-            chunk_votes = votes[rank]
+            chunk_votes = votes[i]
             chosen = sorted(chunk_votes, key=lambda c: (-chunk_votes[c], c))
             hits.append(
                 SearchHit(
@@ -708,7 +723,9 @@ class GistMemory:
         return hits
 
     def _question_queries(self, question: str, system: str | None):
-        """Closed-book run of the question: per selecting layer, queries [Hq, Tq, D] (float32)."""
+        """Closed-book run of the question (prefix + question): per selecting layer, queries
+        [Hq, Tq, D] (float32); the question's first RoPE position; the prefix's columns (every
+        column before the question)."""
         layout, cache = self.prepare(question, [], system)
         cache.queries = {}
         forward(self.engine.model, layout, len(cache.pending), cache, self.config, logits_to_keep=1)
@@ -717,26 +734,30 @@ class GistMemory:
         if not queries:  # a model with fewer layers than first_selecting_layer
             queries = [cache.queries[max(cache.queries)][0].float()]
         tail_start = int(layout.position_ids[0, layout.is_tail[0]][0])
-        return torch.stack(queries), tail_start
+        prefix_len = int((layout.valid[0] & ~layout.is_tail[0]).sum())
+        return torch.stack(queries), tail_start, prefix_len
 
-    def _placed_gist_keys(self, entries: list[_Entry], tail_start: int):
-        """Every candidate's gist keys, each passage placed right before the question
-        (then its links): float32 [L', Hkv, G, D], owner long [G], chunk long [G]."""
+    def _placed_gist_keys(self, entries: list[_Entry], tail_start: int, every_level: bool = False):
+        """The entries' chunk gist keys (with `every_level`, their meta-gists' too), each passage
+        placed right before the question (then its links): float32 [L', Hkv, G, D]; owner long
+        [G] on the device, the entry of each gist; level long [G], its gist level. In entry
+        order, each entry's gists in token order."""
         first = self.config.first_selecting_layer
         L = entries[0].res_k.shape[0]
         layers = list(range(first, L)) or [L - 1]
-        keys, owner, chunk, shifts = [], [], [], []
+        keys, owner, level, shifts = [], [], [], []
         for i, e in enumerate(entries):
             n_raw = int((~e.is_gist).sum())
-            gists = self._chunk_gists(e)  # level-0 gists only: meta-gists are not chunks
+            resident_level = self._gist_levels(e)[e.resident]  # -1 on a prefix's sink (a passage has none)
+            gists = torch.nonzero(resident_level >= 0 if every_level else resident_level == 0).flatten()
             m = len(gists)
-            keys.append(e.res_k[layers][:, :, gists])
+            keys.append(e.res_k[layers][:, :, gists.to(e.res_k.device)])
             owner.append(torch.full((m,), i, dtype=torch.long))
-            chunk.append(torch.arange(m))
+            level.append(resident_level[gists])
             shifts.append(torch.full((m,), tail_start - self.num_links - n_raw - e.base, dtype=torch.long))
         keys = torch.cat(keys, 2)
         keys = self.rotator.rotate(keys.float(), torch.cat(shifts))
-        return keys, torch.cat(owner).to(self.device), torch.cat(chunk)
+        return keys, torch.cat(owner).to(self.device), torch.cat(level)
 
     @staticmethod
     def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -761,37 +782,78 @@ class GistMemory:
             count += flat.shape[0]
         return (total / count).cpu()
 
-    def _unfold_votes(self, queries, keys, owner, order: list[int]) -> list[dict[int, float]]:
-        """For the hits: which of their chunks top-k selection (over the hits' gists) unfolds."""
-        hit_of = {p: r for r, p in enumerate(order)}
-        mask = torch.isin(owner, torch.tensor(order, device=owner.device))
-        cols = torch.nonzero(mask).flatten()
-        if cols.numel() == 0:
-            return [{} for _ in order]
-        counts = torch.zeros(cols.numel(), device=self.device)
+    def _unfold_votes(self, queries, hits: list[_Entry], tail_start: int, prefix_len: int) -> list[dict[int, float]]:
+        """Per hit: {chunk: the fraction of (selecting layer, KV head) pairs that unfold it}, under
+        the engine's selection run by the question's last token over the hits' gists alone (see
+        SearchHit.chunks); chunks no pair unfolds are left out."""
+        keys, owner, level = self._placed_gist_keys(hits, tail_start, every_level=True)
+        is_chunk = level == 0
+        if not bool(is_chunk.any()):
+            return [{} for _ in hits]
+        # adaptive k reads the length of the prompt that asks the question over the hits
+        context_len = prefix_len + sum(len(e.ids) + self.num_links for e in hits)
+        select = self._hit_selection(level, context_len)
+        counts = torch.zeros(int(is_chunk.sum()), device=self.device)
         pairs = 0
         for q, k in zip(queries, keys):
-            scores = self._scores(q[:, -1:], k[:, cols])[None]  # the question's last token: [1, Hq, 1, G']
-            chosen = choose_chunks(scores, k=torch.tensor([self.config.top_k], device=self.device))
-            unfolded = union_over_groups(chosen, k.shape[0])[0, :, 0]  # [Hkv, G']
+            unfolded = select(q[None, :, -1:], k[None])  # the question's last token: [Hkv, C]
             counts += unfolded.float().sum(0)
             pairs += unfolded.shape[0]
-        votes: list[dict[int, float]] = [{} for _ in order]
-        owners = owner[cols].tolist()
-        local = {}
-        for j, p in enumerate(owners):  # local chunk index = rank of the gist within its passage
-            local[p] = local.get(p, -1) + 1
-            if counts[j] > 0:
-                votes[hit_of[p]][local[p]] = float(counts[j]) / pairs
+        votes: list[dict[int, float]] = [{} for _ in hits]
+        local = [-1] * len(hits)
+        for p, count in zip(owner[is_chunk.to(owner.device)].tolist(), counts.tolist()):
+            local[p] += 1  # the chunk's index within its passage: its gist's rank among the passage's chunk gists
+            if count > 0:
+                votes[p][local[p]] = count / pairs
         return votes
+
+    def _hit_selection(self, level: torch.Tensor, context_len: int):
+        """The engine's chunk selection over the hits' gists alone, as a function of the query
+        [1, Hq, 1, D] and the hits' placed gist keys [1, Hkv, G, D] (`level`: long [G], the
+        level of each) -> bool [Hkv, C], the hits' chunks each KV head unfolds.
+
+        One level: `ChunkSelector`, the engine's rule (fixed top_k, adaptive k from
+        `context_len`, or top_p), among the hits' chunks (so adaptive k's cap, a quarter of the
+        chunks, counts the hits' chunks, not the prefix's). H-GSA: `select_coarse_to_fine`, as
+        `select_hierarchical` runs it over a prompt: the top-level gists, then each level among
+        the children of the sections chosen above, with the union over each GQA group per level.
+        """
+        device, config = self.device, self.config
+        if not config.hierarchical:
+            chunks = torch.nonzero(level == 0).flatten().to(device)[None]
+            selector = ChunkSelector(chunks, torch.ones_like(chunks, dtype=torch.bool),
+                                     torch.tensor([context_len], device=device), config)
+            return lambda q, k: selector(q, k)[0, :, 0]
+        units, parents = self._sections(level, config.levels, device)
+        return lambda q, k: select_coarse_to_fine(q, k, units, parents, config).chunks[0, :, 0]
+
+    @staticmethod
+    def _sections(level: torch.Tensor, levels: int, device) -> tuple[list, list]:
+        """The hits' gists (`level` long [G], hit after hit) as `select_coarse_to_fine` takes them:
+        per level its gists' columns [1, N_l] (all valid), and below the top the section of each
+        unit [1, N_l]. A section is closed by the first gist of the level above after its units,
+        and a passage closes every section it opens (no section spans two hits), so a unit's
+        section is the number of gists of the level above before it."""
+        units, parents = [], []
+        for lv in range(levels):
+            columns = torch.nonzero(level == lv).flatten()
+            units.append((columns.to(device)[None], torch.ones(1, len(columns), dtype=torch.bool, device=device)))
+            if lv + 1 < levels:
+                parents.append(torch.cumsum(level == lv + 1, 0)[columns].to(device)[None])
+        return units, parents
 
     def _level0(self, entry: _Entry) -> torch.Tensor:
         """bool [n]: the entry's level-0 gists (the chunk gists; meta-gists carry another id)."""
         return entry.is_gist & (entry.ids == self._gist_id)
 
-    def _chunk_gists(self, entry: _Entry) -> torch.Tensor:
-        """long [C] on the model device: which resident KV columns of a passage are its chunk gists, in order."""
-        return torch.nonzero(self._level0(entry)[entry.resident]).flatten().to(entry.res_k.device)
+    def _gist_levels(self, entry: _Entry) -> torch.Tensor:
+        """long [n]: each token's gist level, -1 for other tokens. Every meta-gist carries the same
+        id, but a level-l one sits right after the level-(l-1) gist whose section it closes
+        (layout._add_level), so its level is its distance from the chunk gist that starts its
+        run of gists."""
+        column = torch.arange(len(entry.ids))
+        run_start = torch.cummax(torch.where(self._level0(entry), column, -1), 0).values
+        return torch.where(entry.is_gist, column - run_start, -1)
 
     def _chunk_text(self, entry: _Entry, c: int) -> str:
         gist = self._level0(entry).long()

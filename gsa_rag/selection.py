@@ -4,7 +4,8 @@ Torch reference; kernels/ holds the fast path. Shapes: B batch, Hq query heads, 
 (G = Hq // Hkv query heads share one), Tq query rows, C chunks, D head dim.
 
 With the hierarchy (H-GSA) `select_hierarchical` runs the same scoring and top-k coarse to
-fine: the top-level gists, then only the children of what was chosen, down to the chunks.
+fine: the top-level gists, then only the children of what was chosen, down to the chunks
+(`select_coarse_to_fine` is the same walk over gists given by key columns and parent maps).
 """
 
 from __future__ import annotations
@@ -218,20 +219,47 @@ def select_hierarchical(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
     Returns:
         HierarchicalSelection with L levels.
     """
+    units = [layout.units(level) for level in range(layout.levels)]
+    parents = [layout.parents(level) for level in range(layout.levels - 1)]
+    return select_coarse_to_fine(query, key, units, parents, config)
+
+
+def select_coarse_to_fine(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    units: list[tuple[torch.Tensor, torch.Tensor]],
+    parents: list[torch.Tensor],
+    config: GistConfig,
+) -> HierarchicalSelection:
+    """`select_hierarchical` over gists named by their key columns and parent maps instead of a
+    layout: gist memory's search runs it over passages' gist keys taken out of any prompt.
+
+    Args:
+        query: [B, Hq, Tq, D] (RoPE applied).
+        key: [B, Hkv, T, D] (RoPE applied), holding every gist `units` names.
+        units: per level l = 0..L-1, (long [B, N_l] key column of each unit's gist, bool
+            [B, N_l] which units exist), as `GistLayout.units`.
+        parents: per level l = 0..L-2, long [B, N_l], the level-(l+1) section of each unit (as
+            `GistLayout.parents`; anything where the unit does not exist).
+        config: k policy ("fixed" or "top_p").
+
+    Returns:
+        HierarchicalSelection with L levels.
+    """
     B, Hkv, Tq = query.shape[0], key.shape[1], query.shape[2]
-    top = layout.levels - 1
-    _, valid = layout.units(top)
+    top = len(units) - 1
+    _, valid = units[top]
     candidates = valid[:, None, None, :].expand(B, Hkv, Tq, -1)  # every top-level gist is scored
-    chosen, scored = [None] * layout.levels, [None] * layout.levels
+    chosen, scored = [None] * len(units), [None] * len(units)
     for level in range(top, -1, -1):
-        index, valid = layout.units(level)
+        index, valid = units[level]
         # the reference scores every gist of the level and masks; a kernel reads only candidates
         scores = gist_scores(query, key, index, valid)
         scored[level] = candidates
         chosen[level] = _choose_among(scores, candidates, config.level_top_k(level), config, query.shape[-1])
         if level > 0:  # the children of the chosen sections are the next level's candidates
-            _, child_valid = layout.units(level - 1)
-            candidates = _children(chosen[level], layout.parents(level - 1)) & child_valid[:, None, None, :]
+            _, child_valid = units[level - 1]
+            candidates = _children(chosen[level], parents[level - 1]) & child_valid[:, None, None, :]
     return HierarchicalSelection(chosen, scored)
 
 
