@@ -1,0 +1,140 @@
+"""The attention of a question's first forward over an assembled cache, one layer, on the GPU:
+which way of running the engine's two masked SDPA calls (gsa_rag.attention._sdpa_rows) is fastest
+at a question's shapes, side by side in one run.
+
+    python benchmarks/question_attention.py                 # Llama-3-8B shapes, 20 passages' worth
+    python benchmarks/question_attention.py --context 6500 --shared-rows 200
+
+A question over gist memory runs its link tokens (rows that share one mask: `--shared-rows`) and
+its question tokens (rows that unfold chunks per KV head: `--tail-rows`) against the whole
+assembled cache (`--context` columns), most of it masked. benchmarks/memory_ttft.py --profile
+showed these two SDPA calls at about 67 us each per layer on an H200 (cuDNN, 32 layers: a quarter
+of the question's device time). Variants, each on the same inputs and masks:
+
+  repeat        what the engine does on CUDA: K/V repeated to the query heads, SDPA's own choice
+  repeat/eff    the same, SDPA's memory-efficient kernel forced
+  folded        no repeat: each KV head's query heads folded into its rows ([B, Hkv, G*R, D]),
+                the masks repeated over the group instead of K/V; SDPA's own choice
+  folded/eff    folded, the memory-efficient kernel forced
+  folded/math   folded, as three ops: bf16 scores, float32 softmax, bf16 weights times V
+
+Columns: microseconds per layer (CUDA-graph replay) and the error against a float64 reference.
+Writes benchmarks/results/question_attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from gsa_rag.kernels.bench import bench_us, environment, write_results
+
+from gsa_rag.attention import LayerMask, _sdpa_rows
+
+SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+
+
+def random_masks(B, Hkv, rows_shared, rows_tail, T, seen: float, generator, device="cuda") -> LayerMask:
+    """A LayerMask with random visible keys (about `seen` of them), every row seeing key 0."""
+    shared = torch.rand(B, 1, rows_shared, T, generator=generator) < seen
+    tail = torch.rand(B, Hkv, rows_tail, T, generator=generator) < seen
+    shared[..., 0] = tail[..., 0] = True
+    full = torch.cat([shared, torch.zeros(B, 1, rows_tail, T, dtype=torch.bool)], 2)
+    return LayerMask(full.to(device), rows_shared, tail.to(device))
+
+
+def folded_parts(q, k, v, mask: LayerMask, scale, run):
+    """`_sdpa_rows` without repeating K/V: rows of the G query heads of a KV head stacked."""
+    B, Hq, R, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    parts = []
+    for first, last, m in ((0, mask.start, mask.shared[:, :, : mask.start]), (mask.start, R, mask.tail)):
+        if last <= first:
+            continue
+        rows = q[:, :, first:last].reshape(B, Hkv, G * (last - first), D)  # head h = kv * G + g
+        out = run(rows, k, v, m.repeat(1, 1, G, 1), scale)
+        parts.append(out.reshape(B, Hq, last - first, D).transpose(1, 2))
+    return torch.cat(parts, 1)
+
+
+def sdpa(rows, k, v, m, scale):
+    return F.scaled_dot_product_attention(rows, k, v, attn_mask=m, scale=scale)
+
+
+def math_attention(rows, k, v, m, scale):
+    s = torch.matmul(rows, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~m, float("-inf"))
+    return torch.matmul(torch.softmax(s, -1).to(v.dtype), v)
+
+
+def reference(q, k, v, mask: LayerMask, scale):
+    G = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    m = mask.full()  # [B, Hkv, R, T]
+    m = m.repeat_interleave(q.shape[1] // m.shape[1], 1)
+    s = torch.matmul(q.double(), k.transpose(-1, -2)) * scale
+    return torch.matmul(torch.softmax(s.masked_fill(~m, float("-inf")), -1), v).transpose(1, 2)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
+    p.add_argument("--context", type=int, default=2610, help="cache columns (20 passages of ~120 tokens at chunk 8: 2610)")
+    p.add_argument("--shared-rows", type=int, default=80, help="link tokens (4 per passage)")
+    p.add_argument("--tail-rows", type=int, default=20, help="question tokens")
+    p.add_argument("--seen", type=float, default=0.3, help="fraction of keys a row sees")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/question_attention.py needs CUDA")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    Hq, Hkv, D = SHAPES[args.shape]
+    G, T, B = Hq // Hkv, args.context, 1
+    R = args.shared_rows + args.tail_rows
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, Hq, R, D, generator=g).cuda().bfloat16()
+    k = torch.randn(B, Hkv, T, D, generator=g).cuda().bfloat16()
+    v = torch.randn(B, Hkv, T, D, generator=g).cuda().bfloat16()
+    mask = random_masks(B, Hkv, args.shared_rows, args.tail_rows, T, args.seen, g)
+    scale = 1 / math.sqrt(D)
+    want = reference(q, k, v, mask, scale)
+
+    def forced(backend, fn):
+        def run(*a):
+            with sdpa_kernel([backend]):
+                return fn(*a)
+        return run
+
+    def repeat(run_rows):
+        return lambda: run_rows(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), mask, scale, 0.0, False)
+
+    variants = {
+        "repeat": repeat(_sdpa_rows),
+        "repeat/eff": repeat(forced(SDPBackend.EFFICIENT_ATTENTION, _sdpa_rows)),
+        "folded": lambda: folded_parts(q, k, v, mask, scale, sdpa),
+        "folded/eff": lambda: folded_parts(q, k, v, mask, scale, forced(SDPBackend.EFFICIENT_ATTENTION, sdpa)),
+        "folded/math": lambda: folded_parts(q, k, v, mask, scale, math_attention),
+    }
+    rows = []
+    print(f"# {torch.cuda.get_device_name()}, {args.shape}: {R} rows ({args.shared_rows} shared + {args.tail_rows} "
+          f"tail) over {T} keys, {args.seen:.0%} seen, bf16")
+    for name, fn in variants.items():
+        try:
+            out = fn()
+            err = float((out.double() - want).norm() / want.norm())
+            us = bench_us(fn, cuda_graph=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"{name:12s} failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        rows.append({"variant": name, "us": us, "rel_err": err})
+        print(f"{name:12s} {us:8.1f} us   err {err:.1e}   x{rows[0]['us'] / us:.2f} vs repeat", flush=True)
+    payload = {"env": environment(), "args": vars(args), "rows": rows}
+    print(f"wrote {write_results(args.out, 'question_attention', payload)}")
+
+
+if __name__ == "__main__":
+    main()
