@@ -11,15 +11,20 @@ assembled cache (`--context` columns), most of it masked. benchmarks/memory_ttft
 showed these two SDPA calls at about 67 us each per layer on an H200 (cuDNN, 32 layers: a quarter
 of the question's device time). Variants, each on the same inputs and masks:
 
-  repeat        what the engine does on CUDA: K/V repeated to the query heads, SDPA's own choice
+  repeat        K/V repeated to the query heads, SDPA's own choice (the engine's CUDA path before
+                round 12, and still its path for more than attention.FOLD_MAX_ROWS rows)
   repeat/eff    the same, SDPA's memory-efficient kernel forced
   folded        no repeat: each KV head's query heads folded into its rows ([B, Hkv, G*R, D]),
                 the masks repeated over the group instead of K/V; SDPA's own choice
+                (attention._sdpa_rows_folded, the engine's CUDA path for few rows)
   folded/eff    folded, the memory-efficient kernel forced
-  folded/math   folded, as three ops: bf16 scores, float32 softmax, bf16 weights times V
+
+A third variant measured once (results/question_attention/, round 12), scores as a bf16 matmul,
+float32 softmax and a second matmul, took 0.9x (20 passages) and 0.46x (50) the repeat path's time
+with twice its error, and was dropped.
 
 Columns: microseconds per layer (CUDA-graph replay) and the error against a float64 reference.
-Writes benchmarks/results/question_attention.json.
+Writes benchmarks/results/question_attention/question_attention_<context>keys.json.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from gsa_rag.kernels.bench import bench_us, environment, write_results
 
-from gsa_rag.attention import LayerMask, _sdpa_rows
+from gsa_rag.attention import LayerMask, _sdpa_rows, _sdpa_rows_folded
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 
@@ -44,30 +49,6 @@ def random_masks(B, Hkv, rows_shared, rows_tail, T, seen: float, generator, devi
     shared[..., 0] = tail[..., 0] = True
     full = torch.cat([shared, torch.zeros(B, 1, rows_tail, T, dtype=torch.bool)], 2)
     return LayerMask(full.to(device), rows_shared, tail.to(device))
-
-
-def folded_parts(q, k, v, mask: LayerMask, scale, run):
-    """`_sdpa_rows` without repeating K/V: rows of the G query heads of a KV head stacked."""
-    B, Hq, R, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    parts = []
-    for first, last, m in ((0, mask.start, mask.shared[:, :, : mask.start]), (mask.start, R, mask.tail)):
-        if last <= first:
-            continue
-        rows = q[:, :, first:last].reshape(B, Hkv, G * (last - first), D)  # head h = kv * G + g
-        out = run(rows, k, v, m.repeat(1, 1, G, 1), scale)
-        parts.append(out.reshape(B, Hq, last - first, D).transpose(1, 2))
-    return torch.cat(parts, 1)
-
-
-def sdpa(rows, k, v, m, scale):
-    return F.scaled_dot_product_attention(rows, k, v, attn_mask=m, scale=scale)
-
-
-def math_attention(rows, k, v, m, scale):
-    s = torch.matmul(rows, k.transpose(-1, -2)).float().mul_(scale).masked_fill_(~m, float("-inf"))
-    return torch.matmul(torch.softmax(s, -1).to(v.dtype), v)
 
 
 def reference(q, k, v, mask: LayerMask, scale):
@@ -86,7 +67,7 @@ def main(argv=None) -> None:
     p.add_argument("--shared-rows", type=int, default=80, help="link tokens (4 per passage)")
     p.add_argument("--tail-rows", type=int, default=20, help="question tokens")
     p.add_argument("--seen", type=float, default=0.3, help="fraction of keys a row sees")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results/question_attention")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/question_attention.py needs CUDA")
@@ -115,9 +96,8 @@ def main(argv=None) -> None:
     variants = {
         "repeat": repeat(_sdpa_rows),
         "repeat/eff": repeat(forced(SDPBackend.EFFICIENT_ATTENTION, _sdpa_rows)),
-        "folded": lambda: folded_parts(q, k, v, mask, scale, sdpa),
-        "folded/eff": lambda: folded_parts(q, k, v, mask, scale, forced(SDPBackend.EFFICIENT_ATTENTION, sdpa)),
-        "folded/math": lambda: folded_parts(q, k, v, mask, scale, math_attention),
+        "folded": lambda: _sdpa_rows_folded(q, k, v, mask, scale, 0.0),
+        "folded/eff": lambda: forced(SDPBackend.EFFICIENT_ATTENTION, _sdpa_rows_folded)(q, k, v, mask, scale, 0.0),
     }
     rows = []
     print(f"# {torch.cuda.get_device_name()}, {args.shape}: {R} rows ({args.shared_rows} shared + {args.tail_rows} "
@@ -133,7 +113,7 @@ def main(argv=None) -> None:
         rows.append({"variant": name, "us": us, "rel_err": err})
         print(f"{name:12s} {us:8.1f} us   err {err:.1e}   x{rows[0]['us'] / us:.2f} vs repeat", flush=True)
     payload = {"env": environment(), "args": vars(args), "rows": rows}
-    print(f"wrote {write_results(args.out, 'question_attention', payload)}")
+    print(f"wrote {write_results(args.out, f'question_attention_{T}keys', payload)}")
 
 
 if __name__ == "__main__":

@@ -248,6 +248,44 @@ def _sdpa_rows(query, key, value, mask: LayerMask, scaling, dropout, gqa: bool) 
     return torch.cat([p.transpose(1, 2) for p in parts], dim=1)
 
 
+# On CUDA, forwards of at most this many query rows (a question over gist memory, a fallback
+# decode step) fold each KV head's query heads into its rows instead of repeating K/V: the masks,
+# repeated over the group instead, are the smaller copy there (benchmarks/question_attention.py).
+FOLD_MAX_ROWS = 256
+
+
+def _sdpa_rows_folded(query, key, value, mask: LayerMask, scaling, dropout) -> torch.Tensor:
+    """`_sdpa_rows` with GQA and without repeating K/V: the G query heads of each KV head become
+    G blocks of rows ([B, Hkv, G * rows, D]; head h = kv * G + g), each part's mask repeated over
+    those blocks -> [B, Tq, Hq, D]."""
+    B, Hq, Tq, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    parts = []
+    if mask.start > 0:
+        # built once per forward, as shared_bias; the rows it covers differ between layers that
+        # select (up to the first tail row) and those that do not (every row)
+        cache_key = ("folded", query.dtype, G, mask.start)
+        bias = mask.biases.get(cache_key)
+        if bias is None:
+            bias = mask.biases[cache_key] = mask.shared_bias(query.dtype)[:, :, : mask.start].repeat(1, 1, G, 1)
+        parts.append(_folded_part(query[:, :, : mask.start], key, value, bias, scaling, dropout))
+    if mask.tail is not None:
+        tail = mask.tail.repeat(1, 1, G, 1)
+        parts.append(_folded_part(query[:, :, mask.start :], key, value, tail, scaling, dropout))
+    return torch.cat(parts, dim=1)
+
+
+def _folded_part(rows, key, value, mask, scaling, dropout) -> torch.Tensor:
+    """SDPA of query rows [B, Hq, r, D] folded onto the KV heads, under mask [B, 1 or Hkv, G * r, T]
+    -> [B, r, Hq, D]."""
+    B, Hq, r, D = rows.shape
+    Hkv = key.shape[1]
+    folded = rows.reshape(B, Hkv, (Hq // Hkv) * r, D)
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.view(B, Hq, r, D).transpose(1, 2)
+
+
 def gsa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -292,8 +330,11 @@ def gsa_attention(
     gqa = Hq != Hkv
     if gqa and query.device.type != "cpu":
         # on CUDA, SDPA's enable_gqa with a mask falls back to the math kernel, which builds the
-        # [B, Hq, Tq, T] score matrix: repeated K/V (Hq x T x D) are far cheaper. CPU's flash
-        # kernel takes GQA and a mask, so there the repeat would only cost memory.
+        # [B, Hq, Tq, T] score matrix: for a few rows the query heads fold onto their KV head, else
+        # repeated K/V (Hq x T x D) are far cheaper. CPU's flash kernel takes GQA and a mask, so
+        # there either would only cost memory.
+        if query.shape[2] <= FOLD_MAX_ROWS:
+            return _sdpa_rows_folded(query, key, value, mask, scaling, dropout), None
         key, value = key.repeat_interleave(Hq // Hkv, dim=1), value.repeat_interleave(Hq // Hkv, dim=1)
         gqa = False
     return _sdpa_rows(query, key, value, mask, scaling, dropout, gqa), None

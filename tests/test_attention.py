@@ -149,6 +149,55 @@ def test_split_mask_attention_equals_the_per_head_mask(hierarchical):
     assert checked["tail"] and checked["no tail"]
 
 
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_folded_gqa_attention_equals_the_per_head_mask(hierarchical):
+    """The CUDA path for few rows (query heads folded onto their KV head, masks repeated instead of
+    K/V) against attention under the per-head mask: GQA 9/3 and 8/2, with and without tail rows;
+    the folded shared bias is built once per forward."""
+    checked = 0
+    for seed in range(8):
+        rng = random.Random(seed)
+        config = random_hierarchical_config(rng) if hierarchical else random_config(rng)
+        config = GistConfig(**{**config.to_dict(), "chunk_size": max(config.chunk_size, 1)})
+        layout = build_layout([random_segments(rng, max_len=30) for _ in range(2)], config, FakeTokenizer())
+        B, T = layout.input_ids.shape
+        Hq, Hkv, D = (9, 3, 16) if seed % 2 else (8, 2, 8)
+        g = torch.Generator().manual_seed(seed)
+        key, value = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+        for q_index in (torch.arange(T), torch.arange(T - 3, T)):
+            query = torch.randn(B, Hq, len(q_index), D, generator=g)
+            state = GistState(layout, q_index, config)
+            biases = set()
+            for layer_idx in range(3):
+                mask = state.layer_mask(layer_idx, query, key)
+                out = attention._sdpa_rows_folded(query, key, value, mask, 0.25, 0.0)
+                want = per_head_attention(mask.full(), query, key, value, 0.25)
+                torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+                biases |= {id(b) for k, b in mask.biases.items() if isinstance(k, tuple)}
+                checked += 1
+            assert len(biases) <= 2  # one for the layer that selects nothing, one for those that select
+    assert checked == 48
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: gsa_attention folds few rows on CUDA only "
+                    "(test_folded_gqa_attention_equals_the_per_head_mask covers the folded path on the CPU)")
+def test_gsa_attention_on_cuda_folds_few_rows_and_matches_the_per_head_mask():
+    config = GistConfig(chunk_size=4, sink=2, top_k=1)
+    rng = random.Random(5)
+    layout = build_layout([random_segments(rng, max_passages=6, max_len=30) for _ in range(2)], config, FakeTokenizer())
+    B, T = layout.input_ids.shape
+    g = torch.Generator().manual_seed(5)
+    Hq, Hkv, D = 8, 2, 16
+    key, value = (torch.randn(B, Hkv, T, D, generator=g).cuda() for _ in range(2))
+    for rows in (T, 5, 1):  # a whole forward (folded when T <= FOLD_MAX_ROWS), a question, a decode step
+        query = torch.randn(B, Hq, rows, D, generator=g).cuda()
+        state = GistState(layout.to("cuda"), torch.arange(T - rows, T, device="cuda"), config)
+        for layer_idx in range(3):
+            out, _ = gsa_attention(layer_module(layer_idx), query, key, value, None, 0.25, gsa_state=state)
+            want = per_head_attention(state.mask_for_layer(layer_idx, query, key), query, key, value, 0.25)
+            torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+
+
 def test_hooks_get_the_full_mask_unless_they_do_not_read_it():
     config = GistConfig(chunk_size=4, sink=2, top_k=1)
     state, q, k = state_and_qk(3, config, Hq=9, Hkv=3)
