@@ -283,7 +283,7 @@ def _folded_part(rows, key, value, mask, scaling, dropout) -> torch.Tensor:
     Hkv = key.shape[1]
     folded = rows.reshape(B, Hkv, (Hq // Hkv) * r, D)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
-    return out.view(B, Hq, r, D).transpose(1, 2)
+    return out.reshape(B, Hq, r, D).transpose(1, 2)  # an SDPA kernel may return its output strided
 
 
 def gsa_attention(
