@@ -268,12 +268,22 @@ def _sdpa_rows_folded(query, key, value, mask: LayerMask, scaling, dropout) -> t
         cache_key = ("folded", query.dtype, G, mask.start)
         bias = mask.biases.get(cache_key)
         if bias is None:
-            bias = mask.biases[cache_key] = mask.shared_bias(query.dtype)[:, :, : mask.start].repeat(1, 1, G, 1)
+            bias = mask.biases[cache_key] = _repeat_rows(mask.shared_bias(query.dtype)[:, :, : mask.start], G)
         parts.append(_folded_part(query[:, :, : mask.start], key, value, bias, scaling, dropout))
     if mask.tail is not None:
         tail = mask.tail.repeat(1, 1, G, 1)
         parts.append(_folded_part(query[:, :, mask.start :], key, value, tail, scaling, dropout))
     return torch.cat(parts, dim=1)
+
+
+def _repeat_rows(bias: torch.Tensor, G: int) -> torch.Tensor:
+    """[B, 1, r, T] -> [B, 1, G * r, T], G copies of the rows, keeping `bias`'s row stride (on CUDA
+    padded to 8 columns by shared_bias: an unaligned bias costs SDPA a copy of it per call)."""
+    B, _, r, T = bias.shape
+    width = bias.stride(2)
+    out = bias.new_empty(B, 1, G, r, width)[..., :T]
+    out.copy_(bias[:, :, None].expand(B, 1, G, r, T))
+    return out.flatten(2, 3)
 
 
 def _folded_part(rows, key, value, mask, scaling, dropout) -> torch.Tensor:

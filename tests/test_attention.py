@@ -346,5 +346,6 @@ def test_cuda_syncs_per_forward_do_not_grow_with_layers(monkeypatch):
                 model(input_ids=layout.input_ids, position_ids=layout.position_ids, gsa_state=state, use_cache=False)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs[n] = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        # the mode's own notice ("... is a prototype feature ...") comes once per process, not per sync
+        syncs[n] = [str(w.message) for w in caught if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
     assert len(syncs[2]) == len(syncs[6]), syncs[6]
