@@ -4,6 +4,9 @@ same passages, side by side in one run, with the KV bytes each keeps on the devi
     python benchmarks/memory_ttft.py                       # CUDA if there, else CPU
     python benchmarks/memory_ttft.py --device cpu --passages 10 20 --repeats 3
     python benchmarks/memory_ttft.py --data nq --out results.json
+    python benchmarks/memory_ttft.py --arch llama3-8b --tokenizer DIR --no-offload --graph --profile
+                      # Llama-3-8B shapes, random weights, a saved tokenizer (no model weights needed);
+                      # --profile prints where one question's time goes
 
 Columns (median over --repeats timed runs after one warm-up, one question at a time; the three
 are interleaved within every repeat, so a busy machine slows them alike):

@@ -258,9 +258,7 @@ def _sdpa_rows_folded(query, key, value, mask: LayerMask, scaling, dropout) -> t
     """`_sdpa_rows` with GQA and without repeating K/V: the G query heads of each KV head become
     G blocks of rows ([B, Hkv, G * rows, D]; head h = kv * G + g), each part's mask repeated over
     those blocks -> [B, Tq, Hq, D]."""
-    B, Hq, Tq, D = query.shape
-    Hkv = key.shape[1]
-    G = Hq // Hkv
+    G = query.shape[1] // key.shape[1]
     parts = []
     if mask.start > 0:
         # built once per forward, as shared_bias; the rows it covers differ between layers that

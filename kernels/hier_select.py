@@ -262,8 +262,8 @@ def _union_flags(scores: torch.Tensor, plan: HierPlan, counters: torch.Tensor, n
 
 
 # elements of one unfold step's widest tile ([block, XMAX] columns or [block, CMAX] children):
-# the walk over a row's slots is serial, so the top level (every top-level gist: 3,640 slots at
-# 128K, 32x) takes 2 steps at this size where 64-slot blocks took 57
+# the walk over a row's slots is serial, so the top level (every top-level gist: 3,705 slots at
+# 128K, 32x) takes 2 steps at this size where 64-slot steps took 58
 UNFOLD_TILE = 8192
 
 
