@@ -109,6 +109,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -192,7 +193,7 @@ class _Entry:
     sink: tuple[int, ...] = ()
     raw_home: HostKV | None = None
 
-    @property
+    @cached_property  # every question over the passage lays it out again; ids never change
     def raw_ids(self) -> list[int]:
         return self.ids[~self.is_gist].tolist()
 
@@ -605,8 +606,10 @@ class GistMemory:
         into place (open slots, offloaded raw columns and the `room` for decode steps, zero); the
         open columns; the offloaded raw KV. Batched over entries, so the device work does not grow
         with their number."""
-        doc = layout.doc_id[0].tolist()
-        starts = [0] + [doc.index(p) for p in range(len(entries) - 1)]  # the prefix, then passage p where doc_id is p
+        doc = layout.doc_id[0]
+        # the prefix at 0, then each passage's first column: passages lie in order, each one run of doc_id p
+        opens = (doc >= 0) & torch.cat([doc.new_ones(1, dtype=torch.bool), doc[1:] != doc[:-1]])
+        starts = [0] + torch.nonzero(opens).flatten().tolist()
         lengths = torch.tensor([len(e.ids) for e in entries])
         owner = torch.repeat_interleave(torch.arange(len(entries)), lengths)  # the entry of every cached column
         columns = torch.arange(len(owner)) + (torch.tensor(starts) - (torch.cumsum(lengths, 0) - lengths))[owner]
