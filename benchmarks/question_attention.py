@@ -21,9 +21,12 @@ of the question's device time). Variants, each on the same inputs and masks:
   lists         each (row, KV head)'s mask as a key list through the sparse decode kernel
                 (kernels.dispatch.masked_rows_attention, the engine's path where the kernels run)
 
-A third variant measured once (results/question_attention/, round 12), scores as a bf16 matmul,
-float32 softmax and a second matmul, took 0.9x (20 passages) and 0.46x (50) the repeat path's time
-with twice its error, and was dropped.
+Two more variants were measured once and dropped (results/question_attention/, round 12):
+scores as a bf16 matmul, float32 softmax and a second matmul took 0.9x (20 passages) and 0.46x
+(50) the repeat path's time with twice its error; each (row, KV head)'s mask turned into a key
+list for the sparse decode kernel (prefix sum + scatter, the cache expanded over the rows) took
+1.11x and 0.61x, behind the folded path's 1.36x and 1.31x, and made the question slower end to
+end (r12h_lists/).
 
 Columns: microseconds per layer (CUDA-graph replay) and the error against a float64 reference.
 Writes benchmarks/results/question_attention/question_attention_<context>keys.json.
