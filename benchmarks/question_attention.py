@@ -18,8 +18,6 @@ of the question's device time). Variants, each on the same inputs and masks:
                 the masks repeated over the group instead of K/V; SDPA's own choice
                 (attention._sdpa_rows_folded, the engine's CUDA path for few rows)
   folded/eff    folded, the memory-efficient kernel forced
-  lists         each (row, KV head)'s mask as a key list through the sparse decode kernel
-                (kernels.dispatch.masked_rows_attention, the engine's path where the kernels run)
 
 Two more variants were measured once and dropped (results/question_attention/, round 12):
 scores as a bf16 matmul, float32 softmax and a second matmul took 0.9x (20 passages) and 0.46x
@@ -43,7 +41,6 @@ import torch.nn.functional as F
 from gsa_rag.kernels.bench import bench_us, environment, write_results
 
 from gsa_rag.attention import LayerMask, _sdpa_rows, _sdpa_rows_folded
-from gsa_rag.kernels.dispatch import masked_rows_attention
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 
@@ -104,7 +101,6 @@ def main(argv=None) -> None:
         "repeat/eff": repeat(forced(SDPBackend.EFFICIENT_ATTENTION, _sdpa_rows)),
         "folded": lambda: _sdpa_rows_folded(q, k, v, mask, scale, 0.0),
         "folded/eff": lambda: forced(SDPBackend.EFFICIENT_ATTENTION, _sdpa_rows_folded)(q, k, v, mask, scale, 0.0),
-        "lists": lambda: masked_rows_attention(q, k, v, mask, scale, 0.0),
     }
     rows = []
     print(f"# {torch.cuda.get_device_name()}, {args.shape}: {R} rows ({args.shared_rows} shared + {args.tail_rows} "

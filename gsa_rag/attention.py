@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from gsa_rag.config import GistConfig
-from gsa_rag.kernels.dispatch import masked_rows_attention, sparse_decode_attention
+from gsa_rag.kernels.dispatch import sparse_decode_attention
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import UnfoldRecall, dense_gist_mask, dense_index, recall_gate, visible
 from gsa_rag.selection import ChunkSelector, select_hierarchical
@@ -248,11 +248,9 @@ def _sdpa_rows(query, key, value, mask: LayerMask, scaling, dropout, gqa: bool) 
     return torch.cat([p.transpose(1, 2) for p in parts], dim=1)
 
 
-# Forwards of at most this many query rows (a question over gist memory, a fallback decode step)
-# run through the key-list kernel where the kernels run (kernels.dispatch.masked_rows_attention);
-# else, on CUDA, they fold each KV head's query heads into its rows instead of repeating K/V: the
-# masks, repeated over the group instead, are the smaller copy there
-# (benchmarks/question_attention.py times the three).
+# On CUDA, forwards of at most this many query rows (a question over gist memory, a fallback
+# decode step) fold each KV head's query heads into its rows instead of repeating K/V: the masks,
+# repeated over the group instead, are the smaller copy there (benchmarks/question_attention.py).
 FOLD_MAX_ROWS = 256
 
 
@@ -337,10 +335,6 @@ def gsa_attention(
     if hook is not None:
         hook(module.layer_idx, query, key, value, mask.full() if getattr(hook, "reads_mask", True) else None)
     gsa_state.attended[module.layer_idx] = mask.last_row().sum(-1)
-    if query.shape[2] <= FOLD_MAX_ROWS:  # a few rows over the cache: key lists (kernels only)
-        listed = masked_rows_attention(query, key, value, mask, scaling, dropout)
-        if listed is not None:
-            return listed, None
     gqa = Hq != Hkv
     if gqa and query.device.type != "cpu":
         # on CUDA, SDPA's enable_gqa with a mask falls back to the math kernel, which builds the

@@ -137,34 +137,3 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     out = torch.empty(query.shape[0], 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
     sparse_decode_triton(q, key, value, index, lengths, scaling, out=out[:, 0])
     return out, mask
-
-
-def masked_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask,
-                          scaling: float | None, dropout: float) -> torch.Tensor | None:
-    """A forward of a few query rows (a question over gist memory) through the key-list kernel,
-    or None to take SDPA.
-
-    Each (row, KV head) becomes one decode row of `sparse_decode_triton` with the columns its mask
-    shows as its key list (`lists_from_mask`), over the same cache (expanded over the rows, no
-    copy): the kernel splits every list over the GPU and its GQA group shares each K/V load,
-    where SDPA runs a masked [rows, T] block as few, long programs. Taken when the kernels are on
-    for the device, batch 1, no dropout, and a head dim the kernels serve (a power of two >= 16).
-
-    Args:
-        query: [1, Hq, Tq, D]; key, value: [1, Hkv, T, D].
-        mask: the layer's gsa_rag.attention.LayerMask.
-
-    Returns:
-        [1, Tq, Hq, D] (contiguous), or None.
-    """
-    B, Hq, Tq, D = query.shape
-    if B != 1 or dropout or D < 16 or D & (D - 1) or not use_kernels(query.device):
-        return None
-    from gsa_rag.kernels.sparse_decode import lists_from_mask, sparse_decode_triton
-
-    index, lengths = lists_from_mask(mask.full()[0].transpose(0, 1))  # [Tq, 1 or Hkv, T]
-    Hkv, T = key.shape[1], key.shape[2]
-    out = torch.empty(1, Tq, Hq, D, dtype=query.dtype, device=query.device)
-    sparse_decode_triton(query[0].transpose(0, 1), key.expand(Tq, Hkv, T, D), value.expand(Tq, Hkv, T, D),
-                         index, lengths, scaling, out=out[0])
-    return out

@@ -190,19 +190,6 @@ def default_block_n(head_dim: int) -> int:
     return 64
 
 
-def lists_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key lists of masked rows, for the kernels: bool [N, H, T] -> (int32 [N, H, T], the True
-    columns of each row in ascending order, entries past its count unspecified; int32 [N, H], the
-    counts). No host sync: a prefix sum places each column, a scatter writes it."""
-    N, H, T = mask.shape
-    place = torch.cumsum(mask, -1, dtype=torch.int32) - 1
-    lengths = (place[..., -1] + 1).contiguous()
-    slot = torch.where(mask, place, T).long()  # columns not seen all go to one spare slot
-    columns = torch.arange(T, dtype=torch.int32, device=mask.device).expand(N, H, T)
-    index = torch.zeros(N, H, T + 1, dtype=torch.int32, device=mask.device).scatter_(-1, slot, columns)
-    return index[..., :T], lengths
-
-
 def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor,
                          lengths: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
                          out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:

@@ -41,7 +41,7 @@ from gsa_rag.kernels.gist_select import (
     topk_union_triton,
 )
 from gsa_rag.kernels.prefill import gist_prefill, gist_prefill_ref
-from gsa_rag.kernels.sparse_decode import lists_from_mask, sparse_decode_ref, sparse_decode_triton
+from gsa_rag.kernels.sparse_decode import sparse_decode_ref, sparse_decode_triton
 from transformers import DynamicCache, LlamaConfig, Qwen2Config
 
 from gsa_rag.attention import GistState
@@ -609,51 +609,6 @@ def test_sparse_decode_reads_strided_cache_and_writes_strided_output():
     sparse_decode_triton(q, k, v, index, lengths, scale=0.1, out=out[:, 0])
     ref = sparse_decode_ref(q.double(), k.double(), v.double(), index, lengths, scale=0.1)
     assert rel_err(out[:, 0], ref) < TOL[torch.float16]
-
-
-def test_lists_from_mask_lists_every_seen_column_in_order():
-    g = torch.Generator().manual_seed(11)
-    mask = torch.rand(5, 3, 70, generator=g) < 0.3
-    mask[0, 0] = False  # a row that sees nothing
-    mask[1, 2] = True  # one that sees everything
-    index, lengths = lists_from_mask(mask.to(DEVICE))
-    for n in range(5):
-        for h in range(3):
-            want = torch.nonzero(mask[n, h]).flatten().tolist()
-            assert int(lengths[n, h]) == len(want) and index[n, h, : len(want)].tolist() == want
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tail_rows", [1, 6])
-def test_masked_rows_attention_through_key_lists_equals_the_mask(dtype, tail_rows, monkeypatch):
-    """A question's forward over a cache (a few rows, batch 1): every layer's rows through the
-    key-list kernel against float64 attention under the same per-head mask (layer 0 selects
-    nothing, later layers unfold per KV head)."""
-    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
-    from gsa_rag.kernels.dispatch import masked_rows_attention
-
-    checked = 0
-    for seed in range(3):
-        layout, config = random_layout(seed + 40, batch=1)
-        T = layout.seq_len
-        rows = min(tail_rows, T)
-        g = torch.Generator().manual_seed(seed)
-        Hq, Hkv, D = 4, 2, 16
-        q = torch.randn(1, Hq, rows, D, generator=g).to(DEVICE, dtype)
-        k = torch.randn(1, Hkv, T, D, generator=g).to(DEVICE, dtype)
-        v = torch.randn(1, Hkv, T, D, generator=g).to(DEVICE, dtype)
-        state = GistState(layout.to(DEVICE), torch.arange(T - rows, T, device=DEVICE), config)
-        for layer in (0, 1):
-            mask = state.layer_mask(layer, q, k)
-            out = masked_rows_attention(q, k, v, mask, 0.25, 0.0)
-            full = mask.full().repeat_interleave(Hq // mask.full().shape[1], 1).cpu()
-            kk, vv = k.double().cpu().repeat_interleave(Hq // Hkv, 1), v.double().cpu().repeat_interleave(Hq // Hkv, 1)
-            s = torch.matmul(q.double().cpu(), kk.transpose(-1, -2)).mul(0.25).masked_fill(~full, float("-inf"))
-            ref = torch.matmul(torch.softmax(s, -1), vv).transpose(1, 2)  # [1, rows, Hq, D]
-            assert out.shape == ref.shape and out.is_contiguous()
-            assert rel_err(out.cpu(), ref) < TOL[dtype], (seed, layer)
-            checked += 1
-    assert checked == 6
 
 
 # --------------------------------------------------------------------------- prefill
