@@ -322,6 +322,7 @@ class GistMemory:
         # method that reads or changes them holds it; re-entrant (prepare -> _resolve -> ...)
         self._lock = threading.RLock()
         self._pinned: frozenset[str] = frozenset()  # entry keys eviction must skip (a search's candidates)
+        self._prompt_ends: OrderedDict = OrderedDict()  # system line -> its (prefix, tail) template: _sink
         self._host_kv = HostKVStore() if self.offload else None  # raw KV, with offload
 
     # ------------------------------------------------------------------------------------------
@@ -427,7 +428,13 @@ class GistMemory:
         return f"prefix-{_sha256(json.dumps(list(ids)))}"
 
     def _sink(self, system: str | None) -> tuple[list[int], Segment, Segment]:
-        prefix, tail = prompt_ends(self.engine.tokenizer, "", system)
+        # every question and search needs the template's ends for its system line: keep the last
+        # few lines' (a memory serves one or two) rather than render and tokenize them each time
+        ends = self._prompt_ends.pop(system, None) or prompt_ends(self.engine.tokenizer, "", system)
+        self._prompt_ends[system] = ends
+        if len(self._prompt_ends) > 8:
+            self._prompt_ends.popitem(last=False)
+        prefix, tail = ends
         s = self.config.sink
         if len(prefix.ids) < s:
             raise ValueError(

@@ -318,6 +318,25 @@ def test_the_benchmark_can_rerun_a_question_forward_as_a_graph_would(tokenizer):
         torch.testing.assert_close(logits, want.logits, rtol=0, atol=0)
 
 
+def test_the_template_ends_are_rendered_once_per_system_line(tokenizer, monkeypatch):
+    import gsa_rag.memory as memory_module
+
+    calls = []
+    real = memory_module.prompt_ends
+    monkeypatch.setattr(memory_module, "prompt_ends", lambda tok, q, system=None: calls.append((q, system)) or real(tok, q, system))
+    engine = tiny_engine(tokenizer, top_k=1)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    for system in ("one line", "one line", "another line", "one line"):
+        memory.prepare(QUESTION, ids, system=system)
+    assert [c for c in calls if c[0] == ""].count(("", "one line")) == 1
+    assert [c for c in calls if c[0] == ""].count(("", "another line")) == 1
+    want, _ = memory.prepare(QUESTION, ids, system="one line")
+    fresh = GistMemory(engine, progress=False)
+    got, _ = fresh.prepare(QUESTION, fresh.add(PASSAGES), system="one line")
+    assert torch.equal(want.input_ids, got.input_ids)
+
+
 def test_reopen_refuses_after_a_decode_step_and_without_open_slots(tokenizer):
     engine = tiny_engine(tokenizer, top_k=1)
     memory = GistMemory(engine, progress=False)
