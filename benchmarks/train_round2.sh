@@ -11,6 +11,10 @@
 #     the prompt's last row (gsa8-any1) and on every question row (gsa8-any1-tail); next, the same
 #     loss at every level of H-GSA 32x (chunks and sections), on the last row (hgsa32-any1) and on
 #     every question row (hgsa32-any1-tail).
+#   round 6: H-GSA 32x continued from the bundled 8x adapter, whose level-0 gists are trained
+#     already (progressive compression): its SFT straight away (hgsa32-from8-sft), and a 32x CPT
+#     first, then the SFT (hgsa32-from8-cpt -> hgsa32-from8); the control gives the bundled 8x the
+#     same extra CPT + SFT at 8x (gsa8-cont-cpt -> gsa8-cont).
 #
 # Usage: benchmarks/train_round2.sh DATA_DIR OUT_DIR [RUN...]   (DATA_DIR: cpt/, nq/, hotpotqa/ as in
 # ../shared/data; RUN: names below, e.g. gsa8 gsa8-sel1 to do only those; default every run)
@@ -22,6 +26,7 @@ mkdir -p "$out"
 done_() { [ -f "$out/$1/gsa_adapter.json" ]; }
 skip() { [ "$only" != "  " ] && [[ "$only" != *" $1 "* ]]; }
 common="--batch-size 8 --lr 2e-4 --warmup 20 --lora-r 16 --lora-alpha 32 --seed 0 --log-every 10"
+bundled=$(python3 -c "from gsa_rag.adapters import bundled_default_adapter as b; print(b())")
 cpt() {  # name chunk-args...
   local name=$1; shift
   skip "$name" || done_ "$name-cpt" && return
@@ -29,17 +34,20 @@ cpt() {  # name chunk-args...
     --steps "${CPT_STEPS:-300}" --block-tokens 1024 --tail-tokens 128 --max-minutes "${CPT_MINUTES:-3.5}" \
     > "$out/$name-cpt.log" 2>&1
 }
-sft() {  # name init extra-args...
+sft() {  # name init extra-args...   (init: a CPT run's name, or "bundled" for the bundled 8x adapter)
   local name=$1 init=$2; shift 2
   skip "$name" || done_ "$name" && return
   rm -rf "${out:?}/$name"  # a run that died leaves a log and no adapter
+  local from="$out/$init-cpt"; [ "$init" = bundled ] && from=$bundled
   python3 -m gsa_rag.cli train sft --data "$data"/nq/train.jsonl "$data"/hotpotqa/train.jsonl --output "$out/$name" \
-    --init-adapter "$out/$init-cpt" "$@" $common --steps "${SFT_STEPS:-300}" --max-prompt-tokens 2048 \
+    --init-adapter "$from" "$@" $common --steps "${SFT_STEPS:-300}" --max-prompt-tokens 2048 \
     --max-minutes "${SFT_MINUTES:-3.5}" > "$out/$name.log" 2>&1
 }
 cpt gsa8 --chunk 8 &
 cpt hgsa32 --chunk 8 4 &
 cpt hgsa16 --chunk 4 4 &
+cpt hgsa32-from8 --chunk 8 4 --init-adapter "$bundled" &
+cpt gsa8-cont --chunk 8 --init-adapter "$bundled" &
 wait
 sft gsa8-sft gsa8 &
 sft gsa8-sel0.3 gsa8 --selection-loss 0.3 --selection-target all &
@@ -51,4 +59,7 @@ sft hgsa32-sft hgsa32 &
 sft hgsa32-any1 hgsa32 --selection-loss 1.0 --selection-target any &
 sft hgsa32-any1-tail hgsa32 --selection-loss 1.0 --selection-target any --selection-rows tail &
 sft hgsa16-sft hgsa16 &
+sft hgsa32-from8 hgsa32-from8 &
+sft hgsa32-from8-sft bundled --chunk 8 4 &  # no CPT of its own
+sft gsa8-cont gsa8-cont &
 wait
