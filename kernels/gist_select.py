@@ -384,32 +384,34 @@ if triton is not None:
         BASE, BASE_LEN, PTR, COLS, SIZES, ENDS, OUT, OUT_LEN,
         s_bb, s_pb, s_cb,
         s_ob, s_oh,
-        Hkv, C, NBC,
-        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, MAXLEN: tl.constexpr, ENDS_MODE: tl.constexpr,
-        NBC_POW2: tl.constexpr,
+        Hkv, C, NPC, NSB,
+        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, SUM_BLOCK: tl.constexpr, MAXLEN: tl.constexpr,
+        ENDS_MODE: tl.constexpr, NSB_POW2: tl.constexpr,
     ):
-        # grid (B * Hkv, NBC + base blocks): program j < NBC writes the extra columns of chunks
+        # grid (B * Hkv, NPC + base blocks): program j < NPC writes the extra columns of chunks
         # [j * BLOCK_C, (j + 1) * BLOCK_C) at base_len + (inclusive prefix sum of sizes) - size;
         # the other programs copy BLOCK entries of the base list each. Deterministic order:
         # base first, then chunk by chunk, ascending inside a chunk. ENDS holds the prefix sum
-        # along C (ENDS_PREFIX, [B * Hkv, C]) or one sum per block of BLOCK_C chunks (ENDS_BLOCKS,
-        # [B * Hkv, NBC]): then each program adds the sums of the blocks before its own (one masked
-        # load of <= NBC_POW2 sums) and scans its own BLOCK_C sizes, so no row-wide scan is needed.
+        # along C (ENDS_PREFIX, [B * Hkv, C]) or one sum per block of SUM_BLOCK chunks (ENDS_BLOCKS,
+        # [B * Hkv, NSB]): then each program adds the sums of the blocks before its own (one masked
+        # load of <= NSB_POW2 sums) and scans its own BLOCK_C sizes (a multiple of SUM_BLOCK), so no
+        # row-wide scan is needed.
         pid = tl.program_id(0)
         j = tl.program_id(1)
         b = pid // Hkv
         out = OUT + b.to(tl.int64) * s_ob + (pid % Hkv).to(tl.int64) * s_oh
         nb = tl.load(BASE_LEN + b)
-        if j < NBC:
+        if j < NPC:
             c = j * BLOCK_C + tl.arange(0, BLOCK_C)
             ok = c < C
             row = pid.to(tl.int64) * C
             size = tl.load(SIZES + row + c, mask=ok, other=0)
             if ENDS_MODE == 2:  # ENDS_BLOCKS
-                # (not named `i`: a name bound in both branches of `if j < NBC` must keep one shape)
-                jb = tl.arange(0, NBC_POW2)
-                bsum = tl.load(ENDS + pid.to(tl.int64) * NBC + jb, mask=jb < NBC, other=0)
-                start = nb + tl.sum(tl.where(jb < j, bsum, 0), 0) + tl.cumsum(size, 0) - size
+                # (not named `i`: a name bound in both branches of `if j < NPC` must keep one shape)
+                jb = tl.arange(0, NSB_POW2)
+                bsum = tl.load(ENDS + pid.to(tl.int64) * NSB + jb, mask=jb < NSB, other=0)
+                before = tl.sum(tl.where(jb < j * (BLOCK_C // SUM_BLOCK), bsum, 0), 0)
+                start = nb + before + tl.cumsum(size, 0) - size
             else:
                 start = nb + tl.load(ENDS + row + c, mask=ok, other=0) - size
             lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
@@ -424,7 +426,7 @@ if triton is not None:
                     total = tl.load(ENDS + row + C - 1)
                 tl.store(OUT_LEN + pid, nb + total)
         else:
-            i = (j - NBC) * BLOCK + tl.arange(0, BLOCK)
+            i = (j - NPC) * BLOCK + tl.arange(0, BLOCK)
             tl.store(out + i, tl.load(BASE + b * s_bb + i, mask=i < nb, other=0), mask=i < nb)
 
     @triton.jit
@@ -784,9 +786,13 @@ def build_index_list_ref(plan: DecodePlan, selected: torch.Tensor, seq_len: int)
     return pack_columns(mask[..., :seq_len], plan.capacity)
 
 
-# the expansion kernel places the chunks of one block of EXPAND_BLOCK_C per program; the select
-# kernel's block sums (ENDS_BLOCKS) are over the same blocks
+# the select kernel's block sums (ENDS_BLOCKS) are over blocks of EXPAND_BLOCK_C chunks; each
+# expansion program places EXPAND_CHUNKS_PER_PROGRAM chunks (a multiple: it adds the sums of the
+# blocks before its own). Its work is a short chain of dependent loads (sizes -> offsets ->
+# columns), so many small programs pay that latency once per wave: at 128K batch 8, 64 chunks a
+# program took 25.3 us, 128 16.7, 256 15.8, 512 20.7; at batch 1 4.6 / 3.4 / 3.6 / 3.7 (NOTES.md, round 13)
 EXPAND_BLOCK_C = 64
+EXPAND_CHUNKS_PER_PROGRAM = 256
 # what the select kernel's union tail writes for the expansion kernel to place chunks by:
 # ENDS_NONE nothing (H-GSA reads the union flags only); ENDS_PREFIX the inclusive prefix sum of the
 # sizes along C; ENDS_BLOCKS the sum of each block of EXPAND_BLOCK_C chunks, from which each
@@ -805,11 +811,12 @@ def ends_width(num_chunks: int, ends_mode: int) -> int:
 
 def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | None = None,
                    ends_mode: int = ENDS_PREFIX, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunks_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """sizes: int32 [B, Hkv, C] contiguous, each chunk's extra-column count where selected, else 0;
     ends: int32 [B, Hkv, ends_width(C, ends_mode)] contiguous, its inclusive prefix sum along C
     (ENDS_PREFIX; computed here when None) or its sums over blocks of EXPAND_BLOCK_C chunks
-    (ENDS_BLOCKS); out: the list and lengths to write into (tests poison them), else new ones."""
+    (ENDS_BLOCKS); out: the list and lengths to write into (tests poison them), else new ones;
+    chunks_per_program: a multiple of EXPAND_BLOCK_C (default EXPAND_CHUNKS_PER_PROGRAM)."""
     assert ends_mode in (ENDS_PREFIX, ENDS_BLOCKS), ends_mode
     B, Hkv, C = sizes.shape
     if out is None:
@@ -821,15 +828,19 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
     if ends is None:
         ends, ends_mode = torch.cumsum(sizes, -1, dtype=torch.int32), ENDS_PREFIX
     C = sizes.shape[-1]
+    per = chunks_per_program or EXPAND_CHUNKS_PER_PROGRAM
+    if per % EXPAND_BLOCK_C:
+        raise ValueError(f"chunks_per_program must be a multiple of {EXPAND_BLOCK_C}, got {per}")
     BLOCK = 1024
-    nbc = triton.cdiv(C, EXPAND_BLOCK_C)
-    _expand_kernel[(B * Hkv, nbc + triton.cdiv(plan.nb_max, BLOCK))](
+    nsb = triton.cdiv(C, EXPAND_BLOCK_C)
+    npc = triton.cdiv(C, per)
+    _expand_kernel[(B * Hkv, npc + triton.cdiv(plan.nb_max, BLOCK))](
         plan.base, plan.base_len, plan.chunk_ptr, plan.chunk_cols, sizes, ends, out, out_len,
         plan.base.stride(0), plan.chunk_ptr.stride(0), plan.chunk_cols.stride(0),
         out.stride(0), out.stride(1),
-        Hkv, C, nbc, BLOCK=BLOCK, BLOCK_C=EXPAND_BLOCK_C,
+        Hkv, C, npc, nsb, BLOCK=BLOCK, BLOCK_C=per, SUM_BLOCK=EXPAND_BLOCK_C,
         MAXLEN=_next_pow2(max(1, plan.max_chunk_len)), ENDS_MODE=ends_mode,
-        NBC_POW2=_next_pow2(nbc) if ends_mode == ENDS_BLOCKS else 1, num_warps=4,
+        NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, num_warps=4,
     )
     return out, out_len
 
@@ -891,10 +902,10 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
 
 
 def _select_warps(block: int) -> int:
-    """Warps of a select program by row length (4 to 16). Fewer warps for long rows (8 at batch 1,
-    4 when the programs outnumber the SMs) were faster on random-normal scores in
-    benchmarks/select_kernel.py but slower on the decode benchmark's scores (top-k 45.9 vs 36.9 us
-    at 128K batch 1, 107.8 vs 73.4 at batch 8: benchmarks/results/kernels/NOTES.md, round 7)."""
+    """Warps of a select program by row length (4 to 16). Fewer warps for long rows were faster on
+    random-normal scores and on the select kernel alone but slower inside the decode step: at 128K
+    batch 8, 4 warps (two programs an SM, one wave instead of two) made the top-k 54.4 us against
+    42.0 (round 13; round 7: 107.8 against 73.4 with the bisection; NOTES.md)."""
     return max(4, min(16, block // 1024))
 
 

@@ -509,7 +509,7 @@ def test_fused_select_writes_the_reference_lists_in_order(ends_mode, search, mon
     the interpolation search (gist_select.SEARCH). Rows of fewer than 64 chunks (random layouts:
     rows with 0 or 1 chunks, k above the chunks there), of 150 (three blocks, the last one short)
     and of 128 (whole blocks); batch 3; G 1 and 4; integer scores (many exact ties) and k per row
-    from 0 up."""
+    from 0 up. Each selection expanded with 64, 128 and 256 chunks per expansion program."""
     import dataclasses
 
     monkeypatch.setattr(gist_select, "SEARCH", search)
@@ -537,19 +537,23 @@ def test_fused_select_writes_the_reference_lists_in_order(ends_mode, search, mon
             scores = gist_scores_ref(q, k, layout.gist_index, layout.gist_valid)
             selected = union_over_groups(choose_chunks(scores[:, :, None].cpu(), k=k_row), Hkv)[:, :, 0]
             sizes, ends = select_sizes_triton(q, k, layout, plan, ends_mode)
-            # poisoned, with room past the capacity: a misplaced chunk lands there, not out of bounds
-            index = torch.full((B, Hkv, plan.capacity + plan.chunk_cols.shape[1]), -1, dtype=torch.int32, device=DEVICE)
-            lengths = torch.full((B, Hkv), -1, dtype=torch.int32, device=DEVICE)
-            _expand_launch(plan, sizes, ends, ends_mode, out=(index[..., : plan.capacity], lengths))
             ref_index, ref_len = build_index_list_ref(plan, selected.to(DEVICE), T)
-            assert torch.equal(lengths, ref_len), (i, Hkv)
-            for b in range(B):
-                for h in range(Hkv):
-                    n = int(lengths[b, h])
-                    want = ordered_list(plan, selected, b, h)
-                    assert sorted(want) == ref_index[b, h, :n].tolist(), (i, b, h)  # the reference's set
-                    assert index[b, h, :n].tolist() == want, (i, Hkv, b, h)
-                    assert bool((index[b, h, n:] == -1).all()), (i, Hkv, b, h)
+            # one expansion program per 64 chunks, and per 128 / 256 (several sum blocks each)
+            for per in (64, 128, 256):
+                # poisoned, with room past the capacity: a misplaced chunk lands there, not out of bounds
+                index = torch.full((B, Hkv, plan.capacity + plan.chunk_cols.shape[1]), -1, dtype=torch.int32,
+                                   device=DEVICE)
+                lengths = torch.full((B, Hkv), -1, dtype=torch.int32, device=DEVICE)
+                _expand_launch(plan, sizes, ends, ends_mode, out=(index[..., : plan.capacity], lengths),
+                               chunks_per_program=per)
+                assert torch.equal(lengths, ref_len), (i, Hkv, per)
+                for b in range(B):
+                    for h in range(Hkv):
+                        n = int(lengths[b, h])
+                        want = ordered_list(plan, selected, b, h)
+                        assert sorted(want) == ref_index[b, h, :n].tolist(), (i, b, h)  # the reference's set
+                        assert index[b, h, :n].tolist() == want, (i, Hkv, b, h, per)
+                        assert bool((index[b, h, n:] == -1).all()), (i, Hkv, b, h, per)
 
 
 # --------------------------------------------------------------------------- sparse decode
