@@ -26,7 +26,6 @@ mkdir -p "$out"
 done_() { [ -f "$out/$1/gsa_adapter.json" ]; }
 skip() { [ "$only" != "  " ] && [[ "$only" != *" $1 "* ]]; }
 common="--batch-size 8 --lr 2e-4 --warmup 20 --lora-r 16 --lora-alpha 32 --seed 0 --log-every 10"
-bundled=$(python3 -c "from gsa_rag.adapters import bundled_default_adapter as b; print(b())")
 cpt() {  # name chunk-args...
   local name=$1; shift
   skip "$name" || done_ "$name-cpt" && return
@@ -34,11 +33,11 @@ cpt() {  # name chunk-args...
     --steps "${CPT_STEPS:-300}" --block-tokens 1024 --tail-tokens 128 --max-minutes "${CPT_MINUTES:-3.5}" \
     > "$out/$name-cpt.log" 2>&1
 }
-sft() {  # name init extra-args...   (init: a CPT run's name, or "bundled" for the bundled 8x adapter)
+sft() {  # name init extra-args...   (init: a CPT run's name, or "bundled": the bundled 8x adapter)
   local name=$1 init=$2; shift 2
   skip "$name" || done_ "$name" && return
   rm -rf "${out:?}/$name"  # a run that died leaves a log and no adapter
-  local from="$out/$init-cpt"; [ "$init" = bundled ] && from=$bundled
+  local from="$out/$init-cpt"; [ "$init" = bundled ] && from=default
   python3 -m gsa_rag.cli train sft --data "$data"/nq/train.jsonl "$data"/hotpotqa/train.jsonl --output "$out/$name" \
     --init-adapter "$from" "$@" $common --steps "${SFT_STEPS:-300}" --max-prompt-tokens 2048 \
     --max-minutes "${SFT_MINUTES:-3.5}" > "$out/$name.log" 2>&1
@@ -46,8 +45,8 @@ sft() {  # name init extra-args...   (init: a CPT run's name, or "bundled" for t
 cpt gsa8 --chunk 8 &
 cpt hgsa32 --chunk 8 4 &
 cpt hgsa16 --chunk 4 4 &
-cpt hgsa32-from8 --chunk 8 4 --init-adapter "$bundled" &
-cpt gsa8-cont --chunk 8 --init-adapter "$bundled" &
+cpt hgsa32-from8 --chunk 8 4 --init-adapter default &
+cpt gsa8-cont --chunk 8 --init-adapter default &
 wait
 sft gsa8-sft gsa8 &
 sft gsa8-sel0.3 gsa8 --selection-loss 0.3 --selection-target all &

@@ -132,7 +132,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--data", nargs="+", required=True, help="cpt: text or JSONL(text) files; sft: canonical RAG JSONL")
     p.add_argument("--output", required=True, help="adapter directory to write (never overwritten)")
     p.add_argument("--model", default=None, help="base model id/dir/.gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--init-adapter", default=None, help="continue from an earlier stage's adapter")
+    p.add_argument("--init-adapter", default=None,
+                   help="continue from an earlier stage's adapter ('default': the one bundled for the default model)")
     p.add_argument("--chunk-size", type=int, default=None, help="raw tokens per gist (0: train without gists)")
     _add_hierarchy_args(p)
     p.add_argument("--top-k", type=int, default=None)

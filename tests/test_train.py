@@ -1,14 +1,17 @@
 """Training on tiny models (CPU): loss goes down, the training forward is the inference forward,
 adapters round-trip, checkpoints resume, and accelerate runs two processes."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig
 
 from gsa_rag.config import GistConfig
@@ -244,6 +247,27 @@ def test_default_engine_loads_the_bundled_trained_adapter(default_model_dir):
         base_logits = untrained.model(input_ids=layout.input_ids, position_ids=layout.position_ids,
                                       gsa_state=_state(layout, engine.config)).logits
     assert not torch.allclose(trained_logits, base_logits, atol=1e-3)
+
+
+def test_init_adapter_default_continues_the_bundled_adapter(default_model_dir, tiny_dir, tmp_path):
+    """`--init-adapter default` (README: H-GSA 32x from the bundled 8x) starts from the bundled
+    adapter's weights and config, the command line's gist options on top; the manifest records the
+    path. With another base model it is refused."""
+    from gsa_rag.adapters import adapter_config, bundled_default_adapter, read_manifest
+
+    out = train(TrainArgs(stage="cpt", output=str(tmp_path / "h32"), data=[_text_file(tmp_path)], init_adapter="default",
+                          steps=1, batch_size=1, block_tokens=64, tail_tokens=8, lr=0.0, gist={"meta_chunks": (4,)}))
+    manifest = read_manifest(out)
+    assert manifest["train_args"]["init_adapter"] == str(bundled_default_adapter())
+    bundled = adapter_config(bundled_default_adapter())
+    assert adapter_config(out) == dataclasses.replace(bundled, meta_chunks=(4,))
+    # lr 0: the adapter written is the bundled one, continued
+    trained = load_file(str(Path(out) / "adapter_model.safetensors"))
+    start = load_file(str(bundled_default_adapter() / "adapter_model.safetensors"))
+    assert trained.keys() == start.keys() and all(torch.equal(trained[k], start[k]) for k in start)
+    with pytest.raises(ValueError, match="bundled for the default model"):
+        train(TrainArgs(stage="cpt", output=str(tmp_path / "x"), base=str(tiny_dir), data=[_text_file(tmp_path)],
+                        init_adapter="default", steps=1))
 
 
 def test_cpt_reads_hugging_face_datasets_when_online(monkeypatch, tiny):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ class TrainArgs:
     output: str  # the adapter directory this run writes (refused if it already holds one)
     data: list[str] = field(default_factory=list)
     base: str | None = None  # model id/path/.gguf; None: the default model
-    init_adapter: str | None = None  # continue from an earlier stage's adapter
+    init_adapter: str | None = None  # continue from an earlier stage's adapter; "default": the bundled one
     gist: dict = field(default_factory=dict)  # GistConfig fields
     full: bool = False  # full fine-tuning instead of LoRA (writes a whole model)
     lora_r: int = 16
@@ -106,6 +106,21 @@ def build_examples(args: TrainArgs, tokenizer, config: GistConfig | None = None)
     if not examples:
         raise ValueError(f"the data yielded no {args.stage} examples (too little text for one block?)")
     return examples
+
+
+def _resolve_init_adapter(args: TrainArgs) -> TrainArgs:
+    """`init_adapter="default"` names the adapter bundled for the default model (e.g. a trained 8x
+    to continue at H-GSA 32x: README, round 6); the manifest records the path it resolved to."""
+    if args.init_adapter != "default":
+        return args
+    from gsa_rag.adapters import bundled_default_adapter
+
+    bundled = bundled_default_adapter()
+    if args.base is not None or bundled is None:
+        raise ValueError("--init-adapter default is the adapter bundled for the default model: "
+                         + ("drop --model, or name an adapter directory trained on that model"
+                            if args.base is not None else "this install carries none; name an adapter directory"))
+    return replace(args, init_adapter=str(bundled))
 
 
 def _wrap_trainable(model, tokenizer, args: TrainArgs, config: GistConfig):
@@ -172,6 +187,7 @@ def train(args: TrainArgs) -> Path:
     from gsa_rag.adapters import MANIFEST, adapter_config, base_fingerprint, check_base
     from gsa_rag.models import load_model
 
+    args = _resolve_init_adapter(args)
     output = Path(args.output)
     if (output / MANIFEST).exists():
         raise FileExistsError(f"{output} already holds a trained adapter; choose another --output (nothing was overwritten)")
