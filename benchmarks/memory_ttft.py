@@ -256,8 +256,15 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also print where one question's time goes at the largest --passages (prepare's host "
                         "functions; on CUDA the device kernels)")
+    parser.add_argument("--rows-kernel", action="store_true",
+                        help="CUDA: the question's rows through the split-K kernel (gsa_rag.attention.ROWS_KERNEL) "
+                        "instead of the folded SDPA")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args()
+    if args.rows_kernel:
+        import gsa_rag.attention
+
+        gsa_rag.attention.ROWS_KERNEL = True
     if args.tokenizer and not args.arch:
         parser.error("--tokenizer goes with --arch (a random-weight model); --model loads its own tokenizer")
     if args.threads:
@@ -353,6 +360,7 @@ def main() -> None:
             "model": model_name,
             "dtype": str(dtype),
             "offload": args.offload,
+            "rows_kernel": args.rows_kernel,
             "chunk_size": args.chunk_size,
             "top_k": args.top_k,
             "source": source,

@@ -18,6 +18,10 @@ of the question's device time). Variants, each on the same inputs and masks:
                 the masks repeated over the group instead of K/V; SDPA's own choice
                 (attention._sdpa_rows_folded, the engine's CUDA path for few rows)
   folded/eff    folded, the memory-efficient kernel forced
+  kernel        the split-K Triton kernel (gsa_rag.kernels.masked_rows through
+                attention._kernel_rows): the keys split over programs as well as the rows, each
+                K/V tile loaded once per block of folded rows (the engine's path when
+                attention.ROWS_KERNEL is on)
 
 Two more variants were measured once and dropped (results/question_attention/, round 12):
 scores as a bf16 matmul, float32 softmax and a second matmul took 0.9x (20 passages) and 0.46x
@@ -40,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from gsa_rag.kernels.bench import bench_us, environment, write_results
 
-from gsa_rag.attention import LayerMask, _sdpa_rows, _sdpa_rows_folded
+from gsa_rag.attention import LayerMask, _kernel_rows, _sdpa_rows, _sdpa_rows_folded
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 
@@ -101,6 +105,7 @@ def main(argv=None) -> None:
         "repeat/eff": repeat(forced(SDPBackend.EFFICIENT_ATTENTION, _sdpa_rows)),
         "folded": lambda: _sdpa_rows_folded(q, k, v, mask, scale, 0.0),
         "folded/eff": lambda: forced(SDPBackend.EFFICIENT_ATTENTION, _sdpa_rows_folded)(q, k, v, mask, scale, 0.0),
+        "kernel": lambda: _kernel_rows(q, k, v, mask, scale),
     }
     rows = []
     print(f"# {torch.cuda.get_device_name()}, {args.shape}: {R} rows ({args.shared_rows} shared + {args.tail_rows} "

@@ -252,6 +252,10 @@ def _sdpa_rows(query, key, value, mask: LayerMask, scaling, dropout, gqa: bool) 
 # decode step) fold each KV head's query heads into its rows instead of repeating K/V: the masks,
 # repeated over the group instead, are the smaller copy there (benchmarks/question_attention.py).
 FOLD_MAX_ROWS = 256
+# Those rows through the split-K kernel of gsa_rag.kernels.masked_rows instead of SDPA (`_kernel_rows`).
+# Off until an H200 run of benchmarks/question_attention.py (its `kernel` column) has timed it against
+# the folded SDPA; tested against it under Triton's interpreter (tests/test_kernels_rows.py).
+ROWS_KERNEL = False
 
 
 def _sdpa_rows_folded(query, key, value, mask: LayerMask, scaling, dropout) -> torch.Tensor:
@@ -272,6 +276,32 @@ def _sdpa_rows_folded(query, key, value, mask: LayerMask, scaling, dropout) -> t
         tail = mask.tail.repeat(1, 1, G, 1)
         parts.append(_folded_part(query[:, :, mask.start :], key, value, tail, scaling, dropout))
     return torch.cat(parts, dim=1)
+
+
+def _rows_kernel_fits(query: torch.Tensor) -> bool:
+    """Whether `_kernel_rows` can serve these rows: the kernels are on for the device and the head
+    dim is a power of two >= 16 (the kernel's tl.arange / tl.dot need it)."""
+    from gsa_rag.kernels.dispatch import use_kernels
+
+    D = query.shape[-1]
+    return D >= 16 and not D & (D - 1) and use_kernels(query.device)
+
+
+def _kernel_rows(query, key, value, mask: LayerMask, scaling) -> torch.Tensor:
+    """`_sdpa_rows` through gsa_rag.kernels.masked_rows (no dropout): the shared rows under their
+    one mask row per query row, the tail rows under their per-KV-head masks, each written into its
+    rows of the [B, Tq, Hq, D] output."""
+    from gsa_rag.kernels.masked_rows import masked_rows_triton
+
+    B, Hq, Tq, D = query.shape
+    out = query.new_empty(B, Tq, Hq, D)
+    if mask.start > 0:
+        masked_rows_triton(query[:, :, : mask.start], key, value, mask.shared[:, :, : mask.start], scaling,
+                           out=out[:, : mask.start].transpose(1, 2))
+    if mask.tail is not None:
+        masked_rows_triton(query[:, :, mask.start :], key, value, mask.tail, scaling,
+                           out=out[:, mask.start :].transpose(1, 2))
+    return out
 
 
 def _repeat_rows(bias: torch.Tensor, G: int) -> torch.Tensor:
@@ -342,6 +372,8 @@ def gsa_attention(
         # repeated K/V (Hq x T x D) are far cheaper. CPU's flash kernel takes GQA and a mask, so
         # there either would only cost memory.
         if query.shape[2] <= FOLD_MAX_ROWS:
+            if ROWS_KERNEL and not dropout and _rows_kernel_fits(query):
+                return _kernel_rows(query, key, value, mask, scaling), None
             return _sdpa_rows_folded(query, key, value, mask, scaling, dropout), None
         key, value = key.repeat_interleave(Hq // Hkv, dim=1), value.repeat_interleave(Hq // Hkv, dim=1)
         gqa = False

@@ -9,6 +9,8 @@ Each kernel sits beside its torch reference; tests/test_kernels.py compares them
                    top level and the children of what was chosen (scores and top-k kernels of
                    gist_select, one unfold kernel per level), HierPlan beside DecodePlan
     sparse_decode  split-K flash-decode over that list, GQA-shared K/V loads (Triton)
+    masked_rows    split-K attention of a few query rows (a question over gist memory) under a
+                   dense per-KV-head mask, GQA-shared K/V loads (Triton; gsa_rag.attention.ROWS_KERNEL)
     prefill        prefill under the forgetting mask through FlexAttention, recall columns
                    permuted to the front so the BlockMask is sparse
     dispatch       which path runs (GSA_RAG_KERNELS: auto / 0 / 1); imports no Triton

@@ -163,7 +163,8 @@ if triton is not None:
         tl.store(O + b * s_ob + hq * s_oh + d * s_od, out.to(O.dtype.element_ty))
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's grids stay small)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -175,7 +176,7 @@ def default_split_len(capacity: int, batch_kv_heads: int, block_n: int, device: 
     `benchmarks/kernels.py --attend-sweep` (kernels/h200_round4) put the best settings near two
     programs per SM: at 128K batch 1, 29 splits of 64-key blocks took 27.7 us against 32.5 for the
     58 of four per SM; at 32K batch 8, 4 splits 44.7 against 50.5 for 9; elsewhere within noise."""
-    want_splits = triton.cdiv(2 * _num_sms(device), batch_kv_heads)
+    want_splits = triton.cdiv(2 * num_sms(device), batch_kv_heads)
     per = triton.cdiv(triton.cdiv(capacity, want_splits), block_n) * block_n
     return max(block_n, min(per, 16 * block_n))
 

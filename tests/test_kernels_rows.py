@@ -1,0 +1,120 @@
+"""The few-rows masked attention kernel (gsa_rag.kernels.masked_rows) against its reference and
+against the engine's attention of a question's rows (gsa_rag.attention).
+
+Without CUDA the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1). Outputs
+are poisoned with NaN before every run; errors are ||out - ref|| / ||ref|| against a float64
+reference on the same (rounded) inputs: fp32 <= 1e-5, fp16 <= 2e-3, bf16 <= 1e-2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton not installed")
+
+from gsa_rag.kernels import dispatch
+from gsa_rag.kernels.masked_rows import masked_rows_ref, masked_rows_triton
+
+from gsa_rag.attention import LayerMask, _sdpa_rows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    dispatch._interpreter_compat()  # run-time loop bounds under Triton's interpreter
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def float64_reference(q, k, v, mask, scale):
+    return masked_rows_ref(q.double(), k.double(), v.double(), mask, scale)
+
+
+def random_mask(B, H, R, T, seen, g):
+    """Each row sees about `seen` of the keys and at least one; some rows see only keys in the
+    first few columns (later splits hold nothing for them)."""
+    mask = torch.rand(B, H, R, T, generator=g) < seen
+    mask[..., 0] = True
+    mask[:, :, ::3, 6:] = False
+    return mask
+
+
+def rel_err(got, want):
+    return float((got.double() - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,R,T,D,per_head", [
+    (2, 8, 2, 5, 150, 16, True),    # G 4: 20 folded rows, one block
+    (1, 4, 4, 3, 70, 32, False),    # G 1, one mask row for every head
+    (1, 6, 2, 23, 133, 16, True),   # 69 folded rows: several row blocks, the last one short
+])
+def test_masked_rows_kernel_equals_the_reference(dtype, B, Hq, Hkv, R, T, D, per_head):
+    g = torch.Generator().manual_seed(R * T)
+    q = torch.randn(B, Hq, R, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    mask = random_mask(B, Hkv if per_head else 1, R, T, 0.3, g).to(DEVICE)
+    scale = 1 / math.sqrt(D)
+    want = float64_reference(q, k, v, mask, scale)
+    for splits, block_m in ((1, None), (3, None), (None, 16), (7, 16)):
+        # poisoned, and strided as the engine's [B, R, Hq, D] output seen as [B, Hq, R, D]
+        out = torch.full((B, R, Hq, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+        got = masked_rows_triton(q, k, v, mask, scale, num_splits=splits, out=out, block_m=block_m)
+        assert got.data_ptr() == out.data_ptr()
+        assert not got.isnan().any(), (splits, block_m)
+        assert rel_err(got, want) <= BOUND[dtype], (splits, block_m, rel_err(got, want))
+
+
+def test_masked_rows_kernel_on_single_keys_and_rows_that_see_nothing():
+    """A row that sees one key returns that key's value exactly; a row that sees no key is NaN
+    (SDPA's math path gives NaN too); the mask of one head never leaks into another."""
+    B, Hq, Hkv, R, T, D = 1, 4, 2, 3, 100, 16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, R, D, generator=g).to(DEVICE)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE)
+    mask = torch.zeros(B, Hkv, R, T, dtype=torch.bool)
+    mask[0, 0, 0, 97] = True    # KV head 0, row 0: one key in the last split
+    mask[0, 1, 0, 3] = True     # KV head 1, row 0: another key
+    mask[0, :, 1, :] = True     # row 1: everything
+    mask = mask.to(DEVICE)      # row 2: nothing
+    got = masked_rows_triton(q, k, v, mask, num_splits=4)
+    torch.testing.assert_close(got[0, 0:2, 0], v[0, 0, 97].expand(2, D))  # query heads 0, 1 share KV head 0
+    torch.testing.assert_close(got[0, 2:4, 0], v[0, 1, 3].expand(2, D))
+    torch.testing.assert_close(got[:, :, 1], masked_rows_ref(q, k, v, mask)[:, :, 1], atol=1e-5, rtol=1e-5)
+    assert got[:, :, 2].isnan().all()
+
+
+def test_masked_rows_kernel_refuses_a_mask_of_the_wrong_shape():
+    q = torch.zeros(1, 4, 3, 16, device=DEVICE)
+    k = torch.zeros(1, 2, 50, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        masked_rows_triton(q, k, k, torch.ones(1, 2, 3, 49, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        masked_rows_triton(q, k, k, torch.ones(1, 3, 3, 50, dtype=torch.bool, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_rows_equal_the_engine_attention_of_a_question(dtype):
+    """attention._kernel_rows (a question's link rows under the shared mask, its question rows
+    under per-KV-head masks) against the engine's SDPA path on the same LayerMask."""
+    from gsa_rag.attention import _kernel_rows
+
+    B, Hq, Hkv, T, D, shared_rows, tail_rows = 1, 8, 2, 120, 16, 9, 4
+    g = torch.Generator().manual_seed(11)
+    R = shared_rows + tail_rows
+    q = torch.randn(B, Hq, R, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    shared = random_mask(B, 1, R, T, 0.4, g)
+    tail = random_mask(B, Hkv, tail_rows, T, 0.4, g)
+    mask = LayerMask(shared.to(DEVICE), shared_rows, tail.to(DEVICE))
+    scale = 1 / math.sqrt(D)
+    got = _kernel_rows(q, k, v, mask, scale)  # [B, R, Hq, D]
+    want = _sdpa_rows(q.double(), k.double(), v.double(), mask, scale, 0.0, True)
+    assert got.shape == (B, R, Hq, D)
+    assert rel_err(got, want) <= BOUND[dtype]
+    only_shared = LayerMask(shared.to(DEVICE), R)  # a layer that does not select: no tail rows
+    assert rel_err(_kernel_rows(q, k, v, only_shared, scale), _sdpa_rows(
+        q.double(), k.double(), v.double(), only_shared, scale, 0.0, True)) <= BOUND[dtype]
