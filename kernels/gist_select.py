@@ -809,6 +809,14 @@ def ends_width(num_chunks: int, ends_mode: int) -> int:
     return -(-num_chunks // EXPAND_BLOCK_C) if ends_mode == ENDS_BLOCKS else num_chunks
 
 
+def _default_chunks_per_program(maxlen: int) -> int:
+    """EXPAND_CHUNKS_PER_PROGRAM, fewer (down to EXPAND_BLOCK_C) where a chunk's columns are many:
+    a program's tile of chunks x MAXLEN columns stays within the 4,096 entries that were timed
+    (256 x 16 at chunk 8; before round 13, 64 x 64 at chunk 32 and up)."""
+    fit = max(EXPAND_BLOCK_C, 4096 // maxlen // EXPAND_BLOCK_C * EXPAND_BLOCK_C)
+    return min(EXPAND_CHUNKS_PER_PROGRAM, fit)
+
+
 def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | None = None,
                    ends_mode: int = ENDS_PREFIX, out: tuple[torch.Tensor, torch.Tensor] | None = None,
                    chunks_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -816,7 +824,7 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
     ends: int32 [B, Hkv, ends_width(C, ends_mode)] contiguous, its inclusive prefix sum along C
     (ENDS_PREFIX; computed here when None) or its sums over blocks of EXPAND_BLOCK_C chunks
     (ENDS_BLOCKS); out: the list and lengths to write into (tests poison them), else new ones;
-    chunks_per_program: a multiple of EXPAND_BLOCK_C (default EXPAND_CHUNKS_PER_PROGRAM)."""
+    chunks_per_program: a multiple of EXPAND_BLOCK_C (default `_default_chunks_per_program`)."""
     assert ends_mode in (ENDS_PREFIX, ENDS_BLOCKS), ends_mode
     B, Hkv, C = sizes.shape
     if out is None:
@@ -828,7 +836,8 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
     if ends is None:
         ends, ends_mode = torch.cumsum(sizes, -1, dtype=torch.int32), ENDS_PREFIX
     C = sizes.shape[-1]
-    per = chunks_per_program or EXPAND_CHUNKS_PER_PROGRAM
+    maxlen = _next_pow2(max(1, plan.max_chunk_len))
+    per = chunks_per_program or _default_chunks_per_program(maxlen)
     if per % EXPAND_BLOCK_C:
         raise ValueError(f"chunks_per_program must be a multiple of {EXPAND_BLOCK_C}, got {per}")
     BLOCK = 1024
@@ -839,7 +848,7 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
         plan.base.stride(0), plan.chunk_ptr.stride(0), plan.chunk_cols.stride(0),
         out.stride(0), out.stride(1),
         Hkv, C, npc, nsb, BLOCK=BLOCK, BLOCK_C=per, SUM_BLOCK=EXPAND_BLOCK_C,
-        MAXLEN=_next_pow2(max(1, plan.max_chunk_len)), ENDS_MODE=ends_mode,
+        MAXLEN=maxlen, ENDS_MODE=ends_mode,
         NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, num_warps=4,
     )
     return out, out_len
