@@ -131,27 +131,34 @@ if triton is not None:
         s_ab, s_ah, s_af, s_as, s_ad,
         s_ob, s_oh, s_or, s_od,
         Hkv, G, R, S,
-        S_PAD: tl.constexpr, D: tl.constexpr,
+        S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        # one program per (batch, KV head, folded row): the splits' global max, then their
-        # weighted partial sums
+        # one program per (batch, KV head, folded row): the splits' global max (a vector of S
+        # floats), then their weighted partial sums BLOCK_S splits at a time (bounded registers)
         pid = tl.program_id(0)
         FR = G * R
         f = pid % FR
         bh = pid // FR
         b = bh // Hkv
         h = bh % Hkv
-        s = tl.arange(0, S_PAD)
-        ok = s < S
-        part = b * s_pb + h * s_ph + f * s_pf + s * s_ps
-        m = tl.load(M + part, mask=ok, other=float("-inf"))
-        l = tl.load(L + part, mask=ok, other=0.0)
+        row = b * s_pb + h * s_ph + f * s_pf
+        s_all = tl.arange(0, S_PAD)
+        m_all = tl.max(tl.load(M + row + s_all * s_ps, mask=s_all < S, other=float("-inf")), 0)
+        m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
         d = tl.arange(0, D)
-        a = tl.load(ACC + b * s_ab + h * s_ah + f * s_af + s[:, None] * s_as + d[None, :] * s_ad,
-                    mask=ok[:, None], other=0.0)
-        m_all = tl.max(m, 0)
-        w = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # empty splits: 0
-        out = tl.sum(a * w[:, None], 0) / tl.sum(l * w, 0)  # no key seen at all: 0 / 0 = NaN
+        acc = tl.zeros([D], dtype=tl.float32)
+        den = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ok = s < S
+            m = tl.load(M + row + s * s_ps, mask=ok, other=float("-inf"))
+            l = tl.load(L + row + s * s_ps, mask=ok, other=0.0)
+            a = tl.load(ACC + b * s_ab + h * s_ah + f * s_af + s[:, None] * s_as + d[None, :] * s_ad,
+                        mask=ok[:, None], other=0.0)
+            w = tl.exp2(m - m_ref)  # empty splits: exp2(-inf) = 0
+            acc += tl.sum(a * w[:, None], 0)
+            den += l * w
+        out = acc / tl.sum(den, 0)  # no key seen at all: 0 / 0 = NaN
         head = h * G + f // R
         tl.store(O + b * s_ob + head * s_oh + (f % R) * s_or + d * s_od, out.to(O.dtype.element_ty))
 
@@ -221,6 +228,6 @@ def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     )
     _rows_combine_kernel[(B * Hkv * folded,)](
         m, l, acc, out, *m.stride(), *acc.stride(), *out.stride(), Hkv, G, R, S,
-        S_PAD=max(2, triton.next_power_of_2(S)), D=D, num_warps=1,
+        S_PAD=max(2, triton.next_power_of_2(S)), D=D, BLOCK_S=8, num_warps=1,
     )
     return out
