@@ -11,7 +11,8 @@ well, as in flash-decode:
   (folded row f = g * R + r is query head h * G + g, row r), so each K/V tile is loaded once per
   block of BLOCK_M folded rows and serves every query head that shares it (GQA);
 - each program keeps an online softmax (running max m, sum l, unnormalised acc) over its split
-  of the keys, reading the mask tile of its rows as it goes; a second kernel combines the splits.
+  of the keys, reading the mask tile of its rows as it goes; sparse_decode's combine kernel
+  merges the splits.
 
 A row with no visible key at all gets NaN, as SDPA's math path gives (the engine never makes
 one: every row sees itself).
@@ -26,6 +27,7 @@ import math
 import os
 
 import torch
+from gsa_rag.kernels.sparse_decode import combine_splits, num_sms
 
 try:
     import triton
@@ -69,8 +71,8 @@ if triton is not None:
         s_kb, s_kh, s_kt, s_kd,
         s_vb, s_vh, s_vt, s_vd,
         s_mb, s_mh, s_mr, s_mt,
-        s_pb, s_ph, s_pf, s_ps,
-        s_ab, s_ah, s_af, s_as, s_ad,
+        s_pb, s_ph, s_pr, s_ps,
+        s_ab, s_ah, s_ar, s_as, s_ad,
         Hkv, G, R, T, split_len, row_blocks,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -117,51 +119,14 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        # an empty split stores m = -inf, l = 0, acc = 0: the combine weighs it 0
-        part = b * s_pb + h * s_ph + f * s_pf + split * s_ps
+        # per (query head, row), as sparse_decode.combine_splits reads them; an empty split stores
+        # m = -inf, l = 0, acc = 0: the combine weighs it 0
+        head = h * G + g
+        part = b * s_pb + head * s_ph + r * s_pr + split * s_ps
         tl.store(M + part, m_i, mask=f_ok)
         tl.store(L + part, l_i, mask=f_ok)
-        tl.store(ACC + b * s_ab + h * s_ah + f[:, None] * s_af + split * s_as + d[None, :] * s_ad, acc,
+        tl.store(ACC + b * s_ab + head[:, None] * s_ah + r[:, None] * s_ar + split * s_as + d[None, :] * s_ad, acc,
                  mask=f_ok[:, None])
-
-    @triton.jit
-    def _rows_combine_kernel(
-        M, L, ACC, O,
-        s_pb, s_ph, s_pf, s_ps,
-        s_ab, s_ah, s_af, s_as, s_ad,
-        s_ob, s_oh, s_or, s_od,
-        Hkv, G, R, S,
-        S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-    ):
-        # one program per (batch, KV head, folded row): the splits' global max (a vector of S
-        # floats), then their weighted partial sums BLOCK_S splits at a time (bounded registers)
-        pid = tl.program_id(0)
-        FR = G * R
-        f = pid % FR
-        bh = pid // FR
-        b = bh // Hkv
-        h = bh % Hkv
-        row = b * s_pb + h * s_ph + f * s_pf
-        s_all = tl.arange(0, S_PAD)
-        m_all = tl.max(tl.load(M + row + s_all * s_ps, mask=s_all < S, other=float("-inf")), 0)
-        m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-        d = tl.arange(0, D)
-        acc = tl.zeros([D], dtype=tl.float32)
-        den = tl.zeros([BLOCK_S], dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            ok = s < S
-            m = tl.load(M + row + s * s_ps, mask=ok, other=float("-inf"))
-            l = tl.load(L + row + s * s_ps, mask=ok, other=0.0)
-            a = tl.load(ACC + b * s_ab + h * s_ah + f * s_af + s[:, None] * s_as + d[None, :] * s_ad,
-                        mask=ok[:, None], other=0.0)
-            w = tl.exp2(m - m_ref)  # empty splits: exp2(-inf) = 0
-            acc += tl.sum(a * w[:, None], 0)
-            den += l * w
-        out = acc / tl.sum(den, 0)  # no key seen at all: 0 / 0 = NaN
-        head = h * G + f // R
-        tl.store(O + b * s_ob + head * s_oh + (f % R) * s_or + d * s_od, out.to(O.dtype.element_ty))
-
 
 def default_block_m(folded_rows: int) -> int:
     """Folded rows per program: 16 to 64 (tl.dot wants M >= 16)."""
@@ -170,8 +135,6 @@ def default_block_m(folded_rows: int) -> int:
 
 def default_splits(batch_kv_row_blocks: int, keys: int, block_n: int, device: torch.device) -> int:
     """Splits of the keys: about two programs per SM in all, each reading at least one key block."""
-    from gsa_rag.kernels.sparse_decode import num_sms
-
     want = triton.cdiv(2 * num_sms(device), batch_kv_row_blocks)
     return max(1, min(want, triton.cdiv(keys, block_n)))
 
@@ -208,9 +171,9 @@ def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     S = num_splits or default_splits(B * Hkv * row_blocks, T, block_n, query.device)
     split_len = triton.cdiv(triton.cdiv(T, S), block_n) * block_n
     S = triton.cdiv(T, split_len)
-    m = torch.empty(B, Hkv, folded, S, dtype=torch.float32, device=query.device)
+    m = torch.empty(B, Hq, R, S, dtype=torch.float32, device=query.device)
     l = torch.empty_like(m)
-    acc = torch.empty(B, Hkv, folded, S, D, dtype=torch.float32, device=query.device)
+    acc = torch.empty(B, Hq, R, S, D, dtype=torch.float32, device=query.device)
     seen = mask.view(torch.uint8)  # Triton reads bytes; the kernel compares them with 0
     s_mb, s_mh, s_mr, s_mt = seen.stride()
     if seen.shape[1] == 1:
@@ -226,8 +189,5 @@ def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         DOT_F32=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
-    _rows_combine_kernel[(B * Hkv * folded,)](
-        m, l, acc, out, *m.stride(), *acc.stride(), *out.stride(), Hkv, G, R, S,
-        S_PAD=max(2, triton.next_power_of_2(S)), D=D, BLOCK_S=8, num_warps=1,
-    )
+    combine_splits(m, l, acc, out)
     return out

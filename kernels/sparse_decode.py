@@ -131,23 +131,25 @@ if triton is not None:
     @triton.jit
     def _combine_kernel(
         M, L, ACC, O,
-        s_mb, s_mh, s_ms,
-        s_ab, s_ah, s_as, s_ad,
-        s_ob, s_oh, s_od,
-        Hq, S,
+        s_mb, s_mh, s_mr, s_ms,
+        s_ab, s_ah, s_ar, s_as, s_ad,
+        s_ob, s_oh, s_or, s_od,
+        Hq, R, S,
         S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        # one program per (batch, query head): the global max over all splits (a vector of S
-        # floats), then the weighted partial sums BLOCK_S splits at a time (bounded registers)
+        # one program per (batch, query head, row): the global max over all splits (a vector of
+        # S floats), then the weighted partial sums BLOCK_S splits at a time (bounded registers)
         pid = tl.program_id(0)
-        b = pid // Hq
-        hq = pid % Hq
+        b = pid // (Hq * R)
+        hq = (pid // R) % Hq
+        r = pid % R
         d = tl.arange(0, D)
         s_all = tl.arange(0, S_PAD)
-        m_base = M + b * s_mb + hq * s_mh
-        l_base = L + b * s_mb + hq * s_mh
+        m_base = M + b * s_mb + hq * s_mh + r * s_mr
+        l_base = L + b * s_mb + hq * s_mh + r * s_mr
         m_all = tl.max(tl.load(m_base + s_all * s_ms, mask=s_all < S, other=float("-inf")), 0)
-        # finite: split 0 always holds a live entry (lengths >= 1)
+        # finite where any split saw a key (a decode step's split 0 always does: lengths >= 1); a
+        # row of masked_rows that sees no key at all gets NaN (exp2(-inf - -inf))
         acc = tl.zeros([D], dtype=tl.float32)
         den = tl.zeros([BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
@@ -155,12 +157,32 @@ if triton is not None:
             ok = s < S
             m = tl.load(m_base + s * s_ms, mask=ok, other=float("-inf"))
             l = tl.load(l_base + s * s_ms, mask=ok, other=0.0)
-            a = tl.load(ACC + b * s_ab + hq * s_ah + s[:, None] * s_as + d[None, :] * s_ad, mask=ok[:, None], other=0.0)
+            a = tl.load(ACC + b * s_ab + hq * s_ah + r * s_ar + s[:, None] * s_as + d[None, :] * s_ad,
+                        mask=ok[:, None], other=0.0)
             w = tl.exp2(m - m_all)  # empty splits: exp2(-inf) = 0
             acc += tl.sum(a * w[:, None], 0)
             den += l * w
         out = acc / tl.sum(den, 0)
-        tl.store(O + b * s_ob + hq * s_oh + d * s_od, out.to(O.dtype.element_ty))
+        tl.store(O + b * s_ob + hq * s_oh + r * s_or + d * s_od, out.to(O.dtype.element_ty))
+
+
+def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Combines split-K partials (online-softmax max m, sum l, unnormalised acc) into `out`.
+
+    Args:
+        m, l: float32 [B, Hq, R, S]; acc: float32 [B, Hq, R, S, D] (R query rows per head: 1 for a
+            decode step, a question's rows in masked_rows).
+        out: [B, Hq, R, D], any strides.
+
+    Returns:
+        out.
+    """
+    B, Hq, R, S = m.shape
+    _combine_kernel[(B * Hq * R,)](
+        m, l, acc, out, *m.stride(), *acc.stride(), *out.stride(), Hq, R, S,
+        S_PAD=max(2, 1 << (S - 1).bit_length()), D=out.shape[-1], BLOCK_S=16, num_warps=4,
+    )
+    return out
 
 
 def num_sms(device: torch.device) -> int:
@@ -238,8 +260,5 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     )
     if out is None:
         out = torch.empty(B, Hq, D, dtype=query.dtype, device=query.device)
-    _combine_kernel[(B * Hq,)](
-        m, l, acc, out, *m.stride(), *acc.stride(), *out.stride(), Hq, S,
-        S_PAD=max(2, 1 << (S - 1).bit_length()), D=D, BLOCK_S=16, num_warps=4,
-    )
+    combine_splits(m[:, :, None], l[:, :, None], acc[:, :, None], out[:, :, None])
     return out

@@ -57,7 +57,7 @@ def test_masked_rows_kernel_equals_the_reference(dtype, B, Hq, Hkv, R, T, D, per
     mask = random_mask(B, Hkv if per_head else 1, R, T, 0.3, g).to(DEVICE)
     scale = 1 / math.sqrt(D)
     want = float64_reference(q, k, v, mask, scale)
-    # splits x key block: one split; a few; the default; more than the combine's 8 splits a step
+    # splits x key block: one split; a few; the default; many splits of 16 keys
     for splits, block_m, block_n in ((1, None, 64), (3, None, 64), (None, 16, 64), (12, 16, 16)):
         # poisoned, and strided as the engine's [B, R, Hq, D] output seen as [B, Hq, R, D]
         out = torch.full((B, R, Hq, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
