@@ -279,12 +279,11 @@ def _sdpa_rows_folded(query, key, value, mask: LayerMask, scaling, dropout) -> t
 
 
 def _rows_kernel_fits(query: torch.Tensor) -> bool:
-    """Whether `_kernel_rows` can serve these rows: the kernels are on for the device and the head
-    dim is a power of two >= 16 (the kernel's tl.arange / tl.dot need it)."""
-    from gsa_rag.kernels.dispatch import use_kernels
+    """Whether `_kernel_rows` can serve these rows: the kernels are on for the device and take
+    its head dim."""
+    from gsa_rag.kernels.dispatch import head_dim_fits, use_kernels
 
-    D = query.shape[-1]
-    return D >= 16 and not D & (D - 1) and use_kernels(query.device)
+    return head_dim_fits(query.shape[-1]) and use_kernels(query.device)
 
 
 def _kernel_rows(query, key, value, mask: LayerMask, scaling) -> torch.Tensor:

@@ -65,6 +65,12 @@ def use_kernels(device: torch.device) -> bool:
     return False
 
 
+def head_dim_fits(head_dim: int) -> bool:
+    """Whether the kernels take this head dim: a power of two >= 16 (their tl.arange / tl.dot need
+    it); e.g. 80, 96 or 100 take the reference path."""
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
 def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             scaling: float | None, state) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The engine's decode step through the key-list kernels, or None to take the dense path.
@@ -89,8 +95,7 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
 
     if query.shape[2] != 1 or type(state) is not GistState or not use_kernels(query.device):
         return None
-    head_dim = query.shape[-1]
-    if head_dim < 16 or head_dim & (head_dim - 1):
+    if not head_dim_fits(query.shape[-1]):
         return None
     layout = state.layout
     if key.shape[2] != layout.seq_len:
