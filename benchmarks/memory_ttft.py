@@ -45,6 +45,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
+from gsa_rag import attention as gsa_attention
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.generation import SamplingParams, forward, generate_tokens
@@ -145,7 +146,7 @@ def rerunnable_question(gsa, layout, cache):
     return question_forward
 
 
-def profile_question(gsa, memory, question, ids, top: int = 20) -> None:
+def profile_question(gsa, memory, question, ids, top: int = 35) -> None:
     """--profile: where one question's time goes. Prints the host functions of `prepare` (cProfile,
     by own time) and, on CUDA, the device kernels of one eager question (torch.profiler, by
     device time)."""
@@ -256,15 +257,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also print where one question's time goes at the largest --passages (prepare's host "
                         "functions; on CUDA the device kernels)")
-    parser.add_argument("--rows-kernel", action="store_true",
-                        help="CUDA: the question's rows through the split-K kernel (gsa_rag.attention.ROWS_KERNEL) "
-                        "instead of the folded SDPA")
+    parser.add_argument("--rows-kernel", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA: the question's rows through the split-K kernel (gsa_rag.attention.ROWS_KERNEL, "
+                        "the default) or, with --no-rows-kernel, the folded SDPA")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args()
-    if args.rows_kernel:
-        import gsa_rag.attention
-
-        gsa_rag.attention.ROWS_KERNEL = True
+    gsa_attention.ROWS_KERNEL = args.rows_kernel
     if args.tokenizer and not args.arch:
         parser.error("--tokenizer goes with --arch (a random-weight model); --model loads its own tokenizer")
     if args.threads:

@@ -252,10 +252,10 @@ def _sdpa_rows(query, key, value, mask: LayerMask, scaling, dropout, gqa: bool) 
 # decode step) fold each KV head's query heads into its rows instead of repeating K/V: the masks,
 # repeated over the group instead, are the smaller copy there (benchmarks/question_attention.py).
 FOLD_MAX_ROWS = 256
-# Those rows through the split-K kernel of gsa_rag.kernels.masked_rows instead of SDPA (`_kernel_rows`).
-# Off until an H200 run of benchmarks/question_attention.py (its `kernel` column) has timed it against
-# the folded SDPA; tested against it under Triton's interpreter (tests/test_kernels_rows.py).
-ROWS_KERNEL = False
+# Those rows through the split-K kernel of gsa_rag.kernels.masked_rows instead of SDPA (`_kernel_rows`)
+# when Triton serves the device: on an H200 it ran a layer of 20 passages' question in 54 us against the
+# folded SDPA's 150 (218 against 357 at 50; benchmarks/results/question_attention/). False restores SDPA.
+ROWS_KERNEL = True
 
 
 def _sdpa_rows_folded(query, key, value, mask: LayerMask, scaling, dropout) -> torch.Tensor:

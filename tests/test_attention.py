@@ -187,8 +187,11 @@ def test_folded_gqa_attention_equals_the_per_head_mask(hierarchical, monkeypatch
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: gsa_attention folds few rows on CUDA only "
-                    "(test_folded_gqa_attention_equals_the_per_head_mask covers the folded path on the CPU)")
-def test_gsa_attention_on_cuda_folds_few_rows_and_matches_the_per_head_mask():
+                    "(test_folded_gqa_attention_equals_the_per_head_mask covers the folded path on the CPU, "
+                    "tests/test_kernels_rows.py the rows kernel under Triton's interpreter)")
+@pytest.mark.parametrize("rows_kernel", [True, False], ids=["rows-kernel", "folded-sdpa"])
+def test_gsa_attention_on_cuda_folds_few_rows_and_matches_the_per_head_mask(monkeypatch, rows_kernel):
+    monkeypatch.setattr(attention, "ROWS_KERNEL", rows_kernel)
     config = GistConfig(chunk_size=4, sink=2, top_k=1)
     rng = random.Random(5)
     layout = build_layout([random_segments(rng, max_passages=6, max_len=30) for _ in range(2)], config, FakeTokenizer())
