@@ -39,9 +39,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from gsa_rag.kernels.bench import bench_us, environment, write_results
 
 from gsa_rag.attention import LayerMask, _kernel_rows, _sdpa_rows, _sdpa_rows_folded
@@ -74,6 +74,9 @@ def main(argv=None) -> None:
     p.add_argument("--shared-rows", type=int, default=80, help="link tokens (4 per passage)")
     p.add_argument("--tail-rows", type=int, default=20, help="question tokens")
     p.add_argument("--seen", type=float, default=0.3, help="fraction of keys a row sees")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of the variants: the rows kernel's launch settings (rows per program, keys per "
+                   "step, splits, warps), each part of the question (shared rows, tail rows) on its own")
     p.add_argument("--out", default="benchmarks/results/question_attention")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -90,6 +93,9 @@ def main(argv=None) -> None:
     mask = random_masks(B, Hkv, args.shared_rows, args.tail_rows, T, args.seen, g)
     scale = 1 / math.sqrt(D)
     want = reference(q, k, v, mask, scale)
+
+    if args.sweep:
+        return sweep(args, q, k, v, mask, scale, want)
 
     def forced(backend, fn):
         def run(*a):
@@ -122,6 +128,51 @@ def main(argv=None) -> None:
         print(f"{name:12s} {us:8.1f} us   err {err:.1e}   x{rows[0]['us'] / us:.2f} vs repeat", flush=True)
     payload = {"env": environment(), "args": vars(args), "rows": rows}
     print(f"wrote {write_results(args.out, f'question_attention_{T}keys', payload)}")
+
+
+def sweep(args, q, k, v, mask: LayerMask, scale, want) -> None:
+    """--sweep: masked_rows_triton over its launch settings on the shared rows and on the tail rows;
+    prints the five fastest of each part and the defaults' time."""
+    import triton
+    from gsa_rag.kernels.masked_rows import (
+        default_block_m,
+        default_splits,
+        masked_rows_triton,
+    )
+
+    start = mask.start
+    parts = {"shared": (q[:, :, :start], mask.shared[:, :, :start], want[:, :start]),
+             "tail": (q[:, :, start:], mask.tail, want[:, start:])}
+    Hkv, T = k.shape[1], k.shape[2]
+    rows = []
+    for part, (rows_q, part_mask, part_want) in parts.items():
+        G, R = q.shape[1] // Hkv, rows_q.shape[2]
+        timed = []
+        for block_m in (16, 32, 64, 128):
+            for block_n in (32, 64, 128):
+                default = default_splits(Hkv * triton.cdiv(G * R, block_m), T, block_n, q.device)
+                for splits in sorted({1, 2, 4, default, 2 * default}):
+                    for warps in (4, 8):
+                        fn = partial(masked_rows_triton, rows_q, k, v, part_mask, scale, num_splits=splits,
+                                     block_m=block_m, block_n=block_n, num_warps=warps)
+                        try:
+                            err = float((fn().transpose(1, 2).double() - part_want).norm() / part_want.norm())
+                            us = bench_us(fn, cuda_graph=True)
+                        except Exception as e:  # noqa: BLE001 - report and go on (e.g. out of shared memory)
+                            print(f"{part} {block_m}x{block_n} S{splits} w{warps} failed: {type(e).__name__}: {str(e)[:120]}")
+                            continue
+                        row = {"part": part, "block_m": block_m, "block_n": block_n, "splits": splits, "warps": warps,
+                               "default_splits": default, "us": us, "rel_err": err}
+                        timed.append(row)
+        defaults = [r for r in timed if r["block_m"] == default_block_m(G * R) and r["block_n"] == 64
+                    and r["splits"] == r["default_splits"] and r["warps"] == 4]
+        print(f"# {part}: {R} rows x {q.shape[1]} heads; defaults {defaults[0]['us']:.1f} us" if defaults else f"# {part}")
+        for r in sorted(timed, key=lambda r: r["us"])[:5]:
+            print(f"  {r['block_m']:4d} rows x {r['block_n']:4d} keys, {r['splits']:3d} splits, {r['warps']} warps: "
+                  f"{r['us']:7.1f} us  err {r['rel_err']:.1e}")
+        rows += timed
+    payload = {"env": environment(), "args": vars(args), "rows": rows}
+    print(f"wrote {write_results(args.out, f'rows_kernel_sweep_{T}keys', payload)}")
 
 
 if __name__ == "__main__":

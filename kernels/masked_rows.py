@@ -65,7 +65,7 @@ if triton is not None:
 
     @triton.jit
     def _rows_split_kernel(
-        Q, K, V, MASK, M, L, ACC,
+        Q, K, V, MASK, M, L, ACC, OUT,
         qk_scale,
         s_qb, s_qh, s_qr, s_qd,
         s_kb, s_kh, s_kt, s_kd,
@@ -73,9 +73,10 @@ if triton is not None:
         s_mb, s_mh, s_mr, s_mt,
         s_pb, s_ph, s_pr, s_ps,
         s_ab, s_ah, s_ar, s_as, s_ad,
+        s_ob, s_oh, s_or, s_od,
         Hkv, G, R, T, split_len, row_blocks,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_F32: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, SINGLE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -119,14 +120,19 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        # per (query head, row), as sparse_decode.combine_splits reads them; an empty split stores
-        # m = -inf, l = 0, acc = 0: the combine weighs it 0
         head = h * G + g
-        part = b * s_pb + head * s_ph + r * s_pr + split * s_ps
-        tl.store(M + part, m_i, mask=f_ok)
-        tl.store(L + part, l_i, mask=f_ok)
-        tl.store(ACC + b * s_ab + head[:, None] * s_ah + r[:, None] * s_ar + split * s_as + d[None, :] * s_ad, acc,
-                 mask=f_ok[:, None])
+        if SINGLE:  # one split holds every key: normalised here, no combine (a row that saw nothing: 0 / 0)
+            tl.store(OUT + b * s_ob + head[:, None] * s_oh + r[:, None] * s_or + d[None, :] * s_od,
+                     (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=f_ok[:, None])
+        else:
+            # per (query head, row), as sparse_decode.combine_splits reads them; an empty split
+            # stores m = -inf, l = 0, acc = 0: the combine weighs it 0
+            part = b * s_pb + head * s_ph + r * s_pr + split * s_ps
+            tl.store(M + part, m_i, mask=f_ok)
+            tl.store(L + part, l_i, mask=f_ok)
+            tl.store(ACC + b * s_ab + head[:, None] * s_ah + r[:, None] * s_ar + split * s_as + d[None, :] * s_ad,
+                     acc, mask=f_ok[:, None])
+
 
 def default_block_m(folded_rows: int) -> int:
     """Folded rows per program: 16 to 64 (tl.dot wants M >= 16)."""
@@ -134,21 +140,26 @@ def default_block_m(folded_rows: int) -> int:
 
 
 def default_splits(batch_kv_row_blocks: int, keys: int, block_n: int, device: torch.device) -> int:
-    """Splits of the keys: about two programs per SM in all, each reading at least one key block."""
-    want = triton.cdiv(2 * num_sms(device), batch_kv_row_blocks)
+    """Splits of the keys: as many as keep every program in one wave of two per SM, each reading at
+    least one key block. A second, partial wave costs a whole split's time: on an H200 a 50-passage
+    question's 104 shared-row programs took 148 us in 2 splits (one wave), 182 in 3, 152 in 4
+    (`benchmarks/question_attention.py --sweep`, results/question_attention/)."""
+    want = (2 * num_sms(device)) // batch_kv_row_blocks
     return max(1, min(want, triton.cdiv(keys, block_n)))
 
 
 def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                        scale: float | None = None, num_splits: int | None = None, out: torch.Tensor | None = None,
-                       block_m: int | None = None, block_n: int = 64) -> torch.Tensor:
+                       block_m: int | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
     """Fast path of `masked_rows_ref` (same arguments; any strides).
 
     Args:
-        num_splits: S, splits of the keys (default `default_splits`).
+        num_splits: S, splits of the keys (default `default_splits`); with one split the kernel
+            normalises its rows itself and no combine runs.
         out: optional [B, Hq, R, D] destination (any strides, e.g. a [B, R, Hq, D] tensor's
             transpose(1, 2)).
-        block_m: folded rows per program (default `default_block_m`); block_n: keys per step.
+        block_m: folded rows per program (default `default_block_m`); block_n: keys per step;
+            num_warps: warps per program.
 
     Returns:
         [B, Hq, R, D] in query's dtype (`out` when given).
@@ -171,23 +182,30 @@ def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     S = num_splits or default_splits(B * Hkv * row_blocks, T, block_n, query.device)
     split_len = triton.cdiv(triton.cdiv(T, S), block_n) * block_n
     S = triton.cdiv(T, split_len)
-    m = torch.empty(B, Hq, R, S, dtype=torch.float32, device=query.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(B, Hq, R, S, D, dtype=torch.float32, device=query.device)
+    if S == 1:  # the kernel writes `out`; the partials' pointers are never read
+        m = l = acc = out
+        part_strides, acc_strides = (0,) * 4, (0,) * 5
+    else:
+        m = torch.empty(B, Hq, R, S, dtype=torch.float32, device=query.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(B, Hq, R, S, D, dtype=torch.float32, device=query.device)
+        part_strides, acc_strides = m.stride(), acc.stride()
     seen = mask.view(torch.uint8)  # Triton reads bytes; the kernel compares them with 0
     s_mb, s_mh, s_mr, s_mt = seen.stride()
     if seen.shape[1] == 1:
         s_mh = 0  # one mask row for every head
     _rows_split_kernel[(B * Hkv * row_blocks, S)](
-        query, key, value, seen, m, l, acc,
+        query, key, value, seen, m, l, acc, out,
         scale * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), s_mb, s_mh, s_mr, s_mt,
-        *m.stride(), *acc.stride(),
+        *part_strides, *acc_strides, *out.stride(),
         Hkv, G, R, T, split_len, row_blocks,
-        BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=4, num_stages=2 if query.is_cuda else 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=num_warps, num_stages=2 if query.is_cuda else 1,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there only
         DOT_F32=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        SINGLE=S == 1,
     )
-    combine_splits(m, l, acc, out)
+    if S > 1:
+        combine_splits(m, l, acc, out)
     return out
