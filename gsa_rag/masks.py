@@ -35,8 +35,10 @@ def visible(layout: GistLayout, b, q, kv, num_previous_chunks: int, recall) -> t
     Works on index tensors of any broadcastable shape, including the 0-d tensors
     FlexAttention's mask_mod receives.
     """
-    distance = layout.chunk_id[b, q] - layout.chunk_id[b, kv]
-    window = (distance >= 0) & (distance <= num_previous_chunks) & (layout.level[b, q] <= 0)  # meta-gists: no raw window
+    chunk_q, chunk_kv = layout.chunk_id[b, q], layout.chunk_id[b, kv]
+    # compared, not subtracted: a dense mask's difference would be long [B, Tq, T], 8 bytes a pair
+    window = (chunk_kv <= chunk_q) & (chunk_kv >= chunk_q - num_previous_chunks)
+    window = window & (layout.level[b, q] <= 0)  # meta-gists: no raw window
     isolated = _isolated(layout, b, q, kv)
     sink = layout.is_sink[b, kv]
     seen = (kv <= q) & layout.valid[b, kv] & (sink | (~isolated & (window | recall | layout.is_link[b, kv])))
@@ -67,9 +69,15 @@ def gist_recall(layout: GistLayout, b, q, kv) -> torch.Tensor:
     if top == 0:
         return layout.is_gist[b, kv]
     level = layout.level[b, kv]
-    parent = level.clamp(0, top - 1)  # section_id[..., l] is the level-(l+1) section
-    same = layout.section_id[b, kv, parent] == layout.section_id[b, q, parent]
-    return (level == top) | ((level >= 0) & same)
+    recall = level == top
+    # level by level, so that query and key are each indexed alone and only the comparison is
+    # dense: indexing section_id by the key's level for every (query, key) pair broadcasts three
+    # index tensors to [B, Tq, T], which CUDA's advanced indexing makes contiguous (four long
+    # [B, Tq, T], 32 bytes a pair: 13 GB for a prefill of 32 prompts of 3.6K columns)
+    for parent in range(top):  # section_id[..., l] is the level-(l+1) section
+        same = layout.section_id[b, kv, parent] == layout.section_id[b, q, parent]
+        recall = recall | ((level == parent) & same)
+    return recall
 
 
 def dense_index(layout: GistLayout, q_index: torch.Tensor | None):
