@@ -355,6 +355,29 @@ def test_harness_answers_as_the_engine_does(engine, examples, tmp_path):
         assert [r["prediction"] for r in out["results"]] == want
 
 
+def test_harness_decode_steps_get_the_plain_state_the_kernels_take(engine, examples, tmp_path, monkeypatch):
+    """Only the prefill's state is wrapped to record what the question sees: every decode step
+    hands attention a plain GistState, the one kernels.dispatch.sparse_decode_attention takes on
+    CUDA (a wrapped one always fell back to the dense path, so rag_eval timed that instead)."""
+    from gsa_rag import attention
+    from gsa_rag.attention import GistState
+    from gsa_rag.eval.harness import _Recorder
+
+    seen = []
+    real = attention.sparse_decode_attention
+
+    def spy(module, query, key, value, scaling, state):
+        seen.append((query.shape[2], type(state)))
+        return real(module, query, key, value, scaling, state)
+
+    monkeypatch.setattr(attention, "sparse_decode_attention", spy)
+    out = run_method(engine, parse_spec("gsa"), examples, _ctx(tmp_path), SETTINGS)
+    assert out["summary"]["attended_question"] > 0
+    prefill = {t for rows, t in seen if rows > 1}
+    decode = {t for rows, t in seen if rows == 1}
+    assert prefill == {_Recorder} and decode == {GistState}
+
+
 # --- KV reuse (gsa:reuse=1): one gist memory for the whole run ------------------------------------
 
 

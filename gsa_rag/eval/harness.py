@@ -56,12 +56,11 @@ class RunSettings:
 
 
 class _Recorder:
-    """Wraps an attention state; keeps, for the prefill forward, each layer's visibility row of
-    the last query token ([B, H, T] bool). Everything else is delegated to the wrapped state."""
+    """Wraps the prefill's attention state; keeps each layer's visibility row of the last query
+    token ([B, H, T] bool). Everything else is delegated to the wrapped state."""
 
-    def __init__(self, inner, keep: bool):
+    def __init__(self, inner):
         self._inner = inner
-        self._keep = keep
         self.rows: dict[int, torch.Tensor] = {}
 
     def __getattr__(self, name):
@@ -70,8 +69,7 @@ class _Recorder:
     def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
         # the attention function asks for the split mask (gsa_rag.attention.LayerMask)
         mask = layer_mask(self._inner, layer_idx, query, key)
-        if self._keep:
-            self.rows[layer_idx] = mask.last_row().clone()
+        self.rows[layer_idx] = mask.last_row().clone()
         return mask
 
 
@@ -81,7 +79,10 @@ def _recording_factory(factory):
     make = factory or GistState.for_new_tokens
 
     def make_state(layout, num_new, config):
-        return _Recorder(make(layout, num_new, config), keep=num_new == layout.seq_len)
+        state = make(layout, num_new, config)
+        # decode steps stay unwrapped: the engine's kernel path takes a plain GistState only
+        # (kernels.dispatch.sparse_decode_attention), and a wrapped one timed the dense fallback
+        return _Recorder(state) if num_new == layout.seq_len else state
 
     return make_state
 
