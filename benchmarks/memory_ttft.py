@@ -260,9 +260,13 @@ def main() -> None:
     parser.add_argument("--rows-kernel", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA: the question's rows through the split-K kernel (gsa_rag.attention.ROWS_KERNEL, "
                         "the default) or, with --no-rows-kernel, the folded SDPA")
+    parser.add_argument("--select-kernel", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA: the question rows' chunk selection through the select kernels "
+                        "(gsa_rag.attention.SELECT_KERNEL, the default) or, with --no-select-kernel, the torch reference")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args()
     gsa_attention.ROWS_KERNEL = args.rows_kernel
+    gsa_attention.SELECT_KERNEL = args.select_kernel
     if args.tokenizer and not args.arch:
         parser.error("--tokenizer goes with --arch (a random-weight model); --model loads its own tokenizer")
     if args.threads:
@@ -359,6 +363,7 @@ def main() -> None:
             "dtype": str(dtype),
             "offload": args.offload,
             "rows_kernel": args.rows_kernel,
+            "select_kernel": args.select_kernel,
             "chunk_size": args.chunk_size,
             "top_k": args.top_k,
             "source": source,

@@ -110,6 +110,8 @@ class TailRows:
     gate: torch.Tensor
     select: ChunkSelector | None
     recall: UnfoldRecall
+    # the select kernels' per-forward inputs (`_select_rows`), made by the first layer that runs them
+    kernel_inputs: tuple | None = None
 
 
 _UNKNOWN = object()  # GistState._tail_rows before tail_rows() has run (None means "no row selects")
@@ -225,10 +227,35 @@ class GistState:
             chosen = select_hierarchical(query[:, :, start:], key, layout, self.config)
             selected, sections = chosen.chunks, chosen.sections
         else:
-            selected, sections = rows.select(query[:, :, start:], key), None
+            selected, sections = _select_rows(rows, layout, query[:, :, start:], key), None
         # = dense_unfold_mask on the tail rows; rows not (yet) tail in a batch row keep the forgetting mask
         tail_mask = rows.base | (rows.gate & rows.recall(selected, sections))
         return LayerMask(mask, start, tail_mask, self._biases)
+
+
+# On CUDA the tail rows of one sequence choose their chunks through the decode path's scores and
+# select kernels (gsa_rag.kernels.gist_select.select_rows_triton) instead of the reference's
+# matmul, sort and scatter. False restores the reference (benchmarks/memory_ttft.py --no-select-kernel).
+SELECT_KERNEL = True
+
+
+def _select_rows(rows: TailRows, layout: GistLayout, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """`rows.select(query, key)` (bool [B, Hkv, R, C]): through the select kernels where they
+    serve (CUDA, one sequence, a top-k policy, a row of chunks that fits the select kernel)."""
+    select = rows.select
+    C = layout.gist_index.shape[1]
+    if not (SELECT_KERNEL and query.shape[0] == 1 and select.config.k_policy != "top_p" and _rows_kernel_fits(query)):
+        return select(query, key)
+    from gsa_rag.kernels.gist_select import TOPK_MAX_CHUNKS, select_rows_triton
+
+    if not 0 < C <= TOPK_MAX_CHUNKS:
+        return select(query, key)
+    if rows.kernel_inputs is None:
+        k = select.chunks_per_head(query.shape[1] // key.shape[1])
+        chunk_ptr = torch.arange(C + 1, dtype=torch.int32, device=query.device)
+        rows.kernel_inputs = (k.expand(query.shape[2]).contiguous(), chunk_ptr)
+    k, chunk_ptr = rows.kernel_inputs
+    return select_rows_triton(query, key, layout.gist_index, layout.num_chunks, k, chunk_ptr)
 
 
 def _sdpa_rows(query, key, value, mask: LayerMask, scaling, dropout, gqa: bool) -> torch.Tensor:

@@ -131,18 +131,21 @@ class ChunkSelector:
         self.gist_index, self.gist_valid, self.context_len, self.config = gist_index, gist_valid, context_len, config
         self._parts: tuple | None = None  # (heads and head dim, gather index, missing, rank cut)
 
+    def chunks_per_head(self, group_size: int) -> torch.Tensor:
+        """long [B], the k that each query head picks under the config's top-k policy (fixed
+        top_k, or adaptive k for this GQA group size); not for top_p."""
+        num_chunks = self.gist_valid.sum(-1)
+        if self.config.k_policy == "adaptive":
+            return adaptive_k(self.context_len, num_chunks, group_size, self.config)
+        return torch.full_like(num_chunks, self.config.top_k)
+
     def _prepare(self, query: torch.Tensor, key: torch.Tensor) -> tuple:
         B, Hkv, _, D = key.shape
         shape = (query.shape[1], Hkv, D)
         if self._parts is None or self._parts[0] != shape:
-            config, num_chunks = self.config, self.gist_valid.sum(-1)
             rank_kept = None
-            if config.k_policy != "top_p":
-                if config.k_policy == "adaptive":
-                    k = adaptive_k(self.context_len, num_chunks, query.shape[1] // Hkv, config)
-                else:
-                    k = torch.full_like(num_chunks, config.top_k)
-                rank_kept = _rank_kept(k, self.gist_index.shape[1])
+            if self.config.k_policy != "top_p":
+                rank_kept = _rank_kept(self.chunks_per_head(query.shape[1] // Hkv), self.gist_index.shape[1])
             gather_index = self.gist_index[:, None, :, None].expand(B, Hkv, -1, D)
             self._parts = (shape, gather_index, ~self.gist_valid[:, None, None, :], rank_kept)
         return self._parts

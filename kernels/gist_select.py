@@ -955,6 +955,39 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
     return _expand_launch(plan, sizes)
 
 
+def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor, num_chunks: torch.Tensor,
+                       k: torch.Tensor, chunk_ptr: torch.Tensor | None = None) -> torch.Tensor:
+    """`gsa_rag.selection.ChunkSelector` (top-k per query head, union over each GQA group) for the
+    R query rows of one sequence (a question's tail rows), in the decode path's two launches:
+    each row is scored and picked as a decode step's query is, the rows standing in for the batch
+    over the one shared cache (its batch stride 0). The sets are the reference's: exact ties go to
+    the lower chunk index, never a missing chunk.
+
+    Args:
+        query: [1, Hq, R, D] (any strides); key: [1, Hkv, T, D], the layer's cache.
+        gist_index: long [1, C]; num_chunks: long [1], chunks that exist; k: long [R], chunks per
+            query head (contiguous).
+        chunk_ptr: int32 [C + 1], 0..C (made here when None; a forward passes one for every layer).
+
+    Returns:
+        bool [1, Hkv, R, C] (a view).
+    """
+    if query.shape[0] != 1:
+        raise ValueError(f"select_rows_triton takes the rows of one sequence, got a batch of {query.shape[0]}")
+    _, Hq, R, _ = query.shape
+    Hkv, C = key.shape[1], gist_index.shape[1]
+    if chunk_ptr is None:
+        chunk_ptr = torch.arange(C + 1, dtype=torch.int32, device=query.device)
+    counters = torch.empty(R * Hkv, dtype=torch.int32, device=query.device)
+    scores = _scores_launch(query[0].transpose(0, 1), key.expand(R, -1, -1, -1), gist_index.expand(R, -1),
+                            num_chunks.expand(R), counters=counters)
+    picks = torch.empty(R, Hq, C, dtype=torch.int8, device=query.device)
+    sizes = torch.empty(R, Hkv, C, dtype=torch.int32, device=query.device)
+    # with chunk_ptr 0..C a chosen chunk's size is 1: sizes is the union itself
+    topk_union_launch(scores, k, chunk_ptr, 0, picks, sizes, None, counters, Hkv)
+    return (sizes != 0).transpose(0, 1)[None]
+
+
 def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout,
                         plan: DecodePlan, ends_mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first two launches of the fused path (scores, select kernel): int32 [B, Hkv, C] size

@@ -186,26 +186,63 @@ def test_folded_gqa_attention_equals_the_per_head_mask(hierarchical, monkeypatch
     assert checked == 48
 
 
+@pytest.mark.parametrize("k_policy", ["fixed", "adaptive"])
+def test_tail_rows_choose_the_same_chunks_through_the_select_kernels(monkeypatch, k_policy):
+    """A sequence's tail rows through gist_select.select_rows_triton (the CUDA path; without CUDA
+    under Triton's interpreter) get the reference's masks in every layer: the same chunks per row and
+    KV head, from the k of the config's policy. Integer queries and keys: exact scores, ties."""
+    pytest.importorskip("triton", reason="triton not installed: the select kernels need it")
+    from gsa_rag.kernels import dispatch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        dispatch._interpreter_compat()
+    monkeypatch.setattr(attention, "_rows_kernel_fits", lambda query: True)
+    config = GistConfig(chunk_size=4, sink=2, top_k=2, k_policy=k_policy, adaptive_ratio=2)
+    for seed in range(3):
+        rng = random.Random(seed)
+        layout = build_layout([random_segments(rng, max_passages=6, max_len=40)], config, FakeTokenizer()).to(device)
+        T = layout.seq_len
+        g = torch.Generator().manual_seed(seed)
+        Hq, Hkv, D = 8, 2, 16
+        key = torch.randint(-2, 3, (1, Hkv, T, D), generator=g).float().to(device)
+        for rows in (T, 6):  # a whole prompt, a question's last rows
+            query = torch.randint(-2, 3, (1, Hq, rows, D), generator=g).float().to(device)
+            masks = {}
+            for kernel in (True, False):
+                monkeypatch.setattr(attention, "SELECT_KERNEL", kernel)
+                state = GistState(layout, torch.arange(T - rows, T, device=device), config)
+                masks[kernel] = [state.layer_mask(layer, query, key).full() for layer in range(3)]
+            for got, want in zip(masks[True], masks[False], strict=True):
+                assert torch.equal(got, want), seed
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: gsa_attention folds few rows on CUDA only "
                     "(test_folded_gqa_attention_equals_the_per_head_mask covers the folded path on the CPU, "
                     "tests/test_kernels_rows.py the rows kernel under Triton's interpreter)")
 @pytest.mark.parametrize("rows_kernel", [True, False], ids=["rows-kernel", "folded-sdpa"])
-def test_gsa_attention_on_cuda_folds_few_rows_and_matches_the_per_head_mask(monkeypatch, rows_kernel):
+@pytest.mark.parametrize("select_kernel", [True, False], ids=["select-kernel", "select-torch"])
+def test_gsa_attention_on_cuda_folds_few_rows_and_matches_the_per_head_mask(monkeypatch, rows_kernel, select_kernel):
     monkeypatch.setattr(attention, "ROWS_KERNEL", rows_kernel)
     config = GistConfig(chunk_size=4, sink=2, top_k=1)
     rng = random.Random(5)
-    layout = build_layout([random_segments(rng, max_passages=6, max_len=30) for _ in range(2)], config, FakeTokenizer())
-    B, T = layout.input_ids.shape
+    segments = [random_segments(rng, max_passages=6, max_len=30) for _ in range(2)]
     g = torch.Generator().manual_seed(5)
     Hq, Hkv, D = 8, 2, 16
-    key, value = (torch.randn(B, Hkv, T, D, generator=g).cuda() for _ in range(2))
-    for rows in (T, 5, 1):  # a whole forward (folded when T <= FOLD_MAX_ROWS), a question, a decode step
-        query = torch.randn(B, Hq, rows, D, generator=g).cuda()
-        state = GistState(layout.to("cuda"), torch.arange(T - rows, T, device="cuda"), config)
-        for layer_idx in range(3):
-            out, _ = gsa_attention(layer_module(layer_idx), query, key, value, None, 0.25, gsa_state=state)
-            want = per_head_attention(state.mask_for_layer(layer_idx, query, key), query, key, value, 0.25)
-            torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+    for batch in (1, 2):  # one sequence: the select kernels may serve; two: the reference selects
+        layout = build_layout(segments[:batch], config, FakeTokenizer()).to("cuda")
+        B, T = layout.input_ids.shape
+        key, value = (torch.randn(B, Hkv, T, D, generator=g).cuda() for _ in range(2))
+        for rows in (T, 5, 1):  # a whole forward (folded when T <= FOLD_MAX_ROWS), a question, a decode step
+            query = torch.randn(B, Hq, rows, D, generator=g).cuda()
+            q_index = torch.arange(T - rows, T, device="cuda")
+            state, reference = GistState(layout, q_index, config), GistState(layout, q_index, config)
+            for layer_idx in range(3):
+                monkeypatch.setattr(attention, "SELECT_KERNEL", select_kernel)
+                out, _ = gsa_attention(layer_module(layer_idx), query, key, value, None, 0.25, gsa_state=state)
+                monkeypatch.setattr(attention, "SELECT_KERNEL", False)
+                want = per_head_attention(reference.mask_for_layer(layer_idx, query, key), query, key, value, 0.25)
+                torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
 
 
 def test_hooks_get_the_full_mask_unless_they_do_not_read_it():
