@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from gsa_rag import selection
 from gsa_rag.config import GistConfig
 from gsa_rag.kernels.dispatch import sparse_decode_attention
 from gsa_rag.layout import GistLayout
@@ -244,7 +245,9 @@ def _select_rows(rows: TailRows, layout: GistLayout, query: torch.Tensor, key: t
     serve (CUDA, one sequence, a top-k policy, a row of chunks that fits the select kernel)."""
     select = rows.select
     C = layout.gist_index.shape[1]
-    if not (SELECT_KERNEL and query.shape[0] == 1 and select.config.k_policy != "top_p" and _rows_kernel_fits(query)):
+    # selection.ChunkSelector itself, not a name bound here: a selector swapped in (tests) keeps its own choice
+    if not (SELECT_KERNEL and query.shape[0] == 1 and type(select) is selection.ChunkSelector
+            and select.config.k_policy != "top_p" and _rows_kernel_fits(query)):
         return select(query, key)
     from gsa_rag.kernels.gist_select import TOPK_MAX_CHUNKS, select_rows_triton
 
