@@ -309,11 +309,18 @@ def _sdpa_rows_folded(query, key, value, mask: LayerMask, scaling, dropout) -> t
 
 
 def _rows_kernel_fits(query: torch.Tensor) -> bool:
-    """Whether `_kernel_rows` can serve these rows: the kernels are on for the device and take
-    its head dim."""
+    """Whether the Triton kernels can serve these rows: they are on for the device and take its
+    head dim."""
     from gsa_rag.kernels.dispatch import head_dim_fits, use_kernels
 
     return head_dim_fits(query.shape[-1]) and use_kernels(query.device)
+
+
+def _rows_kernel_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Whether `_kernel_rows` runs this attention: it is on, fits, and nothing needs its
+    gradient (the kernel has no backward; a training forward of few rows takes SDPA)."""
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return ROWS_KERNEL and not dropout and not needs_grad and _rows_kernel_fits(query)
 
 
 def _kernel_rows(query, key, value, mask: LayerMask, scaling) -> torch.Tensor:
@@ -401,7 +408,7 @@ def gsa_attention(
         # repeated K/V (Hq x T x D) are far cheaper. CPU's flash kernel takes GQA and a mask, so
         # there either would only cost memory.
         if query.shape[2] <= FOLD_MAX_ROWS:
-            if ROWS_KERNEL and not dropout and _rows_kernel_fits(query):
+            if _rows_kernel_serves(query, key, value, dropout):
                 return _kernel_rows(query, key, value, mask, scaling), None
             return _sdpa_rows_folded(query, key, value, mask, scaling, dropout), None
         key, value = key.repeat_interleave(Hq // Hkv, dim=1), value.repeat_interleave(Hq // Hkv, dim=1)

@@ -960,7 +960,8 @@ def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch
     """`gsa_rag.selection.ChunkSelector` (top-k per query head, union over each GQA group) for the
     R query rows of one sequence (a question's tail rows), in the decode path's two launches:
     each row is scored and picked as a decode step's query is, the rows standing in for the batch
-    over the one shared cache (its batch stride 0). The sets are the reference's: exact ties go to
+    over the one shared cache (its batch stride 0). The sets are the reference's up to the fp32
+    rounding of near-ties (the kernel sums its dot products in another order): exact ties go to
     the lower chunk index, never a missing chunk.
 
     Args:

@@ -140,11 +140,17 @@ def default_block_m(folded_rows: int) -> int:
 
 
 def default_splits(batch_kv_row_blocks: int, keys: int, block_n: int, device: torch.device) -> int:
-    """Splits of the keys: as many as keep every program in one wave of two per SM, each reading at
-    least one key block. A second, partial wave costs a whole split's time: on an H200 a 50-passage
-    question's 104 shared-row programs took 148 us in 2 splits (one wave), 182 in 3, 152 in 4
-    (`benchmarks/question_attention.py --sweep`, results/question_attention/)."""
-    want = (2 * num_sms(device)) // batch_kv_row_blocks
+    """Splits of the keys, each reading at least one key block. Up to one program per SM: as many
+    as keep every program in one wave of two per SM, since a second, partial wave costs a whole
+    split's time (on an H200 a 50-passage question's 104 shared-row programs took 148 us in 2
+    splits, 182 in 3, 152 in 4: the 6,500-key sweep's log in results/question_attention/README.md).
+    Past one program per SM, about two per SM in all (160 programs: 55 us in 2 splits, 73 in 1;
+    `rows_kernel_sweep_2610keys.json`)."""
+    slots = 2 * num_sms(device)
+    if batch_kv_row_blocks <= num_sms(device):
+        want = slots // batch_kv_row_blocks
+    else:
+        want = triton.cdiv(slots, batch_kv_row_blocks)
     return max(1, min(want, triton.cdiv(keys, block_n)))
 
 

@@ -198,6 +198,7 @@ def test_tail_rows_choose_the_same_chunks_through_the_select_kernels(monkeypatch
     if device == "cpu":
         dispatch._interpreter_compat()
     monkeypatch.setattr(attention, "_rows_kernel_fits", lambda query: True)
+    calls = _count_select_kernel_calls(monkeypatch)
     config = GistConfig(chunk_size=4, sink=2, top_k=2, k_policy=k_policy, adaptive_ratio=2)
     for seed in range(3):
         rng = random.Random(seed)
@@ -215,6 +216,37 @@ def test_tail_rows_choose_the_same_chunks_through_the_select_kernels(monkeypatch
                 masks[kernel] = [state.layer_mask(layer, query, key).full() for layer in range(3)]
             for got, want in zip(masks[True], masks[False], strict=True):
                 assert torch.equal(got, want), seed
+    assert len(calls) == 3 * 2 * 2  # seeds x row counts x selecting layers
+
+
+def _count_select_kernel_calls(monkeypatch) -> list:
+    """Spies on gist_select.select_rows_triton: the rows of each call (so a test can tell the
+    kernel path ran rather than a fallback to the reference)."""
+    from gsa_rag.kernels import gist_select
+
+    calls, real = [], gist_select.select_rows_triton
+
+    def spy(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(gist_select, "select_rows_triton", spy)
+    return calls
+
+
+def test_rows_kernel_serves_only_forwards_that_need_no_gradient(monkeypatch):
+    """The rows kernel has no backward: a training forward (grad on, q/k/v needing it) or one with
+    dropout takes SDPA; an inference forward takes the kernel."""
+    monkeypatch.setattr(attention, "_rows_kernel_fits", lambda query: True)
+    q, k, v = (torch.randn(1, 4, 3, 16) for _ in range(3))
+    assert attention._rows_kernel_serves(q, k, v, 0.0)
+    assert not attention._rows_kernel_serves(q, k, v, 0.1)
+    trained = torch.randn(1, 2, 3, 16, requires_grad=True)
+    assert not attention._rows_kernel_serves(q, trained, v, 0.0)
+    with torch.no_grad():
+        assert attention._rows_kernel_serves(q, trained, v, 0.0)
+    monkeypatch.setattr(attention, "ROWS_KERNEL", False)
+    assert not attention._rows_kernel_serves(q, k, v, 0.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: gsa_attention folds few rows on CUDA only "
@@ -224,6 +256,7 @@ def test_tail_rows_choose_the_same_chunks_through_the_select_kernels(monkeypatch
 @pytest.mark.parametrize("select_kernel", [True, False], ids=["select-kernel", "select-torch"])
 def test_gsa_attention_on_cuda_folds_few_rows_and_matches_the_per_head_mask(monkeypatch, rows_kernel, select_kernel):
     monkeypatch.setattr(attention, "ROWS_KERNEL", rows_kernel)
+    calls, expected = _count_select_kernel_calls(monkeypatch), 0
     config = GistConfig(chunk_size=4, sink=2, top_k=1)
     rng = random.Random(5)
     segments = [random_segments(rng, max_passages=6, max_len=30) for _ in range(2)]
@@ -243,6 +276,12 @@ def test_gsa_attention_on_cuda_folds_few_rows_and_matches_the_per_head_mask(monk
                 monkeypatch.setattr(attention, "SELECT_KERNEL", False)
                 want = per_head_attention(reference.mask_for_layer(layer_idx, query, key), query, key, value, 0.25)
                 torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+                # the kernels select for one sequence's tail rows in a selecting layer (a decode
+                # step's one row is the decode path's)
+                expected += (select_kernel and batch == 1 and rows > 1 and layer_idx >= config.first_selecting_layer
+                             and state.tail_rows() is not None)
+    several = [r for r in calls if r > 1]
+    assert len(several) == expected and (expected > 0) == select_kernel
 
 
 def test_hooks_get_the_full_mask_unless_they_do_not_read_it():
