@@ -141,7 +141,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
 
     plan_us = host_us(fresh_lineage)  # with the append of the step's token, as in the engine
     append_us = host_us(lambda: layout.append(torch.full((B, 1), 7, device=DEVICE)))
-    del grown
+    grown.clear()
     T = layout.seq_len
     plan = build_plan(layout)
 

@@ -312,18 +312,18 @@ def main() -> None:
         sync(device)
         encode_ms = (time.perf_counter() - start) * 1e3
 
-        def full_prefill():
+        def full_prefill(prompt=prompt):
             with torch.inference_mode():
                 return int(ref_model(prompt, logits_to_keep=1).logits[0, -1].argmax())
 
-        def from_memory():
+        def from_memory(memory=memory, ids=ids):
             layout, cache = memory.prepare(question, ids)
             token = first_token(gsa, layout, cache)
             return token, cache, layout
 
         fns = {"full": full_prefill, "memory": from_memory}
         if args.gsa_prefill_up_to is None or n <= args.gsa_prefill_up_to:
-            fns["gsa"] = lambda: first_token(gsa, gsa.layout([question], [passages]), None)
+            fns["gsa"] = lambda passages=passages: first_token(gsa, gsa.layout([question], [passages]), None)
         ms, results = timed(fns, device, args.repeats)
         t_full, t_mem, t_gsa = ms["full"], ms["memory"], ms.get("gsa")
         peak = None

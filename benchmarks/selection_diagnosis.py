@@ -59,7 +59,7 @@ def position_free_scoring(engine, current: dict) -> None:
     position 0), so the score no longer depends on the distance between question and chunk.
     Patches gsa_rag.selection._gist_scores (what every selection path scores through);
     `current["layout"]` names the layout being run."""
-    import gsa_rag.selection as selection
+    from gsa_rag import selection
     from gsa_rag.cache import KeyRotator
 
     rotator, plain = KeyRotator(engine.model), selection._gist_scores

@@ -149,8 +149,8 @@ class GistEngine:
         questions, passage_lists, single = _as_batch(question, passages)
         stop = validation.check_stop(stop)  # a str is one stop string, not one per character
         if memory is not None and not single:
-            kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                          system=system, observe=observe, memory=memory)
+            kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                      "stop": stop, "system": system, "observe": observe, "memory": memory}
             return [self.generate(q, p, **kwargs) for q, p in zip(questions, passage_lists)]
         params = SamplingParams(max_new_tokens, temperature, top_p, seed)
         layout, cache = self._prepare(questions, passage_lists, system, memory, max_new_tokens)

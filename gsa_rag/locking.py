@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from typing import Self
 
 
 class GenerationLock:
@@ -43,7 +44,7 @@ class GenerationLock:
                 self._owner = None
                 self._cond.notify()
 
-    def __enter__(self) -> GenerationLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -153,7 +153,8 @@ class GistBackend:
             max_new_tokens, temperature, top_p, seed: sampling (temperature 0: greedy).
             stop: strings that end the text (cut before them); one str is one stop string.
         """
-        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=check_stop(stop))
+        kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                  "stop": check_stop(stop)}
         engine = self.engine
         with engine_lock(engine):
             question, passages, extra, prompt_tokens = self._engine_call(prompt)
@@ -172,7 +173,8 @@ class GistBackend:
     ) -> Iterator[str]:
         """Yields the completion piece by piece; the pieces join to `complete(...).text`.
         The engine lock is held from the first piece until the stream ends or is closed."""
-        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=check_stop(stop))
+        kwargs = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+                  "stop": check_stop(stop)}
         engine = self.engine
         with engine_lock(engine):
             question, passages, extra, _ = self._engine_call(prompt)
@@ -191,7 +193,7 @@ class GistBackend:
             passages = [memory.passage(pid) for pid in plan.passage_ids]
             segments = build_reuse_segments(tokenizer, plan.question, [as_passage(p) for p in passages],
                                             memory.link_ids, memory.system)
-            extra = dict(memory=memory, system=memory.system)
+            extra = {"memory": memory, "system": memory.system}
             return plan.question, plan.passage_ids, extra, sum(len(s.ids) for s in segments)
         segments = build_message_segments(tokenizer, plan.messages)
         return SegmentPrompt(tuple(segments)), None, {}, sum(len(s.ids) for s in segments)

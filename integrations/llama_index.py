@@ -123,13 +123,13 @@ class GistLLM(CustomLLM):
 
     def _sampling(self, kwargs: dict) -> dict:
         """Per-call overrides (max_new_tokens or max_tokens, temperature, top_p, seed, stop)."""
-        return dict(
-            max_new_tokens=int(kwargs.get("max_new_tokens", kwargs.get("max_tokens")) or self.max_new_tokens),
-            temperature=float(kwargs.get("temperature", self.temperature)),
-            top_p=float(kwargs.get("top_p", self.top_p)),
-            seed=kwargs.get("seed", self.seed),
-            stop=check_stop(kwargs.get("stop")),  # one str is one stop string, not its characters
-        )
+        return {
+            "max_new_tokens": int(kwargs.get("max_new_tokens", kwargs.get("max_tokens")) or self.max_new_tokens),
+            "temperature": float(kwargs.get("temperature", self.temperature)),
+            "top_p": float(kwargs.get("top_p", self.top_p)),
+            "seed": kwargs.get("seed", self.seed),
+            "stop": check_stop(kwargs.get("stop")),  # one str is one stop string, not its characters
+        }
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:

@@ -60,7 +60,8 @@ def llama_index_templates():
 def test_each_standard_llama_index_template_is_recognised(name):
     template = llama_index_templates()[name]
     context = f"{P1}\n\n{P2}\n\nRome is in Italy.\nIt has seven hills."
-    values = dict(context_str=context, context_msg=context, query_str=QUESTION, existing_answer="Shakespeare, maybe")
+    values = {"context_str": context, "context_msg": context, "query_str": QUESTION,
+              "existing_answer": "Shakespeare, maybe"}
     if name.startswith("chat"):
         messages = [{"role": m.role.value, "content": m.content} for m in template.format_messages(**values)]
     else:

@@ -69,7 +69,7 @@ def test_selection_is_sparse_and_redone_every_decode_step(engine):
     total = int(step.layout.valid.sum())
     assert step.q_index.tolist() == [step.layout.seq_len - 1]
     for state in (prefill, step):
-        for layer, keys in state.attended.items():
+        for keys in state.attended.values():
             assert keys.max() < total  # unselected chunks stay forgotten
         assert state.attended[1].shape[-1] == engine.model.config.num_key_value_heads  # per-head choice
 

@@ -14,7 +14,8 @@ PASSAGES = [
     [{"title": "Vasa", "text": "The warship Vasa sank in 1628 and was raised in 1961."}, "Stockholm is a city."],
     ["The Vasa Museum opened in 1990 on Djurgarden.", "It shows a ship.", "A third passage."],
 ]
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
 CONFIGS = {
     "llama": lambda v: LlamaConfig(vocab_size=v, **TINY),
     "qwen2": lambda v: Qwen2Config(vocab_size=v, **TINY),

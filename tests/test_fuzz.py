@@ -30,7 +30,8 @@ from gsa_rag.memory import GistMemory
 from gsa_rag.prompt import build_segments
 from gsa_rag.selection import choose_chunks, union_over_groups
 
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], database=None)
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+           "database": None}
 settings.register_profile("ci", max_examples=200, stateful_step_count=8, **_COMMON)
 settings.register_profile("nightly", max_examples=10_000, stateful_step_count=20, **_COMMON)
 PROFILES = pytest.mark.parametrize("profile", ["ci", pytest.param("nightly", marks=pytest.mark.slow)])

@@ -14,7 +14,6 @@ from gsa_rag import attention
 from gsa_rag.attention import GistState
 from gsa_rag.cli import main
 from gsa_rag.config import GistConfig
-from gsa_rag.errors import ConfigError
 from gsa_rag.engine import GistEngine
 from gsa_rag.eval.methods.base import parse_spec
 from gsa_rag.generation import forward

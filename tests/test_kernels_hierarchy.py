@@ -192,7 +192,7 @@ def test_gist_keys_scored_per_step_do_not_grow_with_the_chunks(hierarchy, sectio
         below = scored.cpu() - top
         assert bool((below > 0).all()) and bool((below <= below_bound).all()), (context, scored, top)
         counts[context] = (int(layout.num_chunks[0]), top, int(below.max()))
-    (c1, top1, below1), (c8, top8, below8) = counts[300], counts[2400]
+    (c1, _, _), (c8, top8, below8) = counts[300], counts[2400]
     assert c8 >= 7 * c1  # the context (and the chunks) grew ~8x
     assert below8 <= below_bound and top8 + below8 < c8 / 2  # far fewer keys than one per chunk
     assert top8 == -(-c8 // math.prod(meta))  # the top level: one gist per `ratio` chunks (one passage)

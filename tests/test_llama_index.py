@@ -251,4 +251,4 @@ def test_lazy_export_names_the_extra_when_llama_index_is_missing(monkeypatch):
     with pytest.raises(ImportError, match=r'pip install "gsa-rag\[llama-index\]"'):
         _ = gsa_rag.GistLLM  # module __getattr__ imports on every access until it succeeds
     with pytest.raises(AttributeError):
-        gsa_rag.NoSuchThing
+        _ = gsa_rag.NoSuchThing

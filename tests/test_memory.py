@@ -35,7 +35,8 @@ PASSAGES = [
     {"title": "Vasa Museum", "text": "The Vasa Museum opened in 1990 on the island of Djurgarden in Stockholm."},
 ]
 QUESTION = "When was the Vasa raised?"
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def tiny_model(tokenizer, seed: int = 0, rope: dict | None = None, family=LlamaC
 
 
 def tiny_engine(tokenizer, seed: int = 0, rope: dict | None = None, **config) -> GistEngine:
-    cfg = dict(chunk_size=4, sink=3, top_k=1)
+    cfg = {"chunk_size": 4, "sink": 3, "top_k": 1}
     cfg.update(config)
     return GistEngine(tiny_model(tokenizer, seed, rope), tokenizer, GistConfig(**cfg))
 

@@ -174,7 +174,7 @@ def test_foreign_or_corrupt_memories_are_refused(tokenizer, tmp_path):
         return target
 
     def flip_byte(d):
-        f = sorted(d.glob("kv-*.safetensors"))[0]
+        f = min(d.glob("kv-*.safetensors"))
         data = bytearray(f.read_bytes())
         data[len(data) // 2] ^= 0xFF
         f.write_bytes(bytes(data))
@@ -182,7 +182,7 @@ def test_foreign_or_corrupt_memories_are_refused(tokenizer, tmp_path):
     with pytest.raises(MemoryFormatError, match="corrupt"):
         GistMemory.load(corrupted("flipped", flip_byte), engine)
     with pytest.raises(MemoryFormatError, match="missing"):
-        GistMemory.load(corrupted("missing", lambda d: sorted(d.glob("kv-*.safetensors"))[0].unlink()), engine)
+        GistMemory.load(corrupted("missing", lambda d: min(d.glob("kv-*.safetensors")).unlink()), engine)
     with pytest.raises(MemoryFormatError, match="corrupt"):
         GistMemory.load(corrupted("truncated", lambda d: (d / "manifest.json").write_text('{"format": "gsa-rag-')), engine)
 

@@ -242,7 +242,7 @@ def test_a_segment_prompt_over_the_window_is_refused_not_looped_on(engine):
     for overflow in ("drop_passages", "error"):
         outcome = []
 
-        def run(overflow=overflow):
+        def run(overflow=overflow, outcome=outcome):
             try:
                 small_window(engine, 128, overflow=overflow).generate(prompt, max_new_tokens=2)
                 outcome.append(None)
@@ -253,8 +253,8 @@ def test_a_segment_prompt_over_the_window_is_refused_not_looped_on(engine):
         thread.start()
         thread.join(JOIN_SECONDS)
         assert not thread.is_alive(), f"overflow={overflow!r}: generate never returned"
-        (error,) = outcome
-        assert isinstance(error, ContextTooLongError) and "cannot drop its passages" in str(error), error
+        (raised,) = outcome
+        assert isinstance(raised, ContextTooLongError) and "cannot drop its passages" in str(raised), raised
 
 
 def test_a_stop_str_is_one_stop_string_not_its_characters(engine):

@@ -52,7 +52,7 @@ def test_one_selector_serves_every_layer_as_the_reference_would(policy):
     """The attention keeps one ChunkSelector per forward (its k and gist columns worked out at the
     first layer): each later layer's queries and keys, and a change of heads (group size 2 -> 1,
     which changes adaptive k), give choose_chunks over gist_scores, united per KV head."""
-    query, key, gist_index, gist_valid = random_problem(3, C=24)
+    _, _, gist_index, gist_valid = random_problem(3, C=24)
     gist_valid[0] = True  # 24 chunks: adaptive k (below its cap of 6) is 3 at group size 2, 5 at 1
     context_len = torch.tensor([8, 13])
     config = GistConfig(k_policy=policy, top_k=2, top_p=0.5, adaptive_ratio=1, chunk_size=2)
@@ -105,7 +105,7 @@ def test_position_free_experiment_patches_what_selection_scores_through(monkeypa
     from pathlib import Path
     from types import SimpleNamespace
 
-    import gsa_rag.selection as selection
+    from gsa_rag import selection
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_diagnosis.py"
     spec = importlib.util.spec_from_file_location("selection_diagnosis", path)

@@ -176,7 +176,7 @@ def test_checkpoint_round_trip_and_resume(tiny_dir, tmp_path, monkeypatch):
     data = [_text_file(tmp_path)]
     args = TrainArgs(stage="cpt", output=str(tmp_path / "run"), base=str(tiny_dir), data=data, steps=4, batch_size=1,
                      block_tokens=64, tail_tokens=8, save_every=2, log_every=1, gist={"chunk_size": 4})
-    import gsa_rag.train.loop as loop
+    from gsa_rag.train import loop
 
     real_collate, calls = loop.collate, {"n": 0}
 

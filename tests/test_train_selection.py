@@ -432,7 +432,7 @@ def test_hierarchical_selection_loss_is_the_mean_over_levels_of_the_hand_compute
         per_example = []
         for b in range(layout.batch_size):
             chunks = range(int(layout.num_chunks[b]) - HIER.num_previous_chunks)  # eligible chunks
-            unit = (lambda c: c) if level == 0 else (lambda c: int(layout.section_id[b, layout.gist_index[b, c], 0]))
+            unit = (lambda c: c) if level == 0 else (lambda c, b=b: int(layout.section_id[b, layout.gist_index[b, c], 0]))
             eligible = sorted({unit(c) for c in chunks})
             gold = {unit(c) for c in chunks if batch.gold_chunks[b, c]}
             if not gold:

@@ -94,5 +94,5 @@ def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0, alpha: f
     k = len(values)
     means = sorted(sum(rng.choices(values, k=k)) / k for _ in range(n))
     lo = means[int((alpha / 2) * (n - 1))]
-    hi = means[int(round((1 - alpha / 2) * (n - 1)))]
+    hi = means[round((1 - alpha / 2) * (n - 1))]
     return lo, hi

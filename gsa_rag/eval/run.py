@@ -39,7 +39,7 @@ def evaluate(engine, data: str, *, split: str = "dev", limit: int | None = None,
             [ex.question for ex in batch],
             [ex.passages for ex in batch],
             max_new_tokens=max_new_tokens,
-            observe=lambda state: budgets.append(_attended_keys(state)),
+            observe=lambda state, budgets=budgets: budgets.append(_attended_keys(state)),
         )
         for row, (ex, pred) in enumerate(zip(batch, predictions)):
             rows.append({
