@@ -95,6 +95,12 @@ class HostKVStore:
         """Host bytes of the blocks `stored` lives in (each block once)."""
         return _bytes({id(kv.block): kv.block for kv in stored}.values())
 
+    def close_if_unused(self, stored: list[HostKV]) -> None:
+        """Stops filling the open block when no entry of `stored` lives in it, so that it is freed
+        with the last view of it (otherwise the store itself would keep it, empty, for good)."""
+        if self._open is not None and not any(kv.block is self._open for kv in stored):
+            self._open, self._used = None, 0
+
     def repack(self, stored: list[HostKV]) -> list[HostKV]:
         """Copies `stored` into fresh blocks, in order, and returns their new homes; the old
         blocks are freed once the callers drop the old `HostKV`s (and views of them)."""

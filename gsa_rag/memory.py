@@ -267,6 +267,9 @@ class SearchHit:
     chunk_texts: list[str] = field(default_factory=list)
 
 
+OWN_SYSTEM = object()  # GistMemory.search's default system line: the memory's own
+
+
 class GistMemory:
     """Passages encoded once with gists; their KV reused by every question that cites them.
 
@@ -296,6 +299,9 @@ class GistMemory:
     ):
         from gsa_rag.models import model_fingerprint
 
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral)
+                                      or max_bytes < 0):
+            raise InputError(f"max_bytes must be None (no budget) or an int >= 0 of bytes, got {max_bytes!r}")
         self.engine = engine
         self.offload = bool(offload)
         self.max_bytes = max_bytes
@@ -380,6 +386,7 @@ class GistMemory:
             bad = [i for i in ids if not isinstance(i, str) or not i.strip()]
             if bad:
                 raise InputTypeError(f"passage ids must be non-empty str, got {bad[0]!r}")
+        self._vectors.check_ready()  # before any change: a refused add stores nothing
         sink = self._sink(self.system)[0]
         passages_before, entries_before = dict(self._passages), set(self._entries)
         try:
@@ -411,7 +418,8 @@ class GistMemory:
 
     def _record(self, item: Passage, passage_id: str | None) -> str:
         sha = _sha256(item.render(None))
-        passage_id = passage_id or sha[:16]
+        if passage_id is None:  # a text stored already (perhaps under an id of the user's) keeps its id
+            passage_id = next((pid for pid, r in self._passages.items() if r.sha == sha), sha[:16])
         old = self._passages.get(passage_id)
         if old is not None and old.sha != sha:
             raise InputError(f"passage id {passage_id!r} already names a different passage: pick another id, or remove it first")
@@ -521,6 +529,7 @@ class GistMemory:
         if self._host_kv is None:
             return
         homes = [e for e in self._entries.values() if e.raw_home is not None]
+        self._host_kv.close_if_unused([e.raw_home for e in homes])
         used = self._host_kv.block_bytes_of([e.raw_home for e in homes])
         if used > 2 * sum(e.raw_bytes for e in homes) + self._host_kv.block_bytes:
             for entry, home in zip(homes, self._host_kv.repack([e.raw_home for e in homes]), strict=True):
@@ -591,8 +600,11 @@ class GistMemory:
             (re-rotated to its place; raw columns left on the host when offloading) and leaves
             the link and question columns open for the first forward.
         """
+        from gsa_rag.validation import check_passage_list
+
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        passages = check_passage_list(passages)  # one str is one passage or id, not its characters
         sink, prefix, _ = self._sink(system)
         _, tail = prompt_ends(self.engine.tokenizer, question, system)
         entries = self._resolve(passages, sink)
@@ -604,7 +616,7 @@ class GistMemory:
         keys, values, pending, offloaded = self._assemble(host, places, room=max_new_tokens)
         cache = GistCache(list(keys.unbind(0)), list(values.unbind(0)), pending, offloaded, self.rotator,
                           length=host.seq_len)
-        self._evict(protect={e.key for e in places})
+        self._evict(protect=set(self._with_own(e.key for e in places)))
         return host.to(self.device), cache
 
     def _assemble(self, layout, entries: list[_Entry], room: int = 0):
@@ -672,7 +684,7 @@ class GistMemory:
         *,
         prefilter: int | None = None,
         aggregate: str = "max",
-        system: str | None = DEFAULT_SYSTEM,
+        system: str | None | object = OWN_SYSTEM,
     ) -> list[SearchHit]:
         """Ranks stored passages by the model's gist attention for `question`.
 
@@ -682,10 +694,15 @@ class GistMemory:
             prefilter: first keep this many candidates by vector similarity (needs
                 `use_vector_index`); None scores every stored passage.
             aggregate: "max" or "mass" (see the module docstring).
-            system: the system line the question is asked with.
+            system: the system line the question is asked with; by default the memory's own
+                (`GistMemory(system=...)`), the line `add` encodes passages under.
 
         Returns:
             Up to k SearchHits, best first.
+
+        Raises:
+            InputError: a passage to score is not encoded under `system` (prepare a question
+                over it with that system line first).
         """
         from gsa_rag.validation import check_question
 
@@ -694,11 +711,20 @@ class GistMemory:
             raise InputError(f"k must be an int >= 1 (how many passages to return; more than stored returns all), got {k!r}")
         if aggregate not in ("mass", "max"):
             raise InputError(f"aggregate must be 'mass' or 'max', got {aggregate!r}")
+        if prefilter is not None and (isinstance(prefilter, bool) or not isinstance(prefilter, numbers.Integral)
+                                      or prefilter < 1):
+            raise InputError(f"prefilter must be None (score every passage) or an int >= 1, got {prefilter!r}")
+        system = self.system if system is OWN_SYSTEM else system
         sink = self._sink(system)[0]
         candidates = self.ids
         if prefilter is not None:
             candidates = self._vectors.search(self, question, prefilter)
-        candidates = [pid for pid in candidates if self._passage_key(sink, self._passages[pid].sha) in self._entries]
+        missing = [pid for pid in candidates if self._passage_key(sink, self._passages[pid].sha) not in self._entries]
+        if missing:
+            raise InputError(
+                f"{len(missing)} of the passages to score (e.g. {missing[0]!r}) are not encoded under this system line: "
+                "add() encodes under the memory's own (GistMemory(system=...)); search with system=memory.system, "
+                "or prepare a question over them with this system first")
         if not candidates or k < 1:
             return []
         entries = [self._entries[self._passage_key(sink, self._passages[pid].sha)] for pid in candidates]
@@ -907,7 +933,17 @@ class GistMemory:
             host_reserved_bytes=self._host_kv.reserved_bytes if self._host_kv is not None else 0,
         )
 
+    def _with_own(self, keys) -> list[str]:
+        """`keys` and, for passage entries under another system line, the passage's entry under
+        the memory's own line: that one holds the passage's ids (evicting it forgets them, see
+        _evict), so it is as needed as they are."""
+        own_sink = self._sink(self.system)[0]
+        keys = list(keys)
+        return keys + [self._passage_key(own_sink, key.rsplit("-", 1)[1]) for key in keys
+                       if key in self._entries and self._entries[key].kind == "passage"]
+
     def _touch(self, keys) -> None:
+        keys = self._with_own(keys)
         for key in keys:
             if key in self._entries:
                 self._entries.move_to_end(key)
@@ -921,17 +957,21 @@ class GistMemory:
         for key in list(self._entries):
             if total <= self.max_bytes:
                 break
-            if key in protect or key in self._pinned:
+            if key in protect or key in self._pinned or key not in self._entries:  # (gone with its passage)
                 continue
             entry = self._entries.pop(key)
             evicted = True
             total -= entry.res_bytes + entry.raw_bytes
             if entry.kind == "passage":
                 sha = key.rsplit("-", 1)[1]
-                own = self._passage_key(self._sink(self.system)[0], sha) == key
-                for pid in [p for p, r in self._passages.items() if r.sha == sha] if own else []:
-                    self._passages.pop(pid)
-                    self._vectors.remove(pid)
+                if self._passage_key(self._sink(self.system)[0], sha) == key:  # the passage goes, ids and all
+                    for pid in [p for p, r in self._passages.items() if r.sha == sha]:
+                        self._passages.pop(pid)
+                        self._vectors.remove(pid)
+                    for other in [k for k, e in self._entries.items() if e.kind == "passage" and k.endswith(sha)
+                                  and k not in protect and k not in self._pinned]:
+                        total -= self._entries[other].res_bytes + self._entries[other].raw_bytes
+                        self._entries.pop(other)
         if evicted:
             self._tidy_host_kv()
         if total > self.max_bytes:

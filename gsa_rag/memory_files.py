@@ -68,6 +68,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Writes `data` to a temporary sibling, flushes it to disk, then renames it over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes it owner-only; a plain write would not
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -84,6 +86,12 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_if_changed(path: Path, data: bytes, digest: str) -> None:

@@ -41,10 +41,15 @@ class VectorIndex:
         self.vectors = {}
         self.add(memory, memory.ids)
 
+    def check_ready(self) -> None:
+        """Raises unless new passages can be embedded (loaded vectors of a custom embedder cannot
+        until it is given again)."""
+        if self.enabled and self.embedder is None and self.name is None:
+            raise ValueError("these vectors came from a custom embedder: call memory.use_vector_index(embedder) again")
+
     def _embed(self, texts: list[str]) -> torch.Tensor:
         if self.embedder is None:  # loaded vectors: bring their embedder back
-            if self.name is None:
-                raise ValueError("these vectors came from a custom embedder: call memory.use_vector_index(embedder) again")
+            self.check_ready()
             self.embedder, _ = make_embedder(None if self.name == "default" else self.name)
         vectors = torch.as_tensor(self.embedder(texts), dtype=torch.float32)
         return torch.nn.functional.normalize(vectors, dim=-1)

@@ -1,0 +1,121 @@
+"""Gist memory at its edges: other system lines under a byte budget, texts stored under ids of the
+user's, bad arguments, a custom embedder after load, emptied host blocks, saved files' modes."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from test_memory import PASSAGES, QUESTION, tiny_engine, tokenizer  # noqa: F401 (tokenizer is a fixture)
+
+from gsa_rag.errors import InputError
+from gsa_rag.memory import GistMemory
+
+OTHER_SYSTEM = "You are a terse assistant."
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):  # noqa: F811
+    return tiny_engine(tokenizer, sink=4)
+
+
+def _stored_bytes(memory) -> int:
+    return sum(e.res_bytes + e.raw_bytes for e in memory._entries.values())
+
+
+def test_a_question_under_another_system_keeps_the_passage_ids_under_a_budget(engine):
+    """Asking over stored passages with another system line encodes them again under it; under a
+    byte budget the passages' own entries (which hold their ids) stay, and the ids keep working."""
+    full = GistMemory(engine, progress=False)
+    full.add(PASSAGES)
+    memory = GistMemory(engine, progress=False, max_bytes=int(_stored_bytes(full) * 1.3))
+    ids = memory.add(PASSAGES)
+    memory.prepare(QUESTION, ids, system=OTHER_SYSTEM)
+    assert memory.ids == ids
+    memory.prepare(QUESTION, ids)  # the own entries are still there
+    # when a passage goes, its entries under every system line go with it
+    memory.max_bytes = 0
+    memory.add(["A passage that pushes the others out of a zero budget."])
+    shas = {memory._passages[p].sha for p in memory.ids}
+    assert all(key.rsplit("-", 1)[1] in shas for key, e in memory._entries.items() if e.kind == "passage")
+
+
+def test_search_under_a_system_line_its_passages_were_not_encoded_for_says_so(engine):
+    memory = GistMemory(engine, progress=False)
+    memory.add(PASSAGES)
+    assert memory.search(QUESTION, k=2)
+    with pytest.raises(InputError, match="not encoded under this system line"):
+        memory.search(QUESTION, k=2, system=OTHER_SYSTEM)
+    memory.prepare(QUESTION, memory.ids, system=OTHER_SYSTEM)  # now they are
+    assert len(memory.search(QUESTION, k=2, system=OTHER_SYSTEM)) == 2
+
+
+def test_a_text_stored_under_a_custom_id_keeps_that_id(engine):
+    memory = GistMemory(engine, progress=False)
+    memory.add([PASSAGES[0]], ids=["first"])
+    memory.prepare(QUESTION, [PASSAGES[0], PASSAGES[1]])
+    assert memory.ids[0] == "first" and len(memory.ids) == 2
+    assert memory.add([PASSAGES[0]]) == ["first"]
+    hits = memory.search(QUESTION, k=5)
+    assert sorted(h.id for h in hits) == sorted(memory.ids)  # each passage once
+    memory.remove("first")
+    assert PASSAGES[0] not in [memory.passage(p).text for p in memory.ids]
+
+
+def test_bad_arguments_are_refused_before_anything_changes(engine):
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    with pytest.raises(InputError, match="list of passages"):
+        memory.prepare(QUESTION, ids[0])  # one id, not a list: never its characters
+    with pytest.raises(InputError, match="prefilter"):
+        memory.search(QUESTION, prefilter=0)
+    with pytest.raises(InputError, match="prefilter"):
+        memory.search(QUESTION, prefilter=2.5)
+    for bad in ("100MB", -5, True, 1.5):
+        with pytest.raises(InputError, match="max_bytes"):
+            GistMemory(engine, progress=False, max_bytes=bad)
+
+
+def test_add_after_loading_vectors_of_a_custom_embedder_stores_nothing(engine, tmp_path):
+    pytest.importorskip("faiss", reason="faiss-cpu not installed: the vector prefilter needs it")
+    memory = GistMemory(engine, progress=False)
+    memory.add(PASSAGES)
+    memory.use_vector_index(lambda texts: torch.randn(len(texts), 8).numpy())
+    memory.save(tmp_path / "m")
+    loaded = GistMemory.load(tmp_path / "m", engine)
+    with pytest.raises(ValueError, match="custom embedder"):
+        loaded.add(["A new passage about rivers."])
+    assert len(loaded) == len(PASSAGES)
+    loaded.use_vector_index(lambda texts: torch.randn(len(texts), 8).numpy())
+    assert len(loaded.add(["A new passage about rivers."])) == 1
+
+
+def test_an_emptied_offloaded_memory_frees_its_host_block(engine):
+    memory = GistMemory(engine, offload=True, progress=False)
+    ids = memory.add(PASSAGES)
+    assert memory.stats().host_reserved_bytes > 0
+    for pid in ids:
+        memory.remove(pid)
+    assert memory.stats().host_reserved_bytes == 0
+    memory.add(PASSAGES[:1])  # and it fills a new one
+    assert memory.stats().host_reserved_bytes > 0
+
+
+def test_saved_files_get_the_modes_of_a_plain_write(engine, tmp_path):
+    memory = GistMemory(engine, progress=False)
+    memory.add(PASSAGES[:2])
+    saved = memory.save(tmp_path / "m")
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in saved.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path.name
+
+
+def test_search_asks_under_the_memory_own_system_line_by_default(engine):
+    """A memory made with its own system line: search (as the framework retrievers call it, with
+    no system) scores its passages under that line."""
+    memory = GistMemory(engine, progress=False, system=OTHER_SYSTEM)
+    ids = memory.add(PASSAGES)
+    assert sorted(h.id for h in memory.search(QUESTION, k=len(ids))) == sorted(ids)
