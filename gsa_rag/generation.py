@@ -7,6 +7,7 @@ every forward must carry. Selection is redone at every step, in every selecting 
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from gsa_rag.attention import GistState
 from gsa_rag.cache import GistCache
 from gsa_rag.config import GistConfig
 from gsa_rag.decode_cache import DecodeCache
-from gsa_rag.errors import InputError
+from gsa_rag.errors import InputError, InputTypeError
 from gsa_rag.layout import GistLayout
 
 # (layout, num_new, config) -> the state the attention function reads (GistState or a plug-in's)
@@ -41,6 +42,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral):
+            raise InputTypeError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -56,7 +56,14 @@ try:
     from langchain_core.documents import Document
     from langchain_core.language_models import BaseChatModel, LangSmithParams
     from langchain_core.language_models.llms import LLM
-    from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage
+    from langchain_core.messages import (
+        AIMessage,
+        AIMessageChunk,
+        BaseMessage,
+        ChatMessage,
+        HumanMessage,
+        SystemMessage,
+    )
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
     from langchain_core.retrievers import BaseRetriever
     from langchain_core.runnables import RunnableLambda
@@ -67,10 +74,13 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from gsa_rag.errors import InputError
 from gsa_rag.integrations.backend import iterate_in_thread
+from gsa_rag.validation import check_stop
 
 __all__ = ["GistChatModel", "GistLLM", "GistMemoryRetriever", "format_documents", "remember_documents", "to_chat_messages"]
 
-_ROLES = {"system": "system", "human": "user", "ai": "assistant"}
+# by class, not `message.type`: the chunks a stream yields (AIMessageChunk, ...) subclass these, and
+# a reply collected from a stream goes back into the history as one
+_ROLES = ((SystemMessage, "system"), (HumanMessage, "user"), (AIMessage, "assistant"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +104,7 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
         if isinstance(message, ChatMessage):
             role = {"human": "user", "ai": "assistant"}.get(message.role, message.role)
         else:
-            role = _ROLES.get(message.type)
+            role = next((r for cls, r in _ROLES if isinstance(message, cls)), None)
         if role not in ("system", "user", "assistant"):
             raise InputError(f"GistChatModel takes system, user and assistant messages, not {message.type!r} (no tool calling)")
         if getattr(message, "tool_calls", None):
@@ -212,9 +222,9 @@ class _GistSettings(BaseModel):
 
     def _sampling(self, stop: list[str] | None, kwargs: dict) -> dict:
         """Backend keywords for one call: the fields, overridden by the call's keywords."""
-        stops = [*(self.stop or []), *(stop or [])]
+        stops = [*check_stop(self.stop), *check_stop(stop)]  # one str is one stop string, not its characters
         return {
-            "max_new_tokens": int(kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens))),
+            "max_new_tokens": kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
             "temperature": float(kwargs.get("temperature", self.temperature)),
             "top_p": float(kwargs.get("top_p", self.top_p)),
             "seed": kwargs.get("seed", self.seed),

@@ -124,7 +124,7 @@ class GistLLM(CustomLLM):
     def _sampling(self, kwargs: dict) -> dict:
         """Per-call overrides (max_new_tokens or max_tokens, temperature, top_p, seed, stop)."""
         return {
-            "max_new_tokens": int(kwargs.get("max_new_tokens", kwargs.get("max_tokens")) or self.max_new_tokens),
+            "max_new_tokens": _first_given(kwargs.get("max_new_tokens"), kwargs.get("max_tokens"), self.max_new_tokens),
             "temperature": float(kwargs.get("temperature", self.temperature)),
             "top_p": float(kwargs.get("top_p", self.top_p)),
             "seed": kwargs.get("seed", self.seed),
@@ -248,3 +248,9 @@ class GistMemoryRetriever(BaseRetriever):
 def _has_vector_index(memory) -> bool:
     vectors = getattr(memory, "_vectors", None)  # GistMemory has no public flag for it
     return bool(vectors is not None and vectors.enabled)
+
+
+def _first_given(*values):
+    """The first value that is not None (0 is given: the engine refuses it, rather than a default
+    silently standing in)."""
+    return next(v for v in values if v is not None)

@@ -11,7 +11,15 @@ import threading
 
 import pytest
 from langchain_core.documents import Document
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    HumanMessage,
+    HumanMessageChunk,
+    SystemMessage,
+    SystemMessageChunk,
+    ToolMessage,
+)
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
@@ -60,6 +68,10 @@ def test_messages_map_to_backend_roles_and_text():
         {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello."},
     ]
+    # a streamed reply, collected, goes back into the history as it came (chunks subclass the messages)
+    chunks = [SystemMessageChunk("Be brief."), HumanMessageChunk("Hi"), AIMessageChunk("Hel") + AIMessageChunk("lo.")]
+    assert [m["role"] for m in to_chat_messages(chunks)] == ["system", "user", "assistant"]
+    assert to_chat_messages(chunks)[2]["content"] == "Hello."
     with pytest.raises(ValueError, match="tool"):
         to_chat_messages([ToolMessage("3", tool_call_id="1")])
     with pytest.raises(ValueError, match="text only"):
@@ -163,6 +175,10 @@ def test_chat_model_usage_stream_and_stop(memory):
     cut = chat.invoke(messages, stop=[stop]).content
     assert cut == message.content[: message.content.find(stop)]
     assert GistChatModel(device="cpu", max_tokens=24, stop=[stop]).invoke(messages).content == cut
+    # one str is one stop string, not its characters: a string whose first character occurs earlier
+    text = message.content
+    i = next(i for i in range(1, len(text) - 1) if text[i] in text[:i] and text.find(text[i : i + 2]) == i)
+    assert chat.invoke(messages, stop=text[i : i + 2]).content == text[:i]
 
 
 def test_chat_model_async_matches_sync():

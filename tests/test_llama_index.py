@@ -149,6 +149,11 @@ def test_a_stop_str_is_one_stop_string(llm):
         assert llm.complete(prompt, stop=word).text == llm.complete(prompt, stop=[word]).text == text[: text.index(word)]
 
 
+def test_max_tokens_zero_is_refused_not_replaced_by_the_default(llm):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        llm.complete("Who wrote Hamlet?", max_tokens=0)
+
+
 def test_metadata_and_settings(llm):
     meta = llm.metadata
     assert meta.is_chat_model and meta.num_output == 8
