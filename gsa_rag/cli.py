@@ -4,11 +4,97 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 
 from gsa_rag.config import GistConfig
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error, status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give one >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= 1")
+    return value
+
+
+def _model_arg(text: str) -> str:
+    """argparse type for --model: an existing directory / .gguf file, or a Hugging Face model id.
+
+    A value that exists as a path is kept; one that is no path and cannot be a hub id either
+    (./dir, /abs/dir, ~/dir, dir/, x.gguf) is refused here, before any weights are loaded.
+    """
+    path = Path(text).expanduser()
+    if path.exists():
+        if text.endswith(".gguf") and not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text} is not a file: give the path of a .gguf file")
+        return text
+    looks_like_path = (text.startswith((".", "/", "~")) or text.endswith(("/", os.sep, ".gguf")) or "\\" in text
+                       or text.count("/") > 1)
+    if not looks_like_path:
+        try:
+            from huggingface_hub.utils import validate_repo_id
+
+            validate_repo_id(text)
+        except ImportError:  # let transformers judge it
+            pass
+        except ValueError:  # HFValidationError
+            looks_like_path = True
+    if looks_like_path:
+        raise argparse.ArgumentTypeError(
+            f"{text}: no such file or directory: give an existing model directory, a .gguf file, "
+            "or a Hugging Face id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct); leave --model out for the default model")
+    return text
+
+
+def _device_arg(text: str) -> str:
+    """argparse type for --device: a torch device that this machine has (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine: "
+                                             "use --device cpu (or leave --device out)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s): "
+                                             f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine: use --device cpu")
+    return text
+
+
+def _check_out_path(out: str) -> None:
+    """Refuses an --out that cannot be written, before the evaluation runs (never overwrites)."""
+    path = Path(out).expanduser()
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"--out {out} already exists and results are never overwritten: "
+                              "pick another path or delete that file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {parent} does not exist: create it first or pick another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: folder {parent} is not writable: pick another path")
+
+
+def _check_data(args) -> None:
+    """Reads a local data set before the model loads: a missing file, a bad line or no examples
+    at all fail now, not after minutes of loading (public hf: sets are checked by `evaluate`)."""
+    from gsa_rag.eval.data import HF_PREFIX, load_examples
+
+    if str(args.data).startswith(HF_PREFIX):
+        return
+    if not load_examples(args.data, split=args.split, limit=args.limit):
+        raise ValueError(f"{args.data} ({args.split}) holds no examples: give a JSONL file with at least one")
 
 
 def _add_hierarchy_args(p: argparse.ArgumentParser) -> None:
@@ -52,23 +138,23 @@ def _gist_overrides(args) -> dict:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF id, local dir or .gguf path (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", type=_model_arg, default=None,
+                   help="HF id, local dir or .gguf path (default: SmolLM2-135M-Instruct)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="raw tokens per gist; 0 = no gists (full attention); default: the adapter's, else 8")
     _add_hierarchy_args(p)
     p.add_argument("--top-k", type=int, default=None, help="chunks each query head unfolds (default 4)")
     p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default=None)
     p.add_argument("--sink", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", type=_device_arg, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--adapter", default="default",
                    help="gist adapter dir; 'default': the bundled one (default model only); 'none': no adapter")
 
 
 def _engine(args):
-    from gsa_rag.engine import GistEngine
-
     from gsa_rag.adapters import adapter_config, bundled_default_adapter
+    from gsa_rag.engine import GistEngine
 
     adapter = {"none": None, "default": bundled_default_adapter() if args.model is None else None}.get(args.adapter, args.adapter)
     trained = adapter_config(adapter).to_dict() if adapter is not None else {}
@@ -104,6 +190,9 @@ def _ask(args) -> None:
 def _eval(args) -> None:
     from gsa_rag.eval.run import evaluate
 
+    if args.out:
+        _check_out_path(args.out)  # before the run: a finished report must not be lost to a bad path
+    _check_data(args)
     engine = _engine(args)
     report = evaluate(engine, args.data, split=args.split, limit=args.limit, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens)
@@ -131,7 +220,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("stage", choices=["cpt", "sft"])
     p.add_argument("--data", nargs="+", required=True, help="cpt: text or JSONL(text) files; sft: canonical RAG JSONL")
     p.add_argument("--output", required=True, help="adapter directory to write (never overwritten)")
-    p.add_argument("--model", default=None, help="base model id/dir/.gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--model", type=_model_arg, default=None,
+                   help="base model id/dir/.gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--init-adapter", default=None,
                    help="continue from an earlier stage's adapter ('default': the one bundled for the default model)")
     p.add_argument("--chunk-size", type=int, default=None, help="raw tokens per gist (0: train without gists)")
@@ -181,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("eval", help="best-subspan EM on a canonical JSONL set (nq, hotpotqa, ... or a path)")
     p.add_argument("data", help="set name under $GSA_RAG_DATA (nq, hotpotqa, triviaqa, musique) or a JSONL path")
     p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate only the first N examples (N >= 1)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="questions per batch (>= 1)")
     p.add_argument("--out", default=None, help="write the full report as JSON (refuses to overwrite)")
     _add_model_args(p)
     p.set_defaults(run=_eval)
@@ -192,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"gsa-rag: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFound / FileExists / Permission, hub errors
+        message = " ".join(str(e).split()) if isinstance(e, OSError) else e  # the hub's are several lines
+        print(f"gsa-rag: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -1,0 +1,140 @@
+"""`gsa-rag` refuses bad arguments up front, in one line, without a traceback or a lost run.
+
+Every case here fails before a model loads (`_engine` and `evaluate` are replaced by stubs that
+fail the test if reached), so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import gsa_rag.eval.run as eval_run
+from gsa_rag import cli
+from gsa_rag.cli import main
+
+EXAMPLE = {"id": "1", "question": "Who wrote it?", "answers": ["Ada"], "passages": [{"text": "Ada wrote it."}]}
+
+
+@pytest.fixture()
+def data(tmp_path):
+    path = tmp_path / "set.jsonl"
+    path.write_text(json.dumps(EXAMPLE) + "\n")
+    return path
+
+
+@pytest.fixture()
+def no_run(monkeypatch):
+    """Loading the model or evaluating fails the test: the command must stop before either."""
+
+    def never(*args, **kwargs):
+        pytest.fail("the command went on to load the model / run the evaluation")
+
+    monkeypatch.setattr(cli, "_engine", never)
+    monkeypatch.setattr(eval_run, "evaluate", never)
+
+
+def _fails(argv, capsys, status=2) -> str:
+    """Runs the CLI, expects exit `status`, returns stderr (one line, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "error:" in last
+    return last
+
+
+# 1. --out is checked before the evaluation
+
+
+def test_cli_eval_out_existing_file_refused_before_the_run(data, tmp_path, no_run, capsys):
+    out = tmp_path / "report.json"
+    out.write_text('{"kept": true}')
+    err = _fails(["eval", str(data), "--out", str(out)], capsys)
+    assert str(out) in err and "already exists" in err and "delete" in err and "another path" in err
+    assert out.read_text() == '{"kept": true}'  # never overwritten
+
+
+def test_cli_eval_out_missing_folder_refused_before_the_run(data, tmp_path, no_run, capsys):
+    out = tmp_path / "no_such_dir" / "report.json"
+    err = _fails(["eval", str(data), "--out", str(out)], capsys)
+    assert "no_such_dir" in err and "does not exist" in err
+    assert not out.parent.exists()
+
+
+def test_cli_eval_out_written_when_the_path_is_free(data, tmp_path, monkeypatch, capsys):
+    class Engine:
+        pass
+
+    def fake_engine(args):
+        args.adapter_used = None
+        return Engine()
+
+    monkeypatch.setattr(cli, "_engine", fake_engine)
+    monkeypatch.setattr(eval_run, "evaluate", lambda engine, data, **kw: {"summary": {"n": 1, **kw}, "examples": []})
+    out = tmp_path / "report.json"
+    main(["eval", str(data), "--out", str(out), "--limit", "1", "--batch-size", "2"])
+    report = json.loads(out.read_text())
+    assert report["summary"]["n"] == 1 and report["summary"]["limit"] == 1 and report["summary"]["batch_size"] == 2
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+# 2. bad arguments: one line on stderr, status 2
+
+
+@pytest.mark.parametrize("command", [["demo"], ["ask", "q", "--passage", "p"], ["eval", "DATA"],
+                                     ["train", "sft", "--data", "DATA", "--output", "OUT"]])
+def test_cli_missing_model_dir_is_a_usage_error(command, data, tmp_path, no_run, capsys):
+    argv = [str(data) if a == "DATA" else str(tmp_path / "o") if a == "OUT" else a for a in command]
+    err = _fails([*argv, "--model", "./missing_dir"], capsys)
+    assert "--model" in err and "./missing_dir" in err and "no such file or directory" in err
+
+
+def test_cli_model_arg_keeps_existing_paths_and_hub_ids(tmp_path):
+    assert cli._model_arg(str(tmp_path)) == str(tmp_path)
+    assert cli._model_arg("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cli._model_arg("gpt2") == "gpt2"
+    for bad in (str(tmp_path / "nope"), "nope/", "a/b/c", str(tmp_path / "m.gguf")):
+        with pytest.raises(Exception, match="no such file or directory"):
+            cli._model_arg(bad)
+
+
+def test_cli_device_cuda_without_cuda_is_a_usage_error(monkeypatch, data, no_run, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _fails(["eval", str(data), "--device", "cuda"], capsys)
+    assert "--device" in err and "CUDA is not available" in err and "--device cpu" in err
+    err = _fails(["demo", "--device", "gpu0"], capsys)
+    assert "--device" in err and "not a device" in err
+    assert cli._device_arg("cpu") == "cpu"
+
+
+@pytest.mark.parametrize(("option", "value"), [("--limit", "0"), ("--limit", "-3"), ("--limit", "x"),
+                                               ("--batch-size", "-1"), ("--batch-size", "0")])
+def test_cli_eval_limit_and_batch_size_must_be_positive(option, value, data, no_run, capsys):
+    err = _fails(["eval", str(data), option, value], capsys)
+    assert option in err and ">= 1" in err
+
+
+def test_cli_eval_empty_data_set_refused_before_the_model_loads(tmp_path, no_run, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    err = _fails(["eval", str(empty)], capsys)
+    assert str(empty) in err and "no examples" in err
+
+
+def test_cli_eval_missing_data_file_refused_before_the_model_loads(tmp_path, no_run, capsys):
+    err = _fails(["eval", str(tmp_path / "nope.jsonl")], capsys)
+    assert "nope.jsonl" in err
+
+
+def test_cli_os_error_from_loading_is_one_line(monkeypatch, capsys):
+    def hub_error(args):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet.")
+
+    monkeypatch.setattr(cli, "_engine", hub_error)
+    err = _fails(["ask", "q", "--passage", "p", "--model", "someone/some-model"], capsys)
+    assert "couldn't connect" in err and "Check your internet" in err
