@@ -160,7 +160,7 @@ class GistEngine:
             for row, t in zip(rows, token.tolist()):
                 if not row or row[-1] not in stops:
                     row.append(t)
-        answers = [_cut_at_stop(self._decode(r, stops), stop) for r in rows]
+        answers = [self._cut_as_streamed(r, stops, stop) for r in rows]
         return answers[0] if single else answers
 
     @locked_generator
@@ -210,6 +210,22 @@ class GistEngine:
         rest = _cut_at_stop(self._decode(ids, stops), stop)[len(sent) :]  # what was held back
         if rest:
             yield rest
+
+    def _cut_as_streamed(self, ids: list[int], stops, stop: Sequence[str]) -> str:
+        """The answer of `ids` as `stream` ends it: at the first token whose text holds a stop
+        string, cut before the earliest stop string that text holds. (Cutting the whole text at
+        its earliest stop string differs when a longer one starts earlier but completes later.)"""
+        text = self._decode(ids, stops)
+        if not any(s and s in text for s in stop):
+            return text
+        for n in range(1, len(ids) + 1):
+            prefix = self._decode(ids[:n], stops)
+            if prefix.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                continue
+            cut = _cut_at_stop(prefix, stop)
+            if len(cut) < len(prefix):
+                return cut
+        return _cut_at_stop(text, stop)
 
     def _prepare(self, questions, passage_lists, system, memory, max_new_tokens: int = 0):
         """`_prepare_once`, fitted to the model's window: a prompt that does not fit (raw tokens

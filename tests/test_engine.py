@@ -61,6 +61,20 @@ def test_stream_joins_to_generate_and_batch_equals_single(engine):
     assert batch == [single, engine.generate(other, PASSAGES[1:], max_new_tokens=12)]
 
 
+def test_stream_and_generate_end_alike_when_stop_strings_overlap(engine):
+    """A long stop string that starts first but completes after a short one: both end where the
+    stream does, at the short one."""
+    full = engine.generate(QUESTION, PASSAGES, max_new_tokens=24)
+    pick = next(((i, j) for i in range(len(full) - 8) for j in range(i + 1, i + 7)
+                 if full.find(full[i : i + 8]) == i and full.find(full[j]) == j), None)
+    if pick is None:
+        pytest.skip(f"the greedy answer {full!r} has no such pair of stop strings")
+    i, j = pick
+    stop = [full[i : i + 8], full[j]]
+    streamed = "".join(engine.stream(QUESTION, PASSAGES, max_new_tokens=24, stop=stop))
+    assert engine.generate(QUESTION, PASSAGES, max_new_tokens=24, stop=stop) == streamed == full[:j]
+
+
 def test_selection_is_sparse_and_redone_every_decode_step(engine):
     seen = []
     engine.generate(QUESTION, PASSAGES, max_new_tokens=4, observe=seen.append)
