@@ -698,11 +698,8 @@ class GistMemory:
                 (`GistMemory(system=...)`), the line `add` encodes passages under.
 
         Returns:
-            Up to k SearchHits, best first.
-
-        Raises:
-            InputError: a passage to score is not encoded under `system` (prepare a question
-                over it with that system line first).
+            Up to k SearchHits, best first. Passages not encoded under `system` yet are encoded
+            first (as `prepare` does).
         """
         from gsa_rag.validation import check_question
 
@@ -719,12 +716,9 @@ class GistMemory:
         candidates = self.ids
         if prefilter is not None:
             candidates = self._vectors.search(self, question, prefilter)
-        missing = [pid for pid in candidates if self._passage_key(sink, self._passages[pid].sha) not in self._entries]
-        if missing:
-            raise InputError(
-                f"{len(missing)} of the passages to score (e.g. {missing[0]!r}) are not encoded under this system line: "
-                "add() encodes under the memory's own (GistMemory(system=...)); search with system=memory.system, "
-                "or prepare a question over them with this system first")
+        # passages stored under another system line only (given as text to a question asked with it)
+        # are encoded under this one first, as prepare would: every stored passage is scored
+        self._encode_missing([self._passages[pid] for pid in candidates], sink)
         if not candidates or k < 1:
             return []
         entries = [self._entries[self._passage_key(sink, self._passages[pid].sha)] for pid in candidates]

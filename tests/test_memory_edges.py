@@ -42,14 +42,20 @@ def test_a_question_under_another_system_keeps_the_passage_ids_under_a_budget(en
     assert all(key.rsplit("-", 1)[1] in shas for key, e in memory._entries.items() if e.kind == "passage")
 
 
-def test_search_under_a_system_line_its_passages_were_not_encoded_for_says_so(engine):
+def test_search_scores_every_stored_passage_whatever_the_system_line(engine):
+    """Under a system line its passages were not encoded for, search encodes them first (they used
+    to be skipped: an empty result); a passage given as text to a question under another line is
+    stored, and search under the memory's own line finds it too."""
     memory = GistMemory(engine, progress=False)
-    memory.add(PASSAGES)
-    assert memory.search(QUESTION, k=2)
-    with pytest.raises(InputError, match="not encoded under this system line"):
-        memory.search(QUESTION, k=2, system=OTHER_SYSTEM)
-    memory.prepare(QUESTION, memory.ids, system=OTHER_SYSTEM)  # now they are
-    assert len(memory.search(QUESTION, k=2, system=OTHER_SYSTEM)) == 2
+    ids = memory.add(PASSAGES)
+    before = memory.encoded_tokens
+    hits = memory.search(QUESTION, k=len(ids), system=OTHER_SYSTEM)
+    assert sorted(h.id for h in hits) == sorted(ids) and memory.encoded_tokens > before
+    again = memory.encoded_tokens
+    memory.search(QUESTION, k=1, system=OTHER_SYSTEM)
+    assert memory.encoded_tokens == again  # encoded once: nothing again
+    memory.prepare(QUESTION, ["Gothenburg is a city on the west coast of Sweden."], system=OTHER_SYSTEM)
+    assert len(memory.search(QUESTION, k=len(memory))) == len(memory) == len(ids) + 1
 
 
 def test_a_text_stored_under_a_custom_id_keeps_that_id(engine):
