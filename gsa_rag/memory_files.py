@@ -69,7 +69,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes it owner-only; a plain write would not
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -88,10 +88,15 @@ def atomic_write(path: Path, data: bytes) -> None:
         pass
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(mask)
     return mask
+
+
+# read once, at import: setting it even for a moment while another thread creates a file would
+# give that file the wrong mode
+_UMASK = _read_umask()
 
 
 def write_if_changed(path: Path, data: bytes, digest: str) -> None:
