@@ -38,10 +38,10 @@ D head dim. Index lists are int32 [B, H, CAP] padded with 0, with int32 lengths 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
+from gsa_rag.kernels.dispatch import interpreting
 
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout
@@ -682,10 +682,6 @@ if triton is not None:
 
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None, scored=None) -> torch.Tensor:
     """gist_index: [B, C] with num_chunks [B] (one list per batch row), or [B, Hkv, C] with
     num_chunks [B, Hkv] (one per KV head: H-GSA's candidates); scored: optional int32 [B * Hkv]
@@ -706,7 +702,7 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         *query.stride(), *key.stride(), s_gb, s_gh, s_gc, s_nb, s_nh, *out.stride(),
         Hkv, G, C, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
-        DOT_F32=_interpret() and query.dtype == torch.bfloat16,
+        DOT_F32=interpreting() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
         ZERO_CNT=counters is not None, COUNT=scored is not None, num_warps=4, num_stages=2,
     )

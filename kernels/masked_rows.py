@@ -24,9 +24,9 @@ power of two >= 16), S splits.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+from gsa_rag.kernels.dispatch import interpreting
 from gsa_rag.kernels.sparse_decode import combine_splits, num_sms
 
 try:
@@ -208,7 +208,7 @@ def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         Hkv, G, R, T, split_len, row_blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=num_warps, num_stages=2 if query.is_cuda else 1,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there only
-        DOT_F32=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+        DOT_F32=query.dtype == torch.bfloat16 and interpreting(),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         SINGLE=S == 1,
     )

@@ -19,9 +19,9 @@ Shapes: B batch, Hq query heads, Hkv KV heads (G = Hq // Hkv), T cache length, D
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+from gsa_rag.kernels.dispatch import interpreting
 
 try:
     import triton
@@ -255,7 +255,7 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         Hkv, G, split_len,
         G_PAD=G_PAD, D=D, BLOCK_N=block_n, num_warps=4, num_stages=3 if query.is_cuda else 1,
         # Triton's interpreter (3.6 to 3.9 at least) computes bf16 tl.dot wrongly: upcast there only
-        DOT_F32=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
+        DOT_F32=query.dtype == torch.bfloat16 and interpreting(),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 models: no tf32 rounding
     )
     if out is None:
