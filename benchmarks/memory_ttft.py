@@ -49,6 +49,7 @@ from gsa_rag import attention as gsa_attention
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.generation import SamplingParams, forward, generate_tokens
+from gsa_rag.kernels import kv_place
 from gsa_rag.memory import GistMemory
 from gsa_rag.models import load_model
 
@@ -183,14 +184,16 @@ def graph_columns(gsa, ref_model, prompt, memory, question, ids, repeats: int) -
         row["full_graph_token"] = int(logits[0, -1].argmax())
     except Exception as error:  # report it; the row keeps the eager columns
         row["full_graph_error"] = f"{type(error).__name__}: {error}"[:300]
-    prepare = []
+    prepare, host = [], []
     for _ in range(repeats):
         sync(gsa.device)
         start = time.perf_counter()
         layout, cache = memory.prepare(question, ids)
+        host.append(time.perf_counter() - start)
         sync(gsa.device)
         prepare.append(time.perf_counter() - start)
     row["prepare_ms"] = statistics.median(prepare) * 1e3
+    row["prepare_host_ms"] = statistics.median(host) * 1e3  # until prepare returns, its device work maybe still queued
     try:
         with torch.inference_mode():
             row["question_graph_ms"], logits = graph_replay_ms(rerunnable_question(gsa, layout, cache), repeats)
@@ -263,10 +266,14 @@ def main() -> None:
     parser.add_argument("--select-kernel", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA: the question rows' chunk selection through the select kernels "
                         "(gsa_rag.attention.SELECT_KERNEL, the default) or, with --no-select-kernel, the torch reference")
+    parser.add_argument("--place-kernel", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA: `prepare` places and re-rotates the cached KV through one kernel "
+                        "(gsa_rag.kernels.kv_place.KERNEL, the default) or, with --no-place-kernel, the torch reference")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args()
     gsa_attention.ROWS_KERNEL = args.rows_kernel
     gsa_attention.SELECT_KERNEL = args.select_kernel
+    kv_place.KERNEL = args.place_kernel
     if args.tokenizer and not args.arch:
         parser.error("--tokenizer goes with --arch (a random-weight model); --model loads its own tokenizer")
     if args.threads:
@@ -364,6 +371,7 @@ def main() -> None:
             "offload": args.offload,
             "rows_kernel": args.rows_kernel,
             "select_kernel": args.select_kernel,
+            "place_kernel": args.place_kernel,
             "chunk_size": args.chunk_size,
             "top_k": args.top_k,
             "source": source,

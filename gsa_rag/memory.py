@@ -146,7 +146,6 @@ _ENCODING_DEFAULTS = {"meta_chunks": []}
 
 _WHITESPACE = re.compile(r"\s")  # a str passage without it is read as an id (see GistMemory._resolve)
 _ENTRY_TENSORS = ("ids", "is_gist", "resident", "res_k", "res_v", "raw_k", "raw_v")
-_ROTATE_BLOCK_ELEMENTS = 1 << 24  # float32 elements per block when re-rotating cached keys (64 MiB)
 DECODE_RESERVE = 64  # answer columns a question's cache has room for by default (GistEngine.generate's default)
 __all__ = ["GistMemory", "MemoryFormatError", "MemoryStats", "SearchHit"]  # MemoryFormatError: from gsa_rag.errors
 
@@ -612,12 +611,14 @@ class GistMemory:
         self._touch([prefix_entry.key] + [e.key for e in entries])
         segments = reuse_segments(prefix, [e.raw_ids for e in entries], tail, self.link_ids)
         host = build_layout([segments], self.config, self.engine.tokenizer)  # read on the host: no device syncs
+        # copied before the buffers' device work is queued: a copy from pageable memory waits for the stream
+        layout = host.to(self.device)
         places = [prefix_entry, *entries]
         keys, values, pending, offloaded = self._assemble(host, places, room=max_new_tokens)
         cache = GistCache(list(keys.unbind(0)), list(values.unbind(0)), pending, offloaded, self.rotator,
                           length=host.seq_len)
         self._evict(protect=set(self._with_own(e.key for e in places)))
-        return host.to(self.device), cache
+        return layout, cache
 
     def _assemble(self, layout, entries: list[_Entry], room: int = 0):
         """The question's KV buffers from the prefix and passage entries (in prompt order):
@@ -655,22 +656,14 @@ class GistMemory:
         open_columns[columns] = False
         return keys, values, torch.nonzero(open_columns).flatten(), offloaded  # on the host: GistCache keeps both
 
-    def _place(self, keys, values, columns, owner, k_parts, v_parts, rotation) -> None:
+    @staticmethod
+    def _place(keys, values, columns, owner, k_parts, v_parts, rotation) -> None:
         """Copies KV parts (one per entry, [L, Hkv, n_i, D], in order) into the buffers at
-        `columns` (host), keys re-rotated by the row of `rotation` (cos, sin) of their `owner` entry."""
-        if len(columns) == 0:
-            return
-        index, owner = torch.stack([columns, owner]).to(self.device)
-        k = torch.cat(k_parts, 2)
-        # rotation runs in float32: in blocks of columns, so its temporaries stay small however long the prompt
-        L, H, _, D = k.shape
-        block = max(1, _ROTATE_BLOCK_ELEMENTS // (L * H * D))
-        for first in range(0, len(index), block):
-            cols = slice(first, first + block)
-            rows = owner[cols]
-            rotated = self.rotator.apply(k[:, :, cols], rotation[0][rows], rotation[1][rows])
-            keys[:, 0].index_copy_(2, index[cols], rotated)
-        values[:, 0].index_copy_(2, index, torch.cat(v_parts, 2))
+        `columns` (host), keys re-rotated by the row of `rotation` (cos, sin) of their `owner` entry:
+        one Triton pass on CUDA (kernels/kv_place.py), the torch reference elsewhere."""
+        from gsa_rag.kernels.kv_place import place_rotated  # imports Triton: not at gsa_rag's import
+
+        place_rotated(keys, values, columns, owner, k_parts, v_parts, *rotation)
 
     # ------------------------------------------------------------------------------------------
     # search

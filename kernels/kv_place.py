@@ -1,0 +1,156 @@
+"""Cached passage KV placed into a question's buffers, keys re-rotated on the way, in one pass.
+
+A question over gist memory starts from buffers that hold every cached column of its prompt
+(`GistMemory._assemble`): each passage was encoded at position 0, so its keys are rotated by the
+offset where the passage now starts (RoPE rotations compose), and its values are copied as
+they are. In torch that is a concatenation of the passages' tensors, a float32 rotation in
+several elementwise passes and two index copies: 2.5 ms of device time at 20 passages of
+Llama-3-8B shapes on an H200, more than the bytes need (330 MB read, 330 MB written: 0.16 ms at
+4 TB/s). Here one kernel reads each source column once, straight from its passage's tensor (a
+table of base addresses, so nothing is concatenated first), rotates keys in float32 registers,
+and writes keys and values to their columns.
+
+Shapes: L layers, H KV heads, D head dim (even), N source columns, E source tensors (parts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+KERNEL = True  # False: the reference everywhere (benchmarks/memory_ttft.py --no-place-kernel, for A/B runs)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
+                      k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], cos: torch.Tensor,
+                      sin: torch.Tensor, block_elements: int = 1 << 24) -> None:
+    """Reference: writes the parts' columns into the buffers, keys rotated by their part's row.
+
+    Args:
+        keys, values: [L, 1, H, T, D] buffers, written at `columns`.
+        columns: long [N], the buffer column of each source column (parts concatenated in order).
+        owner: long [N], the part each source column comes from.
+        k_parts, v_parts: E tensors [L, H, n_e, D] (sum of n_e = N).
+        cos, sin: float32 [E, D], the rotation of each part (gsa_rag.cache.KeyRotator.cos_sin).
+        block_elements: float32 elements rotated at a time (64 MiB), so the temporaries stay
+            small however long the prompt.
+    """
+    if len(columns) == 0:
+        return
+    index, owner = torch.stack([columns, owner]).to(keys.device)
+    k = torch.cat(list(k_parts), 2)
+    L, H, _, D = k.shape
+    block = max(1, block_elements // (L * H * D))
+    for first in range(0, len(index), block):
+        cols = slice(first, first + block)
+        part = k[:, :, cols].float()
+        rotated = part * cos[owner[cols]] + _rotate_half(part) * sin[owner[cols]]
+        keys[:, 0].index_copy_(2, index[cols], rotated.to(keys.dtype))
+    values[:, 0].index_copy_(2, index, torch.cat(list(v_parts), 2).to(values.dtype))
+
+
+def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin) -> None:
+    """`place_rotated_triton` where the kernels run (dispatch.use_kernels) and take the head dim,
+    else `place_rotated_ref`."""
+    from gsa_rag.kernels.dispatch import head_dim_fits, use_kernels
+
+    if KERNEL and triton is not None and use_kernels(keys.device) and head_dim_fits(keys.shape[-1]):
+        place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos, sin)
+    else:
+        place_rotated_ref(keys, values, columns, owner, k_parts, v_parts, cos, sin)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _place_kernel(keys, values, k_table, v_table, strides, meta, cos, sin, N, H,
+                      dst_l, dst_h, dst_t, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Grid (cdiv(N, BLOCK_N), L * H). meta: int64 [3, N] rows owner, column in its part,
+        buffer column. k_table / v_table: int64 [E] base addresses; strides: int64 [E, 3]
+        (layer, head, column) in elements; WIDTH: bytes per element."""
+        lh = tl.program_id(1)
+        layer = (lh // H).to(tl.int64)
+        head = (lh % H).to(tl.int64)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = n < N
+        part = tl.load(meta + n, mask=live, other=0)
+        local = tl.load(meta + N + n, mask=live, other=0)
+        column = tl.load(meta + 2 * N + n, mask=live, other=0)
+        src = (layer * tl.load(strides + part * 3, mask=live, other=0)
+               + head * tl.load(strides + part * 3 + 1, mask=live, other=0)
+               + local * tl.load(strides + part * 3 + 2, mask=live, other=0))
+        d = tl.arange(0, D)
+        partner = (d + D // 2) % D  # rotate_half: x[d + D/2] negated in the first half, x[d - D/2] in the second
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        two_d = live[:, None]
+        elem = keys.dtype.element_ty
+        k_base = tl.load(k_table + part, mask=live, other=0)
+        x = tl.load((k_base[:, None] + (src[:, None] + d[None, :]) * WIDTH).to(tl.pointer_type(elem)), mask=two_d, other=0.0)
+        xp = tl.load((k_base[:, None] + (src[:, None] + partner[None, :]) * WIDTH).to(tl.pointer_type(elem)), mask=two_d,
+                     other=0.0)
+        c = tl.load(cos + part[:, None] * D + d[None, :], mask=two_d, other=0.0)
+        s = tl.load(sin + part[:, None] * D + d[None, :], mask=two_d, other=0.0)
+        rotated = x.to(tl.float32) * c + (xp.to(tl.float32) * sign[None, :]) * s
+        dst = layer * dst_l + head * dst_h + column[:, None] * dst_t + d[None, :]
+        tl.store(keys + dst, rotated.to(elem), mask=two_d)
+        v_base = tl.load(v_table + part, mask=live, other=0)
+        v = tl.load((v_base[:, None] + (src[:, None] + d[None, :]) * WIDTH).to(tl.pointer_type(elem)), mask=two_d, other=0.0)
+        tl.store(values + dst, v, mask=two_d)
+
+
+def _part_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int] | None:
+    """A part's (layer, head, column) strides, when its K and V share them and rows are contiguous."""
+    if k.stride() != v.stride() or k.stride(-1) != 1:
+        return None
+    return k.stride(0), k.stride(1), k.stride(2)
+
+
+def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
+                         k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], cos: torch.Tensor,
+                         sin: torch.Tensor, local: torch.Tensor | None = None, block_n: int = 32) -> None:
+    """`place_rotated_ref` as one kernel (same arguments; `local`, long [N]: each column's index in
+    its part, computed from `owner` when not given). Parts that are not laid out as the kernel
+    reads them (another dtype, rows not contiguous, K and V strides differing) are copied first."""
+    L, _, H, _, D = keys.shape
+    if not (keys.is_contiguous() and values.is_contiguous() and values.shape == keys.shape and values.dtype == keys.dtype):
+        raise ValueError("keys and values must be contiguous [L, 1, H, T, D] buffers of one shape and dtype")
+    if D < 2 or D & (D - 1):
+        raise ValueError(f"head dim {D}: the kernel takes a power of two (place_rotated_ref takes any even one)")
+    N = len(columns)
+    if N == 0:
+        return
+    k_parts, v_parts = list(k_parts), list(v_parts)
+    for i, (k, v) in enumerate(zip(k_parts, v_parts, strict=True)):
+        if k.dtype != keys.dtype or v.dtype != keys.dtype or _part_strides(k, v) is None:
+            k_parts[i] = k.to(keys.dtype).contiguous()
+            v_parts[i] = v.to(keys.dtype).contiguous()
+    if local is None:
+        lengths = torch.tensor([k.shape[2] for k in k_parts])
+        starts = torch.cumsum(lengths, 0) - lengths
+        local = torch.arange(N) - starts[owner.cpu()]
+    # the host-side tables in one transfer: 3 rows of N, then 2 + 3 per part
+    E = len(k_parts)
+    tables = torch.empty(3 * N + 5 * E, dtype=torch.int64)
+    tables[:N], tables[N:2 * N], tables[2 * N:3 * N] = owner.cpu(), local.cpu(), columns.cpu()
+    tables[3 * N:3 * N + E] = torch.tensor([k.data_ptr() for k in k_parts])
+    tables[3 * N + E:3 * N + 2 * E] = torch.tensor([v.data_ptr() for v in v_parts])
+    tables[3 * N + 2 * E:] = torch.tensor([_part_strides(k, v) for k, v in zip(k_parts, v_parts, strict=True)]).flatten()
+    tables = tables.to(keys.device)
+    meta, k_table = tables[:3 * N], tables[3 * N:3 * N + E]
+    v_table, strides = tables[3 * N + E:3 * N + 2 * E], tables[3 * N + 2 * E:]
+    grid = (triton.cdiv(N, block_n), L * H)
+    _place_kernel[grid](keys, values, k_table, v_table, strides, meta, cos.float().contiguous(), sin.float().contiguous(),
+                        N, H, keys.stride(0), keys.stride(2), keys.stride(3), D=D, WIDTH=keys.element_size(),
+                        BLOCK_N=block_n)

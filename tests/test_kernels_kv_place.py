@@ -1,0 +1,132 @@
+"""The KV placement kernel (gsa_rag.kernels.kv_place) against its reference, and gist memory's
+question buffers assembled through it.
+
+Without CUDA the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1). Buffers
+are poisoned with NaN before every run, so a column written by one side only shows. Values are
+copied, so they must match exactly; keys are rotated in float32 and rounded once to the buffer's
+dtype, so they may differ by the rounding of that last step (the interpreter truncates to bf16
+where torch rounds to nearest; on a GPU a fused multiply-add may round differently).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton not installed")
+
+from gsa_rag.kernels import dispatch, kv_place
+from gsa_rag.kernels.kv_place import place_rotated_ref, place_rotated_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    dispatch._interpreter_compat()
+KEY_RTOL = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}  # one rounding of the result
+
+
+def random_case(L, H, D, T, sizes, dtype, g, strided: int | None = None):
+    """Parts of `sizes` columns placed at distinct random columns of a T-column buffer; the part
+    numbered `strided` is a transposed view (its rows still contiguous, its strides its own)."""
+    k_parts, v_parts = [], []
+    for i, n in enumerate(sizes):
+        if i == strided:
+            k_parts.append(torch.randn(L, n, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2))
+            v_parts.append(torch.randn(L, n, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2))
+        else:
+            k_parts.append(torch.randn(L, H, n, D, generator=g).to(DEVICE, dtype))
+            v_parts.append(torch.randn(L, H, n, D, generator=g).to(DEVICE, dtype))
+    N = sum(sizes)
+    columns = torch.randperm(T, generator=g)[:N]
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    angle = torch.randn(len(sizes), D // 2, generator=g) * 3
+    angle = torch.cat([angle, angle], -1)
+    return columns, owner, k_parts, v_parts, angle.cos().to(DEVICE), angle.sin().to(DEVICE)
+
+
+def poisoned(L, H, T, D, dtype):
+    return (torch.full((L, 1, H, T, D), float("nan"), dtype=dtype, device=DEVICE),
+            torch.full((L, 1, H, T, D), float("nan"), dtype=dtype, device=DEVICE))
+
+
+def assert_placed_alike(got, want, dtype):
+    (gk, gv), (wk, wv) = got, want
+    assert torch.equal(gk.isnan(), wk.isnan()) and torch.equal(gv.isnan(), wv.isnan())  # the same columns written
+    assert torch.equal(gv.nan_to_num(), wv.nan_to_num())
+    torch.testing.assert_close(gk.nan_to_num().float(), wk.nan_to_num().float(), rtol=KEY_RTOL[dtype], atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L,H,D,T,sizes,strided", [
+    (2, 3, 16, 40, [5, 0, 7, 9], 2),        # an empty part, a strided one
+    (1, 2, 64, 300, [1, 130, 33], None),    # several column blocks, one part of a single column
+    (3, 1, 32, 12, [12], 0),                # every column written, one strided part
+])
+def test_kernel_places_what_the_reference_places(dtype, L, H, D, T, sizes, strided):
+    g = torch.Generator().manual_seed(sum(sizes) * D)
+    columns, owner, k_parts, v_parts, cos, sin = random_case(L, H, D, T, sizes, dtype, g, strided)
+    want = poisoned(L, H, T, D, dtype)
+    place_rotated_ref(*want, columns, owner, k_parts, v_parts, cos, sin)
+    for block_n in (16, 32, 128):
+        got = poisoned(L, H, T, D, dtype)
+        place_rotated_triton(*got, columns, owner, k_parts, v_parts, cos, sin, block_n=block_n)
+        assert_placed_alike(got, want, dtype)
+    assert not want[0].isnan().all()  # something was placed
+
+
+def test_parts_of_another_dtype_are_converted_first():
+    g = torch.Generator().manual_seed(3)
+    columns, owner, k_parts, v_parts, cos, sin = random_case(2, 2, 16, 30, [4, 6], torch.float32, g)
+    k_parts[1], v_parts[1] = k_parts[1].half(), v_parts[1].half()
+    want, got = poisoned(2, 2, 30, 16, torch.float32), poisoned(2, 2, 30, 16, torch.float32)
+    place_rotated_ref(*want, columns, owner, k_parts, v_parts, cos, sin)
+    place_rotated_triton(*got, columns, owner, k_parts, v_parts, cos, sin)
+    assert_placed_alike(got, want, torch.float32)
+
+
+def test_the_reference_rotates_in_blocks_as_it_would_at_once():
+    g = torch.Generator().manual_seed(4)
+    columns, owner, k_parts, v_parts, cos, sin = random_case(2, 2, 16, 50, [9, 11, 20], torch.float32, g)
+    whole, blocks = poisoned(2, 2, 50, 16, torch.float32), poisoned(2, 2, 50, 16, torch.float32)
+    place_rotated_ref(*whole, columns, owner, k_parts, v_parts, cos, sin)
+    place_rotated_ref(*blocks, columns, owner, k_parts, v_parts, cos, sin, block_elements=2 * 2 * 16 * 3)  # 3 columns
+    assert torch.equal(whole[0].nan_to_num(), blocks[0].nan_to_num())
+    assert torch.equal(whole[1].nan_to_num(), blocks[1].nan_to_num())
+
+
+def test_bad_buffers_are_refused():
+    g = torch.Generator().manual_seed(5)
+    columns, owner, k_parts, v_parts, cos, sin = random_case(1, 2, 16, 20, [3], torch.float32, g)
+    keys, values = poisoned(1, 2, 20, 16, torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        place_rotated_triton(keys.transpose(2, 3), values, columns, owner, k_parts, v_parts, cos, sin)
+    odd_keys, odd_values = torch.zeros(1, 1, 2, 20, 12), torch.zeros(1, 1, 2, 20, 12)
+    with pytest.raises(ValueError, match="power of two"):
+        place_rotated_triton(odd_keys, odd_values, columns, owner, k_parts, v_parts, cos[:, :12], sin[:, :12])
+
+
+def test_gist_memory_assembles_a_question_through_the_kernel_as_through_the_reference(monkeypatch):
+    """The question buffers of `GistMemory.prepare` are the same whichever path places them, and
+    the kernel path really runs the kernel (a spy counts its calls)."""
+    from test_memory import PASSAGES, QUESTION, tiny_engine
+    from transformers import AutoTokenizer
+
+    from gsa_rag.memory import GistMemory
+    from gsa_rag.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    engine = tiny_engine(tokenizer)
+    engine.model.to(DEVICE)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    caches = {}
+    calls = []
+    real = kv_place.place_rotated_triton
+    monkeypatch.setattr(kv_place, "place_rotated_triton", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for mode in ("0", "1"):
+        monkeypatch.setenv("GSA_RAG_KERNELS", mode)
+        caches[mode] = memory.prepare(QUESTION, ids)[1]
+        assert len(calls) == (0 if mode == "0" else 2)  # resident columns, then raw ones
+    assert len(caches["0"].layers) == len(caches["1"].layers)
+    for ref, got in zip(caches["0"].layers, caches["1"].layers, strict=True):
+        assert torch.equal(ref.values, got.values)
+        torch.testing.assert_close(got.keys, ref.keys, rtol=1e-6, atol=1e-6)
