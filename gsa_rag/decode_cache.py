@@ -64,7 +64,9 @@ class GrowingLayer(DynamicLayer):
         assembles a question's KV in place and leaves room for the answer: gsa_rag.cache)."""
         if not 0 <= length <= key_buffer.shape[-2] or key_buffer.shape != value_buffer.shape:
             raise ValueError(f"cannot adopt {length} columns of buffers {tuple(key_buffer.shape)}, {tuple(value_buffer.shape)}")
-        self.lazy_initialization(key_buffer, value_buffer)
+        # what lazy_initialization records, without the two empty tensors it makes on the device
+        # (a question adopts a pair per layer); dtype for the transformers versions that keep it
+        self.dtype, self.device, self.is_initialized = key_buffer.dtype, key_buffer.device, True
         self.key_buffer, self.value_buffer = key_buffer, value_buffer
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
 

@@ -109,7 +109,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -128,7 +128,7 @@ from gsa_rag.memory_files import safetensors_metadata as _safetensors_metadata
 from gsa_rag.memory_files import sha256 as _sha256
 from gsa_rag.memory_files import write_if_changed as _write_if_changed
 from gsa_rag.memory_vectors import VectorIndex as _VectorIndex
-from gsa_rag.prompt import DEFAULT_SYSTEM, Passage, as_passage, prompt_ends, reuse_segments
+from gsa_rag.prompt import DEFAULT_SYSTEM, Passage, as_passage, prompt_ends, question_tail, reuse_segments
 from gsa_rag.selection import ChunkSelector, select_coarse_to_fine
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,13 @@ _WHITESPACE = re.compile(r"\s")  # a str passage without it is read as an id (se
 _ENTRY_TENSORS = ("ids", "is_gist", "resident", "res_k", "res_v", "raw_k", "raw_v")
 DECODE_RESERVE = 64  # answer columns a question's cache has room for by default (GistEngine.generate's default)
 __all__ = ["GistMemory", "MemoryFormatError", "MemoryStats", "SearchHit"]  # MemoryFormatError: from gsa_rag.errors
+
+
+@lru_cache(maxsize=64)
+def _sink_tag(sink: tuple[int, ...]) -> str:
+    """The part of passage entry keys that names the sink (a memory uses one or two; a question
+    looks up tens of keys)."""
+    return _sha256("passage:" + json.dumps(list(sink)))[:16]
 
 
 def encoding_config(config: GistConfig) -> dict:
@@ -428,7 +435,7 @@ class GistMemory:
     @staticmethod
     def _passage_key(sink: Sequence[int], sha: str) -> str:
         # the text hash closes the key, so entries of one text are easy to find
-        return f"{_sha256('passage:' + json.dumps(list(sink)))[:16]}-{sha}"
+        return f"{_sink_tag(tuple(sink))}-{sha}"
 
     @staticmethod
     def _prefix_key(ids: Sequence[int]) -> str:
@@ -604,8 +611,8 @@ class GistMemory:
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         passages = check_passage_list(passages)  # one str is one passage or id, not its characters
-        sink, prefix, _ = self._sink(system)
-        _, tail = prompt_ends(self.engine.tokenizer, question, system)
+        sink, prefix, empty_tail = self._sink(system)
+        tail = question_tail(self.engine.tokenizer, empty_tail, question)
         entries = self._resolve(passages, sink)
         prefix_entry = self._prefix_entry(prefix)
         self._touch([prefix_entry.key] + [e.key for e in entries])

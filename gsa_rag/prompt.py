@@ -81,6 +81,10 @@ def _render_template(tokenizer, system: str | None, user: str) -> str:
     return _render_messages(tokenizer, messages)
 
 
+def _question_piece(question: str) -> str:
+    return f"Question: {question}"
+
+
 def build_segments(tokenizer, question: str, passages, system: str | None = DEFAULT_SYSTEM) -> list[Segment]:
     """Lays a RAG prompt out as segments (see the module docstring).
 
@@ -91,7 +95,7 @@ def build_segments(tokenizer, question: str, passages, system: str | None = DEFA
         system: the system line; None for none.
     """
     passages = [as_passage(p) for p in passages]
-    user_pieces = [p.render(i + 1) for i, p in enumerate(passages)] + [f"Question: {question}"]
+    user_pieces = [p.render(i + 1) for i, p in enumerate(passages)] + [_question_piece(question)]
     first_user = 0 if system is None else 1
     pieces = ([system] if system is not None else []) + user_pieces
     user = "".join(_PLACEHOLDER.format(first_user + i) for i in range(len(user_pieces)))
@@ -243,3 +247,13 @@ def prompt_ends(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) -
         return Segment((), compress=True), segments[0]
     prefix, tail = segments
     return prefix, tail
+
+
+def question_tail(tokenizer, empty_tail: Segment, question: str) -> Segment:
+    """`prompt_ends(tokenizer, question, system)[1]` from `empty_tail`, the tail of the empty
+    question under the same system line. A tail is the question piece's tokens, then the
+    template's text after it, which does not depend on the question: so only the question is
+    tokenized, and the template is not rendered again (gist memory asks this per question)."""
+    head = len(encode_text(tokenizer, _question_piece("")))
+    return Segment(tuple(encode_text(tokenizer, _question_piece(question))) + empty_tail.ids[head:], compress=False,
+                   passage_id=empty_tail.passage_id)

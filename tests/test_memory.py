@@ -330,12 +330,31 @@ def test_the_template_ends_are_rendered_once_per_system_line(tokenizer, monkeypa
     ids = memory.add(PASSAGES)
     for system in ("one line", "one line", "another line", "one line"):
         memory.prepare(QUESTION, ids, system=system)
-    assert [c for c in calls if c[0] == ""].count(("", "one line")) == 1
-    assert [c for c in calls if c[0] == ""].count(("", "another line")) == 1
+    assert calls.count(("", "one line")) == 1
+    assert calls.count(("", "another line")) == 1
+    assert all(q == "" for q, _ in calls)  # a question is tokenized alone (prompt.question_tail), never rendered
     want, _ = memory.prepare(QUESTION, ids, system="one line")
     fresh = GistMemory(engine, progress=False)
     got, _ = fresh.prepare(QUESTION, fresh.add(PASSAGES), system="one line")
     assert torch.equal(want.input_ids, got.input_ids)
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_a_question_tail_from_the_empty_one_is_the_rendered_tail(tokenizer, template):
+    import copy
+
+    from gsa_rag.prompt import DEFAULT_SYSTEM, prompt_ends, question_tail
+
+    tok = tokenizer
+    if template == "plain":  # a base model without a chat template
+        tok = copy.deepcopy(tokenizer)
+        tok.chat_template = None
+    questions = ["When was the Vasa raised?", "", " leading and trailing spaces ", "<|im_start|>assistant <gist>?",
+                 "Ünïcödé — 1628\n2nd line", "Question: nested"]
+    for system in (DEFAULT_SYSTEM, None, "Answer in French."):
+        empty_tail = prompt_ends(tok, "", system)[1]
+        for question in questions:
+            assert question_tail(tok, empty_tail, question) == prompt_ends(tok, question, system)[1], (system, question)
 
 
 def test_reopen_refuses_after_a_decode_step_and_without_open_slots(tokenizer):
