@@ -269,6 +269,9 @@ def main() -> None:
     parser.add_argument("--place-kernel", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA: `prepare` places and re-rotates the cached KV through one kernel "
                         "(gsa_rag.kernels.kv_place.KERNEL, the default) or, with --no-place-kernel, the torch reference")
+    parser.add_argument("--fuse", action="store_true",
+                        help="CUDA: the model's norms, rotary and SiLU gates through Liger's fused kernels "
+                        "(gsa_rag.fused), in the gist model and in the full-prefill model alike")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args()
     gsa_attention.ROWS_KERNEL = args.rows_kernel
@@ -298,6 +301,13 @@ def main() -> None:
     else:
         gsa = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=device, dtype=dtype)
         ref_model, _ = load_model(args.model, device=device, dtype=dtype, attn_implementation="sdpa")
+    if args.fuse:
+        from gsa_rag.fused import fuse_model
+
+        for lm in {id(gsa.model): gsa.model, id(ref_model): ref_model}.values():
+            parts = fuse_model(lm)
+            print(f"# fused: {len(parts.norms)} norms, {len(parts.mlps)} MLPs, rotary of {parts.rotary}; "
+                  f"left alone: {parts.skipped or 'nothing'}")
     gsa_model, tokenizer = gsa.model, gsa.tokenizer
     full = GistEngine(gsa_model, tokenizer, GistConfig(chunk_size=0))  # the same prompt, no gists (for ids)
     per_token = kv_bytes_per_token(gsa_model)
@@ -372,6 +382,7 @@ def main() -> None:
             "rows_kernel": args.rows_kernel,
             "select_kernel": args.select_kernel,
             "place_kernel": args.place_kernel,
+            "fused": args.fuse,
             "chunk_size": args.chunk_size,
             "top_k": args.top_k,
             "source": source,

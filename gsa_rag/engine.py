@@ -49,6 +49,7 @@ class GistEngine:
         self._banned = torch.tensor(special, dtype=torch.long, device=self.device)
         self._lock = GenerationLock()  # a stream may be resumed from another thread
         self.adapter: dict | None = None  # the loaded adapter's gsa_adapter.json (from_pretrained sets it)
+        self.fused = None  # gsa_rag.fused.FusedParts when from_pretrained(fuse=True) fused the model's kernels
 
     @classmethod
     def from_pretrained(
@@ -60,6 +61,7 @@ class GistEngine:
         adapter: str | None = "default",
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        fuse: bool = False,
     ) -> GistEngine:
         """Loads a model (default: SmolLM2-135M-Instruct, offline) and wraps it.
 
@@ -73,6 +75,9 @@ class GistEngine:
                 package carries one; None loads the base model alone (untrained gists).
             device: default CUDA when available, else CPU.
             dtype: default bf16 on CUDA, fp32 on CPU.
+            fuse: CUDA: run the model's RMSNorms, rotary embedding and SiLU gates through
+                Liger's fused kernels (`pip install "gsa-rag[fast]"`; gsa_rag.fused). `engine.fused`
+                then lists what was fused.
         """
         from gsa_rag.adapters import adapter_config, apply_adapter, base_fingerprint, bundled_default_adapter, read_manifest
         from gsa_rag.models import load_model
@@ -86,6 +91,10 @@ class GistEngine:
             lm = apply_adapter(lm, adapter, base_fingerprint(lm))
         engine = cls(lm, tokenizer, config)
         engine.adapter = read_manifest(adapter) if adapter is not None else None
+        if fuse:
+            from gsa_rag.fused import fuse_model
+
+            engine.fused = fuse_model(lm)
         return engine
 
     @property
