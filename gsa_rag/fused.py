@@ -19,13 +19,17 @@ Before a piece takes over it runs against the code it replaces on random inputs;
 disagrees (another norm form, another activation) is left alone, and `FusedParts` says what was
 fused and what was not. The rotary function is a module global of transformers (the attention's
 forward looks it up there), so fusing it serves every model of that family in the process; the
-replacement falls back to the original for shapes Liger does not take (partial rotary) and
-computes the same values otherwise. `unfuse` puts every original back.
+replacement falls back to the original for what Liger does not take (partial rotary, another
+layout of q and k, tensors off CUDA) and computes the same values otherwise. `unfuse` puts every
+original back (the rotary once the last fused model of its family is unfused). A fused model
+deep-copies as it is; save it through its state dict (`save_pretrained`), not by pickling it.
 """
 
 from __future__ import annotations
 
 import sys
+import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +37,9 @@ import torch.nn.functional as F
 
 from gsa_rag.errors import ConfigError
 
-_ORIGINAL = "_gsa_unfused_forward"  # instance attribute: the forward a fused module had before
+_ORIGINAL = "_gsa_fused"  # instance attribute: set on a module whose forward fuse_model replaced
+# modeling module name -> the models fused with its rotary: unfuse restores the global when the last goes
+_ROTARY_USERS: dict[str, weakref.WeakSet] = {}
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class FusedOps:
     rms_norm: object
     silu_mul: object
     rotary: object
+    devices: tuple[str, ...] = ("cuda",)  # where they run; elsewhere the original code does
 
 
 def liger_ops() -> FusedOps:
@@ -107,34 +114,54 @@ def _is_gated_mlp(module) -> bool:
     return all(isinstance(getattr(module, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
-def _take_over(module, forward, probe: torch.Tensor) -> bool:
-    """Makes `forward` the module's forward if it gives the module's own output on `probe`."""
+def _take_over(module, forward, probe: torch.Tensor) -> str | None:
+    """Makes `forward` (a function of the module and its input) the module's forward if it gives
+    the module's own output on `probe`; else says why not."""
+    if hasattr(module, "_hf_hook") or "forward" in module.__dict__:
+        return "its forward is replaced already (an accelerate hook, or another library's patch)"
     with torch.no_grad():
-        if not _agrees(forward(probe.clone()), module(probe.clone())):
-            return False
-    setattr(module, _ORIGINAL, module.__dict__.get("forward"))
-    module.forward = forward
-    return True
+        try:
+            agrees = _agrees(forward(module, probe.clone()), module(probe.clone()))
+        except Exception as error:  # noqa: BLE001  (a piece it cannot run is left alone, and said so)
+            return f"the fused piece does not run here ({type(error).__name__}: {error})"[:200]
+    if not agrees:
+        return "differs from the module's own output"
+    # bound to the module (not a closure over it): a deepcopy of the model binds its copy
+    module.forward = types.MethodType(forward, module)
+    setattr(module, _ORIGINAL, True)
+    return None
 
 
-def _fuse_norm(module, ops: FusedOps) -> bool:
-    def forward(hidden_states):
-        return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon)
+def _norm_forward(module, hidden_states):
+    ops = module._gsa_fused_ops
+    if hidden_states.device.type not in ops.devices:
+        return type(module).forward(module, hidden_states)  # moved off the device the kernels run on
+    return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
-    return _take_over(module, forward, _draw((1, 5, module.weight.shape[-1]), module.weight, 0))
+
+def _mlp_forward(module, x):
+    ops = module._gsa_fused_ops
+    if x.device.type not in ops.devices:
+        return type(module).forward(module, x)
+    return module.down_proj(ops.silu_mul(module.gate_proj(x), module.up_proj(x)))
 
 
-def _fuse_mlp(module, ops: FusedOps) -> bool:
-    def forward(x):
-        return module.down_proj(ops.silu_mul(module.gate_proj(x), module.up_proj(x)))
-
-    return _take_over(module, forward, _draw((1, 5, module.gate_proj.in_features), module.gate_proj.weight, 1))
+def _fuse(module, ops: FusedOps) -> str | None:
+    module._gsa_fused_ops = ops
+    if _is_rms_norm(module):
+        why = _take_over(module, _norm_forward, _draw((1, 5, module.weight.shape[-1]), module.weight, 0))
+    else:
+        why = _take_over(module, _mlp_forward, _draw((1, 5, module.gate_proj.in_features), module.gate_proj.weight, 1))
+    if why:
+        del module._gsa_fused_ops
+    return why
 
 
 def _fused_rotary(original, ops: FusedOps):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
-        if kwargs or not (cos.shape[-1] == q.shape[-1] == k.shape[-1]) or cos.shape[-1] % 2 or cos.dim() != 3:
-            return original(q, k, cos, sin, unsqueeze_dim, **kwargs)  # partial rotary and the like
+        if (kwargs or unsqueeze_dim != 1 or q.device.type not in ops.devices or cos.dim() != 3
+                or not (cos.shape[-1] == q.shape[-1] == k.shape[-1]) or cos.shape[-1] % 2):
+            return original(q, k, cos, sin, unsqueeze_dim, **kwargs)  # partial rotary, other layouts, other devices
         return ops.rotary(q, k, cos, sin, unsqueeze_dim)
 
     apply_rotary_pos_emb._gsa_original = original
@@ -150,9 +177,12 @@ def _fuse_rotary(modeling, head_dim: int, like: torch.Tensor, ops: FusedOps) -> 
     angle = _draw((1, 5, head_dim // 2), like, 4).float()
     cos, sin = torch.cat([angle, angle], -1).cos().to(like.dtype), torch.cat([angle, angle], -1).sin().to(like.dtype)
     with torch.no_grad():
-        want = original(q.clone(), k.clone(), cos, sin)
-        if not _agrees(fused(q.clone(), k.clone(), cos, sin), want):
-            return "differs from the modeling module's own rotary"
+        try:
+            agrees = _agrees(fused(q.clone(), k.clone(), cos, sin), original(q.clone(), k.clone(), cos, sin))
+        except Exception as error:  # noqa: BLE001  (another signature, e.g. GPT-J's (x, sin, cos))
+            return f"its rotary does not take (q, k, cos, sin) ({type(error).__name__}: {error})"[:200]
+    if not agrees:
+        return "differs from the modeling module's own rotary"
     modeling.apply_rotary_pos_emb = fused
     return None
 
@@ -169,51 +199,56 @@ def fuse_model(model: torch.nn.Module, ops: FusedOps | None = None) -> FusedPart
         FusedParts: the names of what was fused and why anything was left alone.
 
     Raises:
-        ConfigError: the model is not on a CUDA device (and `ops` is the default).
+        ConfigError: the model is not on a device the ops run on (Liger's: CUDA).
         ImportError: liger-kernel is not installed.
     """
+    device = next(model.parameters()).device
     if ops is None:
-        device = next(model.parameters()).device
         if device.type != "cuda":
             raise ConfigError(f"fusing runs Liger's Triton kernels, which need a CUDA device; this model is on {device}")
         ops = liger_ops()
+    elif device.type not in ops.devices:
+        raise ConfigError(f"these fused ops run on {', '.join(ops.devices)}; this model is on {device}")
     parts = FusedParts()
     rotary_families = {}
     for name, module in model.named_modules():
-        if hasattr(module, _ORIGINAL):
-            continue  # fused already
-        if _is_rms_norm(module) or _is_gated_mlp(module):
-            norm = _is_rms_norm(module)
-            if (_fuse_norm if norm else _fuse_mlp)(module, ops):
-                (parts.norms if norm else parts.mlps).append(name)
+        if (_is_rms_norm(module) or _is_gated_mlp(module)) and not hasattr(module, _ORIGINAL):  # (fused already)
+            why = _fuse(module, ops)
+            if why:
+                parts.skipped.append(f"{name}: {why}")
             else:
-                parts.skipped.append(f"{name}: differs from the module's own output")
+                (parts.norms if _is_rms_norm(module) else parts.mlps).append(name)
         head_dim = getattr(module, "head_dim", None)
         if isinstance(getattr(module, "q_proj", None), torch.nn.Linear) and isinstance(head_dim, int):
             rotary_families.setdefault(type(module).__module__, (head_dim, module.q_proj.weight))
     for modeling_name, (head_dim, weight) in rotary_families.items():
         modeling = sys.modules[modeling_name]
-        if hasattr(getattr(modeling, "apply_rotary_pos_emb", None), "_gsa_original"):
-            continue  # fused already (perhaps for another model of this family)
-        why = _fuse_rotary(modeling, head_dim, weight, ops)
-        (parts.skipped.append(f"{modeling_name}: {why}") if why else parts.rotary.append(modeling_name))
+        users = _ROTARY_USERS.setdefault(modeling_name, weakref.WeakSet())
+        if model in users:
+            continue  # fused already
+        if not hasattr(getattr(modeling, "apply_rotary_pos_emb", None), "_gsa_original"):
+            why = _fuse_rotary(modeling, head_dim, weight, ops)
+            if why:
+                parts.skipped.append(f"{modeling_name}: {why}")
+                continue
+        users.add(model)  # (a global fused for another model of this family serves this one too)
+        parts.rotary.append(modeling_name)
     return parts
 
 
 def unfuse(model: torch.nn.Module) -> None:
-    """Puts back every forward `fuse_model` replaced in `model`, and the rotary function of its
-    modeling modules (for every model of those families in the process)."""
+    """Puts back every forward `fuse_model` replaced in `model`; and the rotary function of its
+    modeling modules once no other fused model of that family uses it."""
     for module in model.modules():
-        if hasattr(module, _ORIGINAL):
-            original = module.__dict__.pop(_ORIGINAL)
-            if original is None:
-                del module.forward  # the class's own forward shows through again
-            else:
-                module.forward = original
-        if hasattr(module, "q_proj"):
-            modeling = sys.modules[type(module).__module__]
+        if module.__dict__.pop(_ORIGINAL, False):
+            del module.forward  # the class's own forward shows through again
+            del module._gsa_fused_ops
+    for modeling_name, users in _ROTARY_USERS.items():
+        if model in users:
+            users.discard(model)
+            modeling = sys.modules[modeling_name]
             fused = getattr(modeling, "apply_rotary_pos_emb", None)
-            if hasattr(fused, "_gsa_original"):
+            if not users and hasattr(fused, "_gsa_original"):
                 modeling.apply_rotary_pos_emb = fused._gsa_original
 
 
@@ -234,4 +269,4 @@ def torch_ops() -> FusedOps:
 
         return turn(q), turn(k)
 
-    return FusedOps(rms_norm, lambda gate, up: F.silu(gate) * up, rotary)
+    return FusedOps(rms_norm, lambda gate, up: F.silu(gate) * up, rotary, devices=("cpu", "cuda"))

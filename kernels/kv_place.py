@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gsa_rag.errors import UnsupportedModelError
+
 try:
     import triton
     import triton.language as tl
@@ -66,6 +68,9 @@ def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin) -> N
     else `place_rotated_ref`."""
     from gsa_rag.kernels.dispatch import head_dim_fits, use_kernels
 
+    if cos.shape[-1] != keys.shape[-1] or sin.shape != cos.shape:
+        raise UnsupportedModelError(f"rotations of width {cos.shape[-1]} for heads of {keys.shape[-1]}: "
+                                    "gist memory re-rotates whole heads (partial RoPE is not supported)")
     if KERNEL and triton is not None and use_kernels(keys.device) and head_dim_fits(keys.shape[-1]):
         place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos, sin)
     else:
@@ -128,6 +133,9 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
         raise ValueError("keys and values must be contiguous [L, 1, H, T, D] buffers of one shape and dtype")
     if D < 2 or D & (D - 1):
         raise ValueError(f"head dim {D}: the kernel takes a power of two (place_rotated_ref takes any even one)")
+    if cos.shape != (len(k_parts), D) or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must be [parts, head dim] = [{len(k_parts)}, {D}], got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
     N = len(columns)
     if N == 0:
         return

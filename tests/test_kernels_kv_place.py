@@ -104,6 +104,39 @@ def test_bad_buffers_are_refused():
         place_rotated_triton(odd_keys, odd_values, columns, owner, k_parts, v_parts, cos[:, :12], sin[:, :12])
 
 
+def test_rotations_narrower_than_the_heads_are_refused():
+    """Partial RoPE: the kernel would read past the rotation rows; both paths refuse instead."""
+    from gsa_rag.errors import UnsupportedModelError
+    from gsa_rag.kernels.kv_place import place_rotated
+
+    g = torch.Generator().manual_seed(6)
+    columns, owner, k_parts, v_parts, cos, sin = random_case(1, 2, 16, 20, [3, 4], torch.float32, g)
+    keys, values = poisoned(1, 2, 20, 16, torch.float32)
+    for mode in ("0", "1"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("GSA_RAG_KERNELS", mode)
+            with pytest.raises(UnsupportedModelError, match="whole heads"):
+                place_rotated(keys, values, columns, owner, k_parts, v_parts, cos[:, :4], sin[:, :4])
+    with pytest.raises(ValueError, match="parts, head dim"):
+        place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos[:1], sin[:1])
+
+
+def test_gist_memory_refuses_a_partial_rope_model_when_it_is_made():
+    from test_memory import tiny_model
+    from transformers import AutoTokenizer, StableLmConfig
+
+    from gsa_rag.config import GistConfig
+    from gsa_rag.engine import GistEngine
+    from gsa_rag.errors import UnsupportedModelError
+    from gsa_rag.memory import GistMemory
+    from gsa_rag.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    engine = GistEngine(tiny_model(tokenizer, family=StableLmConfig), tokenizer, GistConfig(chunk_size=4, sink=3))
+    with pytest.raises(UnsupportedModelError, match="partial RoPE"):
+        GistMemory(engine, progress=False)
+
+
 def test_gist_memory_assembles_a_question_through_the_kernel_as_through_the_reference(monkeypatch):
     """The question buffers of `GistMemory.prepare` are the same whichever path places them, and
     the kernel path really runs the kernel (a spy counts its calls)."""
