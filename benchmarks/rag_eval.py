@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="the first N questions (file order)")
     p.add_argument("--seed", type=int, default=0, help="seeds torch/random and the bootstrap")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--fuse", action="store_true", help="CUDA: the gist engine's model through Liger's fused norm, "
+                   "rotary and SiLU-gate kernels (gsa_rag.fused; pip install 'gsa-rag[fast]')")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--batch-size", type=int, default=8)
@@ -118,6 +120,8 @@ def resolve_adapter(args) -> str | None:
 
 def load_engine(args, adapter: str | None, dtype) -> GistEngine:
     kwargs = {"config": GistConfig(), "device": args.device, "dtype": dtype}
+    if getattr(args, "fuse", False):
+        kwargs["fuse"] = True
     if "adapter" in inspect.signature(GistEngine.from_pretrained).parameters:
         kwargs["adapter"] = adapter
     elif adapter is not None:

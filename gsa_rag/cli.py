@@ -150,6 +150,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--adapter", default="default",
                    help="gist adapter dir; 'default': the bundled one (default model only); 'none': no adapter")
+    p.add_argument("--fuse", action="store_true",
+                   help="CUDA: the model's norms, rotary and SiLU gates through Liger's fused kernels "
+                        "(pip install 'gsa-rag[fast]'; gsa_rag.fused)")
 
 
 def _engine(args):
@@ -160,7 +163,7 @@ def _engine(args):
     trained = adapter_config(adapter).to_dict() if adapter is not None else {}
     # the adapter fixes the layout it was trained with unless the command overrides it
     config = GistConfig(**{**GistConfig().to_dict(), **trained, **_gist_overrides(args)})
-    engine = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device)
+    engine = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device, fuse=args.fuse)
     args.adapter_used = str(adapter) if adapter is not None else None
     return engine
 
@@ -280,6 +283,16 @@ def main(argv: list[str] | None = None) -> None:
     _add_train_parser(sub)
 
     args = parser.parse_args(argv)
+    if getattr(args, "fuse", False):  # checked before the model loads
+        import importlib.util
+
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not str(device).startswith("cuda"):
+            parser.error(f"--fuse runs Liger's Triton kernels, which need CUDA; the model would run on {device}")
+        if importlib.util.find_spec("liger_kernel") is None:
+            parser.error("--fuse needs liger-kernel: pip install 'gsa-rag[fast]'")
     try:
         args.run(args)
     except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFound / FileExists / Permission, hub errors

@@ -112,6 +112,22 @@ def test_cli_device_cuda_without_cuda_is_a_usage_error(monkeypatch, data, no_run
     assert cli._device_arg("cpu") == "cpu"
 
 
+def test_cli_fuse_needs_cuda_and_liger_before_the_model_loads(monkeypatch, data, no_run, capsys):
+    import importlib.util
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _fails(["demo", "--fuse"], capsys)
+    assert "--fuse" in err and "CUDA" in err and "cpu" in err
+    err = _fails(["eval", str(data), "--fuse", "--device", "cpu"], capsys)
+    assert "--fuse" in err and "CUDA" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_device_arg", lambda text: text)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name, *a))
+    err = _fails(["ask", "Who?", "--passage", "Ada.", "--fuse"], capsys)
+    assert "liger-kernel" in err and "gsa-rag[fast]" in err
+
+
 @pytest.mark.parametrize(("option", "value"), [("--limit", "0"), ("--limit", "-3"), ("--limit", "x"),
                                                ("--batch-size", "-1"), ("--batch-size", "0")])
 def test_cli_eval_limit_and_batch_size_must_be_positive(option, value, data, no_run, capsys):
