@@ -92,10 +92,11 @@ def test_greedy_engine_tokens_equal_dynamic_cache(chunk_size, kernels, monkeypat
     and the same attended counts; kernels="1" runs the Triton decode kernels (the interpreter on
     the CPU) on the strided cache views."""
     monkeypatch.setenv("GSA_RAG_KERNELS", kernels)
-    model = tiny_model()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels run on CUDA, else in the interpreter
+    model = tiny_model().to(device)
     config = GistConfig(chunk_size=chunk_size, sink=2, top_k=2)
     layout = build_layout([random_segments(random.Random(seed), max_passages=4, max_len=40) for seed in range(2)],
-                          config, FakeTokenizer())
+                          config, FakeTokenizer()).to(device)
     params = SamplingParams(max_new_tokens=12)
     runs = {}
     for name, cache in (("dynamic", DynamicCache()), ("decode", None)):
