@@ -42,6 +42,7 @@ import torch
 from gsa_rag.decode_cache import DecodeCache
 from gsa_rag.errors import UnsupportedModelError
 from gsa_rag.host_kv import HostKV
+from gsa_rag.kernels.dispatch import to_device
 
 # rope types whose angle is (fixed inverse frequency) x position: rotations compose exactly
 EXACT_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn", "proportional"})
@@ -185,7 +186,7 @@ class GistCache(DecodeCache):
             self.layers.append(layer)
         self.num_layers = len(keys)
         self.pending_host: list[int] = pending.tolist()  # host copy (a read of the device here if pending is there)
-        pending = pending.to(keys[0].device)
+        pending = to_device(pending, keys[0].device)  # not waiting for the buffers' assembly to finish
         self.pending: torch.Tensor | None = pending if pending.numel() else None
         self._filled: set[int] = set()
         self._opened = (self.pending, T)  # what `reopen` restores

@@ -50,6 +50,17 @@ def _interpreter_compat() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`host.to(device)` that does not wait for the stream: a copy from pageable host memory into a
+    CUDA device is ordered after the kernels already queued there, and the host waits for them;
+    staged through pinned memory (PyTorch's caching host allocator keeps the block until the copy
+    is done) it is queued like a kernel and the host goes on."""
+    device = torch.device(device)
+    if device.type != "cuda" or host.device.type != "cpu":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def use_kernels(device: torch.device) -> bool:
     """Whether tensors on `device` take the Triton path (see the module docstring)."""
     mode = os.environ.get("GSA_RAG_KERNELS", "auto").strip().lower()

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from gsa_rag.errors import UnsupportedModelError
+from gsa_rag.kernels.dispatch import to_device
 
 try:
     import triton
@@ -155,7 +156,7 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
     tables[3 * N:3 * N + E] = torch.tensor([k.data_ptr() for k in k_parts])
     tables[3 * N + E:3 * N + 2 * E] = torch.tensor([v.data_ptr() for v in v_parts])
     tables[3 * N + 2 * E:] = torch.tensor([_part_strides(k, v) for k, v in zip(k_parts, v_parts, strict=True)]).flatten()
-    tables = tables.to(keys.device)
+    tables = to_device(tables, keys.device)  # queued behind the buffers' fill, not waited for
     meta, k_table = tables[:3 * N], tables[3 * N:3 * N + E]
     v_table, strides = tables[3 * N + E:3 * N + 2 * E], tables[3 * N + 2 * E:]
     grid = (triton.cdiv(N, block_n), L * H)

@@ -163,3 +163,16 @@ def test_gist_memory_assembles_a_question_through_the_kernel_as_through_the_refe
     for ref, got in zip(caches["0"].layers, caches["1"].layers, strict=True):
         assert torch.equal(ref.values, got.values)
         torch.testing.assert_close(got.keys, ref.keys, rtol=1e-6, atol=1e-6)
+
+
+def test_to_device_copies_what_it_is_given():
+    """dispatch.to_device: on CUDA through pinned memory without waiting for the stream (queued
+    behind a kernel that is still running), elsewhere a plain copy; the values arrive either way."""
+    host = torch.arange(1000, dtype=torch.int64)
+    assert torch.equal(dispatch.to_device(host, "cpu"), host)
+    if torch.cuda.is_available():
+        busy = torch.randn(4096, 4096, device="cuda")
+        busy @ busy  # noqa: B018  (a kernel still running when the copy is queued)
+        got = dispatch.to_device(host, "cuda")
+        host += 1  # the copy was staged: changing the source afterwards does not reach it
+        assert torch.equal(got.cpu(), torch.arange(1000, dtype=torch.int64))
