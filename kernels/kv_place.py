@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from gsa_rag.kernels.dispatch import to_device
 
 from gsa_rag.errors import UnsupportedModelError
-from gsa_rag.kernels.dispatch import to_device
 
 try:
     import triton

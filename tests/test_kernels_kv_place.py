@@ -106,8 +106,9 @@ def test_bad_buffers_are_refused():
 
 def test_rotations_narrower_than_the_heads_are_refused():
     """Partial RoPE: the kernel would read past the rotation rows; both paths refuse instead."""
-    from gsa_rag.errors import UnsupportedModelError
     from gsa_rag.kernels.kv_place import place_rotated
+
+    from gsa_rag.errors import UnsupportedModelError
 
     g = torch.Generator().manual_seed(6)
     columns, owner, k_parts, v_parts, cos, sin = random_case(1, 2, 16, 20, [3, 4], torch.float32, g)
@@ -172,7 +173,7 @@ def test_to_device_copies_what_it_is_given():
     assert torch.equal(dispatch.to_device(host, "cpu"), host)
     if torch.cuda.is_available():
         busy = torch.randn(4096, 4096, device="cuda")
-        busy @ busy  # noqa: B018  (a kernel still running when the copy is queued)
+        busy @ busy  # a kernel still running when the copy is queued
         got = dispatch.to_device(host, "cuda")
         host += 1  # the copy was staged: changing the source afterwards does not reach it
         assert torch.equal(got.cpu(), torch.arange(1000, dtype=torch.int64))
