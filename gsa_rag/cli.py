@@ -86,15 +86,18 @@ def _check_out_path(out: str) -> None:
         raise PermissionError(f"--out {out}: folder {parent} is not writable: pick another path")
 
 
-def _check_data(args) -> None:
+def _check_data(args) -> list | None:
     """Reads a local data set before the model loads: a missing file, a bad line or no examples
-    at all fail now, not after minutes of loading (public hf: sets are checked by `evaluate`)."""
+    at all fail now, not after minutes of loading (public hf: sets are read and checked by
+    `evaluate`). Returns the examples (None for an hf: set), for `evaluate` to use."""
     from gsa_rag.eval.data import HF_PREFIX, load_examples
 
     if str(args.data).startswith(HF_PREFIX):
-        return
-    if not load_examples(args.data, split=args.split, limit=args.limit):
+        return None
+    examples = load_examples(args.data, split=args.split, limit=args.limit)
+    if not examples:
         raise ValueError(f"{args.data} ({args.split}) holds no examples: give a JSONL file with at least one")
+    return examples
 
 
 def _add_hierarchy_args(p: argparse.ArgumentParser) -> None:
@@ -195,10 +198,10 @@ def _eval(args) -> None:
 
     if args.out:
         _check_out_path(args.out)  # before the run: a finished report must not be lost to a bad path
-    _check_data(args)
+    examples = _check_data(args)
     engine = _engine(args)
     report = evaluate(engine, args.data, split=args.split, limit=args.limit, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, examples=examples)
     report["summary"]["adapter"] = args.adapter_used
     print(json.dumps(report["summary"], indent=2))
     if args.out:

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+import gsa_rag.eval.data as eval_data
 import gsa_rag.eval.run as eval_run
 from gsa_rag import cli
 from gsa_rag.cli import main
@@ -75,11 +76,19 @@ def test_cli_eval_out_written_when_the_path_is_free(data, tmp_path, monkeypatch,
         return Engine()
 
     monkeypatch.setattr(cli, "_engine", fake_engine)
-    monkeypatch.setattr(eval_run, "evaluate", lambda engine, data, **kw: {"summary": {"n": 1, **kw}, "examples": []})
+    def fake_evaluate(engine, data, examples=None, **kw):
+        return {"summary": {"n": len(examples), "questions": [ex.question for ex in examples], **kw}, "examples": []}
+
+    monkeypatch.setattr(eval_run, "evaluate", fake_evaluate)
+    reads = []
+    real_load = eval_data.load_examples
+    monkeypatch.setattr(eval_data, "load_examples", lambda *a, **k: reads.append(a) or real_load(*a, **k))
     out = tmp_path / "report.json"
     main(["eval", str(data), "--out", str(out), "--limit", "1", "--batch-size", "2"])
     report = json.loads(out.read_text())
     assert report["summary"]["n"] == 1 and report["summary"]["limit"] == 1 and report["summary"]["batch_size"] == 2
+    assert report["summary"]["questions"] == [EXAMPLE["question"]]  # the examples checked up front, passed on
+    assert len(reads) == 1  # the set is read once
     assert f"wrote {out}" in capsys.readouterr().out
 
 

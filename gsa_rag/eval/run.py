@@ -23,13 +23,17 @@ def _attended_keys(state) -> list[float]:
 
 
 def evaluate(engine, data: str, *, split: str = "dev", limit: int | None = None, batch_size: int = 8,
-             max_new_tokens: int = 32) -> dict:
+             max_new_tokens: int = 32, examples: list | None = None) -> dict:
     """Greedy answers and best-subspan EM / F1 / EM for `data` (a set name or a JSONL path).
+
+    `examples`: `load_examples(data, split=split, limit=limit)` when the caller has read them
+    already (`gsa-rag eval` checks a local set before the model loads); None reads them here.
 
     Returns:
         {"summary": {...}, "examples": [{id, question, answers, prediction, em, ...}]}
     """
-    examples = load_examples(data, split=split, limit=limit)
+    if examples is None:
+        examples = load_examples(data, split=split, limit=limit)
     rows = []
     start = time.perf_counter()
     for i in tqdm(range(0, len(examples), batch_size), desc=f"eval {data}", unit="batch"):
