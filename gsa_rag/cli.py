@@ -205,9 +205,10 @@ def _eval(args) -> None:
     report["summary"]["adapter"] = args.adapter_used
     print(json.dumps(report["summary"], indent=2))
     if args.out:
-        with open(args.out, "x") as f:  # never overwrite a saved result
+        out = Path(args.out).expanduser()  # as _check_out_path checked it
+        with open(out, "x") as f:  # never overwrite a saved result
             json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+        print(f"wrote {out}")
 
 
 def _train(args) -> None:

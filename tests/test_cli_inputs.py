@@ -89,6 +89,10 @@ def test_cli_eval_out_written_when_the_path_is_free(data, tmp_path, monkeypatch,
     assert report["summary"]["n"] == 1 and report["summary"]["limit"] == 1 and report["summary"]["batch_size"] == 2
     assert report["summary"]["questions"] == [EXAMPLE["question"]]  # the examples checked up front, passed on
     assert len(reads) == 1  # the set is read once
+    # ~ is expanded when the report is written, as when --out was checked (not a folder named "~")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    main(["eval", str(data), "--out", "~/home_report.json"])
+    assert (tmp_path / "home_report.json").is_file()
     assert f"wrote {out}" in capsys.readouterr().out
 
 

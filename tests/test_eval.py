@@ -53,6 +53,11 @@ def test_exact_match():
     assert exact_match("The Eiffel Tower.", ["eiffel tower"]) == 1.0
     assert exact_match("the Eiffel Tower in Paris", ["Eiffel Tower"]) == 0.0
     assert exact_match("Boyd, William", ["William Boyd", "boyd william"]) == 1.0
+    # TriviaQA has aliases like "(a" that normalise to nothing: they match no prediction
+    for prediction in ("", "A.", "The"):
+        assert exact_match(prediction, ["(a", ".a"]) == 0.0
+        assert token_f1(prediction, ["(a", ".a"]) == 0.0
+    assert exact_match("Abba", ["(a", "ABBA"]) == 1.0 and token_f1("Abba", ["(a", "ABBA"]) == 1.0
 
 
 def test_token_f1():
@@ -65,7 +70,7 @@ def test_token_f1():
     # a repeated token matches only as often as the gold has it: p = 1/3, r = 1, f1 = 0.5
     assert token_f1("dog dog dog", ["dog"]) == pytest.approx(0.5)
     assert token_f1("", ["red"]) == 0.0
-    assert token_f1("the", ["a"]) == 1.0  # both normalise to empty
+    assert token_f1("the", ["a"]) == 0.0  # an answer that normalises to nothing matches nothing
     assert token_f1("red", []) == 0.0
 
 
@@ -148,6 +153,13 @@ def test_load_jsonl_bad_line_names_file_and_line(tmp_path, bad_line):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(_record(0)) + "\n" + json.dumps(_record(1)) + "\n" + bad_line + "\n")
     with pytest.raises(ValueError, match=r"broken\.jsonl:3:"):
+        load_examples(path)
+
+
+def test_load_jsonl_refuses_a_repeated_id(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text("\n".join(json.dumps(_record(i % 2)) for i in range(3)) + "\n")
+    with pytest.raises(ValueError, match=r"dup\.jsonl:3: example id 'x-0' repeats line 1"):
         load_examples(path)
 
 

@@ -461,3 +461,22 @@ def test_hierarchical_selection_loss_is_the_mean_over_levels_of_the_hand_compute
     selection.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads) and any(bool(g.any()) for g in grads)
+
+
+def test_rag_examples_take_a_named_set_train_split_and_refuse_rows_without_answers(tiny, tmp_path, monkeypatch):
+    """`gsa-rag train sft --data nq` trains on nq/train.jsonl, never on the dev file that is
+    evaluated; a row without answers is refused by name instead of failing on answers[0]."""
+    _, tok = tiny
+    record = {"id": "t", "question": "Which train question?", "answers": ["yes"], "source": "test",
+              "passages": [{"title": "T", "text": "A passage.", "is_gold": True}]}
+    (tmp_path / "nq").mkdir()
+    (tmp_path / "nq" / "train.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "nq" / "dev.jsonl").write_text(json.dumps(dict(record, id="d", question="Which dev question?")) + "\n")
+    monkeypatch.setenv("GSA_RAG_DATA", str(tmp_path))
+    (example,) = rag_examples(["nq"], tok)
+    text = tok.decode([i for seg in example.segments for i in seg.ids])
+    assert "Which train question?" in text and "dev question" not in text
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps(dict(record, id="no-answer", answers=[])) + "\n")
+    with pytest.raises(ValueError, match="'no-answer' has no answers"):
+        rag_examples([str(empty)], tok)

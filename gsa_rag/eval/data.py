@@ -109,7 +109,15 @@ def load_examples(path_or_name: str | os.PathLike, split: str = "dev", limit: in
     if str(path_or_name).startswith(HF_PREFIX):
         return load_hf_examples(str(path_or_name)[len(HF_PREFIX) :], split=split, limit=limit)
     path = resolve_path(path_or_name, split)
-    return [example for _, example in _parse_jsonl(path, parse_example, "example", limit)]
+    examples, first_line = [], {}
+    for lineno, example in _parse_jsonl(path, parse_example, "example", limit):
+        # results, rankings and resumed runs are keyed by id: a repeated one would mix two questions up
+        if example.id in first_line:
+            raise ValueError(f"{path}:{lineno}: example id {example.id!r} repeats line {first_line[example.id]}; "
+                             "ids must be unique")
+        first_line[example.id] = lineno
+        examples.append(example)
+    return examples
 
 
 def _parse_jsonl(path: Path, parse, what: str, limit: int | None = None):

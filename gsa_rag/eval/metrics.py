@@ -46,14 +46,19 @@ def best_subspan_em(prediction: str, answers: Sequence[str]) -> float:
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals any normalised answer, else 0.0."""
+    """1.0 if the normalised prediction equals any normalised answer, else 0.0.
+
+    Answers that normalise to nothing (an alias like "(a") are skipped, as in `best_subspan_em`:
+    else an empty prediction, or "The", would match them.
+    """
     pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(gold) for gold in answers))
+    return float(any(gold and pred == gold for gold in map(normalize_answer, answers)))
 
 
 def token_f1(prediction: str, answers: Sequence[str]) -> float:
-    """SQuAD token F1 of the prediction against its best-matching answer (0.0 with no answers)."""
-    return max((_f1(prediction, gold) for gold in answers), default=0.0)
+    """SQuAD token F1 of the prediction against its best-matching answer (0.0 with no answers;
+    answers that normalise to nothing are skipped, as in `exact_match`)."""
+    return max((_f1(prediction, gold) for gold in answers if normalize_answer(gold)), default=0.0)
 
 
 def _f1(prediction: str, gold: str) -> float:

@@ -147,7 +147,10 @@ def rag_examples(paths, tokenizer, max_prompt_tokens: int | None = None, seed: i
     rng = random.Random(seed)
     out = []
     for path in paths:
-        for ex in load_examples(path):
+        # a set name means its train split (load_examples' default, dev, is what gets evaluated)
+        for ex in load_examples(path, split="train"):
+            if not ex.answers:
+                raise ValueError(f"{path}: example {ex.id!r} has no answers; SFT trains on the first answer")
             passages = list(ex.passages)
             example = rag_example(tokenizer, ex.question, passages, ex.answers[0], link_ids=link_ids)
             while max_prompt_tokens and _length(example) > max_prompt_tokens and passages:
