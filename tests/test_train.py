@@ -197,6 +197,64 @@ def test_checkpoint_round_trip_and_resume(tiny_dir, tmp_path, monkeypatch):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: the run must be refused before it."""
+    import gsa_rag.models
+
+    monkeypatch.setattr(gsa_rag.models, "load_model", lambda *a, **k: pytest.fail("the run went on to load the model"))
+
+
+def test_a_new_run_needs_an_empty_output_and_a_resumed_one_its_own_settings(tmp_path, no_model_load):
+    args = TrainArgs(stage="cpt", output=str(tmp_path / "run"), data=["x.txt"], steps=4, lr=1e-4)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.md").write_text("the user's")
+    with pytest.raises(FileExistsError, match="not empty"):
+        train(args)
+    assert (run / "notes.md").read_text() == "the user's"
+    # an interrupted run's checkpoint: a fresh run there is refused, a resume must match its settings
+    (run / "notes.md").unlink()
+    step = run / "checkpoints" / "step-0000002"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"args": json.loads(json.dumps(dataclasses.asdict(args), default=str))}))
+    with pytest.raises(FileExistsError, match="add --resume"):
+        train(args)
+    for changed in ({"lr": 1e-5}, {"gist": {"chunk_size": 4}}, {"lora_r": 8}, {"data": ["y.txt"]}):
+        with pytest.raises(ValueError, match=f"{next(iter(changed))}: .* there, .* now"):
+            train(dataclasses.replace(args, resume=True, **changed))
+    with pytest.raises(FileExistsError, match="holds no checkpoint"):
+        train(dataclasses.replace(args, resume=True, output=str(tmp_path)))  # a folder of other files
+
+
+@pytest.mark.parametrize("bad", [{"steps": 0}, {"grad_accum": 0}, {"log_every": 0}, {"batch_size": -1},
+                                 {"max_blocks": 0}, {"save_every": -1}, {"steps": 2.5}])
+def test_counts_are_refused_before_the_model_loads(bad, tmp_path, no_model_load):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        train(TrainArgs(stage="cpt", output=str(tmp_path / "run"), data=["x.txt"], **bad))
+
+
+def test_an_init_adapter_keeps_its_lora_rank_and_the_manifest_says_so(tmp_path):
+    from gsa_rag.train.loop import _lora_from_init_adapter
+
+    adapter = tmp_path / "stage1"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    args = TrainArgs(stage="sft", output="out", init_adapter=str(adapter))
+    kept = _lora_from_init_adapter(args)
+    assert (kept.lora_r, kept.lora_alpha) == (8, 16)
+    with pytest.raises(ValueError, match="--lora-r 4: --init-adapter continues .* lora_r = 8"):
+        _lora_from_init_adapter(dataclasses.replace(args, lora_r=4))
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_not_broadcast(tmp_path):
+    small, large = torch.nn.Linear(4, 1), torch.nn.Linear(4, 16)
+    optimizer = torch.optim.AdamW(small.parameters())
+    path = save_checkpoint(tmp_path, small, optimizer, None, step=1, args={})
+    with pytest.raises(ValueError, match=r"weight is \(1, 4\) in the checkpoint, \(16, 4\) here"):
+        load_checkpoint(path, large, torch.optim.AdamW(large.parameters()), None)
+
+
 def test_checkpoint_restores_parameters_and_optimizer(tiny, tmp_path):
     model, tok = tiny
     config = GistConfig(chunk_size=4, sink=2)

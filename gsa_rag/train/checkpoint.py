@@ -112,6 +112,10 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> int:
     saved = load_file(str(path / "trainable.safetensors"))
     if set(saved) != set(params):
         raise ValueError(f"{path}: the checkpoint's trainable parameters do not match this model/adapter setup")
+    for name, p in params.items():  # copy_ would broadcast a smaller tensor (another LoRA rank) into p
+        if tuple(saved[name].shape) != tuple(p.shape):
+            raise ValueError(f"{path}: {name} is {tuple(saved[name].shape)} in the checkpoint, {tuple(p.shape)} here "
+                             "(another LoRA rank or model?)")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(_like(saved[name], p))

@@ -123,6 +123,70 @@ def _resolve_init_adapter(args: TrainArgs) -> TrainArgs:
     return replace(args, init_adapter=str(bundled))
 
 
+# fields that define a run: a resumed run must be given the same ones (the others, such as
+# log_every, save_every, max_minutes or gradient_checkpointing, may change between sessions)
+_RUN_FIELDS = ("stage", "data", "base", "init_adapter", "gist", "full", "lora_r", "lora_alpha", "lr", "steps",
+               "batch_size", "grad_accum", "warmup", "seed", "block_tokens", "tail_tokens", "max_blocks",
+               "max_prompt_tokens", "reuse", "num_links", "selection_loss", "selection_rows", "selection_target")
+
+
+def _check_counts(args: TrainArgs) -> None:
+    """Counts that must be positive, refused before the model loads (0 would divide by zero, or
+    train nothing and still write an adapter)."""
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "lora_r", "lora_alpha", "block_tokens"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    for name in ("save_every", "warmup", "tail_tokens", "max_prompt_tokens"):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if args.max_blocks is not None and (isinstance(args.max_blocks, bool) or args.max_blocks < 1):
+        raise ValueError(f"max_blocks must be >= 1 (leave it out for no limit), got {args.max_blocks!r}")
+
+
+def _check_output(args: TrainArgs, output: Path) -> None:
+    """A new run writes into an empty (or new) folder, so that nothing there is overwritten and no
+    other run's checkpoints are picked up later; `resume` continues the run whose checkpoints are
+    there, given the same run-defining settings."""
+    from gsa_rag.adapters import MANIFEST
+
+    if (output / MANIFEST).exists():
+        raise FileExistsError(f"{output} already holds a trained adapter; choose another --output (nothing was overwritten)")
+    last = latest_checkpoint(output / "checkpoints")
+    if not args.resume:
+        if output.exists() and any(output.iterdir()):
+            raise FileExistsError(f"{output} is not empty: a new run needs an empty or new --output (to continue a run "
+                                  "interrupted there, add --resume)")
+        return
+    if last is None:
+        if output.exists() and any(output.iterdir()):
+            raise FileExistsError(f"--resume: {output} holds no checkpoint of an interrupted run, and is not empty")
+        return
+    saved = json.loads((last / "state.json").read_text()).get("args", {})
+    given = json.loads(json.dumps(asdict(args), default=str))  # as the checkpoint stored them
+    changed = [f"{k}: {saved.get(k)!r} there, {given[k]!r} now" for k in _RUN_FIELDS if saved.get(k) != given[k]]
+    if changed:
+        raise ValueError(f"--resume: {last} was written with other settings ({'; '.join(changed)}); resume with "
+                         "the same ones, or start a new run in another --output")
+
+
+def _lora_from_init_adapter(args: TrainArgs) -> TrainArgs:
+    """With --init-adapter the LoRA rank and alpha are the adapter's: recorded as such in the
+    manifest; other values given explicitly are refused (they would be ignored)."""
+    if not args.init_adapter or args.full:
+        return args
+    peft_config = json.loads((Path(args.init_adapter) / "adapter_config.json").read_text())
+    r, alpha = peft_config.get("r"), peft_config.get("lora_alpha")
+    defaults = TrainArgs(stage=args.stage, output=args.output)
+    for name, value, default, kept in (("lora_r", args.lora_r, defaults.lora_r, r),
+                                       ("lora_alpha", args.lora_alpha, defaults.lora_alpha, alpha)):
+        if value != default and value != kept:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: --init-adapter continues {args.init_adapter}, whose "
+                             f"LoRA keeps {name} = {kept}; leave the option out")
+    return replace(args, lora_r=r, lora_alpha=alpha)
+
+
 def _wrap_trainable(model, tokenizer, args: TrainArgs, config: GistConfig):
     if args.full:
         model.requires_grad_(True)
@@ -184,18 +248,19 @@ def train(args: TrainArgs) -> Path:
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    from gsa_rag.adapters import MANIFEST, adapter_config, base_fingerprint, check_base
+    from gsa_rag.adapters import adapter_config, base_fingerprint, check_base
     from gsa_rag.models import load_model
 
     args = _resolve_init_adapter(args)
     output = Path(args.output)
-    if (output / MANIFEST).exists():
-        raise FileExistsError(f"{output} already holds a trained adapter; choose another --output (nothing was overwritten)")
+    _check_counts(args)
     if args.full and args.init_adapter:
         raise ValueError("--full trains a whole model: continue from an earlier full run with --base, not --init-adapter")
     if args.reuse and args.stage != "sft":
         raise ValueError("--reuse trains the gist-memory (KV reuse) layout of RAG examples: use it with `train sft`")
     _check_selection_args(args)
+    args = _lora_from_init_adapter(args)
+    _check_output(args, output)
     # stage 2 keeps stage 1's layout; explicitly given gist options (e.g. top_k) override it
     base_config = adapter_config(args.init_adapter).to_dict() if args.init_adapter else {}
     config = GistConfig(**{**base_config, **args.gist})
