@@ -131,16 +131,28 @@ def load_engine(args, adapter: str | None, dtype) -> GistEngine:
 
 
 def run_key(args, examples, adapter, dtype_name: str) -> dict:
+    """What a resumed results file must share with this run: the questions (ids_sha, which reports
+    also merge runs by), their answers and passages (content_sha), and the settings that change
+    answers or timings."""
     ids = hashlib.sha256("\n".join(f"{ex.id}\x00{ex.question}" for ex in examples).encode()).hexdigest()[:16]
+    content = json.dumps([[ex.answers, [[p.title, p.text, p.is_gold] for p in ex.passages]] for ex in examples])
     return {"data": args.data, "split": args.split, "ids_sha": ids, "n": len(examples),
+            "content_sha": hashlib.sha256(content.encode()).hexdigest()[:16],
             "model": args.model or "default", "adapter": adapter, "dtype": dtype_name,
-            "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+            "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
+            "device": args.device, "corpus": args.corpus, "fuse": bool(getattr(args, "fuse", False))}
 
 
 def load_previous(path: Path, key: dict, fresh: bool) -> dict | None:
     if fresh or not path.is_file():
         return None
-    previous = json.loads(path.read_text())
+    try:
+        previous = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        previous = None
+    if not isinstance(previous, dict) or previous.get("kind") != "rag_eval":
+        raise SystemExit(f"rag_eval: {path} is not a rag_eval results file; pass --out for another file "
+                         "(nothing was overwritten)")
     if previous.get("format_version") != FORMAT_VERSION or previous.get("run_key") != key:
         raise SystemExit(f"rag_eval: {path} holds a different run ({previous.get('run_key')}); "
                          "pass --fresh to replace it or --out for another file")

@@ -604,9 +604,26 @@ def test_script_writes_json_table_and_plots_and_resumes(tiny_model_dir, data_fil
     fresh = rag_eval.main([*common, "--methods", "gsa", "--no-plots", "--fresh"])
     assert [r["prediction"] for r in fresh["methods"][0]["results"]] == \
         [r["prediction"] for r in data["methods"][1]["results"]]
-    # another run into the same file is refused
+    # another run into the same file is refused: other settings, or other passages for the same questions
     with pytest.raises(SystemExit, match="different run"):
         rag_eval.main([*common, "--methods", "gsa", "--max-new-tokens", "4"])
+    def changed(option, value):  # common with one option's value replaced
+        at = common.index(option)
+        return [*common[: at + 1], value, *common[at + 2 :]]
+
+    with pytest.raises(SystemExit, match="different run"):
+        rag_eval.main([*changed("--batch-size", "4"), "--methods", "gsa"])
+    lines = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
+    lines[0]["passages"] = lines[0]["passages"][:1]
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(SystemExit, match="different run"):
+        rag_eval.main([*changed("--data", str(fewer)), "--methods", "gsa"])
+    not_results = tmp_path / "notes.jsonl"
+    not_results.write_text('{"a": 1}\n{"b": 2}\n')
+    with pytest.raises(SystemExit, match="not a rag_eval results file"):
+        rag_eval.main([*changed("--out", str(not_results)), "--methods", "gsa"])
+    assert not_results.read_text() == '{"a": 1}\n{"b": 2}\n'
 
     report = _script("report")
     capsys.readouterr()
