@@ -645,10 +645,21 @@ def test_script_writes_json_table_and_plots_and_resumes(tiny_model_dir, data_fil
     n_methods = len(other_data["methods"])
     assert summary[0].startswith("| method | ") and len(summary) == 2 + 2 * n_methods  # header, rule, rows
     assert (tmp_path / f"{data['run']['data_tag']}.budget.png").is_file()
+    from gsa_rag.eval.rag_report import merge_runs, summary_table, title
+
+    # runs of two models (same adapter) keep one row each, and the title names both
+    base = json.loads(out.read_text())
+    bigger = json.loads(json.dumps(base))
+    bigger["run"]["model"] = "/models/bigger"
+    bigger["methods"][0]["summary"]["subspan_em"] = 55.0
+    merged = merge_runs([base, bigger])
+    labels = [m["label"] for m in merged["methods"]]
+    assert len(set(labels)) == len(labels) and any(label.endswith(" · bigger") for label in labels)
+    assert "55.0" in summary_table([merged]) and "bigger" in title(merged)
+    with pytest.raises(ValueError, match="two runs with the same settings"):
+        merge_runs([base, json.loads(json.dumps(base))])
     other_data["run"]["ids_sha"] = "another question set"
     with pytest.raises(ValueError, match="different questions"):
-        from gsa_rag.eval.rag_report import merge_runs
-
         merge_runs([json.loads(out.read_text()), other_data])
 
 

@@ -42,14 +42,23 @@ def merge_runs(results: list[dict]) -> dict:
             raise ValueError(f"cannot merge runs over different questions: {first['data_tag']} ({first['n']}) "
                              f"and {run['data_tag']} ({run['n']})")
     adapters = {_adapter_name(r["run"]) for r in results}
-    methods = []
+    # what tells the runs apart goes into every label ("full attention · full-sft"), so rows of
+    # one method from different runs never collide
+    varying = [(field, tag) for field, tag in _RUN_TAGS if len({tag(r["run"]) for r in results}) > 1]
+    methods, seen = [], set()
     for r in results:
-        name = _adapter_name(r["run"])
+        suffix = " · ".join(tag(r["run"]) for _, tag in varying)
         for m in r["methods"]:
-            label = f"{m['label']} · {name}" if len(adapters) > 1 else m["label"]
-            methods.append({**m, "label": label, "adapter": name, "batch_size": r["run"]["batch_size"]})
+            label = f"{m['label']} · {suffix}" if suffix else m["label"]
+            if label in seen:
+                raise ValueError(f"cannot merge: {label!r} comes from two runs with the same settings")
+            seen.add(label)
+            methods.append({**m, "label": label, "adapter": _adapter_name(r["run"]), "batch_size": r["run"]["batch_size"]})
     merged = {**results[0], "methods": methods}
     merged["run"] = {**first, "batch_size": "/".join(sorted({str(r["run"]["batch_size"]) for r in results}))}
+    for field, _ in varying:
+        if field != "adapter":  # the title names every run's value
+            merged["run"][field] = "/".join(sorted({str(r["run"][field]) for r in results}))
     if len(adapters) > 1:
         merged["run"].update(adapter=None, adapters=sorted(adapters))
     return merged
@@ -57,6 +66,15 @@ def merge_runs(results: list[dict]) -> dict:
 
 def _adapter_name(run: dict) -> str:
     return Path(run["adapter"]).name if run.get("adapter") else "untrained"
+
+
+_RUN_TAGS = (  # (run field, how a label names it)
+    ("model", lambda run: Path(str(run["model"])).name),
+    ("adapter", _adapter_name),
+    ("dtype", lambda run: str(run["dtype"])),
+    ("max_new_tokens", lambda run: f"{run['max_new_tokens']} new tokens"),
+    ("seed", lambda run: f"seed {run['seed']}"),
+)
 
 
 def summary_table(merged: list[dict]) -> str:
