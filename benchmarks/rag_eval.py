@@ -184,6 +184,11 @@ def main(argv=None) -> dict | None:
     tag = data_tag(args.data, args.split)
     ctx = RunContext(data=tag, num_layers=0, retrieval_dir=args.retrieval_dir, embed_device=args.embed_device,
                      load_corpus=lambda: load_corpus(args.corpus))
+    for spec in specs:  # every method's settings checked now, not when its turn comes after the others ran
+        try:
+            parse_spec(spec).gist_config(ctx)
+        except ValueError as error:
+            raise SystemExit(f"rag_eval: --methods {spec}: {error}") from None
 
     if args.prepare_retrieval:
         for spec in specs:

@@ -624,6 +624,10 @@ def test_script_writes_json_table_and_plots_and_resumes(tiny_model_dir, data_fil
     with pytest.raises(SystemExit, match="not a rag_eval results file"):
         rag_eval.main([*changed("--out", str(not_results)), "--methods", "gsa"])
     assert not_results.read_text() == '{"a": 1}\n{"b": 2}\n'
+    for bad in ("gsa:policy=adaptve", "gsa:k=0", "gist-only:chunk=-3"):  # refused before any method runs
+        with pytest.raises(SystemExit, match=f"--methods {bad}: "):
+            rag_eval.main([*changed("--out", str(tmp_path / "never.json")), "--methods", f"closed-book,{bad}"])
+    assert not (tmp_path / "never.json").exists()
 
     report = _script("report")
     capsys.readouterr()
