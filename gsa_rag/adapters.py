@@ -64,6 +64,17 @@ def adapter_config(adapter_dir: str | Path) -> GistConfig:
     return GistConfig.from_dict(read_manifest(adapter_dir)["gist_config"])
 
 
+def trained_manifest_dir(model, adapter) -> Path | None:
+    """Where the gist config a model was trained with is written: the adapter's folder, or, with
+    no adapter, a model folder that `gsa-rag train --full` wrote (its weights beside a manifest);
+    None when neither holds one."""
+    if adapter is not None:
+        return Path(adapter)
+    if model is not None and (Path(str(model)).expanduser() / MANIFEST).is_file():
+        return Path(str(model)).expanduser()
+    return None
+
+
 def write_manifest(adapter_dir: str | Path, *, base_model: str, fingerprint: str, config: GistConfig, **extra) -> None:
     manifest = {"format_version": FORMAT_VERSION, "base_model": base_model, "base_fingerprint": fingerprint,
                 "gist_config": config.to_dict(), **extra}

@@ -159,15 +159,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine(args):
-    from gsa_rag.adapters import adapter_config, bundled_default_adapter
+    from gsa_rag.adapters import (
+        adapter_config,
+        bundled_default_adapter,
+        trained_manifest_dir,
+    )
     from gsa_rag.engine import GistEngine
 
     adapter = {"none": None, "default": bundled_default_adapter() if args.model is None else None}.get(args.adapter, args.adapter)
-    trained = adapter_config(adapter).to_dict() if adapter is not None else {}
+    manifest_dir = trained_manifest_dir(args.model, adapter)  # a --full run's model folder holds one too
+    trained = adapter_config(manifest_dir).to_dict() if manifest_dir is not None else {}
     # the adapter fixes the layout it was trained with unless the command overrides it
     config = GistConfig(**{**GistConfig().to_dict(), **trained, **_gist_overrides(args)})
     engine = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device, fuse=args.fuse)
     args.adapter_used = str(adapter) if adapter is not None else None
+    args.fully_trained = manifest_dir is not None and adapter is None
     return engine
 
 
@@ -175,7 +181,8 @@ def _demo(args) -> None:
     demo = json.loads(resources.files("gsa_rag").joinpath("data/demo_passages.json").read_text())
     question = args.question or demo["question"]
     engine = _engine(args)
-    trained = f"adapter {args.adapter_used}" if args.adapter_used else "no adapter: untrained gists"
+    trained = (f"adapter {args.adapter_used}" if args.adapter_used else
+               "fully fine-tuned (gsa-rag train --full)" if args.fully_trained else "no adapter: untrained gists")
     print(f"model: {engine.model.config.model_type}, {engine.config.chunk_size}x gists, top-{engine.config.top_k}, {trained}")
     print(f"question: {question}")
     for p in demo["passages"]:

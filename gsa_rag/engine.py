@@ -67,8 +67,8 @@ class GistEngine:
 
         Args:
             model: HF id, local directory, or path to a .gguf file; None for the default model.
-            config: GistConfig; default: the adapter's (the one it was trained with), else
-                GistConfig().
+            config: GistConfig; default: the one the adapter was trained with (or a model
+                folder written by `gsa-rag train --full`), else GistConfig().
             gguf_file: GGUF file name inside `model` (a directory or repo).
             adapter: a gist adapter directory (from `gsa-rag train`); "default" uses the
                 trained adapter bundled for the default model when `model` is None and the
@@ -79,18 +79,26 @@ class GistEngine:
                 Liger's fused kernels (`pip install "gsa-rag[fast]"`; gsa_rag.fused). `engine.fused`
                 then lists what was fused.
         """
-        from gsa_rag.adapters import adapter_config, apply_adapter, base_fingerprint, bundled_default_adapter, read_manifest
+        from gsa_rag.adapters import (
+            adapter_config,
+            apply_adapter,
+            base_fingerprint,
+            bundled_default_adapter,
+            read_manifest,
+            trained_manifest_dir,
+        )
         from gsa_rag.models import load_model
 
         if adapter == "default":
             adapter = bundled_default_adapter() if model is None else None
+        trained = trained_manifest_dir(model, adapter)
         if config is None:
-            config = adapter_config(adapter) if adapter is not None else GistConfig()
+            config = adapter_config(trained) if trained is not None else GistConfig()
         lm, tokenizer = load_model(model, gguf_file=gguf_file, gist_config=config, dtype=dtype, device=device)
         if adapter is not None:
             lm = apply_adapter(lm, adapter, base_fingerprint(lm))
         engine = cls(lm, tokenizer, config)
-        engine.adapter = read_manifest(adapter) if adapter is not None else None
+        engine.adapter = read_manifest(trained) if trained is not None else None
         if fuse:
             from gsa_rag.fused import fuse_model
 

@@ -369,6 +369,16 @@ def test_full_fine_tuning_and_gradient_checkpointing(tiny_dir, tmp_path):
                           gradient_checkpointing=True))
     engine = GistEngine.from_pretrained(str(out), adapter=None, config=config, device="cpu")
     assert isinstance(engine.generate("When was the Vasa raised?", PASSAGES, max_new_tokens=2), str)
+    # without a config the model's own folder says how it was trained (as an adapter's does)
+    own = GistEngine.from_pretrained(str(out), adapter=None, device="cpu")
+    assert own.config.chunk_size == 4 and own.adapter is not None
+    from gsa_rag import cli
+
+    class Args:
+        model, adapter, device, fuse = str(out), "default", "cpu", False
+        chunk_size = top_k = k_policy = sink = meta_chunks = chunk = levels = section_top_k = None
+
+    assert cli._engine(Args).config.chunk_size == 4 and Args.fully_trained
 
 
 def run_two_ranks(args: list[str], env: dict | None = None, cwd=None) -> None:
