@@ -43,6 +43,9 @@ class GistEngine:
         self.config = config or GistConfig()
         if model.config._attn_implementation != "gsa":
             raise ConfigError("the model must be loaded with attn_implementation='gsa' (use GistEngine.from_pretrained)")
+        from gsa_rag.models import check_supported
+
+        check_supported(model.config)  # as load_model does: a model built elsewhere is held to the same rule
         special = [tokenizer.convert_tokens_to_ids(t) for t in self.config.special_tokens]
         if None in special or tokenizer.unk_token_id in special:
             raise ConfigError("the tokenizer lacks the gist tokens; load with gsa_rag.models.load_model")

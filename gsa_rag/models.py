@@ -314,7 +314,8 @@ def check_supported(config) -> None:
         raise UnsupportedModelError(
             f"model_type {model_type!r} uses sliding-window attention "
             f"(sliding_window={getattr(config, 'sliding_window', None)}); GSA needs full attention in every "
-            f"layer. Models that work: {SUPPORTED_FAMILIES}; for Mistral pass a config with sliding_window=None."
+            f"layer. Models that work: {SUPPORTED_FAMILIES}; for Mistral load it with a config whose sliding_window "
+            "is None (AutoConfig.from_pretrained, set it, then from_pretrained(..., config=config))."
         )
 
 
@@ -327,8 +328,8 @@ def _has_rope(config) -> bool:
 
 def _uses_sliding_window(config) -> bool:
     layer_types = getattr(config, "layer_types", None) or []
-    if any("sliding" in str(kind) for kind in layer_types):
-        return True
+    if layer_types:  # per layer, as the model builds them (Qwen2/3 with max_window_layers may make all full)
+        return any("sliding" in str(kind) for kind in layer_types)
     window = getattr(config, "sliding_window", None)
     return window is not None and getattr(config, "use_sliding_window", True) is not False
 

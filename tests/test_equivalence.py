@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
@@ -20,6 +20,7 @@ CONFIGS = {
     "llama": lambda v: LlamaConfig(vocab_size=v, **TINY),
     "qwen2": lambda v: Qwen2Config(vocab_size=v, **TINY),
     "mistral": lambda v: MistralConfig(vocab_size=v, sliding_window=None, **TINY),
+    "qwen3": lambda v: Qwen3Config(vocab_size=v, **TINY),  # q_norm / k_norm
 }
 
 
@@ -31,11 +32,13 @@ def tokenizer(default_model_dir):
 def tiny_pair(make_config, tokenizer):
     """(gsa model, reference sdpa model) with the same random weights and gist tokens added."""
     torch.manual_seed(0)
-    config = make_config(len(tokenizer))
-    ref = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    # one config each: from_config writes the attention implementation into the config it is given,
+    # so a shared one would make the reference run "gsa" too (found by helper-40)
+    ref = AutoModelForCausalLM.from_config(make_config(len(tokenizer)), attn_implementation="sdpa").eval()
     import gsa_rag.attention  # noqa: F401
 
-    gsa = AutoModelForCausalLM.from_config(config, attn_implementation="gsa").eval()
+    gsa = AutoModelForCausalLM.from_config(make_config(len(tokenizer)), attn_implementation="gsa").eval()
+    assert ref.config._attn_implementation == "sdpa" and gsa.config._attn_implementation == "gsa"
     add_gist_tokens(ref, tokenizer, GistConfig())
     add_gist_tokens(gsa, tokenizer, GistConfig())
     gsa.load_state_dict(ref.state_dict())

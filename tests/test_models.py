@@ -136,6 +136,29 @@ def test_check_supported_accepts(config):
     models.check_supported(config)
 
 
+def test_check_supported_decides_by_the_layer_types_when_the_config_has_them():
+    """Qwen2 with a window but max_window_layers past the last layer: every layer is full attention."""
+    config = Qwen2Config(num_hidden_layers=3, sliding_window=128, use_sliding_window=True, max_window_layers=3)
+    assert all(kind == "full_attention" for kind in config.layer_types)
+    models.check_supported(config)
+
+
+def test_an_engine_refuses_a_sliding_window_model_built_elsewhere():
+    """GistEngine holds a model it is handed to the rule load_model applies: a Mistral with a
+    window, built with attn_implementation="gsa" by the user, would silently lose its window."""
+    from transformers import AutoModelForCausalLM
+
+    import gsa_rag.attention  # noqa: F401  (registers "gsa")
+    from gsa_rag.engine import GistEngine
+    from tests.fakes import FakeTokenizer
+
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "vocab_size": 1000}
+    model = AutoModelForCausalLM.from_config(MistralConfig(sliding_window=8, **tiny), attn_implementation="gsa")
+    with pytest.raises(ValueError, match="sliding"):
+        GistEngine(model, FakeTokenizer())
+
+
 def test_check_supported_accepts_qwen3():
     from transformers import Qwen3Config
 
