@@ -314,8 +314,8 @@ def check_supported(config) -> None:
         raise UnsupportedModelError(
             f"model_type {model_type!r} uses sliding-window attention "
             f"(sliding_window={getattr(config, 'sliding_window', None)}); GSA needs full attention in every "
-            f"layer. Models that work: {SUPPORTED_FAMILIES}; for Mistral load it with a config whose sliding_window "
-            "is None (AutoConfig.from_pretrained, set it, then from_pretrained(..., config=config))."
+            f"layer. Models that work: {SUPPORTED_FAMILIES}; for Mistral save a copy whose config has "
+            "sliding_window=None (config.json, or AutoConfig + save_pretrained) and load that folder."
         )
 
 

@@ -70,8 +70,18 @@ def _render_messages(tokenizer, messages: list[dict]) -> str:
     """Renders chat messages through the model's chat template, ready for the answer."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # base models without a template: plain text, same placeholders
-    return "\n\n".join(m["content"] for m in messages) + "\nAnswer:"
+    # base models without a template: plain text, same placeholders; led by BOS where the tokenizer
+    # puts one before a text (Llama / Mistral base models: the model was trained with it)
+    return _bos_text(tokenizer) + "\n\n".join(m["content"] for m in messages) + "\nAnswer:"
+
+
+def _bos_text(tokenizer) -> str:
+    bos, bos_id = getattr(tokenizer, "bos_token", None), getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    with TOKENIZER_LOCK:
+        adds = tokenizer("x")["input_ids"][:1] == [bos_id]
+    return bos if adds else ""
 
 
 def _render_template(tokenizer, system: str | None, user: str) -> str:

@@ -357,6 +357,29 @@ def test_a_question_tail_from_the_empty_one_is_the_rendered_tail(tokenizer, temp
             assert question_tail(tok, empty_tail, question) == prompt_ends(tok, question, system)[1], (system, question)
 
 
+def test_a_plain_prompt_starts_with_bos_where_the_tokenizer_puts_one(tokenizer):
+    """Base models without a chat template (Llama / Mistral base) were trained with BOS first:
+    the plain-text prompt leads with it when the tokenizer adds it, and only then."""
+    import copy
+
+    from tokenizers import processors
+
+    from gsa_rag.prompt import build_segments
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    ids = [i for seg in build_segments(plain, QUESTION, PASSAGES[:1]) for i in seg.ids]
+    bos = plain.convert_tokens_to_ids("<|endoftext|>")
+    assert ids[0] != bos  # this tokenizer adds no BOS: neither does the prompt
+    with_bos = copy.deepcopy(plain)
+    with_bos.bos_token = "<|endoftext|>"
+    with_bos._tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                                       special_tokens=[("<|endoftext|>", bos)])
+    assert with_bos("Hello")["input_ids"][0] == bos
+    ids = [i for seg in build_segments(with_bos, QUESTION, PASSAGES[:1]) for i in seg.ids]
+    assert ids[0] == bos and ids.count(bos) == 1
+
+
 def test_reopen_refuses_after_a_decode_step_and_without_open_slots(tokenizer):
     engine = tiny_engine(tokenizer, top_k=1)
     memory = GistMemory(engine, progress=False)
