@@ -218,7 +218,7 @@ def main(argv=None) -> dict | None:
         "kind": "rag_eval",
         "format_version": FORMAT_VERSION,
         "run_key": key,
-        "run": {**key, "data_tag": tag, "batch_size": args.batch_size,
+        "run": {**key, "data_tag": tag,
                 "model": args.model or "SmolLM2-135M-Instruct", "model_type": text_config.model_type},
         "environment": environment(device),
         "command": " ".join(["python", "benchmarks/rag_eval.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -60,7 +60,7 @@ def _rotary_embedding(model) -> torch.nn.Module:
     raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding module (rotary_emb); gist memory needs RoPE")
 
 
-def _partial_rope_message(rotary_dim: int, head_dim: int) -> str:
+def partial_rope_message(rotary_dim: int, head_dim: int) -> str:
     return (f"rotary dim {rotary_dim} != head dim {head_dim}: partial RoPE is not supported "
             "(gist memory re-rotates whole heads)")
 
@@ -98,7 +98,7 @@ class KeyRotator:
         buffer = next(self.rotary.buffers(), None)
         rotary_dim = self.cos_sin(torch.zeros(1, dtype=torch.long), buffer.device if buffer is not None else "cpu")[0].shape[-1]
         if rotary_dim != head_dim:
-            raise UnsupportedModelError(_partial_rope_message(rotary_dim, head_dim))
+            raise UnsupportedModelError(partial_rope_message(rotary_dim, head_dim))
 
     def cos_sin(self, shifts: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Pure rotations (attention scaling divided out) for integer shifts.
@@ -137,7 +137,7 @@ class KeyRotator:
     def apply(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotates keys [..., N, D] by (cos, sin) [N or 1, D] from `cos_sin`; same dtype out."""
         if cos.shape[-1] != keys.shape[-1]:
-            raise UnsupportedModelError(_partial_rope_message(cos.shape[-1], keys.shape[-1]))
+            raise UnsupportedModelError(partial_rope_message(cos.shape[-1], keys.shape[-1]))
         k = keys.float()
         return (k * cos + rotate_half(k) * sin).to(keys.dtype)
 

@@ -261,12 +261,9 @@ def torch_ops() -> FusedOps:
         return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     def rotary(q, k, cos, sin, unsqueeze_dim):
+        from gsa_rag.cache import rotate_half
+
         cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        half = q.shape[-1] // 2
-
-        def turn(x):
-            return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
-
-        return turn(q), turn(k)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
     return FusedOps(rms_norm, lambda gate, up: F.silu(gate) * up, rotary, devices=("cpu", "cuda"))

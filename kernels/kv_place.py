@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from gsa_rag.kernels.dispatch import to_device
 
+from gsa_rag.cache import partial_rope_message, rotate_half
 from gsa_rag.errors import UnsupportedModelError
 
 try:
@@ -29,11 +30,6 @@ except ImportError:  # pragma: no cover
     triton = None
 
 KERNEL = True  # False: the reference everywhere (benchmarks/memory_ttft.py --no-place-kernel, for A/B runs)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
@@ -59,7 +55,7 @@ def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.T
     for first in range(0, len(index), block):
         cols = slice(first, first + block)
         part = k[:, :, cols].float()
-        rotated = part * cos[owner[cols]] + _rotate_half(part) * sin[owner[cols]]
+        rotated = part * cos[owner[cols]] + rotate_half(part) * sin[owner[cols]]
         keys[:, 0].index_copy_(2, index[cols], rotated.to(keys.dtype))
     values[:, 0].index_copy_(2, index, torch.cat(list(v_parts), 2).to(values.dtype))
 
@@ -69,9 +65,10 @@ def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin) -> N
     else `place_rotated_ref`."""
     from gsa_rag.kernels.dispatch import head_dim_fits, use_kernels
 
-    if cos.shape[-1] != keys.shape[-1] or sin.shape != cos.shape:
-        raise UnsupportedModelError(f"rotations of width {cos.shape[-1]} for heads of {keys.shape[-1]}: "
-                                    "gist memory re-rotates whole heads (partial RoPE is not supported)")
+    if cos.shape[-1] != keys.shape[-1]:
+        raise UnsupportedModelError(partial_rope_message(cos.shape[-1], keys.shape[-1]))
+    if sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must share one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if KERNEL and triton is not None and use_kernels(keys.device) and head_dim_fits(keys.shape[-1]):
         place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos, sin)
     else:
