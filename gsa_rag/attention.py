@@ -324,19 +324,16 @@ def _rows_kernel_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 def _kernel_rows(query, key, value, mask: LayerMask, scaling) -> torch.Tensor:
-    """`_sdpa_rows` through gsa_rag.kernels.masked_rows (no dropout): the shared rows under their
-    one mask row per query row, the tail rows under their per-KV-head masks, each written into its
-    rows of the [B, Tq, Hq, D] output."""
+    """`_sdpa_rows` through gsa_rag.kernels.masked_rows (no dropout) -> [B, Tq, Hq, D]: the shared
+    rows under their one mask row per query row, the tail rows under their per-KV-head masks, in
+    one launch (in an H200 profile a second launch and combine per layer were mostly fixed
+    latency)."""
     from gsa_rag.kernels.masked_rows import masked_rows_triton
 
     B, Hq, Tq, D = query.shape
     out = query.new_empty(B, Tq, Hq, D)
-    if mask.start > 0:
-        masked_rows_triton(query[:, :, : mask.start], key, value, mask.shared[:, :, : mask.start], scaling,
-                           out=out[:, : mask.start].transpose(1, 2))
-    if mask.tail is not None:
-        masked_rows_triton(query[:, :, mask.start :], key, value, mask.tail, scaling,
-                           out=out[:, mask.start :].transpose(1, 2))
+    # the tail's rows fix where it starts (mask.start = Tq - its rows); without one every row is shared
+    masked_rows_triton(query, key, value, mask.shared, scaling, out=out.transpose(1, 2), tail_mask=mask.tail)
     return out
 
 

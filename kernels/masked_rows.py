@@ -12,7 +12,11 @@ well, as in flash-decode:
   block of BLOCK_M folded rows and serves every query head that shares it (GQA);
 - each program keeps an online softmax (running max m, sum l, unnormalised acc) over its split
   of the keys, reading the mask tile of its rows as it goes; sparse_decode's combine kernel
-  merges the splits.
+  merges the splits;
+- the mask may come in two parts, as `gsa_rag.attention.LayerMask` keeps it: rows r < start
+  read `mask` (often one row for every head), rows r >= start read `tail_mask` at row r - start.
+  Each folded row picks its part, so one launch (and one combine) covers a question's shared and
+  tail rows, and a block of rows may straddle `start`.
 
 A row with no visible key at all gets NaN, as SDPA's math path gives (the engine never makes
 one: every row sees itself).
@@ -38,8 +42,18 @@ except ImportError:  # pragma: no cover
 LOG2E = 1.4426950408889634
 
 
+def joined_mask(mask: torch.Tensor, tail_mask: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """`masked_rows_ref`'s two-part mask whole: bool [B, 1 or Hkv, rows, T], the first `start` rows
+    of `mask` (start = rows - tail_mask's rows) followed by `tail_mask`'s."""
+    if tail_mask is None:
+        return mask
+    start = rows - tail_mask.shape[2]
+    heads = max(mask.shape[1], tail_mask.shape[1])
+    return torch.cat([mask[:, :, :start].expand(-1, heads, -1, -1), tail_mask.expand(-1, heads, -1, -1)], 2)
+
+
 def masked_rows_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                    scale: float | None = None) -> torch.Tensor:
+                    scale: float | None = None, tail_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: scores, the mask, softmax and the weighted sum, in float32.
 
     Args:
@@ -47,10 +61,13 @@ def masked_rows_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         mask: bool [B, 1 or Hkv, R, T], True where a row sees a key (one row per KV head, or one
             for every head).
         scale: softmax scale (default 1/sqrt(D)).
+        tail_mask: optional bool [B, 1 or Hkv, R - start, T], the mask of the last R - start
+            rows; `mask` then serves only rows 0..start (any later rows it has are ignored).
 
     Returns:
         [B, Hq, R, D] in query's dtype.
     """
+    mask = joined_mask(mask, tail_mask, query.shape[2])
     G = query.shape[1] // key.shape[1]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     k = key.float().repeat_interleave(G, 1)
@@ -65,16 +82,17 @@ if triton is not None:
 
     @triton.jit
     def _rows_split_kernel(
-        Q, K, V, MASK, M, L, ACC, OUT,
+        Q, K, V, MASK, TAIL, M, L, ACC, OUT,
         qk_scale,
         s_qb, s_qh, s_qr, s_qd,
         s_kb, s_kh, s_kt, s_kd,
         s_vb, s_vh, s_vt, s_vd,
-        s_mb, s_mh, s_mr, s_mt,
+        s_mb, s_mh, s_mr, s_mt,  # s_mt: the column stride of both masks
+        s_tb, s_th, s_tr,
         s_pb, s_ph, s_pr, s_ps,
         s_ab, s_ah, s_ar, s_as, s_ad,
         s_ob, s_oh, s_or, s_od,
-        Hkv, G, R, T, split_len, row_blocks,
+        Hkv, G, R, T, tail_start, split_len, row_blocks,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr, SINGLE: tl.constexpr,
     ):
@@ -95,7 +113,12 @@ if triton is not None:
             q = q.to(tl.float32)
         k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
         v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-        m_base = MASK + b.to(tl.int64) * s_mb + h.to(tl.int64) * s_mh + r[:, None].to(tl.int64) * s_mr
+        r64 = r.to(tl.int64)
+        shared_row = MASK + b.to(tl.int64) * s_mb + h.to(tl.int64) * s_mh + r64 * s_mr
+        # a shared row's tail pointer (a negative row) and a tail row's shared one (maybe past the
+        # shared mask's rows) are formed but never loaded
+        tail_row = TAIL + b.to(tl.int64) * s_tb + h.to(tl.int64) * s_th + (r64 - tail_start) * s_tr
+        m_base = tl.where(r < tail_start, shared_row, tail_row)[:, None]
         start = split * split_len
         end = tl.minimum(start + split_len, T)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -156,7 +179,8 @@ def default_splits(batch_kv_row_blocks: int, keys: int, block_n: int, device: to
 
 def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                        scale: float | None = None, num_splits: int | None = None, out: torch.Tensor | None = None,
-                       block_m: int | None = None, block_n: int = 64, num_warps: int = 4) -> torch.Tensor:
+                       block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
+                       tail_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Fast path of `masked_rows_ref` (same arguments; any strides).
 
     Args:
@@ -166,6 +190,9 @@ def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
             transpose(1, 2)).
         block_m: folded rows per program (default `default_block_m`); block_n: keys per step;
             num_warps: warps per program.
+        tail_mask: optional bool [B, 1 or Hkv, R - start, T], the mask of the last R - start rows;
+            `mask` then needs only rows 0..start, any later rows it has being ignored (a
+            LayerMask's `shared` and `tail` go in as they are, in one launch).
 
     Returns:
         [B, Hq, R, D] in query's dtype (`out` when given).
@@ -175,8 +202,15 @@ def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     G = Hq // Hkv
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError("query, key and value must share one dtype")
-    if mask.dtype != torch.bool or mask.shape[1] not in (1, Hkv) or mask.shape[2] != R or mask.shape[3] != T:
-        raise ValueError(f"mask must be bool [B, 1 or {Hkv}, {R}, {T}], got {mask.dtype} {tuple(mask.shape)}")
+    start = R if tail_mask is None else R - tail_mask.shape[2]  # the first row of the tail
+    if tail_mask is not None and (tail_mask.dtype != torch.bool or tail_mask.shape[1] not in (1, Hkv)
+                                  or start < 0 or tail_mask.shape[3] != T):
+        raise ValueError(f"tail_mask must be bool [B, 1 or {Hkv}, <= {R}, {T}], "
+                         f"got {tail_mask.dtype} {tuple(tail_mask.shape)}")
+    if (mask.dtype != torch.bool or mask.shape[1] not in (1, Hkv) or mask.shape[3] != T
+            or (mask.shape[2] != R if tail_mask is None else mask.shape[2] < start)):
+        rows = R if tail_mask is None else f">= {start}"
+        raise ValueError(f"mask must be bool [B, 1 or {Hkv}, {rows}, {T}], got {mask.dtype} {tuple(mask.shape)}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if out is None:
         out = torch.empty(B, Hq, R, D, dtype=query.dtype, device=query.device)
@@ -197,15 +231,23 @@ def masked_rows_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         acc = torch.empty(B, Hq, R, S, D, dtype=torch.float32, device=query.device)
         part_strides, acc_strides = m.stride(), acc.stride()
     seen = mask.view(torch.uint8)  # Triton reads bytes; the kernel compares them with 0
+    tail = seen if tail_mask is None else tail_mask.view(torch.uint8)  # one mask: no row reads a tail
+    if tail.stride(3) != seen.stride(3):
+        # the kernel takes one column stride for both parts: a stride per row would cost the inner
+        # loop's mask addresses a multiply and lose the compiler's stride-1 specialisation
+        seen, tail = seen.contiguous(), tail.contiguous()
     s_mb, s_mh, s_mr, s_mt = seen.stride()
+    s_tb, s_th, s_tr = tail.stride()[:3]
     if seen.shape[1] == 1:
         s_mh = 0  # one mask row for every head
+    if tail.shape[1] == 1:
+        s_th = 0
     _rows_split_kernel[(B * Hkv * row_blocks, S)](
-        query, key, value, seen, m, l, acc, out,
+        query, key, value, seen, tail, m, l, acc, out,
         scale * LOG2E,
-        *query.stride(), *key.stride(), *value.stride(), s_mb, s_mh, s_mr, s_mt,
+        *query.stride(), *key.stride(), *value.stride(), s_mb, s_mh, s_mr, s_mt, s_tb, s_th, s_tr,
         *part_strides, *acc_strides, *out.stride(),
-        Hkv, G, R, T, split_len, row_blocks,
+        Hkv, G, R, T, start, split_len, row_blocks,
         BLOCK_M=block_m, BLOCK_N=block_n, D=D, num_warps=num_warps, num_stages=2 if query.is_cuda else 1,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there only
         DOT_F32=query.dtype == torch.bfloat16 and interpreting(),

@@ -15,7 +15,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton not installed")
 
-from gsa_rag.kernels import dispatch
+from gsa_rag.kernels import dispatch, masked_rows
 from gsa_rag.kernels.masked_rows import masked_rows_ref, masked_rows_triton
 
 from gsa_rag.attention import LayerMask, _sdpa_rows
@@ -26,8 +26,8 @@ if DEVICE == "cpu":
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def float64_reference(q, k, v, mask, scale):
-    return masked_rows_ref(q.double(), k.double(), v.double(), mask, scale)
+def float64_reference(q, k, v, mask, scale, tail_mask=None):
+    return masked_rows_ref(q.double(), k.double(), v.double(), mask, scale, tail_mask)
 
 
 def random_mask(B, H, R, T, seen, g):
@@ -67,6 +67,58 @@ def test_masked_rows_kernel_equals_the_reference(dtype, B, Hq, Hkv, R, T, D, per
         assert rel_err(got, want) <= BOUND[dtype], (splits, block_m, rel_err(got, want))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,R,start,T,D,shared_heads,tail_heads,shared_rows", [
+    (1, 4, 4, 40, 16, 90, 16, 1, 4, "all"),     # G 1: start on a 16-row block's edge, inside a 64-row one
+    (1, 4, 4, 40, 23, 90, 16, 1, 1, "start"),   # G 1: start inside a block; a shared mask of `start` rows
+    (2, 8, 2, 13, 5, 150, 16, 1, 2, "all"),     # G 4: the folded rows of each head straddle start
+    (1, 6, 2, 11, 0, 70, 32, 1, 2, "all"),      # start 0: every row reads the tail
+    (1, 6, 2, 11, 7, 133, 16, 2, 1, "start"),   # a per-head shared part, one tail row for every head
+])
+def test_masked_rows_kernel_with_a_tail_mask_equals_the_reference(dtype, B, Hq, Hkv, R, start, T, D, shared_heads,
+                                                                  tail_heads, shared_rows):
+    """Rows before `start` under `mask`, the rest under `tail_mask` (a LayerMask's two parts), in
+    one launch: the reference of the joined mask, which is the two parts' references stacked."""
+    g = torch.Generator().manual_seed(R * T + start)
+    q = torch.randn(B, Hq, R, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    # the shared mask's rows past `start` (when it has them) differ from the tail's: reading them is wrong
+    shared = random_mask(B, shared_heads, R, T, 0.3, g).to(DEVICE)
+    if shared_rows == "start":
+        shared = shared[:, :, :start]
+    tail = random_mask(B, tail_heads, R - start, T, 0.5, g).to(DEVICE)
+    scale = 1 / math.sqrt(D)
+    want = float64_reference(q, k, v, shared, scale, tail)
+    by_part = torch.cat([float64_reference(q[:, :, :start], k, v, shared[:, :, :start], scale),
+                         float64_reference(q[:, :, start:], k, v, tail, scale)], 2)
+    torch.testing.assert_close(want, by_part)
+    for splits, block_m, block_n in ((1, None, 64), (1, 16, 16), (3, None, 64), (None, 16, 64), (12, 16, 16)):
+        out = torch.full((B, R, Hq, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
+        got = masked_rows_triton(q, k, v, shared, scale, num_splits=splits, out=out, block_m=block_m,
+                                 block_n=block_n, tail_mask=tail)
+        assert got.data_ptr() == out.data_ptr()
+        assert not got.isnan().any(), (splits, block_m)
+        assert rel_err(got, want) <= BOUND[dtype], (splits, block_m, rel_err(got, want))
+
+
+def test_masked_rows_kernel_with_parts_of_different_column_strides():
+    """A tail mask stored keys-major (column stride != the shared mask's) reads the same keys."""
+    B, Hq, Hkv, R, start, T, D = 1, 4, 2, 7, 3, 80, 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, Hq, R, D, generator=g).to(DEVICE)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE)
+    shared = random_mask(B, 1, R, T, 0.3, g).to(DEVICE)
+    tail = random_mask(B, Hkv, R - start, T, 0.3, g).transpose(2, 3).contiguous().transpose(2, 3).to(DEVICE)
+    assert tail.stride(3) != shared.stride(3)
+    want = float64_reference(q, k, v, shared, None, tail)
+    for splits in (1, 3):
+        out = torch.full((B, Hq, R, D), float("nan"), device=DEVICE)
+        got = masked_rows_triton(q, k, v, shared, num_splits=splits, out=out, tail_mask=tail)
+        assert rel_err(got, want) <= BOUND[torch.float32], (splits, rel_err(got, want))
+
+
 def test_masked_rows_kernel_on_single_keys_and_rows_that_see_nothing():
     """A row that sees one key returns that key's value exactly; a row that sees no key is NaN
     (SDPA's math path gives NaN too); the mask of one head never leaks into another."""
@@ -95,6 +147,14 @@ def test_masked_rows_kernel_refuses_a_mask_of_the_wrong_shape():
         masked_rows_triton(q, k, k, torch.ones(1, 2, 3, 49, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="mask must be bool"):
         masked_rows_triton(q, k, k, torch.ones(1, 3, 3, 50, dtype=torch.bool, device=DEVICE))
+    shared = torch.ones(1, 1, 3, 50, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="tail_mask must be bool"):  # more tail rows than rows
+        masked_rows_triton(q, k, k, shared, tail_mask=torch.ones(1, 2, 4, 50, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="tail_mask must be bool"):
+        masked_rows_triton(q, k, k, shared, tail_mask=torch.ones(1, 3, 1, 50, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="mask must be bool"):  # 2 shared rows before a 1-row tail, 1 given
+        masked_rows_triton(q, k, k, shared[:, :, :1], tail_mask=torch.ones(1, 2, 1, 50, dtype=torch.bool,
+                                                                             device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -120,3 +180,52 @@ def test_kernel_rows_equal_the_engine_attention_of_a_question(dtype):
     only_shared = LayerMask(shared.to(DEVICE), R)  # a layer that does not select: no tail rows
     assert rel_err(_kernel_rows(q, k, v, only_shared, scale), _sdpa_rows(
         q.double(), k.double(), v.double(), only_shared, scale, 0.0, True)) <= BOUND[dtype]
+
+
+class _Launches:
+    """Counts the launches of the rows kernel (`kernel[grid](...)`) and passes them on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start,tail_heads", [(9, 2), (6, 1), (0, 2), (13, None)],
+                         ids=["tail-per-head", "tail-one-head", "start-0", "no-tail"])
+def test_kernel_rows_launches_the_rows_kernel_once(monkeypatch, dtype, start, tail_heads):
+    """attention._kernel_rows runs a question's shared and tail rows in one launch of the rows
+    kernel (and at most one combine), giving what a launch per part gave."""
+    from gsa_rag.attention import _kernel_rows
+
+    B, Hq, Hkv, R, T, D = 1, 8, 2, 13, 120, 16
+    g = torch.Generator().manual_seed(start + 17)
+    q = torch.randn(B, Hq, R, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)
+    shared = random_mask(B, 1, R, T, 0.4, g).to(DEVICE)
+    tail = None if tail_heads is None else random_mask(B, tail_heads, R - start, T, 0.4, g).to(DEVICE)
+    mask = LayerMask(shared, start, tail)
+    scale = 1 / math.sqrt(D)
+    by_part = torch.full((B, R, Hq, D), float("nan"), dtype=dtype, device=DEVICE)
+    if start > 0:  # a launch per part, as _kernel_rows ran them before
+        masked_rows_triton(q[:, :, :start], k, v, shared[:, :, :start], scale, out=by_part[:, :start].transpose(1, 2))
+    if tail is not None:
+        masked_rows_triton(q[:, :, start:], k, v, tail, scale, out=by_part[:, start:].transpose(1, 2))
+    assert not by_part.isnan().any()
+
+    calls, combines = [], []
+    real, real_combine = masked_rows.masked_rows_triton, masked_rows.combine_splits
+    launches = _Launches(masked_rows._rows_split_kernel)
+    monkeypatch.setattr(masked_rows, "masked_rows_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(masked_rows, "combine_splits", lambda *a: combines.append(1) or real_combine(*a))
+    monkeypatch.setattr(masked_rows, "_rows_split_kernel", launches)
+    got = _kernel_rows(q, k, v, mask, scale)
+    assert (len(calls), launches.count) == (1, 1) and len(combines) <= 1
+    assert got.shape == (B, R, Hq, D) and not got.isnan().any()
+    assert rel_err(got, by_part.double()) <= BOUND[dtype]
+    want = _sdpa_rows(q.double(), k.double(), v.double(), mask, scale, 0.0, True)
+    assert rel_err(got, want) <= BOUND[dtype]
