@@ -70,6 +70,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+# KeyRotator.table's bound: 32K shifts of float32 cos and sin are 32 MiB at head dim 128
+TABLE_MAX_ROWS = 1 << 15
+
+
 class KeyRotator:
     """Moves cached keys along the RoPE axis with the model's own rotary embedding.
 
@@ -93,6 +97,7 @@ class KeyRotator:
         self.rope_type = rope_type
         self.scaling = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
         self._memo: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # one shift -> (cos, sin)
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> cos_sin of shifts 0..n-1
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         buffer = next(self.rotary.buffers(), None)
@@ -112,6 +117,19 @@ class KeyRotator:
         probe = torch.empty(0, dtype=torch.float32, device=device)
         cos, sin = self.rotary(probe, shifts.to(device).view(1, -1))
         return cos[0].float() / self.scaling, sin[0].float() / self.scaling
+
+    def table(self, rows: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`cos_sin(arange(n))` for some n >= `rows`, kept per device (grown by doubling), or None
+        past TABLE_MAX_ROWS shifts. Row s equals `cos_sin` of shift s exactly (each position's
+        rotation is computed on its own), so gist memory reads a question's rotations out of it
+        instead of running the rotary embedding for every question."""
+        if rows > TABLE_MAX_ROWS:
+            return None
+        pair = self._tables.get(str(device))  # one lookup: another thread may replace it in between
+        if pair is None or pair[0].shape[0] < rows:
+            size = min(TABLE_MAX_ROWS, max(1024, 1 << (rows - 1).bit_length()))
+            pair = self._tables[str(device)] = self.cos_sin(torch.arange(size), device)
+        return pair
 
     def rotate(self, keys: torch.Tensor, shifts: torch.Tensor | int) -> torch.Tensor:
         """Rotates keys [..., N, D] by `shifts` (an int, or long [N] per column); same dtype out."""

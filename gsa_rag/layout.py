@@ -313,7 +313,7 @@ def _chunk_ends(starts: list[bool], begin: int, chunk_size: int, max_extra: int)
     return ends
 
 
-def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, starts) -> _Row:
+def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, starts, memo: dict | None = None) -> _Row:
     # Built a segment at a time with list.extend, never a token at a time: a prompt is thousands
     # of tokens and this runs on every request (gist memory's prepare, every training batch).
     row = _Row([], [], [], [], [], [])
@@ -352,21 +352,51 @@ def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, star
             seen_raw_segment = seen_raw_segment or not seg.compress
             extend(seg.ids, [SINK_CHUNK] * n_sink + [chunk] * rest, seg.passage_id, doc)
         else:  # context: each chunk's raw tokens, then its gist, all in that chunk
-            ids, is_gist, chunk_of = list(seg.ids[:n_sink]), [False] * n_sink, [SINK_CHUNK] * n_sink
-            # word starts only matter where a cut can move (max_extra > 0)
-            seg_starts = starts(list(seg.ids)) if max_extra else [True] * len(seg.ids)
-            begin = n_sink
-            for end in _chunk_ends(seg_starts, begin, config.chunk_size, max_extra):
-                ids.extend(seg.ids[begin:end])
-                ids.append(gist_id)
-                is_gist.extend([False] * (end - begin))
-                is_gist.append(True)
-                chunk_of.extend([chunk] * (end - begin + 1))
-                chunk, begin = chunk + 1, end
-            extend(ids, chunk_of, seg.passage_id, doc, is_gist=is_gist)
+            keep = memo is not None and n_sink == 0 and isinstance(seg.ids, tuple)  # a tuple hashes
+            key = (seg.ids, config.chunk_size, max_extra, gist_id) if keep else None
+            piece = memo.get(key) if key is not None else None
+            if piece is None:
+                piece = _chunk_piece(seg.ids, n_sink, config.chunk_size, max_extra, gist_id, starts)
+                if key is not None:
+                    if len(memo) >= _MEMO_SEGMENTS:
+                        memo.clear()
+                    memo[key] = piece
+            ids, is_gist, chunk_of, num_chunks = piece
+            extend(ids, [c if c < 0 else c + chunk for c in chunk_of], seg.passage_id, doc, is_gist=is_gist)
+            chunk += num_chunks
     # tokens after the last gist belong to the open chunk `chunk`
     row.boundaries.append(len(row.ids))
     return row
+
+
+# Gist memory lays out the same passages for question after question (and training, the same
+# passages epoch after epoch): a compressed segment's chunking depends only on its ids and the
+# chunking settings, so `build_layout` keeps it per tokenizer (word starts come from the
+# tokenizer). A bound on the entries keeps the memory flat (a few KB each).
+_MEMO_SEGMENTS = 4096
+
+
+@lru_cache(maxsize=8)
+def _chunking_memo(tokenizer) -> dict:
+    """{(segment ids, chunk_size, max_extra, gist id): its `_chunk_piece`} for one tokenizer."""
+    return {}
+
+
+def _chunk_piece(seg_ids: tuple[int, ...], n_sink: int, chunk_size: int, max_extra: int, gist_id: int, starts):
+    """One compressed segment laid out on its own: (ids with gists, is_gist, chunk of each token
+    counted from 0 (SINK_CHUNK for its first `n_sink` tokens), number of chunks)."""
+    ids, is_gist, chunk_of = list(seg_ids[:n_sink]), [False] * n_sink, [SINK_CHUNK] * n_sink
+    # word starts only matter where a cut can move (max_extra > 0)
+    seg_starts = starts(list(seg_ids)) if max_extra else [True] * len(seg_ids)
+    begin, chunk = n_sink, 0
+    for end in _chunk_ends(seg_starts, begin, chunk_size, max_extra):
+        ids.extend(seg_ids[begin:end])
+        ids.append(gist_id)
+        is_gist.extend([False] * (end - begin))
+        is_gist.append(True)
+        chunk_of.extend([chunk] * (end - begin + 1))
+        chunk, begin = chunk + 1, end
+    return ids, is_gist, chunk_of, chunk
 
 
 def _insert_after(values: list, after: list[int], new: list) -> list:
@@ -472,7 +502,8 @@ def build_layout(
     if pad_id is None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     starts = (lambda ids: word_starts(tokenizer, ids)) if config.word_aware else (lambda ids: [True] * len(ids))
-    rows = [_lay_out_row(segs, config, gist_id, starts) for segs in segments_batch]
+    memo = _chunking_memo(tokenizer)
+    rows = [_lay_out_row(segs, config, gist_id, starts, memo) for segs in segments_batch]
     if any(not r.ids for r in rows):
         raise ValueError("empty prompt: every sequence needs at least one token")
     if config.hierarchical:

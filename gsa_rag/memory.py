@@ -106,10 +106,12 @@ import numbers
 import os
 import re
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from itertools import chain, repeat
 from pathlib import Path
 
 import torch
@@ -637,40 +639,50 @@ class GistMemory:
         # the prefix at 0, then each passage's first column: passages lie in order, each one run of doc_id p
         opens = (doc >= 0) & torch.cat([doc.new_ones(1, dtype=torch.bool), doc[1:] != doc[:-1]])
         starts = [0] + torch.nonzero(opens).flatten().tolist()
-        lengths = torch.tensor([len(e.ids) for e in entries])
-        owner = torch.repeat_interleave(torch.arange(len(entries)), lengths)  # the entry of every cached column
-        columns = torch.arange(len(owner)) + (torch.tensor(starts) - (torch.cumsum(lengths, 0) - lengths))[owner]
+        # the entry and the layout column of every cached column, listed in C (array): on a many-core
+        # host torch's repeat_interleave took 0.2 ms here
+        sizes = [len(e.ids) for e in entries]
+        owner = torch.frombuffer(array("q", chain.from_iterable(repeat(i, n) for i, n in enumerate(sizes))), dtype=torch.long)
+        columns = torch.frombuffer(array("q", chain.from_iterable(range(s, s + n) for s, n in zip(starts, sizes, strict=True))),
+                                   dtype=torch.long)
         if not torch.equal(layout.input_ids[0, columns], torch.cat([e.ids for e in entries])):
             raise RuntimeError("a cached entry no longer matches the prompt layout (tokenizer or config changed?)")
         shifts = (layout.position_ids[0, starts] - torch.tensor([e.base for e in entries])).tolist()
-        cos, sin = self.rotator.cos_sin(torch.tensor(shifts), self.device)  # one row per entry
+        # each entry's rotation: the row of its shift in the rotator's table (no rotary run per question)
+        table = self.rotator.table(max(shifts) + 1, self.device) if min(shifts) >= 0 else None
+        cos, sin = table if table is not None else self.rotator.cos_sin(torch.tensor(shifts), self.device)
+        rows = shifts if table is not None else list(range(len(entries)))
         L, H, _, D = entries[0].res_k.shape
         keys = torch.zeros(L, 1, H, layout.seq_len + room, D, dtype=entries[0].res_k.dtype, device=self.device)
         values = torch.zeros_like(keys)
         resident = torch.cat([e.resident for e in entries])
-        self._place(keys, values, columns[resident], owner[resident], [e.res_k for e in entries], [e.res_v for e in entries],
-                    (cos, sin))
         raw = ~resident
-        offloaded = []
+        # resident columns (gists, sink) as parts 0..E-1, then, unless offloaded, raw ones as E..2E-1: one placement
+        parts_k, parts_v = [e.res_k for e in entries], [e.res_v for e in entries]
+        place_columns, place_owner, offloaded = columns[resident], owner[resident], []
         if not self.offload:
-            self._place(keys, values, columns[raw], owner[raw], [e.raw_k for e in entries], [e.raw_v for e in entries],
-                        (cos, sin))
+            parts_k += [e.raw_k for e in entries]
+            parts_v += [e.raw_v for e in entries]
+            place_columns = torch.cat([place_columns, columns[raw]])
+            place_owner = torch.cat([place_owner, owner[raw] + len(entries)])
+            rows = rows + rows
         else:
             per_entry = torch.split(columns[raw], [e.raw_k.shape[2] for e in entries])
             offloaded = [OffloadedSource(cols, e.raw_home, shift)
                          for e, cols, shift in zip(entries, per_entry, shifts, strict=True) if len(cols)]
+        self._place(keys, values, place_columns, place_owner, parts_k, parts_v, (cos, sin), rows)
         open_columns = torch.ones(layout.seq_len, dtype=torch.bool)
         open_columns[columns] = False
         return keys, values, torch.nonzero(open_columns).flatten(), offloaded  # on the host: GistCache keeps both
 
     @staticmethod
-    def _place(keys, values, columns, owner, k_parts, v_parts, rotation) -> None:
-        """Copies KV parts (one per entry, [L, Hkv, n_i, D], in order) into the buffers at
-        `columns` (host), keys re-rotated by the row of `rotation` (cos, sin) of their `owner` entry:
-        one Triton pass on CUDA (kernels/kv_place.py), the torch reference elsewhere."""
+    def _place(keys, values, columns, owner, k_parts, v_parts, rotation, rows) -> None:
+        """Copies KV parts ([L, Hkv, n_i, D], in order) into the buffers at `columns` (host), keys
+        re-rotated by row `rows[p]` of `rotation` (cos, sin) for part p = their `owner`: one Triton
+        pass on CUDA (kernels/kv_place.py), the torch reference elsewhere."""
         from gsa_rag.kernels.kv_place import place_rotated  # imports Triton: not at gsa_rag's import
 
-        place_rotated(keys, values, columns, owner, k_parts, v_parts, *rotation)
+        place_rotated(keys, values, columns, owner, k_parts, v_parts, *rotation, rows=rows)
 
     # ------------------------------------------------------------------------------------------
     # search

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from gsa_rag.errors import InputError, InputTypeError
 from gsa_rag.layout import TOKENIZER_LOCK, Segment, encode_text
@@ -259,11 +260,16 @@ def prompt_ends(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) -
     return prefix, tail
 
 
+@lru_cache(maxsize=8)
+def _empty_question_length(tokenizer) -> int:
+    return len(encode_text(tokenizer, _question_piece("")))
+
+
 def question_tail(tokenizer, empty_tail: Segment, question: str) -> Segment:
     """`prompt_ends(tokenizer, question, system)[1]` from `empty_tail`, the tail of the empty
     question under the same system line. A tail is the question piece's tokens, then the
     template's text after it, which does not depend on the question: so only the question is
     tokenized, and the template is not rendered again (gist memory asks this per question)."""
-    head = len(encode_text(tokenizer, _question_piece("")))
+    head = _empty_question_length(tokenizer)
     return Segment(tuple(encode_text(tokenizer, _question_piece(question))) + empty_tail.ids[head:], compress=False,
                    passage_id=empty_tail.passage_id)

@@ -34,7 +34,7 @@ KERNEL = True  # False: the reference everywhere (benchmarks/memory_ttft.py --no
 
 def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
                       k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], cos: torch.Tensor,
-                      sin: torch.Tensor, block_elements: int = 1 << 24) -> None:
+                      sin: torch.Tensor, rows: Sequence[int] | None = None, block_elements: int = 1 << 24) -> None:
     """Reference: writes the parts' columns into the buffers, keys rotated by their part's row.
 
     Args:
@@ -42,13 +42,17 @@ def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.T
         columns: long [N], the buffer column of each source column (parts concatenated in order).
         owner: long [N], the part each source column comes from.
         k_parts, v_parts: E tensors [L, H, n_e, D] (sum of n_e = N).
-        cos, sin: float32 [E, D], the rotation of each part (gsa_rag.cache.KeyRotator.cos_sin).
+        cos, sin: float32 [R, D] rotations (gsa_rag.cache.KeyRotator.cos_sin or .table).
+        rows: the row of cos / sin that rotates each part (E ints in [0, R)); default: part e
+            takes row e (R == E).
         block_elements: float32 elements rotated at a time (64 MiB), so the temporaries stay
             small however long the prompt.
     """
     if len(columns) == 0:
         return
-    index, owner = torch.stack([columns, owner]).to(keys.device)
+    if rows is not None:
+        owner = torch.as_tensor(rows, dtype=torch.long)[owner.cpu()]  # each column's rotation row
+    index, owner = torch.stack([columns.cpu(), owner.cpu()]).to(keys.device)
     k = torch.cat(list(k_parts), 2)
     L, H, _, D = k.shape
     block = max(1, block_elements // (L * H * D))
@@ -60,7 +64,7 @@ def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.T
     values[:, 0].index_copy_(2, index, torch.cat(list(v_parts), 2).to(values.dtype))
 
 
-def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin) -> None:
+def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=None) -> None:
     """`place_rotated_triton` where the kernels run (dispatch.use_kernels) and take the head dim,
     else `place_rotated_ref`."""
     from gsa_rag.kernels.dispatch import head_dim_fits, use_kernels
@@ -69,20 +73,26 @@ def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin) -> N
         raise UnsupportedModelError(partial_rope_message(cos.shape[-1], keys.shape[-1]))
     if sin.shape != cos.shape:
         raise ValueError(f"cos and sin must share one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    parts = len(k_parts)
+    if rows is None and cos.shape[0] != parts:
+        raise ValueError(f"cos and sin hold {cos.shape[0]} rows for {parts} parts: give each part its row (rows=)")
+    if rows is not None and (len(rows) != parts or (parts and not 0 <= min(rows) <= max(rows) < cos.shape[0])):
+        raise ValueError(f"rows must name one of the {cos.shape[0]} rotations for each of the {parts} parts")
     if KERNEL and triton is not None and use_kernels(keys.device) and head_dim_fits(keys.shape[-1]):
-        place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos, sin)
+        place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=rows)
     else:
-        place_rotated_ref(keys, values, columns, owner, k_parts, v_parts, cos, sin)
+        place_rotated_ref(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=rows)
 
 
 if triton is not None:
 
     @triton.jit
-    def _place_kernel(keys, values, k_table, v_table, strides, meta, cos, sin, N, H,
+    def _place_kernel(keys, values, k_table, v_table, strides, rot_rows, meta, cos, sin, N, E, H,
                       dst_l, dst_h, dst_t, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), L * H). meta: int64 [3, N] rows owner, column in its part,
-        buffer column. k_table / v_table: int64 [E] base addresses; strides: int64 [E, 3]
-        (layer, head, column) in elements; WIDTH: bytes per element."""
+        buffer column. k_table / v_table: int64 [E] base addresses; strides: int64 [3, E]
+        (layer, head, column) in elements; rot_rows: int64 [E], each part's row of cos / sin;
+        WIDTH: bytes per element."""
         lh = tl.program_id(1)
         layer = (lh // H).to(tl.int64)
         head = (lh % H).to(tl.int64)
@@ -91,9 +101,9 @@ if triton is not None:
         part = tl.load(meta + n, mask=live, other=0)
         local = tl.load(meta + N + n, mask=live, other=0)
         column = tl.load(meta + 2 * N + n, mask=live, other=0)
-        src = (layer * tl.load(strides + part * 3, mask=live, other=0)
-               + head * tl.load(strides + part * 3 + 1, mask=live, other=0)
-               + local * tl.load(strides + part * 3 + 2, mask=live, other=0))
+        src = (layer * tl.load(strides + part, mask=live, other=0)
+               + head * tl.load(strides + E + part, mask=live, other=0)
+               + local * tl.load(strides + 2 * E + part, mask=live, other=0))
         d = tl.arange(0, D)
         partner = (d + D // 2) % D  # rotate_half: x[d + D/2] negated in the first half, x[d - D/2] in the second
         sign = tl.where(d < D // 2, -1.0, 1.0)
@@ -103,8 +113,9 @@ if triton is not None:
         x = tl.load((k_base[:, None] + (src[:, None] + d[None, :]) * WIDTH).to(tl.pointer_type(elem)), mask=two_d, other=0.0)
         xp = tl.load((k_base[:, None] + (src[:, None] + partner[None, :]) * WIDTH).to(tl.pointer_type(elem)), mask=two_d,
                      other=0.0)
-        c = tl.load(cos + part[:, None] * D + d[None, :], mask=two_d, other=0.0)
-        s = tl.load(sin + part[:, None] * D + d[None, :], mask=two_d, other=0.0)
+        row = tl.load(rot_rows + part, mask=live, other=0)
+        c = tl.load(cos + row[:, None] * D + d[None, :], mask=two_d, other=0.0)
+        s = tl.load(sin + row[:, None] * D + d[None, :], mask=two_d, other=0.0)
         rotated = x.to(tl.float32) * c + (xp.to(tl.float32) * sign[None, :]) * s
         dst = layer * dst_l + head * dst_h + column[:, None] * dst_t + d[None, :]
         tl.store(keys + dst, rotated.to(elem), mask=two_d)
@@ -122,7 +133,8 @@ def _part_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int] | No
 
 def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
                          k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], cos: torch.Tensor,
-                         sin: torch.Tensor, local: torch.Tensor | None = None, block_n: int = 32) -> None:
+                         sin: torch.Tensor, rows: Sequence[int] | None = None, local: torch.Tensor | None = None,
+                         block_n: int = 32) -> None:
     """`place_rotated_ref` as one kernel (same arguments; `local`, long [N]: each column's index in
     its part, computed from `owner` when not given). Parts that are not laid out as the kernel
     reads them (another dtype, rows not contiguous, K and V strides differing) are copied first."""
@@ -131,9 +143,11 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
         raise ValueError("keys and values must be contiguous [L, 1, H, T, D] buffers of one shape and dtype")
     if D < 2 or D & (D - 1):
         raise ValueError(f"head dim {D}: the kernel takes a power of two (place_rotated_ref takes any even one)")
-    if cos.shape != (len(k_parts), D) or sin.shape != cos.shape:
-        raise ValueError(f"cos and sin must be [parts, head dim] = [{len(k_parts)}, {D}], got {tuple(cos.shape)}, "
-                         f"{tuple(sin.shape)}")
+    rows = list(range(len(k_parts))) if rows is None else list(rows)
+    if (cos.dim() != 2 or cos.shape[1] != D or sin.shape != cos.shape or len(rows) != len(k_parts)
+            or (rows and not 0 <= min(rows) <= max(rows) < cos.shape[0])):
+        raise ValueError(f"cos and sin must be [rotations, head dim {D}] with a row for each of the {len(k_parts)} parts, "
+                         f"got {tuple(cos.shape)}, {tuple(sin.shape)} and {len(rows)} rows")
     N = len(columns)
     if N == 0:
         return
@@ -146,17 +160,15 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
         lengths = torch.tensor([k.shape[2] for k in k_parts])
         starts = torch.cumsum(lengths, 0) - lengths
         local = torch.arange(N) - starts[owner.cpu()]
-    # the host-side tables in one transfer: 3 rows of N, then 2 + 3 per part
+    # the host-side tables in one transfer: 3 rows of N, then 1 + 1 + 3 + 1 per part
     E = len(k_parts)
-    tables = torch.empty(3 * N + 5 * E, dtype=torch.int64)
+    per_part = [(k.data_ptr(), v.data_ptr(), *_part_strides(k, v), row) for k, v, row in zip(k_parts, v_parts, rows, strict=True)]
+    tables = torch.empty(3 * N + 6 * E, dtype=torch.int64)
     tables[:N], tables[N:2 * N], tables[2 * N:3 * N] = owner.cpu(), local.cpu(), columns.cpu()
-    tables[3 * N:3 * N + E] = torch.tensor([k.data_ptr() for k in k_parts])
-    tables[3 * N + E:3 * N + 2 * E] = torch.tensor([v.data_ptr() for v in v_parts])
-    tables[3 * N + 2 * E:] = torch.tensor([_part_strides(k, v) for k, v in zip(k_parts, v_parts, strict=True)]).flatten()
+    tables[3 * N:] = torch.tensor(per_part, dtype=torch.int64).t().flatten()  # k addresses, v addresses, strides, rows
     tables = to_device(tables, keys.device)  # queued behind the buffers' fill, not waited for
-    meta, k_table = tables[:3 * N], tables[3 * N:3 * N + E]
-    v_table, strides = tables[3 * N + E:3 * N + 2 * E], tables[3 * N + 2 * E:]
+    meta, part_table = tables[:3 * N], tables[3 * N:].view(6, E)
     grid = (triton.cdiv(N, block_n), L * H)
-    _place_kernel[grid](keys, values, k_table, v_table, strides, meta, cos.float().contiguous(), sin.float().contiguous(),
-                        N, H, keys.stride(0), keys.stride(2), keys.stride(3), D=D, WIDTH=keys.element_size(),
-                        BLOCK_N=block_n)
+    _place_kernel[grid](keys, values, part_table[0], part_table[1], part_table[2:5], part_table[5], meta,
+                        cos.float().contiguous(), sin.float().contiguous(), N, E, H, keys.stride(0), keys.stride(2),
+                        keys.stride(3), D=D, WIDTH=keys.element_size(), BLOCK_N=block_n)

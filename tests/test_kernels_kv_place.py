@@ -73,6 +73,29 @@ def test_kernel_places_what_the_reference_places(dtype, L, H, D, T, sizes, strid
     assert not want[0].isnan().all()  # something was placed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parts_take_their_rotation_rows_from_a_table(dtype):
+    """rows=: part p is rotated by row rows[p] of a table of rotations (gist memory's shift
+    table; a resident and a raw part of one passage share a row), in both paths."""
+    g = torch.Generator().manual_seed(11)
+    sizes = [4, 0, 9, 3, 6]
+    columns, owner, k_parts, v_parts, _, _ = random_case(2, 2, 32, 40, sizes, dtype, g, strided=3)
+    angle = torch.randn(7, 16, generator=g) * 3
+    table_cos, table_sin = torch.cat([angle, angle], -1).cos().to(DEVICE), torch.cat([angle, angle], -1).sin().to(DEVICE)
+    rows = [6, 0, 2, 6, 3]
+    want = poisoned(2, 2, 40, 32, dtype)
+    place_rotated_ref(*want, columns, owner, k_parts, v_parts, table_cos[rows], table_sin[rows])  # rows gathered first
+    via_rows = poisoned(2, 2, 40, 32, dtype)
+    place_rotated_ref(*via_rows, columns, owner, k_parts, v_parts, table_cos, table_sin, rows=rows)
+    assert torch.equal(via_rows[0].nan_to_num(), want[0].nan_to_num()) and torch.equal(via_rows[1].nan_to_num(), want[1].nan_to_num())
+    got = poisoned(2, 2, 40, 32, dtype)
+    place_rotated_triton(*got, columns, owner, k_parts, v_parts, table_cos, table_sin, rows=rows)
+    assert_placed_alike(got, want, dtype)
+    wrong = poisoned(2, 2, 40, 32, dtype)  # the rows matter: part 0 by row 0 instead of 6
+    place_rotated_ref(*wrong, columns, owner, k_parts, v_parts, table_cos, table_sin, rows=[0, 0, 2, 6, 3])
+    assert not torch.allclose(wrong[0].nan_to_num(), want[0].nan_to_num())
+
+
 def test_parts_of_another_dtype_are_converted_first():
     g = torch.Generator().manual_seed(3)
     columns, owner, k_parts, v_parts, cos, sin = random_case(2, 2, 16, 30, [4, 6], torch.float32, g)
@@ -118,8 +141,14 @@ def test_rotations_narrower_than_the_heads_are_refused():
             patch.setenv("GSA_RAG_KERNELS", mode)
             with pytest.raises(UnsupportedModelError, match="whole heads"):
                 place_rotated(keys, values, columns, owner, k_parts, v_parts, cos[:, :4], sin[:, :4])
-    with pytest.raises(ValueError, match="parts, head dim"):
+    with pytest.raises(ValueError, match="a row for each of the 2 parts"):
         place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos[:1], sin[:1])
+    with pytest.raises(ValueError, match="a row for each of the 2 parts"):
+        place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=[0, 2])
+    with pytest.raises(ValueError, match="give each part its row"):
+        place_rotated(keys, values, columns, owner, k_parts, v_parts, cos[:1], sin[:1])
+    with pytest.raises(ValueError, match="rows must name one of the 2 rotations"):
+        place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=[0, -1])
 
 
 def test_gist_memory_refuses_a_partial_rope_model_when_it_is_made():
@@ -159,7 +188,7 @@ def test_gist_memory_assembles_a_question_through_the_kernel_as_through_the_refe
     for mode in ("0", "1"):
         monkeypatch.setenv("GSA_RAG_KERNELS", mode)
         caches[mode] = memory.prepare(QUESTION, ids)[1]
-        assert len(calls) == (0 if mode == "0" else 2)  # resident columns, then raw ones
+        assert len(calls) == (0 if mode == "0" else 1)  # resident and raw columns in one pass
     assert len(caches["0"].layers) == len(caches["1"].layers)
     for ref, got in zip(caches["0"].layers, caches["1"].layers, strict=True):
         assert torch.equal(ref.values, got.values)

@@ -332,6 +332,35 @@ def test_fast_layout_equals_reference_on_long_prompts(word_aware, meta_chunks):
     assert layout.num_chunks.min() > 0
 
 
+def test_remembered_chunkings_lay_out_as_the_reference(monkeypatch):
+    """build_layout remembers each compressed segment's chunking per tokenizer (gist memory lays
+    out the same passages question after question): the same passages, reordered, under other
+    sinks, chunk sizes, word rules and tokenizers, lay out as the reference every time, and the
+    second time round build_layout chunks only what lies under a sink."""
+    rng = random.Random(4)
+    passages = [list(random_token_ids(rng, 1, 990, 60, min_len=1)) for _ in range(6)]
+    tail = Segment(random_token_ids(rng, 1, 990, 6), compress=False)
+    chunked = []
+    real = layout_module._chunk_piece
+    monkeypatch.setattr(layout_module, "_chunk_piece", lambda *a: (chunked.append(a[1]), real(*a))[1])
+    tokenizers = [FakeTokenizer(), FakeTokenizer(lambda i: i % 7 == 0)]  # different word starts, same ids
+    configs = [GistConfig(chunk_size=4, sink=3), GistConfig(chunk_size=5, sink=3),  # the same max_extra
+               GistConfig(chunk_size=4, sink=0, word_aware=False), GistConfig(chunk_size=6, sink=70),
+               GistConfig(chunk_size=4, sink=3, meta_chunks=(2,))]
+    for round_ in range(2):
+        chunked.clear()
+        for tokenizer in tokenizers:
+            for config in configs:
+                for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4]):
+                    prefix = Segment(tuple(passages[order[0]][:5]), compress=True)
+                    segments = reuse_segments(prefix, [passages[i] for i in order], tail, [991, 992])
+                    fast, ref = build_layout([segments], config, tokenizer), reference_build_layout([segments], config, tokenizer)
+                    for f in fields(GistLayout):
+                        assert torch.equal(getattr(fast, f.name), getattr(ref, f.name)), (f.name, config, order)
+        if round_ == 1:
+            assert chunked and all(n_sink > 0 for n_sink in chunked)  # the prefix, and passages a 70-token sink reaches
+
+
 def test_chunk_size_zero_and_sinks_spanning_segments():
     tok = FakeTokenizer()
     batch = [

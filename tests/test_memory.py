@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig
 
 from gsa_rag import host_kv
-from gsa_rag.cache import GistCache
+from gsa_rag.cache import GistCache, KeyRotator
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.errors import InputError
@@ -193,6 +193,25 @@ def test_assembled_kv_equals_independent_encoding_at_final_offset(tokenizer, rop
             got_v = cache.layers[layer].values[0][:, cols]
             torch.testing.assert_close(got_k, want.layers[layer].keys[0, :, skip:], atol=2e-5, rtol=1e-5)
             torch.testing.assert_close(got_v, want.layers[layer].values[0, :, skip:], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_the_rotation_table_holds_each_shifts_own_rotation(tokenizer, rope, monkeypatch):
+    """KeyRotator.table (what prepare reads each passage's rotation from): row s is exactly
+    cos_sin of shift s, whatever the table's size; it grows to what is asked; past its bound it
+    gives None (prepare then runs the rotary embedding on the question's shifts)."""
+    from gsa_rag import cache as cache_module
+
+    rotator = KeyRotator(tiny_engine(tokenizer, rope=ROPES[rope]).model)
+    shifts = torch.tensor([0, 1, 7, 300, 1023, 999])
+    cos, sin = rotator.table(1024, "cpu")
+    want_cos, want_sin = rotator.cos_sin(shifts, "cpu")
+    assert torch.equal(cos[shifts], want_cos) and torch.equal(sin[shifts], want_sin)
+    assert rotator.table(10, "cpu")[0] is cos  # kept
+    bigger, _ = rotator.table(1500, "cpu")
+    assert bigger.shape[0] >= 1500 and torch.equal(bigger[:1024], cos)
+    monkeypatch.setattr(cache_module, "TABLE_MAX_ROWS", 2048)
+    assert rotator.table(2049, "cpu") is None
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
