@@ -6,7 +6,8 @@ same passages, side by side in one run, with the KV bytes each keeps on the devi
     python benchmarks/memory_ttft.py --data nq --out results.json
     python benchmarks/memory_ttft.py --arch llama3-8b --tokenizer DIR --no-offload --graph --profile
                       # Llama-3-8B shapes, random weights, a saved tokenizer (no model weights needed);
-                      # --profile prints where one question's time goes
+                      # --profile prints where one question's time goes (prepare's host functions,
+                      # the eager question's kernels, the replayed question's kernels)
 
 Columns (median over --repeats timed runs after one warm-up, one question at a time; the three
 are interleaved within every repeat, so a busy machine slows them alike):
@@ -111,9 +112,9 @@ def timed(fns: dict, device, repeats: int) -> tuple[dict, dict]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}, results
 
 
-def graph_replay_ms(fn, repeats: int) -> tuple[float, object]:
-    """Median milliseconds of replaying `fn` captured as one CUDA graph, and the captured output
-    (fn must run the same device work each call and never read the device on the host)."""
+def capture(fn) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn` captured as one CUDA graph, and the captured output (fn must run the same device work
+    each call and never read the device on the host)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture (allocator, cuBLAS workspaces)
@@ -123,6 +124,13 @@ def graph_replay_ms(fn, repeats: int) -> tuple[float, object]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = fn()
+    return graph, out
+
+
+def graph_replay_ms(fn, repeats: int) -> tuple[float, object]:
+    """Median milliseconds of replaying `fn` captured as one CUDA graph (see `capture`), and the
+    captured output."""
+    graph, out = capture(fn)
     times = []
     for _ in range(repeats + 1):  # the first replay is not timed
         torch.cuda.synchronize()
@@ -149,8 +157,8 @@ def rerunnable_question(gsa, layout, cache):
 
 def profile_question(gsa, memory, question, ids, top: int = 35) -> None:
     """--profile: where one question's time goes. Prints the host functions of `prepare` (cProfile,
-    by own time) and, on CUDA, the device kernels of one eager question (torch.profiler, by
-    device time)."""
+    by own time) and, on CUDA, the device kernels of one eager question and of five replays of
+    its forward captured as a CUDA graph (torch.profiler, by device time)."""
     import cProfile
     import pstats
 
@@ -173,6 +181,14 @@ def profile_question(gsa, memory, question, ids, top: int = 35) -> None:
         sync(device)
     print(f"# one question (prepare + first token), by device time (top {top})")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+    with torch.inference_mode():
+        graph, _ = capture(rerunnable_question(gsa, layout, cache))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                graph.replay()
+            sync(device)
+    print(f"# the question's forward replayed as a CUDA graph, 5 replays, by device time (top {top})")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=90))
 
 
 def graph_columns(gsa, ref_model, prompt, memory, question, ids, repeats: int) -> dict:
