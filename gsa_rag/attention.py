@@ -331,8 +331,11 @@ def _kernel_rows(query, key, value, mask: LayerMask, scaling) -> torch.Tensor:
     from gsa_rag.kernels.masked_rows import masked_rows_triton
 
     B, Hq, Tq, D = query.shape
+    # the kernel finds the tail's first row from its row count: a mask (a plug-in state's) that
+    # says otherwise would have rows read from the wrong part
+    if mask.tail is not None and mask.start != Tq - mask.tail.shape[2]:
+        raise ValueError(f"LayerMask.start is {mask.start} but its tail holds the last {mask.tail.shape[2]} of {Tq} rows")
     out = query.new_empty(B, Tq, Hq, D)
-    # the tail's rows fix where it starts (mask.start = Tq - its rows); without one every row is shared
     masked_rows_triton(query, key, value, mask.shared, scaling, out=out.transpose(1, 2), tail_mask=mask.tail)
     return out
 

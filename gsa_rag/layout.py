@@ -369,11 +369,12 @@ def _lay_out_row(segments: list[Segment], config: GistConfig, gist_id: int, star
     return row
 
 
-# Gist memory lays out the same passages for question after question (and training, the same
-# passages epoch after epoch): a compressed segment's chunking depends only on its ids and the
-# chunking settings, so `build_layout` keeps it per tokenizer (word starts come from the
-# tokenizer). A bound on the entries keeps the memory flat (a few KB each).
-_MEMO_SEGMENTS = 4096
+# Gist memory lays out the same passages for question after question: a compressed segment's
+# chunking depends only on its ids and the chunking settings, so `build_layout` keeps it per
+# tokenizer (word starts come from the tokenizer). An entry holds three lists as long as the
+# segment (about 8 KB at 300 tokens); past the bound the memo starts again, so it stays under
+# about 10 MB a tokenizer for passages of that size.
+_MEMO_SEGMENTS = 1024
 
 
 @lru_cache(maxsize=8)

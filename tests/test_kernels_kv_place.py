@@ -167,19 +167,26 @@ def test_gist_memory_refuses_a_partial_rope_model_when_it_is_made():
         GistMemory(engine, progress=False)
 
 
-def test_gist_memory_assembles_a_question_through_the_kernel_as_through_the_reference(monkeypatch):
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("table", [True, False])
+def test_gist_memory_assembles_a_question_through_the_kernel_as_through_the_reference(monkeypatch, offload, table):
     """The question buffers of `GistMemory.prepare` are the same whichever path places them, and
-    the kernel path really runs the kernel (a spy counts its calls)."""
+    the kernel path really runs the kernel (a spy counts its calls): with raw KV on the device or
+    offloaded (resident columns only), rotations from the shift table or, past its bound, from
+    the rotary embedding per passage."""
     from test_memory import PASSAGES, QUESTION, tiny_engine
     from transformers import AutoTokenizer
 
+    from gsa_rag import cache as cache_module
     from gsa_rag.memory import GistMemory
     from gsa_rag.models import default_model_path
 
+    if not table:
+        monkeypatch.setattr(cache_module, "TABLE_MAX_ROWS", 4)  # every question's shifts pass it
     tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
     engine = tiny_engine(tokenizer)
     engine.model.to(DEVICE)
-    memory = GistMemory(engine, progress=False)
+    memory = GistMemory(engine, progress=False, offload=offload)
     ids = memory.add(PASSAGES)
     caches = {}
     calls = []

@@ -87,13 +87,16 @@ def test_masked_rows_kernel_with_a_tail_mask_equals_the_reference(dtype, B, Hq, 
     shared = random_mask(B, shared_heads, R, T, 0.3, g).to(DEVICE)
     if shared_rows == "start":
         shared = shared[:, :, :start]
-    tail = random_mask(B, tail_heads, R - start, T, 0.5, g).to(DEVICE)
+    # the tail's columns of a wider mask: its row stride is its own (the shared mask's is T)
+    tail = random_mask(B, tail_heads, R - start, T + 5, 0.5, g)[..., :T].to(DEVICE)
+    assert tail.stride(2) != shared.stride(2)
     scale = 1 / math.sqrt(D)
     want = float64_reference(q, k, v, shared, scale, tail)
     by_part = torch.cat([float64_reference(q[:, :, :start], k, v, shared[:, :, :start], scale),
                          float64_reference(q[:, :, start:], k, v, tail, scale)], 2)
     torch.testing.assert_close(want, by_part)
-    for splits, block_m, block_n in ((1, None, 64), (1, 16, 16), (3, None, 64), (None, 16, 64), (12, 16, 16)):
+    # one split (normalised in the kernel), the default, many splits of 16 keys
+    for splits, block_m, block_n in ((1, None, 64), (None, 16, 64), (12, 16, 16)):
         out = torch.full((B, R, Hq, D), float("nan"), dtype=dtype, device=DEVICE).transpose(1, 2)
         got = masked_rows_triton(q, k, v, shared, scale, num_splits=splits, out=out, block_m=block_m,
                                  block_n=block_n, tail_mask=tail)
@@ -229,3 +232,6 @@ def test_kernel_rows_launches_the_rows_kernel_once(monkeypatch, dtype, start, ta
     assert rel_err(got, by_part.double()) <= BOUND[dtype]
     want = _sdpa_rows(q.double(), k.double(), v.double(), mask, scale, 0.0, True)
     assert rel_err(got, want) <= BOUND[dtype]
+    if tail is not None and start > 0:  # a start its tail does not end at (a plug-in state's mask) is refused
+        with pytest.raises(ValueError, match="LayerMask.start"):
+            _kernel_rows(q, k, v, LayerMask(shared, start - 1, tail), scale)

@@ -332,6 +332,13 @@ def test_fast_layout_equals_reference_on_long_prompts(word_aware, meta_chunks):
     assert layout.num_chunks.min() > 0
 
 
+class OtherGistTokenizer(FakeTokenizer):
+    """A FakeTokenizer that also knows a second gist token, `<g2>` (id 997)."""
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 997 if token == "<g2>" else super().convert_tokens_to_ids(token)
+
+
 def test_remembered_chunkings_lay_out_as_the_reference(monkeypatch):
     """build_layout remembers each compressed segment's chunking per tokenizer (gist memory lays
     out the same passages question after question): the same passages, reordered, under other
@@ -343,8 +350,9 @@ def test_remembered_chunkings_lay_out_as_the_reference(monkeypatch):
     chunked = []
     real = layout_module._chunk_piece
     monkeypatch.setattr(layout_module, "_chunk_piece", lambda *a: (chunked.append(a[1]), real(*a))[1])
-    tokenizers = [FakeTokenizer(), FakeTokenizer(lambda i: i % 7 == 0)]  # different word starts, same ids
+    tokenizers = [OtherGistTokenizer(), OtherGistTokenizer(lambda i: i % 7 == 0)]  # different word starts
     configs = [GistConfig(chunk_size=4, sink=3), GistConfig(chunk_size=5, sink=3),  # the same max_extra
+               GistConfig(chunk_size=4, sink=3, gist_token="<g2>"),  # another gist id, the same chunks
                GistConfig(chunk_size=4, sink=0, word_aware=False), GistConfig(chunk_size=6, sink=70),
                GistConfig(chunk_size=4, sink=3, meta_chunks=(2,))]
     for round_ in range(2):
