@@ -18,7 +18,7 @@ from gsa_rag.errors import ConfigError, InputError, InputTypeError
 from gsa_rag.generation import SamplingParams, generate_tokens
 from gsa_rag.layout import GistLayout, build_layout
 from gsa_rag.locking import GenerationLock, locked, locked_generator
-from gsa_rag.prompt import DEFAULT_SYSTEM, SegmentPrompt, build_segments
+from gsa_rag.prompt import DEFAULT_SYSTEM, OWN_SYSTEM, SegmentPrompt, build_segments
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class GistEngine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
-        system: str | None = DEFAULT_SYSTEM,
+        system: str | None | object = OWN_SYSTEM,
         observe=None,
         memory=None,
     ) -> str | list[str]:
@@ -149,7 +149,8 @@ class GistEngine:
                 Passage); for a batch, one such list per question. None or []: closed book.
             max_new_tokens, temperature, top_p, seed: sampling (temperature 0 is greedy).
             stop: strings that end the answer (the text is cut before them); one str is one stop string.
-            system: the system line of the prompt; None for none.
+            system: the system line of the prompt; None for none. By default DEFAULT_SYSTEM, or
+                with memory= the memory's own line (its passages' cached KV is encoded under it).
             observe: optional callback given the GistState of every forward (for budgets).
             memory: a GistMemory (gsa_rag.memory): passages are then ids in it or texts
                 (added if missing), laid out for KV reuse, and their cached KV is used, never
@@ -194,7 +195,7 @@ class GistEngine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] = (),
-        system: str | None = DEFAULT_SYSTEM,
+        system: str | None | object = OWN_SYSTEM,
         memory=None,
     ) -> Iterator[str]:
         """Yields the answer to one question piece by piece; the pieces join to `generate`'s text.
@@ -251,6 +252,8 @@ class GistEngine:
         """`_prepare_once`, fitted to the model's window: a prompt that does not fit (raw tokens
         + max_new_tokens) is refused, or with GistConfig(overflow="drop_passages") its last
         passages are dropped until it fits (see gsa_rag.validation)."""
+        if system is OWN_SYSTEM:
+            system = DEFAULT_SYSTEM if memory is None else memory.system
         window = validation.context_window(self.model)
         while True:
             layout, cache = self._prepare_once(questions, passage_lists, system, memory, max_new_tokens)

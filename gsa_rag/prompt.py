@@ -25,6 +25,9 @@ from gsa_rag.errors import InputError, InputTypeError
 from gsa_rag.layout import TOKENIZER_LOCK, Segment, encode_text
 
 DEFAULT_SYSTEM = "Answer the question using the documents. Reply with a short answer only."
+# the system line a question over gist memory gets when none is given: the memory's own (the line
+# its passages were encoded under, so their cached KV is reused), else DEFAULT_SYSTEM
+OWN_SYSTEM = type("OwnSystem", (), {"__repr__": lambda self: "OWN_SYSTEM"})()
 _PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: no template touches them
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 _PREFIX, _TAIL = "prefix", "tail"

