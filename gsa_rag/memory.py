@@ -119,7 +119,13 @@ from transformers import DynamicCache
 
 from gsa_rag.cache import GistCache, KeyRotator, OffloadedSource
 from gsa_rag.config import GistConfig
-from gsa_rag.errors import ConfigError, ContextTooLongError, InputError, InputTypeError, MemoryFormatError
+from gsa_rag.errors import (
+    ConfigError,
+    ContextTooLongError,
+    InputError,
+    InputTypeError,
+    MemoryFormatError,
+)
 from gsa_rag.generation import forward
 from gsa_rag.host_kv import HostKV, HostKVStore
 from gsa_rag.layout import Segment, build_layout, encode_text
@@ -130,7 +136,15 @@ from gsa_rag.memory_files import safetensors_metadata as _safetensors_metadata
 from gsa_rag.memory_files import sha256 as _sha256
 from gsa_rag.memory_files import write_if_changed as _write_if_changed
 from gsa_rag.memory_vectors import VectorIndex as _VectorIndex
-from gsa_rag.prompt import DEFAULT_SYSTEM, OWN_SYSTEM, Passage, as_passage, prompt_ends, question_tail, reuse_segments
+from gsa_rag.prompt import (
+    DEFAULT_SYSTEM,
+    OWN_SYSTEM,
+    Passage,
+    as_passage,
+    prompt_ends,
+    question_tail,
+    reuse_segments,
+)
 from gsa_rag.selection import ChunkSelector, select_coarse_to_fine
 
 logger = logging.getLogger(__name__)
@@ -695,7 +709,9 @@ class GistMemory:
         """Copies KV parts ([L, Hkv, n_i, D], in order) into the buffers at `columns` (host), keys
         re-rotated by row `rows[p]` of `rotation` (cos, sin) for part p = their `owner`: one Triton
         pass on CUDA (kernels/kv_place.py), the torch reference elsewhere."""
-        from gsa_rag.kernels.kv_place import place_rotated  # imports Triton: not at gsa_rag's import
+        from gsa_rag.kernels.kv_place import (
+            place_rotated,  # imports Triton: not at gsa_rag's import
+        )
 
         place_rotated(keys, values, columns, owner, k_parts, v_parts, *rotation, rows=rows)
 

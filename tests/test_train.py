@@ -228,10 +228,74 @@ def test_a_new_run_needs_an_empty_output_and_a_resumed_one_its_own_settings(tmp_
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"grad_accum": 0}, {"log_every": 0}, {"batch_size": -1},
-                                 {"max_blocks": 0}, {"save_every": -1}, {"steps": 2.5}])
+                                 {"max_blocks": 0}, {"save_every": -1}, {"steps": 2.5}, {"max_minutes": -1},
+                                 {"max_minutes": float("nan")}, {"selection_loss": float("nan")}])
 def test_counts_are_refused_before_the_model_loads(bad, tmp_path, no_model_load):
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        train(TrainArgs(stage="cpt", output=str(tmp_path / "run"), data=["x.txt"], **bad))
+    with pytest.raises(ValueError, match=next(iter(bad)).replace("_", "[_-]")):
+        train(TrainArgs(stage="sft", output=str(tmp_path / "run"), data=["x.txt"], **bad))
+
+
+def test_a_resume_under_another_process_count_is_refused(tmp_path):
+    from gsa_rag.train.loop import _resumed_progress
+
+    step = tmp_path / "step-0000002"
+    step.mkdir()
+    (step / "state.json").write_text(json.dumps({"progress": {"num_processes": 2, "losses": [1.5]}}))
+    assert _resumed_progress(step, 2)["losses"] == [1.5]
+    with pytest.raises(ValueError, match="written by 2 processes, this run has 1; resume with 2"):
+        _resumed_progress(step, 1)
+
+
+def _two_answer_lengths(tmp_path) -> str:
+    data = tmp_path / "rag.jsonl"
+    rows = [{"id": "short", "question": "When was the Vasa raised?", "answers": ["1961"]},
+            {"id": "long", "question": "How was the Vasa found?",
+             "answers": ["Anders Franzen found it in 1956 in Stockholm harbour, and it was raised five years later"]}]
+    data.write_text("\n".join(json.dumps(dict(r, source="test", passages=PASSAGES)) for r in rows))
+    return str(data)
+
+
+def test_every_answer_token_weighs_the_same_however_a_step_is_split(tiny_dir, tmp_path, monkeypatch):
+    """One micro-batch of 2 examples and 2 accumulated micro-batches of 1 give the optimizer the same
+    gradient when the answers differ in length: the loss is the mean over the step's tokens, not a
+    mean of the micro-batches' means (which weighs a short answer's tokens up)."""
+    seen = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, *a, **k):
+            seen.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]).clone())
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    common = {"stage": "sft", "base": str(tiny_dir), "data": [_two_answer_lengths(tmp_path)], "steps": 1, "lr": 1e-2,
+              "warmup": 0, "gist": {"chunk_size": 4}}
+    train(TrainArgs(output=str(tmp_path / "one"), batch_size=2, **common))
+    train(TrainArgs(output=str(tmp_path / "two"), batch_size=1, grad_accum=2, **common))
+    assert len(seen) == 2 and seen[0].abs().max() > 0
+    torch.testing.assert_close(seen[1], seen[0], rtol=1e-4, atol=1e-6 * float(seen[0].abs().max()))
+
+
+def test_a_run_stopped_by_its_time_budget_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path):
+    """--max-minutes writes the adapter as it stands (marked stopped early) and a checkpoint;
+    --resume finishes the run, and its manifest counts every step and ends on the same loss as a
+    run that never stopped."""
+    from gsa_rag.adapters import read_manifest
+
+    common = {"stage": "sft", "base": str(tiny_dir), "data": [_two_answer_lengths(tmp_path)], "steps": 3, "lr": 1e-2,
+              "warmup": 0, "batch_size": 1, "grad_accum": 2, "gist": {"chunk_size": 4}}
+    whole = train(TrainArgs(output=str(tmp_path / "whole"), **common))
+    stopped = TrainArgs(output=str(tmp_path / "stopped"), max_minutes=1e-9, **common)
+    train(stopped)
+    early = read_manifest(tmp_path / "stopped")
+    assert early["stopped_early"] and early["steps_done"] == 1 and early["micro_steps_done"] == 2
+    with pytest.raises(FileExistsError, match="add --resume"):
+        train(stopped)
+    train(dataclasses.replace(stopped, resume=True, max_minutes=0.0))
+    done, reference = read_manifest(tmp_path / "stopped"), read_manifest(whole)
+    assert not done["stopped_early"] and done["steps_done"] == 3 and done["micro_steps_done"] == 6
+    assert done["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-6)
+    with pytest.raises(FileExistsError, match="already holds a trained adapter"):
+        train(dataclasses.replace(stopped, resume=True))  # finished: nothing more to resume
 
 
 def test_an_init_adapter_keeps_its_lora_rank_and_the_manifest_says_so(tmp_path):

@@ -13,7 +13,8 @@ previous checkpoint intact.
 Under FSDP2 parameters and optimizer moments are sharded DTensors: saving gathers each one whole
 (every rank must call `save_checkpoint`; only the one with `write=True` writes), and loading
 hands every rank its own shard of the saved whole tensor. A checkpoint is therefore the same
-files whatever the number of processes or the sharding, and resumes under either.
+files whatever the sharding, and resumes under FSDP or DDP alike; the training loop resumes it
+with the process count that wrote it (the example order and the global batch depend on it).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def _like(saved: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return saved.to(target.device, target.dtype)
 
 
-def save_checkpoint(directory: str | Path, model, optimizer, scheduler, step: int, args: dict, write: bool = True) -> Path:
-    """Writes the checkpoint for `step` under `directory/step-<step>` atomically.
+def save_checkpoint(directory: str | Path, model, optimizer, scheduler, step: int, args: dict, write: bool = True,
+                    progress: dict | None = None) -> Path:
+    """Writes the checkpoint for `step` under `directory/step-<step>` atomically. `progress`: what
+    the loop carries over a resume besides the tensors (JSON: process count, recent losses).
 
     With sharded (FSDP) parameters every rank calls this (the gathers are collectives) and only
     the one with `write` True touches the disk."""
@@ -89,6 +92,7 @@ def save_checkpoint(directory: str | Path, model, optimizer, scheduler, step: in
         "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "args": args,
+        "progress": progress,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
     if target.exists():

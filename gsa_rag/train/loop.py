@@ -18,6 +18,7 @@ plain answer loss, computed exactly as without the option.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -143,6 +144,9 @@ def _check_counts(args: TrainArgs) -> None:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if args.max_blocks is not None and (isinstance(args.max_blocks, bool) or args.max_blocks < 1):
         raise ValueError(f"max_blocks must be >= 1 (leave it out for no limit), got {args.max_blocks!r}")
+    if isinstance(args.max_minutes, bool) or not isinstance(args.max_minutes, (int, float)) \
+            or not math.isfinite(args.max_minutes) or args.max_minutes < 0:
+        raise ValueError(f"max_minutes must be a number of minutes >= 0 (0: no limit), got {args.max_minutes!r}")
 
 
 def _check_output(args: TrainArgs, output: Path) -> None:
@@ -151,9 +155,12 @@ def _check_output(args: TrainArgs, output: Path) -> None:
     there, given the same run-defining settings."""
     from gsa_rag.adapters import MANIFEST
 
-    if (output / MANIFEST).exists():
-        raise FileExistsError(f"{output} already holds a trained adapter; choose another --output (nothing was overwritten)")
     last = latest_checkpoint(output / "checkpoints")
+    if (output / MANIFEST).exists():
+        stopped = json.loads((output / MANIFEST).read_text()).get("stopped_early")
+        if not (args.resume and stopped and last is not None):
+            raise FileExistsError(f"{output} already holds a trained adapter; choose another --output (nothing was "
+                                  "overwritten)" + (" or add --resume: its run stopped at its time budget" if stopped else ""))
     if not args.resume:
         if output.exists() and any(output.iterdir()):
             raise FileExistsError(f"{output} is not empty: a new run needs an empty or new --output (to continue a run "
@@ -299,9 +306,10 @@ def train(args: TrainArgs) -> Path:
     # over by accelerate); gradient clipping must see those
     params = [p for p in model.parameters() if p.requires_grad]
 
-    start = 0
+    start, progress = 0, {}
     checkpoints = output / "checkpoints"
     if args.resume and (last := latest_checkpoint(checkpoints)) is not None:
+        progress = _resumed_progress(last, accelerator.num_processes)
         start = load_checkpoint(last, accelerator.unwrap_model(model), optimizer, scheduler)
         accelerator.print(f"resumed from {last} at step {start}")
 
@@ -311,18 +319,41 @@ def train(args: TrainArgs) -> Path:
         output.mkdir(parents=True, exist_ok=True)
     bar = tqdm(range(start, args.steps), desc=f"train {args.stage}", disable=not accelerator.is_main_process,
                initial=start, total=args.steps)
-    losses: list[float] = []
-    parts: list[tuple[float, float]] = []  # (answer, selection) per micro-step, with --selection-loss
+    # the last micro-steps' losses, carried over a resume (the logs' windows and the manifest's final loss)
+    keep = max(20, args.grad_accum * args.log_every)
+    losses: list[float] = progress.get("losses", [])
+    parts: list[tuple[float, float]] = [tuple(p) for p in progress.get("parts", [])]  # (answer, selection), --selection-loss
+    steps_done, stopped_early = start, False
+
+    def save(step_count: int) -> None:
+        # every rank takes part (FSDP gathers sharded tensors); the main process writes
+        accelerator.wait_for_everyone()
+        save_checkpoint(checkpoints, accelerator.unwrap_model(model), optimizer, scheduler, step_count, asdict(args),
+                        write=accelerator.is_main_process,
+                        progress={"num_processes": accelerator.num_processes, "losses": losses[-keep:],
+                                  "parts": parts[-keep:]})
+
     tokens, t0 = 0, time.perf_counter()
     for step in bar:
-        for micro in range(args.grad_accum):
-            index = (step * args.grad_accum + micro) * args.batch_size
-            batch = collate([examples[order[(index + i) % len(order)]] for i in range(args.batch_size)], config, tokenizer)
-            batch = batch.to(accelerator.device)
+        index = step * args.grad_accum * args.batch_size
+        micro_batches = [
+            collate([examples[order[(index + m * args.batch_size + i) % len(order)]] for i in range(args.batch_size)],
+                    config, tokenizer).to(accelerator.device)
+            for m in range(args.grad_accum)
+        ]
+        # every labelled token of the step weighs the same, however its examples are split into
+        # micro-batches and processes: each micro-batch's mean loss is scaled by its share of the
+        # step's tokens (times the micro-steps and processes that accumulate() and DDP average over)
+        step_tokens = _all_sum(accelerator, sum(label_tokens(b) for b in micro_batches))
+        for batch in micro_batches:
             with accelerator.accumulate(model):
                 loss, answer_loss, selection_loss = batch_losses(model, batch, config, args.selection_loss,
                                                                  args.selection_rows, args.selection_target)
-                accelerator.backward(loss)
+                share = label_tokens(batch) * args.grad_accum * accelerator.num_processes / max(1, step_tokens)
+                objective = answer_loss * share
+                if selection_loss is not None:
+                    objective = objective + args.selection_loss * selection_loss
+                accelerator.backward(objective)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, 1.0)
                 optimizer.step()
@@ -333,10 +364,13 @@ def train(args: TrainArgs) -> Path:
             losses.append(loss.item())
             if selection_loss is not None:
                 parts.append((answer_loss.item(), selection_loss.item()))
-            del loss, answer_loss, selection_loss  # their autograd nodes hold the parameters (see the end)
-        if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
+            # their autograd nodes hold the parameters (see the end)
+            del loss, answer_loss, selection_loss, objective
+        del micro_batches, batch
+        steps_done = step + 1
+        if accelerator.is_main_process and (steps_done % args.log_every == 0 or steps_done == args.steps):
             window = args.grad_accum * args.log_every
-            record = {"step": step + 1, "loss": sum(losses[-window:]) / len(losses[-window:]),
+            record = {"step": steps_done, "loss": sum(losses[-window:]) / len(losses[-window:]),
                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens * accelerator.num_processes / (time.perf_counter() - t0)}
             if parts:  # with --selection-loss, "loss" is answer + weight * selection
                 record["answer_loss"] = sum(a for a, _ in parts[-window:]) / len(parts[-window:])
@@ -344,14 +378,17 @@ def train(args: TrainArgs) -> Path:
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        if args.max_minutes and _all_agree(accelerator, time.perf_counter() - t0 > 60 * args.max_minutes):
-            accelerator.print(f"time budget of {args.max_minutes} min spent: stopping after step {step + 1}")
+        losses, parts = losses[-keep:], parts[-keep:]
+        out_of_time = bool(args.max_minutes) and _all_agree(accelerator, time.perf_counter() - t0 > 60 * args.max_minutes)
+        if args.save_every and steps_done % args.save_every == 0 and steps_done < args.steps:
+            save(steps_done)
+        if out_of_time and steps_done < args.steps:
+            # the adapter is written as it stands, and a checkpoint lets --resume finish the run
+            accelerator.print(f"time budget of {args.max_minutes} min spent: stopping after step {steps_done}")
+            if not (args.save_every and steps_done % args.save_every == 0):
+                save(steps_done)
+            stopped_early = True
             break
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            accelerator.wait_for_everyone()
-            # every rank takes part (FSDP gathers sharded tensors); the main process writes
-            save_checkpoint(checkpoints, accelerator.unwrap_model(model), optimizer, scheduler, step + 1, asdict(args),
-                            write=accelerator.is_main_process)
 
     accelerator.wait_for_everyone()
     # under FSDP the full state dict is gathered by every rank together; otherwise None (the model's own)
@@ -359,7 +396,8 @@ def train(args: TrainArgs) -> Path:
     if accelerator.is_main_process:
         _save_result(accelerator.unwrap_model(model), tokenizer, output, args, config, fingerprint, losses, parts=parts,
                      num_processes=accelerator.num_processes, state_dict=state_dict,
-                     parallelism="fsdp2" if fsdp else "ddp" if accelerator.num_processes > 1 else "single")
+                     parallelism="fsdp2" if fsdp else "ddp" if accelerator.num_processes > 1 else "single",
+                     steps_done=steps_done, stopped_early=stopped_early)
     # Every rank leaves together and lets go of the model while its process group and the
     # interpreter are still alive: a sharded model's device mesh holds the group, and a gloo group
     # finalised at interpreter exit, or torn down while a peer still writes, can abort a rank
@@ -376,7 +414,7 @@ def _check_selection_args(args: TrainArgs) -> None:
         raise ValueError(f"--selection-rows must be one of {ROWS}, got {args.selection_rows!r}")
     if args.selection_target not in TARGETS:
         raise ValueError(f"--selection-target must be one of {TARGETS}, got {args.selection_target!r}")
-    if args.selection_loss < 0:
+    if not math.isfinite(args.selection_loss) or args.selection_loss < 0:
         raise ValueError(f"--selection-loss is a weight >= 0, got {args.selection_loss}")
     if args.selection_loss and args.stage != "sft":
         raise ValueError("--selection-loss needs RAG examples with gold passages: use it with `train sft`")
@@ -432,6 +470,27 @@ def _full_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: whole_tensor(t) for name, t in model.state_dict().items()}
 
 
+def label_tokens(batch: Batch) -> int:
+    """The tokens a batch's loss averages over: labelled positions after the next-token shift."""
+    return int((batch.labels[:, 1:] != -100).sum())
+
+
+def _all_sum(accelerator, count: int) -> int:
+    value = torch.tensor([count], dtype=torch.long, device=accelerator.device)
+    return int(accelerator.reduce(value, reduction="sum").item())
+
+
+def _resumed_progress(checkpoint: Path, num_processes: int) -> dict:
+    """The checkpoint's carried-over losses; refuses another process count (each process reads its
+    own slice of the example order, and the global batch is per-process batch x processes)."""
+    progress = json.loads((checkpoint / "state.json").read_text()).get("progress") or {}
+    saved = progress.get("num_processes", num_processes)
+    if saved != num_processes:
+        raise ValueError(f"--resume: {checkpoint} was written by {saved} processes, this run has {num_processes}; "
+                         f"resume with {saved} (the example order and the global batch depend on it)")
+    return progress
+
+
 def _all_agree(accelerator, flag: bool) -> bool:
     """True on every process if it is true on any (so all ranks stop at the same step)."""
     value = torch.tensor([float(flag)], device=accelerator.device)
@@ -452,7 +511,8 @@ def _example_order(n: int, args: TrainArgs, accelerator) -> list[int]:
 
 def _save_result(model, tokenizer, output: Path, args: TrainArgs, config: GistConfig, fingerprint: str, losses,
                  num_processes: int = 1, state_dict: dict | None = None, parallelism: str = "single",
-                 parts: list[tuple[float, float]] | None = None) -> None:
+                 parts: list[tuple[float, float]] | None = None, steps_done: int | None = None,
+                 stopped_early: bool = False) -> None:
     """Writes the adapter (or full model). `state_dict`: the gathered full state dict when the
     parameters are sharded (FSDP); None: the model's own."""
     from safetensors.torch import load_file, save_file
@@ -481,4 +541,6 @@ def _save_result(model, tokenizer, output: Path, args: TrainArgs, config: GistCo
                  "final_selection_loss": sum(s for _, s in parts[-20:]) / len(parts[-20:])}
     write_manifest(output, base_model=str(base), fingerprint=fingerprint, config=config, stage=args.stage,
                    train_args=asdict(args), final_loss=sum(tail) / max(1, len(tail)), num_processes=num_processes,
-                   micro_steps_done=len(losses), kv_reuse=kv_reuse, parallelism=parallelism, **extra)
+                   micro_steps_done=(args.steps if steps_done is None else steps_done) * args.grad_accum,
+                   steps_done=args.steps if steps_done is None else steps_done, stopped_early=stopped_early,
+                   kv_reuse=kv_reuse, parallelism=parallelism, **extra)
