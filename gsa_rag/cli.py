@@ -150,7 +150,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default=None)
     p.add_argument("--sink", type=int, default=None)
     p.add_argument("--device", type=_device_arg, default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="the answer's token budget (>= 1)")
     p.add_argument("--adapter", default="default",
                    help="gist adapter dir; 'default': the bundled one (default model only); 'none': no adapter")
     p.add_argument("--fuse", action="store_true",
@@ -178,6 +178,10 @@ def _engine(args):
 
 
 def _demo(args) -> None:
+    from gsa_rag import validation
+
+    if args.question is not None:  # given empty is a mistake (an unset shell variable), not "use the demo's"
+        validation.check_question(args.question, "--question")
     demo = json.loads(resources.files("gsa_rag").joinpath("data/demo_passages.json").read_text())
     question = args.question or demo["question"]
     engine = _engine(args)
@@ -195,8 +199,12 @@ def _demo(args) -> None:
 
 
 def _ask(args) -> None:
+    from gsa_rag import validation
+
+    # the engine refuses these too, but only after the model has loaded
+    validation.check_question(args.question)
+    passages = validation.check_passage_list([{"text": t} for t in args.passage])
     engine = _engine(args)
-    passages = [{"text": t} for t in args.passage]
     print(engine.generate(args.question, passages, max_new_tokens=args.max_new_tokens))
 
 

@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 
@@ -148,7 +149,8 @@ class GistEngine:
             passages: for one question, a list of passages (str, dict with text/title, or
                 Passage); for a batch, one such list per question. None or []: closed book.
             max_new_tokens, temperature, top_p, seed: sampling (temperature 0 is greedy).
-            stop: strings that end the answer (the text is cut before them); one str is one stop string.
+            stop: strings that end the answer: decoding stops once one appears, and the text is cut
+                before it (as `stream` ends it); one str is one stop string.
             system: the system line of the prompt; None for none. By default DEFAULT_SYSTEM, or
                 with memory= the memory's own line (its passages' cached KV is encoded under it).
             observe: optional callback given the GistState of every forward (for budgets).
@@ -177,10 +179,18 @@ class GistEngine:
         layout, cache = self._prepare(questions, passage_lists, system, memory, max_new_tokens)
         rows: list[list[int]] = [[] for _ in questions]
         stops = self.stop_ids()
-        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned, observe, cache=cache):
-            for row, t in zip(rows, token.tolist()):
-                if not row or row[-1] not in stops:
-                    row.append(t)
+        watches = [_StopWatch(lambda ids: self._decode(ids, stops), stop) for _ in rows]
+        ended = [False] * len(rows)
+        tokens = generate_tokens(self.model, layout, self.config, params, stops, self._banned, observe, cache=cache)
+        # closed, not left to the garbage collector: its frame holds the cache (and its KV) until then
+        with contextlib.closing(tokens):
+            for token in tokens:
+                for r, t in enumerate(token.tolist()):
+                    if not ended[r]:
+                        rows[r].append(t)
+                        ended[r] = t in stops or watches[r].reached(rows[r])
+                if all(ended):  # an agent's stop=["\nObservation"] must not pay for the rest of max_new_tokens
+                    break
         answers = [self._cut_as_streamed(r, stops, stop) for r in rows]
         return answers[0] if single else answers
 
@@ -319,6 +329,40 @@ def _as_batch(question, passages) -> tuple[list[str], list[list], bool]:
         raise InputError(f"a batch of {len(questions)} questions needs as many passage lists, got {len(passages)}")
     lists = [validation.check_passage_list(p, f"the passages of question {i}") for i, p in enumerate(passages)]
     return questions, lists, False
+
+
+class _StopWatch:
+    """Tells, token by token, when a growing answer reaches the point where `stream` ends it: its
+    text holds a stop string and does not end inside a multi-byte character. Ending a row there
+    (or later) leaves `_cut_as_streamed` the same text as decoding on to max_new_tokens would.
+
+    Each step decodes only the tokens since the last whole-character check plus a margin that
+    holds the longest stop string (a character is at most 4 byte tokens), so a long answer costs
+    no quadratic re-decoding. A hit in that tail is confirmed on the whole text: a tail cut inside
+    a character, or decoded without the text before it, could show a stop string that is not there.
+    A stop string the tail misses (zero-width special tokens) only means decoding on, as before.
+    """
+
+    def __init__(self, decode, stop: Sequence[str]):
+        self.decode, self.stop = decode, stop
+        longest = max((len(s) for s in stop), default=0)
+        self.margin = 4 * longest + 4 if longest else 0
+        self.settled = 0  # tokens whose text ends on a whole character and holds no stop string
+
+    def reached(self, ids: list[int]) -> bool:
+        if not self.margin:
+            return False
+        tail = self.decode(ids[max(0, self.settled - self.margin) :])
+        if tail.endswith("\ufffd"):  # stream waits for the character to complete; the tail keeps growing meanwhile
+            return False
+        if any(s and s in tail for s in self.stop):
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):
+                return False
+            if any(s and s in text for s in self.stop):
+                return True
+        self.settled = len(ids)
+        return False
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -167,3 +167,26 @@ def test_cli_os_error_from_loading_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_engine", hub_error)
     err = _fails(["ask", "q", "--passage", "p", "--model", "someone/some-model"], capsys)
     assert "couldn't connect" in err and "Check your internet" in err
+
+
+# 3. the answer's budget and the question are checked before the model loads (it takes ~17 s)
+
+
+@pytest.mark.parametrize("command", [["demo"], ["ask", "Who?", "--passage", "Ada."], ["eval", "DATA"]])
+@pytest.mark.parametrize("value", ["0", "-2", "ten"])
+def test_cli_max_new_tokens_must_be_positive(command, value, data, no_run, capsys):
+    argv = [str(data) if a == "DATA" else a for a in command]
+    err = _fails([*argv, "--max-new-tokens", value], capsys)
+    assert "--max-new-tokens" in err and ">= 1" in err
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["ask", "   ", "--passage", "Ada wrote it."], ["question", "empty"]),
+    (["ask", "", "--passage", "Ada wrote it."], ["question", "empty"]),
+    (["ask", "Who?\udcff", "--passage", "Ada wrote it."], ["question", "surrogate"]),  # non-UTF-8 argv bytes
+    (["ask", "Who wrote it?", "--passage", " \n"], ["passage 0", "empty"]),
+    (["demo", "--question", "\t"], ["--question", "empty"]),
+])
+def test_cli_bad_question_refused_before_the_model_loads(argv, words, no_run, capsys):
+    err = _fails(argv, capsys)
+    assert all(w in err for w in words)

@@ -1,8 +1,14 @@
 """GistEngine on the real default model (CPU): prompts, injection, streaming, batches, sparsity."""
 
+import functools
+import random
+
 import pytest
 import torch
+from test_memory import tiny_engine
+from transformers import AutoTokenizer
 
+import gsa_rag.engine as engine_module
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.prompt import build_segments
@@ -19,6 +25,12 @@ QUESTION = "In which year was the Vasa raised?"
 @pytest.fixture(scope="module")
 def engine(default_model_dir):
     return GistEngine.from_pretrained(str(default_model_dir), config=GistConfig(chunk_size=8, top_k=2), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(default_model_dir):
+    """A tiny random model over the default tokenizer: noise for answers, but 40 tokens cost ~0.2 s."""
+    return tiny_engine(AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True))
 
 
 def gist_ids(engine):
@@ -124,3 +136,149 @@ def test_eval_reports_each_questions_own_budget(engine, tmp_path):
     alone = evaluate(engine, str(path), batch_size=1, max_new_tokens=2)["examples"]
     assert [r["attended_keys"] for r in batched] == pytest.approx([r["attended_keys"] for r in alone])
     assert batched[0]["attended_keys"] != pytest.approx(batched[1]["attended_keys"])
+
+
+# --- stop strings end the decoding, not only the text --------------------------------------------
+
+
+def count_forwards(monkeypatch, model) -> list:
+    """The model's forwards, one item each (a decode step is one forward, the prefill another)."""
+    calls, forward = [], model.forward
+
+    @functools.wraps(forward)  # keeps the signature (generation reads its cache keyword)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return calls
+
+
+def answer_ids(monkeypatch, engine) -> list:
+    """Each row's token ids as `generate` hands them to `_cut_as_streamed`, one list per call."""
+    seen, cut = [], engine._cut_as_streamed
+    monkeypatch.setattr(engine, "_cut_as_streamed",
+                        lambda ids, stops, stop: seen.append(list(ids)) or cut(ids, stops, stop))
+    return seen
+
+
+def tokens_read(engine, ids, stop) -> int:
+    """How many of `ids` `stream` reads: up to an end-of-text id, or the first token after which the
+    text holds a stop string and ends on a whole character."""
+    stops = engine.stop_ids()
+    for n in range(1, len(ids) + 1):
+        text = engine._decode(ids[:n], stops)
+        if ids[n - 1] in stops or (not text.endswith("\ufffd") and any(s and s in text for s in stop)):
+            return n
+    return len(ids)
+
+
+def early_stop(text: str, avoid: list[str]) -> str:
+    """A 3-character piece of the second quarter of `text` that no text in `avoid` holds."""
+    return next(text[i : i + 3] for i in range(len(text) // 4, len(text) // 2)
+                if not any(text[i : i + 3] in a for a in avoid))
+
+
+def test_generate_stops_decoding_once_every_row_hit_a_stop_string(tiny, monkeypatch):
+    """The answers are the un-stopped ones cut as `stream` cuts them, and decoding ends as soon as
+    every row reached its stop string; a row that hit one while others run on is cut the same."""
+    questions, passages, n = [QUESTION, "What is the capital of Sweden?"], [PASSAGES, PASSAGES[1:]], 40
+    ids = answer_ids(monkeypatch, tiny)
+    full = tiny.generate(questions, passages, max_new_tokens=n)
+    rows, stops = list(ids), tiny.stop_ids()
+    assert all(len(r) == n for r in rows)  # noise: no end-of-text id, every row runs the whole budget
+
+    forwards = count_forwards(monkeypatch, tiny.model)
+    first = [early_stop(full[0], [full[1]])]  # only the first row hits it
+    stopped = tiny.generate(questions, passages, max_new_tokens=n, stop=first)
+    assert stopped == [tiny._cut_as_streamed(r, stops, first) for r in rows]
+    assert len(forwards) == n  # the second row ran on to the budget
+
+    both = [*first, early_stop(full[1], [full[0]])]
+    forwards.clear()
+    stopped = tiny.generate(questions, passages, max_new_tokens=n, stop=both)
+    assert stopped == [tiny._cut_as_streamed(r, stops, both) for r in rows]
+    assert all(len(s) < len(f) for s, f in zip(stopped, full))
+    assert len(forwards) == max(tokens_read(tiny, r, both) for r in rows) < n
+
+    forwards.clear()
+    alone = tiny.generate(questions[0], passages[0], max_new_tokens=n, stop=first)
+    assert len(forwards) == tokens_read(tiny, rows[0], first) < n  # as many as stream reads
+    assert alone == stopped[0] == "".join(tiny.stream(questions[0], passages[0], max_new_tokens=n, stop=first))
+    assert not torch.is_inference_mode_enabled()
+    assert tiny.generate(questions, passages, max_new_tokens=n) == full  # a decode closed early leaves nothing behind
+
+
+def test_generate_over_gist_memory_stops_at_a_stop_string_too(tiny, monkeypatch):
+    """Over memory (raw KV offloaded, fetched by the cache's hook) the loop closed early drops that
+    question's cache: the same question answered again comes out as before."""
+    from gsa_rag.memory import GistMemory
+
+    memory = GistMemory(tiny, offload=True, progress=False)
+    passages = memory.add(PASSAGES)
+    ids = answer_ids(monkeypatch, tiny)
+    full = tiny.generate(QUESTION, passages, memory=memory, max_new_tokens=30)
+    stop = [early_stop(full, [])]
+    forwards = count_forwards(monkeypatch, tiny.model)
+    stopped = tiny.generate(QUESTION, passages, memory=memory, max_new_tokens=30, stop=stop)
+    assert len(forwards) == tokens_read(tiny, ids[0], stop) < 30
+    assert stopped == tiny._cut_as_streamed(ids[0], tiny.stop_ids(), stop)
+    assert stopped == "".join(tiny.stream(QUESTION, passages, memory=memory, max_new_tokens=30, stop=stop))
+    assert tiny.generate(QUESTION, passages, memory=memory, max_new_tokens=30) == full
+
+
+def test_generate_ends_where_stream_ends_for_random_stop_strings(tiny):
+    """Fuzz: stop strings cut at random from the un-stopped (sampled) answer, most spanning
+    tokens, one or two at a time: generate gives the streamed text."""
+    rng = random.Random(0)
+    for seed in (2, 5):
+        kwargs = {"max_new_tokens": 24, "temperature": 1.0, "seed": seed}
+        full = tiny.generate(QUESTION, PASSAGES, **kwargs)
+        for _ in range(6):
+            i = rng.randrange(len(full))
+            stop = [full[i : i + rng.randrange(1, 6)]]
+            if rng.random() < 0.4:
+                stop.append(full[rng.randrange(len(full)) :][: rng.randrange(2, 9)])
+            streamed = "".join(tiny.stream(QUESTION, PASSAGES, stop=stop, **kwargs))
+            assert tiny.generate(QUESTION, PASSAGES, stop=stop, **kwargs) == streamed, stop
+            assert not any(s in streamed for s in stop)
+
+
+SPLIT_TEXTS = ["Le café 🌊 est prêt.\nObservation: 東京 ✓ done", "naïve 🦜🦜 Ünïcödé 😀\n\nµ and more"]
+
+
+def test_stop_strings_across_multi_byte_characters_end_generate_where_stream_ends(tiny, monkeypatch):
+    """Scripted answers whose emoji and CJK characters span several tokens (the decode loop replaced,
+    so every stop string costs no model): generate reads exactly the tokens stream reads, closes
+    the loop it left, and returns stream's text, which is the un-stopped answer cut by `_cut_as_streamed`."""
+    script, pulled, closed = [], [], []
+
+    def scripted(model, layout, config, params, stops, *args, **kwargs):
+        pulled.clear()
+        try:
+            for t in [*script, min(stops)]:  # then the end-of-text id
+                pulled.append(t)
+                yield torch.tensor([t])
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(engine_module, "generate_tokens", scripted)
+    rng, stops = random.Random(0), tiny.stop_ids()
+    for text in SPLIT_TEXTS:
+        script[:] = tiny.tokenizer.encode(text, add_special_tokens=False)
+        whole = [len(tiny._decode(script[:n], stops)) for n in range(1, len(script))
+                 if not tiny._decode(script[:n], stops).endswith("\ufffd")]  # where tokens meet on whole characters
+        assert len(whole) < len(script) - 1  # some characters do span tokens
+        candidates = [c for c in text if len(c.encode()) > 2]  # emoji and CJK: each split over tokens here
+        for _ in range(40):
+            at = rng.choice(whole) if rng.random() < 0.5 else rng.randrange(len(text))
+            candidates.append(text[max(0, at - rng.randrange(0, 4)) : at + rng.randrange(1, 5)])
+        for k, first in enumerate(candidates):
+            stop = [first] if k % 3 else [first, rng.choice(candidates)]
+            streamed = "".join(tiny.stream("Say it.", None, max_new_tokens=64, stop=stop))
+            read_by_stream = len(pulled)
+            closed.clear()
+            assert tiny.generate("Say it.", None, max_new_tokens=64, stop=stop) == streamed, stop
+            assert streamed == tiny._cut_as_streamed(script, stops, stop)
+            assert len(pulled) == read_by_stream == tokens_read(tiny, [*script, min(stops)], stop), stop
+            assert closed == [True]
