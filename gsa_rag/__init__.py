@@ -8,10 +8,23 @@
     Settings.llm = GistLLM()
 """
 
+import importlib.util
+
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 
-__all__ = ["GistConfig", "GistEngine", "GistLLM"]
+
+def _has_llama_index() -> bool:
+    try:
+        return importlib.util.find_spec("llama_index.core") is not None  # imports only the namespace package
+    except (ImportError, ValueError):
+        return False
+
+
+# `from gsa_rag import *` fetches every listed name: GistLLM only where its extra is installed
+__all__ = ["GistConfig", "GistEngine"]
+if _has_llama_index():
+    __all__.append("GistLLM")
 __version__ = "0.1.0"
 
 

@@ -43,6 +43,9 @@ would let a pooled thread re-enter it while the stream is paused).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import closing
 from typing import Any, Literal
@@ -232,9 +235,22 @@ class _GistSettings(BaseModel):
         }
 
     def _params(self) -> dict[str, Any]:
+        # LangChain's LLM cache keys answers by these: everything that can change an answer belongs
+        # here, the identity of the engine included (`model`/`adapter`/... say nothing about a ready
+        # engine, memory or backend). Resolving it loads the model, which the call about to be
+        # cached does anyway. "stop" is LangChain's own key for a call's stop (it overwrites ours).
+        backend = self.gist_backend
+        engine = backend.engine
         return {
             "model": self._model_name(), "adapter": self.adapter, "chunk_size": self.chunk_size, "top_k": self.top_k,
             "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "seed": self.seed, "default_stop": list(check_stop(self.stop)), "device": self.device,
+            "engine": {
+                "model_fingerprint": _fingerprint(engine.model), "device": str(engine.device),
+                "adapter": _adapter_identity(engine), "gist_config": engine.config.to_dict(),
+            },
+            # a prompt quoting memory passages is answered under the memory's system line
+            "memory": None if backend.memory is None else {"system": backend.memory.system},
         }
 
     def _ls(self, model_type: str, stop: list[str] | None, kwargs: dict) -> LangSmithParams:
@@ -246,6 +262,29 @@ class _GistSettings(BaseModel):
         if sampling["stop"]:
             params["ls_stop"] = list(sampling["stop"])
         return params
+
+
+# model -> its fingerprint: `_params` runs on every call, and hashing a large model's parameters
+# costs a device->host copy per parameter. A model changed in place keeps its first fingerprint,
+# as a GistMemory over it does.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model) -> str:
+    if model not in _FINGERPRINTS:
+        from gsa_rag.models import model_fingerprint
+
+        _FINGERPRINTS[model] = model_fingerprint(model)
+    return _FINGERPRINTS[model]
+
+
+def _adapter_identity(engine) -> str | None:
+    """Which adapter the engine loaded, as a digest of its manifest (None without one): an engine
+    keeps the manifest, not the path. Its merged weights move the fingerprint too; this names it."""
+    manifest = getattr(engine, "adapter", None)
+    if manifest is None:
+        return None
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -381,12 +420,16 @@ class GistLLM(_GistSettings, LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
+        empty = True
         with closing(self.gist_backend.stream(prompt, **self._sampling(stop, kwargs))) as pieces:
             for piece in pieces:
+                empty = False
                 chunk = GenerationChunk(text=piece)
                 if run_manager:
                     run_manager.on_llm_new_token(piece, chunk=chunk)
                 yield chunk
+        if empty:  # an empty answer (EOS or a stop string first): LangChain's stream raises on no chunks at all
+            yield GenerationChunk(text="")
 
     async def _astream(
         self,

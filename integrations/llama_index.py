@@ -37,12 +37,14 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
+from gsa_rag.errors import InputError
 from gsa_rag.integrations.backend import GistBackend, default_config, engine_lock, iterate_in_thread
 from gsa_rag.validation import check_stop
 
@@ -53,10 +55,14 @@ _ROLES = {
     MessageRole.USER: "user", MessageRole.TOOL: "user", MessageRole.FUNCTION: "user",
     MessageRole.ASSISTANT: "assistant", MessageRole.CHATBOT: "assistant", MessageRole.MODEL: "assistant",
 }
+_NO_TOOLS = "GistLLM has no tool calling: drop the assistant message's tool calls or use a tool-calling model"
 
 
 class GistLLM(CustomLLM):
     """Gist Sparse Attention as a LlamaIndex LLM.
+
+    Text only: chat messages holding images or other non-text blocks, or tool calls, are refused
+    (InputError) rather than answered without them.
 
     Args:
         model: HF id, directory or .gguf; None: the default model (with its trained adapter).
@@ -144,10 +150,13 @@ class GistLLM(CustomLLM):
         pieces = self._backend.stream(prompt, **self._sampling(kwargs))
 
         def gen() -> CompletionResponseGen:
-            text = ""
+            text, empty = "", True
             for piece in pieces:
+                empty = False
                 text += piece
                 yield CompletionResponse(text=text, delta=piece)
+            if empty:  # an empty answer still ends with a response: the end event needs one
+                yield CompletionResponse(text="", delta="")
 
         return gen()
 
@@ -177,10 +186,13 @@ class GistLLM(CustomLLM):
         pieces = self._backend.stream(_as_dicts(messages), **self._sampling(kwargs))
 
         def gen() -> ChatResponseGen:
-            text = ""
+            text, empty = "", True
             for piece in pieces:
+                empty = False
                 text += piece
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece)
+            if empty:  # as stream_complete: a stream of no responses is no answer, not an empty one
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="")
 
         return gen()
 
@@ -191,8 +203,27 @@ def _as_dicts(messages: Sequence[ChatMessage]) -> list[dict]:
         role = _ROLES.get(MessageRole(m.role))
         if role is None:
             raise ValueError(f"GistLLM cannot place a message of role {m.role!r}")
-        out.append({"role": role, "content": m.content or ""})
+        if m.additional_kwargs.get("tool_calls"):
+            raise InputError(_NO_TOOLS)
+        out.append({"role": role, "content": _text(m.blocks)})
     return out
+
+
+def _text(blocks: Sequence) -> str:
+    """The text blocks joined as `ChatMessage.content` joins them; any other content is refused."""
+    pieces = []
+    for block in blocks:
+        # by `block_type`: CachePoint and ToolCallBlock are not in every llama-index-core 0.14.x
+        kind = getattr(block, "block_type", None) or type(block).__name__
+        if isinstance(block, TextBlock):
+            pieces.append(block.text)
+        elif kind == "cache":  # a provider's caching hint, no content
+            continue
+        elif kind == "tool_call":
+            raise InputError(_NO_TOOLS)
+        else:  # silently dropping an image would answer a different question
+            raise InputError(f"GistLLM takes text only, got a {kind!r} content block: pass its text, or drop it")
+    return "\n".join(pieces)
 
 
 class GistMemoryRetriever(BaseRetriever):
@@ -243,6 +274,11 @@ class GistMemoryRetriever(BaseRetriever):
                             excluded_llm_metadata_keys=keys, excluded_embed_metadata_keys=keys)
             nodes.append(NodeWithScore(node=node, score=hit.score))
         return nodes
+
+    async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        # BaseRetriever's default runs `_retrieve` on the event loop: the model, and the wait for the
+        # engine lock while another task generates, would stall every other task
+        return await asyncio.to_thread(self._retrieve, query_bundle)
 
 
 def _has_vector_index(memory) -> bool:

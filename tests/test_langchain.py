@@ -7,6 +7,7 @@ prompt split, so a test fails when the adapter changes what the model is asked.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -33,6 +34,7 @@ from gsa_rag.integrations.langchain import (
     to_chat_messages,
 )
 from gsa_rag.memory import GistMemory
+from gsa_rag.models import model_fingerprint
 
 PASSAGES = [
     "The warship Vasa sank in 1628 and was raised in 1961 after 333 years under water.",
@@ -232,3 +234,56 @@ def test_llm_string_in_string_out_stream_and_stop():
         return [p async for p in llm.astream(SEVERAL)]
 
     assert "".join(asyncio.run(run())) == text
+
+
+def test_llm_empty_answer_streams_as_one_empty_chunk():
+    """Regression: a stop string at the very start gave invoke() '' but stream() raised
+    "No generation chunks were returned"."""
+    llm = GistLLM(device="cpu", max_tokens=8)
+    stop = [llm.invoke(SEVERAL)[:1]]
+    assert stop[0] and llm.invoke(SEVERAL, stop=stop) == ""
+    assert list(llm.stream(SEVERAL, stop=stop)) == [""]
+
+    async def run():
+        return [p async for p in llm.astream(SEVERAL, stop=stop)]
+
+    assert asyncio.run(run()) == [""]
+
+
+# ----------------------------------------------------------------------------------------------
+# cache key
+
+
+def test_cache_key_covers_everything_that_changes_an_answer(engine):
+    """Regression: `_identifying_params` (LangChain's LLM cache key) left out the stop field, the
+    seed, the device and which engine answers, so a cached answer came back for another model."""
+    from test_memory import tiny_engine
+
+    tiny = tiny_engine(engine.tokenizer)
+
+    def key(cls=GistLLM, **fields):
+        fields.setdefault("engine", tiny)
+        return cls(max_tokens=8, **fields)._identifying_params
+
+    base = key()
+    json.dumps(base)  # caches and tracers serialise it
+    assert base["engine"]["model_fingerprint"] == model_fingerprint(tiny.model)
+    # equal settings over equal weights: one key, whichever engine object holds them
+    assert key(engine=tiny_engine(engine.tokenizer)) == base
+    assert key(GistChatModel) == GistChatModel(engine=tiny, max_tokens=8)._identifying_params
+
+    other_config = tiny_engine(engine.tokenizer, top_k=tiny.config.top_k + 1)  # the same weights
+    with_adapter = tiny_engine(engine.tokenizer)
+    with_adapter.adapter = {"base_model": "tiny", "gist_config": tiny.config.to_dict()}
+    differing = {
+        "stop field": key(stop=["x"]),
+        "seed": key(seed=1),
+        "device": key(device="cpu"),
+        "weights": key(engine=tiny_engine(engine.tokenizer, seed=1)),
+        "gist config": key(engine=other_config),
+        "adapter": key(engine=with_adapter),
+        "memory": key(engine=None, memory=GistMemory(tiny, progress=False)),
+    }
+    assert {what: k == base for what, k in differing.items()} == dict.fromkeys(differing, False)
+    # LangChain sets "stop" to the call's own stop: the field must not hide under that key
+    assert GistChatModel(engine=tiny, stop=["x"])._get_llm_string() != GistChatModel(engine=tiny)._get_llm_string()

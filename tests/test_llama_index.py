@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,10 +14,12 @@ import pytest
 pytest.importorskip("llama_index.core")
 
 from llama_index.core import Document, Settings, VectorStoreIndex
-from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from llama_index.core.base.llms import types as llm_types
+from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock
 from llama_index.core.query_engine import RetrieverQueryEngine
 
-from gsa_rag.integrations.llama_index import GistLLM, GistMemoryRetriever
+from gsa_rag.errors import InputError
+from gsa_rag.integrations.llama_index import GistLLM, GistMemoryRetriever, _as_dicts
 from gsa_rag.memory import GistMemory
 from gsa_rag.prompt import Part, Passage, SegmentPrompt, build_message_segments
 
@@ -149,6 +152,54 @@ def test_a_stop_str_is_one_stop_string(llm):
         assert llm.complete(prompt, stop=word).text == llm.complete(prompt, stop=[word]).text == text[: text.index(word)]
 
 
+def test_an_empty_answer_streams_as_one_empty_response(llm):
+    """Regression: with nothing generated (a stop string at the very start), complete() gave '' but
+    stream_complete failed in LlamaIndex's end event and stream_chat yielded nothing."""
+    prompt = "Who wrote Hamlet?"
+    messages = [ChatMessage(role=MessageRole.USER, content=prompt)]
+    stop = llm.complete(prompt).text[:1]
+    assert stop and llm.complete(prompt, stop=stop).text == "" == llm.chat(messages, stop=stop).message.content
+
+    def pairs(responses):
+        return [(r.message.content if hasattr(r, "message") else r.text, r.delta) for r in responses]
+
+    assert pairs(llm.stream_complete(prompt, stop=stop)) == [("", "")]
+    assert pairs(llm.stream_chat(messages, stop=stop)) == [("", "")]
+
+    async def run():
+        return ([r async for r in await llm.astream_complete(prompt, stop=stop)],
+                [r async for r in await llm.astream_chat(messages, stop=stop)])
+
+    streamed, chatted = asyncio.run(run())
+    assert pairs(streamed) == pairs(chatted) == [("", "")]
+
+
+def test_non_text_content_and_tool_calls_are_refused(llm):
+    """Regression: an image block was silently dropped (the model answered the text alone) and an
+    assistant message's tool calls were flattened away."""
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+    image = ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text="What is shown here?"),
+                                                       ImageBlock(image=png, image_mimetype="image/png")])
+    with pytest.raises(InputError, match=r"text only, got a 'image' content block: pass its text, or drop it"):
+        llm.chat([image])
+    with pytest.raises(InputError, match="text only"):
+        list(llm.stream_chat([image]))
+    calls = ChatMessage(role=MessageRole.ASSISTANT, content="",
+                        additional_kwargs={"tool_calls": [{"id": "1", "function": {"name": "add", "arguments": "{}"}}]})
+    with pytest.raises(InputError, match="no tool calling"):
+        llm.chat([ChatMessage(role=MessageRole.USER, content="Add 1 and 2."), calls])
+    if hasattr(llm_types, "ToolCallBlock"):  # llama-index-core 0.14.x from its later releases
+        block = ChatMessage(role=MessageRole.ASSISTANT, blocks=[llm_types.ToolCallBlock(tool_name="add")])
+        with pytest.raises(InputError, match="no tool calling"):
+            _as_dicts([block])
+    # text blocks still join as ChatMessage.content joins them; a caching hint carries no content
+    text = ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text="a"), TextBlock(text="b")])
+    assert _as_dicts([text]) == [{"role": "user", "content": text.content}] == [{"role": "user", "content": "a\nb"}]
+    if hasattr(llm_types, "CachePoint"):
+        hint = llm_types.CachePoint(cache_control=llm_types.CacheControl(type="ephemeral"))
+        assert _as_dicts([ChatMessage(role=MessageRole.USER, blocks=[TextBlock(text="a"), hint])])[0]["content"] == "a"
+
+
 def test_max_tokens_zero_is_refused_not_replaced_by_the_default(llm):
     with pytest.raises(ValueError, match="max_new_tokens"):
         llm.complete("Who wrote Hamlet?", max_tokens=0)
@@ -221,6 +272,27 @@ def test_retriever_query_engine_over_gist_memory(llm, memory):
     assert memory.encoded_tokens == encoded  # no passage re-encoded (the prompt prefix was cached by retrieve)
     expected = llm.engine.generate(plan.question, plan.passage_ids, memory=memory, system=memory.system, max_new_tokens=8)
     assert str(answer) == expected == text
+
+
+def test_aretrieve_searches_on_a_worker_thread(memory, monkeypatch):
+    """Regression: with no `_aretrieve`, BaseRetriever ran the model on the event loop's thread."""
+    retriever = GistMemoryRetriever(memory, similarity_top_k=2)
+    expected = retriever.retrieve("When did the Vasa sink?")
+    threads, search = [], memory.search
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "search", recorded)
+
+    async def run():
+        return threading.get_ident(), await retriever.aretrieve("When did the Vasa sink?")
+
+    loop_thread, nodes = asyncio.run(run())
+    assert len(threads) == 1 and threads[0] != loop_thread
+    assert [(n.node.node_id, n.node.get_content(), n.score) for n in nodes] == \
+        [(n.node.node_id, n.node.get_content(), n.score) for n in expected]
 
 
 def test_retriever_vector_prefilter(memory):
