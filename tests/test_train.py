@@ -272,7 +272,10 @@ def test_every_answer_token_weighs_the_same_however_a_step_is_split(tiny_dir, tm
     train(TrainArgs(output=str(tmp_path / "one"), batch_size=2, **common))
     train(TrainArgs(output=str(tmp_path / "two"), batch_size=1, grad_accum=2, **common))
     assert len(seen) == 2 and seen[0].abs().max() > 0
-    torch.testing.assert_close(seen[1], seen[0], rtol=1e-4, atol=1e-6 * float(seen[0].abs().max()))
+    # on CUDA the run is in bf16 autocast, where batching alone moves a gradient by ~1e-3 of its norm;
+    # the weighting this guards moved it by 0.56
+    tolerance = 2e-2 if torch.cuda.is_available() else 1e-5
+    assert float((seen[1] - seen[0]).norm() / seen[0].norm()) < tolerance
 
 
 def test_a_run_stopped_by_its_time_budget_resumes_to_the_uninterrupted_result(tiny_dir, tmp_path):
