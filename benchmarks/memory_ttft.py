@@ -42,6 +42,7 @@ import json
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
@@ -290,6 +291,8 @@ def main() -> None:
                         "(gsa_rag.fused), in the gist model and in the full-prefill model alike")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args()
+    if args.out and Path(args.out).exists():  # before the measurements, not after them
+        parser.error(f"--out {args.out} exists: results are never overwritten; name another file")
     gsa_attention.ROWS_KERNEL = args.rows_kernel
     gsa_attention.SELECT_KERNEL = args.select_kernel
     kv_place.KERNEL = args.place_kernel

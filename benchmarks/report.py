@@ -16,13 +16,23 @@ import json
 import sys
 from pathlib import Path
 
+from gsa_rag.config import GistConfig
 from gsa_rag.eval.rag_report import markdown_table, merge_runs, plot_budget, plot_compression, summary_table
+
+
+def _method(g: GistConfig) -> str:
+    if not g.uses_gists:
+        return "full attention (no gists)"
+    k = {"fixed": f"top-{g.top_k}", "adaptive": "adaptive k", "top_p": f"top-p {g.top_p}"}.get(g.k_policy, g.k_policy)
+    if g.hierarchical:  # a level's chunk of chunks: the ratio alone would hide the levels
+        sizes = ",".join(str(n) for n in (g.chunk_size, *g.meta_chunks))
+        return f"H-GSA {g.compression_ratio}x ({sizes}), {k}"
+    return f"GSA {g.chunk_size}x, {k}"
 
 
 def row(path: Path) -> str:
     s = json.loads(path.read_text())["summary"]
-    g = s["gist_config"]
-    method = f"GSA {g['chunk_size']}x, top-{g['top_k']} ({g['k_policy']})" if g["chunk_size"] else "full attention (no gists)"
+    method = _method(GistConfig.from_dict(s["gist_config"]))
     lo, hi = s["subspan_em_ci95"]
     return (f"| {Path(s['data']).stem} ({s['split']}, first {s['n']}) | {method} | {s['subspan_em']:.1f} [{lo:.1f}, {hi:.1f}] "
             f"| {s['f1']:.1f} | {s['attended_keys']:.0f} | {s['device_name']} | `{path.name}` |")

@@ -101,3 +101,40 @@ def test_select_kernel_times_a_small_case_and_both_ends_modes_agree(scores):
                 "blocksum_step", "interp_step", "interp_picks_only", "early_w8"):
         assert row[key] > 0, key
     assert 0 < row["interp_red"] < row["early_red"] and row["interp_red_max"] <= row["early_red_max"]
+
+
+# --- benchmarks/report.py and memory_ttft.py -----------------------------------------------------
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("config", "label"), [
+    ({"chunk_size": 8, "top_k": 4}, "GSA 8x, top-4"),
+    ({"chunk_size": 8, "meta_chunks": [4]}, "H-GSA 32x (8,4), top-4"),
+    ({"chunk_size": 8, "k_policy": "adaptive"}, "GSA 8x, adaptive k"),
+    ({"chunk_size": 16, "k_policy": "top_p", "top_p": 0.9}, "GSA 16x, top-p 0.9"),
+    ({"chunk_size": 0}, "full attention (no gists)"),
+])
+def test_report_rows_name_the_method_that_ran(config, label):
+    """An H-GSA or non-fixed-k eval file was labelled "GSA 8x, top-4 (fixed)" from two fields."""
+    assert _script("report")._method(GistConfig(**config)) == label
+
+
+def test_memory_ttft_refuses_an_existing_out_file_before_measuring(tmp_path, monkeypatch):
+    out = tmp_path / "rows.json"
+    out.write_text("{}")
+    module = _script("memory_ttft")
+    monkeypatch.setattr(module, "measure", lambda *a, **k: pytest.fail("measured before checking --out"), raising=False)
+    monkeypatch.setattr("sys.argv", ["memory_ttft.py", "--arch", "smollm2-135m", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        module.main()
+    assert out.read_text() == "{}"

@@ -772,3 +772,22 @@ def test_chance_formula_matches_enumeration():
         assert _chance_of_gold(n, g, s) == pytest.approx(hit), s
     assert math.isclose(_chance_of_gold(10, 1, 1), 0.1)
 
+
+
+def test_vector_gold_retrieved_counts_only_questions_that_have_a_gold_passage():
+    """As the selecting methods' gold recall: a question whose passages are all marked not gold
+    (most of TriviaQA's) has no gold to retrieve, so it is left out, not scored a miss."""
+    from gsa_rag.eval.harness import RunSettings, summarize
+    from gsa_rag.eval.methods.vector import Vector
+
+    with_gold = Example("a", "q?", ["x"], [Passage("G", "gold text x", True), Passage("N", "other", False)])
+    without = Example("b", "q?", ["y"], [Passage("N1", "t1", False), Passage("N2", "t2", False)])
+    vector = Vector(k=1)
+    vector._picked = {"a": [with_gold.passages[0]], "b": [without.passages[0]]}
+    rows = []
+    for ex in (with_gold, without):
+        rows.append({"id": ex.id, "subspan_em": 0.0, "em": 0.0, "f1": 0.0, "attended_question": 1,
+                     "attended_decode": 1, "prompt_tokens": 1, "new_tokens": 1, "answer_shown": False,
+                     **vector.extra(ex)})
+    assert [r["gold_retrieved"] for r in rows] == [True, None]
+    assert summarize(rows, [with_gold, without], RunSettings(bootstrap=10))["gold_retrieved"] == 100.0
