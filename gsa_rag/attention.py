@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from gsa_rag import selection
 from gsa_rag.config import GistConfig
@@ -417,3 +418,6 @@ def gsa_attention(
 
 
 AttentionInterface.register("gsa", gsa_attention)
+# without a gsa_state the function is plain SDPA, so transformers must hand it SDPA's mask: a
+# user's padding mask included (with no mask function registered it passed none at all)
+ALL_MASK_ATTENTION_FUNCTIONS.register("gsa", sdpa_mask)

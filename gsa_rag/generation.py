@@ -7,6 +7,7 @@ every forward must carry. Selection is redone at every step, in every selecting 
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from gsa_rag.attention import GistState
 from gsa_rag.cache import GistCache
 from gsa_rag.config import GistConfig
 from gsa_rag.decode_cache import DecodeCache
-from gsa_rag.errors import InputError, InputTypeError
+from gsa_rag.errors import InputError, InputTypeError, UnsupportedModelError
 from gsa_rag.layout import GistLayout
 
 # (layout, num_new, config) -> the state the attention function reads (GistState or a plug-in's)
@@ -46,7 +47,7 @@ class SamplingParams:
             raise InputTypeError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1] (1 turns nucleus sampling off), got {self.top_p}")
@@ -92,7 +93,19 @@ def forward(model, layout: GistLayout, num_new: int, cache: DynamicCache, config
         **{_cache_keyword(model): cache},
         **kwargs,
     )
+    if num_new > 1:  # (one decode row on CUDA may take the kernel path, which records nothing)
+        check_state_reached(model, state)
     return out, state
+
+
+def check_state_reached(model, state) -> None:
+    """Raises unless the forward's attention saw `state`: some architectures' decoder layers drop
+    the keywords they do not know, and the attention then runs plain causal, silently."""
+    if isinstance(getattr(state, "attended", None), dict) and not state.attended:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s decoder layers do not pass attention keywords (gsa_state) down to their "
+            "attention, so gist attention cannot run in this architecture (Llama, Qwen2/3 and Mistral families can)"
+        )
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, banned: torch.Tensor | None, generator=None) -> torch.Tensor:

@@ -91,3 +91,44 @@ def test_gsa_model_without_state_is_plain_causal_attention(tokenizer):
     ids = torch.randint(0, 1000, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(gsa(ids).logits, ref(ids).logits)
+
+
+def test_gsa_model_without_state_takes_a_padding_mask_as_sdpa_does(tokenizer):
+    """Called by a user with a left-padded batch (model(..., attention_mask=...), HF generate):
+    transformers must hand the "gsa" function SDPA's mask (it handed it none, and padded rows
+    attended to the pads)."""
+    gsa, ref = tiny_pair(CONFIGS["llama"], tokenizer)
+    ids = torch.randint(3, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(gsa(ids, attention_mask=mask).logits[:, 5:], ref(ids, attention_mask=mask).logits[:, 5:])
+        kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(gsa.generate(ids, **kw), ref.generate(ids, **kw))
+
+
+def test_an_architecture_whose_layers_drop_the_gist_state_is_refused(tokenizer):
+    """StableLM's decoder layers do not pass unknown keywords to their attention: gist attention
+    never ran and the engine silently answered with plain causal attention."""
+    import transformers
+
+    from gsa_rag.errors import UnsupportedModelError
+
+    def stablelm(vocab):
+        return transformers.StableLmConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2)
+
+    gsa, _ = tiny_pair(stablelm, tokenizer)
+    engine = GistEngine(gsa, tokenizer, GistConfig(chunk_size=4, top_k=1))
+    with pytest.raises(UnsupportedModelError, match="StableLmForCausalLM.*gsa_state"):
+        engine.generate("Who raised the ship?", ["The warship Vasa sank in 1628 and was raised in 1961."],
+                        max_new_tokens=2)
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_a_temperature_that_is_not_finite_is_refused(temperature):
+    from gsa_rag.errors import InputError
+    from gsa_rag.generation import SamplingParams
+
+    with pytest.raises(InputError, match="temperature"):
+        SamplingParams(max_new_tokens=4, temperature=temperature)

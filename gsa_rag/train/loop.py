@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from gsa_rag.attention import GistState
 from gsa_rag.config import GistConfig
+from gsa_rag.generation import check_state_reached
 from gsa_rag.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gsa_rag.train.data import Batch, TrainExample, collate
 from gsa_rag.train.selection_loss import (
@@ -239,6 +240,7 @@ def batch_losses(model, batch: Batch, config: GistConfig, selection_weight: floa
         state.hook = collector
     out = model(input_ids=layout.input_ids, position_ids=layout.position_ids, labels=batch.labels,
                 gsa_state=state, use_cache=False)
+    check_state_reached(model, state)  # else it would train plain causal attention, silently
     if collector is None:
         return out.loss, out.loss, None
     collector.recording = False  # gradient-checkpoint recomputation runs the hook again: keep the first
