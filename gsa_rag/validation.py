@@ -108,7 +108,15 @@ def context_window(model) -> int | None:
     """The model's trained context length in positions, or None when its config does not say."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     window = getattr(config, "max_position_embeddings", None)
-    return int(window) if window else None
+    if not window:
+        return None
+    # YaRN and dynamic NTK stretch the trained positions by their factor: Qwen documents 128K as
+    # max_position_embeddings 32K with YaRN factor 4 over an original 32K
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("yarn", "dynamic") and rope.get("factor"):
+        original = rope.get("original_max_position_embeddings") or window
+        window = max(window, int(rope["factor"] * original))
+    return int(window)
 
 
 def prompt_positions(layout) -> list[int]:

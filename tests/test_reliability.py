@@ -438,3 +438,24 @@ def test_greedy_answers_are_identical_across_runs_and_thread_counts(default_mode
         torch.set_num_threads(threads)
     assert answers[0] and answers == [answers[0]] * 3
     assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize(("rope", "window"), [
+    (None, 32768),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}, 131072),
+    ({"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}, 65536),
+    ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}, 32768),  # linear: max_position_embeddings says it
+])
+def test_the_context_window_counts_yarn_and_dynamic_rope_scaling(rope, window):
+    """A Qwen2.5 set up for 128K as Qwen documents (32K positions, YaRN factor 4) takes 128K-token
+    prompts; the window read only max_position_embeddings and refused them."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2Config
+
+    from gsa_rag.validation import context_window
+
+    extra = {} if rope is None else {"rope_parameters": rope}
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=32768, **extra)
+    assert context_window(SimpleNamespace(config=config)) == window
