@@ -138,3 +138,11 @@ def test_memory_ttft_refuses_an_existing_out_file_before_measuring(tmp_path, mon
     with pytest.raises(SystemExit):
         module.main()
     assert out.read_text() == "{}"
+
+
+def test_kernels_benchmark_compares_and_plots_each_side_at_its_best():
+    """x_dense and the plot's times are each side's best of eager and graph replay (the plot drew
+    GSA's replay against dense's eager time)."""
+    best = _script("kernels")._best
+    assert best({"dense_us": 9.0, "dense_graph_us": 7.0}, "dense") == 7.0
+    assert best({"gsa_us": 5.0, "gsa_graph_us": float("nan")}, "gsa") == 5.0
