@@ -417,7 +417,12 @@ def gsa_attention(
     return _sdpa_rows(query, key, value, mask, scaling, dropout, gqa), None
 
 
+def _padding_mask(*args, attention_mask=None, **kwargs):
+    """transformers' mask for the "gsa" function: SDPA's when the caller gave a padding mask (a
+    user calling the model without a gsa_state, where the function is plain SDPA), else none, so
+    the engine's forwards (which give none, the state holds the rule) never build a [Tq, T] mask."""
+    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 AttentionInterface.register("gsa", gsa_attention)
-# without a gsa_state the function is plain SDPA, so transformers must hand it SDPA's mask: a
-# user's padding mask included (with no mask function registered it passed none at all)
-ALL_MASK_ATTENTION_FUNCTIONS.register("gsa", sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register("gsa", _padding_mask)

@@ -107,6 +107,27 @@ def test_gsa_model_without_state_takes_a_padding_mask_as_sdpa_does(tokenizer):
         assert torch.equal(gsa.generate(ids, **kw), ref.generate(ids, **kw))
 
 
+def test_the_engine_builds_no_attention_mask(tokenizer):
+    """The engine's forwards give transformers no padding mask (the gist state holds the rule), so
+    no [Tq, T] mask is built for them, not even for a question over cached KV."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from gsa_rag.memory import GistMemory
+
+    gsa, _ = tiny_pair(CONFIGS["llama"], tokenizer)  # (imports gsa_rag.attention, which registers "gsa")
+    registered, built = ALL_MASK_ATTENTION_FUNCTIONS["gsa"], []
+    ALL_MASK_ATTENTION_FUNCTIONS.register("gsa", lambda *a, **k: built.append(registered(*a, **k)) or built[-1])
+    try:
+        engine = GistEngine(gsa, tokenizer, GistConfig(chunk_size=4, top_k=1))
+        memory = GistMemory(engine, progress=False)
+        ids = memory.add(PASSAGES[0])
+        engine.generate(QUESTIONS[0], PASSAGES[0], max_new_tokens=3)
+        engine.generate(QUESTIONS[0], ids, memory=memory, max_new_tokens=3)
+    finally:
+        ALL_MASK_ATTENTION_FUNCTIONS.register("gsa", registered)
+    assert built and all(m is None for m in built)
+
+
 def test_an_architecture_whose_layers_drop_the_gist_state_is_refused(tokenizer):
     """StableLM's decoder layers do not pass unknown keywords to their attention: gist attention
     never ran and the engine silently answered with plain causal attention."""
