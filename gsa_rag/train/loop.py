@@ -495,8 +495,7 @@ def _resumed_progress(checkpoint: Path, num_processes: int) -> dict:
 
 def _all_agree(accelerator, flag: bool) -> bool:
     """True on every process if it is true on any (so all ranks stop at the same step)."""
-    value = torch.tensor([float(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+    return _all_sum(accelerator, int(flag)) > 0
 
 
 def _example_order(n: int, args: TrainArgs, accelerator) -> list[int]:
