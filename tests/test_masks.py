@@ -20,15 +20,21 @@ def random_batch(rng):
 
 
 def brute_force_visible(layout, b, q, kv, num_prev, recall) -> bool:
-    """The rule, one pair at a time, in plain Python."""
+    """The rule, one pair at a time, in plain Python (over `_plain(layout)`: lists, not tensors,
+    so a check of every pair stays fast)."""
     if q == kv:
         return True
-    if kv > q or not layout.valid[b, kv]:
+    if kv > q or not layout["valid"][b][kv]:
         return False
-    if layout.is_sink[b, kv] or recall:
+    if layout["is_sink"][b][kv] or recall:
         return True
-    cq, ck = int(layout.chunk_id[b, q]), int(layout.chunk_id[b, kv])
+    cq, ck = layout["chunk_id"][b][q], layout["chunk_id"][b][kv]
     return ck in range(cq - num_prev, cq + 1)
+
+
+def _plain(layout) -> dict:
+    names = ("valid", "is_sink", "is_gist", "chunk_id")
+    return {name: getattr(layout, name).tolist() for name in names} | {"num_chunks": layout.num_chunks.tolist()}
 
 
 @settings(max_examples=150, deadline=None)
@@ -36,13 +42,14 @@ def brute_force_visible(layout, b, q, kv, num_prev, recall) -> bool:
 def test_dense_gist_mask_equals_brute_force(seed):
     rng = random.Random(seed)
     config, layout = random_batch(rng)
-    mask = dense_gist_mask(layout, config.num_previous_chunks)
+    mask = dense_gist_mask(layout, config.num_previous_chunks).tolist()
+    plain = _plain(layout)
     B, T = layout.input_ids.shape
     for b in range(B):
         for q in range(T):
             for kv in range(T):
-                want = brute_force_visible(layout, b, q, kv, config.num_previous_chunks, bool(layout.is_gist[b, kv]))
-                assert bool(mask[b, q, kv]) == want, (b, q, kv)
+                want = brute_force_visible(plain, b, q, kv, config.num_previous_chunks, plain["is_gist"][b][kv])
+                assert mask[b][q][kv] == want, (b, q, kv)
 
 
 @settings(max_examples=100, deadline=None)
@@ -77,13 +84,15 @@ def test_dense_unfold_mask_equals_brute_force(seed):
     selected = torch.rand(B, H, len(q_index), C, generator=torch.Generator().manual_seed(seed % 2**31)) < 0.4
     mask = dense_unfold_mask(layout, selected, config.num_previous_chunks, q_index)
     assert mask.shape == (B, H, len(q_index), T)
+    mask, selected, plain = mask.tolist(), selected.tolist(), _plain(layout)
     for b in range(B):
         for h in range(H):
             for r, q in enumerate(q_index.tolist()):
                 for kv in range(T):
-                    c = int(layout.chunk_id[b, kv])
-                    recall = 0 <= c < int(layout.num_chunks[b]) and bool(selected[b, h, r, c])
-                    assert bool(mask[b, h, r, kv]) == brute_force_visible(layout, b, q, kv, config.num_previous_chunks, recall)
+                    c = plain["chunk_id"][b][kv]
+                    recall = 0 <= c < plain["num_chunks"][b] and selected[b][h][r][c]
+                    want = brute_force_visible(plain, b, q, kv, config.num_previous_chunks, recall)
+                    assert mask[b][h][r][kv] == want, (b, h, q, kv)
 
 
 def test_unfold_with_every_chunk_selected_sees_all_closed_chunks():
