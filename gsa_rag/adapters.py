@@ -30,27 +30,73 @@ def bundled_default_adapter() -> Path | None:
     return path if (path / MANIFEST).is_file() else None
 
 
+# base_fingerprint's format: "v2-" and 16 hex digits; adapters written before it store a
+# format-1 fingerprint (16 hex digits: the first 8 values of every parameter rounded to bf16, which
+# a float16 load changes: fp32 -> fp16 -> bf16 rounds some values twice, to the other neighbour)
+FINGERPRINT_PREFIX = "v2-"
+SIGN_SAMPLES = 256  # leading values of every parameter whose sign bits are hashed
+# format-1 fingerprints of known bases -> their format-2 fingerprint, so that adapters saved with
+# the old one also load on a float16 copy of their base (where the old one cannot be recomputed)
+_LEGACY_BASES = {
+    "22c812a7b259b7fc": "v2-8475770298132d2b",  # the default model (SmolLM2-135M-Instruct): the bundled adapter
+}
+
+
+class BaseFingerprint(str):
+    """What `base_fingerprint` returns: the fingerprint (a str, what manifests store), which also
+    carries the model's format-1 fingerprint (`legacy`) so that `check_base` accepts adapters
+    saved before format 2 on their base model."""
+
+    legacy: str | None = None
+
+
 def base_fingerprint(model) -> str:
-    """Which base model an adapter belongs to, independent of the dtype it was loaded in.
+    """Which base model an adapter belongs to, the same for float32, bfloat16 and float16 loads
+    of the same weights.
 
     Hashes the config (without load details such as dtype), every parameter's name and shape,
-    and the first values of every parameter rounded to bf16 (the first rows: the gist rows
-    appended at the end of the embedding are the adapter's business, not the base's).
+    and the sign bits of the first SIGN_SAMPLES values of every parameter (the first rows: the
+    gist rows appended at the end of the embedding are the adapter's business, not the base's).
+    A sign bit is the one piece of a value that no rounding between these dtypes changes (a value
+    too small for float16 becomes a zero of the same sign), so no value near a rounding boundary
+    can flip the hash; any other model (other weights, even a fine-tune of the same base) differs
+    in thousands of them. The result also carries the format-1 fingerprint (`.legacy`).
     """
     from gsa_rag.models import _VOLATILE_CONFIG_KEYS
 
     skip = set(_VOLATILE_CONFIG_KEYS) | {"dtype", "torch_dtype"}
     config = {k: v for k, v in model.config.to_dict().items() if k not in skip}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    config_bytes = json.dumps(config, sort_keys=True, default=str).encode()
+    digest, legacy = hashlib.sha256(b"gsa-rag base fingerprint 2;" + config_bytes), hashlib.sha256(config_bytes)
     for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)};".encode())
-        head = param.detach().reshape(-1)[:8].to(torch.bfloat16).float().cpu()
-        digest.update(head.numpy().tobytes())
-    return digest.hexdigest()[:16]
+        shape = f"{name}:{tuple(param.shape)};".encode()
+        flat = param.detach().reshape(-1)
+        digest.update(shape)
+        digest.update(bytes(torch.signbit(flat[:SIGN_SAMPLES].float()).cpu().tolist()))
+        legacy.update(shape)
+        legacy.update(flat[:8].to(torch.bfloat16).float().cpu().numpy().tobytes())
+    fingerprint = BaseFingerprint(FINGERPRINT_PREFIX + digest.hexdigest()[:16])
+    fingerprint.legacy = legacy.hexdigest()[:16]
+    return fingerprint
+
+
+def same_base(stored: str, fingerprint: str) -> bool:
+    """Whether an adapter whose manifest stores `stored` belongs to the model of `fingerprint`
+    (`base_fingerprint`'s result; a format-1 manifest matches its `.legacy`)."""
+    if stored == fingerprint:
+        return True
+    if stored == getattr(fingerprint, "legacy", None):
+        return True
+    return _LEGACY_BASES.get(stored) == fingerprint
+
+
+def _dir(adapter_dir: str | Path) -> Path:
+    """An adapter folder as the user named it, `~` expanded (as model paths are)."""
+    return Path(adapter_dir).expanduser()
 
 
 def read_manifest(adapter_dir: str | Path) -> dict:
-    path = Path(adapter_dir) / MANIFEST
+    path = _dir(adapter_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a gsa-rag adapter (no {MANIFEST}); train one with `gsa-rag train`")
     manifest = json.loads(path.read_text())
@@ -69,7 +115,7 @@ def trained_manifest_dir(model, adapter) -> Path | None:
     no adapter, a model folder that `gsa-rag train --full` wrote (its weights beside a manifest);
     None when neither holds one."""
     if adapter is not None:
-        return Path(adapter)
+        return _dir(adapter)
     if model is not None and (Path(str(model)).expanduser() / MANIFEST).is_file():
         return Path(str(model)).expanduser()
     return None
@@ -78,7 +124,7 @@ def trained_manifest_dir(model, adapter) -> Path | None:
 def write_manifest(adapter_dir: str | Path, *, base_model: str, fingerprint: str, config: GistConfig, **extra) -> None:
     manifest = {"format_version": FORMAT_VERSION, "base_model": base_model, "base_fingerprint": fingerprint,
                 "gist_config": config.to_dict(), **extra}
-    path = Path(adapter_dir) / MANIFEST
+    path = _dir(adapter_dir) / MANIFEST
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     tmp.replace(path)
@@ -87,11 +133,15 @@ def write_manifest(adapter_dir: str | Path, *, base_model: str, fingerprint: str
 def check_base(adapter_dir: str | Path, fingerprint: str) -> None:
     """Raises AdapterMismatchError (a ValueError) when the adapter was trained on another base model."""
     manifest = read_manifest(adapter_dir)
-    if manifest["base_fingerprint"] != fingerprint:
+    stored = manifest["base_fingerprint"]
+    if not same_base(stored, fingerprint):
+        old = "" if str(stored).startswith(FINGERPRINT_PREFIX) else (
+            " (its fingerprint is of the older format, computed from values rounded to bf16: on a float16 load of "
+            "its own base it may differ; load the base in bfloat16 or float32)")
         raise AdapterMismatchError(
             f"adapter {adapter_dir} was trained on base model {manifest['base_model']!r} "
-            f"(fingerprint {manifest['base_fingerprint']}), not on this one ({fingerprint}); "
-            "load it with the base model it was trained on"
+            f"(fingerprint {stored}), not on this one ({fingerprint}); "
+            "load it with the base model it was trained on" + old
         )
 
 
@@ -101,6 +151,7 @@ def apply_adapter(model, adapter_dir: str | Path, fingerprint: str):
     Raises:
         AdapterMismatchError (a ValueError): the adapter was trained on another base model.
     """
+    adapter_dir = _dir(adapter_dir)
     check_base(adapter_dir, fingerprint)
     try:
         from peft import PeftModel

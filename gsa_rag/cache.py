@@ -30,7 +30,9 @@ RoPE re-rotation: a key cached at position p is moved to p + d by rotating it by
 (`k' = k cos(d) + rotate_half(k) sin(d)`, cos/sin from the model's own rotary embedding, so
 linear, Llama-3 and YaRN scaling are honoured). This composes exactly only when the rotation
 angle is linear in position with fixed frequencies: `KeyRotator` refuses dynamic NTK, LongRoPE
-and any rope type it does not know.
+and any rope type it does not know. Layers without RoPE (SmolLM3's and Llama 4's NoPE layers,
+`config.no_rope_layers[i] == 0`) cache keys that carry no position: they are never rotated
+(`KeyRotator.rope_layers`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def _rotary_embedding(model) -> torch.nn.Module:
         if name.endswith("rotary_emb"):
             return module
     raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding module (rotary_emb); gist memory needs RoPE")
+
+
+def rope_layers(config) -> tuple[bool, ...] | None:
+    """Per layer, whether it applies RoPE, read as transformers' modeling code reads it
+    (SmolLM3, Llama 4, Mistral Large 4: `use_rope = config.no_rope_layers[layer_idx]`, so 0 means
+    no RoPE); None when every layer does."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    flags = getattr(config, "no_rope_layers", None)
+    if not flags:
+        return None
+    uses = tuple(bool(flag) for flag in flags)
+    return None if all(uses) else uses
 
 
 def partial_rope_message(rotary_dim: int, head_dim: int) -> str:
@@ -95,6 +110,8 @@ class KeyRotator:
                 "with the sequence length, so cached passage KV cannot be reused with them"
             )
         self.rope_type = rope_type
+        # per layer, whether its keys carry RoPE (None: all do); NoPE layers' keys are never rotated
+        self.rope_layers = rope_layers(model.config)
         self.scaling = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
         self._memo: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # one shift -> (cos, sin)
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> cos_sin of shifts 0..n-1
@@ -104,6 +121,10 @@ class KeyRotator:
         rotary_dim = self.cos_sin(torch.zeros(1, dtype=torch.long), buffer.device if buffer is not None else "cpu")[0].shape[-1]
         if rotary_dim != head_dim:
             raise UnsupportedModelError(partial_rope_message(rotary_dim, head_dim))
+
+    def uses_rope(self, layer: int) -> bool:
+        """Whether layer `layer` applies RoPE (its cached keys are rotated when moved)."""
+        return self.rope_layers is None or self.rope_layers[layer]
 
     def cos_sin(self, shifts: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Pure rotations (attention scaling divided out) for integer shifts.
@@ -306,7 +327,9 @@ class GistCache(DecodeCache):
             return
         kv = self._gather(layer_idx, fetch.cpu()).to(fetch.device, non_blocking=True)
         source = self._source[fetch]
-        k, v = self.rotator.apply(kv[0], self._cos[source], self._sin[source]), kv[1]
+        k, v = kv[0], kv[1]
+        if self.rotator.uses_rope(layer_idx):  # a NoPE layer's keys carry no position
+            k = self.rotator.apply(k, self._cos[source], self._sin[source])
         layer = self.layers[layer_idx]
         targets = [(layer.keys, layer.values)]
         if key is not layer.keys:

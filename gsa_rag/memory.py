@@ -67,10 +67,12 @@ recently used entries. `stats()` tells gist vs raw bytes, device vs host.
 Persistence. `save(dir)` writes one safetensors file per entry, named by the sha256 of its
 bytes, and then `manifest.json` (format version, model fingerprint, GistConfig, sink, passage
 ids, text hashes, each file's sha256) through a temporary file and `os.replace`; files the new
-manifest no longer names are deleted last. A crash at any point leaves the previous manifest and
-every file it names intact. `load` refuses another model, another encoding config, a newer
-format, and any file whose sha256 differs (a manifest without meta_chunks, saved before the
-hierarchy, is single-level). No pickle anywhere.
+manifest no longer names are deleted last (only names save itself writes: `kv-<32 hex>.safetensors`,
+`vectors-<32 hex>.safetensors`, its `.tmp-*` temp files; anything else in the folder is left alone),
+and a folder whose manifest.json is not a gist memory's is refused before anything is written. A
+crash at any point leaves the previous manifest and every file it names intact. `load` refuses
+another model, another encoding config, a newer format, and any file whose sha256 differs (a
+manifest without meta_chunks, saved before the hierarchy, is single-level). No pickle anywhere.
 
 Search. `search(question, k)` scores stored passages by the model's own gist attention over
 their chunk (level-0) gists; with a hierarchy too (meta-gists are not scored). The question is
@@ -132,6 +134,8 @@ from gsa_rag.layout import Segment, build_layout, encode_text
 from gsa_rag.locking import locked
 from gsa_rag.memory_files import atomic_write as _atomic_write
 from gsa_rag.memory_files import check_manifest as _check_manifest
+from gsa_rag.memory_files import check_save_target as _check_save_target
+from gsa_rag.memory_files import is_own_file as _is_own_file
 from gsa_rag.memory_files import safetensors_metadata as _safetensors_metadata
 from gsa_rag.memory_files import sha256 as _sha256
 from gsa_rag.memory_files import write_if_changed as _write_if_changed
@@ -699,21 +703,23 @@ class GistMemory:
             per_entry = torch.split(columns[raw], [e.raw_k.shape[2] for e in entries])
             offloaded = [OffloadedSource(cols, e.raw_home, shift)
                          for e, cols, shift in zip(entries, per_entry, shifts, strict=True) if len(cols)]
-        self._place(keys, values, place_columns, place_owner, parts_k, parts_v, (cos, sin), rows)
+        self._place(keys, values, place_columns, place_owner, parts_k, parts_v, (cos, sin), rows,
+                    rope_layers=self.rotator.rope_layers)
         open_columns = torch.ones(layout.seq_len, dtype=torch.bool)
         open_columns[columns] = False
         return keys, values, torch.nonzero(open_columns).flatten(), offloaded  # on the host: GistCache keeps both
 
     @staticmethod
-    def _place(keys, values, columns, owner, k_parts, v_parts, rotation, rows) -> None:
+    def _place(keys, values, columns, owner, k_parts, v_parts, rotation, rows, rope_layers=None) -> None:
         """Copies KV parts ([L, Hkv, n_i, D], in order) into the buffers at `columns` (host), keys
-        re-rotated by row `rows[p]` of `rotation` (cos, sin) for part p = their `owner`: one Triton
-        pass on CUDA (kernels/kv_place.py), the torch reference elsewhere."""
+        re-rotated by row `rows[p]` of `rotation` (cos, sin) for part p = their `owner` (not in the
+        layers that `rope_layers` marks as without RoPE): one Triton pass on CUDA
+        (kernels/kv_place.py), the torch reference elsewhere."""
         from gsa_rag.kernels.kv_place import (
             place_rotated,  # imports Triton: not at gsa_rag's import
         )
 
-        place_rotated(keys, values, columns, owner, k_parts, v_parts, *rotation, rows=rows)
+        place_rotated(keys, values, columns, owner, k_parts, v_parts, *rotation, rows=rows, rope_layers=rope_layers)
 
     # ------------------------------------------------------------------------------------------
     # search
@@ -830,8 +836,12 @@ class GistMemory:
             owner.append(torch.full((m,), i, dtype=torch.long))
             level.append(resident_level[gists])
             shifts.append(torch.full((m,), tail_start - self.num_links - n_raw - e.base, dtype=torch.long))
-        keys = torch.cat(keys, 2)
-        keys = self.rotator.rotate(keys.float(), torch.cat(shifts))
+        keys = torch.cat(keys, 2).float()
+        rotated = self.rotator.rotate(keys, torch.cat(shifts))
+        nope = [i for i, layer in enumerate(layers) if not self.rotator.uses_rope(layer)]
+        if nope:  # a NoPE layer's keys carry no position: left as cached
+            rotated[nope] = keys[nope]
+        keys = rotated
         return keys, torch.cat(owner).to(self.device), torch.cat(level)
 
     @staticmethod
@@ -1029,6 +1039,7 @@ class GistMemory:
         from safetensors.torch import save
 
         directory = Path(directory)
+        _check_save_target(directory, MANIFEST, FORMAT)  # never overwrite a foreign manifest.json
         directory.mkdir(parents=True, exist_ok=True)
         files, manifest_entries = set(), []
         for entry in self._entries.values():
@@ -1066,8 +1077,8 @@ class GistMemory:
             "vectors": vectors,
         }
         _atomic_write(directory / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-        for stale in directory.iterdir():  # files the new manifest no longer names, and dead temp files
-            if (stale.name.startswith(("kv-", "vectors-")) and stale.name not in files) or stale.name.startswith(".tmp-"):
+        for stale in directory.iterdir():  # own files the new manifest no longer names, and dead temp files
+            if _is_own_file(stale.name) and stale.name not in files and stale.is_file():
                 stale.unlink(missing_ok=True)
         return directory
 

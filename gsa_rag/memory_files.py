@@ -18,6 +18,31 @@ from gsa_rag.errors import MemoryFormatError
 
 # what save() names its files; load() refuses any other name (no "../" from a tampered manifest)
 FILE_NAME = re.compile(r"(kv|vectors)-[0-9a-f]{32}\.safetensors")
+# what atomic_write's tempfile.mkstemp(prefix=".tmp-") leaves after a crash: ".tmp-" and random
+# lowercase letters, digits, "_" (no dot, no extension); save() sweeps only these and FILE_NAME
+TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]+")
+
+
+def is_own_file(name: str) -> bool:
+    """Whether `name` is a file GistMemory.save writes (an entry, the vectors, a temp file)."""
+    return FILE_NAME.fullmatch(name) is not None or TEMP_NAME.fullmatch(name) is not None
+
+
+def check_save_target(directory: Path, manifest_name: str, fmt: str) -> None:
+    """Refuses to save into a folder whose `manifest_name` is not a gist-memory manifest: saving
+    overwrites that file, so it would destroy someone else's manifest (nothing is written)."""
+    path = directory / manifest_name
+    if not path.exists():
+        return
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise MemoryFormatError(
+            f"{path} exists and is not a gist memory manifest; GistMemory.save would overwrite it. "
+            "Save the memory into an empty folder (or one that holds a gist memory)."
+        )
 
 
 def sha256(data: bytes | str) -> str:

@@ -8,7 +8,8 @@ several elementwise passes and two index copies: 2.5 ms of device time at 20 pas
 Llama-3-8B shapes on an H200, more than the bytes need (330 MB read, 330 MB written: 0.16 ms at
 4 TB/s). Here one kernel reads each source column once, straight from its passage's tensor (a
 table of base addresses, so nothing is concatenated first), rotates keys in float32 registers,
-and writes keys and values to their columns.
+and writes keys and values to their columns. Layers without RoPE (`rope_layers`: SmolLM3's and
+Llama 4's NoPE layers) get their keys copied as they are: they carry no position.
 
 Shapes: L layers, H KV heads, D head dim (even), N source columns, E source tensors (parts).
 """
@@ -34,7 +35,8 @@ KERNEL = True  # False: the reference everywhere (benchmarks/memory_ttft.py --no
 
 def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
                       k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], cos: torch.Tensor,
-                      sin: torch.Tensor, rows: Sequence[int] | None = None, block_elements: int = 1 << 24) -> None:
+                      sin: torch.Tensor, rows: Sequence[int] | None = None, block_elements: int = 1 << 24,
+                      rope_layers: Sequence[bool] | None = None) -> None:
     """Reference: writes the parts' columns into the buffers, keys rotated by their part's row.
 
     Args:
@@ -47,9 +49,13 @@ def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.T
             takes row e (R == E).
         block_elements: float32 elements rotated at a time (64 MiB), so the temporaries stay
             small however long the prompt.
+        rope_layers: L bools, whether each layer applies RoPE (default: all); the keys of a layer
+            without it are copied unrotated.
     """
     if len(columns) == 0:
         return
+    nope = _nope_layers(rope_layers, keys.shape[0])
+    nope = None if nope is None else nope.to(keys.device)
     if rows is not None:
         owner = torch.as_tensor(rows, dtype=torch.long)[owner.cpu()]  # each column's rotation row
     index, owner = torch.stack([columns.cpu(), owner.cpu()]).to(keys.device)
@@ -60,11 +66,23 @@ def place_rotated_ref(keys: torch.Tensor, values: torch.Tensor, columns: torch.T
         cols = slice(first, first + block)
         part = k[:, :, cols].float()
         rotated = part * cos[owner[cols]] + rotate_half(part) * sin[owner[cols]]
+        if nope is not None:
+            rotated[nope] = part[nope]
         keys[:, 0].index_copy_(2, index[cols], rotated.to(keys.dtype))
     values[:, 0].index_copy_(2, index, torch.cat(list(v_parts), 2).to(values.dtype))
 
 
-def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=None) -> None:
+def _nope_layers(rope_layers: Sequence[bool] | None, L: int) -> torch.Tensor | None:
+    """The layers without RoPE as a long tensor (None: every layer rotates)."""
+    if rope_layers is None:
+        return None
+    if len(rope_layers) != L:
+        raise ValueError(f"rope_layers names {len(rope_layers)} layers for buffers of {L}")
+    nope = [i for i, uses in enumerate(rope_layers) if not uses]
+    return torch.tensor(nope, dtype=torch.long) if nope else None
+
+
+def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=None, rope_layers=None) -> None:
     """`place_rotated_triton` where the kernels run (dispatch.use_kernels) and take the head dim,
     else `place_rotated_ref`."""
     from gsa_rag.kernels.dispatch import head_dim_fits, use_kernels
@@ -79,19 +97,20 @@ def place_rotated(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows
     if rows is not None and (len(rows) != parts or (parts and not 0 <= min(rows) <= max(rows) < cos.shape[0])):
         raise ValueError(f"rows must name one of the {cos.shape[0]} rotations for each of the {parts} parts")
     if KERNEL and triton is not None and use_kernels(keys.device) and head_dim_fits(keys.shape[-1]):
-        place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=rows)
+        place_rotated_triton(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=rows, rope_layers=rope_layers)
     else:
-        place_rotated_ref(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=rows)
+        place_rotated_ref(keys, values, columns, owner, k_parts, v_parts, cos, sin, rows=rows, rope_layers=rope_layers)
 
 
 if triton is not None:
 
     @triton.jit
-    def _place_kernel(keys, values, k_table, v_table, strides, rot_rows, meta, cos, sin, N, E, H,
+    def _place_kernel(keys, values, k_table, v_table, strides, rot_rows, rope_flags, meta, cos, sin, N, E, H,
                       dst_l, dst_h, dst_t, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), L * H). meta: int64 [3, N] rows owner, column in its part,
         buffer column. k_table / v_table: int64 [E] base addresses; strides: int64 [3, E]
         (layer, head, column) in elements; rot_rows: int64 [E], each part's row of cos / sin;
+        rope_flags: int64 [L], 0 for a layer without RoPE (keys copied as they are);
         WIDTH: bytes per element."""
         lh = tl.program_id(1)
         layer = (lh // H).to(tl.int64)
@@ -117,6 +136,7 @@ if triton is not None:
         c = tl.load(cos + row[:, None] * D + d[None, :], mask=two_d, other=0.0)
         s = tl.load(sin + row[:, None] * D + d[None, :], mask=two_d, other=0.0)
         rotated = x.to(tl.float32) * c + (xp.to(tl.float32) * sign[None, :]) * s
+        rotated = tl.where(tl.load(rope_flags + layer) != 0, rotated, x.to(tl.float32))  # NoPE: exact copy
         dst = layer * dst_l + head * dst_h + column[:, None] * dst_t + d[None, :]
         tl.store(keys + dst, rotated.to(elem), mask=two_d)
         v_base = tl.load(v_table + part, mask=live, other=0)
@@ -134,7 +154,7 @@ def _part_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int] | No
 def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
                          k_parts: Sequence[torch.Tensor], v_parts: Sequence[torch.Tensor], cos: torch.Tensor,
                          sin: torch.Tensor, rows: Sequence[int] | None = None, local: torch.Tensor | None = None,
-                         block_n: int = 32) -> None:
+                         block_n: int = 32, rope_layers: Sequence[bool] | None = None) -> None:
     """`place_rotated_ref` as one kernel (same arguments; `local`, long [N]: each column's index in
     its part, computed from `owner` when not given). Parts that are not laid out as the kernel
     reads them (another dtype, rows not contiguous, K and V strides differing) are copied first."""
@@ -151,6 +171,8 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
     N = len(columns)
     if N == 0:
         return
+    _nope_layers(rope_layers, L)  # checks its length
+    flags = [1] * L if rope_layers is None else [int(bool(uses)) for uses in rope_layers]
     k_parts, v_parts = list(k_parts), list(v_parts)
     for i, (k, v) in enumerate(zip(k_parts, v_parts, strict=True)):
         if k.dtype != keys.dtype or v.dtype != keys.dtype or _part_strides(k, v) is None:
@@ -160,15 +182,16 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
         lengths = torch.tensor([k.shape[2] for k in k_parts])
         starts = torch.cumsum(lengths, 0) - lengths
         local = torch.arange(N) - starts[owner.cpu()]
-    # the host-side tables in one transfer: 3 rows of N, then 1 + 1 + 3 + 1 per part
+    # the host-side tables in one transfer: 3 rows of N, then 1 + 1 + 3 + 1 per part, then L rope flags
     E = len(k_parts)
     per_part = [(k.data_ptr(), v.data_ptr(), *_part_strides(k, v), row) for k, v, row in zip(k_parts, v_parts, rows, strict=True)]
-    tables = torch.empty(3 * N + 6 * E, dtype=torch.int64)
+    tables = torch.empty(3 * N + 6 * E + L, dtype=torch.int64)
     tables[:N], tables[N:2 * N], tables[2 * N:3 * N] = owner.cpu(), local.cpu(), columns.cpu()
-    tables[3 * N:] = torch.tensor(per_part, dtype=torch.int64).t().flatten()  # k addresses, v addresses, strides, rows
+    tables[3 * N:3 * N + 6 * E] = torch.tensor(per_part, dtype=torch.int64).t().flatten()  # k, v addresses, strides, rows
+    tables[3 * N + 6 * E:] = torch.tensor(flags, dtype=torch.int64)
     tables = to_device(tables, keys.device)  # queued behind the buffers' fill, not waited for
-    meta, part_table = tables[:3 * N], tables[3 * N:].view(6, E)
+    meta, part_table, rope_flags = tables[:3 * N], tables[3 * N:3 * N + 6 * E].view(6, E), tables[3 * N + 6 * E:]
     grid = (triton.cdiv(N, block_n), L * H)
-    _place_kernel[grid](keys, values, part_table[0], part_table[1], part_table[2:5], part_table[5], meta,
+    _place_kernel[grid](keys, values, part_table[0], part_table[1], part_table[2:5], part_table[5], rope_flags, meta,
                         cos.float().contiguous(), sin.float().contiguous(), N, E, H, keys.stride(0), keys.stride(2),
                         keys.stride(3), D=D, WIDTH=keys.element_size(), BLOCK_N=block_n)

@@ -153,7 +153,7 @@ def test_rotations_narrower_than_the_heads_are_refused():
 
 def test_gist_memory_refuses_a_partial_rope_model_when_it_is_made():
     from test_memory import tiny_model
-    from transformers import AutoTokenizer, StableLmConfig
+    from transformers import AutoTokenizer, PhiConfig
 
     from gsa_rag.config import GistConfig
     from gsa_rag.engine import GistEngine
@@ -162,7 +162,8 @@ def test_gist_memory_refuses_a_partial_rope_model_when_it_is_made():
     from gsa_rag.models import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
-    engine = GistEngine(tiny_model(tokenizer, family=StableLmConfig), tokenizer, GistConfig(chunk_size=4, sink=3))
+    # Phi rotates the first half of each head only (partial_rotary_factor 0.5)
+    engine = GistEngine(tiny_model(tokenizer, family=PhiConfig), tokenizer, GistConfig(chunk_size=4, sink=3))
     with pytest.raises(UnsupportedModelError, match="partial RoPE"):
         GistMemory(engine, progress=False)
 

@@ -1,0 +1,138 @@
+"""Gist adapters: the base fingerprint does not depend on the dtype the base was loaded in, old
+(format-1) fingerprints keep loading, another base is refused, and `~` in adapter paths expands."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from gsa_rag.adapters import (
+    adapter_config,
+    apply_adapter,
+    base_fingerprint,
+    bundled_default_adapter,
+    check_base,
+    read_manifest,
+    trained_manifest_dir,
+    write_manifest,
+)
+from gsa_rag.config import GistConfig
+from gsa_rag.engine import GistEngine
+from gsa_rag.errors import AdapterMismatchError
+from gsa_rag.models import load_model
+from gsa_rag.train.loop import TrainArgs, _save_result, _wrap_trainable
+
+CONFIG = GistConfig(chunk_size=4, sink=2, top_k=1)
+
+
+def double_rounded(n: int, seed: int = 0) -> torch.Tensor:
+    """n float32 values whose bf16 rounding differs from the bf16 rounding of their float16
+    rounding (fp32 -> fp16 lands on a bf16 midpoint, which then ties the other way)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200_000, generator=g) * 0.1
+    flips = x[x.bfloat16().float() != x.half().bfloat16().float()]
+    assert len(flips) >= n
+    return flips[:n]
+
+
+def tiny_base(path, tokenizer, seed: int):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # every sampled head holds values a float16 load rounds twice
+        for i, param in enumerate(model.parameters()):
+            flat = param.view(-1)
+            flat[:8] = double_rounded(8, seed * 100 + i) * (1 if param.dim() > 1 else 10)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("bases")
+    return tiny_base(root / "base", tokenizer, 0), tiny_base(root / "other", tokenizer, 1)
+
+
+@pytest.fixture(scope="module")
+def adapter(bases, tmp_path_factory):
+    """An adapter trained (a stand-in step) on the float32 load of `bases[0]`, as `gsa-rag train` saves it."""
+    out = tmp_path_factory.mktemp("adapters") / "adapter"
+    model, tok = load_model(str(bases[0]), device="cpu", dtype=torch.float32)
+    fingerprint = base_fingerprint(model)
+    args = TrainArgs(stage="sft", output=str(out), base=str(bases[0]), lora_r=4)
+    peft_model = _wrap_trainable(model, tok, args, CONFIG)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    _save_result(peft_model, tok, out, args, CONFIG, fingerprint, [1.0])
+    return out
+
+
+def test_fingerprint_is_the_same_for_float32_bfloat16_and_float16_loads(bases):
+    fingerprints = {dtype: base_fingerprint(load_model(str(bases[0]), device="cpu", dtype=dtype)[0])
+                    for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+    assert len(set(fingerprints.values())) == 1, fingerprints
+    other = base_fingerprint(load_model(str(bases[1]), device="cpu", dtype=torch.float32)[0])
+    assert other != fingerprints[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_a_load_in_any_dtype_accepts_the_adapter_of_its_base(bases, adapter, dtype):
+    engine = GistEngine.from_pretrained(str(bases[0]), adapter=str(adapter), dtype=dtype, device="cpu")
+    assert engine.adapter is not None and engine.config == CONFIG
+    assert next(engine.model.parameters()).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_another_base_is_refused(bases, adapter, dtype):
+    with pytest.raises(AdapterMismatchError, match="load it with the base model it was trained on"):
+        GistEngine.from_pretrained(str(bases[1]), adapter=str(adapter), dtype=dtype, device="cpu")
+
+
+def test_a_format_1_fingerprint_still_matches_its_base(bases, adapter, tmp_path):
+    """Adapters saved before the format-2 fingerprint store the bf16-rounded one: they keep
+    loading on their base as loaded before (float32, bfloat16) and stay refused on another."""
+    base32 = load_model(str(bases[0]), device="cpu", dtype=torch.float32)[0]
+    legacy = base_fingerprint(base32).legacy
+    assert len(legacy) == 16 and legacy != base_fingerprint(base32)
+    write_manifest(tmp_path, base_model="old", fingerprint=legacy, config=CONFIG)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_base(tmp_path, base_fingerprint(load_model(str(bases[0]), device="cpu", dtype=dtype)[0]))
+    with pytest.raises(AdapterMismatchError, match="older format"):
+        check_base(tmp_path, base_fingerprint(load_model(str(bases[1]), device="cpu", dtype=torch.float32)[0]))
+
+
+def test_the_bundled_adapter_loads_on_a_float16_default_model(default_model_dir):
+    bundled = bundled_default_adapter()
+    if bundled is None:
+        pytest.skip("this install carries no bundled adapter")
+    assert len(read_manifest(bundled)["base_fingerprint"]) == 16  # a format-1 fingerprint
+    model = load_model(None, device="cpu", dtype=torch.float16)[0]
+    check_base(bundled, base_fingerprint(model))
+
+
+def test_adapter_paths_expand_the_home_directory(bases, adapter, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(adapter, tmp_path / "ad")
+    assert read_manifest("~/ad")["base_fingerprint"].startswith("v2-")
+    assert adapter_config("~/ad") == CONFIG
+    assert trained_manifest_dir(None, "~/ad") == tmp_path / "ad"
+    model = load_model(str(bases[0]), device="cpu", dtype=torch.float32, gist_config=CONFIG)[0]
+    apply_adapter(model, "~/ad", base_fingerprint(model))
+    engine = GistEngine.from_pretrained(str(bases[0]), adapter="~/ad", device="cpu")
+    assert engine.adapter is not None and engine.config == CONFIG
+    (tmp_path / "written").mkdir()
+    write_manifest("~/written", base_model="b", fingerprint="v2-0", config=CONFIG)
+    assert read_manifest(tmp_path / "written")["base_model"] == "b"
