@@ -368,8 +368,9 @@ def check_supported(config) -> None:
         )
     if _uses_sliding_window(config):
         raise UnsupportedModelError(
-            f"model_type {model_type!r} uses sliding-window attention "
-            f"(sliding_window={getattr(config, 'sliding_window', None)}); GSA needs full attention in every "
+            f"model_type {model_type!r} uses sliding-window or chunked attention "
+            f"(sliding_window={getattr(config, 'sliding_window', None)}, "
+            f"attention_chunk_size={getattr(config, 'attention_chunk_size', None)}); GSA needs full attention in every "
             f"layer. Models that work: {SUPPORTED_FAMILIES}; for Mistral save a copy whose config has "
             "sliding_window=None (config.json, or AutoConfig + save_pretrained) and load that folder."
         )
@@ -405,9 +406,13 @@ def _has_rope(config) -> bool:
 
 
 def _uses_sliding_window(config) -> bool:
+    """Whether some layer attends to a local window only: a sliding window (Mistral v0.1, Gemma 2/3)
+    or fixed chunks (Llama 4's "chunked_attention" layers); either hides the gists GSA recalls."""
     layer_types = getattr(config, "layer_types", None) or []
     if layer_types:  # per layer, as the model builds them (Qwen2/3 with max_window_layers may make all full)
-        return any("sliding" in str(kind) for kind in layer_types)
+        return any("sliding" in str(kind) or "chunked" in str(kind) for kind in layer_types)
+    if getattr(config, "attention_chunk_size", None):
+        return True
     window = getattr(config, "sliding_window", None)
     return window is not None and getattr(config, "use_sliding_window", True) is not False
 

@@ -136,3 +136,6 @@ def test_adapter_paths_expand_the_home_directory(bases, adapter, tmp_path, monke
     (tmp_path / "written").mkdir()
     write_manifest("~/written", base_model="b", fingerprint="v2-0", config=CONFIG)
     assert read_manifest(tmp_path / "written")["base_model"] == "b"
+    from gsa_rag.train.loop import _resolve_init_adapter
+
+    assert _resolve_init_adapter(TrainArgs(stage="sft", output="y", init_adapter="~/ad")).init_adapter == str(tmp_path / "ad")

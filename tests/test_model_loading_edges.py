@@ -158,3 +158,14 @@ def test_cli_reports_an_unsupported_family_without_a_traceback(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("gsa-rag: error:") and "falcon" in err and "Llama" in err
     assert "Traceback" not in err
+
+
+def test_llama4_chunked_attention_layers_are_refused():
+    """Llama 4 attends within fixed 8K chunks in three of four layers ("chunked_attention"): a
+    local window like a sliding one, which would hide the gists GSA recalls."""
+    from transformers import Llama4TextConfig
+
+    config = Llama4TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16)
+    with pytest.raises(UnsupportedModelError, match="chunked attention"):
+        models.check_supported(config)

@@ -113,8 +113,8 @@ def build_examples(args: TrainArgs, tokenizer, config: GistConfig | None = None)
 def _resolve_init_adapter(args: TrainArgs) -> TrainArgs:
     """`init_adapter="default"` names the adapter bundled for the default model (e.g. a trained 8x
     to continue at H-GSA 32x: README, round 6); the manifest records the path it resolved to."""
-    if args.init_adapter != "default":
-        return args
+    if args.init_adapter != "default":  # a folder: `~` expanded, as --model and --adapter are
+        return args if args.init_adapter is None else replace(args, init_adapter=str(Path(args.init_adapter).expanduser()))
     from gsa_rag.adapters import bundled_default_adapter
 
     bundled = bundled_default_adapter()
