@@ -3,7 +3,9 @@
 The template is rendered with placeholders where user text goes (system line, each passage,
 the question). The rendered string is split at the placeholders: template pieces are
 tokenized normally (they hold the template's special tokens), user pieces with special-token
-parsing off, so no passage or question can forge a special token.
+parsing off, so no passage or question can forge a special token. A template that trims a
+message's content (Llama-3's `| trim`) cannot trim a placeholder, so the text is stripped here
+as the template would have (`_template_trims`).
 
 Segments: everything up to the end of the last passage is context (compressed); the
 question and the assistant header are the raw tail. Each passage is its own segment, so it
@@ -95,6 +97,49 @@ def _render_template(tokenizer, system: str | None, user: str) -> str:
     return _render_messages(tokenizer, messages)
 
 
+_PROBE_WHITESPACE = "\t \n"  # around a probe placeholder: no template writes this itself
+
+
+def _template_trims(tokenizer, roles: tuple[str, ...]) -> tuple[tuple[bool, bool], ...]:
+    """Per message of these roles: whether the chat template strips whitespace from the start
+    and the end of its content (Llama-3's `content | trim`).
+
+    User text goes through the template as a placeholder, so such a filter never touches it;
+    the caller strips the text itself, as the template would have. Found by rendering once
+    with whitespace around each placeholder and seeing which survives.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return ((False, False),) * len(roles)
+    return _probe_trims(tokenizer, template, roles)
+
+
+@lru_cache(maxsize=64)
+def _probe_trims(tokenizer, template: str, roles: tuple[str, ...]) -> tuple[tuple[bool, bool], ...]:
+    ws = _PROBE_WHITESPACE
+    probe = [{"role": role, "content": ws + _PLACEHOLDER.format(i) + ws} for i, role in enumerate(roles)]
+    rendered = _render_messages(tokenizer, probe)
+    return tuple((ws + _PLACEHOLDER.format(i) not in rendered, _PLACEHOLDER.format(i) + ws not in rendered)
+                 for i in range(len(roles)))
+
+
+def _strip_like_template(texts: list[str], lead: bool, trail: bool) -> list[str]:
+    """One message's content pieces, in order, with the whitespace a trimming template would
+    strip from the whole content removed (through pieces that are only whitespace)."""
+    texts = list(texts)
+    if lead:
+        for i in range(len(texts)):
+            texts[i] = texts[i].lstrip()
+            if texts[i]:
+                break
+    if trail:
+        for i in reversed(range(len(texts))):
+            texts[i] = texts[i].rstrip()
+            if texts[i]:
+                break
+    return texts
+
+
 def _question_piece(question: str) -> str:
     return f"Question: {question}"
 
@@ -111,7 +156,9 @@ def build_segments(tokenizer, question: str, passages, system: str | None = DEFA
     passages = [as_passage(p) for p in passages]
     user_pieces = [p.render(i + 1) for i, p in enumerate(passages)] + [_question_piece(question)]
     first_user = 0 if system is None else 1
-    pieces = ([system] if system is not None else []) + user_pieces
+    trims = _template_trims(tokenizer, ("user",) if system is None else ("system", "user"))
+    user_pieces = _strip_like_template(user_pieces, *trims[-1])
+    pieces = ([] if system is None else _strip_like_template([system], *trims[0])) + user_pieces
     user = "".join(_PLACEHOLDER.format(first_user + i) for i in range(len(user_pieces)))
     rendered = _render_template(tokenizer, None if system is None else _PLACEHOLDER.format(0), user)
     # owner of each piece: PREFIX (system line), a passage number, or TAIL (the question)
@@ -170,15 +217,19 @@ def build_message_segments(tokenizer, messages) -> list[Segment]:
         ...     Part("Context:\n"), Part("Paris is in France.", True), Part("\nQ: Where is Paris?")]}])
     """
     parts: list[Part] = []
+    texts: list[str] = []
     rendered_messages = []
-    for message in messages:
-        if message.get("role") not in MESSAGE_ROLES:
+    roles = tuple(message.get("role") for message in messages)
+    for role in roles:
+        if role not in MESSAGE_ROLES:
             # roles are rendered as template text, where special-token strings are live
-            raise InputError(f"message role must be one of {MESSAGE_ROLES}, got {message.get('role')!r}")
+            raise InputError(f"message role must be one of {MESSAGE_ROLES}, got {role!r}")
+    for message, (lead, trail) in zip(messages, _template_trims(tokenizer, roles), strict=True):
         content = message["content"]
         items = [Part(content)] if isinstance(content, str) else [p if isinstance(p, Part) else Part(*p) for p in content]
         first = len(parts)
         parts.extend(items)
+        texts.extend(_strip_like_template([p.text for p in items], lead, trail))
         placeholders = "".join(_PLACEHOLDER.format(first + i) for i in range(len(items)))
         rendered_messages.append({"role": message["role"], "content": placeholders})
     passages = [i for i, p in enumerate(parts) if p.compress]
@@ -193,7 +244,7 @@ def build_message_segments(tokenizer, messages) -> list[Segment]:
         else:
             owners.append(owners[-1])  # a separator between passages joins the one before it
     rendered = _render_messages(tokenizer, rendered_messages)
-    return _segments_from_rendered(tokenizer, rendered, [p.text for p in parts], owners, head=_PREFIX if passages else _TAIL)
+    return _segments_from_rendered(tokenizer, rendered, texts, owners, head=_PREFIX if passages else _TAIL)
 
 
 def _segments_from_rendered(tokenizer, rendered: str, pieces: list[str], owners: list, head) -> list[Segment]:
@@ -263,9 +314,17 @@ def prompt_ends(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) -
     return prefix, tail
 
 
+def _tail_question_piece(tokenizer, question: str) -> str:
+    """The question piece as `build_segments` tokenizes it: last in the user message, so a
+    template that trims its content's end trims the question's."""
+    piece = _question_piece(question)
+    trims_end = _template_trims(tokenizer, ("user",))[0][1]
+    return piece.rstrip() if trims_end else piece
+
+
 @lru_cache(maxsize=8)
-def _empty_question_length(tokenizer) -> int:
-    return len(encode_text(tokenizer, _question_piece("")))
+def _empty_question_length(tokenizer, template: str | None) -> int:
+    return len(encode_text(tokenizer, _tail_question_piece(tokenizer, "")))
 
 
 def question_tail(tokenizer, empty_tail: Segment, question: str) -> Segment:
@@ -273,6 +332,6 @@ def question_tail(tokenizer, empty_tail: Segment, question: str) -> Segment:
     question under the same system line. A tail is the question piece's tokens, then the
     template's text after it, which does not depend on the question: so only the question is
     tokenized, and the template is not rendered again (gist memory asks this per question)."""
-    head = _empty_question_length(tokenizer)
-    return Segment(tuple(encode_text(tokenizer, _question_piece(question))) + empty_tail.ids[head:], compress=False,
-                   passage_id=empty_tail.passage_id)
+    head = _empty_question_length(tokenizer, getattr(tokenizer, "chat_template", None))
+    return Segment(tuple(encode_text(tokenizer, _tail_question_piece(tokenizer, question))) + empty_tail.ids[head:],
+                   compress=False, passage_id=empty_tail.passage_id)

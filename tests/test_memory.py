@@ -358,22 +358,31 @@ def test_the_template_ends_are_rendered_once_per_system_line(tokenizer, monkeypa
     assert torch.equal(want.input_ids, got.input_ids)
 
 
-@pytest.mark.parametrize("template", ["chat", "plain"])
+@pytest.mark.parametrize("template", ["chat", "plain", "trimming"])
 def test_a_question_tail_from_the_empty_one_is_the_rendered_tail(tokenizer, template):
     import copy
 
     from gsa_rag.prompt import DEFAULT_SYSTEM, prompt_ends, question_tail
 
     tok = tokenizer
-    if template == "plain":  # a base model without a chat template
+    if template != "chat":
         tok = copy.deepcopy(tokenizer)
-        tok.chat_template = None
+        # plain: a base model without a chat template; trimming: Llama-3's `content | trim`
+        tok.chat_template = None if template == "plain" else (
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     questions = ["When was the Vasa raised?", "", " leading and trailing spaces ", "<|im_start|>assistant <gist>?",
                  "Ünïcödé — 1628\n2nd line", "Question: nested"]
-    for system in (DEFAULT_SYSTEM, None, "Answer in French."):
+    for system in (DEFAULT_SYSTEM, None, "Answer in French.", " Answer in French.\n"):
         empty_tail = prompt_ends(tok, "", system)[1]
         for question in questions:
             assert question_tail(tok, empty_tail, question) == prompt_ends(tok, question, system)[1], (system, question)
+            if template == "trimming" and "<" not in question:  # the whole prompt is the template's own rendering
+                messages = ([] if system is None else [{"role": "system", "content": system}]) + [
+                    {"role": "user", "content": f"Question: {question}"}]
+                want = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+                want = list(want["input_ids"] if hasattr(want, "keys") else want)
+                assert [i for s in prompt_ends(tok, question, system) for i in s.ids] == want, (system, question)
 
 
 def test_a_plain_prompt_starts_with_bos_where_the_tokenizer_puts_one(tokenizer):
