@@ -23,7 +23,9 @@ held in the engine's own cache, gsa_rag.decode_cache.DecodeCache (a step writes 
     gsa_dc    gsa over a DecodeCache (what GistEngine runs).
 
 `--cache dynamic` runs the first three only (the output of earlier rounds).
-Writes benchmarks/results/kernels/decode_latency.json.
+Writes `--out`/`--name`.json; the default name holds every setting (result_name), e.g.
+decode_latency_smollm2-135m_L30_ctx8k+16k+32k_b1_s32_w32_both.json, and an existing file is
+never overwritten: the run is refused before it starts.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ import time
 import torch
 from gsa_rag.kernels.bench import (
     ARCHS,
+    context_tag,
     environment,
     print_table,
     random_model,
+    refuse_existing_results,
     synthetic_layout,
     write_results,
 )
@@ -111,6 +115,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+
+def result_name(arch: str, layers: int, contexts: list[int], batch: int, steps: int, warmup: int, cache: str) -> str:
+    """The default result name: every setting that changes the rows, so two runs that differ in
+    any of them never share a file (the name held only the architecture: a re-run with another
+    warm-up or context list replaced the earlier run's rows)."""
+    ctx = context_tag(contexts)
+    return f"decode_latency_{arch}_L{layers}_ctx{ctx}_b{batch}_s{steps}_w{warmup}_{cache}"
+
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="30-second smoke run (8K, 8 steps)")
@@ -125,8 +139,16 @@ def main(argv=None) -> None:
                         "specialisation) stay out of the timing")
     p.add_argument("--cache", default="both", choices=["both", "dynamic"],
                    help="both: also hf_dc / gsa_dc over the engine's DecodeCache; dynamic: DynamicCache only")
-    p.add_argument("--out", default="benchmarks/results/kernels")
+    p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result file")
+    p.add_argument("--name", default=None, help="result file name without .json (default: result_name's, every setting)")
     args = p.parse_args(argv)
+    contexts = [int(x) if int(x) >= K else int(x) * K for v in args.contexts for x in v.split(",") if x]
+    steps = args.steps
+    if args.quick:
+        contexts, steps = [8 * K], 8
+    layers = args.layers or ARCHS[args.arch]["num_hidden_layers"]  # random_model's rule
+    name = args.name or result_name(args.arch, layers, contexts, args.batch, steps, max(args.warmup, steps), args.cache)
+    refuse_existing_results(p, args.out, name, (".json",))  # before the measurements, not after them
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/decode_latency.py needs CUDA")
     from transformers import DynamicCache
@@ -134,11 +156,6 @@ def main(argv=None) -> None:
     from gsa_rag.config import GistConfig
     from gsa_rag.generation import _cache_keyword
 
-    contexts = [int(x) if int(x) >= K else int(x) * K for v in args.contexts for x in v.split(",") if x]
-    steps = args.steps
-    if args.quick:
-        contexts, steps = [8 * K], 8
-    name = "decode_latency_quick" if args.quick else f"decode_latency_{args.arch}"
     model = random_model(args.arch, args.layers, DEVICE)
     config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
     rows = []

@@ -22,11 +22,15 @@ floor_us = bytes / measured copy bandwidth (read + written), so `ceiling` = dens
 bytes is the best speedup over a dense step at the copy bandwidth.
 
 Columns: dense/flex/gsa in us (medians of CUDA-event timings; `graph` columns replay CUDA graphs,
-without launch gaps); `x_dense` = dense / gsa (graph); `score%` = share of the step spent
-before the attention kernel (scores + top-k + list); `bw` = achieved bandwidth of the sparse
-attention kernel on the bytes it touches, and of the whole step; `%floor` = floor / gsa time.
+without launch gaps); `x_dense` = dense / gsa, each side's best of eager and graph replay;
+`score%` = share of the step spent before the attention kernel (scores + top-k + list); `bw` =
+achieved bandwidth of the sparse attention kernel on the bytes it touches, and of the whole step;
+`%floor` = floor / gsa time.
 Small sizes fit in the 60 MB L2: eager timings rotate among input copies of >= 256 MB in all.
-Writes benchmarks/results/kernels/decode_step.json (and .png when matplotlib imports).
+Writes `--out`/`--name`.json (and .png when matplotlib imports); the default name holds every
+setting (result_name), e.g. decode_step_llama3-8b+smollm2-135m_b1+8_ctx4k+32k+128k_c8_bf16_noflex,
+and an existing file is never overwritten: the run is refused before it starts. The plot compares
+like with like: GSA and dense both CUDA-graph replayed (eager both where a graph is missing).
 """
 
 from __future__ import annotations
@@ -46,10 +50,12 @@ import torch
 import torch.nn.functional as F
 from gsa_rag.kernels.bench import (
     bench_us,
+    context_tag,
     copy_bandwidth,
     environment,
     host_us,
     print_table,
+    refuse_existing_results,
     synthetic_layout,
     write_results,
 )
@@ -57,6 +63,7 @@ from gsa_rag.kernels.bench import (
 from gsa_rag.config import GistConfig
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
 K = 1024
 DEVICE = "cuda"  # a CPU smoke test of this script sets "cpu" (with TRITON_INTERPRET=1)
 
@@ -92,7 +99,12 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         select_index_list_triton,
         select_sizes_triton,
     )
-    from gsa_rag.kernels.hier_select import HierPlan, _union_flags, select_hier_index_list, select_hier_index_list_triton
+    from gsa_rag.kernels.hier_select import (
+        HierPlan,
+        _union_flags,
+        select_hier_index_list,
+        select_hier_index_list_triton,
+    )
     from gsa_rag.kernels.sparse_decode import (
         default_block_n,
         default_split_len,
@@ -322,6 +334,61 @@ COLUMNS = [
 ]
 
 
+
+def result_name(shapes: list[str], batches: list[int], contexts: list[int], chunk: int, dtype: str, flex: bool,
+                meta: list[int], top_k: int, sweep: bool) -> str:
+    """The default result name: every setting that changes the rows, so two runs that differ in
+    any of them never share a file (it was "decode_step" whatever the settings)."""
+    parts = ["decode_step", "+".join(sorted(set(shapes))), "b" + "+".join(map(str, sorted(set(batches)))),
+             "ctx" + context_tag(contexts), f"c{chunk}", DTYPE_TAGS[dtype]]
+    if not flex:
+        parts.append("noflex")
+    if meta:  # top-k is fixed per level only under H-GSA (single level: adaptive k)
+        parts += ["meta" + "+".join(map(str, meta)), f"top{top_k}"]
+    if sweep:
+        parts.append("sweep")
+    return "_".join(parts)
+
+
+
+def plot_series(rows: list[dict]) -> list[dict]:
+    """One series per (shape, batch), contexts ascending: GSA and dense times in the same timing
+    mode, graph replay where every row has both graph times, else eager (a series mixing the two
+    set a replayed GSA step against an eager dense one), and dense / GSA in that mode."""
+    def finite(x) -> bool:
+        return x is not None and not math.isnan(x)
+
+    series = []
+    for shape, B in sorted({(r["shape"], r["batch"]) for r in rows}):
+        sel = sorted((r for r in rows if r["shape"] == shape and r["batch"] == B), key=lambda r: r["context"])
+        graph = all(finite(r["gsa_graph_us"]) and finite(r["dense_graph_us"]) for r in sel)
+        suffix = "_graph_us" if graph else "_us"
+        gsa = [r["gsa" + suffix] for r in sel]
+        dense = [r["dense" + suffix] for r in sel]
+        series.append({"label": f"{shape} B={B} ({'graph' if graph else 'eager'})",
+                       "context_k": [r["context"] / K for r in sel], "gsa_us": gsa, "dense_us": dense,
+                       "speedup": [d / g for d, g in zip(dense, gsa)], "ceiling": [r["ceiling"] for r in sel]})
+    return series
+
+
+def draw(plt, path, rows: list[dict]) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for s in plot_series(rows):
+        ctx = s["context_k"]
+        axes[0].plot(ctx, s["speedup"], marker="o", label=s["label"])
+        axes[0].plot(ctx, s["ceiling"], ls=":", color=axes[0].lines[-1].get_color())
+        axes[1].plot(ctx, s["gsa_us"], marker="o", label=f"gsa {s['label']}")
+        axes[1].plot(ctx, s["dense_us"], ls="--", color=axes[1].lines[-1].get_color(), label=f"dense {s['label']}")
+    axes[0].set(xscale="log", xlabel="context (K tokens)",
+                ylabel="dense / gsa time, same timing mode (dotted: byte ceiling)")
+    axes[1].set(xscale="log", yscale="log", xlabel="context (K tokens)",
+                ylabel="us per layer step (legend: graph replay or eager, both sides)")
+    for a in axes:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a 30-second smoke run (4K and 32K, batch 1)")
@@ -329,7 +396,7 @@ def main(argv=None) -> None:
                    help="context lengths: tokens (>= 1024, e.g. 131072 32768) or K tokens (4,32,128)")
     p.add_argument("--batches", nargs="+", default=["1,8"])
     p.add_argument("--shapes", nargs="+", default=[",".join(SHAPES)], help=f"of {', '.join(SHAPES)}")
-    p.add_argument("--name", default=None, help="result file name (default decode_step)")
+    p.add_argument("--name", default=None, help="result file name without .json (default: result_name's, every setting)")
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes the most time)")
@@ -338,10 +405,9 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=4, help="H-GSA: units each query head picks per level")
     p.add_argument("--attend-sweep", action="store_true",
                    help="also time the attention kernel at 1/2..4x the default splits and key blocks of 32..128")
-    p.add_argument("--out", default="benchmarks/results/kernels")
+    p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result files")
     args = p.parse_args(argv)
-    if DEVICE == "cuda" and not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs CUDA")
+
     def items(values):
         return [x for v in values for x in v.split(",") if x]
 
@@ -353,6 +419,11 @@ def main(argv=None) -> None:
         sys.exit(f"unknown shapes {unknown}: choose from {list(SHAPES)}")
     if args.quick:
         contexts, batches = [4 * K, 32 * K], [1]
+    name = args.name or result_name(shapes, batches, contexts, args.chunk, args.dtype, not args.no_flex,
+                                    args.meta, args.top_k, args.attend_sweep)
+    refuse_existing_results(p, args.out, name)  # before the measurements, not after them
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs CUDA")
     dtype = getattr(torch, args.dtype)
     flex = None
     if not args.no_flex:
@@ -361,7 +432,6 @@ def main(argv=None) -> None:
         flex = torch.compile(flex_attention, dynamic=True)  # one compile per head shape, not per length
     bw = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s", flush=True)
-    name = args.name or ("decode_step_quick" if args.quick else "decode_step")
     payload = {"env": environment(), "copy_bw": bw, "rows": [], "failed": []}
     rows = payload["rows"]
     # longest contexts first: the targets are at 128K, and a cut-short run keeps them
@@ -401,27 +471,8 @@ def main(argv=None) -> None:
           f"expansion); %fl = byte floor / time; copy bandwidth {bw / 1e12:.2f} TB/s; x_dense = best dense / best gsa; "
           "ceiling = dense bytes / gsa bytes")
 
-    def plot(plt, path):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for shape in {r["shape"] for r in rows}:
-            for B in {r["batch"] for r in rows}:
-                sel = [r for r in rows if r["shape"] == shape and r["batch"] == B]
-                ctx = [r["context"] // K for r in sel]
-                axes[0].plot(ctx, [r["x_dense"] for r in sel], marker="o", label=f"{shape} B={B}")
-                axes[0].plot(ctx, [r["ceiling"] for r in sel], ls=":", color=axes[0].lines[-1].get_color())
-                # the times x_dense compares: each side's best of eager and graph replay
-                axes[1].plot(ctx, [_best(r, "gsa") for r in sel], marker="o", label=f"gsa {shape} B={B}")
-                axes[1].plot(ctx, [_best(r, "dense") for r in sel], ls="--", label=f"dense {shape} B={B}")
-        axes[0].set(xscale="log", xlabel="context (K tokens)", ylabel="speedup over dense (dotted: byte ceiling)")
-        axes[1].set(xscale="log", yscale="log", xlabel="context (K tokens)",
-                    ylabel="us per layer step (best of eager, graph)")
-        for a in axes:
-            a.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-
     try:
-        path = write_results(args.out, name, payload, plot)
+        path = write_results(args.out, name, payload, lambda plt, path: draw(plt, path, rows))
     except Exception as e:  # noqa: BLE001 - the JSON is written already
         print(f"plot failed: {type(e).__name__}: {e}")
         path = write_results(args.out, name, payload)

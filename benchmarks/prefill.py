@@ -11,7 +11,9 @@ Methods (bf16, Llama-3-8B shapes 32 q / 8 kv heads, d=128 by default, batch 1):
     masked     SDPA with the dense bool mask (the engine's CPU/reference prefill), up to --masked-up-to.
 The BlockMask (and the permutation) are built once per prefill and shared by every layer:
 `mask_ms` reports that cost once. `density` = fraction of (q, kv) blocks FlexAttention computes.
-Writes benchmarks/results/kernels/prefill.json (and .png when matplotlib imports).
+Writes `--out`/`--name`.json (and .png when matplotlib imports); the default name holds every
+setting (result_name), e.g. prefill_h32-8-128_c8_ctx4k+8k+16k+32k_masked16k, and an existing
+file is never overwritten: the run is refused before it starts.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from gsa_rag.kernels.bench import (
     bench_us,
+    context_tag,
     environment,
     print_table,
+    refuse_existing_results,
     synthetic_layout,
     write_results,
 )
@@ -101,6 +105,14 @@ def bench_context(L: int, args, Hq: int, Hkv: int, D: int, dtype, scale: float) 
     return row
 
 
+def result_name(heads: tuple[int, int, int], chunk: int, contexts: list[int], masked_up_to: int) -> str:
+    """The default result name: every setting that changes the rows (bf16 is fixed), so two runs
+    that differ in any of them never share a file (the name was "prefill" whatever the shapes)."""
+    ctx = context_tag(contexts)
+    return f"prefill_h{'-'.join(map(str, heads))}_c{chunk}_ctx{ctx}_masked{masked_up_to}k"
+
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="30-second smoke run (4K and 8K)")
@@ -108,15 +120,18 @@ def main(argv=None) -> None:
     p.add_argument("--heads", default="32,8,128", help="Hq,Hkv,D")
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--masked-up-to", type=int, default=16, help="K tokens; the dense bool mask is T^2 bytes")
-    p.add_argument("--out", default="benchmarks/results/kernels")
+    p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result files")
+    p.add_argument("--name", default=None, help="result file name without .json (default: result_name's, every setting)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/prefill.py needs CUDA")
-
     Hq, Hkv, D = (int(x) for x in args.heads.split(","))
     contexts = [int(x) * K for x in args.contexts.split(",")]
     if args.quick:
         contexts = [4 * K, 8 * K]
+    name = args.name or result_name((Hq, Hkv, D), args.chunk, contexts, args.masked_up_to)
+    refuse_existing_results(p, args.out, name)  # before the measurements, not after them
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/prefill.py needs CUDA")
+
     dtype = torch.bfloat16
     scale = 1.0 / math.sqrt(D)
     rows = []
@@ -142,7 +157,7 @@ def main(argv=None) -> None:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
 
-    path = write_results(args.out, "prefill_quick" if args.quick else "prefill",
+    path = write_results(args.out, name,
                          {"env": environment(), "heads": [Hq, Hkv, D], "chunk": args.chunk, "rows": rows}, plot)
     print(f"wrote {path}")
 

@@ -164,6 +164,19 @@ def environment() -> dict:
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def context_tag(contexts) -> str:
+    """Context lengths for a result file's name: sorted, once each, whole thousands as `8k`."""
+    return "+".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in sorted(set(contexts)))
+
+
+def refuse_existing_results(parser, out_dir: str | Path, name: str, suffixes: tuple[str, ...] = (".json", ".png")) -> None:
+    """Stops a benchmark (argparse error, exit 2) before it measures anything when a result file
+    of `name` exists under out_dir: results are never overwritten."""
+    for path in (Path(out_dir) / f"{name}{s}" for s in suffixes):
+        if path.exists():
+            parser.error(f"{path} exists: results are never overwritten; pass --name or --out to write elsewhere")
+
+
 def write_results(out_dir: str | Path, name: str, payload: dict, plot=None) -> Path:
     """Writes `name`.json under out_dir; `plot(plt, path)` draws `name`.png if matplotlib imports."""
     out_dir = Path(out_dir)

@@ -140,9 +140,117 @@ def test_memory_ttft_refuses_an_existing_out_file_before_measuring(tmp_path, mon
     assert out.read_text() == "{}"
 
 
-def test_kernels_benchmark_compares_and_plots_each_side_at_its_best():
-    """x_dense and the plot's times are each side's best of eager and graph replay (the plot drew
-    GSA's replay against dense's eager time)."""
+def test_kernels_benchmark_compares_each_side_at_its_best():
+    """x_dense is each side's best of eager and graph replay (the plot: plot_series, below)."""
     best = _script("kernels")._best
     assert best({"dense_us": 9.0, "dense_graph_us": 7.0}, "dense") == 7.0
     assert best({"gsa_us": 5.0, "gsa_graph_us": float("nan")}, "gsa") == 5.0
+
+
+# --- result files of decode_latency.py, prefill.py and kernels.py ---------------------------------
+
+
+def _distinct(base: dict, variations: dict, name) -> None:
+    """name(**base) changes with every single setting in `variations`."""
+    names = {name(**base)} | {name(**{**base, key: value}) for key, value in variations.items()}
+    assert len(names) == 1 + len(variations)
+
+
+def test_decode_latency_result_name_holds_every_setting():
+    """The name held only the architecture: a re-run with another warm-up replaced the rows."""
+    name = _script("decode_latency").result_name
+    base = {"arch": "smollm2-135m", "layers": 30, "contexts": [8192, 16384, 32768], "batch": 1, "steps": 32,
+            "warmup": 32, "cache": "both"}
+    assert name(**base) == "decode_latency_smollm2-135m_L30_ctx8k+16k+32k_b1_s32_w32_both"
+    assert name(**{**base, "contexts": [32768, 8192, 16384, 8192]}) == name(**base)  # the same rows
+    _distinct(base, {"arch": "llama3-8b", "layers": 8, "contexts": [8192, 16384], "batch": 2, "steps": 24,
+                     "warmup": 40, "cache": "dynamic"}, name)
+    assert "ctx1500+8k" in name(**{**base, "contexts": [8192, 1500]})
+
+
+def test_prefill_result_name_holds_every_setting():
+    name = _script("prefill").result_name
+    base = {"heads": (32, 8, 128), "chunk": 8, "contexts": [4096, 8192, 16384, 32768], "masked_up_to": 16}
+    assert name(**base) == "prefill_h32-8-128_c8_ctx4k+8k+16k+32k_masked16k"
+    _distinct(base, {"heads": (9, 3, 64), "chunk": 16, "contexts": [4096, 8192], "masked_up_to": 4}, name)
+
+
+def test_kernels_result_name_holds_every_setting():
+    name = _script("kernels").result_name
+    base = {"shapes": ["llama3-8b", "smollm2-135m"], "batches": [1, 8], "contexts": [4096, 32768, 131072],
+            "chunk": 8, "dtype": "bfloat16", "flex": False, "meta": [], "top_k": 4, "sweep": False}
+    assert name(**base) == "decode_step_llama3-8b+smollm2-135m_b1+8_ctx4k+32k+128k_c8_bf16_noflex"
+    _distinct(base, {"shapes": ["llama3-8b"], "batches": [8], "contexts": [131072], "chunk": 16,
+                     "dtype": "float16", "flex": True, "meta": [4], "sweep": True}, name)
+    hier = {**base, "meta": [4]}
+    assert name(**hier) != name(**{**hier, "top_k": 8})
+    assert name(**{**base, "top_k": 8}) == name(**base)  # single level: adaptive k, --top-k unused
+
+
+@pytest.mark.parametrize(("script", "argv", "existing"), [
+    ("decode_latency", ["--quick"], "decode_latency_smollm2-135m_L30_ctx8k_b1_s8_w8_both.json"),
+    ("decode_latency", ["--arch", "llama3-8b", "--layers", "8", "--name", "mine"], "mine.json"),
+    ("prefill", ["--quick"], "prefill_h32-8-128_c8_ctx4k+8k_masked16k.json"),
+    ("prefill", ["--quick"], "prefill_h32-8-128_c8_ctx4k+8k_masked16k.png"),  # a kept plot is a result too
+    ("kernels", ["--quick", "--no-flex"], "decode_step_llama3-8b+smollm2-135m_b1_ctx4k+32k_c8_bf16_noflex.json"),
+    ("kernels", ["--quick", "--name", "decode_step_r7"], "decode_step_r7.png"),
+])
+def test_benchmarks_refuse_an_existing_result_before_measuring(script, argv, existing, tmp_path, monkeypatch,
+                                                               capsys):
+    """A run whose result file exists stops before it measures, naming the way out; it used to
+    overwrite the file silently."""
+    module = _script(script)
+    for heavy in ("random_model", "bench_context", "copy_bandwidth"):  # where each run's work starts
+        monkeypatch.setattr(module, heavy, lambda *a, **k: pytest.fail("measured before refusing"), raising=False)
+    (tmp_path / existing).write_text("kept")
+    with pytest.raises(SystemExit) as stop:
+        module.main([*argv, "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert existing in err and "never overwritten" in err and "--name" in err
+    assert [p.name for p in tmp_path.iterdir()] == [existing] and (tmp_path / existing).read_text() == "kept"
+
+
+def _decode_rows() -> list[dict]:
+    """H200 decode-step timings (round 7, llama3-8b B=8): dense's eager time beats its replay, GSA's
+    replay its eager time; smollm2 B=1 has no dense graph."""
+    def row(shape, B, L, dense, dense_graph, gsa, gsa_graph):
+        return {"shape": shape, "batch": B, "context": L, "dense_us": dense, "dense_graph_us": dense_graph,
+                "gsa_us": gsa, "gsa_graph_us": gsa_graph, "ceiling": 9.0}
+    return [row("llama3-8b", 8, 131072, 1027.5, 1081.4, 365.4, 345.4),
+            row("llama3-8b", 8, 32768, 266.3, 278.3, 168.6, 105.8),
+            row("smollm2-135m", 1, 4096, 20.0, float("nan"), 60.0, 30.0),
+            row("smollm2-135m", 1, 32768, 40.0, 35.0, 70.0, 40.0)]
+
+
+def test_kernels_plot_series_compare_like_with_like():
+    """Each series pairs GSA and dense in one timing mode, named in its label: graph replay, or
+    eager for both where a graph time is missing (the plot set GSA's replay against dense's eager
+    time: 105.8 vs 266.3 us, x2.52, where replayed both is 278.3 / 105.8 = x2.63)."""
+    llama, smol = _script("kernels").plot_series(_decode_rows())
+    assert llama["label"] == "llama3-8b B=8 (graph)" and llama["context_k"] == [32, 128]
+    assert llama["gsa_us"] == [105.8, 345.4] and llama["dense_us"] == [278.3, 1081.4]
+    assert llama["speedup"] == pytest.approx([278.3 / 105.8, 1081.4 / 345.4])
+    assert smol["label"] == "smollm2-135m B=1 (eager)"
+    assert smol["gsa_us"] == [60.0, 70.0] and smol["dense_us"] == [20.0, 40.0]
+    assert smol["speedup"] == pytest.approx([1 / 3, 4 / 7]) and smol["ceiling"] == [9.0, 9.0]
+
+
+def test_kernels_plot_draws_the_series(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kernels = _script("kernels")
+    path = tmp_path / "decode_step.png"
+    try:
+        kernels.draw(plt, path, _decode_rows())
+        speedup, times = plt.gcf().axes
+        assert [line.get_label() for line in times.lines][:2] == ["gsa llama3-8b B=8 (graph)",
+                                                                  "dense llama3-8b B=8 (graph)"]
+        assert list(times.lines[1].get_ydata()) == [278.3, 1081.4]
+        assert list(speedup.lines[0].get_ydata()) == pytest.approx([278.3 / 105.8, 1081.4 / 345.4])
+    finally:
+        plt.close("all")
+    assert path.stat().st_size > 0
