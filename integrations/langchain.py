@@ -235,16 +235,24 @@ class _GistSettings(BaseModel):
         }
 
     def _params(self) -> dict[str, Any]:
-        # LangChain's LLM cache keys answers by these: everything that can change an answer belongs
-        # here, the identity of the engine included (`model`/`adapter`/... say nothing about a ready
-        # engine, memory or backend). Resolving it loads the model, which the call about to be
-        # cached does anyway. "stop" is LangChain's own key for a call's stop (it overwrites ours).
-        backend = self.gist_backend
-        engine = backend.engine
+        # `_identifying_params`, which str() (GistLLM), asdict() and dict() show: fields only, so that
+        # looking at a model never loads it; the engine's identity goes into the cache key below.
         return {
             "model": self._model_name(), "adapter": self.adapter, "chunk_size": self.chunk_size, "top_k": self.top_k,
             "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "seed": self.seed, "default_stop": list(check_stop(self.stop)), "device": self.device,
+        }
+
+    def _dict_for_compat(self) -> dict[str, Any]:
+        # LangChain's LLM cache keys answers by this (BaseLLM.generate directly, BaseChatModel through
+        # `_get_invocation_params`), so everything that can change an answer belongs here, the
+        # identity of the engine included (`model`/`adapter`/... say nothing about a ready engine,
+        # memory or backend). Resolving it loads the model, which the call about to be cached does
+        # anyway. "stop" is LangChain's own key for a call's stop (it overwrites ours).
+        backend = self.gist_backend
+        engine = backend.engine
+        return {
+            **super()._dict_for_compat(),
             "engine": {
                 "model_fingerprint": _fingerprint(engine.model), "device": str(engine.device),
                 "adapter": _adapter_identity(engine), "gist_config": engine.config.to_dict(),
@@ -264,8 +272,8 @@ class _GistSettings(BaseModel):
         return params
 
 
-# model -> its fingerprint: `_params` runs on every call, and hashing a large model's parameters
-# costs a device->host copy per parameter. A model changed in place keeps its first fingerprint,
+# model -> its fingerprint: the cache key is built on every call, and hashing a large model's
+# parameters costs a device->host copy per parameter. A model changed in place keeps its first fingerprint,
 # as a GistMemory over it does.
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

@@ -11,6 +11,7 @@ import json
 import threading
 
 import pytest
+from langchain_core.caches import BaseCache
 from langchain_core.documents import Document
 from langchain_core.messages import (
     AIMessage,
@@ -22,6 +23,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.output_parsers import StrOutputParser
+from langchain_core.outputs import ChatGeneration, Generation
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
@@ -251,39 +253,85 @@ def test_llm_empty_answer_streams_as_one_empty_chunk():
 
 
 # ----------------------------------------------------------------------------------------------
-# cache key
+# cache key, and looking at a model without loading it
 
 
-def test_cache_key_covers_everything_that_changes_an_answer(engine):
-    """Regression: `_identifying_params` (LangChain's LLM cache key) left out the stop field, the
-    seed, the device and which engine answers, so a cached answer came back for another model."""
+class KeyCache(BaseCache):
+    """Records the keys LangChain's LLM cache is asked for, and answers every lookup (nothing generates)."""
+
+    def __init__(self, generation):
+        self.generation, self.keys = generation, []
+
+    def lookup(self, prompt, llm_string):
+        self.keys.append(llm_string)
+        return [self.generation]
+
+    def update(self, prompt, llm_string, return_val):
+        raise AssertionError("every lookup is a hit: nothing is generated, nothing stored")
+
+    def clear(self, **kwargs):
+        self.keys.clear()
+
+
+def cache_key(cls, **fields) -> str:
+    """The key an answer of `cls(**fields)` is cached under, built by LangChain's own cache lookup."""
+    generation = ChatGeneration(message=AIMessage("cached")) if cls is GistChatModel else Generation(text="cached")
+    cache = KeyCache(generation)
+    answer = cls(cache=cache, **fields).invoke("Hi")
+    assert getattr(answer, "content", answer) == "cached"
+    (key,) = cache.keys
+    return key
+
+
+@pytest.mark.parametrize("cls", [GistChatModel, GistLLM])
+def test_cache_key_covers_everything_that_changes_an_answer(cls, engine):
+    """Regression: LangChain's LLM cache key left out the stop field, the seed, the device and which
+    engine answers, so a cached answer came back for another model."""
     from test_memory import tiny_engine
 
     tiny = tiny_engine(engine.tokenizer)
 
-    def key(cls=GistLLM, **fields):
+    def key(**fields):
         fields.setdefault("engine", tiny)
-        return cls(max_tokens=8, **fields)._identifying_params
+        return cache_key(cls, max_tokens=8, **fields)
 
     base = key()
-    json.dumps(base)  # caches and tracers serialise it
-    assert base["engine"]["model_fingerprint"] == model_fingerprint(tiny.model)
+    assert model_fingerprint(tiny.model) in base
+    json.dumps(cls(engine=tiny)._dict_for_compat())  # tracers serialise the invocation params
     # equal settings over equal weights: one key, whichever engine object holds them
     assert key(engine=tiny_engine(engine.tokenizer)) == base
-    assert key(GistChatModel) == GistChatModel(engine=tiny, max_tokens=8)._identifying_params
 
     other_config = tiny_engine(engine.tokenizer, top_k=tiny.config.top_k + 1)  # the same weights
     with_adapter = tiny_engine(engine.tokenizer)
     with_adapter.adapter = {"base_model": "tiny", "gist_config": tiny.config.to_dict()}
     differing = {
+        # LangChain sets "stop" to the call's own stop: the field must not hide under that key
         "stop field": key(stop=["x"]),
         "seed": key(seed=1),
         "device": key(device="cpu"),
+        # the engine's identity: the fields alone are equal in these
         "weights": key(engine=tiny_engine(engine.tokenizer, seed=1)),
         "gist config": key(engine=other_config),
         "adapter": key(engine=with_adapter),
         "memory": key(engine=None, memory=GistMemory(tiny, progress=False)),
     }
     assert {what: k == base for what, k in differing.items()} == dict.fromkeys(differing, False)
-    # LangChain sets "stop" to the call's own stop: the field must not hide under that key
-    assert GistChatModel(engine=tiny, stop=["x"])._get_llm_string() != GistChatModel(engine=tiny)._get_llm_string()
+
+
+@pytest.mark.parametrize("cls", [GistChatModel, GistLLM])
+def test_looking_at_a_model_never_loads_it(cls, monkeypatch):
+    """Regression: str(), repr(), .dict() and `_identifying_params` (tracing metadata) resolved the
+    engine for its identity, loading the model (seconds to minutes, GPU memory) unasked."""
+    from gsa_rag.integrations import backend as backend_module
+    from gsa_rag.integrations.backend import GistBackend
+
+    def refuse(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(backend_module, "_shared_engine", refuse)
+    by_name = cls(model="no/such-model", max_tokens=4)
+    for model in (by_name, cls(backend=GistBackend(model="no/such-model"))):
+        str(model), repr(model), model._identifying_params, model.asdict(), model.dict(), model._get_ls_params()
+        with pytest.raises(AssertionError, match="was loaded"):  # a call loads it (the patch is live)
+            model.invoke("Hi")
+    assert by_name._identifying_params["model"] == by_name.asdict()["model"] == "no/such-model"
