@@ -27,11 +27,11 @@ import json
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.eval.data import HF_PREFIX, KNOWN_SETS, load_corpus, load_examples
 from gsa_rag.eval.harness import RunSettings, environment, run_method
@@ -119,7 +119,8 @@ def resolve_adapter(args) -> str | None:
 
 
 def load_engine(args, adapter: str | None, dtype) -> GistEngine:
-    kwargs = {"config": GistConfig(), "device": args.device, "dtype": dtype}
+    # config None: the adapter's trained one (each method sets its own before it runs)
+    kwargs = {"config": None, "device": args.device, "dtype": dtype}
     if getattr(args, "fuse", False):
         kwargs["fuse"] = True
     if "adapter" in inspect.signature(GistEngine.from_pretrained).parameters:
@@ -128,6 +129,21 @@ def load_engine(args, adapter: str | None, dtype) -> GistEngine:
         raise SystemExit("rag_eval: this gsa-rag's GistEngine.from_pretrained takes no `adapter`; "
                          "adapters need the training issue's code (gsa_rag.adapters)")
     return GistEngine.from_pretrained(args.model, **kwargs)
+
+
+def warn_untrained_layouts(specs: list[str], ctx: RunContext, adapter: str) -> None:
+    """Warns for each gist method whose layout (chunk size, hierarchy, sink, ...) is not the one
+    the adapter was trained with: a legitimate experiment, but one to run knowingly."""
+    from gsa_rag.adapters import warn_if_untrained_layout
+
+    for spec in specs:
+        method = parse_spec(spec)
+        if method.name in ("gsa", "gist-only"):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                warn_if_untrained_layout(adapter, method.gist_config(ctx))
+            for warning in caught:
+                print(f"rag_eval: warning: --methods {spec}: {warning.message}", file=sys.stderr)
 
 
 def run_key(args, examples, adapter, dtype_name: str) -> dict:
@@ -203,6 +219,8 @@ def main(argv=None) -> dict | None:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     dtype_name = args.dtype if dtype is not None else ("bfloat16" if device.type == "cuda" else "float32")
     adapter = resolve_adapter(args)
+    if adapter is not None:
+        warn_untrained_layouts(specs, ctx, adapter)
     key = run_key(args, examples, adapter, dtype_name)
     run_tag = Path(adapter).name if adapter else "vanilla"
     n_tag = f"{args.split}{len(examples)}"

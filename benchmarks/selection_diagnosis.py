@@ -16,6 +16,7 @@ Prints a table and writes JSON (default benchmarks/results/selection/<set>-<adap
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,11 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 # benchmarks/ holds kernels.py: keep it off sys.path so transformers' own `kernels` import is not shadowed
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
 
-from gsa_rag.engine import GistEngine  # noqa: E402
-from gsa_rag.eval.data import load_examples  # noqa: E402
-from gsa_rag.eval.harness import _recording_factory, unfolded_chunks  # noqa: E402
-from gsa_rag.generation import forward  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
+from transformers import DynamicCache
+
+from gsa_rag import attention
+from gsa_rag.engine import GistEngine
+from gsa_rag.eval.data import load_examples
+from gsa_rag.eval.harness import _recording_factory, unfolded_chunks
+from gsa_rag.generation import forward
 
 
 def chunk_categories(layout, b: int, gold: set[int], eligible: int) -> list[str]:
@@ -58,13 +61,18 @@ def position_free_scoring(engine, current: dict) -> None:
     """Experiment: score gists by q . k with RoPE taken out of both (each rotated back to
     position 0), so the score no longer depends on the distance between question and chunk.
     Patches gsa_rag.selection._gist_scores (what every selection path scores through);
-    `current["layout"]` names the layout being run."""
+    `current["layout"]` names the layout being run and `current["layer"]` the layer (`tally`
+    sets both; a layer not named is taken to apply RoPE). A layer without RoPE (NoPE: SmolLM3's,
+    Llama 4's) keeps its plain scores: its q and k carry no position to take out."""
     from gsa_rag import selection
     from gsa_rag.cache import KeyRotator
 
     rotator, plain = KeyRotator(engine.model), selection._gist_scores
 
     def scores(query, key, gather_index, missing):
+        layer = current.get("layer")
+        if layer is not None and not rotator.uses_rope(layer):
+            return plain(query, key, gather_index, missing)
         layout = current["layout"]
         assert layout.batch_size == 1, "the experiment runs one question at a time"
         gist_index = gather_index[:, 0, :, 0]
@@ -78,6 +86,20 @@ def position_free_scoring(engine, current: dict) -> None:
     selection._gist_scores = scores
 
 
+@contextlib.contextmanager
+def naming_layers(model, current: dict):
+    """Within the block, `current["layer"]` is the index of the layer whose attention runs."""
+    def name(module, args):
+        current["layer"] = module.layer_idx
+
+    handles = [m.register_forward_pre_hook(name) for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def tally(engine, examples, first_layer: int, current: dict | None = None) -> dict:
     counts: dict[str, list[float]] = {}  # category -> [selected, uniform expectation]
     by_place = torch.zeros(2, 10)  # selected / uniform share by passage place 0..9
@@ -86,7 +108,8 @@ def tally(engine, examples, first_layer: int, current: dict | None = None) -> di
         if current is not None:
             current["layout"] = layout
         factory = _recording_factory(None)
-        with torch.no_grad():
+        naming = naming_layers(engine.model, current) if current is not None else contextlib.nullcontext()
+        with torch.no_grad(), naming:
             _, state = forward(engine.model, layout, layout.seq_len, DynamicCache(), engine.config,
                                state_factory=factory)
         eligible = int(layout.num_chunks[0]) - engine.config.num_previous_chunks
@@ -138,6 +161,7 @@ def main(argv=None) -> dict:
     current: dict = {}
     if args.position_free:
         position_free_scoring(engine, current)
+        attention.SELECT_KERNEL = False  # the CUDA select kernel scores on its own, never through _gist_scores
     result = tally(engine, examples, engine.config.first_selecting_layer, current)
     name = Path(adapter).name if adapter and adapter != "default" else ("default" if adapter else "untrained")
     name += "-position-free" if args.position_free else ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,7 +20,10 @@ import torch
 from gsa_rag.config import GistConfig
 from gsa_rag.errors import AdapterMismatchError
 
-FORMAT_VERSION = 1
+# 2: base_fingerprint may be a "v2-" one, which a gsa-rag that reads only format 1 would take
+# for another base model; bumped so that such a version says "upgrade gsa-rag" instead
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)  # format 1 manifests (the bundled adapter) differ only in their fingerprint
 MANIFEST = "gsa_adapter.json"
 BUNDLED = Path(__file__).parent / "adapters_bundled"
 
@@ -100,14 +104,47 @@ def read_manifest(adapter_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a gsa-rag adapter (no {MANIFEST}); train one with `gsa-rag train`")
     manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise AdapterMismatchError(f"{path}: adapter format {manifest.get('format_version')} is not {FORMAT_VERSION}; "
-                         "upgrade gsa-rag or retrain the adapter")
+    version = manifest.get("format_version")
+    # type check: True == 1 and 2.0 == 2, neither written by any gsa-rag
+    if type(version) is not int or version not in READ_FORMATS:
+        raise AdapterMismatchError(f"{path}: adapter format {version!r} is not one this gsa-rag reads "
+                                   f"({', '.join(map(str, READ_FORMATS))}); upgrade gsa-rag or retrain the adapter")
     return manifest
 
 
 def adapter_config(adapter_dir: str | Path) -> GistConfig:
     return GistConfig.from_dict(read_manifest(adapter_dir)["gist_config"])
+
+
+def warn_if_untrained_layout(manifest_dir: str | Path, config: GistConfig) -> None:
+    """Warns (UserWarning) when `config` lays the context out otherwise than the model behind
+    `manifest_dir` (an adapter, or a `--full` model folder) was trained with.
+
+    The layout is what gist memory keys its cached KV by (memory.ENCODING_FIELDS: chunk size,
+    hierarchy, sink, local window, word-aware cuts, gist tokens): the tokens and masks under which
+    the model learnt to pack chunks into gists. The other fields (top_k, k_policy, top_p, ...) only
+    change what a question unfolds, the user's to tune. chunk_size 0 is the full-attention
+    baseline: no gists, a choice that is never a mistake.
+    """
+    from gsa_rag.memory import encoding_config
+
+    if not config.uses_gists:
+        return
+    trained = adapter_config(manifest_dir)
+    want, given = encoding_config(trained), encoding_config(config)
+    fields = [name for name in want if name in given and want[name] != given[name]]
+    if not fields:
+        return
+
+    def values(c: GistConfig) -> str:
+        return ", ".join(f"{name}={getattr(c, name)!r}" for name in fields)
+
+    warnings.warn(
+        f"the given GistConfig lays the context out otherwise than {manifest_dir} was trained with: "
+        f"{values(config)} where it was trained with {values(trained)}; answers will be worse than with "
+        f"the trained layout. To use the trained layout, leave `config` out (on the command line: the options "
+        f"that set these fields) or pass dataclasses.replace(config, {values(trained)})",
+        UserWarning, stacklevel=3)  # points at from_pretrained's caller
 
 
 def trained_manifest_dir(model, adapter) -> Path | None:

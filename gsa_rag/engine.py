@@ -72,7 +72,9 @@ class GistEngine:
         Args:
             model: HF id, local directory, or path to a .gguf file; None for the default model.
             config: GistConfig; default: the one the adapter was trained with (or a model
-                folder written by `gsa-rag train --full`), else GistConfig().
+                folder written by `gsa-rag train --full`), else GistConfig(). One whose layout
+                (chunk_size, meta_chunks, sink, ...; not top_k and the other selection
+                settings) differs from the trained one warns (UserWarning): answers get worse.
             gguf_file: GGUF file name inside `model` (a directory or repo).
             adapter: a gist adapter directory (from `gsa-rag train`); "default" uses the
                 trained adapter bundled for the default model when `model` is None and the
@@ -90,6 +92,7 @@ class GistEngine:
             bundled_default_adapter,
             read_manifest,
             trained_manifest_dir,
+            warn_if_untrained_layout,
         )
         from gsa_rag.models import load_model
 
@@ -98,6 +101,8 @@ class GistEngine:
         trained = trained_manifest_dir(model, adapter)
         if config is None:
             config = adapter_config(trained) if trained is not None else GistConfig()
+        elif trained is not None:
+            warn_if_untrained_layout(trained, config)
         lm, tokenizer = load_model(model, gguf_file=gguf_file, gist_config=config, dtype=dtype, device=device)
         if adapter is not None:
             lm = apply_adapter(lm, adapter, base_fingerprint(lm))

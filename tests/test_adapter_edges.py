@@ -1,13 +1,21 @@
 """Gist adapters: the base fingerprint does not depend on the dtype the base was loaded in, old
-(format-1) fingerprints keep loading, another base is refused, and `~` in adapter paths expands."""
+(format-1) fingerprints keep loading, another base is refused, `~` in adapter paths expands,
+manifests are format 2 (format 1 still read), and a config with another layout warns."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from gsa_rag.adapters import (
+    FORMAT_VERSION,
+    MANIFEST,
     adapter_config,
     apply_adapter,
     base_fingerprint,
@@ -139,3 +147,95 @@ def test_adapter_paths_expand_the_home_directory(bases, adapter, tmp_path, monke
     from gsa_rag.train.loop import _resolve_init_adapter
 
     assert _resolve_init_adapter(TrainArgs(stage="sft", output="y", init_adapter="~/ad")).init_adapter == str(tmp_path / "ad")
+
+
+# --- manifest format -----------------------------------------------------------------------------
+
+
+def test_manifests_are_written_in_format_2_and_format_1_still_reads(adapter, tmp_path):
+    """Format 2 is what says "v2-" fingerprint: a gsa-rag that reads format 1 only then says
+    "upgrade gsa-rag" instead of "trained on another base model". Format 1 manifests (the bundled
+    adapter's; loaded through GistEngine.from_pretrained() in test_train) keep loading."""
+    written = json.loads((adapter / MANIFEST).read_text())  # by training (_save_result)
+    assert written["format_version"] == FORMAT_VERSION == 2 and written["base_fingerprint"].startswith("v2-")
+    assert read_manifest(adapter) == written and adapter_config(adapter) == CONFIG
+    write_manifest(tmp_path, base_model="b", fingerprint="v2-0123456789abcdef", config=CONFIG, stage="sft")
+    manifest = read_manifest(tmp_path)
+    assert manifest["format_version"] == 2 and manifest["stage"] == "sft" and adapter_config(tmp_path) == CONFIG
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1, "base_fingerprint": "0123456789abcdef"}))
+    assert read_manifest(tmp_path)["format_version"] == 1 and adapter_config(tmp_path) == CONFIG
+    bundled = bundled_default_adapter()
+    if bundled is not None:
+        assert read_manifest(bundled)["format_version"] == 1
+
+
+@pytest.mark.parametrize("version", [0, 3, "missing", "2", 2.5, True, None])
+def test_unknown_manifest_formats_are_refused(tmp_path, version):
+    write_manifest(tmp_path, base_model="b", fingerprint="v2-0123456789abcdef", config=CONFIG)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    if version == "missing":
+        del manifest["format_version"]
+    else:
+        manifest["format_version"] = version
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(AdapterMismatchError, match=r"is not one this gsa-rag reads \(1, 2\); upgrade gsa-rag or retrain"):
+        read_manifest(tmp_path)
+    with pytest.raises(AdapterMismatchError):
+        adapter_config(tmp_path)
+
+
+# --- a config with another layout than the trained one -------------------------------------------
+
+LAYOUT_WARNING = "lays the context out otherwise than"
+
+
+def layout_warnings(record) -> list:
+    return [w for w in record if issubclass(w.category, UserWarning) and LAYOUT_WARNING in str(w.message)]
+
+
+@pytest.mark.parametrize("changes, named", [({"chunk_size": 8}, "chunk_size=8 where it was trained with chunk_size=4"),
+                                            ({"sink": 3, "top_k": 2}, "sink=3 where it was trained with sink=2")])
+def test_a_config_with_another_layout_warns(bases, adapter, changes, named):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        GistEngine.from_pretrained(str(bases[0]), adapter=str(adapter), config=dataclasses.replace(CONFIG, **changes),
+                                   device="cpu")
+    (warning,) = layout_warnings(record)
+    message = str(warning.message)
+    assert named in message and "answers will be worse" in message and "leave `config` out" in message
+    assert "top_k" not in message  # a selection setting is the user's to tune
+    assert warning.filename == __file__  # points at the call, not into gsa_rag
+
+
+@pytest.mark.parametrize("config", [None, dataclasses.replace(CONFIG, top_k=3, k_policy="top_p", first_selecting_layer=0),
+                                    GistConfig(chunk_size=0, sink=7)])
+def test_the_trained_layout_or_full_attention_does_not_warn(bases, adapter, config):
+    """None: the trained config; other selection settings; chunk_size 0 (full attention, a baseline)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        engine = GistEngine.from_pretrained(str(bases[0]), adapter=str(adapter), config=config, device="cpu")
+    assert not layout_warnings(record)
+    assert engine.config == (config or CONFIG)
+
+
+def test_a_full_model_folder_warns_too(bases, tmp_path):
+    """`gsa-rag train --full` writes the manifest beside the model's weights: the same check."""
+    shutil.copytree(bases[0], tmp_path / "full")
+    write_manifest(tmp_path / "full", base_model="b", fingerprint="v2-0", config=CONFIG)
+    with pytest.warns(UserWarning, match=LAYOUT_WARNING):
+        GistEngine.from_pretrained(str(tmp_path / "full"), adapter=None, config=GistConfig(), device="cpu")
+
+
+def test_the_command_line_warns_only_on_a_layout_override(bases, adapter, capsys):
+    """The CLI passes the adapter's config with the command's options over it: no option, or a
+    selection option, keeps the trained layout; a layout option is deliberate, but its cost is not
+    visible from the flag, so it is warned about as through the API."""
+    from gsa_rag.cli import main
+
+    ask = ["ask", "Who?", "--passage", "Ann wrote it.", "--model", str(bases[0]), "--adapter", str(adapter),
+           "--device", "cpu", "--max-new-tokens", "1"]
+    for options, warned in (([], 0), (["--top-k", "2"], 0), (["--chunk-size", "0"], 0), (["--sink", "3"], 1)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            main(ask + options)
+        assert len(layout_warnings(record)) == warned, options

@@ -791,3 +791,14 @@ def test_vector_gold_retrieved_counts_only_questions_that_have_a_gold_passage():
                      **vector.extra(ex)})
     assert [r["gold_retrieved"] for r in rows] == [True, None]
     assert summarize(rows, [with_gold, without], RunSettings(bootstrap=10))["gold_retrieved"] == 100.0
+
+
+def test_script_warns_for_a_gist_method_laid_out_otherwise_than_the_adapter(tmp_path, capsys):
+    from gsa_rag.adapters import write_manifest
+
+    rag_eval = _script("rag_eval")
+    write_manifest(tmp_path, base_model="x", fingerprint="v2-0", config=GistConfig(chunk_size=8, sink=4))
+    ctx = RunContext(data="nq", num_layers=2, retrieval_dir=tmp_path)
+    rag_eval.warn_untrained_layouts(["gsa:chunk=8", "full", "closed-book", "gsa:chunk=16:k=2"], ctx, str(tmp_path))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 1 and "--methods gsa:chunk=16:k=2" in lines[0] and "chunk_size=16" in lines[0], lines
