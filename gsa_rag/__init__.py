@@ -9,9 +9,12 @@
 """
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 from gsa_rag.config import GistConfig
-from gsa_rag.engine import GistEngine
+
+if TYPE_CHECKING:
+    from gsa_rag.engine import GistEngine
 
 
 def _has_llama_index() -> bool:
@@ -29,6 +32,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
+    # GistEngine imports torch and transformers (seconds): only when asked for, so that
+    # `import gsa_rag` (the CLI's argument parsing, gsa_rag.config) stays fast
+    if name == "GistEngine":
+        from gsa_rag.engine import GistEngine
+
+        return GistEngine
     # GistLLM needs llama-index-core, an optional extra: import it only when asked for
     if name == "GistLLM":
         try:
@@ -41,3 +50,7 @@ def __getattr__(name: str):
             ) from error
         return GistLLM
     raise AttributeError(f"module 'gsa_rag' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "GistEngine"})

@@ -106,7 +106,9 @@ def _add_hierarchy_args(p: argparse.ArgumentParser) -> None:
                         "--meta-chunks 4 is 32x); 0 = single level")
     p.add_argument("--chunk", type=int, nargs="+", default=None, metavar="N",
                    help="every level at once: raw tokens per gist, then gists per <mgist> per level (--chunk 8 4)")
-    p.add_argument("--levels", type=int, default=None, help="gist levels; checks --chunk / --meta-chunks (1 + their count)")
+    p.add_argument("--levels", type=int, default=None,
+                   help="gist levels (1 + the number of meta-chunk sizes); checks the layout the run uses: "
+                        "the adapter's, with --chunk / --meta-chunks over it")
     p.add_argument("--section-top-k", type=int, default=None, metavar="K",
                    help="H-GSA: sections each query head keeps above the chunks (default: the adapter's, else "
                         "--top-k; 0: --top-k); a wider beam scores more gists but unfolds no more raw tokens")
@@ -128,16 +130,23 @@ def _gist_overrides(args) -> dict:
         given["chunk_size"], meta = args.chunk[0], args.chunk[1:]
     if meta is not None:
         given["meta_chunks"] = () if list(meta) == [0] else tuple(meta)
-    if args.levels is not None:
-        levels = 1 + len(given.get("meta_chunks", ()))
-        if args.levels != levels:
-            raise ValueError(f"--levels {args.levels} but the chunk sizes name {levels} level(s): "
-                             "give one size per level (--chunk 8 4 for two)")
     overrides = {k: v for k, v in given.items() if v is not None}
     beam_off = overrides.get("meta_chunks") == () or overrides.get("k_policy", "fixed") != "fixed"
     if args.section_top_k == 0 or (args.section_top_k is None and beam_off):
         overrides["section_top_k"] = None
     return overrides
+
+
+def _check_levels(levels: int | None, config: GistConfig, trained_in: str | Path | None) -> None:
+    """--levels only checks: the layout the run uses, the trained one with the command's overrides,
+    must have that many levels (checked before any weights load)."""
+    if levels is None or levels == config.levels:
+        return
+    source = f"the layout trained in {trained_in}" if trained_in is not None else "the default layout"
+    sizes = " ".join(str(n) for n in (config.chunk_size, *config.meta_chunks))
+    raise ValueError(f"--levels {levels} but {source}, with this command's options, has {config.levels} level(s) "
+                     f"(--chunk {sizes}): give one size per level with --chunk (--chunk 8 4 for two levels), "
+                     "or drop --levels")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -166,11 +175,14 @@ def _engine(args):
     )
     from gsa_rag.engine import GistEngine
 
-    adapter = {"none": None, "default": bundled_default_adapter() if args.model is None else None}.get(args.adapter, args.adapter)
+    # a folder is expanded here, so that what is printed and reported names the folder read
+    adapter = {"none": None, "default": bundled_default_adapter() if args.model is None else None}.get(
+        args.adapter, str(Path(args.adapter).expanduser()))
     manifest_dir = trained_manifest_dir(args.model, adapter)  # a --full run's model folder holds one too
     trained = adapter_config(manifest_dir).to_dict() if manifest_dir is not None else {}
     # the adapter fixes the layout it was trained with unless the command overrides it
     config = GistConfig(**{**GistConfig().to_dict(), **trained, **_gist_overrides(args)})
+    _check_levels(args.levels, config, manifest_dir)
     engine = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device, fuse=args.fuse)
     args.adapter_used = str(adapter) if adapter is not None else None
     args.fully_trained = manifest_dir is not None and adapter is None
@@ -227,18 +239,26 @@ def _eval(args) -> None:
 
 
 def _train(args) -> None:
-    from gsa_rag.train.loop import TrainArgs, train
+    from gsa_rag.adapters import adapter_config
+    from gsa_rag.train.loop import TrainArgs, _resolve_init_adapter, train
 
     gist = _gist_overrides(args)
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if k not in ("gist", "base", "stage")}
-    out = train(TrainArgs(stage=args.stage, base=args.model, gist=gist, **fields))
+    train_args = TrainArgs(stage=args.stage, base=args.model, gist=gist, **fields)
+    if args.levels is not None:  # against the layout the run starts from, as train() builds it
+        init_adapter = _resolve_init_adapter(train_args).init_adapter
+        trained = adapter_config(init_adapter).to_dict() if init_adapter else {}
+        _check_levels(args.levels, GistConfig(**{**trained, **gist}), init_adapter)
+    out = train(train_args)
     print(f"wrote {out}")
 
 
-def _add_train_parser(sub) -> None:
+def _add_train_parser(sub, options: bool = True) -> None:
+    p = sub.add_parser("train", help="stage 1 (cpt) or stage 2 (sft) training of a gist adapter")
+    if not options:  # only `gsa-rag train` parses them, and TrainArgs, which gives them, imports torch
+        return
     from gsa_rag.train.loop import TrainArgs
 
-    p = sub.add_parser("train", help="stage 1 (cpt) or stage 2 (sft) training of a gist adapter")
     p.add_argument("stage", choices=["cpt", "sft"])
     p.add_argument("--data", nargs="+", required=True, help="cpt: text or JSONL(text) files; sft: canonical RAG JSONL")
     p.add_argument("--output", required=True, help="adapter directory to write (never overwritten)")
@@ -299,7 +319,9 @@ def main(argv: list[str] | None = None) -> None:
     _add_model_args(p)
     p.set_defaults(run=_eval)
 
-    _add_train_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the top level takes no option but -h
+    _add_train_parser(sub, options=command == "train")
 
     args = parser.parse_args(argv)
     if getattr(args, "fuse", False):  # checked before the model loads

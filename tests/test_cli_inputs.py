@@ -7,14 +7,21 @@ fail the test if reached), so the file runs in seconds.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import gsa_rag.eval.data as eval_data
 import gsa_rag.eval.run as eval_run
+import gsa_rag.train.loop as train_loop
 from gsa_rag import cli
+from gsa_rag.adapters import write_manifest
 from gsa_rag.cli import main
+from gsa_rag.config import GistConfig
+from gsa_rag.engine import GistEngine
 
 EXAMPLE = {"id": "1", "question": "Who wrote it?", "answers": ["Ada"], "passages": [{"text": "Ada wrote it."}]}
 
@@ -190,3 +197,111 @@ def test_cli_max_new_tokens_must_be_positive(command, value, data, no_run, capsy
 def test_cli_bad_question_refused_before_the_model_loads(argv, words, no_run, capsys):
     err = _fails(argv, capsys)
     assert all(w in err for w in words)
+
+
+# 4. usage errors and --help come before torch and transformers load (seconds)
+
+USAGE = """
+import json, sys
+from gsa_rag.cli import main
+codes = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        main(argv)
+    except SystemExit as e:
+        codes.append(e.code)
+print(json.dumps({"codes": codes, "heavy": sorted({"torch", "transformers"} & set(sys.modules))}))
+"""
+
+
+def test_cli_usage_errors_and_help_do_not_import_torch():
+    """Regression: the CLI imported torch and transformers (~7 s) before argparse said a word."""
+    argvs = [[], ["ask"], ["--help"], ["ask", "--help"], ["eval"], ["demo", "--top-k", "x"],
+             ["ask", "Who?", "--max-new-tokens", "0"], ["demo", "--model", "./no_such_model_dir"]]
+    run = subprocess.run([sys.executable, "-c", USAGE, json.dumps(argvs)], capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [2, 2, 0, 0, 2, 2, 2, 2], "heavy": []}
+
+
+# 5. --levels is checked against the adapter's layout; adapter paths are printed expanded
+
+
+class FakeEngine:
+    def __init__(self, config):
+        self.config = config
+        self.model = SimpleNamespace(config=SimpleNamespace(model_type="fake"))
+
+    def generate(self, question, passages, max_new_tokens):
+        return "Ada"
+
+    def stream(self, question, passages, max_new_tokens):
+        yield "Ada"
+
+
+@pytest.fixture()
+def loads(monkeypatch):
+    """GistEngine.from_pretrained replaced: records what it was asked to load, loads nothing."""
+    calls = []
+
+    def from_pretrained(model=None, **kwargs):
+        calls.append(kwargs)
+        return FakeEngine(kwargs["config"])
+
+    monkeypatch.setattr(GistEngine, "from_pretrained", from_pretrained)
+    return calls
+
+
+@pytest.fixture()
+def two_level_adapter(tmp_path):
+    """An H-GSA adapter folder (manifest only): chunk size 4, 2 gists per <mgist>."""
+    folder = tmp_path / "hgsa"
+    folder.mkdir()
+    write_manifest(folder, base_model="b", fingerprint="v2-0", config=GistConfig(chunk_size=4, meta_chunks=(2,)))
+    return folder
+
+
+ASK = ["ask", "Who wrote it?", "--passage", "Ada wrote it.", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("options", [["--levels", "2"], ["--levels", "1", "--meta-chunks", "0"],
+                                     ["--levels", "3", "--meta-chunks", "2", "2"]])
+def test_cli_levels_match_the_adapters_layout(options, two_level_adapter, loads, capsys):
+    """Regression: --levels was checked against the command line's sizes alone, so a 2-level
+    adapter refused `--levels 2`."""
+    main([*ASK, "--adapter", str(two_level_adapter), *options])
+    assert loads[0]["config"].levels == int(options[1])
+    assert capsys.readouterr().out.strip() == "Ada"
+
+
+@pytest.mark.parametrize("options", [["--levels", "1"], ["--levels", "2", "--chunk", "8"]])
+def test_cli_levels_refused_before_loading_when_the_adapters_layout_differs(options, two_level_adapter, loads, capsys):
+    """Regression: `--levels 1` with a 2-level adapter passed silently (and ran 2 levels)."""
+    err = _fails([*ASK, "--adapter", str(two_level_adapter), *options], capsys)
+    has = 1 if "--chunk" in options else 2
+    assert f"--levels {options[1]}" in err and f"has {has} level(s)" in err and str(two_level_adapter) in err
+    assert "--chunk" in err and "drop --levels" in err
+    assert loads == []  # refused before the weights load
+
+
+def test_cli_train_levels_match_the_init_adapters_layout(two_level_adapter, tmp_path, monkeypatch, capsys):
+    runs = []
+    monkeypatch.setattr(train_loop, "train", lambda args: runs.append(args) or tmp_path / "out")
+    train = ["train", "sft", "--data", "d.jsonl", "--output", str(tmp_path / "out"),
+             "--init-adapter", str(two_level_adapter)]
+    main([*train, "--levels", "2"])
+    assert len(runs) == 1 and runs[0].gist == {}
+    err = _fails([*train, "--levels", "1"], capsys)
+    assert "--levels 1" in err and "has 2 level(s)" in err and str(two_level_adapter) in err
+    assert len(runs) == 1
+
+
+def test_cli_prints_the_adapter_path_expanded(two_level_adapter, tmp_path, data, loads, monkeypatch, capsys):
+    """Regression: `--adapter ~/x` was printed as `~/x`, not as the folder read."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    main(["demo", "--adapter", "~/hgsa", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith(f", adapter {two_level_adapter}") and "~" not in out
+    assert loads[0]["adapter"] == str(two_level_adapter)
+    monkeypatch.setattr(eval_run, "evaluate", lambda engine, data, **kw: {"summary": {}, "examples": []})
+    main(["eval", str(data), "--adapter", "~/hgsa", "--device", "cpu"])
+    assert json.loads(capsys.readouterr().out)["adapter"] == str(two_level_adapter)

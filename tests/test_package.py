@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 
 import pytest
@@ -40,3 +41,20 @@ def test_star_import_with_llama_index():
     from gsa_rag.integrations.llama_index import GistLLM
 
     assert star_import() == {"GistConfig": gsa_rag.GistConfig, "GistEngine": gsa_rag.GistEngine, "GistLLM": GistLLM}
+
+
+def test_import_leaves_torch_and_transformers_out():
+    """Regression: `import gsa_rag` imported the engine, torch and transformers (~7 s), so every
+    `gsa-rag` usage error and --help waited for them."""
+    code = "import gsa_rag, sys; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_engine_is_still_a_package_name():
+    from gsa_rag import GistConfig, GistEngine
+    from gsa_rag.config import GistConfig as config_class
+    from gsa_rag.engine import GistEngine as engine_class
+
+    assert (GistEngine, GistConfig, gsa_rag.GistEngine) == (engine_class, config_class, engine_class)
+    assert {"GistConfig", "GistEngine", "__version__"} <= set(dir(gsa_rag))
