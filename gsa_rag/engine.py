@@ -17,7 +17,7 @@ from gsa_rag import validation
 from gsa_rag.config import GistConfig
 from gsa_rag.errors import ConfigError, InputError, InputTypeError
 from gsa_rag.generation import SamplingParams, generate_tokens
-from gsa_rag.layout import GistLayout, build_layout
+from gsa_rag.layout import GistLayout, build_layout, encode_text
 from gsa_rag.locking import GenerationLock, locked, locked_generator
 from gsa_rag.prompt import DEFAULT_SYSTEM, OWN_SYSTEM, SegmentPrompt, build_segments
 
@@ -127,7 +127,9 @@ class GistEngine:
 
     def layout(self, questions: Sequence[str], passages: Sequence[Sequence], system: str | None = DEFAULT_SYSTEM) -> GistLayout:
         """Lays out a batch of RAG prompts (one passage list per question); a SegmentPrompt
-        (prompt.build_message_segments) in place of a question is laid out as it is."""
+        (prompt.build_message_segments) in place of a question is laid out as it is. A passage
+        list is checked as `generate` checks it: None (or []) is closed book."""
+        passages = [validation.check_passage_list(p, f"the passages of question {i}") for i, p in enumerate(passages)]
         segments = [_prompt_segments(self.tokenizer, q, p, system) for q, p in zip(questions, passages, strict=True)]
         return build_layout(segments, self.config, self.tokenizer, device=self.device)
 
@@ -243,7 +245,7 @@ class GistEngine:
             if ready > len(sent):
                 yield cut[len(sent) : ready]
                 sent = cut[:ready]
-        rest = _cut_at_stop(self._decode(ids, stops), stop)[len(sent) :]  # what was held back
+        rest = _cut_at_stop(self._decode_whole(ids, stops), stop)[len(sent) :]  # what was held back
         if rest:
             yield rest
 
@@ -253,7 +255,7 @@ class GistEngine:
         its earliest stop string differs when a longer one starts earlier but completes later.)"""
         text = self._decode(ids, stops)
         if not any(s and s in text for s in stop):
-            return text
+            return self._decode_whole(ids, stops)
         for n in range(1, len(ids) + 1):
             prefix = self._decode(ids[:n], stops)
             if prefix.endswith("\ufffd"):  # a multi-byte character is not complete yet
@@ -261,7 +263,7 @@ class GistEngine:
             cut = _cut_at_stop(prefix, stop)
             if len(cut) < len(prefix):
                 return cut
-        return _cut_at_stop(text, stop)
+        return _cut_at_stop(self._decode_whole(ids, stops), stop)
 
     def _prepare(self, questions, passage_lists, system, memory, max_new_tokens: int = 0):
         """`_prepare_once`, fitted to the model's window: a prompt that does not fit (raw tokens
@@ -306,6 +308,22 @@ class GistEngine:
 
     def _decode(self, ids: list[int], stops: set[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=True)
+
+    def _decode_whole(self, ids: list[int], stops: set[int]) -> str:
+        """The text of a finished answer, without the replacement character(s) that the start of a
+        multi-byte character decodes to when the answer ended inside it (budget, end of text).
+
+        A text ending in U+FFFD is incomplete (as `stream` holds it back) unless the tokens after its
+        last whole-character point are exactly how the tokenizer writes their own text: their
+        bytes are then valid UTF-8, so the model wrote U+FFFD itself, and it stays."""
+        text = self._decode(ids, stops)
+        if not text.endswith("\ufffd"):
+            return text
+        n = next(n for n in range(len(ids) - 1, -1, -1) if not self._decode(ids[:n], stops).endswith("\ufffd"))
+        tail = [i for i in ids[n:] if i not in stops]
+        if encode_text(self.tokenizer, self._decode(tail, stops)) == tail:
+            return text
+        return text.rstrip("\ufffd")  # the text before `n` does not end in U+FFFD: the cut stays after it
 
 
 def _prompt_segments(tokenizer, question, passages, system):

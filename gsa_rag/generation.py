@@ -32,9 +32,11 @@ class SamplingParams:
 
     Attributes:
         max_new_tokens: stop after this many tokens.
-        temperature: 0 is greedy.
+        temperature: 0 is greedy; any finite value > 0 samples (a tiny one picks like greedy, a
+            huge one uniformly among the tokens that may be produced).
         top_p: nucleus sampling mass (with temperature > 0).
-        seed: seeds the sampling generator (ignored when greedy).
+        seed: None or an int torch takes, [-2**63, 2**64 - 1]; seeds the sampling generator
+            (ignored when greedy, but checked: a seed that cannot work is refused either way).
     """
 
     max_new_tokens: int = 64
@@ -47,10 +49,28 @@ class SamplingParams:
             raise InputTypeError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        self.temperature = _number("temperature", self.temperature, "a number >= 0 (0 is greedy)")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        self.top_p = _number("top_p", self.top_p, "a number in (0, 1] (1 turns nucleus sampling off)")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1] (1 turns nucleus sampling off), got {self.top_p}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+                raise InputTypeError(f"seed must be None or an int, got {type(self.seed).__name__} {self.seed!r}")
+            self.seed = int(self.seed)  # torch's generator takes a Python int only (not numpy's)
+            if not -(2**63) <= self.seed < 2**64:
+                raise InputError(f"seed must be in [-2**63, 2**64 - 1] (what torch's generator takes), got {self.seed}")
+
+
+def _number(name: str, value, rule: str) -> float:
+    """`value` as a float, or InputTypeError naming `name` (a bool is refused: True is a slip, not 1.0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be {rule}, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range: refused as not finite
+        return math.inf
 
 
 def _cache_keyword(model) -> str:
@@ -115,12 +135,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, banned: torch.Tensor | 
         logits = logits.index_fill(-1, banned, float("-inf"))
     if params.temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax(_scale(logits, params.temperature), dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, for every finite temperature > 0. Each row is shifted to a max of 0
+    first, and kept exact where float32 division cannot be: 0 stays 0 (a temperature below float32's
+    range divides it to NaN) and -inf (banned) stays -inf (one above it gives -inf / inf = NaN).
+    So a tiny temperature picks among the row's best logits, a huge one uniformly among the
+    finite ones."""
+    shifted = logits - logits.amax(-1, keepdim=True)
+    scaled = (shifted / temperature).masked_fill(shifted == 0, 0.0)
+    return scaled.masked_fill(shifted == float("-inf"), float("-inf"))
 
 
 @torch.inference_mode()

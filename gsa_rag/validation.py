@@ -19,6 +19,12 @@ Decisions (each is a test in tests/test_reliability.py):
   list must hold only str.
 * A prompt given whole as a SegmentPrompt (the framework integrations) cannot drop passages:
   over the window it is refused with ContextTooLongError, whatever `overflow` says.
+* Sampling (checked by generation.SamplingParams): max_new_tokens an int >= 1; temperature a
+  finite number >= 0 (0 is greedy; every value > 0 samples, however tiny or huge); top_p a number
+  in (0, 1]; seed None or an int in [-2**63, 2**64 - 1] (what torch's generator takes), checked
+  even when greedy ignores it. bool is refused for each (True is no temperature); a str is not
+  parsed as a number.
+* `GistEngine.layout` checks passage lists as `generate` does (None is closed book there too).
 * k: GistConfig refuses top_k < 1; top_k above the number of chunks selects every chunk
   (selection.choose_chunks clamps). `GistMemory.search(k=...)` refuses k < 1.
 """

@@ -224,12 +224,18 @@ class _GistSettings(BaseModel):
         return self.model or DEFAULT_MODEL_NAME
 
     def _sampling(self, stop: list[str] | None, kwargs: dict) -> dict:
-        """Backend keywords for one call: the fields, overridden by the call's keywords."""
+        """Backend keywords for one call: the fields, overridden by the call's keywords. A keyword
+        given as None counts as not given (the field's value); the engine checks what remains, with
+        errors that name the argument."""
+
+        def given(*names, default):
+            return next((kwargs[n] for n in names if kwargs.get(n) is not None), default)
+
         stops = [*check_stop(self.stop), *check_stop(stop)]  # one str is one stop string, not its characters
         return {
-            "max_new_tokens": kwargs.get("max_new_tokens", kwargs.get("max_tokens", self.max_new_tokens)),
-            "temperature": float(kwargs.get("temperature", self.temperature)),
-            "top_p": float(kwargs.get("top_p", self.top_p)),
+            "max_new_tokens": given("max_new_tokens", "max_tokens", default=self.max_new_tokens),
+            "temperature": given("temperature", default=self.temperature),
+            "top_p": given("top_p", default=self.top_p),
             "seed": kwargs.get("seed", self.seed),
             "stop": tuple(dict.fromkeys(s for s in stops if s)),
         }

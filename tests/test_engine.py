@@ -2,6 +2,7 @@
 
 import functools
 import random
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoTokenizer
 import gsa_rag.engine as engine_module
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
+from gsa_rag.generation import SamplingParams, sample
 from gsa_rag.prompt import build_segments
 
 PASSAGES = [
@@ -282,3 +284,67 @@ def test_stop_strings_across_multi_byte_characters_end_generate_where_stream_end
             assert streamed == tiny._cut_as_streamed(script, stops, stop)
             assert len(pulled) == read_by_stream == tokens_read(tiny, [*script, min(stops)], stop), stop
             assert closed == [True]
+
+
+# --- sampling at extreme temperatures, answers ending inside a character, layout's passage lists -------------
+
+
+def test_every_finite_temperature_samples_and_banned_tokens_are_never_picked():
+    """Regression: a temperature below ~1e-38 or above float32's range made the probabilities NaN
+    (RuntimeError in multinomial). A tiny one now picks the best allowed token, a huge one any
+    allowed token alike; the banned one (here also the best logit) never comes out."""
+    logits = torch.tensor([[3.0, 1.0, -2.0, 0.5, 9.0, 2.9]]).expand(3000, -1)
+    banned, allowed = torch.tensor([4]), [0, 1, 2, 3, 5]
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (1e-3, 1e-30, 1e-40, 1e-300, 5e-324):
+        picks = sample(logits, SamplingParams(temperature=temperature), banned, generator)
+        assert set(picks.tolist()) == {0}, temperature
+    for temperature in (1e30, 1e39, 1e300, sys.float_info.max):
+        counts = torch.bincount(sample(logits, SamplingParams(temperature=temperature), banned, generator), minlength=6)
+        assert counts[4] == 0 and all(400 < counts[i] < 800 for i in allowed), (temperature, counts)  # 600 each
+    picks = sample(logits, SamplingParams(temperature=1e300, top_p=0.5), banned, generator)
+    assert set(picks.tolist()) <= set(allowed)
+
+
+def test_generate_at_extreme_temperatures(tiny):
+    greedy = tiny.generate(QUESTION, PASSAGES, max_new_tokens=6)
+    for temperature in (1e-40, 5e-324):  # below float32's range: as greedy
+        assert tiny.generate(QUESTION, PASSAGES, max_new_tokens=6, temperature=temperature, seed=1) == greedy
+    for temperature in (1e39, 1e300):
+        kwargs = {"max_new_tokens": 6, "temperature": temperature, "seed": 1}
+        assert tiny.generate(QUESTION, PASSAGES, **kwargs) == "".join(tiny.stream(QUESTION, PASSAGES, **kwargs))
+
+
+def test_an_answer_ending_inside_a_character_drops_its_start(tiny, monkeypatch):
+    """Regression: when the budget (or the end of text) fell inside a multi-byte character, generate
+    returned its start as a trailing U+FFFD and stream yielded it as its last piece. The answer is
+    now what the tokens fully cover; a U+FFFD the model wrote itself (whole) stays."""
+    script = []
+
+    def scripted(model, layout, config, params, stops, *args, **kwargs):
+        yield from (torch.tensor([t]) for t in [*script, min(stops)][: params.max_new_tokens])
+
+    monkeypatch.setattr(engine_module, "generate_tokens", scripted)
+    stops, cut_inside, genuine = tiny.stop_ids(), 0, 0
+    for text in [*SPLIT_TEXTS, "Le café \ufffd 🌊 fin \ufffd"]:
+        ids = tiny.tokenizer.encode(text, add_special_tokens=False)
+        for n in range(1, len(ids) + 1):
+            script[:] = ids[:n]
+            prefix = tiny._decode(script, stops)
+            whole = prefix if text.startswith(prefix) else prefix[:-1]  # a partial character decodes to one U+FFFD
+            assert text.startswith(whole)
+            cut_inside += whole != prefix
+            genuine += whole.endswith("\ufffd")
+            for budget, stop in ((n, ()), (64, ()), (64, ["zzz"]), (64, ["\ufffd"])):  # the budget, or end of text
+                want = whole[: whole.find("\ufffd")] if stop == ["\ufffd"] and "\ufffd" in whole else whole
+                kwargs = {"max_new_tokens": budget, "stop": stop}
+                assert tiny.generate("Say it.", None, **kwargs) == want, (text, n, budget, stop)
+                assert "".join(tiny.stream("Say it.", None, **kwargs)) == want, (text, n, budget, stop)
+    assert cut_inside > 10 and genuine >= 2
+
+
+def test_layout_takes_passage_lists_as_generate_does(tiny):
+    """Regression: layout([q], [None]) raised a raw TypeError while generate(q, None) is closed book."""
+    closed = tiny.layout([QUESTION], [[]]).input_ids
+    assert torch.equal(tiny.layout([QUESTION], [None]).input_ids, closed)
+    assert tiny.layout([QUESTION, QUESTION], [None, PASSAGES]).batch_size == 2

@@ -252,6 +252,25 @@ def test_llm_empty_answer_streams_as_one_empty_chunk():
     assert asyncio.run(run()) == [""]
 
 
+@pytest.mark.parametrize("cls", [GistChatModel, GistLLM])
+def test_a_call_keyword_given_as_none_is_the_field(cls, engine):
+    """Regression: invoke(..., temperature=None) (or top_p / max_tokens) passed None on, so float(None)
+    or the engine failed; None now means the model's field."""
+    from test_memory import tiny_engine
+
+    from gsa_rag.errors import InputTypeError
+
+    model = cls(engine=tiny_engine(engine.tokenizer), max_tokens=5, temperature=1.0, seed=3)
+    text = lambda answer: getattr(answer, "content", answer)
+    want = text(model.invoke(SEVERAL))
+    nones = {"temperature": None, "top_p": None, "max_tokens": None, "max_new_tokens": None}
+    assert text(model.invoke(SEVERAL, **nones)) == want
+    assert "".join(text(c) for c in model.stream(SEVERAL, **nones)) == want
+    assert text(model.invoke(SEVERAL, max_tokens=None, max_new_tokens=2)) != want  # a value given still counts
+    with pytest.raises(InputTypeError, match="temperature must be a number"):
+        model.invoke(SEVERAL, temperature="hot")
+
+
 # ----------------------------------------------------------------------------------------------
 # cache key, and looking at a model without loading it
 

@@ -102,6 +102,15 @@ def _engine_cases():
          InputTypeError, "max_new_tokens must be an int"),
         ("negative temperature", lambda e, m: e.generate(QUESTION, max_new_tokens=1, temperature=-1), InputError, "temperature"),
         ("top_p 0", lambda e, m: e.generate(QUESTION, max_new_tokens=1, temperature=1, top_p=0), InputError, "top_p"),
+        ("temperature as str", g(QUESTION, temperature="0.5"), InputTypeError, "temperature must be a number"),
+        ("temperature None", g(QUESTION, temperature=None), InputTypeError, "temperature must be a number"),
+        ("temperature True", g(QUESTION, temperature=True), InputTypeError, "temperature must be a number"),
+        ("top_p None", g(QUESTION, temperature=1, top_p=None), InputTypeError, "top_p must be a number"),
+        ("seed as str", g(QUESTION, temperature=1, seed="7"), InputTypeError, "seed must be None or an int"),
+        ("seed as str, greedy", g(QUESTION, seed="7"), InputTypeError, "seed must be None or an int"),
+        ("seed 1.5", g(QUESTION, temperature=1, seed=1.5), InputTypeError, "seed must be None or an int"),
+        ("seed past torch's range", g(QUESTION, temperature=1, seed=2**70), InputError, "seed must be in [-2**63, 2**64 - 1]"),
+        ("seed as str in stream", lambda e, m: list(e.stream(QUESTION, temperature=1, seed="7")), InputTypeError, "seed"),
         ("prompt over the window", lambda e, m: small_window(e, 128).generate(QUESTION, [LONG], max_new_tokens=2),
          ContextTooLongError, "overflow='drop_passages'"),
         ("answer budget over the window", lambda e, m: small_window(e, 128).generate(QUESTION, max_new_tokens=500),
@@ -112,6 +121,7 @@ def _engine_cases():
          ContextTooLongError, "shorten the question"),
         ("stop list holding an int", g(QUESTION, PASSAGES, stop=["x", 3]), InputTypeError, "stop strings must be str"),
         ("stop an int", g(QUESTION, PASSAGES, stop=3), InputTypeError, "stop must be a str or a list"),
+        ("layout passages as one str", lambda e, m: e.layout([QUESTION], ["The Vasa sank."]), InputTypeError, "wrap it"),
     ]
 
 
