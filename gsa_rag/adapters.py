@@ -116,7 +116,7 @@ def adapter_config(adapter_dir: str | Path) -> GistConfig:
     return GistConfig.from_dict(read_manifest(adapter_dir)["gist_config"])
 
 
-def warn_if_untrained_layout(manifest_dir: str | Path, config: GistConfig) -> None:
+def warn_if_untrained_layout(manifest_dir: str | Path, config: GistConfig, stacklevel: int = 3) -> None:
     """Warns (UserWarning) when `config` lays the context out otherwise than the model behind
     `manifest_dir` (an adapter, or a `--full` model folder) was trained with.
 
@@ -144,7 +144,7 @@ def warn_if_untrained_layout(manifest_dir: str | Path, config: GistConfig) -> No
         f"{values(config)} where it was trained with {values(trained)}; answers will be worse than with "
         f"the trained layout. To use the trained layout, leave `config` out (on the command line: the options "
         f"that set these fields) or pass dataclasses.replace(config, {values(trained)})",
-        UserWarning, stacklevel=3)  # points at from_pretrained's caller
+        UserWarning, stacklevel=stacklevel)  # default: from_pretrained's caller
 
 
 def trained_manifest_dir(model, adapter) -> Path | None:

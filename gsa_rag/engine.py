@@ -85,25 +85,58 @@ class GistEngine:
                 Liger's fused kernels (`pip install "gsa-rag[fast]"`; gsa_rag.fused). `engine.fused`
                 then lists what was fused.
         """
-        from gsa_rag.adapters import (
-            adapter_config,
-            apply_adapter,
-            base_fingerprint,
-            bundled_default_adapter,
-            read_manifest,
-            trained_manifest_dir,
-            warn_if_untrained_layout,
-        )
+        from gsa_rag.adapters import bundled_default_adapter, trained_manifest_dir
         from gsa_rag.models import load_model
 
         if adapter == "default":
             adapter = bundled_default_adapter() if model is None else None
         trained = trained_manifest_dir(model, adapter)
-        if config is None:
-            config = adapter_config(trained) if trained is not None else GistConfig()
-        elif trained is not None:
-            warn_if_untrained_layout(trained, config)
+        config = _trained_config(trained, config)
         lm, tokenizer = load_model(model, gguf_file=gguf_file, gist_config=config, dtype=dtype, device=device)
+        return cls._wrap(lm, tokenizer, config, adapter, trained, fuse)
+
+    @classmethod
+    def from_model(
+        cls,
+        model,
+        tokenizer,
+        *,
+        config: GistConfig | None = None,
+        adapter: str | None = None,
+        fuse: bool = False,
+    ) -> GistEngine:
+        """Wraps a model loaded some other way than `from_pretrained` loads one (another dtype,
+        a fine-tune merged in memory; a model split over devices or quantised is untested).
+
+        The model and tokenizer are changed in place (`gsa_rag.models.prepare_model`): the
+        model's attention becomes GSA's, which is plain causal attention when called without a
+        gist state (so the model still answers as before outside gsa-rag), the gist tokens are
+        added, and the model is put in eval mode.
+
+        Args:
+            model: a causal LM of a supported family (Llama, Qwen2/3, Mistral, ...).
+            tokenizer: its tokenizer.
+            config: GistConfig; default: the adapter's trained one, else GistConfig(). One whose
+                layout differs from the adapter's warns, as in `from_pretrained`.
+            adapter: a gist adapter directory trained on this model's base; "default": the one
+                bundled for the default model (refused for any other base); None: untrained gists.
+            fuse: as in `from_pretrained`.
+        """
+        from gsa_rag.adapters import bundled_default_adapter
+        from gsa_rag.models import prepare_model
+
+        if adapter == "default":
+            adapter = bundled_default_adapter()
+        config = _trained_config(adapter, config)
+        prepare_model(model, tokenizer, config)
+        return cls._wrap(model, tokenizer, config, adapter, adapter, fuse)
+
+    @classmethod
+    def _wrap(cls, lm, tokenizer, config: GistConfig, adapter, trained, fuse: bool) -> GistEngine:
+        """The engine over a prepared model: its adapter merged in (base checked first), the
+        trained manifest kept, the fused kernels on request."""
+        from gsa_rag.adapters import apply_adapter, base_fingerprint, read_manifest
+
         if adapter is not None:
             lm = apply_adapter(lm, adapter, base_fingerprint(lm))
         engine = cls(lm, tokenizer, config)
@@ -324,6 +357,18 @@ class GistEngine:
         if encode_text(self.tokenizer, self._decode(tail, stops)) == tail:
             return text
         return text.rstrip("\ufffd")  # the text before `n` does not end in U+FFFD: the cut stays after it
+
+
+def _trained_config(trained, config: GistConfig | None) -> GistConfig:
+    """The config a model whose training manifest is in `trained` (None: untrained) runs with:
+    the given one (a warning when its layout is not the trained one), else the trained one."""
+    from gsa_rag.adapters import adapter_config, warn_if_untrained_layout
+
+    if config is None:
+        return adapter_config(trained) if trained is not None else GistConfig()
+    if trained is not None:
+        warn_if_untrained_layout(trained, config, stacklevel=4)  # the caller of from_pretrained / from_model
+    return config
 
 
 def _prompt_segments(tokenizer, question, passages, system):

@@ -517,10 +517,45 @@ def load_model(
     if gguf_file:
         _drop_quantization(model)
     model.to(device)
+    _ready(model, tokenizer, gist_config)
+    return model, tokenizer
+
+
+def _ready(model, tokenizer, gist_config: GistConfig | None) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     add_gist_tokens(model, tokenizer, gist_config or GistConfig())
     model.eval()
+
+
+def prepare_model(model, tokenizer, gist_config: GistConfig | None = None):
+    """Makes a model the caller loaded (any way transformers loads one: another dtype, a PEFT
+    merge, a fine-tune in memory) ready for GSA, as `load_model` would have loaded it.
+
+    In place: the model's attention becomes "gsa" (which, called without a gist state, is plain
+    causal attention, so the model answers as before outside gsa-rag), the gist tokens join the
+    tokenizer and the embedding, a missing pad token becomes EOS, and the model is put in eval mode.
+
+    Args:
+        model: a causal LM (`PreTrainedModel`) of a supported family.
+        tokenizer: its tokenizer.
+        gist_config: decides which special tokens are added (default `GistConfig()`).
+
+    Returns:
+        `(model, tokenizer)`, the same objects.
+
+    Raises:
+        UnsupportedModelError (a ValueError): as `check_supported`.
+    """
+    check_supported(model.config)
+    if model.config._attn_implementation != "gsa":
+        import gsa_rag.attention  # noqa: F401  (registers "gsa" with transformers' AttentionInterface)
+
+        model.set_attn_implementation("gsa")
+    if model.config._attn_implementation != "gsa":  # transformers declined it (and logged why)
+        raise UnsupportedModelError(f"{type(model).__name__} did not take GSA's attention (set_attn_implementation): "
+                                    f"load the model with gsa_rag.models.load_model. Models that work: {SUPPORTED_FAMILIES}.")
+    _ready(model, tokenizer, gist_config)
     return model, tokenizer
 
 
