@@ -82,6 +82,20 @@ def default_config(model: str | None = None, adapter: str | None = "default", **
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
+def call_sampling(kwargs: dict, *, max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> dict:
+    """A framework call's sampling keywords over the model's fields: `max_new_tokens` (or
+    `max_tokens`), `temperature`, `top_p`, `seed`. A keyword given as None counts as not given
+    (frameworks pass their unset options as None), except `seed`, where None is unseeded. The
+    engine checks what remains, with errors that name the argument."""
+
+    def given(*names, default):
+        return next((kwargs[n] for n in names if kwargs.get(n) is not None), default)
+
+    return {"max_new_tokens": given("max_new_tokens", "max_tokens", default=max_new_tokens),
+            "temperature": given("temperature", default=temperature), "top_p": given("top_p", default=top_p),
+            "seed": kwargs.get("seed", seed)}
+
+
 def engine_lock(engine: GistEngine) -> GenerationLock:
     """The lock every backend (and GistMemoryRetriever) over `engine` holds while it runs the
     model: the engine's own (GistEngine.generate and stream take it too)."""

@@ -76,7 +76,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("gsa_rag.integrations.langchain needs langchain-core 1.x: pip install 'gsa-rag[langchain]'") from error
 
 from gsa_rag.errors import InputError
-from gsa_rag.integrations.backend import iterate_in_thread
+from gsa_rag.integrations.backend import call_sampling, iterate_in_thread
 from gsa_rag.validation import check_stop
 
 __all__ = ["GistChatModel", "GistLLM", "GistMemoryRetriever", "format_documents", "remember_documents", "to_chat_messages"]
@@ -226,17 +226,11 @@ class _GistSettings(BaseModel):
     def _sampling(self, stop: list[str] | None, kwargs: dict) -> dict:
         """Backend keywords for one call: the fields, overridden by the call's keywords. A keyword
         given as None counts as not given (the field's value); the engine checks what remains, with
-        errors that name the argument."""
-
-        def given(*names, default):
-            return next((kwargs[n] for n in names if kwargs.get(n) is not None), default)
-
+        errors that name the argument (`backend.call_sampling`)."""
         stops = [*check_stop(self.stop), *check_stop(stop)]  # one str is one stop string, not its characters
         return {
-            "max_new_tokens": given("max_new_tokens", "max_tokens", default=self.max_new_tokens),
-            "temperature": given("temperature", default=self.temperature),
-            "top_p": given("top_p", default=self.top_p),
-            "seed": kwargs.get("seed", self.seed),
+            **call_sampling(kwargs, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                            top_p=self.top_p, seed=self.seed),
             "stop": tuple(dict.fromkeys(s for s in stops if s)),
         }
 

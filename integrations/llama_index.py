@@ -45,7 +45,7 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
 
 from gsa_rag.errors import InputError
-from gsa_rag.integrations.backend import GistBackend, default_config, engine_lock, iterate_in_thread
+from gsa_rag.integrations.backend import GistBackend, call_sampling, default_config, engine_lock, iterate_in_thread
 from gsa_rag.validation import check_stop
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct + gsa-rag 8x adapter"
@@ -130,10 +130,8 @@ class GistLLM(CustomLLM):
     def _sampling(self, kwargs: dict) -> dict:
         """Per-call overrides (max_new_tokens or max_tokens, temperature, top_p, seed, stop)."""
         return {
-            "max_new_tokens": _first_given(kwargs.get("max_new_tokens"), kwargs.get("max_tokens"), self.max_new_tokens),
-            "temperature": float(kwargs.get("temperature", self.temperature)),
-            "top_p": float(kwargs.get("top_p", self.top_p)),
-            "seed": kwargs.get("seed", self.seed),
+            **call_sampling(kwargs, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                            top_p=self.top_p, seed=self.seed),
             "stop": check_stop(kwargs.get("stop")),  # one str is one stop string, not its characters
         }
 
@@ -284,9 +282,3 @@ class GistMemoryRetriever(BaseRetriever):
 def _has_vector_index(memory) -> bool:
     vectors = getattr(memory, "_vectors", None)  # GistMemory has no public flag for it
     return bool(vectors is not None and vectors.enabled)
-
-
-def _first_given(*values):
-    """The first value that is not None (0 is given: the engine refuses it, rather than a default
-    silently standing in)."""
-    return next(v for v in values if v is not None)

@@ -205,6 +205,17 @@ def test_max_tokens_zero_is_refused_not_replaced_by_the_default(llm):
         llm.complete("Who wrote Hamlet?", max_tokens=0)
 
 
+def test_a_call_keyword_given_as_none_is_the_field(llm):
+    """Regression: complete(..., temperature=None) raised TypeError from float(None); None now means
+    the model's field, as in the LangChain adapter (backend.call_sampling)."""
+    from gsa_rag.errors import InputTypeError
+
+    want = llm.complete("Who wrote Hamlet?").text
+    assert llm.complete("Who wrote Hamlet?", temperature=None, top_p=None, max_tokens=None).text == want
+    with pytest.raises(InputTypeError, match="top_p must be a number"):
+        llm.complete("Who wrote Hamlet?", top_p="all")
+
+
 def test_metadata_and_settings(llm):
     meta = llm.metadata
     assert meta.is_chat_model and meta.num_output == 8
