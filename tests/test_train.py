@@ -166,6 +166,16 @@ def test_adapter_for_another_base_is_refused(tiny_dir, tmp_path, default_model_d
         train(TrainArgs(stage="cpt", output=str(out), base=str(tiny_dir), data=[_text_file(tmp_path)], steps=1))
 
 
+def test_output_folder_expands_home(tiny_dir, tmp_path, monkeypatch):
+    """Regression: --output ~/a wrote a folder named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    out = train(TrainArgs(stage="cpt", output="~/a", base=str(tiny_dir), data=[_text_file(tmp_path)],
+                          steps=1, batch_size=1, block_tokens=64, tail_tokens=8, gist={"chunk_size": 4}))
+    assert out == tmp_path / "home" / "a" and (out / "gsa_adapter.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
 def _text_file(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"text": TEXT}) for _ in range(4)))

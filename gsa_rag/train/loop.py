@@ -261,7 +261,8 @@ def train(args: TrainArgs) -> Path:
     from gsa_rag.models import load_model
 
     args = _resolve_init_adapter(args)
-    output = Path(args.output)
+    output = Path(args.output).expanduser()  # as --model, --adapter and --init-adapter are
+    args = replace(args, output=str(output))
     _check_counts(args)
     if args.full and args.init_adapter:
         raise ValueError("--full trains a whole model: continue from an earlier full run with --base, not --init-adapter")
