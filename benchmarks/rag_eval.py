@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from gsa_rag.adapters import trained_manifest_dir, warn_if_untrained_layout
 from gsa_rag.engine import GistEngine
 from gsa_rag.eval.data import HF_PREFIX, KNOWN_SETS, load_corpus, load_examples
 from gsa_rag.eval.harness import RunSettings, environment, run_method
@@ -131,17 +132,16 @@ def load_engine(args, adapter: str | None, dtype) -> GistEngine:
     return GistEngine.from_pretrained(args.model, **kwargs)
 
 
-def warn_untrained_layouts(specs: list[str], ctx: RunContext, adapter: str) -> None:
+def warn_untrained_layouts(specs: list[str], ctx: RunContext, trained: str | Path) -> None:
     """Warns for each gist method whose layout (chunk size, hierarchy, sink, ...) is not the one
-    the adapter was trained with: a legitimate experiment, but one to run knowingly."""
-    from gsa_rag.adapters import warn_if_untrained_layout
-
+    the model was trained with (`trained`: its adapter or `--full` folder): a legitimate
+    experiment, but one to run knowingly. Quest has chunks but no gists: it is not checked."""
     for spec in specs:
         method = parse_spec(spec)
         if method.name in ("gsa", "gist-only"):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                warn_if_untrained_layout(adapter, method.gist_config(ctx))
+                warn_if_untrained_layout(trained, method.gist_config(ctx))
             for warning in caught:
                 print(f"rag_eval: warning: --methods {spec}: {warning.message}", file=sys.stderr)
 
@@ -219,8 +219,9 @@ def main(argv=None) -> dict | None:
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     dtype_name = args.dtype if dtype is not None else ("bfloat16" if device.type == "cuda" else "float32")
     adapter = resolve_adapter(args)
-    if adapter is not None:
-        warn_untrained_layouts(specs, ctx, adapter)
+    trained = trained_manifest_dir(args.model, adapter)  # the adapter, or a `train --full` model folder
+    if trained is not None:
+        warn_untrained_layouts(specs, ctx, trained)
     key = run_key(args, examples, adapter, dtype_name)
     run_tag = Path(adapter).name if adapter else "vanilla"
     n_tag = f"{args.split}{len(examples)}"

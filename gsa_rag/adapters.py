@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gsa_rag.config import GistConfig
-from gsa_rag.errors import AdapterMismatchError
+from gsa_rag.errors import AdapterMismatchError, ConfigError
 
 # 2: base_fingerprint may be a "v2-" one, which a gsa-rag that reads only format 1 would take
 # for another base model; bumped so that such a version says "upgrade gsa-rag" instead
@@ -130,7 +130,10 @@ def warn_if_untrained_layout(manifest_dir: str | Path, config: GistConfig, stack
 
     if not config.uses_gists:
         return
-    trained = adapter_config(manifest_dir)
+    try:
+        trained = adapter_config(manifest_dir)
+    except ConfigError:  # written by a newer gsa-rag (fields this one lacks): a given config still runs
+        return
     want, given = encoding_config(trained), encoding_config(config)
     fields = [name for name in want if name in given and want[name] != given[name]]
     if not fields:

@@ -239,16 +239,13 @@ def _eval(args) -> None:
 
 
 def _train(args) -> None:
-    from gsa_rag.adapters import adapter_config
-    from gsa_rag.train.loop import TrainArgs, _resolve_init_adapter, train
+    from gsa_rag.train.loop import TrainArgs, start_config, train
 
     gist = _gist_overrides(args)
     fields = {k: getattr(args, k) for k in TrainArgs.__dataclass_fields__ if k not in ("gist", "base", "stage")}
     train_args = TrainArgs(stage=args.stage, base=args.model, gist=gist, **fields)
-    if args.levels is not None:  # against the layout the run starts from, as train() builds it
-        init_adapter = _resolve_init_adapter(train_args).init_adapter
-        trained = adapter_config(init_adapter).to_dict() if init_adapter else {}
-        _check_levels(args.levels, GistConfig(**{**trained, **gist}), init_adapter)
+    if args.levels is not None:  # against the layout the run trains with, as train() builds it
+        _check_levels(args.levels, start_config(train_args), train_args.init_adapter)
     out = train(train_args)
     print(f"wrote {out}")
 

@@ -15,13 +15,14 @@ import torch
 
 from gsa_rag import validation
 from gsa_rag.config import GistConfig
-from gsa_rag.errors import ConfigError, InputError, InputTypeError
+from gsa_rag.errors import AdapterMismatchError, ConfigError, InputError, InputTypeError
 from gsa_rag.generation import SamplingParams, generate_tokens
 from gsa_rag.layout import GistLayout, build_layout, encode_text
 from gsa_rag.locking import GenerationLock, locked, locked_generator
 from gsa_rag.prompt import DEFAULT_SYSTEM, OWN_SYSTEM, SegmentPrompt, build_segments
 
 logger = logging.getLogger(__name__)
+MERGED_ADAPTER = "_gsa_rag_merged_adapter"  # set on a model whose weights hold an adapter's merged LoRA
 
 
 class GistEngine:
@@ -111,7 +112,9 @@ class GistEngine:
         The model and tokenizer are changed in place (`gsa_rag.models.prepare_model`): the
         model's attention becomes GSA's, which is plain causal attention when called without a
         gist state (so the model still answers as before outside gsa-rag), the gist tokens are
-        added, and the model is put in eval mode.
+        added, and the model is put in eval mode. An adapter's LoRA is merged into the weights
+        (outside gsa-rag the model then answers as the adapted one); wrapping that model again
+        takes adapter=None and keeps the merged adapter's config.
 
         Args:
             model: a causal LM of a supported family (Llama, Qwen2/3, Mistral, ...).
@@ -127,9 +130,14 @@ class GistEngine:
 
         if adapter == "default":
             adapter = bundled_default_adapter()
-        config = _trained_config(adapter, config)
+        merged = getattr(model, MERGED_ADAPTER, None)
+        if merged is not None and adapter is not None:
+            raise AdapterMismatchError(f"this model already has the adapter {merged} merged into its weights (an "
+                                       "engine was made from it before): wrap it again with adapter=None")
+        trained = adapter if adapter is not None else merged
+        config = _trained_config(trained, config)
         prepare_model(model, tokenizer, config)
-        return cls._wrap(model, tokenizer, config, adapter, adapter, fuse)
+        return cls._wrap(model, tokenizer, config, adapter, trained, fuse)
 
     @classmethod
     def _wrap(cls, lm, tokenizer, config: GistConfig, adapter, trained, fuse: bool) -> GistEngine:
@@ -139,6 +147,7 @@ class GistEngine:
 
         if adapter is not None:
             lm = apply_adapter(lm, adapter, base_fingerprint(lm))
+            setattr(lm, MERGED_ADAPTER, str(adapter))  # its weights are no longer the base's
         engine = cls(lm, tokenizer, config)
         engine.adapter = read_manifest(trained) if trained is not None else None
         if fuse:
@@ -343,20 +352,23 @@ class GistEngine:
         return self.tokenizer.decode([i for i in ids if i not in stops], skip_special_tokens=True)
 
     def _decode_whole(self, ids: list[int], stops: set[int]) -> str:
-        """The text of a finished answer, without the replacement character(s) that the start of a
+        """The text of a finished answer, without the replacement character that the start of a
         multi-byte character decodes to when the answer ended inside it (budget, end of text).
 
-        A text ending in U+FFFD is incomplete (as `stream` holds it back) unless the tokens after its
-        last whole-character point are exactly how the tokenizer writes their own text: their
-        bytes are then valid UTF-8, so the model wrote U+FFFD itself, and it stays."""
-        text = self._decode(ids, stops)
+        A character's start is at most three bytes, so it lies in the last three tokens: it does
+        when the text of the last k of them ends in U+FFFD, joins the text before them unchanged,
+        and is not what the tokenizer writes for that text (their bytes are not valid UTF-8). A
+        cut character decodes to exactly one U+FFFD, which is dropped; a U+FFFD the model wrote
+        itself (whole, even right before a cut character) stays."""
+        ids = [i for i in ids if i not in stops]
+        text = self._decode(ids, set())
         if not text.endswith("\ufffd"):
             return text
-        n = next(n for n in range(len(ids) - 1, -1, -1) if not self._decode(ids[:n], stops).endswith("\ufffd"))
-        tail = [i for i in ids[n:] if i not in stops]
-        if encode_text(self.tokenizer, self._decode(tail, stops)) == tail:
-            return text
-        return text.rstrip("\ufffd")  # the text before `n` does not end in U+FFFD: the cut stays after it
+        for k in range(1, min(3, len(ids)) + 1):
+            head, tail = self._decode(ids[:-k], set()), self._decode(ids[-k:], set())
+            if head + tail == text and encode_text(self.tokenizer, tail) != ids[-k:]:
+                return text[:-1]
+        return text
 
 
 def _trained_config(trained, config: GistConfig | None) -> GistConfig:

@@ -218,6 +218,18 @@ def test_the_trained_layout_or_full_attention_does_not_warn(bases, adapter, conf
     assert engine.config == (config or CONFIG)
 
 
+def test_an_adapter_from_a_newer_gsa_rag_still_runs_with_a_given_config(bases, adapter, tmp_path):
+    """Regression: the layout check parsed the manifest's gist config, which refuses fields it does
+    not know, so an explicit config (the CLI always passes one) could no longer load such an adapter."""
+    newer = tmp_path / "newer"
+    shutil.copytree(adapter, newer)
+    manifest = json.loads((newer / "gsa_adapter.json").read_text())
+    manifest["gist_config"]["a_field_from_the_future"] = 1
+    (newer / "gsa_adapter.json").write_text(json.dumps(manifest))
+    engine = GistEngine.from_pretrained(str(bases[0]), adapter=str(newer), config=CONFIG, device="cpu")
+    assert engine.config == CONFIG
+
+
 def test_a_full_model_folder_warns_too(bases, tmp_path):
     """`gsa-rag train --full` writes the manifest beside the model's weights: the same check."""
     shutil.copytree(bases[0], tmp_path / "full")

@@ -326,7 +326,7 @@ def test_an_answer_ending_inside_a_character_drops_its_start(tiny, monkeypatch):
 
     monkeypatch.setattr(engine_module, "generate_tokens", scripted)
     stops, cut_inside, genuine = tiny.stop_ids(), 0, 0
-    for text in [*SPLIT_TEXTS, "Le café \ufffd 🌊 fin \ufffd"]:
+    for text in [*SPLIT_TEXTS, "Le café \ufffd 🌊 fin \ufffd", "x\ufffd日本\ufffd🌊"]:  # a real one right before a split
         ids = tiny.tokenizer.encode(text, add_special_tokens=False)
         for n in range(1, len(ids) + 1):
             script[:] = ids[:n]

@@ -62,3 +62,15 @@ def test_from_model_warns_for_a_layout_the_adapter_was_not_trained_with(default_
     with pytest.warns(UserWarning, match="chunk_size=16"):
         engine = GistEngine.from_model(*_plain(default_model_dir), adapter="default", config=GistConfig(chunk_size=16))
     assert engine.config.chunk_size == 16
+
+
+def test_a_model_with_its_adapter_merged_is_wrapped_again_without_it(default_model_dir):
+    """The adapter's LoRA is merged into the user's model: wrapping it again keeps that adapter's
+    config, and naming an adapter again is refused as already merged (not as another base)."""
+    model, tokenizer = _plain(default_model_dir)
+    first = GistEngine.from_model(model, tokenizer, adapter="default")
+    again = GistEngine.from_model(model, tokenizer)
+    assert again.config == first.config and again.adapter == first.adapter
+    assert again.generate(QUESTION, PASSAGES, max_new_tokens=6) == first.generate(QUESTION, PASSAGES, max_new_tokens=6)
+    with pytest.raises(ValueError, match="already has the adapter"):
+        GistEngine.from_model(model, tokenizer, adapter="default")

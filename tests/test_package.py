@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,9 +47,11 @@ def test_star_import_with_llama_index():
 def test_import_leaves_torch_and_transformers_out():
     """Regression: `import gsa_rag` imported the engine, torch and transformers (~7 s), so every
     `gsa-rag` usage error and --help waited for them."""
-    code = "import gsa_rag, sys; print('torch' in sys.modules, 'transformers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    code = "import gsa_rag, sys; print(gsa_rag.__file__, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    # run beside this tree's package, and check that it is the one imported (not another install)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(gsa_rag.__file__).parents[1]).stdout
+    assert out.split() == [gsa_rag.__file__, "False", "False"]
 
 
 def test_engine_is_still_a_package_name():

@@ -125,6 +125,16 @@ def _resolve_init_adapter(args: TrainArgs) -> TrainArgs:
     return replace(args, init_adapter=str(bundled))
 
 
+def start_config(args: TrainArgs) -> GistConfig:
+    """The gist config a run trains with: stage 2 keeps stage 1's layout (the --init-adapter's
+    config), and explicitly given gist options (e.g. top_k) override it."""
+    from gsa_rag.adapters import adapter_config
+
+    init_adapter = _resolve_init_adapter(args).init_adapter
+    base_config = adapter_config(init_adapter).to_dict() if init_adapter else {}
+    return GistConfig(**{**base_config, **args.gist})
+
+
 # fields that define a run: a resumed run must be given the same ones (the others, such as
 # log_every, save_every, max_minutes or gradient_checkpointing, may change between sessions)
 _RUN_FIELDS = ("stage", "data", "base", "init_adapter", "gist", "full", "lora_r", "lora_alpha", "lr", "steps",
@@ -257,7 +267,7 @@ def train(args: TrainArgs) -> Path:
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
-    from gsa_rag.adapters import adapter_config, base_fingerprint, check_base
+    from gsa_rag.adapters import base_fingerprint, check_base
     from gsa_rag.models import load_model
 
     args = _resolve_init_adapter(args)
@@ -271,9 +281,7 @@ def train(args: TrainArgs) -> Path:
     _check_selection_args(args)
     args = _lora_from_init_adapter(args)
     _check_output(args, output)
-    # stage 2 keeps stage 1's layout; explicitly given gist options (e.g. top_k) override it
-    base_config = adapter_config(args.init_adapter).to_dict() if args.init_adapter else {}
-    config = GistConfig(**{**base_config, **args.gist})
+    config = start_config(args)
     accelerator = Accelerator(
         mixed_precision="bf16" if torch.cuda.is_available() else "no",
         gradient_accumulation_steps=args.grad_accum,
