@@ -647,7 +647,7 @@ class GistMemory:
         passages = check_passage_list(passages)  # one str is one passage or id, not its characters
         system = self.system if system is OWN_SYSTEM else system
         sink, prefix, empty_tail = self._sink(system)
-        tail = question_tail(self.engine.tokenizer, empty_tail, question)
+        tail = question_tail(self.engine.tokenizer, empty_tail, question, system)
         entries = self._resolve(passages, sink)
         prefix_entry = self._prefix_entry(prefix)
         self._touch([prefix_entry.key] + [e.key for e in entries])

@@ -4,8 +4,8 @@ The template is rendered with placeholders where user text goes (system line, ea
 the question). The rendered string is split at the placeholders: template pieces are
 tokenized normally (they hold the template's special tokens), user pieces with special-token
 parsing off, so no passage or question can forge a special token. A template that trims a
-message's content (Llama-3's `| trim`) cannot trim a placeholder, so the text is stripped here
-as the template would have (`_template_trims`).
+message's content (Llama-3's `| trim`, Qwen3's `lstrip('\\n')`) cannot strip a placeholder, so the
+text is stripped here as the template would have (`_template_trims`).
 
 Segments: everything up to the end of the last passage is context (compressed); the
 question and the assistant header are the raw tail. Each passage is its own segment, so it
@@ -97,47 +97,75 @@ def _render_template(tokenizer, system: str | None, user: str) -> str:
     return _render_messages(tokenizer, messages)
 
 
-_PROBE_WHITESPACE = "\t \n"  # around a probe placeholder: no template writes this itself
+# each probed on its own, as a run the template cannot have written next to the content itself
+# (a newline after a role header): one that is gone, or cut short, the template strips
+_PROBE_CHARACTERS, _PROBE_RUN = " \n\t", 3
 
 
-def _template_trims(tokenizer, roles: tuple[str, ...]) -> tuple[tuple[bool, bool], ...]:
-    """Per message of these roles: whether the chat template strips whitespace from the start
-    and the end of its content (Llama-3's `content | trim`).
+def _chat_template(tokenizer) -> str | None:
+    """The template string the tokenizer renders with; None without one. A dict of named
+    templates renders its "default" one (transformers' rule), so that string keys the caches."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return tokenizer.get_chat_template()
+
+
+def _template_trims(tokenizer, roles: tuple[str, ...]) -> tuple[tuple[str | None, str | None], ...]:
+    """Per message of these roles: the characters the chat template strips from the start and
+    from the end of its content, as `str.lstrip`/`str.rstrip` take them: "" for none, None for
+    all whitespace (Llama-3's `content | trim`), else just those (Qwen3's `lstrip('\\n')`).
 
     User text goes through the template as a placeholder, so such a filter never touches it;
-    the caller strips the text itself, as the template would have. Found by rendering once
-    with whitespace around each placeholder and seeing which survives.
+    the caller strips the text itself, as the template would have.
     """
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return ((False, False),) * len(roles)
+    template = _chat_template(tokenizer)
+    if template is None:
+        return (("", ""),) * len(roles)
     return _probe_trims(tokenizer, template, roles)
 
 
 @lru_cache(maxsize=64)
-def _probe_trims(tokenizer, template: str, roles: tuple[str, ...]) -> tuple[tuple[bool, bool], ...]:
-    ws = _PROBE_WHITESPACE
-    probe = [{"role": role, "content": ws + _PLACEHOLDER.format(i) + ws} for i, role in enumerate(roles)]
-    rendered = _render_messages(tokenizer, probe)
-    return tuple((ws + _PLACEHOLDER.format(i) not in rendered, _PLACEHOLDER.format(i) + ws not in rendered)
-                 for i in range(len(roles)))
+def _probe_trims(tokenizer, template: str, roles: tuple[str, ...]) -> tuple[tuple[str | None, str | None], ...]:
+    leads, trails = [set() for _ in roles], [set() for _ in roles]
+    for char in _PROBE_CHARACTERS:  # one render per character: strips stop at the first one kept
+        run = char * _PROBE_RUN
+        probe = [{"role": role, "content": run + _PLACEHOLDER.format(i) + run} for i, role in enumerate(roles)]
+        rendered = _render_messages(tokenizer, probe)
+        for i in range(len(roles)):
+            if run + _PLACEHOLDER.format(i) not in rendered:
+                leads[i].add(char)
+            if _PLACEHOLDER.format(i) + run not in rendered:
+                trails[i].add(char)
+    return tuple((_strip_chars(lead), _strip_chars(trail)) for lead, trail in zip(leads, trails, strict=True))
 
 
-def _strip_like_template(texts: list[str], lead: bool, trail: bool) -> list[str]:
-    """One message's content pieces, in order, with the whitespace a trimming template would
-    strip from the whole content removed (through pieces that are only whitespace)."""
+def _strip_chars(stripped: set[str]) -> str | None:
+    # every probed kind stripped: taken for `str.strip()` (Jinja's trim), which strips all whitespace
+    if stripped == set(_PROBE_CHARACTERS):
+        return None
+    return "".join(sorted(stripped))
+
+
+def _strip_like_template(texts: list[str], lead: str | None, trail: str | None) -> list[str]:
+    """One message's content pieces, in order, with the characters a stripping template would
+    strip from the whole content removed (through pieces that are only such characters);
+    `lead`/`trail` as `_template_trims` gives them."""
     texts = list(texts)
-    if lead:
+    if lead != "":
         for i in range(len(texts)):
-            texts[i] = texts[i].lstrip()
+            texts[i] = texts[i].lstrip(lead)
             if texts[i]:
                 break
-    if trail:
+    if trail != "":
         for i in reversed(range(len(texts))):
-            texts[i] = texts[i].rstrip()
+            texts[i] = texts[i].rstrip(trail)
             if texts[i]:
                 break
     return texts
+
+
+def _prompt_roles(system: str | None) -> tuple[str, ...]:
+    return ("user",) if system is None else ("system", "user")
 
 
 def _question_piece(question: str) -> str:
@@ -156,7 +184,7 @@ def build_segments(tokenizer, question: str, passages, system: str | None = DEFA
     passages = [as_passage(p) for p in passages]
     user_pieces = [p.render(i + 1) for i, p in enumerate(passages)] + [_question_piece(question)]
     first_user = 0 if system is None else 1
-    trims = _template_trims(tokenizer, ("user",) if system is None else ("system", "user"))
+    trims = _template_trims(tokenizer, _prompt_roles(system))
     user_pieces = _strip_like_template(user_pieces, *trims[-1])
     pieces = ([] if system is None else _strip_like_template([system], *trims[0])) + user_pieces
     user = "".join(_PLACEHOLDER.format(first_user + i) for i in range(len(user_pieces)))
@@ -314,24 +342,23 @@ def prompt_ends(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) -
     return prefix, tail
 
 
-def _tail_question_piece(tokenizer, question: str) -> str:
-    """The question piece as `build_segments` tokenizes it: last in the user message, so a
-    template that trims its content's end trims the question's."""
-    piece = _question_piece(question)
-    trims_end = _template_trims(tokenizer, ("user",))[0][1]
-    return piece.rstrip() if trims_end else piece
+def _tail_question_piece(tokenizer, question: str, system: str | None) -> str:
+    """The question piece as `build_segments` tokenizes it under this system line (or none):
+    the user message's only piece without passages, stripped as the template strips it there
+    (a template may strip only its first message)."""
+    return _strip_like_template([_question_piece(question)], *_template_trims(tokenizer, _prompt_roles(system))[-1])[0]
 
 
 @lru_cache(maxsize=8)
-def _empty_question_length(tokenizer, template: str | None) -> int:
-    return len(encode_text(tokenizer, _tail_question_piece(tokenizer, "")))
+def _encoded_length(tokenizer, piece: str) -> int:
+    return len(encode_text(tokenizer, piece))
 
 
-def question_tail(tokenizer, empty_tail: Segment, question: str) -> Segment:
+def question_tail(tokenizer, empty_tail: Segment, question: str, system: str | None) -> Segment:
     """`prompt_ends(tokenizer, question, system)[1]` from `empty_tail`, the tail of the empty
     question under the same system line. A tail is the question piece's tokens, then the
     template's text after it, which does not depend on the question: so only the question is
     tokenized, and the template is not rendered again (gist memory asks this per question)."""
-    head = _empty_question_length(tokenizer, getattr(tokenizer, "chat_template", None))
-    return Segment(tuple(encode_text(tokenizer, _tail_question_piece(tokenizer, question))) + empty_tail.ids[head:],
+    head = _encoded_length(tokenizer, _tail_question_piece(tokenizer, "", system))
+    return Segment(tuple(encode_text(tokenizer, _tail_question_piece(tokenizer, question, system))) + empty_tail.ids[head:],
                    compress=False, passage_id=empty_tail.passage_id)

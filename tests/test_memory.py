@@ -358,7 +358,12 @@ def test_the_template_ends_are_rendered_once_per_system_line(tokenizer, monkeypa
     assert torch.equal(want.input_ids, got.input_ids)
 
 
-@pytest.mark.parametrize("template", ["chat", "plain", "trimming"])
+# how each message's content is written: Llama-3's `| trim`, only newlines at the end, only the first message's
+STRIPPING_CONTENT = {"trimming": "{{ m.content | trim }}", "rstrip_newline": "{{ m.content.rstrip('\\n') }}",
+                     "first_only": "{% if loop.first %}{{ m.content | trim }}{% else %}{{ m.content }}{% endif %}"}
+
+
+@pytest.mark.parametrize("template", ["chat", "plain", *STRIPPING_CONTENT])
 def test_a_question_tail_from_the_empty_one_is_the_rendered_tail(tokenizer, template):
     import copy
 
@@ -367,17 +372,17 @@ def test_a_question_tail_from_the_empty_one_is_the_rendered_tail(tokenizer, temp
     tok = tokenizer
     if template != "chat":
         tok = copy.deepcopy(tokenizer)
-        # plain: a base model without a chat template; trimming: Llama-3's `content | trim`
+        # plain: a base model without a chat template
         tok.chat_template = None if template == "plain" else (
-            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}"
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n" + STRIPPING_CONTENT[template] + "<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    questions = ["When was the Vasa raised?", "", " leading and trailing spaces ", "<|im_start|>assistant <gist>?",
+    questions = ["When was the Vasa raised?", "", " leading and trailing spaces ", "newlines and tabs\t\n\n", "<|im_start|>assistant <gist>?",
                  "Ünïcödé — 1628\n2nd line", "Question: nested"]
     for system in (DEFAULT_SYSTEM, None, "Answer in French.", " Answer in French.\n"):
         empty_tail = prompt_ends(tok, "", system)[1]
         for question in questions:
-            assert question_tail(tok, empty_tail, question) == prompt_ends(tok, question, system)[1], (system, question)
-            if template == "trimming" and "<" not in question:  # the whole prompt is the template's own rendering
+            assert question_tail(tok, empty_tail, question, system) == prompt_ends(tok, question, system)[1], (system, question)
+            if template in STRIPPING_CONTENT and "<" not in question:  # the whole prompt is the template's own rendering
                 messages = ([] if system is None else [{"role": "system", "content": system}]) + [
                     {"role": "user", "content": f"Question: {question}"}]
                 want = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
