@@ -38,7 +38,8 @@ def test_a_prepared_model_still_answers_as_before_outside_gsa_rag(default_model_
     prepare_model(model, tokenizer, GistConfig())
     assert model.config._attn_implementation == "gsa" and "<gist>" in tokenizer.get_vocab()
     assert not model.training
-    torch.testing.assert_close(model(ids).logits[..., : before.shape[-1]], before, rtol=1e-5, atol=1e-5)
+    # SDPA's kernels against GSA's plain causal path: float32 rounding only (3e-5 seen with torch 2.11)
+    torch.testing.assert_close(model(ids).logits[..., : before.shape[-1]], before, rtol=1e-4, atol=1e-4)
     engine = GistEngine.from_model(model, tokenizer)  # prepared twice: nothing changes
     assert engine.model is model and len(tokenizer) == model.get_input_embeddings().weight.shape[0]
 
