@@ -250,12 +250,10 @@ def _train(args) -> None:
     print(f"wrote {out}")
 
 
-def _add_train_parser(sub, options: bool = True) -> None:
-    p = sub.add_parser("train", help="stage 1 (cpt) or stage 2 (sft) training of a gist adapter")
-    if not options:  # only `gsa-rag train` parses them, and TrainArgs, which gives them, imports torch
-        return
-    from gsa_rag.train.loop import TrainArgs
+def _add_train_parser(sub) -> None:
+    from gsa_rag.train.args import TrainArgs  # the options' defaults; no torch
 
+    p = sub.add_parser("train", help="stage 1 (cpt) or stage 2 (sft) training of a gist adapter")
     p.add_argument("stage", choices=["cpt", "sft"])
     p.add_argument("--data", nargs="+", required=True, help="cpt: text or JSONL(text) files; sft: canonical RAG JSONL")
     p.add_argument("--output", required=True, help="adapter directory to write (never overwritten)")
@@ -316,9 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_model_args(p)
     p.set_defaults(run=_eval)
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), None)  # the top level takes no option but -h
-    _add_train_parser(sub, options=command == "train")
+    _add_train_parser(sub)
 
     args = parser.parse_args(argv)
     if getattr(args, "fuse", False):  # checked before the model loads

@@ -219,14 +219,15 @@ print(json.dumps({"codes": codes, "heavy": sorted({"torch", "transformers"} & se
 def test_cli_usage_errors_and_help_do_not_import_torch():
     """Regression: the CLI imported torch and transformers (~7 s) before argparse said a word."""
     argvs = [[], ["ask"], ["--help"], ["ask", "--help"], ["eval"], ["demo", "--top-k", "x"],
-             ["ask", "Who?", "--max-new-tokens", "0"], ["demo", "--model", "./no_such_model_dir"]]
+             ["ask", "Who?", "--max-new-tokens", "0"], ["demo", "--model", "./no_such_model_dir"],
+             ["train"], ["train", "--help"], ["train", "cpt", "--data", "x"], ["train", "sft", "--steps", "many"]]
     import gsa_rag
 
     # run beside this tree's package, and check that it is the one imported (not another install)
     run = subprocess.run([sys.executable, "-c", USAGE, json.dumps(argvs)], capture_output=True, text=True, check=True,
                          cwd=Path(gsa_rag.__file__).parents[1])
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result == {"codes": [2, 2, 0, 0, 2, 2, 2, 2], "heavy": [], "file": gsa_rag.__file__}
+    assert result == {"codes": [2, 2, 0, 0, 2, 2, 2, 2, 2, 0, 2, 2], "heavy": [], "file": gsa_rag.__file__}
 
 
 # 5. --levels is checked against the adapter's layout; adapter paths are printed expanded
