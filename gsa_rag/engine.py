@@ -295,9 +295,9 @@ class GistEngine:
         """The answer of `ids` as `stream` ends it: at the first token whose text holds a stop
         string, cut before the earliest stop string that text holds. (Cutting the whole text at
         its earliest stop string differs when a longer one starts earlier but completes later.)"""
-        text = self._decode(ids, stops)
-        if not any(s and s in text for s in stop):
-            return self._decode_whole(ids, stops)
+        whole = self._decode_whole(ids, stops)  # a stop inside a cut last character is no stop
+        if not any(s and s in whole for s in stop):
+            return whole
         for n in range(1, len(ids) + 1):
             prefix = self._decode(ids[:n], stops)
             if prefix.endswith("\ufffd"):  # a multi-byte character is not complete yet
@@ -305,7 +305,7 @@ class GistEngine:
             cut = _cut_at_stop(prefix, stop)
             if len(cut) < len(prefix):
                 return cut
-        return _cut_at_stop(self._decode_whole(ids, stops), stop)
+        return _cut_at_stop(whole, stop)
 
     def _prepare(self, questions, passage_lists, system, memory, max_new_tokens: int = 0):
         """`_prepare_once`, fitted to the model's window: a prompt that does not fit (raw tokens

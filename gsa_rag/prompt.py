@@ -342,11 +342,10 @@ def prompt_ends(tokenizer, question: str, system: str | None = DEFAULT_SYSTEM) -
     return prefix, tail
 
 
-def _tail_question_piece(tokenizer, question: str, system: str | None) -> str:
-    """The question piece as `build_segments` tokenizes it under this system line (or none):
-    the user message's only piece without passages, stripped as the template strips it there
-    (a template may strip only its first message)."""
-    return _strip_like_template([_question_piece(question)], *_template_trims(tokenizer, _prompt_roles(system))[-1])[0]
+def _tail_question_piece(question: str, trims: tuple[str | None, str | None]) -> str:
+    """The question piece as `build_segments` tokenizes it: the user message's only piece without
+    passages, stripped with that message's `trims` (a template may strip only its first message)."""
+    return _strip_like_template([_question_piece(question)], *trims)[0]
 
 
 @lru_cache(maxsize=8)
@@ -359,6 +358,7 @@ def question_tail(tokenizer, empty_tail: Segment, question: str, system: str | N
     question under the same system line. A tail is the question piece's tokens, then the
     template's text after it, which does not depend on the question: so only the question is
     tokenized, and the template is not rendered again (gist memory asks this per question)."""
-    head = _encoded_length(tokenizer, _tail_question_piece(tokenizer, "", system))
-    return Segment(tuple(encode_text(tokenizer, _tail_question_piece(tokenizer, question, system))) + empty_tail.ids[head:],
+    trims = _template_trims(tokenizer, _prompt_roles(system))[-1]  # the user message's, under this system line
+    head = _encoded_length(tokenizer, _tail_question_piece("", trims))
+    return Segment(tuple(encode_text(tokenizer, _tail_question_piece(question, trims))) + empty_tail.ids[head:],
                    compress=False, passage_id=empty_tail.passage_id)
