@@ -32,7 +32,12 @@ from pathlib import Path
 
 import torch
 
-from gsa_rag.adapters import trained_manifest_dir, warn_if_untrained_layout
+from gsa_rag.adapters import (
+    adapter_config,
+    trained_manifest_dir,
+    warn_if_untrained_layout,
+)
+from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
 from gsa_rag.eval.data import HF_PREFIX, KNOWN_SETS, load_corpus, load_examples
 from gsa_rag.eval.harness import RunSettings, environment, run_method
@@ -120,7 +125,8 @@ def resolve_adapter(args) -> str | None:
 
 
 def load_engine(args, adapter: str | None, dtype) -> GistEngine:
-    # config None: the adapter's trained one (each method sets its own before it runs)
+    # config None: the adapter's trained one, read as trained_config reads it (each method runs its
+    # own, gist_config(ctx), which starts from that)
     kwargs = {"config": None, "device": args.device, "dtype": dtype}
     if getattr(args, "fuse", False):
         kwargs["fuse"] = True
@@ -132,10 +138,18 @@ def load_engine(args, adapter: str | None, dtype) -> GistEngine:
     return GistEngine.from_pretrained(args.model, **kwargs)
 
 
+def trained_config(model, adapter) -> GistConfig | None:
+    """The config the model was trained with (what `GistEngine.from_pretrained(config=None)` runs
+    with), read from its manifest before the model loads; None for an untrained model."""
+    trained = trained_manifest_dir(model, adapter)  # the adapter, or a `train --full` model folder
+    return adapter_config(trained) if trained is not None else None
+
+
 def warn_untrained_layouts(specs: list[str], ctx: RunContext, trained: str | Path) -> None:
     """Warns for each gist method whose layout (chunk size, hierarchy, sink, ...) is not the one
     the model was trained with (`trained`: its adapter or `--full` folder): a legitimate
-    experiment, but one to run knowingly. Quest has chunks but no gists: it is not checked."""
+    experiment, but one to run knowingly. A method takes every field its spec does not set from
+    ctx.trained, so only what the spec sets can warn. Quest has chunks but no gists: it is not checked."""
     for spec in specs:
         method = parse_spec(spec)
         if method.name in ("gsa", "gist-only"):
@@ -146,17 +160,20 @@ def warn_untrained_layouts(specs: list[str], ctx: RunContext, trained: str | Pat
                 print(f"rag_eval: warning: --methods {spec}: {warning.message}", file=sys.stderr)
 
 
-def run_key(args, examples, adapter, dtype_name: str) -> dict:
+def run_key(args, examples, adapter, dtype_name: str, trained: GistConfig | None) -> dict:
     """What a resumed results file must share with this run: the questions (ids_sha, which reports
     also merge runs by), their answers and passages (content_sha), and the settings that change
-    answers or timings."""
+    answers or timings, the trained config included (gist methods take the fields their spec does
+    not set from it: the same spec over another trained config is another run)."""
     ids = hashlib.sha256("\n".join(f"{ex.id}\x00{ex.question}" for ex in examples).encode()).hexdigest()[:16]
     content = json.dumps([[ex.answers, [[p.title, p.text, p.is_gold] for p in ex.passages]] for ex in examples])
     return {"data": args.data, "split": args.split, "ids_sha": ids, "n": len(examples),
             "content_sha": hashlib.sha256(content.encode()).hexdigest()[:16],
             "model": args.model or "default", "adapter": adapter, "dtype": dtype_name,
             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
-            "device": args.device, "corpus": args.corpus, "fuse": bool(getattr(args, "fuse", False))}
+            "device": args.device, "corpus": args.corpus, "fuse": bool(getattr(args, "fuse", False)),
+            # as JSON has it (meta_chunks a list), so that a resumed file's key compares equal
+            "gist_config": None if trained is None else json.loads(json.dumps(trained.to_dict()))}
 
 
 def load_previous(path: Path, key: dict, fresh: bool) -> dict | None:
@@ -198,8 +215,9 @@ def main(argv=None) -> dict | None:
     if not examples:
         raise SystemExit(f"rag_eval: no questions in {args.data}")
     tag = data_tag(args.data, args.split)
+    adapter = resolve_adapter(args)
     ctx = RunContext(data=tag, num_layers=0, retrieval_dir=args.retrieval_dir, embed_device=args.embed_device,
-                     load_corpus=lambda: load_corpus(args.corpus))
+                     load_corpus=lambda: load_corpus(args.corpus), trained=trained_config(args.model, adapter))
     for spec in specs:  # every method's settings checked now, not when its turn comes after the others ran
         try:
             parse_spec(spec).gist_config(ctx)
@@ -218,11 +236,10 @@ def main(argv=None) -> dict | None:
     args.device = str(device)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     dtype_name = args.dtype if dtype is not None else ("bfloat16" if device.type == "cuda" else "float32")
-    adapter = resolve_adapter(args)
-    trained = trained_manifest_dir(args.model, adapter)  # the adapter, or a `train --full` model folder
+    trained = trained_manifest_dir(args.model, adapter)
     if trained is not None:
         warn_untrained_layouts(specs, ctx, trained)
-    key = run_key(args, examples, adapter, dtype_name)
+    key = run_key(args, examples, adapter, dtype_name, ctx.trained)
     run_tag = Path(adapter).name if adapter else "vanilla"
     n_tag = f"{args.split}{len(examples)}"
     out = Path(args.out) if args.out else RESULTS / f"{tag}-{n_tag}-{run_tag}-{device.type}.json"

@@ -55,6 +55,7 @@ class GistEngine:
         self._lock = GenerationLock()  # a stream may be resumed from another thread
         self.adapter: dict | None = None  # the loaded adapter's gsa_adapter.json (from_pretrained sets it)
         self.fused = None  # gsa_rag.fused.FusedParts when from_pretrained(fuse=True) fused the model's kernels
+        self._name: str | None = None  # the model as from_pretrained was asked for it
 
     @classmethod
     def from_pretrained(
@@ -87,14 +88,16 @@ class GistEngine:
                 then lists what was fused.
         """
         from gsa_rag.adapters import bundled_default_adapter, trained_manifest_dir
-        from gsa_rag.models import load_model
+        from gsa_rag.models import DEFAULT_MODEL_NAME, load_model
 
         if adapter == "default":
             adapter = bundled_default_adapter() if model is None else None
         trained = trained_manifest_dir(model, adapter)
         config = _trained_config(trained, config)
         lm, tokenizer = load_model(model, gguf_file=gguf_file, gist_config=config, dtype=dtype, device=device)
-        return cls._wrap(lm, tokenizer, config, adapter, trained, fuse)
+        engine = cls._wrap(lm, tokenizer, config, adapter, trained, fuse)
+        engine._name = str(model) if model is not None else DEFAULT_MODEL_NAME
+        return engine
 
     @classmethod
     def from_model(
@@ -155,6 +158,13 @@ class GistEngine:
 
             engine.fused = fuse_model(lm)
         return engine
+
+    @property
+    def model_name(self) -> str:
+        """The model's name, for what integrations report: as `from_pretrained` was given it (the
+        default model's short name for None), so an engine passed to an integration reports what
+        that integration would for the same `model`; else transformers' `name_or_path`."""
+        return self._name or getattr(self.model, "name_or_path", "") or type(self.model).__name__
 
     @property
     def device(self) -> torch.device:

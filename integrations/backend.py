@@ -132,6 +132,7 @@ class GistBackend:
         if engine is None and memory is not None:
             engine = memory.engine  # the memory's passages were encoded by its engine
         self._engine = engine
+        self._given = engine is not None
         self._load_args = (model, adapter, config, device)
         self._load_lock = threading.Lock()
         self.memory = memory
@@ -145,6 +146,17 @@ class GistBackend:
                 if self._engine is None:
                     self._engine = _shared_engine(*self._load_args)
         return self._engine
+
+    @property
+    def model_name(self) -> str | None:
+        """The name of the model this backend answers with, found without loading it: a given
+        engine's (or its memory's; `GistEngine.model_name`), else the `model` it loads (None: the
+        default model, which each framework names its own way). Frameworks ask for it in str() and
+        tracing, which must not load a model."""
+        if self._given:
+            return self._engine.model_name
+        model = self._load_args[0]
+        return None if model is None else str(model)
 
     def plan(self, prompt: str | Sequence[dict]) -> PromptPlan:
         """How `prompt` is split (route, passages); see `prompt_split`."""

@@ -221,6 +221,9 @@ class _GistSettings(BaseModel):
     def _model_name(self) -> str:
         from gsa_rag.models import DEFAULT_MODEL_NAME
 
+        if self.backend is not None or self.engine is not None or self.memory is not None:
+            # `model` says nothing about these; a backend over them is built without loading anything
+            return self.gist_backend.model_name or DEFAULT_MODEL_NAME
         return self.model or DEFAULT_MODEL_NAME
 
     def _sampling(self, stop: list[str] | None, kwargs: dict) -> dict:

@@ -125,7 +125,7 @@ class GistLLM(CustomLLM):
     def metadata(self) -> LLMMetadata:
         window = self.context_window or getattr(self.engine.model.config, "max_position_embeddings", None) or 2048
         return LLMMetadata(context_window=window, num_output=self.max_new_tokens, is_chat_model=True,
-                           model_name=self.model or DEFAULT_MODEL_NAME)
+                           model_name=self._backend.model_name or DEFAULT_MODEL_NAME)
 
     def _sampling(self, kwargs: dict) -> dict:
         """Per-call overrides (max_new_tokens or max_tokens, temperature, top_p, seed, stop)."""

@@ -354,3 +354,27 @@ def test_looking_at_a_model_never_loads_it(cls, monkeypatch):
         with pytest.raises(AssertionError, match="was loaded"):  # a call loads it (the patch is live)
             model.invoke("Hi")
     assert by_name._identifying_params["model"] == by_name.asdict()["model"] == "no/such-model"
+    given = cls(backend=GistBackend(model="no/such-model"))  # a backend's own model, not the default one
+    assert given._identifying_params["model"] == given._get_ls_params()["ls_model_name"] == "no/such-model"
+
+
+@pytest.mark.parametrize("cls", [GistChatModel, GistLLM])
+def test_the_reported_model_is_the_one_given(cls, engine):
+    """Regression: a model given an engine, a memory or a backend named the default model (in
+    tracing, str() and the answer's metadata) whatever model that engine held."""
+    from gsa_rag.integrations.backend import GistBackend
+    from test_memory import tiny_engine
+
+    tiny = tiny_engine(engine.tokenizer)
+    tiny.model.name_or_path = "tiny/llama"  # what from_pretrained/from_config records as the model's name
+    for model in (cls(engine=tiny, max_tokens=2), cls(memory=GistMemory(tiny, progress=False), max_tokens=2),
+                  cls(backend=GistBackend(tiny), max_tokens=2)):
+        assert model._identifying_params["model"] == model._get_ls_params()["ls_model_name"] == "tiny/llama"
+    if cls is GistLLM:
+        assert "tiny/llama" in str(cls(engine=tiny))  # str() shows the identifying params
+    else:
+        assert cls(engine=tiny, max_tokens=2).invoke("Hi").response_metadata["model_name"] == "tiny/llama"
+        chunks = list(cls(engine=tiny, max_tokens=2).stream("Hi"))
+        assert chunks[-1].response_metadata["model_name"] == "tiny/llama"
+    # the default model has one name, given as an engine or loaded by the model itself
+    assert cls(engine=engine)._model_name() == cls()._model_name() == "smollm2-135m-instruct"

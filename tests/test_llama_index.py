@@ -230,6 +230,19 @@ def test_metadata_and_settings(llm):
         Settings._llm = before
 
 
+def test_metadata_names_the_model_of_a_given_engine(llm):
+    """Regression: GistLLM(engine=...) / (memory=...) named the default model whatever model the
+    engine held."""
+    from test_memory import tiny_engine
+
+    tiny = tiny_engine(llm.engine.tokenizer)
+    tiny.model.name_or_path = "tiny/llama"
+    assert GistLLM(engine=tiny).metadata.model_name == "tiny/llama"
+    assert GistLLM(memory=GistMemory(tiny, progress=False)).metadata.model_name == "tiny/llama"
+    assert GistLLM(engine=tiny).metadata.context_window == tiny.model.config.max_position_embeddings
+    assert llm.metadata.model_name == "SmolLM2-135M-Instruct + gsa-rag 8x adapter"  # loaded by the LLM itself
+
+
 def test_config_overrides_reach_the_engine():
     llm = GistLLM(top_k=2)
     assert llm.engine.config.top_k == 2 and llm.engine.config.chunk_size == 8  # the adapter's chunk size kept

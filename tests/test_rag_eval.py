@@ -226,6 +226,27 @@ def test_gist_only_never_unfolds(engine):
 # --- quest -----------------------------------------------------------------------------------
 
 
+def test_gist_methods_take_the_trained_layout_where_their_spec_names_none():
+    trained = GistConfig(chunk_size=16, meta_chunks=(4,), section_top_k=2, sink=2, num_previous_chunks=3,
+                         word_aware=False, first_selecting_layer=2)
+    ctx = RunContext(data="tiny", num_layers=3, retrieval_dir="unused", trained=trained)
+    gsa = parse_spec("gsa:chunk=16:k=2").gist_config(ctx)
+    assert (gsa.sink, gsa.num_previous_chunks, gsa.word_aware, gsa.first_selecting_layer) == (2, 3, False, 2)
+    # the spec's options are its own, defaults included: "gsa" is GSA 8x, single level, in every table
+    assert (gsa.chunk_size, gsa.top_k, gsa.meta_chunks, gsa.section_top_k) == (16, 2, (), None)
+    named = parse_spec("gsa:window=0:sink=1").gist_config(ctx)
+    assert (named.num_previous_chunks, named.sink, named.word_aware) == (0, 1, False)
+    assert parse_spec("gsa:window=0").label != parse_spec("gsa").label  # two rows of one table
+    only = parse_spec("gist-only:window=0").gist_config(ctx)
+    assert (only.chunk_size, only.meta_chunks, only.sink, only.num_previous_chunks) == (8, (), 2, 0)
+    assert only.first_selecting_layer == 3
+    # no trained config (the base model alone): the library's defaults, as before
+    assert parse_spec("gsa:k=2").gist_config(RunContext(data="tiny", num_layers=3, retrieval_dir="x")) == \
+        GistConfig(top_k=2)
+    with pytest.raises(ValueError, match="window"):
+        parse_spec("gsa:window=-2").gist_config(ctx)
+
+
 def test_quest_layout_is_gsa_layout_without_gists(engine):
     config = GistConfig(chunk_size=8)
     segs = [build_segments(engine.tokenizer, q, [x for _, x in PASSAGES[: i + 2]]) for i, (_, q, _) in
@@ -678,6 +699,47 @@ def test_script_runs_the_reuse_row(tiny_model_dir, data_file, tmp_path, capsys):
     plain, reuse = result["methods"]
     assert reuse["spec"] == "gsa:reuse=True" and reuse["options"]["reuse"] and not plain["options"]["reuse"]
     assert plain["summary"]["batch_size"] == 2 and reuse["summary"]["batch_size"] == 1
+
+
+def test_script_runs_gist_methods_in_the_trained_layout_unless_the_spec_names_it(tiny_model_dir, data_file, tmp_path,
+                                                                                  capsys):
+    """Regression: gist methods took every GistConfig field their spec does not name (sink, local
+    window, word cuts) from the library's defaults, so a model trained with others was evaluated
+    in a layout it never saw (with a warning only)."""
+    import dataclasses
+    import shutil
+
+    from gsa_rag.adapters import write_manifest
+
+    trained = GistConfig(sink=2, num_previous_chunks=3, word_aware=False)
+    folder = tmp_path / "full-sft"  # a model folder as `gsa-rag train --full` writes one: weights and manifest
+    shutil.copytree(tiny_model_dir, folder)
+    write_manifest(folder, base_model="tiny", fingerprint="v2-0", config=trained)
+    rag_eval = _script("rag_eval")
+    out = tmp_path / "trained.json"
+    common = ["--data", str(data_file), "--model", str(folder), "--adapter", "none", "--device", "cpu",
+              "--batch-size", "3", "--max-new-tokens", "2", "--out", str(out), "--no-plots"]
+    result = rag_eval.main([*common, "--methods", "gsa:k=2,gist-only:chunk=16"])
+    layout = {"sink": 2, "num_previous_chunks": 3, "word_aware": False}
+    for method in result["methods"]:
+        assert {k: method["gist_config"][k] for k in layout} == layout, method["spec"]
+    assert [(m["gist_config"]["chunk_size"], m["gist_config"]["top_k"]) for m in result["methods"]] == [(8, 2), (16, 4)]
+    assert GistConfig.from_dict(result["run_key"]["gist_config"]) == trained  # where the unnamed fields came from
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "gist-only:chunk=16" in warned[0] and "sink" not in warned[0], warned
+
+    # what the spec names overrides the trained value, and warns; the rows already run are kept
+    again = rag_eval.main([*common, "--methods", "gsa:k=2,gsa:k=2:window=0"])
+    assert [m["spec"] for m in again["methods"]] == ["gsa:k=2", "gist-only:chunk=16", "gsa:k=2:window=0"]
+    config = again["methods"][-1]["gist_config"]
+    assert (config["num_previous_chunks"], config["sink"], config["word_aware"]) == (0, 2, False)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and "gsa:k=2:window=0" in warned[0] and "num_previous_chunks=0" in warned[0], warned
+
+    # the model retrained with another layout: its rows would mix two layouts, so the file is refused
+    write_manifest(folder, base_model="tiny", fingerprint="v2-0", config=dataclasses.replace(trained, sink=3))
+    with pytest.raises(SystemExit, match="different run"):
+        rag_eval.main([*common, "--methods", "gsa:k=2"])
 
 
 def test_script_refuses_a_missing_adapter(tiny_model_dir, data_file, tmp_path):

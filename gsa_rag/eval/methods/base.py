@@ -34,6 +34,9 @@ class RunContext:
         retrieval_dir: where retrieval rankings are cached.
         embed_device: device for the retrieval embedder.
         load_corpus: returns the corpus for open-domain retrieval (may raise FileNotFoundError).
+        trained: the GistConfig the model was trained with (its adapter's, or a `train --full`
+            folder's); gist methods take from it every field their spec does not set. None: an
+            untrained model, GistConfig()'s defaults.
     """
 
     data: str
@@ -41,6 +44,7 @@ class RunContext:
     retrieval_dir: str
     embed_device: str = "cpu"
     load_corpus: object = None
+    trained: GistConfig | None = None
 
 
 @dataclass
@@ -132,6 +136,32 @@ class Method:
 
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in _option_fields(self)}
+
+
+TRAINED = -1  # a layout option's default: the value the model was trained with
+
+
+def over_trained(ctx: RunContext | None, *, sink: int, window: int, **fields) -> GistConfig:
+    """A gist method's GistConfig: `fields` (what its options set) and `sink` / `window`
+    (num_previous_chunks) unless TRAINED, over the config the model was trained with. Every
+    other field (word cuts, gist tokens, first selecting layer, ...) is then the trained one: a
+    model is evaluated in the layout it learnt unless the spec asks for another.
+
+    Raises:
+        ValueError: a bad value (sink or window below TRAINED; GistConfig's own checks).
+    """
+    for option, name, value in (("sink", "sink", sink), ("window", "num_previous_chunks", window)):
+        if value < TRAINED:
+            raise ValueError(f"option {option} must be >= 0, or {TRAINED} (its default) for the trained value; got {value}")
+        if value != TRAINED:
+            fields[name] = value
+    trained = ctx.trained if ctx is not None and ctx.trained is not None else GistConfig()
+    return dataclasses.replace(trained, **fields)
+
+
+def layout_label(sink: int, window: int) -> str:
+    """The label's note for layout options a spec sets (", sink 2, window 0"), so its row is told apart."""
+    return "".join(f", {name} {value}" for name, value in (("sink", sink), ("window", window)) if value != TRAINED)
 
 
 def _option_fields(cls_or_obj) -> list[dataclasses.Field]:

@@ -9,6 +9,10 @@ which separates methods in benchmarks/rag_eval.py --methods); selection runs coa
 `k` per level, or `sk` sections per head above the chunks ("gsa:chunk=8:meta=4:sk=8": a wider
 beam, still k chunks unfolded).
 
+Layout: the options set chunk size and hierarchy (defaults: 8, single level); every other
+GistConfig field is the one the model was trained with (RunContext.trained), unless `sink` or
+`window` (local window, num_previous_chunks) names another ("gsa:window=0").
+
 KV reuse ("gsa:reuse=1", with any other option): one GistMemory (gsa_rag.memory) serves the whole
 run; each passage is encoded once, alone, and its cached KV re-rotated to its place in every
 prompt that uses it (gsa_rag.eval.reuse). The prompt is the plain method's (same system line,
@@ -24,7 +28,13 @@ import math
 from dataclasses import dataclass, field
 
 from gsa_rag.config import GistConfig
-from gsa_rag.eval.methods.base import Method, RunContext
+from gsa_rag.eval.methods.base import (
+    TRAINED,
+    Method,
+    RunContext,
+    layout_label,
+    over_trained,
+)
 from gsa_rag.eval.reuse import ReuseMemory
 
 
@@ -41,6 +51,8 @@ class GSA(Method):
     sk: int = 0  # H-GSA: sections per query head above the chunks (GistConfig.section_top_k); 0: k
     reuse: bool = False  # answer from one gist memory shared by the run (KV reuse)
     budget_mb: int = 0  # with reuse: the memory's KV budget in MiB; 0: automatic
+    sink: int = TRAINED  # sink tokens; -1: the trained config's (as every field no option sets)
+    window: int = TRAINED  # chunks a raw token sees before its own (num_previous_chunks); -1: the trained
     _reuse: ReuseMemory | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -64,16 +76,17 @@ class GSA(Method):
     @property
     def label(self) -> str:
         k = {"fixed": f"top-{self.k}", "adaptive": "adaptive k", "top_p": f"top-p {self.p}"}.get(self.policy, self.policy)
-        reuse = ", KV reuse" if self.reuse else ""
+        rest = layout_label(self.sink, self.window) + (", KV reuse" if self.reuse else "")
         if self.meta_chunks:
             sizes = ",".join(str(n) for n in (self.chunk, *self.meta_chunks))
             beam = f", {self.sk} sections" if self.sk else ""
-            return f"H-GSA {self.compression_ratio():.0f}x ({sizes}), {k}{beam}{reuse}"
-        return f"GSA {self.chunk}x, {k}{reuse}"
+            return f"H-GSA {self.compression_ratio():.0f}x ({sizes}), {k}{beam}{rest}"
+        return f"GSA {self.chunk}x, {k}{rest}"
 
-    def gist_config(self, ctx: RunContext) -> GistConfig:
-        return GistConfig(chunk_size=self.chunk, top_k=self.k, k_policy=self.policy, top_p=self.p,
-                          adaptive_ratio=self.ratio, meta_chunks=self.meta_chunks, section_top_k=self.sk or None)
+    def gist_config(self, ctx: RunContext | None) -> GistConfig:
+        return over_trained(ctx, sink=self.sink, window=self.window, chunk_size=self.chunk, top_k=self.k,
+                            k_policy=self.policy, top_p=self.p, adaptive_ratio=self.ratio,
+                            meta_chunks=self.meta_chunks, section_top_k=self.sk or None)
 
     def compression_ratio(self) -> float:
         return float(math.prod((self.chunk, *self.meta_chunks)))
