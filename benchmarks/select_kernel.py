@@ -21,7 +21,14 @@ use, and the rows of H-GSA 32x (top level 3.7K units, level 0 64 candidates):
              block sums make every expansion program scan its own block), and select + expand
              for both, the part of the decode step that the choice changes; same_lists: both give
              the same key lists
-and the early search at 4, 8, 16, 32 warps. Microseconds per launch (median), each set of inputs
+and the early search at 4, 8, 16, 32 warps;
+  union_kernel  the interpolation search with the GQA union in a launch of its own (UNION_KERNEL:
+             many programs, UNION_TILE chunks each) instead of each group's last program, block sums;
+             same_sets_union_kernel: it writes what the tail writes
+  stream_tT_wW  the interpolation search with the row streamed T scores at a time at every pass
+             instead of held in registers (STREAM_ROWS; W warps a program, so that several programs
+             share an SM); same_sets_stream: the default tile picks what the registers do.
+Microseconds per launch (median), each set of inputs
 replayed from one graph with its counters re-zeroed (a memset, timed alone as `zero`, and inside
 every select column).
 
@@ -39,8 +46,10 @@ rounds 6-9 shared one row of 9 columns per chunk).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
+from gsa_rag.kernels import gist_select
 from gsa_rag.kernels.bench import (
     bench_us,
     environment,
@@ -169,7 +178,32 @@ def time_case(B: int, C: int, k: int, context: int | None = None, scores: str = 
     row["interp_picks_only"] = bench_us(launch(search=SEARCH_INTERP, union=False), cuda_graph=True)
     for warps in (4, 8, 16, 32):
         row[f"early_w{warps}"] = bench_us(launch(early_exit=True, num_warps=warps), cuda_graph=True)
+    launch(ENDS_BLOCKS, search=SEARCH_INTERP, union_kernel=False)()
+    want = (picks.clone(), sizes[ENDS_BLOCKS].clone(), ends[ENDS_BLOCKS].clone())
+    row["union_kernel"] = bench_us(launch(ENDS_BLOCKS, search=SEARCH_INTERP, union_kernel=True), cuda_graph=True)
+    row["same_sets_union_kernel"] = all(torch.equal(a, b) for a, b in zip((picks, sizes[ENDS_BLOCKS], ends[ENDS_BLOCKS]),
+                                                                          want))
+    launch(ENDS_MODE, search=SEARCH_INTERP)()
+    want = (picks.clone(), sizes[ENDS_MODE].clone(), ends[ENDS_MODE].clone())
+    for tile, warps in STREAM_SETTINGS:
+        with stream_tile(tile):
+            row[f"stream_t{tile}_w{warps}"] = bench_us(launch(ENDS_MODE, search=SEARCH_INTERP, stream=True,
+                                                              num_warps=warps), cuda_graph=True)
+    launch(ENDS_MODE, search=SEARCH_INTERP, stream=True)()
+    row["same_sets_stream"] = all(torch.equal(a, b) for a, b in zip((picks, sizes[ENDS_MODE], ends[ENDS_MODE]), want))
     return row
+
+
+STREAM_SETTINGS = [(1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16)]  # (tile, warps)
+
+
+@contextlib.contextmanager
+def stream_tile(tile: int):
+    old, gist_select.STREAM_TILE = gist_select.STREAM_TILE, tile
+    try:
+        yield
+    finally:
+        gist_select.STREAM_TILE = old
 
 
 def main(argv=None) -> None:
@@ -198,8 +232,11 @@ def main(argv=None) -> None:
                        ("early_red", "early red", ".1f"), ("early_red_max", "max", "d"),
                        ("interp_red", "interp red", ".1f"), ("interp_red_max", "max", "d"), ("early_w4", "w4", ".1f"),
                        ("early_w8", "w8", ".1f"), ("early_w16", "w16", ".1f"), ("early_w32", "w32", ".1f"),
+                       ("union_kernel", "union kernel", ".1f"),
+                       *[(f"stream_t{t}_w{w}", f"stream {t}/{w}", ".1f") for t, w in STREAM_SETTINGS],
                        ("zero", "zero us", ".1f"), ("same_sets", "same", ""), ("same_lists", "same_lists", ""),
-                       ("same_sets_interp", "same_interp", "")])
+                       ("same_sets_interp", "same_interp", ""), ("same_sets_stream", "same_stream", ""),
+                       ("same_sets_union_kernel", "same_union_kernel", "")])
     name = "select_kernel" if args.scores == "normal" else f"select_kernel_{args.scores}"
     path = write_results(args.out, name, {"environment": environment(), "scores": args.scores, "rows": rows})
     print(f"wrote {path}")

@@ -243,16 +243,16 @@ SELECT_KERNEL = True
 
 def _select_rows(rows: TailRows, layout: GistLayout, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """`rows.select(query, key)` (bool [B, Hkv, R, C]): through the select kernels where they
-    serve (CUDA, one sequence, a top-k policy, a row of chunks that fits the select kernel)."""
+    serve (CUDA, one sequence, a top-k policy, at least one chunk)."""
     select = rows.select
     C = layout.gist_index.shape[1]
     # selection.ChunkSelector itself, not a name bound here: a selector swapped in (tests) keeps its own choice
     if not (SELECT_KERNEL and query.shape[0] == 1 and type(select) is selection.ChunkSelector
             and select.config.k_policy != "top_p" and _rows_kernel_fits(query)):
         return select(query, key)
-    from gsa_rag.kernels.gist_select import TOPK_MAX_CHUNKS, select_rows_triton
+    from gsa_rag.kernels.gist_select import select_rows_triton
 
-    if not 0 < C <= TOPK_MAX_CHUNKS:
+    if C == 0:
         return select(query, key)
     if rows.kernel_inputs is None:
         k = select.chunks_per_head(query.shape[1] // key.shape[1])

@@ -16,17 +16,20 @@ every layer); per layer only the scores, the top-k and the list expansion run.
 Layers that do not select (below first_selecting_layer, or nothing to select) use the
 forgetting row: base plus every closed gist; that list is also built once per step.
 
-Fast path (`select_index_list_triton`, no host sync), three launches: the scores kernel (grid
+Fast path (`select_index_list_triton`, no host sync), four launches: the scores kernel (grid
 (B * Hkv, C / BLOCK_C); gist keys loaded once per KV head, shared by its G query heads) -> the
 select kernel (`_topk_union_kernel`, grid B * Hq: each query head's k-th largest score by a
 bisection over the bits of its key in registers, stopping once exactly k scores lie above it, or
-with SEARCH_INTERP by interpolation on a normal fit of the row, fewer reductions; the
-last head of each GQA group to finish writes the union's chunk sizes and one sum per block of 64
-chunks (ENDS_BLOCKS; or their prefix sum, ENDS_PREFIX)) -> the expansion kernel (grid
+with SEARCH_INTERP by interpolation on a normal fit of the row, fewer reductions; it writes each
+head's picks) -> the union kernel (`_union_kernel`, grid (B * Hkv, C / UNION_TILE): the OR of each
+GQA group's picks, the union's chunk sizes and one sum per block of 64 chunks, ENDS_BLOCKS; with
+ENDS_PREFIX, or UNION_KERNEL off, the last head of each group to finish writes them instead, the
+prefix sum along the row for ENDS_PREFIX) -> the expansion kernel (grid
 (B * Hkv, C / 64 + base blocks): every chunk block writes its columns at base_len + prefix sum;
-no serial walk, no dense mask). Above TOPK_MAX_CHUNKS chunks the select kernel's row does not fit
-in registers and torch.topk, the mark kernel (each pick writes its chunk's extra-column count: the
-GQA union) and torch.cumsum take its place. Reference path (torch): `gist_scores_ref` is
+no serial walk, no dense mask). Above TOPK_MAX_CHUNKS chunks a row no longer fits in registers
+and the select kernel streams it from memory at every pass instead (`streams_rows`); the older
+path, torch.topk, the mark kernel (each pick writes its chunk's extra-column count: the GQA union)
+and torch.cumsum, stays for `fused_topk=False`. Reference path (torch): `gist_scores_ref` is
 `gsa_rag.selection.gist_scores`; `build_index_list_ref` expands column-wise from a mask. Top-p
 goes through the reference `choose_chunks` on both.
 
@@ -430,6 +433,75 @@ if triton is not None:
             tl.store(out + i, tl.load(BASE + b * s_bb + i, mask=i < nb, other=0), mask=i < nb)
 
     @triton.jit
+    def _score_tile(srow, C, start, TILE: tl.constexpr):
+        # scores [start, start + TILE) of one row, -inf past C; -0.0 read as +0.0 (a tie, as in
+        # the reference's sort, and one key for both)
+        c = start + tl.arange(0, TILE)
+        x = tl.load(srow + c, mask=c < C, other=float("-inf"))
+        return tl.where(x == 0.0, 0.0, x)
+
+    @triton.jit
+    def _count(s, srow, C, t, EQUAL: tl.constexpr, STREAM: tl.constexpr, TILE: tl.constexpr):
+        # count(row >= t), or count(row == t) with EQUAL: one block reduction over the row held in
+        # registers (s), or with STREAM one pass over it tile by tile from memory (srow; s is
+        # unused), summed lane-wise first
+        if STREAM:
+            acc = tl.zeros([TILE], dtype=tl.int32)
+            for start in range(0, C, TILE):
+                x = _score_tile(srow, C, start, TILE)
+                acc += ((x == t) if EQUAL else (x >= t)).to(tl.int32)
+            return tl.sum(acc, 0)
+        else:
+            return tl.sum(((s == t) if EQUAL else (s >= t)).to(tl.int32), 0)
+
+    @triton.jit
+    def _top3_below(x, bound, below):
+        # the three largest of x < bound (below), or of -x for x >= bound (not below)
+        inside = (x >= bound) != below
+        v = tl.where(inside, x * tl.where(below, 1.0, -1.0), float("-inf"))
+        none = tl.full(v.shape, float("-inf"), tl.float32)
+        return tl.reduce((v, none, none), 0, _top3_combine)
+
+    @triton.jit
+    def _row_top3(s, srow, C, bound, below, STREAM: tl.constexpr, TILE: tl.constexpr):
+        # `_top3_below` over the whole row: in registers, or tile by tile (merging the triples)
+        if STREAM:
+            a1 = tl.full([], float("-inf"), tl.float32)
+            a2 = a1
+            a3 = a1
+            for start in range(0, C, TILE):
+                b1, b2, b3 = _top3_below(_score_tile(srow, C, start, TILE), bound, below)
+                a1, a2, a3 = _top3_combine(a1, a2, a3, b1, b2, b3)
+            return a1, a2, a3
+        else:
+            return _top3_below(s, bound, below)
+
+    @triton.jit
+    def _row_stats(s, srow, C, STREAM: tl.constexpr, TILE: tl.constexpr):
+        # the finite scores' count, min, max, sum and sum of squares (max over all: -inf rows stay -inf)
+        if STREAM:
+            n = tl.zeros([TILE], dtype=tl.int32)
+            lo = tl.full([TILE], float("inf"), tl.float32)
+            hi = tl.full([TILE], float("-inf"), tl.float32)
+            a = tl.zeros([TILE], dtype=tl.float32)
+            q = tl.zeros([TILE], dtype=tl.float32)
+            for start in range(0, C, TILE):
+                x = _score_tile(srow, C, start, TILE)
+                finite = x > float("-inf")
+                xf = tl.where(finite, x, 0.0)
+                n += finite.to(tl.int32)
+                lo = tl.minimum(lo, tl.where(finite, x, float("inf")))
+                hi = tl.maximum(hi, x)
+                a += xf
+                q += xf * xf
+            return tl.reduce((n, lo, hi, a, q), 0, _stats_combine)
+        else:
+            finite = s > float("-inf")
+            sf = tl.where(finite, s, 0.0)
+            return tl.reduce((finite.to(tl.int32), tl.where(finite, s, float("inf")), s, sf, sf * sf), 0,
+                             _stats_combine)
+
+    @triton.jit
     def _key_float(y):
         # the float of an order-preserving 32-bit key (int64 in [0, 2^32)): key(s) = bits | 2^31
         # for s >= 0, ~bits for s < 0; keys past the finite floats give NaN (which compares false)
@@ -437,7 +509,7 @@ if triton is not None:
         return u.to(tl.int32).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _kth_largest(s, k, EARLY_EXIT: tl.constexpr):
+    def _kth_largest(s, k, EARLY_EXIT: tl.constexpr, srow, C, STREAM: tl.constexpr, TILE: tl.constexpr):
         # the k-th largest of the row s by bisection over the 32 bits of its key (`_key_float`):
         # x = the largest key with count(s >= float(x)) >= k, one block reduction per bit.
         # EARLY_EXIT stops once count(s >= float(x)) == k: float(x) then splits the row into its k
@@ -453,7 +525,7 @@ if triton is not None:
         steps = tl.full([], 0, tl.int32)
         while (step > 0) & ((count_x != k) | (not EARLY_EXIT)):
             y = x + step  # x's bits below `step` are all 0
-            cnt = tl.sum((s >= _key_float(y)).to(tl.int32), 0)
+            cnt = _count(s, srow, C, _key_float(y), False, STREAM, TILE)
             x = tl.where(cnt >= k, y, x)
             count_x = tl.where(cnt >= k, cnt, count_x)
             step = step // 2
@@ -491,7 +563,7 @@ if triton is not None:
                 tl.maximum(tl.maximum(a3, b3), tl.maximum(tl.minimum(a1, b2), tl.minimum(a2, b1))))
 
     @triton.jit
-    def _kth_interp(s, k, n, s_min, s_max, mean, std):
+    def _kth_interp(s, k, n, s_min, s_max, mean, std, srow, C, STREAM: tl.constexpr, TILE: tl.constexpr):
         # A threshold t that splits the row s as its k-th largest does, from fewer block reductions
         # than `_kth_largest` on smooth rows (0 < k <= n = the finite scores, from one reduction of
         # count, min, max, sum and sum of squares). Returns (t, exact, steps): exact = 1 when
@@ -545,10 +617,7 @@ if triton is not None:
             if finish | (snap != 0):
                 # the largest three below hi, or (negated) the smallest three at or above lo
                 below = tl.where(finish, k - c_hi <= 2, snap < 0)
-                inside = (s >= tl.where(below, hi_f, lo_f)) != below  # s < hi, or s >= lo
-                v = tl.where(inside, s * tl.where(below, 1.0, -1.0), float("-inf"))
-                none = tl.full(v.shape, float("-inf"), tl.float32)
-                a1, a2, a3 = tl.reduce((v, none, none), 0, _top3_combine)
+                a1, a2, a3 = _row_top3(s, srow, C, tl.where(below, hi_f, lo_f), below, STREAM, TILE)
                 # finish below hi: the k-th largest is a_j (j = k - c_hi); at lo: -a_(j+1) (j = c_lo - k);
                 # it splits off exactly k unless a_j == a_(j+1). A snap moves an end onto a1.
                 j = tl.where(below, k - c_hi, c_lo - k)
@@ -568,7 +637,7 @@ if triton is not None:
                 tk = _float_key(cand)
                 interp = (cand == cand) & (tk > lo_k) & (tk < hi_k) & (stall < 2) & (free < 31)
                 tk = tl.where(interp, tk, (lo_k + hi_k) // 2)
-                c = tl.sum((s >= _key_float(tk)).to(tl.int32), 0)
+                c = _count(s, srow, C, _key_float(tk), False, STREAM, TILE)
                 exact = (c == k).to(tl.int32)
                 width = hi_k - lo_k
                 gap = tl.minimum(c_lo - k, k - c_hi)
@@ -598,9 +667,12 @@ if triton is not None:
         s_pb,
         Hq, G, C,
         BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr, ENDS_MODE: tl.constexpr,
-        BLOCK_C: tl.constexpr, SEARCH: tl.constexpr, STATS: tl.constexpr,
+        BLOCK_C: tl.constexpr, SEARCH: tl.constexpr, STATS: tl.constexpr, STREAM: tl.constexpr,
     ):
-        # one program per (batch, query head); its score row [C] stays in registers.
+        # one program per (batch, query head). Its score row [C] stays in registers (BLOCK >= C),
+        # or with STREAM is read tile by tile (BLOCK entries) at every pass: a few registers a
+        # thread instead of the whole row, so that several programs share an SM, any C fits, and
+        # each pass re-reads the row from L1/L2.
         # (UNION=False stops after step 2: benchmarks/select_kernel.py times the parts apart)
         # 1. the k-th largest score t: SEARCH_BISECT `_kth_largest` (bisection over the bits of its
         #    key), SEARCH_INTERP `_kth_interp` (interpolation, fewer reductions on smooth rows);
@@ -613,20 +685,18 @@ if triton is not None:
         #    inclusive prefix sum over the row, or the sums of its blocks of BLOCK_C chunks (the
         #    expansion's blocks; a row-wide scan is the serial tail's largest part), or nothing.
         # STATS (tests, benchmarks): NRED[pid] = (reductions of the search, block reductions and
-        # scans of steps 1-2 in all).
+        # scans of steps 1-2 in all; a streamed pass counts as one).
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
         grp = b * (Hq // G) + hq // G
-        c = tl.arange(0, BLOCK)
-        ok = c < C
-        s = tl.load(S + pid.to(tl.int64) * C + c, mask=ok, other=float("-inf"))
-        s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0 (a tie, as in the reference's sort)
-        finite = s > float("-inf")
+        srow = S + pid.to(tl.int64) * C
+        if STREAM:
+            s = 0.0  # unused: every reduction streams the row
+        else:
+            s = _score_tile(srow, C, 0, BLOCK)
         if SEARCH == 1:  # SEARCH_INTERP: the finite scores' count, min, max, sum, sum of squares at once
-            sf = tl.where(finite, s, 0.0)
-            n, s_min, s_max, s_sum, s_sq = tl.reduce(
-                (finite.to(tl.int32), tl.where(finite, s, float("inf")), s, sf, sf * sf), 0, _stats_combine)
+            n, s_min, s_max, s_sum, s_sq = _row_stats(s, srow, C, STREAM, BLOCK)
             k = tl.minimum(tl.load(KROW + b).to(tl.int32), n)
             if k == 0:  # no pick: a threshold above every score (NaN if the max is +inf)
                 t = _key_float(_float_key(s_max) + 1)
@@ -635,51 +705,104 @@ if triton is not None:
             else:
                 mean = s_sum / n
                 t, exact, steps = _kth_interp(s, k, n, s_min, s_max, mean,
-                                              tl.sqrt(tl.maximum(s_sq / n - mean * mean, 0.0)))
+                                              tl.sqrt(tl.maximum(s_sq / n - mean * mean, 0.0)),
+                                              srow, C, STREAM, BLOCK)
         else:
-            k = tl.minimum(tl.load(KROW + b).to(tl.int32), tl.sum(finite.to(tl.int32), 0))
-            t, steps = _kth_largest(s, k, EARLY_EXIT)
+            # finite: s >= the lowest float (NaN scores, which q.k never gives, count as missing)
+            k = tl.minimum(tl.load(KROW + b).to(tl.int32), _count(s, srow, C, -3.4028234663852886e38, False, STREAM, BLOCK))
+            t, steps = _kth_largest(s, k, EARLY_EXIT, srow, C, STREAM, BLOCK)
             exact = tl.full([], 0, tl.int32)
         reductions = 1 + steps
-        if exact != 0:  # count(s >= t) == k: no tie straddles t
-            pick = (s >= t) & finite
+        room = k
+        ties = tl.full([], 0, tl.int32)
+        if exact == 0:  # the tie rule needs count(> t) and whether ties straddle the k-th place
+            n_eq = _count(s, srow, C, t, True, STREAM, BLOCK)
+            room = k - (_count(s, srow, C, t, False, STREAM, BLOCK) - n_eq)
+            ties = (n_eq > room).to(tl.int32)
+            reductions += 2 + ties
+        sel = SEL + pid.to(tl.int64) * C
+        if STREAM:
+            seen = tl.full([], 0, tl.int32)  # ties picked in earlier tiles
+            for start in range(0, C, BLOCK):
+                x = _score_tile(srow, C, start, BLOCK)
+                pick, seen = _pick(x, t, exact, room, ties, seen)
+                c = start + tl.arange(0, BLOCK)
+                tl.store(sel + c, pick.to(tl.int8), mask=c < C)
         else:
-            gt = s > t
-            eq = s == t
-            room = k - tl.sum(gt.to(tl.int32), 0)
-            reductions += 2
-            if tl.sum(eq.to(tl.int32), 0) > room:  # a tie straddles the k-th place: lowest chunks first
-                eq = eq & (tl.cumsum(eq.to(tl.int32), 0) <= room)
-                reductions += 1
-            pick = (gt | eq) & finite
+            pick, _ = _pick(s, t, exact, room, ties, tl.full([], 0, tl.int32))
+            c = tl.arange(0, BLOCK)
+            tl.store(sel + c, pick.to(tl.int8), mask=c < C)
         if STATS:
             tl.store(NRED + pid * 2, steps)
             tl.store(NRED + pid * 2 + 1, reductions)
-        tl.store(SEL + pid.to(tl.int64) * C + c, pick.to(tl.int8), mask=ok)
         if UNION:
             tl.debug_barrier()  # every thread's row is stored before the arrival is counted
             arrived = tl.atomic_add(CNT + grp, 1, sem="acq_rel", scope="gpu")
             if arrived == G - 1:
-                union = tl.zeros([BLOCK], dtype=tl.int32)
-                first = (b * Hq + (hq // G) * G).to(tl.int64) * C
-                for g in range(G):
-                    union = union | tl.load(SEL + first + g * C + c, mask=ok, other=0, cache_modifier=".cg").to(tl.int32)
-                lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
-                hi = tl.load(PTR + b * s_pb + c + 1, mask=ok, other=0)
-                size = tl.where(union != 0, hi - lo, 0)
-                row = grp.to(tl.int64) * C
-                tl.store(SIZES + row + c, size, mask=ok)
-                if ENDS_MODE == 1:  # ENDS_PREFIX
-                    tl.store(ENDS + row + c, tl.cumsum(size, 0), mask=ok)
-                if ENDS_MODE == 2:  # ENDS_BLOCKS; size is 0 past C, so the last block needs no mask
-                    nbc = tl.cdiv(C, BLOCK_C)
-                    if BLOCK >= BLOCK_C:
-                        bsum = tl.sum(tl.reshape(size, [BLOCK // BLOCK_C, BLOCK_C]), axis=1)
-                        jb = tl.arange(0, BLOCK // BLOCK_C)
-                        tl.store(ENDS + grp.to(tl.int64) * nbc + jb, bsum, mask=jb < nbc)
-                    else:  # a row shorter than one block (BLOCK >= 16): one sum
-                        tl.store(ENDS + grp.to(tl.int64) * nbc, tl.sum(size, 0), mask=nbc > 0)  # C == 0: no room
+                first = SEL + (b * Hq + (hq // G) * G).to(tl.int64) * C
+                sizes = SIZES + grp.to(tl.int64) * C
+                if STREAM:
+                    carry = tl.full([], 0, tl.int32)  # ENDS_PREFIX: the sizes of earlier tiles
+                    for start in range(0, C, BLOCK):
+                        carry = _union_tile(first, PTR + b * s_pb, sizes, ENDS, grp, G, C, start, carry,
+                                            BLOCK, ENDS_MODE, BLOCK_C)
+                else:
+                    _union_tile(first, PTR + b * s_pb, sizes, ENDS, grp, G, C, 0, 0, BLOCK, ENDS_MODE, BLOCK_C)
 
+    @triton.jit
+    def _union_kernel(SEL, PTR, SIZES, ENDS, s_pb, Hq, G, C,
+                      BLOCK: tl.constexpr, ENDS_MODE: tl.constexpr, BLOCK_C: tl.constexpr):
+        # grid (B * Hkv, cdiv(C, BLOCK)): the GQA union of one group's pick rows on BLOCK chunks,
+        # as the select kernel's tail writes it but spread over many programs (UNION_KERNEL;
+        # no row-wide prefix sum, so ENDS_NONE or ENDS_BLOCKS)
+        grp = tl.program_id(0)
+        b = grp // (Hq // G)
+        _union_tile(SEL + (grp * G).to(tl.int64) * C, PTR + b * s_pb, SIZES + grp.to(tl.int64) * C, ENDS, grp, G, C,
+                    tl.program_id(1) * BLOCK, 0, BLOCK, ENDS_MODE, BLOCK_C)
+
+    @triton.jit
+    def _union_tile(first, ptr, sizes, ENDS, grp, G, C, start, carry,
+                    BLOCK: tl.constexpr, ENDS_MODE: tl.constexpr, BLOCK_C: tl.constexpr):
+        # the union tail on chunks [start, start + BLOCK): OR of the group's G pick rows (from
+        # `first`, written by other programs: read past L1), sizes, and what the expansion places
+        # chunks by (`carry`: the sizes before `start`, for ENDS_PREFIX; returned updated)
+        c = start + tl.arange(0, BLOCK)
+        ok = c < C
+        union = tl.zeros([BLOCK], dtype=tl.int32)
+        for g in range(G):
+            union = union | tl.load(first + g * C + c, mask=ok, other=0, cache_modifier=".cg").to(tl.int32)
+        lo = tl.load(ptr + c, mask=ok, other=0)
+        hi = tl.load(ptr + c + 1, mask=ok, other=0)
+        size = tl.where(union != 0, hi - lo, 0)
+        tl.store(sizes + c, size, mask=ok)
+        if ENDS_MODE == 1:  # ENDS_PREFIX
+            tl.store(ENDS + grp.to(tl.int64) * C + c, carry + tl.cumsum(size, 0), mask=ok)
+        if ENDS_MODE == 2:  # ENDS_BLOCKS; size is 0 past C, so the last block needs no mask
+            nbc = tl.cdiv(C, BLOCK_C)
+            if BLOCK >= BLOCK_C:  # tiles start on block boundaries (BLOCK is a multiple)
+                bsum = tl.sum(tl.reshape(size, [BLOCK // BLOCK_C, BLOCK_C]), axis=1)
+                jb = start // BLOCK_C + tl.arange(0, BLOCK // BLOCK_C)
+                tl.store(ENDS + grp.to(tl.int64) * nbc + jb, bsum, mask=jb < nbc)
+            else:  # a row shorter than one block (one tile of BLOCK >= 16): one sum
+                tl.store(ENDS + grp.to(tl.int64) * nbc, tl.sum(size, 0), mask=nbc > 0)  # C == 0: no room
+        return carry + tl.sum(size, 0)
+
+    @triton.jit
+    def _pick(x, t, exact, room, ties, seen):
+        # the picks among the scores x (a tile, or the row): s >= t when the search split off
+        # exactly k; else s > t plus ties at t, the first `room` of them by chunk order when they
+        # straddle the k-th place (`seen` of them came in earlier tiles). Never -inf.
+        finite = x > float("-inf")
+        if exact != 0:
+            pick = (x >= t) & finite
+        else:
+            eq = x == t
+            if ties != 0:
+                rank = seen + tl.cumsum(eq.to(tl.int32), 0)
+                seen += tl.sum(eq.to(tl.int32), 0)
+                eq = eq & (rank <= room)
+            pick = ((x > t) | eq) & finite
+        return pick, seen
 
 
 def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None, scored=None) -> torch.Tensor:
@@ -857,8 +980,16 @@ def build_index_list_triton(plan: DecodePlan, selected: torch.Tensor) -> tuple[t
     return _expand_launch(plan, sizes)
 
 
-# the fused top-k keeps one score row in registers: up to this many chunks (128K tokens at chunk 8)
+# the select kernel holds one score row in registers up to this many chunks (128K tokens at chunk
+# 8); longer rows stream through it `STREAM_TILE` scores at a time (`streams_rows`)
 TOPK_MAX_CHUNKS = 16384
+STREAM_TILE = 2048
+STREAM_WARPS = 8
+STREAM_ROWS = False
+# the GQA union (OR of a group's pick rows, chunk sizes, block sums) in a launch of its own, UNION_TILE
+# chunks a program, instead of by each group's last select program (`topk_union_launch`)
+UNION_KERNEL = True
+UNION_TILE = 512
 # the select kernel's threshold search stops once it splits off exactly k (`_kth_largest`)
 EARLY_EXIT = True
 # the select kernel's threshold search: SEARCH_BISECT, a bisection over the 32 bits of the score's
@@ -879,31 +1010,58 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
                       picks: torch.Tensor, sizes: torch.Tensor, ends: torch.Tensor | None, counters: torch.Tensor,
                       num_kv_heads: int, early_exit: bool | None = None, union: bool = True,
                       num_warps: int | None = None, ends_mode: int | None = None, search: int | None = None,
-                      stats: torch.Tensor | None = None) -> None:
+                      stats: torch.Tensor | None = None, stream: bool | None = None,
+                      union_kernel: bool | None = None) -> None:
     """Launches `_topk_union_kernel` over scores float32 [B, Hq, C] (contiguous) with k long [B],
     chunk_ptr the CSR offsets of each chunk's extra columns (row stride `ptr_stride`; 0 shares one
     row), into picks int8 [B, Hq, C], sizes int32 [B, Hkv, C], ends int32 [B, Hkv,
     ends_width(C, ends_mode)] contiguous (None: nothing written to place chunks by), counters int32
-    [B * Hkv] (zeroed; each group's last arrival writes the union).
+    [B * Hkv] (zeroed; where the select kernel writes the union, each group's last arrival does).
 
     ends_mode: what ends receives, ENDS_PREFIX or ENDS_BLOCKS (default ENDS_MODE);
     early_exit: stop the bisection once it splits off exactly k (default EARLY_EXIT);
     search: SEARCH_BISECT or SEARCH_INTERP (default SEARCH);
     union=False writes the picks only; num_warps: default `_select_warps`; stats: int32 [B, Hq, 2]
     contiguous, or None: receives per head the threshold search's block reductions and those of
-    the whole pick (step 1-2 of the kernel, scans included). The last six are for
-    benchmarks/select_kernel.py (and ends_mode, search, stats for the tests)."""
+    the whole pick (step 1-2 of the kernel, scans included); stream: read the row tile by tile
+    at every pass instead of holding it in registers (default `streams_rows`); union_kernel: the
+    union in a launch of its own over many programs instead of each group's last select program
+    (default UNION_KERNEL; not with ENDS_PREFIX, whose row-wide scan stays in the select kernel).
+    The last eight are for benchmarks/select_kernel.py (and ends_mode, search, stats, stream,
+    union_kernel for the tests)."""
     B, Hq, C = scores.shape
-    block = max(16, _next_pow2(C))
+    if stream is None:
+        stream = streams_rows(C)
     mode = ENDS_NONE if ends is None else _ends_mode_or_default(ends_mode)
+    separate = union and (UNION_KERNEL if union_kernel is None else union_kernel) and mode != ENDS_PREFIX
+    for name, tile, used in (("STREAM_TILE", STREAM_TILE, stream), ("UNION_TILE", UNION_TILE, separate)):
+        if used and (tile < EXPAND_BLOCK_C or tile & (tile - 1)):
+            raise ValueError(f"{name} must be a power of two >= {EXPAND_BLOCK_C} (block sums start on tile "
+                             f"boundaries), got {tile}")
+    block = STREAM_TILE if stream else max(16, _next_pow2(C))
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, sizes if ends is None else ends, counters,
         counters if stats is None else stats,
         ptr_stride, Hq, Hq // num_kv_heads, C,
-        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union, ENDS_MODE=mode,
+        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union and not separate,
+        ENDS_MODE=mode,
         BLOCK_C=EXPAND_BLOCK_C, SEARCH=SEARCH if search is None else search, STATS=stats is not None,
-        num_warps=num_warps or _select_warps(block),
+        STREAM=stream, num_warps=num_warps or (STREAM_WARPS if stream else _select_warps(block)),
     )
+    if separate and C > 0:
+        _union_kernel[(B * num_kv_heads, triton.cdiv(C, UNION_TILE))](
+            picks, chunk_ptr, sizes, sizes if ends is None else ends, ptr_stride, Hq, Hq // num_kv_heads, C,
+            BLOCK=UNION_TILE, ENDS_MODE=mode, BLOCK_C=EXPAND_BLOCK_C, num_warps=4,
+        )
+
+
+def streams_rows(num_chunks: int) -> bool:
+    """Whether the select kernel streams its score rows (`STREAM_TILE` at a time) rather than
+    holding each in registers: always above TOPK_MAX_CHUNKS (a row no longer fits), and where
+    STREAM_ROWS says so."""
+    if num_chunks > TOPK_MAX_CHUNKS:
+        return True
+    return bool(STREAM_ROWS)
 
 
 def _select_warps(block: int) -> int:
@@ -917,14 +1075,16 @@ def _select_warps(block: int) -> int:
 def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,
                              config: GistConfig, fused_topk: bool | None = None,
                              ends_mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selecting layers' key list without a host sync, in three launches: scores (which also
+    """The selecting layers' key list without a host sync, in four launches: scores (which also
     zero the select kernel's arrival counters) -> `_topk_union_kernel` (per query head the set of
-    its k best chunks by a threshold search in registers; the last head of each GQA group writes
-    the union's chunk sizes and their prefix sum, or with ends_mode=ENDS_BLOCKS their sums per
-    expansion block; default ENDS_MODE) -> expansion.
+    its k best chunks by a threshold search in registers) -> `_union_kernel` (the GQA union's
+    chunk sizes and their sums per expansion block; with ends_mode=ENDS_PREFIX the last head of
+    each group writes the sizes and their prefix sum instead, and there is no union launch;
+    default ENDS_MODE) -> expansion.
 
-    Above TOPK_MAX_CHUNKS chunks (or `fused_topk=False`) the older path runs: scores (zeroing the
-    size table) -> torch.topk -> mark kernel -> torch.cumsum -> expansion. Top-p goes through
+    Above TOPK_MAX_CHUNKS chunks the select kernel streams its rows (`streams_rows`). With
+    `fused_topk=False` the older path runs: scores (zeroing the size table) -> torch.topk -> mark
+    kernel -> torch.cumsum -> expansion. Top-p goes through
     `choose_union`. Both top-k paths pick the reference's set (ties to the lower chunk index);
     torch.topk breaks exact ties in an unspecified order."""
     B, Hq, D = query.shape
@@ -934,7 +1094,7 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
         scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks)
         return build_index_list_triton(plan, choose_union(scores, plan, Hkv, config, D))
     if fused_topk is None:
-        fused_topk = 0 < C <= TOPK_MAX_CHUNKS
+        fused_topk = C > 0
     if fused_topk:
         ends_mode = _ends_mode_or_default(ends_mode)
         return _expand_launch(plan, *select_sizes_triton(query, key, layout, plan, ends_mode), ends_mode)
@@ -1016,11 +1176,12 @@ def block_sums(sizes: torch.Tensor) -> torch.Tensor:
 
 def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
                       early_exit: bool | None = None, ends_mode: int | None = None, search: int | None = None,
-                      stats: torch.Tensor | None = None) -> torch.Tensor:
+                      stats: torch.Tensor | None = None, stream: bool | None = None,
+                      union_kernel: bool | None = None) -> torch.Tensor:
     """The fused top-k + GQA union alone, as `choose_union`'s bool [B, Hkv, C] (for tests): the
     chunks whose size the select kernel wrote nonzero (every chunk has at least its gist). Checks
     what the kernel wrote to place chunks by (ends_mode, default ENDS_MODE) against torch.
-    search: the threshold search (default SEARCH); stats: `topk_union_launch`'s."""
+    search: the threshold search (default SEARCH); stats, stream, union_kernel: `topk_union_launch`'s."""
     B, Hq, C = scores.shape
     ends_mode = _ends_mode_or_default(ends_mode)
     sizes = torch.full((B, num_kv_heads, C), -1, dtype=torch.int32, device=scores.device)
@@ -1028,8 +1189,11 @@ def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
     counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)
     picks = torch.full((B, Hq, C), -1, dtype=torch.int8, device=scores.device)
     topk_union_launch(scores.contiguous(), plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends,
-                      counters, num_kv_heads, early_exit=early_exit, ends_mode=ends_mode, search=search, stats=stats)
-    assert bool((sizes >= 0).all()) and bool((counters == Hq // num_kv_heads).all())
+                      counters, num_kv_heads, early_exit=early_exit, ends_mode=ends_mode, search=search, stats=stats,
+                      stream=stream, union_kernel=union_kernel)
+    assert bool((sizes >= 0).all())
+    # every head arrived, unless the union ran as a launch of its own (no arrivals counted)
+    assert bool((counters == Hq // num_kv_heads).all()) or bool((counters == 0).all())
     want = torch.cumsum(sizes, -1, dtype=torch.int32) if ends_mode == ENDS_PREFIX else block_sums(sizes)
     assert torch.equal(ends, want), ends_mode
     return picks.view(B, num_kv_heads, Hq // num_kv_heads, C).any(2), sizes

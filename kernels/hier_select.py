@@ -20,8 +20,8 @@ Per layer, level by level from the top (one host-sync-free pass, 3 launches a le
        chose one level up), so a step reads N_top + sum_l (units chosen at l+1) * c_l gist keys,
        not every level-0 gist;
     2. top-k + GQA union: the fused select kernel of gist_select.py over the candidate slots
-       (its size table is the identity, so it writes a 0/1 union flag per slot); top-p (and
-       candidate rows above TOPK_MAX_CHUNKS) go through the torch reference `choose_chunks`;
+       (its size table is the identity, so it writes a 0/1 union flag per slot; rows above
+       TOPK_MAX_CHUNKS streamed); top-p goes through the torch reference `choose_chunks`;
     3. unfold (`_unfold_kernel`, here): one program per (batch, KV head) walks its slots in
        order, appends the extra columns of the chosen units to the key list (after what the
        levels above wrote) and writes their children, with their gist columns, as the next
@@ -41,7 +41,6 @@ import torch
 
 from gsa_rag.config import GistConfig
 from gsa_rag.kernels.gist_select import (
-    TOPK_MAX_CHUNKS,
     DecodePlan,
     _next_pow2,
     _scores_launch,
@@ -250,7 +249,7 @@ def _union_flags(scores: torch.Tensor, plan: HierPlan, counters: torch.Tensor, n
     """
     B, Hq, NC = scores.shape
     k = plan.flat.k if level == 0 else plan.section_k
-    if k is None or NC > TOPK_MAX_CHUNKS:  # the reference's choice, on the small candidate rows
+    if k is None:  # top-p: the reference's choice, on the small candidate rows
         top_p = config.top_p if k is None else None
         chosen = choose_chunks(scores[:, :, None], k=k, top_p=top_p, scale=1.0 / math.sqrt(head_dim))
         return union_over_groups(chosen, num_kv_heads)[:, :, 0].to(torch.int32)

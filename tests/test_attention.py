@@ -186,13 +186,18 @@ def test_folded_gqa_attention_equals_the_per_head_mask(hierarchical, monkeypatch
     assert checked == 48
 
 
-@pytest.mark.parametrize("k_policy", ["fixed", "adaptive"])
-def test_tail_rows_choose_the_same_chunks_through_the_select_kernels(monkeypatch, k_policy):
+@pytest.mark.parametrize("k_policy,streamed", [("fixed", False), ("adaptive", False), ("fixed", True)])
+def test_tail_rows_choose_the_same_chunks_through_the_select_kernels(monkeypatch, k_policy, streamed):
     """A sequence's tail rows through gist_select.select_rows_triton (the CUDA path; without CUDA
     under Triton's interpreter) get the reference's masks in every layer: the same chunks per row and
-    KV head, from the k of the config's policy. Integer queries and keys: exact scores, ties."""
+    KV head, from the k of the config's policy. Integer queries and keys: exact scores, ties.
+    `streamed`: the select kernel streams every row (as rows past TOPK_MAX_CHUNKS)."""
     pytest.importorskip("triton", reason="triton not installed: the select kernels need it")
-    from gsa_rag.kernels import dispatch
+    from gsa_rag.kernels import dispatch, gist_select
+
+    if streamed:
+        monkeypatch.setattr(gist_select, "TOPK_MAX_CHUNKS", 0)
+        monkeypatch.setattr(gist_select, "STREAM_TILE", 64)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":

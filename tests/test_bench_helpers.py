@@ -94,11 +94,12 @@ def test_select_kernel_times_a_small_case_and_both_ends_modes_agree(scores):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     row = sk.time_case(2, 150, 6, 1400, scores, Hq=4, Hkv=2, D=16, device=device)
-    assert row["same_sets"] and row["same_lists"] and row["same_sets_interp"]
+    assert row["same_sets"] and row["same_lists"] and row["same_sets_interp"] and row["same_sets_stream"]
+    assert row["same_sets_union_kernel"]
     # qk: the decode benchmark's layout at 1400 tokens, adaptive k = 1399 // (8 * 2 * 8) + 1
     assert (row["chunks"], row["k"]) == ((155, 11) if scores == "qk" else (150, 6))
     for key in ("bisect", "early", "blocksum", "interp", "expand_prefix", "expand_blocks", "early_step",
-                "blocksum_step", "interp_step", "interp_picks_only", "early_w8"):
+                "blocksum_step", "interp_step", "interp_picks_only", "early_w8", "stream_t1024_w4", "union_kernel"):
         assert row[key] > 0, key
     assert 0 < row["interp_red"] < row["early_red"] and row["interp_red_max"] <= row["early_red_max"]
 

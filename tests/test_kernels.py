@@ -136,15 +136,20 @@ def as_sets(index, lengths, B, H):
     return [[sorted(index[b, h, : lengths[b, h]].tolist()) for h in range(H)] for b in range(B)]
 
 
-@pytest.mark.parametrize("ends_mode,search", [(ENDS_PREFIX, SEARCH_BISECT), (ENDS_BLOCKS, SEARCH_BISECT),
-                                              (ENDS_BLOCKS, SEARCH_INTERP)])
+@pytest.mark.parametrize("ends_mode,search,stream_above", [
+    (ENDS_PREFIX, SEARCH_BISECT, None), (ENDS_BLOCKS, SEARCH_BISECT, None), (ENDS_BLOCKS, SEARCH_INTERP, None),
+    (ENDS_PREFIX, SEARCH_INTERP, 16)])
 @pytest.mark.parametrize("kv_reuse", [False, True])
-def test_key_list_is_the_engine_mask(kv_reuse, ends_mode, search, monkeypatch):
+def test_key_list_is_the_engine_mask(kv_reuse, ends_mode, search, stream_above, monkeypatch):
     """Reference and Triton lists equal the engine's dense selective mask, layer 0 and 1; the
     fused path placing chunks by the prefix sum and by block sums (gist_select.ENDS_MODE), with
-    either threshold search (gist_select.SEARCH)."""
+    either threshold search (gist_select.SEARCH), and with rows of more than `stream_above`
+    chunks streamed by the select kernel (as rows past TOPK_MAX_CHUNKS are)."""
     monkeypatch.setattr(gist_select, "ENDS_MODE", ends_mode)
     monkeypatch.setattr(gist_select, "SEARCH", search)
+    if stream_above is not None:
+        monkeypatch.setattr(gist_select, "TOPK_MAX_CHUNKS", stream_above)
+        monkeypatch.setattr(gist_select, "STREAM_TILE", 64)
     for seed in range(6):
         layout, config = random_layout(seed, kv_reuse=kv_reuse)
         B, T = layout.input_ids.shape
@@ -262,19 +267,23 @@ def test_topk_union_equals_reference_selection():
 
 
 @OVERFLOW_OK
-@pytest.mark.parametrize("early_exit,ends_mode,search", [
-    (False, ENDS_PREFIX, SEARCH_BISECT), (True, ENDS_PREFIX, SEARCH_BISECT), (True, ENDS_BLOCKS, SEARCH_BISECT),
-    (True, ENDS_PREFIX, SEARCH_INTERP), (True, ENDS_BLOCKS, SEARCH_INTERP)])
+@pytest.mark.parametrize("early_exit,ends_mode,search,union_kernel", [
+    (False, ENDS_PREFIX, SEARCH_BISECT, False), (True, ENDS_PREFIX, SEARCH_BISECT, False),
+    (True, ENDS_BLOCKS, SEARCH_BISECT, False), (True, ENDS_PREFIX, SEARCH_INTERP, False),
+    (True, ENDS_BLOCKS, SEARCH_INTERP, False), (True, ENDS_BLOCKS, SEARCH_INTERP, True)])
 @pytest.mark.parametrize("G", [1, 3, 4])
-def test_fused_topk_union_picks_the_reference_sets(G, early_exit, ends_mode, search):
+def test_fused_topk_union_picks_the_reference_sets(G, early_exit, ends_mode, search, union_kernel, monkeypatch):
     """The select kernel's threshold search picks the reference's set per head (stable argsort:
     ties go to the lower chunk index), never a missing chunk, k above the chunks that exist,
     k = 0, many exact ties, -0.0 against +0.0; then the GQA union, its sizes and what the
     expansion places chunks by: the prefix sum, or the sums per block of 64 chunks (ENDS_BLOCKS;
     rows of one short block, several with a short last one, and whole blocks only). The
     searches: bisection over all 32 bits, bisection stopping once exactly k scores are above the
-    threshold, and interpolation (SEARCH_INTERP)."""
+    threshold, and interpolation (SEARCH_INTERP). union_kernel: the union as a launch of its own
+    (UNION_TILE 64 chunks a program, so rows span several)."""
     from types import SimpleNamespace
+
+    monkeypatch.setattr(gist_select, "UNION_TILE", 64)
 
     from gsa_rag.selection import choose_chunks, union_over_groups
 
@@ -300,7 +309,7 @@ def test_fused_topk_union_picks_the_reference_sets(G, early_exit, ends_mode, sea
         sizes = torch.randint(1, 4, (B, C), generator=g)
         plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.cat([torch.zeros(B, 1, dtype=torch.long), sizes.cumsum(-1)], 1).int().to(DEVICE))
         got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hkv, early_exit=early_exit, ends_mode=ends_mode,
-                                           search=search)
+                                           search=search, union_kernel=union_kernel)
         want = union_over_groups(choose_chunks(scores[:, :, None], k=k), Hkv)[:, :, 0]
         assert torch.equal(got.cpu(), want), (G, trial)
         assert torch.equal(got_sizes.cpu(), torch.where(want, sizes[:, None].int(), 0)), (G, trial)
@@ -367,6 +376,49 @@ def test_threshold_searches_pick_the_reference_sets_on_hard_rows(search, C):
     steps = stats[..., 0].cpu()
     assert bool((steps >= 0).all()) and bool((stats[..., 1].cpu() > steps).all())
     assert int(steps.max()) <= (34 if search == SEARCH_INTERP else 32), steps
+
+
+@OVERFLOW_OK
+@pytest.mark.parametrize("search,C", [(SEARCH_BISECT, 70), (SEARCH_INTERP, 300)])
+def test_streamed_rows_pick_the_reference_sets(search, C, monkeypatch):
+    """The select kernel reading its row 64 scores at a time at every pass (STREAM: rows past
+    TOPK_MAX_CHUNKS, any length) picks what the reference picks on `hard_rows`: ties straddling
+    tiles (the lowest chunks first, counted across tiles), -inf padding, every k; GQA groups of
+    1 and 5 heads, so the union tail walks its tiles too, placing chunks by the prefix sum
+    (carried across tiles) and by block sums."""
+    from types import SimpleNamespace
+
+    from gsa_rag.selection import choose_chunks, union_over_groups
+
+    monkeypatch.setattr(gist_select, "STREAM_TILE", 64)
+    g = torch.Generator().manual_seed(C + search)
+    k = torch.tensor([0, 1, C // 32, C // 2, C - 1, C + 3])
+    B = len(k)
+    scores = hard_rows(B, C, g)
+    Hq = scores.shape[1]
+    sizes = torch.randint(1, 4, (B, C), generator=g)
+    plan = SimpleNamespace(k=k.to(DEVICE), chunk_ptr=torch.cat([torch.zeros(B, 1, dtype=torch.long), sizes.cumsum(-1)], 1).int().to(DEVICE))
+    for G, ends_mode in ((1, ENDS_BLOCKS), (5, ENDS_PREFIX)):
+        got, got_sizes = topk_union_triton(scores.to(DEVICE), plan, Hq // G, search=search, ends_mode=ends_mode,
+                                           stream=True)
+        want = union_over_groups(choose_chunks(scores[:, :, None], k=k), Hq // G)[:, :, 0]
+        assert torch.equal(got.cpu(), want), (C, search, G)
+        assert torch.equal(got_sizes.cpu(), torch.where(want, sizes[:, None].int(), 0)), (C, search, G)
+
+
+def test_rows_stream_past_the_register_limit_and_tiles_are_checked(monkeypatch):
+    from types import SimpleNamespace
+
+    assert not gist_select.streams_rows(gist_select.TOPK_MAX_CHUNKS)
+    assert gist_select.streams_rows(gist_select.TOPK_MAX_CHUNKS + 1)
+    scores = torch.zeros(1, 1, 8, device=DEVICE)
+    plan = SimpleNamespace(k=torch.ones(1, dtype=torch.long, device=DEVICE),
+                           chunk_ptr=torch.arange(9, dtype=torch.int32, device=DEVICE)[None])
+    for name, tile in (("STREAM_TILE", 96), ("UNION_TILE", 32)):
+        monkeypatch.setattr(gist_select, name, tile)
+        with pytest.raises(ValueError, match=f"{name} must be a power of two"):
+            topk_union_triton(scores, plan, 1, stream=True, union_kernel=True)
+        monkeypatch.undo()
 
 
 # a row of 100 eighths (value * 8: copies) on which an interpolation search that moved hi onto the
@@ -709,11 +761,12 @@ def test_kernel_path_gives_the_hook_the_engine_mask(monkeypatch):
     assert out.shape == (B, 1, 4, 16) and not out.isnan().any()
 
 
-@pytest.mark.parametrize("ends_mode", [ENDS_PREFIX, ENDS_BLOCKS])
+@pytest.mark.parametrize("ends_mode,union_kernel", [(ENDS_PREFIX, False), (ENDS_BLOCKS, False), (ENDS_BLOCKS, True)])
 @pytest.mark.parametrize("search", [SEARCH_BISECT, SEARCH_INTERP])
-def test_select_kernel_on_a_row_without_chunks_writes_nothing_out_of_bounds(ends_mode, search):
-    """C == 0 (no chunk closed yet): the union tail's `ends` output has no room, so nothing may be
-    stored there (the block-sum tail once stored one sum unmasked: an illegal address on a GPU)."""
+def test_select_kernel_on_a_row_without_chunks_writes_nothing_out_of_bounds(ends_mode, union_kernel, search):
+    """C == 0 (no chunk closed yet): the union's `ends` output has no room, so nothing may be
+    stored there (the block-sum tail once stored one sum unmasked: an illegal address on a GPU);
+    the union by each group's last select program, or by a launch of its own."""
     B, Hq, Hkv = 2, 4, 2
     scores = torch.empty(B, Hq, 0, device=DEVICE)
     guard = torch.full((B, Hkv, 1), -7, dtype=torch.int32, device=DEVICE)  # ends' storage, one slot past its 0 width
@@ -723,5 +776,7 @@ def test_select_kernel_on_a_row_without_chunks_writes_nothing_out_of_bounds(ends
     counters = torch.zeros(B * Hkv, dtype=torch.int32, device=DEVICE)
     k = torch.full((B,), 3, dtype=torch.long, device=DEVICE)
     ptr = torch.zeros(B, 1, dtype=torch.int32, device=DEVICE)
-    topk_union_launch(scores, k, ptr, ptr.stride(0), picks, sizes, ends, counters, Hkv, ends_mode=ends_mode, search=search)
-    assert bool((guard == -7).all()) and bool((counters == Hq // Hkv).all())
+    topk_union_launch(scores, k, ptr, ptr.stride(0), picks, sizes, ends, counters, Hkv, ends_mode=ends_mode, search=search,
+                      union_kernel=union_kernel)
+    assert bool((guard == -7).all())
+    assert bool((counters == (0 if union_kernel else Hq // Hkv)).all())  # the tail ran where it is the union

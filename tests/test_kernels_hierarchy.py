@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton not installed")
 
 from fakes import FakeTokenizer, random_segments
-from gsa_rag.kernels import dispatch
+from gsa_rag.kernels import dispatch, gist_select
 from gsa_rag.kernels.bench import synthetic_hier_layout
 from gsa_rag.kernels.gist_select import DecodePlan
 from gsa_rag.kernels.hier_select import HierPlan, select_hier_index_list, select_hier_index_list_triton
@@ -81,12 +81,18 @@ def assert_lists_are_the_mask(index, lengths, want, context):
             assert got[b][h] == torch.nonzero(want[b, h]).flatten().tolist(), (context, b, h)
 
 
-@pytest.mark.parametrize("hierarchy", HIERARCHIES)
-@pytest.mark.parametrize("policy,beam", [("fixed", False), ("top_p", False), ("fixed", True)])
-def test_hier_key_list_is_the_engine_mask(hierarchy, policy, beam):
+@pytest.mark.parametrize("hierarchy,policy,beam,streamed", [
+    *[(h, policy, beam, False) for h in HIERARCHIES for policy, beam in (("fixed", False), ("top_p", False),
+                                                                          ("fixed", True))],
+    ((4, 2, 2), "fixed", False, True)])
+def test_hier_key_list_is_the_engine_mask(hierarchy, policy, beam, streamed, monkeypatch):
     """Per (batch, KV head) the list holds exactly the reference mask's decode row: selecting
     and non-selecting layers, GQA 4 query / 2 KV heads, two rows of different lengths; with
-    `beam`, more sections than chunks per head (section_top_k)."""
+    `beam`, more sections than chunks per head (section_top_k); `streamed`: every level's select
+    kernel streams its candidate rows (as rows past TOPK_MAX_CHUNKS do)."""
+    if streamed:
+        monkeypatch.setattr(gist_select, "TOPK_MAX_CHUNKS", 0)
+        monkeypatch.setattr(gist_select, "STREAM_TILE", 64)
     chose_fewer = 0
     for seed in range(4):
         layout, config = random_hier_layout(seed, hierarchy, policy, beam)
