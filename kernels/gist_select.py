@@ -1141,7 +1141,9 @@ def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch
     picks = torch.empty(R, Hq, C, dtype=torch.int8, device=query.device)
     sizes = torch.empty(R, Hkv, C, dtype=torch.int32, device=query.device)
     # with chunk_ptr 0..C a chosen chunk's size is 1: sizes is the union itself
-    topk_union_launch(scores, k, chunk_ptr, 0, picks, sizes, None, counters, Hkv)
+    # the union by each group's last select program: a launch of its own per layer made a question
+    # over gist memory slower (10.79 against 10.71 ms replayed, benchmarks/results/memory_ttft/r17)
+    topk_union_launch(scores, k, chunk_ptr, 0, picks, sizes, None, counters, Hkv, union_kernel=False)
     return (sizes != 0).transpose(0, 1)[None]
 
 
