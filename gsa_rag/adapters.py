@@ -197,4 +197,7 @@ def apply_adapter(model, adapter_dir: str | Path, fingerprint: str):
         from peft import PeftModel
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("loading a gist adapter needs PEFT: pip install 'gsa-rag[train]'") from e
-    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with warnings.catch_warnings():
+        # PEFT's own call into a transformers API deprecated in v5: nothing a user of ours can change
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()

@@ -215,7 +215,7 @@ def _ask(args) -> None:
 
     # the engine refuses these too, but only after the model has loaded
     validation.check_question(args.question)
-    passages = validation.check_passage_list([{"text": t} for t in args.passage])
+    passages = validation.check_passage_list(list(args.passage))  # text: refused before torch loads
     engine = _engine(args)
     print(engine.generate(args.question, passages, max_new_tokens=args.max_new_tokens))
 

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import torch
-
 from gsa_rag.errors import ContextTooLongError, InputError, InputTypeError
 
 _BINARY = (bytes, bytearray, memoryview)
@@ -101,10 +99,10 @@ def check_passage_list(passages, what: str = "passages") -> list:
 
 def check_passage(item, what: str) -> None:
     """Refuses a passage whose text is not text, or is empty; titles must be text too."""
-    from gsa_rag.prompt import as_passage
-
     if isinstance(item, str) and not item.strip():
         raise InputError(f"{what} is empty (or only whitespace): drop it (passages=None or [] answers closed book)")
+    from gsa_rag.prompt import as_passage  # after the check: it imports torch (the CLI's refusal comes first)
+
     passage = as_passage(item)  # refuses wrong types and bytes with the passage's own message
     if not passage.text.strip():
         raise InputError(f"{what} has no text (empty or only whitespace): drop it, or give it text")
@@ -132,6 +130,8 @@ def prompt_positions(layout) -> list[int]:
 
 def passage_tokens(layout, row: int) -> list[int]:
     """Raw tokens (positions) of each passage of one row, by passage id (links included)."""
+    import torch  # here: the CLI checks a question with this module before torch loads (seconds)
+
     ids = layout.passage_id[row][layout.valid[row] & ~layout.is_gist[row]]
     n = int(ids.max()) + 1 if ids.numel() else 0
     return torch.bincount(ids[ids >= 0], minlength=n).tolist() if n else []

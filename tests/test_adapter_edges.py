@@ -251,3 +251,12 @@ def test_the_command_line_warns_only_on_a_layout_override(bases, adapter, capsys
             warnings.simplefilter("always")
             main(ask + options)
         assert len(layout_warnings(record)) == warned, options
+
+
+def test_loading_an_adapter_passes_on_no_deprecation_warning_from_peft(bases, adapter):
+    """PEFT calls transformers' `is_gradient_checkpointing`, deprecated in v5: every `gsa-rag ask`
+    printed that FutureWarning, which no user of ours can act on."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        GistEngine.from_pretrained(str(bases[0]), adapter=str(adapter), device="cpu")
+    assert not [w for w in record if "is_gradient_checkpointing" in str(w.message)]

@@ -220,14 +220,16 @@ def test_cli_usage_errors_and_help_do_not_import_torch():
     """Regression: the CLI imported torch and transformers (~7 s) before argparse said a word."""
     argvs = [[], ["ask"], ["--help"], ["ask", "--help"], ["eval"], ["demo", "--top-k", "x"],
              ["ask", "Who?", "--max-new-tokens", "0"], ["demo", "--model", "./no_such_model_dir"],
-             ["train"], ["train", "--help"], ["train", "cpt", "--data", "x"], ["train", "sft", "--steps", "many"]]
+             ["train"], ["train", "--help"], ["train", "cpt", "--data", "x"], ["train", "sft", "--steps", "many"],
+             # a bad question or passage, refused by gsa_rag.validation (which once imported torch first)
+             ["ask", " ", "--passage", "Ada wrote it."], ["ask", "Who?", "--passage", ""], ["demo", "--question", ""]]
     import gsa_rag
 
     # run beside this tree's package, and check that it is the one imported (not another install)
     run = subprocess.run([sys.executable, "-c", USAGE, json.dumps(argvs)], capture_output=True, text=True, check=True,
                          cwd=Path(gsa_rag.__file__).parents[1])
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result == {"codes": [2, 2, 0, 0, 2, 2, 2, 2, 2, 0, 2, 2], "heavy": [], "file": gsa_rag.__file__}
+    assert result == {"codes": [2, 2, 0, 0, 2, 2, 2, 2, 2, 0, 2, 2, 2, 2, 2], "heavy": [], "file": gsa_rag.__file__}
 
 
 # 5. --levels is checked against the adapter's layout; adapter paths are printed expanded
