@@ -172,8 +172,10 @@ def run_key(args, examples, adapter, dtype_name: str, trained: GistConfig | None
             "model": args.model or "default", "adapter": adapter, "dtype": dtype_name,
             "max_new_tokens": args.max_new_tokens, "seed": args.seed, "batch_size": args.batch_size,
             "device": args.device, "corpus": args.corpus, "fuse": bool(getattr(args, "fuse", False)),
-            # as JSON has it (meta_chunks a list), so that a resumed file's key compares equal
-            "gist_config": None if trained is None else json.loads(json.dumps(trained.to_dict()))}
+            # as JSON has it (meta_chunks a list), so that a resumed file's key compares equal; absent
+            # where the gist methods run the library's defaults, as files written before this field did
+            **({} if trained is None or trained == GistConfig() else
+               {"gist_config": json.loads(json.dumps(trained.to_dict()))})}
 
 
 def load_previous(path: Path, key: dict, fresh: bool) -> dict | None:

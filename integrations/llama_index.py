@@ -124,8 +124,12 @@ class GistLLM(CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         window = self.context_window or getattr(self.engine.model.config, "max_position_embeddings", None) or 2048
+        from gsa_rag.models import DEFAULT_MODEL_NAME as DEFAULT_MODEL
+
+        name = self._backend.model_name
+        # the default model has one name here, loaded by this LLM or given as an engine
         return LLMMetadata(context_window=window, num_output=self.max_new_tokens, is_chat_model=True,
-                           model_name=self._backend.model_name or DEFAULT_MODEL_NAME)
+                           model_name=DEFAULT_MODEL_NAME if name in (None, DEFAULT_MODEL) else name)
 
     def _sampling(self, kwargs: dict) -> dict:
         """Per-call overrides (max_new_tokens or max_tokens, temperature, top_p, seed, stop)."""

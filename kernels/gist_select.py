@@ -335,17 +335,20 @@ if triton is not None:
         n = tl.load(NCH + b * s_nb + h * s_nh)
         c_ok = c < C
         exists = c < n
-        gidx = tl.load(GIDX + b * s_gb + h * s_gh + c * s_gc, mask=exists, other=0).to(tl.int64)
-        k = tl.load(K + b.to(tl.int64) * s_kb + h * s_kh + gidx[:, None] * s_kt + d[None, :] * s_kd,
+        # int64 batch offsets: question rows stand in for the batch (select_rows_triton), and R * Hq * C
+        # passes 2^31 at long contexts
+        b64 = b.to(tl.int64)
+        gidx = tl.load(GIDX + b64 * s_gb + h * s_gh + c * s_gc, mask=exists, other=0).to(tl.int64)
+        k = tl.load(K + b64 * s_kb + h * s_kh + gidx[:, None] * s_kt + d[None, :] * s_kd,
                     mask=exists[:, None], other=0.0)
-        q = tl.load(Q + b * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd,
+        q = tl.load(Q + b64 * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd,
                     mask=(g < G)[:, None], other=0.0)
         if DOT_F32:
             k = k.to(tl.float32)
             q = q.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_C] fp32
         s = tl.where(exists[None, :], s, float("-inf"))
-        tl.store(S + b * s_sb + (h * G + g)[:, None] * s_sh + c[None, :] * s_sc, s,
+        tl.store(S + b64 * s_sb + (h * G + g)[:, None] * s_sh + c[None, :] * s_sc, s,
                  mask=(g < G)[:, None] & c_ok[None, :])
         if ZERO_SIZES:
             tl.store(SIZES + pid.to(tl.int64) * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)

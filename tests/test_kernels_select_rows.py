@@ -76,3 +76,25 @@ def test_select_rows_kernel_on_strided_rows_and_k_per_row():
     assert not got[:, :, 0].any() and got[0, :, 3, :15].all() and not got[0, :, 3, 15:].any()
     with pytest.raises(ValueError, match="one sequence"):
         select_rows_triton(torch.cat([rows, rows]), key, gist_index, torch.tensor([15], device=DEVICE), k)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs a CUDA GPU with 40 GB: the scores of this case hold 2.3e9 entries")
+def test_select_rows_kernel_past_two_billion_scores():
+    """Regression: the scores kernel offset its batch (the question rows) in int32, so once
+    rows x query heads x chunks passed 2^31 (a 1,100-token question over 512K tokens at chunk 8)
+    it wrote out of bounds (CUDA: illegal memory access). Some rows against the reference."""
+    Hq, Hkv, R, C, D = 32, 8, 1100, 65536, 64
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q = torch.randn(1, Hq, R, D, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    key = torch.randn(1, Hkv, C, D, device=DEVICE, generator=g, dtype=torch.bfloat16)
+    gist_index = torch.arange(C, device=DEVICE)[None]
+    gist_valid = torch.ones(1, C, dtype=torch.bool, device=DEVICE)
+    config = GistConfig(chunk_size=8, top_k=4)
+    selector = ChunkSelector(gist_index, gist_valid, torch.tensor([C], device=DEVICE), config)
+    k = selector.chunks_per_head(Hq // Hkv).expand(R).contiguous()
+    got = select_rows_triton(q, key, gist_index, gist_valid.sum(-1), k)
+    torch.cuda.synchronize()
+    for r in (0, R // 2, R - 1):
+        want = selector(q[:, :, r : r + 1], key)
+        assert torch.equal(got[:, :, r : r + 1], want), r

@@ -241,6 +241,7 @@ def test_metadata_names_the_model_of_a_given_engine(llm):
     assert GistLLM(memory=GistMemory(tiny, progress=False)).metadata.model_name == "tiny/llama"
     assert GistLLM(engine=tiny).metadata.context_window == tiny.model.config.max_position_embeddings
     assert llm.metadata.model_name == "SmolLM2-135M-Instruct + gsa-rag 8x adapter"  # loaded by the LLM itself
+    assert GistLLM(engine=llm.engine).metadata.model_name == llm.metadata.model_name  # the default, given
 
 
 def test_config_overrides_reach_the_engine():

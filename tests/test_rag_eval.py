@@ -247,6 +247,21 @@ def test_gist_methods_take_the_trained_layout_where_their_spec_names_none():
         parse_spec("gsa:window=-2").gist_config(ctx)
 
 
+def test_run_key_names_the_trained_config_only_where_it_is_not_the_default():
+    """A results file written before the run key held the trained config still resumes where the
+    gist methods run what they ran then (no adapter, or one trained in the default layout, like
+    the bundled one); another trained layout is another run."""
+    from types import SimpleNamespace
+
+    rag_eval = _script("rag_eval")
+    args = SimpleNamespace(data="nq", split="dev", model=None, max_new_tokens=32, seed=0, batch_size=8,
+                           device="cpu", corpus=None, fuse=False)
+    for trained in (None, GistConfig()):
+        assert "gist_config" not in rag_eval.run_key(args, [], None, "float32", trained)
+    key = rag_eval.run_key(args, [], None, "float32", GistConfig(sink=2))
+    assert key["gist_config"]["sink"] == 2
+
+
 def test_quest_layout_is_gsa_layout_without_gists(engine):
     config = GistConfig(chunk_size=8)
     segs = [build_segments(engine.tokenizer, q, [x for _, x in PASSAGES[: i + 2]]) for i, (_, q, _) in
