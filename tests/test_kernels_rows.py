@@ -71,7 +71,7 @@ def test_masked_rows_kernel_equals_the_reference(dtype, B, Hq, Hkv, R, T, D, per
 @pytest.mark.parametrize("B,Hq,Hkv,R,start,T,D,shared_heads,tail_heads,shared_rows", [
     (1, 4, 4, 40, 16, 90, 16, 1, 4, "all"),     # G 1: start on a 16-row block's edge, inside a 64-row one
     (1, 4, 4, 40, 23, 90, 16, 1, 1, "start"),   # G 1: start inside a block; a shared mask of `start` rows
-    (2, 8, 2, 13, 5, 150, 16, 1, 2, "all"),     # G 4: the folded rows of each head straddle start
+    (2, 8, 2, 9, 4, 150, 16, 1, 2, "all"),      # G 4: the folded rows of each head straddle start
     (1, 6, 2, 11, 0, 70, 32, 1, 2, "all"),      # start 0: every row reads the tail
     (1, 6, 2, 11, 7, 133, 16, 2, 1, "start"),   # a per-head shared part, one tail row for every head
 ])
@@ -197,14 +197,15 @@ class _Launches:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("start,tail_heads", [(9, 2), (6, 1), (0, 2), (13, None)],
+@pytest.mark.parametrize("start,tail_heads", [(5, 2), (3, 1), (0, 2), (7, None)],
                          ids=["tail-per-head", "tail-one-head", "start-0", "no-tail"])
 def test_kernel_rows_launches_the_rows_kernel_once(monkeypatch, dtype, start, tail_heads):
     """attention._kernel_rows runs a question's shared and tail rows in one launch of the rows
     kernel (and at most one combine), giving what a launch per part gave."""
     from gsa_rag.attention import _kernel_rows
 
-    B, Hq, Hkv, R, T, D = 1, 8, 2, 13, 120, 16
+    # 7 rows: the interpreter's combine runs a program per (query head, row), most of this test's time
+    B, Hq, Hkv, R, T, D = 1, 8, 2, 7, 120, 16
     g = torch.Generator().manual_seed(start + 17)
     q = torch.randn(B, Hq, R, D, generator=g).to(DEVICE, dtype)
     k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, dtype)

@@ -8,6 +8,7 @@ import importlib.util
 import random
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,20 +96,25 @@ def random_reuse_segments(rng: random.Random) -> list[Segment]:
 
 
 def brute_force_reuse(layout, b, q, kv, num_prev, recall) -> bool:
-    """The KV-reuse rule, one pair at a time, in plain Python."""
+    """The KV-reuse rule, one pair at a time, in plain Python; `layout` is `layout_lists` of one."""
     if q == kv:
         return True
-    if kv > q or not layout.valid[b, kv]:
+    if kv > q or not layout.valid[b][kv]:
         return False
-    if layout.is_sink[b, kv]:
+    if layout.is_sink[b][kv]:
         return True
-    doc_q, doc_kv = int(layout.doc_id[b, q]), int(layout.doc_id[b, kv])
+    doc_q, doc_kv = int(layout.doc_id[b][q]), int(layout.doc_id[b][kv])
     if doc_q >= 0 and doc_kv != doc_q:  # passages do not see each other (nor links, nor the prefix)
         return False
-    if recall or layout.is_link[b, kv]:
+    if recall or layout.is_link[b][kv]:
         return True
-    cq, ck = int(layout.chunk_id[b, q]), int(layout.chunk_id[b, kv])
+    cq, ck = int(layout.chunk_id[b][q]), int(layout.chunk_id[b][kv])
     return ck in range(cq - num_prev, cq + 1)
+
+
+def layout_lists(layout) -> SimpleNamespace:
+    """The layout's tensors as nested Python lists (same names): a pair then costs no tensor indexing."""
+    return SimpleNamespace(**{f.name: getattr(layout, f.name).tolist() for f in fields(layout)})
 
 
 @settings(max_examples=40, deadline=None)
@@ -122,13 +128,14 @@ def test_reuse_masks_equal_brute_force(seed):
     C = layout.gist_index.shape[1]
     selected = torch.rand(B, 1, T, C, generator=torch.Generator().manual_seed(seed % 2**31)) < 0.5
     unfold = dense_unfold_mask(layout, selected, config.num_previous_chunks, torch.arange(T))
+    rows, mask, unfold, selected = layout_lists(layout), mask.tolist(), unfold.tolist(), selected.tolist()
     for b in range(B):
         for q in range(T):
             for kv in range(T):
-                c = int(layout.chunk_id[b, kv])
-                picked = 0 <= c < int(layout.num_chunks[b]) and bool(selected[b, 0, q, c])
-                assert bool(mask[b, q, kv]) == brute_force_reuse(layout, b, q, kv, config.num_previous_chunks, bool(layout.is_gist[b, kv]))
-                assert bool(unfold[b, 0, q, kv]) == brute_force_reuse(layout, b, q, kv, config.num_previous_chunks, picked)
+                c = rows.chunk_id[b][kv]
+                picked = 0 <= c < rows.num_chunks[b] and selected[b][0][q][c]
+                assert mask[b][q][kv] == brute_force_reuse(rows, b, q, kv, config.num_previous_chunks, rows.is_gist[b][kv])
+                assert unfold[b][0][q][kv] == brute_force_reuse(rows, b, q, kv, config.num_previous_chunks, picked)
 
 
 def test_reuse_layout_puts_links_after_each_closing_gist_in_the_passage_last_chunk():

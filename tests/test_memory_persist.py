@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
+import signal
+import time
+import traceback
 
 import pytest
 import torch
@@ -109,39 +108,46 @@ def test_error_inside_the_writer_leaves_the_previous_memory_loadable(tokenizer, 
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_killed_save_leaves_the_previous_memory_loadable(tokenizer, default_model_dir, tmp_path):
+def test_killed_save_leaves_the_previous_memory_loadable(tokenizer, tmp_path):
     engine = tiny_engine(tokenizer)
     memory = GistMemory(engine, progress=False)
     ids = memory.add(PASSAGES)
     memory.save(tmp_path / "mem")
     want = answers(engine, memory, ids)
-    script = textwrap.dedent(
-        f"""
-        import os, sys, time
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from transformers import AutoTokenizer
-        from test_memory import tiny_engine
-        from gsa_rag.memory import GistMemory
-        engine = tiny_engine(AutoTokenizer.from_pretrained({str(default_model_dir)!r}, local_files_only=True))
-        memory = GistMemory.load({str(tmp_path / "mem")!r}, engine, progress=False)
-        memory.add({NEW!r})
-        replace = os.replace
-        def stall(src, dst):
-            if str(dst).endswith("manifest.json"):  # every new file written, the manifest about to be published
-                print("STALLED", flush=True)
-                time.sleep(600)
-            return replace(src, dst)
-        os.replace = stall
-        memory.save({str(tmp_path / "mem")!r})
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.strip() == "STALLED", proc.stderr.read()
-    finally:
-        proc.kill()  # SIGKILL: no cleanup runs
-        proc.wait()
+    # a child forked from this process (the model already here: no new interpreter importing
+    # torch) loads the memory, adds passages and saves; it stalls with every new file written and
+    # the manifest about to be published, and is SIGKILLed there (no cleanup runs)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            torch.set_num_threads(1)  # a forked child has no OpenMP pool: torch must not wait on one
+            child = GistMemory.load(tmp_path / "mem", engine, progress=False)
+            child.add(NEW)
+            replace = os.replace
+
+            def stall(src, dst):
+                if str(dst).endswith("manifest.json"):
+                    os.write(write, b"STALLED\n")
+                    time.sleep(600)
+                return replace(src, dst)
+
+            os.replace = stall
+            child.save(tmp_path / "mem")
+            os.write(write, b"the save finished without publishing its manifest\n")
+        except BaseException:  # noqa: BLE001 - reported to the parent, which reads the pipe
+            os.write(write, traceback.format_exc().encode())
+        finally:
+            os._exit(3)
+    os.close(write)
+    with os.fdopen(read) as child_says:
+        try:
+            line = child_says.readline()
+            assert line.strip() == "STALLED", line + child_says.read()
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     assert list((tmp_path / "mem").glob(".tmp-*"))  # the dead save left its temp manifest behind
     old = GistMemory.load(tmp_path / "mem", engine, progress=False)
     assert old.ids == ids and answers(engine, old, ids) == want

@@ -4,8 +4,13 @@ adapters round-trip, checkpoints resume, and accelerate runs two processes."""
 import dataclasses
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
@@ -355,7 +360,8 @@ def test_checkpoint_restores_parameters_and_optimizer(tiny, tmp_path):
 def test_accelerate_two_processes_run_a_step(tiny_dir, tmp_path):
     data = _rag_file(tmp_path)
     # accelerate's own launcher runs one process with --cpu; torchrun (what it uses for several
-    # GPUs) starts two, and Accelerator joins them over gloo
+    # GPUs) starts two, and Accelerator joins them over gloo (the one test that starts new ranks through
+    # torchrun; the others fork them: fork_two_ranks)
     run_two_ranks(["-m", "gsa_rag.cli", "train", "sft", "--model", str(tiny_dir), "--data", data,
                    "--output", str(tmp_path / "ddp"), "--steps", "2", "--batch-size", "1", "--log-every", "1",
                    "--chunk-size", "4"])
@@ -472,6 +478,72 @@ def run_two_ranks(args: list[str], env: dict | None = None, cwd=None) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
     assert proc.returncode == 0, stderr[-3000:]
+
+
+def fork_two_ranks(argv: list[str], env: dict | None = None, before=None) -> None:
+    """`gsa_rag.cli.main(argv)` as two ranks on the CPU (one thread each) that join over gloo,
+    forked from this process: a rank starts with torch, transformers and gsa_rag imported, where
+    a new interpreter spends ~8 s of a 2-core machine importing them (`run_two_ranks` starts
+    new ones, as torchrun does).
+
+    Each rank gets the variables torchrun gives its workers (RANK, WORLD_SIZE, MASTER_ADDR/PORT,
+    ...) and `env`, and accelerate's process-wide state is cleared (a test here may have trained
+    in this process; a new one has none); `before()` then runs in the rank (e.g. a launcher's
+    patch). The port is one the kernel just handed out, so parallel runs do not share a
+    rendezvous. A rank that fails ends the other (it would wait for it at the next collective)
+    and fails the test with its traceback; after 300 s both are killed."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    codes = {}  # pid -> exit code (-9: killed here), None while running
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            for rank in range(2):
+                pid = os.fork()
+                if pid == 0:
+                    _rank_main(argv, {**(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                      "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": str(rank),
+                                      "LOCAL_RANK": str(rank)}, before, Path(folder) / f"rank{rank}.txt")
+                codes[pid] = None
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and None in codes.values() and not any(codes.values()):
+                for pid in [pid for pid, code in codes.items() if code is None]:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    codes[pid] = os.waitstatus_to_exitcode(status) if done else None
+                time.sleep(0.05)
+        finally:
+            for pid in [pid for pid, code in codes.items() if code is None]:
+                os.kill(pid, signal.SIGKILL)
+                codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        said = [report.read_text()[-3000:] for report in sorted(Path(folder).iterdir())]
+    assert not any(codes.values()), (f"ranks' exit codes {list(codes.values())} (-9: killed after 300 s or the other's "
+                                     f"failure): {said}; their output is this test's captured stderr")
+
+
+def _rank_main(argv, env, before, report: Path):
+    """One forked rank of `fork_two_ranks`: never returns (os._exit), whatever happens."""
+    code = 1
+    try:
+        torch.set_num_threads(1)  # a forked child has no OpenMP pool: torch must not wait on one
+        os.environ.update(env)
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        if before is not None:
+            before()
+        from gsa_rag.cli import main
+
+        main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if code:
+            report.write_text(f"SystemExit: {stop.code}")
+    except BaseException:  # noqa: BLE001 - reported to the parent through the file
+        report.write_text(traceback.format_exc())
+    finally:
+        os._exit(code)
 
 
 def _rag_file(tmp_path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_train import PASSAGES, _rag_file, _state, run_two_ranks, tiny_dir  # noqa: F401  (tiny_dir: a fixture)
+from test_train import PASSAGES, _rag_file, _state, fork_two_ranks, tiny_dir  # noqa: F401  (tiny_dir: a fixture)
 
 from gsa_rag.config import GistConfig
 from gsa_rag.engine import GistEngine
@@ -148,8 +148,7 @@ def test_fsdp2_two_processes_train_the_same_adapter_as_one(tiny_dir, tmp_path): 
     accelerate enables FSDP only on accelerator devices; tests/fsdp_cpu_launch.py lifts that one
     gate (see its docstring). On GPUs the same run is
     `accelerate launch --config_file examples/accelerate_fsdp2.yaml -m gsa_rag.cli train ...`."""
-    import os
-    from pathlib import Path
+    import importlib
 
     from safetensors.torch import load_file
 
@@ -158,11 +157,10 @@ def test_fsdp2_two_processes_train_the_same_adapter_as_one(tiny_dir, tmp_path): 
     data = _rag_file(tmp_path)
     common = ["train", "sft", "--reuse", "--model", str(tiny_dir), "--data", data, "--steps", "2",
               "--log-every", "1", "--chunk-size", "4", "--lr", "1e-2", "--warmup", "0"]
-    root = Path(__file__).resolve().parents[1]
-    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    run_two_ranks([str(root / "tests" / "fsdp_cpu_launch.py"), *common, "--batch-size", "1", "--save-every", "1",
-                   "--output", str(tmp_path / "fsdp")], env=env, cwd=root)
+    # as `python -m torch.distributed.run ... tests/fsdp_cpu_launch.py ARGS` runs: its patch, then the CLI
+    fork_two_ranks([*common, "--batch-size", "1", "--save-every", "1", "--output", str(tmp_path / "fsdp")],
+                   env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"},
+                   before=lambda: importlib.import_module("fsdp_cpu_launch"))
     manifest = json.loads((tmp_path / "fsdp" / "gsa_adapter.json").read_text())
     assert manifest["parallelism"] == "fsdp2" and manifest["num_processes"] == 2 and manifest["kv_reuse"]["num_links"] == 4
 
