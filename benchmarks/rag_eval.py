@@ -125,7 +125,7 @@ def resolve_adapter(args) -> str | None:
 
 
 def load_engine(args, adapter: str | None, dtype) -> GistEngine:
-    # config None: the adapter's trained one, read as trained_config reads it (each method runs its
+    # config None: the adapter's trained one, as main reads it into ctx.trained (each method runs its
     # own, gist_config(ctx), which starts from that)
     kwargs = {"config": None, "device": args.device, "dtype": dtype}
     if getattr(args, "fuse", False):
@@ -136,13 +136,6 @@ def load_engine(args, adapter: str | None, dtype) -> GistEngine:
         raise SystemExit("rag_eval: this gsa-rag's GistEngine.from_pretrained takes no `adapter`; "
                          "adapters need the training issue's code (gsa_rag.adapters)")
     return GistEngine.from_pretrained(args.model, **kwargs)
-
-
-def trained_config(model, adapter) -> GistConfig | None:
-    """The config the model was trained with (what `GistEngine.from_pretrained(config=None)` runs
-    with), read from its manifest before the model loads; None for an untrained model."""
-    trained = trained_manifest_dir(model, adapter)  # the adapter, or a `train --full` model folder
-    return adapter_config(trained) if trained is not None else None
 
 
 def warn_untrained_layouts(specs: list[str], ctx: RunContext, trained: str | Path) -> None:
@@ -218,8 +211,11 @@ def main(argv=None) -> dict | None:
         raise SystemExit(f"rag_eval: no questions in {args.data}")
     tag = data_tag(args.data, args.split)
     adapter = resolve_adapter(args)
+    # the adapter, or a `train --full` model folder: its config is what from_pretrained(config=None) runs
+    trained = trained_manifest_dir(args.model, adapter)
     ctx = RunContext(data=tag, num_layers=0, retrieval_dir=args.retrieval_dir, embed_device=args.embed_device,
-                     load_corpus=lambda: load_corpus(args.corpus), trained=trained_config(args.model, adapter))
+                     load_corpus=lambda: load_corpus(args.corpus),
+                     trained=adapter_config(trained) if trained is not None else None)
     for spec in specs:  # every method's settings checked now, not when its turn comes after the others ran
         try:
             parse_spec(spec).gist_config(ctx)
@@ -238,7 +234,6 @@ def main(argv=None) -> dict | None:
     args.device = str(device)
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     dtype_name = args.dtype if dtype is not None else ("bfloat16" if device.type == "cuda" else "float32")
-    trained = trained_manifest_dir(args.model, adapter)
     if trained is not None:
         warn_untrained_layouts(specs, ctx, trained)
     key = run_key(args, examples, adapter, dtype_name, ctx.trained)
