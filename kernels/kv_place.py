@@ -106,12 +106,15 @@ if triton is not None:
 
     @triton.jit
     def _place_kernel(keys, values, k_table, v_table, strides, rot_rows, rope_flags, meta, cos, sin, N, E, H,
-                      dst_l, dst_h, dst_t, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr):
+                      dst_l, dst_h, dst_t, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ALIGN: tl.constexpr):
         """Grid (cdiv(N, BLOCK_N), L * H). meta: int64 [3, N] rows owner, column in its part,
         buffer column. k_table / v_table: int64 [E] base addresses; strides: int64 [3, E]
         (layer, head, column) in elements; rot_rows: int64 [E], each part's row of cos / sin;
         rope_flags: int64 [L], 0 for a layer without RoPE (keys copied as they are);
-        WIDTH: bytes per element."""
+        WIDTH: bytes per element; ALIGN: 16 when every part's rows start on 16 bytes, else 1 (the
+        compiler cannot see that in an address read from a table, and without it each element is
+        a load of its own)."""
         lh = tl.program_id(1)
         layer = (lh // H).to(tl.int64)
         head = (lh % H).to(tl.int64)
@@ -122,26 +125,31 @@ if triton is not None:
         column = tl.load(meta + 2 * N + n, mask=live, other=0)
         src = (layer * tl.load(strides + part, mask=live, other=0)
                + head * tl.load(strides + E + part, mask=live, other=0)
-               + local * tl.load(strides + 2 * E + part, mask=live, other=0))
-        d = tl.arange(0, D)
-        partner = (d + D // 2) % D  # rotate_half: x[d + D/2] negated in the first half, x[d - D/2] in the second
-        sign = tl.where(d < D // 2, -1.0, 1.0)
-        two_d = live[:, None]
+               + local * tl.load(strides + 2 * E + part, mask=live, other=0)) * WIDTH
         elem = keys.dtype.element_ty
-        k_base = tl.load(k_table + part, mask=live, other=0)
-        x = tl.load((k_base[:, None] + (src[:, None] + d[None, :]) * WIDTH).to(tl.pointer_type(elem)), mask=two_d, other=0.0)
-        xp = tl.load((k_base[:, None] + (src[:, None] + partner[None, :]) * WIDTH).to(tl.pointer_type(elem)), mask=two_d,
-                     other=0.0)
-        row = tl.load(rot_rows + part, mask=live, other=0)
-        c = tl.load(cos + row[:, None] * D + d[None, :], mask=two_d, other=0.0)
-        s = tl.load(sin + row[:, None] * D + d[None, :], mask=two_d, other=0.0)
-        rotated = x.to(tl.float32) * c + (xp.to(tl.float32) * sign[None, :]) * s
-        rotated = tl.where(tl.load(rope_flags + layer) != 0, rotated, x.to(tl.float32))  # NoPE: exact copy
-        dst = layer * dst_l + head * dst_h + column[:, None] * dst_t + d[None, :]
-        tl.store(keys + dst, rotated.to(elem), mask=two_d)
-        v_base = tl.load(v_table + part, mask=live, other=0)
-        v = tl.load((v_base[:, None] + (src[:, None] + d[None, :]) * WIDTH).to(tl.pointer_type(elem)), mask=two_d, other=0.0)
-        tl.store(values + dst, v, mask=two_d)
+        k_row = tl.multiple_of(tl.load(k_table + part, mask=live, other=0) + src, ALIGN).to(tl.pointer_type(elem))
+        v_row = tl.multiple_of(tl.load(v_table + part, mask=live, other=0) + src, ALIGN).to(tl.pointer_type(elem))
+        # rotate_half pairs element d of the first half with d of the second: load the halves apart
+        h = tl.arange(0, D // 2)
+        two_d = live[:, None]
+        x1 = tl.load(k_row[:, None] + h[None, :], mask=two_d, other=0.0).to(tl.float32)
+        x2 = tl.load(k_row[:, None] + (h + D // 2)[None, :], mask=two_d, other=0.0).to(tl.float32)
+        rot = tl.load(rot_rows + part, mask=live, other=0)[:, None] * D
+        c1 = tl.load(cos + rot + h[None, :], mask=two_d, other=0.0)
+        c2 = tl.load(cos + rot + (h + D // 2)[None, :], mask=two_d, other=0.0)
+        s1 = tl.load(sin + rot + h[None, :], mask=two_d, other=0.0)
+        s2 = tl.load(sin + rot + (h + D // 2)[None, :], mask=two_d, other=0.0)
+        if tl.load(rope_flags + layer) != 0:
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        else:  # NoPE: an exact copy
+            y1 = x1
+            y2 = x2
+        dst = layer * dst_l + head * dst_h + column[:, None] * dst_t
+        tl.store(keys + dst + h[None, :], y1.to(elem), mask=two_d)
+        tl.store(keys + dst + (h + D // 2)[None, :], y2.to(elem), mask=two_d)
+        d = tl.arange(0, D)
+        tl.store(values + dst + d[None, :], tl.load(v_row[:, None] + d[None, :], mask=two_d, other=0.0), mask=two_d)
 
 
 def _part_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int] | None:
@@ -149,6 +157,12 @@ def _part_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int] | No
     if k.stride() != v.stride() or k.stride(-1) != 1:
         return None
     return k.stride(0), k.stride(1), k.stride(2)
+
+
+def _rows_on_16_bytes(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether every row of the part starts on 16 bytes (the kernel then loads 16 bytes at a time)."""
+    width = k.element_size()
+    return all(t.data_ptr() % 16 == 0 for t in (k, v)) and all(st * width % 16 == 0 for st in k.stride()[:3])
 
 
 def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
@@ -194,4 +208,5 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
     grid = (triton.cdiv(N, block_n), L * H)
     _place_kernel[grid](keys, values, part_table[0], part_table[1], part_table[2:5], part_table[5], rope_flags, meta,
                         cos.float().contiguous(), sin.float().contiguous(), N, E, H, keys.stride(0), keys.stride(2),
-                        keys.stride(3), D=D, WIDTH=keys.element_size(), BLOCK_N=block_n)
+                        keys.stride(3), D=D, WIDTH=keys.element_size(), BLOCK_N=block_n,
+                        ALIGN=16 if all(_rows_on_16_bytes(k, v) for k, v in zip(k_parts, v_parts)) else 1)

@@ -106,6 +106,29 @@ def test_parts_of_another_dtype_are_converted_first():
     assert_placed_alike(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_parts_off_16_byte_rows_are_read_element_by_element(dtype):
+    """The kernel loads 16 bytes at a time only when every part's rows start on 16 bytes (their
+    addresses come from a table the compiler cannot see into); a part one element off its
+    storage's start (and a head dim whose rows are 8 bytes) takes the element-wise loads and
+    places the same."""
+    from gsa_rag.kernels.kv_place import _rows_on_16_bytes
+
+    g = torch.Generator().manual_seed(12)
+    L, H, T = 2, 2, 30
+    for D, sizes in ((16, [4, 6]), (4, [3, 5])):
+        columns, owner, k_parts, v_parts, cos, sin = random_case(L, H, D, T, sizes, dtype, g)
+        flat = torch.empty(2 * k_parts[1].numel() + 1, dtype=dtype, device=DEVICE)
+        off_k = flat[1:1 + k_parts[1].numel()].view_as(k_parts[1]).copy_(k_parts[1])
+        off_v = flat[1 + k_parts[1].numel():].view_as(v_parts[1]).copy_(v_parts[1])
+        assert not _rows_on_16_bytes(off_k, off_v)
+        assert _rows_on_16_bytes(k_parts[0], v_parts[0]) == (D * 2 % 16 == 0)
+        want, got = poisoned(L, H, T, D, dtype), poisoned(L, H, T, D, dtype)
+        place_rotated_ref(*want, columns, owner, k_parts, v_parts, cos, sin)
+        place_rotated_triton(*got, columns, owner, [k_parts[0], off_k], [v_parts[0], off_v], cos, sin)
+        assert_placed_alike(got, want, dtype)
+
+
 def test_the_reference_rotates_in_blocks_as_it_would_at_once():
     g = torch.Generator().manual_seed(4)
     columns, owner, k_parts, v_parts, cos, sin = random_case(2, 2, 16, 50, [9, 11, 20], torch.float32, g)
