@@ -26,12 +26,14 @@ GQA group's picks, the union's chunk sizes and one sum per block of 64 chunks, E
 ENDS_PREFIX, or UNION_KERNEL off, the last head of each group to finish writes them instead, the
 prefix sum along the row for ENDS_PREFIX) -> the expansion kernel (grid
 (B * Hkv, C / 64 + base blocks): every chunk block writes its columns at base_len + prefix sum;
-no serial walk, no dense mask). Above TOPK_MAX_CHUNKS chunks a row no longer fits in registers
-and the select kernel streams it from memory at every pass instead (`streams_rows`); the older
-path, torch.topk, the mark kernel (each pick writes its chunk's extra-column count: the GQA union)
-and torch.cumsum, stays for `fused_topk=False`. Reference path (torch): `gist_scores_ref` is
-`gsa_rag.selection.gist_scores`; `build_index_list_ref` expands column-wise from a mask. Top-p
-goes through the reference `choose_chunks` on both.
+no serial walk, no dense mask; where every chunk's extra columns are one run of consecutive
+columns, the usual case (`DecodePlan.contiguous`), they are its first column + 0, 1, .. instead
+of a gather through the CSR offsets, EXPAND_CONTIGUOUS). Above TOPK_MAX_CHUNKS chunks a row no
+longer fits in registers and the select kernel streams it from memory at every pass instead
+(`streams_rows`); the older path, torch.topk, the mark kernel (each pick writes its chunk's
+extra-column count: the GQA union) and torch.cumsum, stays for `fused_topk=False`. Reference path
+(torch): `gist_scores_ref` is `gsa_rag.selection.gist_scores`; `build_index_list_ref` expands
+column-wise from a mask. Top-p goes through the reference `choose_chunks` on both.
 
 Shapes: B batch, Hq query heads, Hkv KV heads, G = Hq // Hkv, T key columns, C chunks,
 D head dim. Index lists are int32 [B, H, CAP] padded with 0, with int32 lengths [B, H]
@@ -122,6 +124,11 @@ class DecodePlan:
         selects: whether selecting layers select at all (some row has a chunk).
         uniform_k: every row has the same k (top-k may then skip sorting its picks).
         nb_max: the longest base list (host int).
+        chunk_first: int32 [B, C], each chunk's first extra column (chunk_cols[chunk_ptr[c]];
+            anything where the chunk has none). None in plans made by hand.
+        contiguous: every chunk's extra columns, in every row, are one run chunk_first[c] + t
+            (raw tokens then gist, nothing of base between them; host bool): the expansion then
+            computes them instead of gathering them from chunk_cols (`_expand_launch`).
 
     Built with one host sync (the sizes above); nothing per layer syncs.
     """
@@ -141,6 +148,8 @@ class DecodePlan:
     selects: bool
     uniform_k: bool = False
     nb_max: int = 1
+    chunk_first: torch.Tensor | None = None
+    contiguous: bool = False
 
     @property
     def chunk_size(self) -> torch.Tensor:
@@ -211,6 +220,11 @@ class DecodePlan:
 
         chunk_ptr, order, chunk = csr_columns(extra_mask, layout.chunk_id, C)
         counts = chunk_ptr[:, 1:] - chunk_ptr[:, :-1]
+        # a chunk is one run where each of its entries after the first is the previous column + 1
+        # (padding entries carry unit C and are left out)
+        same = (chunk[:, 1:] == chunk[:, :-1]) & (chunk[:, 1:] < C)
+        gap = (same & (order[:, 1:] - order[:, :-1] != 1)).any()
+        chunk_first = torch.gather(order, 1, chunk_ptr[:, :C].long().clamp(max=T - 1)).to(torch.int32)
 
         num_chunks = layout.num_chunks
         if config.k_policy == "top_p":
@@ -230,8 +244,9 @@ class DecodePlan:
             k.max() if k is not None else zero,
             k.min() if k is not None else zero,
             num_chunks.max(),
+            gap.long(),
         ]).tolist()
-        nb_max, nf_max, nx, max_chunk_len, k_max, k_min, n_max = stats
+        nb_max, nf_max, nx, max_chunk_len, k_max, k_min, n_max, gaps = stats
         nb_max, nf_max, nx = max(1, nb_max), max(1, nf_max), max(1, nx)
         base, forget = base[:, :nb_max].contiguous(), forget[:, :nf_max].contiguous()
         chunk_cols = order[:, :nx].to(torch.int32)
@@ -241,7 +256,8 @@ class DecodePlan:
         picked = C if k is None else min(C, group_size * k_max)
         capacity = max(1, nb_max + min(nx, picked * max_chunk_len))
         return cls(base, base_len, chunk_ptr, chunk_cols, chunk_of_col, forget[:, None], forget_len[:, None],
-                   k, k_max, max_chunk_len, capacity, num_chunks, n_max > 0, uniform_k, nb_max)
+                   k, k_max, max_chunk_len, capacity, num_chunks, n_max > 0, uniform_k, nb_max,
+                   chunk_first=chunk_first, contiguous=not gaps)
 
 
 def _plan_key(config: GistConfig, group_size: int) -> tuple:
@@ -288,6 +304,7 @@ class _PlanCache:
             self.base[:, :nb], self.base_len[n], p.chunk_ptr, p.chunk_cols, p.chunk_of_col,
             self.forget[:, :, :nf], self.forget_len[n][:, None], p.k, p.k_max, p.max_chunk_len,
             nb + self.picked_cols, p.num_chunks, p.selects, p.uniform_k, nb,
+            chunk_first=p.chunk_first, contiguous=p.contiguous,
         )
 
 
@@ -387,12 +404,12 @@ if triton is not None:
 
     @triton.jit
     def _expand_kernel(
-        BASE, BASE_LEN, PTR, COLS, SIZES, ENDS, OUT, OUT_LEN,
-        s_bb, s_pb, s_cb,
+        BASE, BASE_LEN, PTR, COLS, FIRST, SIZES, ENDS, OUT, OUT_LEN,
+        s_bb, s_pb, s_cb, s_fb,
         s_ob, s_oh,
         Hkv, C, NPC, NSB,
         BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, SUM_BLOCK: tl.constexpr, MAXLEN: tl.constexpr,
-        ENDS_MODE: tl.constexpr, NSB_POW2: tl.constexpr,
+        ENDS_MODE: tl.constexpr, NSB_POW2: tl.constexpr, CONTIG: tl.constexpr,
     ):
         # grid (B * Hkv, NPC + base blocks): program j < NPC writes the extra columns of chunks
         # [j * BLOCK_C, (j + 1) * BLOCK_C) at base_len + (inclusive prefix sum of sizes) - size;
@@ -401,7 +418,9 @@ if triton is not None:
         # along C (ENDS_PREFIX, [B * Hkv, C]) or one sum per block of SUM_BLOCK chunks (ENDS_BLOCKS,
         # [B * Hkv, NSB]): then each program adds the sums of the blocks before its own (one masked
         # load of <= NSB_POW2 sums) and scans its own BLOCK_C sizes (a multiple of SUM_BLOCK), so no
-        # row-wide scan is needed.
+        # row-wide scan is needed. With CONTIG each chunk's columns are one run from FIRST[c]
+        # (DecodePlan.contiguous): computed, not gathered from COLS at PTR[c], so none of the
+        # program's loads (sizes, block sums, first columns) waits on another.
         pid = tl.program_id(0)
         j = tl.program_id(1)
         b = pid // Hkv
@@ -412,6 +431,8 @@ if triton is not None:
             ok = c < C
             row = pid.to(tl.int64) * C
             size = tl.load(SIZES + row + c, mask=ok, other=0)
+            if CONTIG:
+                first = tl.load(FIRST + b * s_fb + c, mask=ok, other=0)
             if ENDS_MODE == 2:  # ENDS_BLOCKS
                 # (not named `i`: a name bound in both branches of `if j < NPC` must keep one shape)
                 jb = tl.arange(0, NSB_POW2)
@@ -420,10 +441,13 @@ if triton is not None:
                 start = nb + before + tl.cumsum(size, 0) - size
             else:
                 start = nb + tl.load(ENDS + row + c, mask=ok, other=0) - size
-            lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
             t = tl.arange(0, MAXLEN)
             m = t[None, :] < size[:, None]
-            cols = tl.load(COLS + b * s_cb + lo[:, None] + t[None, :], mask=m, other=0)
+            if CONTIG:
+                cols = first[:, None] + t[None, :]
+            else:
+                lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
+                cols = tl.load(COLS + b * s_cb + lo[:, None] + t[None, :], mask=m, other=0)
             tl.store(out + start[:, None] + t[None, :], cols, mask=m)
             if j == 0:
                 if ENDS_MODE == 2:
@@ -915,6 +939,10 @@ def build_index_list_ref(plan: DecodePlan, selected: torch.Tensor, seq_len: int)
 # program took 25.3 us, 128 16.7, 256 15.8, 512 20.7; at batch 1 4.6 / 3.4 / 3.6 / 3.7 (NOTES.md, round 13)
 EXPAND_BLOCK_C = 64
 EXPAND_CHUNKS_PER_PROGRAM = 256
+# where the plan's chunks are runs of consecutive columns (DecodePlan.contiguous) the expansion
+# computes each chunk's columns from its first one instead of gathering them through its offset:
+# the gather, the one load that waits on another, leaves that chain; off: always the CSR gather (A/B)
+EXPAND_CONTIGUOUS = True
 # what the select kernel's union tail writes for the expansion kernel to place chunks by:
 # ENDS_NONE nothing (H-GSA reads the union flags only); ENDS_PREFIX the inclusive prefix sum of the
 # sizes along C; ENDS_BLOCKS the sum of each block of EXPAND_BLOCK_C chunks, from which each
@@ -946,13 +974,18 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
     ends: int32 [B, Hkv, ends_width(C, ends_mode)] contiguous, its inclusive prefix sum along C
     (ENDS_PREFIX; computed here when None) or its sums over blocks of EXPAND_BLOCK_C chunks
     (ENDS_BLOCKS); out: the list and lengths to write into (tests poison them), else new ones;
-    chunks_per_program: a multiple of EXPAND_BLOCK_C (default `_default_chunks_per_program`)."""
+    chunks_per_program: a multiple of EXPAND_BLOCK_C (default `_default_chunks_per_program`).
+    A chunk's columns are chunk_first[c] + t where the plan is `contiguous` (and EXPAND_CONTIGUOUS
+    is on), else gathered from chunk_cols at chunk_ptr[c]; the same list either way."""
     assert ends_mode in (ENDS_PREFIX, ENDS_BLOCKS), ends_mode
     B, Hkv, C = sizes.shape
     if out is None:
         out = (torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=sizes.device),
                torch.empty(B, Hkv, dtype=torch.int32, device=sizes.device))
     out, out_len = out
+    # read at call time, so a benchmark that sets gist_select.EXPAND_CONTIGUOUS switches it;
+    # not with C == 0, whose one stand-in chunk below has no chunk_first entry to load
+    contig = EXPAND_CONTIGUOUS and plan.contiguous and plan.chunk_first is not None and C > 0
     if C == 0:  # nothing to expand: the base list alone
         sizes, ends = sizes.new_zeros(B, Hkv, 1), None
     if ends is None:
@@ -963,15 +996,16 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
     if per % EXPAND_BLOCK_C:
         raise ValueError(f"chunks_per_program must be a multiple of {EXPAND_BLOCK_C}, got {per}")
     BLOCK = 1024
+    first = plan.chunk_first if contig else plan.chunk_ptr  # unread without CONTIG
     nsb = triton.cdiv(C, EXPAND_BLOCK_C)
     npc = triton.cdiv(C, per)
     _expand_kernel[(B * Hkv, npc + triton.cdiv(plan.nb_max, BLOCK))](
-        plan.base, plan.base_len, plan.chunk_ptr, plan.chunk_cols, sizes, ends, out, out_len,
-        plan.base.stride(0), plan.chunk_ptr.stride(0), plan.chunk_cols.stride(0),
+        plan.base, plan.base_len, plan.chunk_ptr, plan.chunk_cols, first, sizes, ends, out, out_len,
+        plan.base.stride(0), plan.chunk_ptr.stride(0), plan.chunk_cols.stride(0), first.stride(0),
         out.stride(0), out.stride(1),
         Hkv, C, npc, nsb, BLOCK=BLOCK, BLOCK_C=per, SUM_BLOCK=EXPAND_BLOCK_C,
         MAXLEN=maxlen, ENDS_MODE=ends_mode,
-        NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, num_warps=4,
+        NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, CONTIG=contig, num_warps=4,
     )
     return out, out_len
 

@@ -135,35 +135,41 @@ if triton is not None:
         s_ab, s_ah, s_ar, s_as, s_ad,
         s_ob, s_oh, s_or, s_od,
         Hq, R, S,
-        S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+        S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        # one program per (batch, query head, row): the global max over all splits (a vector of
-        # S floats), then the weighted partial sums BLOCK_S splits at a time (bounded registers)
+        # grid (B * Hq, cdiv(R, BLOCK_R)): BLOCK_R rows of one (batch, query head), each row's
+        # global max over all S splits, then the weighted partial sums BLOCK_S splits at a time
+        # (bounded registers). One row a program (a decode step) or many (a question's rows:
+        # one program a row left 3,200 tiny programs at 100 rows x 32 heads)
         pid = tl.program_id(0)
-        b = pid // (Hq * R)
-        hq = (pid // R) % Hq
-        r = pid % R
+        b = pid // Hq
+        hq = pid % Hq
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = r < R
         d = tl.arange(0, D)
         s_all = tl.arange(0, S_PAD)
         m_base = M + b * s_mb + hq * s_mh + r * s_mr
         l_base = L + b * s_mb + hq * s_mh + r * s_mr
-        m_all = tl.max(tl.load(m_base + s_all * s_ms, mask=s_all < S, other=float("-inf")), 0)
+        a_base = ACC + b * s_ab + hq * s_ah + r * s_ar
+        m_all = tl.max(tl.load(m_base[:, None] + s_all[None, :] * s_ms, mask=r_ok[:, None] & (s_all < S)[None, :],
+                               other=float("-inf")), 1)
         # finite where any split saw a key (a decode step's split 0 always does: lengths >= 1); a
         # row of masked_rows that sees no key at all gets NaN (exp2(-inf - -inf))
-        acc = tl.zeros([D], dtype=tl.float32)
-        den = tl.zeros([BLOCK_S], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+        den = tl.zeros([BLOCK_R, BLOCK_S], dtype=tl.float32)
         for s0 in range(0, S, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            ok = s < S
-            m = tl.load(m_base + s * s_ms, mask=ok, other=float("-inf"))
-            l = tl.load(l_base + s * s_ms, mask=ok, other=0.0)
-            a = tl.load(ACC + b * s_ab + hq * s_ah + r * s_ar + s[:, None] * s_as + d[None, :] * s_ad,
-                        mask=ok[:, None], other=0.0)
-            w = tl.exp2(m - m_all)  # empty splits: exp2(-inf) = 0
-            acc += tl.sum(a * w[:, None], 0)
+            ok = r_ok[:, None] & (s < S)[None, :]
+            m = tl.load(m_base[:, None] + s[None, :] * s_ms, mask=ok, other=float("-inf"))
+            l = tl.load(l_base[:, None] + s[None, :] * s_ms, mask=ok, other=0.0)
+            a = tl.load(a_base[:, None, None] + s[None, :, None] * s_as + d[None, None, :] * s_ad,
+                        mask=ok[:, :, None], other=0.0)
+            w = tl.exp2(m - m_all[:, None])  # empty splits: exp2(-inf) = 0
+            acc += tl.sum(a * w[:, :, None], 1)
             den += l * w
-        out = acc / tl.sum(den, 0)
-        tl.store(O + b * s_ob + hq * s_oh + r * s_or + d * s_od, out.to(O.dtype.element_ty))
+        out = acc / tl.sum(den, 1)[:, None]
+        tl.store(O + b * s_ob + hq * s_oh + r[:, None] * s_or + d[None, :] * s_od, out.to(O.dtype.element_ty),
+                 mask=r_ok[:, None])
 
 
 def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -178,9 +184,13 @@ def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: tor
         out.
     """
     B, Hq, R, S = m.shape
-    _combine_kernel[(B * Hq * R,)](
+    S_PAD = max(2, 1 << (S - 1).bit_length())
+    block_s = min(16, S_PAD)
+    # about 64 (row, split) pairs a program: at D = 128 a [64, 128] float32 tile is 64 registers a thread
+    block_r = min(triton.next_power_of_2(R), max(1, 64 // block_s))
+    _combine_kernel[(B * Hq, triton.cdiv(R, block_r))](
         m, l, acc, out, *m.stride(), *acc.stride(), *out.stride(), Hq, R, S,
-        S_PAD=max(2, 1 << (S - 1).bit_length()), D=out.shape[-1], BLOCK_S=16, num_warps=4,
+        S_PAD=S_PAD, D=out.shape[-1], BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
     )
     return out
 

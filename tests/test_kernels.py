@@ -608,6 +608,127 @@ def test_fused_select_writes_the_reference_lists_in_order(ends_mode, search, mon
                         assert bool((index[b, h, n:] == -1).all()), (i, Hkv, b, h, per)
 
 
+def expand_poisoned(plan, selected, ends_mode, per):
+    """`_expand_launch` of a selection bool [B, Hkv, C] into outputs poisoned with -1, with room
+    past the capacity (a misplaced chunk lands there, not out of bounds)."""
+    B, Hkv, _ = selected.shape
+    sizes = torch.where(selected, plan.chunk_size[:, None, :], 0).to(torch.int32).contiguous()
+    ends = torch.cumsum(sizes, -1, dtype=torch.int32) if ends_mode == ENDS_PREFIX else gist_select.block_sums(sizes)
+    index = torch.full((B, Hkv, plan.capacity + plan.chunk_cols.shape[1]), -1, dtype=torch.int32, device=DEVICE)
+    lengths = torch.full((B, Hkv), -1, dtype=torch.int32, device=DEVICE)
+    _expand_launch(plan, sizes, ends.contiguous(), ends_mode, out=(index[..., : plan.capacity], lengths),
+                   chunks_per_program=per)
+    return index, lengths
+
+
+def assert_expansion_is_the_reference(plan, selected, T, index, lengths, what):
+    """The fast path's list (base, then chunk by chunk), the reference's set and length, nothing
+    written past the length."""
+    ref_index, ref_len = build_index_list_ref(plan, selected, T)
+    assert torch.equal(lengths, ref_len), what
+    for b in range(selected.shape[0]):
+        for h in range(selected.shape[1]):
+            n = int(lengths[b, h])
+            want = ordered_list(plan, selected, b, h)
+            assert sorted(want) == ref_index[b, h, :n].tolist(), (what, b, h)
+            assert index[b, h, :n].tolist() == want, (what, b, h)
+            assert bool((index[b, h, n:] == -1).all()), (what, b, h)
+
+
+def test_contiguous_expansion_equals_the_gather_and_the_reference(monkeypatch):
+    """Where every chunk's extra columns are one run (synthetic benchmark layouts, random engine
+    layouts) the plan says so, its chunk_first is each chunk's first extra column, and the
+    expansion computing chunk_first[c] + t writes exactly the lists of the CSR gather
+    (gist_select.EXPAND_CONTIGUOUS off) and of the reference; placing chunks by prefix sums and by
+    block sums, 64 and 128 chunks a program. It reads no chunk_cols: with them overwritten the
+    lists stay, while the gather's change. The cached plan of a later step carries both fields."""
+    import dataclasses
+
+    from gsa_rag.kernels.bench import synthetic_layout
+
+    def tail(layout):
+        return layout.append(torch.full((layout.batch_size, 1), 5, device=DEVICE))
+
+    cases = [tail(synthetic_layout(3, 4 + 3 * 150, 2, device=DEVICE)), tail(synthetic_layout(2, 300, 8, device=DEVICE)),
+             tail(synthetic_layout(2, 60, 5, sink=0, tail=3, device=DEVICE))]
+    cases += [random_layout(seed + 80, batch=3, kv_reuse=seed % 2 == 1)[0] for seed in range(4)]
+    g = torch.Generator().manual_seed(7)
+    for i, layout in enumerate(cases):
+        config = GistConfig(chunk_size=2, sink=4, k_policy="top_p")
+        plan = DecodePlan.build(layout, config, 2)
+        assert plan.contiguous, i
+        B, T = layout.input_ids.shape
+        C = layout.gist_index.shape[1]
+        size = plan.chunk_size
+        first = plan.chunk_cols.long().gather(1, plan.chunk_ptr[:, :C].long().clamp(max=plan.chunk_cols.shape[1] - 1))
+        assert torch.equal(torch.where(size > 0, plan.chunk_first, -1), torch.where(size > 0, first.int(), -1)), i
+        later = DecodePlan.build(layout.append(torch.full((B, 1), 7, device=DEVICE)), config, 2)
+        assert later.contiguous and later.chunk_first is plan.chunk_first or layout.__dict__.get("_lineage") is None
+        selected = torch.rand(B, 2, C, generator=g).to(DEVICE) < 0.4
+        selected[0, 0] = True  # every chunk of one row
+        for ends_mode in (ENDS_PREFIX, ENDS_BLOCKS):
+            for per in (64, 128):
+                lists = {}
+                for contiguous in (True, False):
+                    monkeypatch.setattr(gist_select, "EXPAND_CONTIGUOUS", contiguous)
+                    lists[contiguous] = expand_poisoned(plan, selected, ends_mode, per)
+                    assert_expansion_is_the_reference(plan, selected, T, *lists[contiguous],
+                                                      (i, ends_mode, per, contiguous))
+                assert torch.equal(lists[True][0], lists[False][0]) and torch.equal(lists[True][1], lists[False][1])
+        # the contiguous path never reads chunk_cols: overwritten, the lists stay (the gather's do not)
+        blind = dataclasses.replace(plan, chunk_cols=torch.full_like(plan.chunk_cols, T + 1))
+        for contiguous in (True, False):
+            monkeypatch.setattr(gist_select, "EXPAND_CONTIGUOUS", contiguous)
+            index, _ = expand_poisoned(blind, selected, ENDS_BLOCKS, 64)
+            assert torch.equal(index, lists[True][0]) == (contiguous or plan.chunk_cols.shape[1] == 0), (i, contiguous)
+
+
+def _chunk_with_a_gap(kind):
+    """A synthetic layout (chunk 4, batch 2) of which one row's chunk 2 is not one run of columns:
+    "sink", a raw token inside it is a sink (base, so left out of the chunk's extra columns);
+    "swap", its last raw token and the first of chunk 3 trade chunks."""
+    import dataclasses
+
+    from gsa_rag.kernels.bench import synthetic_layout
+
+    layout = synthetic_layout(2, 4 + 5 * 12, 4, device=DEVICE)
+    start = 4 + 2 * 5  # chunk 2: columns start..start+3 raw, start+4 its gist
+    if kind == "sink":
+        is_sink = layout.is_sink.clone()
+        is_sink[1, start + 1] = True
+        layout = dataclasses.replace(layout, is_sink=is_sink)
+    else:
+        chunk_id = layout.chunk_id.clone()
+        chunk_id[0, start + 3], chunk_id[0, start + 5] = 3, 2
+        layout = dataclasses.replace(layout, chunk_id=chunk_id)
+    return layout.append(torch.full((2, 1), 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("kind", ["sink", "swap"])
+def test_expansion_gathers_chunks_that_are_not_one_run(kind, monkeypatch):
+    """A plan with a chunk whose extra columns have a gap is not `contiguous`: the expansion
+    gathers through the CSR offsets even with EXPAND_CONTIGUOUS on and writes the reference's
+    lists (both ways of placing chunks), where computing first + t would not (checked by forcing
+    the flag)."""
+    import dataclasses
+
+    monkeypatch.setattr(gist_select, "EXPAND_CONTIGUOUS", True)
+    layout = _chunk_with_a_gap(kind)
+    plan = DecodePlan.build_full(layout, GistConfig(chunk_size=4, sink=4, k_policy="top_p"), 2)
+    assert not plan.contiguous
+    B, T = layout.input_ids.shape
+    C = layout.gist_index.shape[1]
+    g = torch.Generator().manual_seed(3)
+    for trial in range(3):
+        selected = torch.rand(B, 2, C, generator=g).to(DEVICE) < 0.5
+        selected[:, :, 2:4] = trial != 2  # the chunks with a gap (2; 3 too by "swap"), once neither
+        for ends_mode in (ENDS_PREFIX, ENDS_BLOCKS):
+            index, lengths = expand_poisoned(plan, selected, ends_mode, 64)
+            assert_expansion_is_the_reference(plan, selected, T, index, lengths, (kind, trial, ends_mode))
+            forced = expand_poisoned(dataclasses.replace(plan, contiguous=True), selected, ends_mode, 64)
+            assert torch.equal(forced[0], index) == (trial == 2), (kind, trial, ends_mode)
+
+
 # --------------------------------------------------------------------------- sparse decode
 
 

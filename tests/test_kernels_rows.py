@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton", reason="triton not installed")
 
 from gsa_rag.kernels import dispatch, masked_rows
 from gsa_rag.kernels.masked_rows import masked_rows_ref, masked_rows_triton
+from gsa_rag.kernels.sparse_decode import combine_splits
 
 from gsa_rag.attention import LayerMask, _sdpa_rows
 
@@ -88,7 +89,8 @@ def test_masked_rows_kernel_with_a_tail_mask_equals_the_reference(dtype, B, Hq, 
     if shared_rows == "start":
         shared = shared[:, :, :start]
     # the tail's columns of a wider mask: its row stride is its own (the shared mask's is T)
-    tail = random_mask(B, tail_heads, R - start, T + 5, 0.5, g)[..., :T].to(DEVICE)
+    # (sliced on the device: .to("cuda") of the strided view would copy it contiguous)
+    tail = random_mask(B, tail_heads, R - start, T + 5, 0.5, g).to(DEVICE)[..., :T]
     assert tail.stride(2) != shared.stride(2)
     scale = 1 / math.sqrt(D)
     want = float64_reference(q, k, v, shared, scale, tail)
@@ -141,6 +143,31 @@ def test_masked_rows_kernel_on_single_keys_and_rows_that_see_nothing():
         torch.testing.assert_close(got[0, 2:4, 0], v[0, 1, 3].expand(2, D))
         torch.testing.assert_close(got[:, :, 1], masked_rows_ref(q, k, v, mask)[:, :, 1], atol=1e-5, rtol=1e-5)
         assert got[:, :, 2].isnan().all()
+
+
+@pytest.mark.parametrize("R,S", [(1, 40), (5, 3), (37, 4), (9, 20)])
+def test_combine_merges_split_partials_as_one_softmax(R, S):
+    """sparse_decode.combine_splits on fresh random partials, blocks of rows a program (a row
+    block cut short; more splits than its block of splits), some splits empty (m = -inf, l = 0,
+    acc = 0, as the kernels store them), one row empty everywhere (NaN): against the merge in
+    float64, into a poisoned strided output."""
+    B, Hq, D = 2, 3, 32
+    g = torch.Generator().manual_seed(R * S)
+    m = torch.randn(B, Hq, R, S, generator=g) * 4
+    l = torch.rand(B, Hq, R, S, generator=g) + 0.5
+    acc = torch.randn(B, Hq, R, S, D, generator=g)
+    empty = torch.rand(B, Hq, R, S, generator=g) < 0.3
+    empty[..., 0] = False
+    empty[0, 1, R - 1] = True  # a row no split saw
+    m[empty], l[empty], acc[empty] = float("-inf"), 0.0, 0.0
+    w = torch.exp2(m.double() - m.double().amax(-1, keepdim=True))
+    want = (acc.double() * w[..., None]).sum(-2) / (l.double() * w).sum(-1, keepdim=True)
+    out = torch.full((B, R, Hq, D), float("nan"), device=DEVICE).transpose(1, 2)
+    combine_splits(m.to(DEVICE), l.to(DEVICE), acc.to(DEVICE), out)
+    assert out[0, 1, R - 1].isnan().all()
+    want[0, 1, R - 1] = 0.0
+    out[0, 1, R - 1] = 0.0
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_masked_rows_kernel_refuses_a_mask_of_the_wrong_shape():
