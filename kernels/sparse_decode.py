@@ -140,7 +140,8 @@ if triton is not None:
         # grid (B * Hq, cdiv(R, BLOCK_R)): BLOCK_R rows of one (batch, query head), each row's
         # global max over all S splits, then the weighted partial sums BLOCK_S splits at a time
         # (bounded registers). One row a program (a decode step) or many (a question's rows:
-        # one program a row left 3,200 tiny programs at 100 rows x 32 heads)
+        # one program a row left 3,200 tiny programs at 100 rows x 32 heads; the engine sends
+        # masked_rows at most attention.FOLD_MAX_ROWS rows, far below the grid's 65,535 row blocks)
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
@@ -184,6 +185,8 @@ def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: tor
         out.
     """
     B, Hq, R, S = m.shape
+    if m.numel() == 0:
+        return out
     S_PAD = max(2, 1 << (S - 1).bit_length())
     block_s = min(16, S_PAD)
     # about 64 (row, split) pairs a program: at D = 128 a [64, 128] float32 tile is 64 registers a thread

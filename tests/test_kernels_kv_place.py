@@ -111,7 +111,8 @@ def test_parts_off_16_byte_rows_are_read_element_by_element(dtype):
     """The kernel loads 16 bytes at a time only when every part's rows start on 16 bytes (their
     addresses come from a table the compiler cannot see into); a part one element off its
     storage's start (and a head dim whose rows are 8 bytes) takes the element-wise loads and
-    places the same."""
+    places the same. Under the interpreter the hint does nothing, so there this checks the
+    predicate and the placement; on a GPU a wrong hint would read misaligned rows."""
     from gsa_rag.kernels.kv_place import _rows_on_16_bytes
 
     g = torch.Generator().manual_seed(12)
@@ -123,6 +124,11 @@ def test_parts_off_16_byte_rows_are_read_element_by_element(dtype):
         off_v = flat[1 + k_parts[1].numel():].view_as(v_parts[1]).copy_(v_parts[1])
         assert not _rows_on_16_bytes(off_k, off_v)
         assert _rows_on_16_bytes(k_parts[0], v_parts[0]) == (D * 2 % 16 == 0)
+        # aligned base and column stride, but a head (or layer) stride of 5 rows + 1 element
+        odd = torch.empty(L * H * (5 * D + 1), dtype=dtype, device=DEVICE)
+        by_head = odd.as_strided((L, H, 5, D), (H * (5 * D + 1), 5 * D + 1, D, 1))
+        by_layer = odd.as_strided((L, 1, 5, D), (5 * D + 1, 5 * D + 1, D, 1))
+        assert not _rows_on_16_bytes(by_head, by_head) and not _rows_on_16_bytes(by_layer, by_layer)
         want, got = poisoned(L, H, T, D, dtype), poisoned(L, H, T, D, dtype)
         place_rotated_ref(*want, columns, owner, k_parts, v_parts, cos, sin)
         place_rotated_triton(*got, columns, owner, [k_parts[0], off_k], [v_parts[0], off_v], cos, sin)

@@ -162,12 +162,17 @@ def test_combine_merges_split_partials_as_one_softmax(R, S):
     m[empty], l[empty], acc[empty] = float("-inf"), 0.0, 0.0
     w = torch.exp2(m.double() - m.double().amax(-1, keepdim=True))
     want = (acc.double() * w[..., None]).sum(-2) / (l.double() * w).sum(-1, keepdim=True)
-    out = torch.full((B, R, Hq, D), float("nan"), device=DEVICE).transpose(1, 2)
+    # poisoned with 7 (not NaN, the empty row's answer), with one batch more behind the output that
+    # nothing may write: rows past R of a row block are masked, not spilled into the next batch
+    big = torch.full((B + 1, R, Hq, D), 7.0, device=DEVICE)
+    out = big[:B].transpose(1, 2)
     combine_splits(m.to(DEVICE), l.to(DEVICE), acc.to(DEVICE), out)
+    assert bool((big[B] == 7.0).all())
     assert out[0, 1, R - 1].isnan().all()
     want[0, 1, R - 1] = 0.0
     out[0, 1, R - 1] = 0.0
     torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    combine_splits(m[:, :, :0].to(DEVICE), l[:, :, :0].to(DEVICE), acc[:, :, :0].to(DEVICE), out[:, :, :0])  # no rows
 
 
 def test_masked_rows_kernel_refuses_a_mask_of_the_wrong_shape():
