@@ -112,7 +112,7 @@ class TailRows:
     gate: torch.Tensor
     select: ChunkSelector | None
     recall: UnfoldRecall
-    # the select kernels' per-forward inputs (`_select_rows`), made by the first layer that runs them
+    # the select and recall mask kernels' per-forward inputs (`_kernel_union`), made by the first layer that runs them
     kernel_inputs: tuple | None = None
 
 
@@ -229,7 +229,10 @@ class GistState:
             chosen = select_hierarchical(query[:, :, start:], key, layout, self.config)
             selected, sections = chosen.chunks, chosen.sections
         else:
-            selected, sections = _select_rows(rows, layout, query[:, :, start:], key), None
+            union = _kernel_union(rows, layout, query[:, :, start:], key)
+            if union is not None:  # the select kernels' union straight into the mask kernel
+                return LayerMask(mask, start, _kernel_tail_mask(rows, union), self._biases)
+            selected, sections = rows.select(query[:, :, start:], key), None
         # = dense_unfold_mask on the tail rows; rows not (yet) tail in a batch row keep the forgetting mask
         tail_mask = rows.base | (rows.gate & rows.recall(selected, sections))
         return LayerMask(mask, start, tail_mask, self._biases)
@@ -241,25 +244,36 @@ class GistState:
 SELECT_KERNEL = True
 
 
-def _select_rows(rows: TailRows, layout: GistLayout, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """`rows.select(query, key)` (bool [B, Hkv, R, C]): through the select kernels where they
-    serve (CUDA, one sequence, a top-k policy, at least one chunk)."""
+def _kernel_union(rows: TailRows, layout: GistLayout, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """`rows.select(query, key)` through the select kernels where they serve (CUDA, one sequence,
+    a top-k policy, at least one chunk), as their int32 [R, Hkv, C] union (nonzero where
+    chosen); None where they do not."""
     select = rows.select
     C = layout.gist_index.shape[1]
     # selection.ChunkSelector itself, not a name bound here: a selector swapped in (tests) keeps its own choice
-    if not (SELECT_KERNEL and query.shape[0] == 1 and type(select) is selection.ChunkSelector
+    if not (SELECT_KERNEL and C > 0 and query.shape[0] == 1 and type(select) is selection.ChunkSelector
             and select.config.k_policy != "top_p" and _rows_kernel_fits(query)):
-        return select(query, key)
+        return None
     from gsa_rag.kernels.gist_select import select_rows_triton
 
-    if C == 0:
-        return select(query, key)
     if rows.kernel_inputs is None:
         k = select.chunks_per_head(query.shape[1] // key.shape[1])
         chunk_ptr = torch.arange(C + 1, dtype=torch.int32, device=query.device)
-        rows.kernel_inputs = (k.expand(query.shape[2]).contiguous(), chunk_ptr)
-    k, chunk_ptr = rows.kernel_inputs
-    return select_rows_triton(query, key, layout.gist_index, layout.num_chunks, k, chunk_ptr)
+        # the recall mask kernel's: the gate where a column can unfold at all, each column's chunk
+        gate = rows.gate & rows.recall.closed
+        chunk_of = rows.recall.chunk_of.flatten().to(torch.int32)
+        rows.kernel_inputs = (k.expand(query.shape[2]).contiguous(), chunk_ptr, gate, chunk_of)
+    k, chunk_ptr = rows.kernel_inputs[:2]
+    return select_rows_triton(query, key, layout.gist_index, layout.num_chunks, k, chunk_ptr, sizes=True)
+
+
+def _kernel_tail_mask(rows: TailRows, union: torch.Tensor) -> torch.Tensor:
+    """The tail rows' mask (rows.base | (rows.gate & rows.recall(chosen))) from the select kernels'
+    union, in one launch (`gsa_rag.kernels.recall_mask`) instead of five per layer."""
+    from gsa_rag.kernels.recall_mask import tail_mask_triton
+
+    _, _, gate, chunk_of = rows.kernel_inputs
+    return tail_mask_triton(union, rows.base, gate, chunk_of)
 
 
 def _sdpa_rows(query, key, value, mask: LayerMask, scaling, dropout, gqa: bool) -> torch.Tensor:

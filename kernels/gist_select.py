@@ -1149,7 +1149,7 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
 
 
 def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor, num_chunks: torch.Tensor,
-                       k: torch.Tensor, chunk_ptr: torch.Tensor | None = None) -> torch.Tensor:
+                       k: torch.Tensor, chunk_ptr: torch.Tensor | None = None, sizes: bool = False) -> torch.Tensor:
     """`gsa_rag.selection.ChunkSelector` (top-k per query head, union over each GQA group) for the
     R query rows of one sequence (a question's tail rows), in the decode path's two launches:
     each row is scored and picked as a decode step's query is, the rows standing in for the batch
@@ -1162,6 +1162,9 @@ def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch
         gist_index: long [1, C]; num_chunks: long [1], chunks that exist; k: long [R], chunks per
             query head (contiguous).
         chunk_ptr: int32 [C + 1], 0..C (made here when None; a forward passes one for every layer).
+
+        sizes: return the select kernel's int32 [R, Hkv, C] union instead (nonzero where chosen:
+            `gsa_rag.kernels.recall_mask` reads it as it is, one launch less).
 
     Returns:
         bool [1, Hkv, R, C] (a view).
@@ -1176,12 +1179,12 @@ def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch
     scores = _scores_launch(query[0].transpose(0, 1), key.expand(R, -1, -1, -1), gist_index.expand(R, -1),
                             num_chunks.expand(R), counters=counters)
     picks = torch.empty(R, Hq, C, dtype=torch.int8, device=query.device)
-    sizes = torch.empty(R, Hkv, C, dtype=torch.int32, device=query.device)
+    union = torch.empty(R, Hkv, C, dtype=torch.int32, device=query.device)
     # with chunk_ptr 0..C a chosen chunk's size is 1: sizes is the union itself
     # the union by each group's last select program: a launch of its own per layer made a question
     # over gist memory slower (10.79 against 10.71 ms replayed, benchmarks/results/memory_ttft/r17)
-    topk_union_launch(scores, k, chunk_ptr, 0, picks, sizes, None, counters, Hkv, union_kernel=False)
-    return (sizes != 0).transpose(0, 1)[None]
+    topk_union_launch(scores, k, chunk_ptr, 0, picks, union, None, counters, Hkv, union_kernel=False)
+    return union if sizes else (union != 0).transpose(0, 1)[None]
 
 
 def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout,
