@@ -589,36 +589,28 @@ def test_fused_select_writes_the_reference_lists_in_order(ends_mode, search, mon
             scores = gist_scores_ref(q, k, layout.gist_index, layout.gist_valid)
             selected = union_over_groups(choose_chunks(scores[:, :, None].cpu(), k=k_row), Hkv)[:, :, 0]
             sizes, ends = select_sizes_triton(q, k, layout, plan, ends_mode)
-            ref_index, ref_len = build_index_list_ref(plan, selected.to(DEVICE), T)
+            selected = selected.to(DEVICE)
             # one expansion program per 64 chunks, and per 128 / 256 (several sum blocks each)
             for per in (64, 128, 256):
-                # poisoned, with room past the capacity: a misplaced chunk lands there, not out of bounds
-                index = torch.full((B, Hkv, plan.capacity + plan.chunk_cols.shape[1]), -1, dtype=torch.int32,
-                                   device=DEVICE)
-                lengths = torch.full((B, Hkv), -1, dtype=torch.int32, device=DEVICE)
-                _expand_launch(plan, sizes, ends, ends_mode, out=(index[..., : plan.capacity], lengths),
-                               chunks_per_program=per)
-                assert torch.equal(lengths, ref_len), (i, Hkv, per)
-                for b in range(B):
-                    for h in range(Hkv):
-                        n = int(lengths[b, h])
-                        want = ordered_list(plan, selected, b, h)
-                        assert sorted(want) == ref_index[b, h, :n].tolist(), (i, b, h)  # the reference's set
-                        assert index[b, h, :n].tolist() == want, (i, Hkv, b, h, per)
-                        assert bool((index[b, h, n:] == -1).all()), (i, Hkv, b, h, per)
+                index, lengths = expand_into_poisoned(plan, sizes, ends, ends_mode, per)
+                assert_expansion_is_the_reference(plan, selected, T, index, lengths, (i, Hkv, per))
+
+
+def expand_into_poisoned(plan, sizes, ends, ends_mode, per):
+    """`_expand_launch` of union sizes int32 [B, Hkv, C] and their ends into outputs poisoned with
+    -1, with room past the capacity (a misplaced chunk lands there, not out of bounds)."""
+    B, Hkv, _ = sizes.shape
+    index = torch.full((B, Hkv, plan.capacity + plan.chunk_cols.shape[1]), -1, dtype=torch.int32, device=DEVICE)
+    lengths = torch.full((B, Hkv), -1, dtype=torch.int32, device=DEVICE)
+    _expand_launch(plan, sizes, ends, ends_mode, out=(index[..., : plan.capacity], lengths), chunks_per_program=per)
+    return index, lengths
 
 
 def expand_poisoned(plan, selected, ends_mode, per):
-    """`_expand_launch` of a selection bool [B, Hkv, C] into outputs poisoned with -1, with room
-    past the capacity (a misplaced chunk lands there, not out of bounds)."""
-    B, Hkv, _ = selected.shape
+    """`expand_into_poisoned` of a selection bool [B, Hkv, C] (its sizes and ends made here)."""
     sizes = torch.where(selected, plan.chunk_size[:, None, :], 0).to(torch.int32).contiguous()
     ends = torch.cumsum(sizes, -1, dtype=torch.int32) if ends_mode == ENDS_PREFIX else gist_select.block_sums(sizes)
-    index = torch.full((B, Hkv, plan.capacity + plan.chunk_cols.shape[1]), -1, dtype=torch.int32, device=DEVICE)
-    lengths = torch.full((B, Hkv), -1, dtype=torch.int32, device=DEVICE)
-    _expand_launch(plan, sizes, ends.contiguous(), ends_mode, out=(index[..., : plan.capacity], lengths),
-                   chunks_per_program=per)
-    return index, lengths
+    return expand_into_poisoned(plan, sizes, ends.contiguous(), ends_mode, per)
 
 
 def assert_expansion_is_the_reference(plan, selected, T, index, lengths, what):
