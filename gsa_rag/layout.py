@@ -37,6 +37,7 @@ from itertools import compress, pairwise
 import torch
 
 from gsa_rag.config import GistConfig
+from gsa_rag.kernels.dispatch import to_device_together
 
 SINK_CHUNK = -1
 PAD_CHUNK = -2
@@ -241,7 +242,9 @@ class GistLayout:
         return None
 
     def to(self, device) -> GistLayout:
-        out = GistLayout(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        names = [f.name for f in fields(self)]
+        moved = to_device_together([getattr(self, name) for name in names], device)  # one copy to CUDA
+        out = GistLayout(**dict(zip(names, moved, strict=True)))
         out._keep_host_facts(self._free_host_facts())  # read here, on the host, before the move
         return out
 

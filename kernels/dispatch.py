@@ -61,6 +61,40 @@ def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def to_device_together(hosts: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """`[to_device(t, device) for t in hosts]` in one transfer: on CUDA, the host tensors' bytes are
+    packed into one pinned buffer and copied once, and the results are views of that device buffer
+    in the tensors' dtypes and shapes. A layout has 15 small tensors, whose copies one by one cost
+    the host about 20 us each."""
+    device = torch.device(device)
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in hosts):
+        return [to_device(t, device) for t in hosts]
+    packed, starts = pack_bytes(hosts, pin=True)
+    moved = packed.to(device, non_blocking=True)  # the caching host allocator keeps `packed` until it is done
+    return unpack_bytes(moved, hosts, starts)
+
+
+def pack_bytes(tensors: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """The tensors' bytes in one uint8 buffer, each starting at a multiple of 8 (so that any dtype
+    can be viewed there), and where each starts."""
+    flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    starts, total = [], 0
+    for b in flat:
+        starts.append(total)
+        total += -(-len(b) // 8) * 8
+    packed = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    for b, start in zip(flat, starts, strict=True):
+        packed[start : start + len(b)] = b
+    return packed, starts
+
+
+def unpack_bytes(packed: torch.Tensor, like: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:
+    """Views of `pack_bytes`' buffer (or a copy of it) as the tensors it packed (`like`: their
+    dtypes and shapes)."""
+    return [packed[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            for t, start in zip(like, starts, strict=True)]
+
+
 def use_kernels(device: torch.device) -> bool:
     """Whether tensors on `device` take the Triton path (see the module docstring)."""
     mode = os.environ.get("GSA_RAG_KERNELS", "auto").strip().lower()

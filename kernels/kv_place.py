@@ -152,17 +152,32 @@ if triton is not None:
         tl.store(values + dst + d[None, :], tl.load(v_row[:, None] + d[None, :], mask=two_d, other=0.0), mask=two_d)
 
 
-def _part_strides(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int] | None:
-    """A part's (layer, head, column) strides, when its K and V share them and rows are contiguous."""
-    if k.stride() != v.stride() or k.stride(-1) != 1:
-        return None
-    return k.stride(0), k.stride(1), k.stride(2)
-
-
 def _rows_on_16_bytes(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether every row of the part starts on 16 bytes (the kernel then loads 16 bytes at a time)."""
-    width = k.element_size()
-    return all(t.data_ptr() % 16 == 0 for t in (k, v)) and all(st * width % 16 == 0 for st in k.stride()[:3])
+    return _on_16_bytes(k.data_ptr(), v.data_ptr(), k.stride(), k.element_size())
+
+
+def _on_16_bytes(k_address: int, v_address: int, stride: tuple[int, ...], width: int) -> bool:
+    return not (k_address % 16 or v_address % 16) and all(st * width % 16 == 0 for st in stride[:3])
+
+
+def _part_table(k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], rows: list[int], dtype: torch.dtype):
+    """Each part's row of the kernel's table (K and V addresses, layer, head and column strides,
+    rotation row), and whether every part's rows start on 16 bytes. A part the kernel cannot read
+    as it is (another dtype, rows not contiguous, K and V strides differing) is copied first, in
+    place in the lists. One pass of a few attribute reads a part: a question over 50 passages
+    places about 100 parts, and this runs on the host before its launch."""
+    table, aligned = [], True
+    for i, (k, v, row) in enumerate(zip(k_parts, v_parts, rows, strict=True)):
+        stride = k.stride()
+        if k.dtype != dtype or v.dtype != dtype or v.stride() != stride or stride[-1] != 1:
+            k = k_parts[i] = k.to(dtype).contiguous()
+            v = v_parts[i] = v.to(dtype).contiguous()
+            stride = k.stride()
+        k_address, v_address = k.data_ptr(), v.data_ptr()
+        aligned = aligned and _on_16_bytes(k_address, v_address, stride, k.element_size())
+        table.append((k_address, v_address, stride[0], stride[1], stride[2], row))
+    return table, aligned
 
 
 def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor, owner: torch.Tensor,
@@ -188,17 +203,13 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
     _nope_layers(rope_layers, L)  # checks its length
     flags = [1] * L if rope_layers is None else [int(bool(uses)) for uses in rope_layers]
     k_parts, v_parts = list(k_parts), list(v_parts)
-    for i, (k, v) in enumerate(zip(k_parts, v_parts, strict=True)):
-        if k.dtype != keys.dtype or v.dtype != keys.dtype or _part_strides(k, v) is None:
-            k_parts[i] = k.to(keys.dtype).contiguous()
-            v_parts[i] = v.to(keys.dtype).contiguous()
+    per_part, aligned = _part_table(k_parts, v_parts, rows, keys.dtype)
     if local is None:
         lengths = torch.tensor([k.shape[2] for k in k_parts])
         starts = torch.cumsum(lengths, 0) - lengths
         local = torch.arange(N) - starts[owner.cpu()]
     # the host-side tables in one transfer: 3 rows of N, then 1 + 1 + 3 + 1 per part, then L rope flags
     E = len(k_parts)
-    per_part = [(k.data_ptr(), v.data_ptr(), *_part_strides(k, v), row) for k, v, row in zip(k_parts, v_parts, rows, strict=True)]
     tables = torch.empty(3 * N + 6 * E + L, dtype=torch.int64)
     tables[:N], tables[N:2 * N], tables[2 * N:3 * N] = owner.cpu(), local.cpu(), columns.cpu()
     tables[3 * N:3 * N + 6 * E] = torch.tensor(per_part, dtype=torch.int64).t().flatten()  # k, v addresses, strides, rows
@@ -209,4 +220,4 @@ def place_rotated_triton(keys: torch.Tensor, values: torch.Tensor, columns: torc
     _place_kernel[grid](keys, values, part_table[0], part_table[1], part_table[2:5], part_table[5], rope_flags, meta,
                         cos.float().contiguous(), sin.float().contiguous(), N, E, H, keys.stride(0), keys.stride(2),
                         keys.stride(3), D=D, WIDTH=keys.element_size(), BLOCK_N=block_n,
-                        ALIGN=16 if all(_rows_on_16_bytes(k, v) for k, v in zip(k_parts, v_parts)) else 1)
+                        ALIGN=16 if aligned else 1)

@@ -243,3 +243,32 @@ def test_to_device_copies_what_it_is_given():
         got = dispatch.to_device(host, "cuda")
         host += 1  # the copy was staged: changing the source afterwards does not reach it
         assert torch.equal(got.cpu(), torch.arange(1000, dtype=torch.int64))
+
+
+def test_tensors_packed_into_one_buffer_come_back_as_they_were():
+    """dispatch.pack_bytes / unpack_bytes (what to_device_together copies in one transfer): fresh
+    tensors of every width a layout holds, odd lengths between them (so the 8-byte alignment of
+    each start matters), empty ones and non-contiguous ones come back with their values, dtypes
+    and shapes; the views share the one buffer. On CUDA, to_device_together itself (a layout's
+    `to`: tests/test_layout_fast.py)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    tensors = [
+        torch.randint(-2**40, 2**40, (2, 7), generator=gen),
+        torch.rand(13, generator=gen) > 0.5,
+        torch.randint(0, 9, (3, 5, 0), generator=gen),
+        torch.randn(5, 3, generator=gen).t(),  # not contiguous
+        torch.randint(-100, 100, (9,), generator=gen, dtype=torch.int32),
+        torch.zeros(0, dtype=torch.bool),
+        torch.randn(3, generator=gen, dtype=torch.float64),
+    ]
+    packed, starts = dispatch.pack_bytes(tensors)
+    assert all(s % 8 == 0 for s in starts) and packed.dtype == torch.uint8
+    back = dispatch.unpack_bytes(packed, tensors, starts)
+    for t, b in zip(tensors, back, strict=True):
+        assert b.dtype == t.dtype and b.shape == t.shape and torch.equal(b, t)
+        assert b.numel() == 0 or b.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    assert [torch.equal(a, b) for a, b in zip(dispatch.to_device_together(tensors, "cpu"), tensors, strict=True)] == [True] * 7
+    if torch.cuda.is_available():
+        moved = dispatch.to_device_together(tensors, "cuda")
+        for t, m in zip(tensors, moved, strict=True):
+            assert m.device.type == "cuda" and m.dtype == t.dtype and torch.equal(m.cpu(), t)

@@ -411,3 +411,15 @@ def test_compressed_after_raw_is_allowed_without_gists_as_before():
     """chunk_size 0 lays every segment out raw, so order is not checked (as the reference does)."""
     segments = [Segment((1,), False), Segment((2, 3), True, 0)]
     assert_same_layout([segments], GistConfig(chunk_size=0, sink=1), FakeTokenizer())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a layout's one-transfer move (kernels.dispatch.to_device_together) runs there; its packing is tested on the CPU in test_kernels_kv_place.py")
+def test_layout_moves_to_cuda_in_one_transfer_with_every_field():
+    rng = random.Random()
+    config = random_hierarchical_config(rng)
+    host = build_layout([random_segments(rng) for _ in range(3)], config, FakeTokenizer())
+    moved = host.to("cuda")
+    for f in fields(GistLayout):
+        got, want = getattr(moved, f.name), getattr(host, f.name)
+        assert got.device.type == "cuda" and got.dtype == want.dtype and torch.equal(got.cpu(), want), f.name
+    assert moved.host_facts() == host.host_facts()
