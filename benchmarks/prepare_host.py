@@ -67,7 +67,9 @@ def main() -> None:
         ids = memory.add(passages[:n])  # encoded with the real functions
         kernel, use_kernels = kv_place._place_kernel, dispatch.use_kernels
         kv_place._place_kernel, dispatch.use_kernels = _NoLaunch(), lambda device: True
-        torch.zeros, torch.zeros_like = torch.empty, torch.empty_like  # the device zeroes asynchronously
+        # the KV buffers ([L, 1, Hkv, T, D]) left unzeroed: the device zeroes them asynchronously
+        torch.zeros = lambda *size, **kw: (torch.empty if len(size) == 5 else zeros)(*size, **kw)
+        torch.zeros_like = lambda t, **kw: (torch.empty_like if t.dim() == 5 else zeros_like)(t, **kw)
         try:
             for _ in range(3):
                 memory.prepare(question, ids)

@@ -76,7 +76,7 @@ def to_device_together(hosts: list[torch.Tensor], device: torch.device | str) ->
 
 def pack_bytes(tensors: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tensor, list[int]]:
     """The tensors' bytes in one uint8 buffer, each starting at a multiple of 8 (so that any dtype
-    can be viewed there), and where each starts."""
+    of up to 8 bytes can be viewed there), and where each starts."""
     flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     starts, total = [], 0
     for b in flat:

@@ -113,7 +113,7 @@ def test_parts_off_16_byte_rows_are_read_element_by_element(dtype):
     storage's start (and a head dim whose rows are 8 bytes) takes the element-wise loads and
     places the same. Under the interpreter the hint does nothing, so there this checks the
     predicate and the placement; on a GPU a wrong hint would read misaligned rows."""
-    from gsa_rag.kernels.kv_place import _rows_on_16_bytes
+    from gsa_rag.kernels.kv_place import _part_table, _rows_on_16_bytes
 
     g = torch.Generator().manual_seed(12)
     L, H, T = 2, 2, 30
@@ -129,6 +129,10 @@ def test_parts_off_16_byte_rows_are_read_element_by_element(dtype):
         by_head = odd.as_strided((L, H, 5, D), (H * (5 * D + 1), 5 * D + 1, D, 1))
         by_layer = odd.as_strided((L, 1, 5, D), (5 * D + 1, 5 * D + 1, D, 1))
         assert not _rows_on_16_bytes(by_head, by_head) and not _rows_on_16_bytes(by_layer, by_layer)
+        # the launch's flag: every part aligned, or not
+        assert _part_table(list(k_parts), list(v_parts), [0, 0], dtype)[1] == (D * 2 % 16 == 0)
+        assert not _part_table([k_parts[0], off_k], [v_parts[0], off_v], [0, 0], dtype)[1]
+        assert not _part_table([k_parts[0], by_head], [v_parts[0], by_head], [0, 0], dtype)[1]
         want, got = poisoned(L, H, T, D, dtype), poisoned(L, H, T, D, dtype)
         place_rotated_ref(*want, columns, owner, k_parts, v_parts, cos, sin)
         place_rotated_triton(*got, columns, owner, [k_parts[0], off_k], [v_parts[0], off_v], cos, sin)

@@ -422,4 +422,7 @@ def test_layout_moves_to_cuda_in_one_transfer_with_every_field():
     for f in fields(GistLayout):
         got, want = getattr(moved, f.name), getattr(host, f.name)
         assert got.device.type == "cuda" and got.dtype == want.dtype and torch.equal(got.cpu(), want), f.name
+    storages = {getattr(moved, f.name).untyped_storage().data_ptr() for f in fields(GistLayout)
+                if getattr(moved, f.name).numel()}
+    assert len(storages) == 1  # one transfer: every field a view of one device buffer
     assert moved.host_facts() == host.host_facts()
