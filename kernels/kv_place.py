@@ -152,18 +152,11 @@ if triton is not None:
         tl.store(values + dst + d[None, :], tl.load(v_row[:, None] + d[None, :], mask=two_d, other=0.0), mask=two_d)
 
 
-def _rows_on_16_bytes(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether every row of the part starts on 16 bytes (the kernel then loads 16 bytes at a time)."""
-    return _on_16_bytes(k.data_ptr(), v.data_ptr(), k.stride(), k.element_size())
-
-
-def _on_16_bytes(k_address: int, v_address: int, stride: tuple[int, ...], width: int) -> bool:
-    return not (k_address % 16 or v_address % 16) and all(st * width % 16 == 0 for st in stride[:3])
-
-
 def _part_table(k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], rows: list[int], dtype: torch.dtype):
     """Each part's row of the kernel's table (K and V addresses, layer, head and column strides,
-    rotation row), and whether every part's rows start on 16 bytes. A part the kernel cannot read
+    rotation row), and whether every part's rows start on 16 bytes (its K and V addresses and its
+    layer, head and column strides in bytes all multiples of 16: the kernel then loads 16 bytes at
+    a time). A part the kernel cannot read
     as it is (another dtype, rows not contiguous, K and V strides differing) is copied first, in
     place in the lists. One pass of a few attribute reads a part: a question over 50 passages
     places about 100 parts, and this runs on the host before its launch."""
@@ -175,7 +168,8 @@ def _part_table(k_parts: list[torch.Tensor], v_parts: list[torch.Tensor], rows: 
             v = v_parts[i] = v.to(dtype).contiguous()
             stride = k.stride()
         k_address, v_address = k.data_ptr(), v.data_ptr()
-        aligned = aligned and _on_16_bytes(k_address, v_address, stride, k.element_size())
+        width = k.element_size()
+        aligned = aligned and not (k_address % 16 or v_address % 16) and all(st * width % 16 == 0 for st in stride[:3])
         table.append((k_address, v_address, stride[0], stride[1], stride[2], row))
     return table, aligned
 

@@ -113,7 +113,10 @@ def test_parts_off_16_byte_rows_are_read_element_by_element(dtype):
     storage's start (and a head dim whose rows are 8 bytes) takes the element-wise loads and
     places the same. Under the interpreter the hint does nothing, so there this checks the
     predicate and the placement; on a GPU a wrong hint would read misaligned rows."""
-    from gsa_rag.kernels.kv_place import _part_table, _rows_on_16_bytes
+    from gsa_rag.kernels.kv_place import _part_table
+
+    def rows_on_16_bytes(k_parts, v_parts):  # the launch's ALIGN flag for these parts
+        return _part_table(list(k_parts), list(v_parts), [0] * len(k_parts), dtype)[1]
 
     g = torch.Generator().manual_seed(12)
     L, H, T = 2, 2, 30
@@ -122,17 +125,17 @@ def test_parts_off_16_byte_rows_are_read_element_by_element(dtype):
         flat = torch.empty(2 * k_parts[1].numel() + 1, dtype=dtype, device=DEVICE)
         off_k = flat[1:1 + k_parts[1].numel()].view_as(k_parts[1]).copy_(k_parts[1])
         off_v = flat[1 + k_parts[1].numel():].view_as(v_parts[1]).copy_(v_parts[1])
-        assert not _rows_on_16_bytes(off_k, off_v)
-        assert _rows_on_16_bytes(k_parts[0], v_parts[0]) == (D * 2 % 16 == 0)
+        assert not rows_on_16_bytes([off_k], [off_v])
+        assert rows_on_16_bytes([k_parts[0]], [v_parts[0]]) == (D * 2 % 16 == 0)
         # aligned base and column stride, but a head (or layer) stride of 5 rows + 1 element
         odd = torch.empty(L * H * (5 * D + 1), dtype=dtype, device=DEVICE)
         by_head = odd.as_strided((L, H, 5, D), (H * (5 * D + 1), 5 * D + 1, D, 1))
         by_layer = odd.as_strided((L, 1, 5, D), (5 * D + 1, 5 * D + 1, D, 1))
-        assert not _rows_on_16_bytes(by_head, by_head) and not _rows_on_16_bytes(by_layer, by_layer)
-        # the launch's flag: every part aligned, or not
-        assert _part_table(list(k_parts), list(v_parts), [0, 0], dtype)[1] == (D * 2 % 16 == 0)
-        assert not _part_table([k_parts[0], off_k], [v_parts[0], off_v], [0, 0], dtype)[1]
-        assert not _part_table([k_parts[0], by_head], [v_parts[0], by_head], [0, 0], dtype)[1]
+        assert not rows_on_16_bytes([by_head], [by_head]) and not rows_on_16_bytes([by_layer], [by_layer])
+        # every part aligned, or not
+        assert rows_on_16_bytes(k_parts, v_parts) == (D * 2 % 16 == 0)
+        assert not rows_on_16_bytes([k_parts[0], off_k], [v_parts[0], off_v])
+        assert not rows_on_16_bytes([k_parts[0], by_head], [v_parts[0], by_head])
         want, got = poisoned(L, H, T, D, dtype), poisoned(L, H, T, D, dtype)
         place_rotated_ref(*want, columns, owner, k_parts, v_parts, cos, sin)
         place_rotated_triton(*got, columns, owner, [k_parts[0], off_k], [v_parts[0], off_v], cos, sin)
