@@ -90,8 +90,9 @@ def _best(row: dict, name: str) -> float:
 
 
 def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: float,
-               meta: tuple[int, ...] = (), top_k: int = 4, sweep: bool = False) -> dict:
+               meta: tuple[int, ...] = (), top_k: int = 4, sweep: bool = False, score_dtype: str = "cache") -> dict:
     from gsa_rag.kernels.bench import synthetic_hier_layout
+    from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
     from gsa_rag.kernels.gist_select import (
         DecodePlan,
         _scores_launch,
@@ -118,7 +119,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         config = GistConfig(chunk_size=chunk, meta_chunks=meta, sink=4, k_policy="fixed", top_k=top_k, word_aware=False)
         layout = synthetic_hier_layout(B, L, chunk, meta, sink=4, tail=32, device=DEVICE)
     else:
-        config = GistConfig(chunk_size=chunk, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
+        config = GistConfig(chunk_size=chunk, sink=4, k_policy="adaptive", adaptive_ratio=8.0, score_dtype=score_dtype)
         layout = synthetic_layout(B, L, chunk, sink=4, tail=32, device=DEVICE)
     T = layout.seq_len + 1  # one appended (generated) token: the query
     C = int(layout.num_chunks[0])
@@ -162,10 +163,16 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     grown.clear()
     T = layout.seq_len
     plan = build_plan(layout)
+    # score_dtype int8: each input set's int8 gist keys, made here as the engine makes them once per
+    # layer and generation (gist_keys8.gist_keys_of_layer), so the timed step only reads them
+    keys8 = {id(k): quantize_gist_keys(k, layout.gist_index, layout.gist_valid)
+             for _, k, _ in sets} if score_dtype == "int8" else {}
 
     def select_list(q, k, scored=None):
         if meta:
             return select_hier_index_list(q, k, layout, plan, config, 1, scored=scored)
+        if keys8:
+            return select_index_list_triton(q, k, layout, plan, config, keys8=keys8[id(k)])
         return select_index_list(q, k, layout, plan, config, 1, True)
 
     lists = [select_list(q, k) for q, k, _ in sets]
@@ -194,7 +201,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         q, k, _ = sets[i]
         if meta:
             return _scores_launch(q, k, plan.unit_index[-1], plan.num_units[-1])
-        return _scores_launch(q, k, layout.gist_index, layout.num_chunks)
+        return _scores_launch(q, k, layout.gist_index, layout.num_chunks, keys8=keys8.get(id(k)))
 
     counters = torch.empty(B * Hkv, dtype=torch.int32, device=DEVICE)
 
@@ -204,11 +211,11 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             top = layout.levels - 1
             scores = _scores_launch(q, k, plan.unit_index[top], plan.num_units[top], counters=counters)
             return _union_flags(scores, plan, counters, Hkv, config, D, top)
-        return select_sizes_triton(q, k, layout, plan)
+        return select_sizes_triton(q, k, layout, plan, keys8=keys8.get(id(k)))
 
     def select_torch_topk(i):  # the previous path: scores, torch.topk, mark, cumsum, expand
         q, k, _ = sets[i]
-        return select_index_list_triton(q, k, layout, plan, config, fused_topk=False)
+        return select_index_list_triton(q, k, layout, plan, config, fused_topk=False, keys8=keys8.get(id(k)))
 
     def attend(i):
         q, k, v = sets[i]
@@ -230,6 +237,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     block_n = default_block_n(D)
     split_len = default_split_len(plan.capacity, B * Hkv, block_n, torch.device(DEVICE))
     row = {"shape": shape, "batch": B, "context": L, "T": T, "chunks": C, "dense_backend": backend, "rel_err": err,
+           "score_dtype": score_dtype,
            "meta": list(meta), "top_k": top_k if meta else None,
            "copies": copies, "capacity": plan.capacity, "split_len": split_len,
            "programs": B * Hkv * (-(-plan.capacity // split_len))}
@@ -282,15 +290,22 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         C = row["keys_scored"]  # the byte model below: the gist keys actually read
     else:
         fused_list = lists[0]
-        old_list = select_index_list_triton(sets[0][0], sets[0][1], layout, plan, config, fused_topk=False)
+        q0, k0 = sets[0][0], sets[0][1]
+        old_list = select_index_list_triton(q0, k0, layout, plan, config, fused_topk=False, keys8=keys8.get(id(k0)))
         row["fused_topk_same_lengths"] = bool(torch.equal(fused_list[1], old_list[1]))
         row["keys_scored"] = C
+        if keys8:  # what the int8 copy changes on these (random normal) keys
+            cache_config = GistConfig(**{**config.to_dict(), "score_dtype": "cache"})
+            row["int8_list_overlap"] = list_overlap(fused_list, select_index_list(q0, k0, layout, plan, cache_config, 1, True), T)
 
     listed = float(lists[0][1].float().sum())  # key rows over (batch, kv head)
     row["keys_per_head"] = listed / (B * Hkv)
     row["budget"] = row["keys_per_head"] / T
     attend_bytes = listed * (2 * D * esize + 4)
-    scores_bytes = B * Hkv * C * D * esize + B * Hq * C * 4 + B * C * 8
+    if keys8:  # the int8 copy (contiguous: no gist columns read) and its fp32 channel scales
+        scores_bytes = B * Hkv * C * D + B * Hkv * D * 4 + B * Hq * C * 4
+    else:
+        scores_bytes = B * Hkv * C * D * esize + B * Hq * C * 4 + B * C * 8
     topk_bytes = B * Hq * C * 4
     topk_bytes += B * Hq * C + B * Hkv * C * 4  # int8 picks; sizes written (block sums: C / 64 more)
     expand_bytes = listed * 4 * 2 + B * Hkv * C * 4 * 2
@@ -316,6 +331,18 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     return row
 
 
+def list_overlap(lists, reference, seq_len: int) -> float:
+    """The share of `reference`'s listed keys that `lists` lists too, over every (batch, KV head):
+    two (int32 [B, H, CAP], int32 [B, H]) key lists of one step."""
+    def as_mask(index, lengths):
+        live = torch.arange(index.shape[-1], device=index.device) < lengths[..., None]
+        mask = torch.zeros(*index.shape[:2], seq_len + 1, dtype=torch.bool, device=index.device)
+        return mask.scatter_(2, torch.where(live, index.long(), seq_len), True)[..., :seq_len]
+
+    got, want = as_mask(*lists), as_mask(*reference)
+    return float((got & want).sum() / want.sum())
+
+
 COLUMNS = [
     ("shape", "shape", "s"), ("batch", "B", "d"), ("context", "ctx", "d"), ("keys_per_head", "keys/head", ".0f"),
     ("keys_scored", "scored", ".0f"),
@@ -330,13 +357,13 @@ COLUMNS = [
     ("dense_tbps", "dense_TB/s", ".2f"), ("select_torch_topk_graph_us", "old_sel(g)", ".1f"),
     ("select_graph_us", "select(g)", ".1f"), ("select_unfold64_graph_us", "sel_u64(g)", ".1f"),
     ("plan_us", "append+plan", ".0f"), ("plan_cold_us", "plan_cold", ".0f"), ("append_us", "append", ".0f"),
-    ("rel_err", "err", ".1e"),
+    ("rel_err", "err", ".1e"), ("int8_list_overlap", "int8_overlap", ".4f"),
 ]
 
 
 
 def result_name(shapes: list[str], batches: list[int], contexts: list[int], chunk: int, dtype: str, flex: bool,
-                meta: list[int], top_k: int, sweep: bool) -> str:
+                meta: list[int], top_k: int, sweep: bool, score_dtype: str = "cache") -> str:
     """The default result name: every setting that changes the rows, so two runs that differ in
     any of them never share a file (it was "decode_step" whatever the settings)."""
     parts = ["decode_step", "+".join(sorted(set(shapes))), "b" + "+".join(map(str, sorted(set(batches)))),
@@ -347,6 +374,8 @@ def result_name(shapes: list[str], batches: list[int], contexts: list[int], chun
         parts += ["meta" + "+".join(map(str, meta)), f"top{top_k}"]
     if sweep:
         parts.append("sweep")
+    if score_dtype != "cache":
+        parts.append("scores-" + score_dtype)
     return "_".join(parts)
 
 
@@ -405,8 +434,13 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=4, help="H-GSA: units each query head picks per level")
     p.add_argument("--attend-sweep", action="store_true",
                    help="also time the attention kernel at 1/2..4x the default splits and key blocks of 32..128")
+    p.add_argument("--score-dtype", default="cache", choices=["cache", "int8"],
+                   help="GistConfig.score_dtype: int8 scores an int8 copy of the gist keys (single level only); "
+                        "int8_overlap is then the share of the cache-scored list's keys that its list keeps")
     p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result files")
     args = p.parse_args(argv)
+    if args.meta and args.score_dtype != "cache":
+        p.error("--score-dtype int8 is single-level only (GistConfig refuses it with meta_chunks)")
 
     def items(values):
         return [x for v in values for x in v.split(",") if x]
@@ -420,7 +454,7 @@ def main(argv=None) -> None:
     if args.quick:
         contexts, batches = [4 * K, 32 * K], [1]
     name = args.name or result_name(shapes, batches, contexts, args.chunk, args.dtype, not args.no_flex,
-                                    args.meta, args.top_k, args.attend_sweep)
+                                    args.meta, args.top_k, args.attend_sweep, args.score_dtype)
     refuse_existing_results(p, args.out, name)  # before the measurements, not after them
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs CUDA")
@@ -439,7 +473,8 @@ def main(argv=None) -> None:
         for shape in shapes:
             for B in batches:
                 try:
-                    row = bench_case(shape, B, L, args.chunk, flex, dtype, bw, tuple(args.meta), args.top_k, args.attend_sweep)
+                    row = bench_case(shape, B, L, args.chunk, flex, dtype, bw, tuple(args.meta), args.top_k,
+                                     args.attend_sweep, args.score_dtype)
                 except Exception as e:  # noqa: BLE001 - one failing shape must not lose the table
                     msg = f"{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
                     print("  FAILED " + msg, flush=True)

@@ -264,7 +264,12 @@ def _kernel_union(rows: TailRows, layout: GistLayout, query: torch.Tensor, key: 
         chunk_of = rows.recall.chunk_of.flatten().to(torch.int32)
         rows.kernel_inputs = (k.expand(query.shape[2]).contiguous(), chunk_ptr, gate, chunk_of)
     k, chunk_ptr = rows.kernel_inputs[:2]
-    return select_rows_triton(query, key, layout.gist_index, layout.num_chunks, k, chunk_ptr, sizes=True)
+    keys8 = None
+    if select.config.score_dtype == "int8":
+        from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
+
+        keys8 = quantize_gist_keys(key, layout.gist_index, layout.gist_valid)
+    return select_rows_triton(query, key, layout.gist_index, layout.num_chunks, k, chunk_ptr, sizes=True, keys8=keys8)
 
 
 def _kernel_tail_mask(rows: TailRows, union: torch.Tensor) -> torch.Tensor:

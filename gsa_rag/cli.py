@@ -122,7 +122,7 @@ def _gist_overrides(args) -> dict:
     when the command does not name it (an adapter's saved beam would then be refused).
     """
     given = {"chunk_size": args.chunk_size, "top_k": args.top_k, "k_policy": args.k_policy, "sink": args.sink,
-             "section_top_k": args.section_top_k}
+             "section_top_k": args.section_top_k, "score_dtype": getattr(args, "score_dtype", None)}
     meta = args.meta_chunks
     if args.chunk is not None:
         if args.chunk_size is not None or meta is not None:
@@ -158,6 +158,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="chunks each query head unfolds (default 4)")
     p.add_argument("--k-policy", choices=["fixed", "adaptive", "top_p"], default=None)
     p.add_argument("--sink", type=int, default=None)
+    p.add_argument("--score-dtype", choices=["cache", "int8"], default=None,
+                   help="the gist keys scoring reads: as cached (default) or an int8 copy, half the bytes a "
+                        "decode step scores (picks may differ at near-ties; single-level only)")
     p.add_argument("--device", type=_device_arg, default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="the answer's token budget (>= 1)")
     p.add_argument("--adapter", default="default",

@@ -60,6 +60,11 @@ class GistConfig:
     # layers below this never select: their gist keys carry little but position (layer 0's
     # gist inputs are all the same embedding); their question tokens see the gists only
     first_selecting_layer: int = 1
+    # the gist keys that scoring reads: "cache", as the KV cache holds them; "int8", a copy
+    # quantized per channel (gsa_rag.kernels.gist_keys8): half the bytes of bf16 keys at every
+    # decode step, and picks that can differ from "cache"'s where chunks score within its rounding.
+    # Single-level GSA only.
+    score_dtype: Literal["cache", "int8"] = "cache"
     gist_token: str = GIST_TOKEN
     mgist_token: str = MGIST_TOKEN
     link_tokens: list[str] = field(default_factory=link_tokens)
@@ -85,6 +90,10 @@ class GistConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.adaptive_ratio <= 0:
             raise ConfigError(f"adaptive_ratio must be > 0, got {self.adaptive_ratio}")
+        if self.score_dtype not in ("cache", "int8"):
+            raise ConfigError(f"score_dtype must be 'cache' or 'int8', got {self.score_dtype!r}")
+        if self.score_dtype != "cache" and self.meta_chunks:
+            raise ConfigError(f"score_dtype {self.score_dtype!r} is single-level only; use 'cache' with meta_chunks")
         if self.overflow not in ("error", "drop_passages"):
             raise ConfigError(f"overflow must be 'error' or 'drop_passages', got {self.overflow!r}")
         if self.meta_chunks and self.chunk_size == 0:
@@ -146,8 +155,11 @@ class GistConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if data["section_top_k"] is None:  # unused: leave it out, so gsa-rag versions before it still read the file
+        # at their defaults, fields added later are left out, so gsa-rag versions before them still read the file
+        if data["section_top_k"] is None:
             del data["section_top_k"]
+        if data["score_dtype"] == "cache":
+            del data["score_dtype"]
         return data
 
     @classmethod

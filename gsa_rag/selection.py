@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from gsa_rag.config import GistConfig
+from gsa_rag.kernels.gist_keys8 import int8_gist_scores, quantize_gist_keys
 from gsa_rag.layout import GistLayout
 
 
@@ -153,7 +154,10 @@ class ChunkSelector:
     def __call__(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """query [B, Hq, Tq, D], key [B, Hkv, T, D] -> bool [B, Hkv, Tq, C]."""
         _, gather_index, missing, rank_kept = self._prepare(query, key)
-        scores = _gist_scores(query, key, gather_index, missing)
+        if self.config.score_dtype == "int8":
+            scores = int8_gist_scores(query, quantize_gist_keys(key, self.gist_index, self.gist_valid), self.gist_valid)
+        else:
+            scores = _gist_scores(query, key, gather_index, missing)
         if rank_kept is None:
             chosen = choose_chunks(scores, top_p=self.config.top_p, scale=1.0 / math.sqrt(query.shape[-1]))
         else:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 from gsa_rag.kernels.dispatch import interpreting
+from gsa_rag.kernels.gist_keys8 import Int8GistKeys, gist_keys_of_layer, int8_gist_scores
 
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout
@@ -327,50 +328,69 @@ if triton is not None:
 
     @triton.jit
     def _gist_scores_kernel(
-        Q, K, GIDX, NCH, S, SIZES, CNT, SCORED,
+        Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE,
         s_qb, s_qh, s_qd,
         s_kb, s_kh, s_kt, s_kd,
         s_gb, s_gh, s_gc,
         s_nb, s_nh,
         s_sb, s_sh, s_sc,
+        s_xb, s_xh,
         Hkv, G, C,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr, COUNT: tl.constexpr,
+        INT8: tl.constexpr, STEPS: tl.constexpr,
     ):
-        # one program: one (batch, KV head) and BLOCK_C chunks; each gist key row is read once
+        # one program: one (batch, KV head) and STEPS blocks of BLOCK_C chunks, one after another
+        # (the loads of the next block in flight while one is scored); each gist key row is read once
         # and scored against all G query heads that share it (one [G_PAD, D] x [D, BLOCK_C] dot;
         # 16-bit products are exact in fp32 and accumulate in fp32, like the reference's
-        # fp32 matmul of the upcast inputs). It also zeroes its block of the [B, Hkv, C] size
+        # fp32 matmul of the upcast inputs). It also zeroes its blocks of the [B, Hkv, C] size
         # table that the mark kernel fills next (saves a launch). The gist list and its length are
         # per batch row (s_gh = s_nh = 0) or, for H-GSA's candidate lists, per (batch, KV head).
         pid = tl.program_id(0)
         b = pid // Hkv
         h = pid % Hkv
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         n = tl.load(NCH + b * s_nb + h * s_nh)
-        c_ok = c < C
-        exists = c < n
         # int64 batch offsets: question rows stand in for the batch (select_rows_triton), and R * Hq * C
         # passes 2^31 at long contexts
         b64 = b.to(tl.int64)
-        gidx = tl.load(GIDX + b64 * s_gb + h * s_gh + c * s_gc, mask=exists, other=0).to(tl.int64)
-        k = tl.load(K + b64 * s_kb + h * s_kh + gidx[:, None] * s_kt + d[None, :] * s_kd,
-                    mask=exists[:, None], other=0.0)
         q = tl.load(Q + b64 * s_qb + (h * G + g)[:, None] * s_qh + d[None, :] * s_qd,
                     mask=(g < G)[:, None], other=0.0)
+        if INT8:  # the channel scales fold into the query, rounded to its dtype like the reference's
+            qscale = tl.load(QSCALE + b64 * s_xb + h * s_xh + d)
+            q = q.to(tl.float32) * qscale[None, :]
+            if DOT_F32:  # the interpreter, bf16: its fp32 -> bf16 truncates, so round to nearest even by the bits
+                bits = q.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                q = bits.to(tl.float32, bitcast=True)
+            else:
+                q = q.to(Q.dtype.element_ty)
         if DOT_F32:
-            k = k.to(tl.float32)
             q = q.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_C] fp32
-        s = tl.where(exists[None, :], s, float("-inf"))
-        tl.store(S + b64 * s_sb + (h * G + g)[:, None] * s_sh + c[None, :] * s_sc, s,
-                 mask=(g < G)[:, None] & c_ok[None, :])
-        if ZERO_SIZES:
-            tl.store(SIZES + pid.to(tl.int64) * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
-        if COUNT:  # gist keys this program read (tests and benchmarks count a step's keys)
-            tl.atomic_add(SCORED + pid, tl.sum(exists.to(tl.int32), 0))
+        for step in tl.range(0, STEPS):
+            c = (tl.program_id(1) * STEPS + step) * BLOCK_C + tl.arange(0, BLOCK_C)
+            c_ok = c < C
+            exists = c < n
+            if INT8:  # K is the contiguous int8 copy (gist_keys8): row c is chunk c's gist
+                rows = c.to(tl.int64)
+            else:
+                rows = tl.load(GIDX + b64 * s_gb + h * s_gh + c * s_gc, mask=exists, other=0).to(tl.int64)
+            k = tl.load(K + b64 * s_kb + h * s_kh + rows[:, None] * s_kt + d[None, :] * s_kd,
+                        mask=exists[:, None], other=0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            elif INT8:  # |values| <= 127: exact in every 16-bit float
+                k = k.to(Q.dtype.element_ty)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_C] fp32
+            s = tl.where(exists[None, :], s, float("-inf"))
+            tl.store(S + b64 * s_sb + (h * G + g)[:, None] * s_sh + c[None, :] * s_sc, s,
+                     mask=(g < G)[:, None] & c_ok[None, :])
+            if ZERO_SIZES:
+                tl.store(SIZES + pid.to(tl.int64) * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
+            if COUNT:  # gist keys this program read (tests and benchmarks count a step's keys)
+                tl.atomic_add(SCORED + pid, tl.sum(exists.to(tl.int32), 0))
         if ZERO_CNT:  # the arrival counters of the select kernel that runs next
             if tl.program_id(1) == 0:
                 tl.store(CNT + pid, 0)
@@ -832,10 +852,24 @@ if triton is not None:
         return pick, seen
 
 
-def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None, scored=None) -> torch.Tensor:
+# blocks of chunks one scores program reads in turn (16-bit keys: 64 chunks a block at D >= 128,
+# else 128); the int8 copy's chunks a block, by head dim, blocks, warps and pipeline stages
+# (NOTES.md, round 17: at 128K batch 8 the int8 copy's scores took 40.5 us so, against 44.9 in one
+# block of 256 chunks a program and 54.4 in one of 128; the 16-bit path was fastest at one block)
+SCORE_STEPS = 1
+INT8_BLOCK_C = {128: 128, 64: 128}
+INT8_STEPS = 4
+INT8_WARPS = 4
+INT8_STAGES = 3
+
+
+def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None, scored=None,
+                   keys8: Int8GistKeys | None = None) -> torch.Tensor:
     """gist_index: [B, C] with num_chunks [B] (one list per batch row), or [B, Hkv, C] with
     num_chunks [B, Hkv] (one per KV head: H-GSA's candidates); scored: optional int32 [B * Hkv]
-    to which each (batch, KV head) adds the gist keys it read."""
+    to which each (batch, KV head) adds the gist keys it read. With keys8 (`gist_keys8`) the
+    kernel reads that contiguous int8 copy instead of gathering `key`'s gist columns (gist_index
+    then only gives C)."""
     B, Hq, D = query.shape
     Hkv = key.shape[1]
     C = gist_index.shape[-1]
@@ -844,17 +878,27 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
     s_gb, s_gh, s_gc = gist_index.stride() if per_head else (gist_index.stride(0), 0, gist_index.stride(1))
     s_nb, s_nh = num_chunks.stride() if per_head else (num_chunks.stride(0), 0)
     out = torch.empty(B, Hq, C, dtype=torch.float32, device=query.device)
-    BLOCK_C = 64 if D >= 128 else 128
-    grid = (B * Hkv, triton.cdiv(C, BLOCK_C))
+    if keys8 is not None:
+        key, qscale = keys8.values, keys8.scale
+        if keys8.scale.stride(2) != 1:
+            raise ValueError("Int8GistKeys.scale must be contiguous along the head dim")
+    BLOCK_C, steps, warps, stages = 64 if D >= 128 else 128, SCORE_STEPS, 4, 2
+    if keys8 is not None:
+        BLOCK_C, steps, warps, stages = INT8_BLOCK_C.get(D, BLOCK_C), INT8_STEPS, INT8_WARPS, INT8_STAGES
+    steps = max(1, min(steps, triton.cdiv(C, BLOCK_C)))  # short rows: no program past the row
+    grid = (B * Hkv, triton.cdiv(C, BLOCK_C * steps))
     _gist_scores_kernel[grid](
         query, key, gist_index, num_chunks, out, out if sizes is None else sizes,
         out if counters is None else counters, out if scored is None else scored,
+        out if keys8 is None else qscale,
         *query.stride(), *key.stride(), s_gb, s_gh, s_gc, s_nb, s_nh, *out.stride(),
+        *((0, 0) if keys8 is None else qscale.stride()[:2]),
         Hkv, G, C, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
         DOT_F32=interpreting() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
-        ZERO_CNT=counters is not None, COUNT=scored is not None, num_warps=4, num_stages=2,
+        ZERO_CNT=counters is not None, COUNT=scored is not None, INT8=keys8 is not None, STEPS=steps,
+        num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -1111,7 +1155,8 @@ def _select_warps(block: int) -> int:
 
 def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,
                              config: GistConfig, fused_topk: bool | None = None,
-                             ends_mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             ends_mode: int | None = None,
+                             keys8: Int8GistKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The selecting layers' key list without a host sync, in four launches: scores (which also
     zero the select kernel's arrival counters) -> `_topk_union_kernel` (per query head the set of
     its k best chunks by a threshold search in registers) -> `_union_kernel` (the GQA union's
@@ -1123,20 +1168,21 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
     `fused_topk=False` the older path runs: scores (zeroing the size table) -> torch.topk -> mark
     kernel -> torch.cumsum -> expansion. Top-p goes through
     `choose_union`. Both top-k paths pick the reference's set (ties to the lower chunk index);
-    torch.topk breaks exact ties in an unspecified order."""
+    torch.topk breaks exact ties in an unspecified order. keys8: score this int8 copy of the
+    gist keys (`gist_keys8`) instead of `key`'s."""
     B, Hq, D = query.shape
     Hkv = key.shape[1]
     C = layout.gist_index.shape[1]
     if plan.k is None:
-        scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks)
+        scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, keys8=keys8)
         return build_index_list_triton(plan, choose_union(scores, plan, Hkv, config, D))
     if fused_topk is None:
         fused_topk = C > 0
     if fused_topk:
         ends_mode = _ends_mode_or_default(ends_mode)
-        return _expand_launch(plan, *select_sizes_triton(query, key, layout, plan, ends_mode), ends_mode)
+        return _expand_launch(plan, *select_sizes_triton(query, key, layout, plan, ends_mode, keys8), ends_mode)
     sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
-    scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, sizes)
+    scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, sizes, keys8=keys8)
     k_max = max(1, min(plan.k_max, C))
     vals, idx = torch.topk(scores, k_max, dim=-1, sorted=not plan.uniform_k)
     _mark_kernel[(B * Hq,)](
@@ -1149,7 +1195,8 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
 
 
 def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor, num_chunks: torch.Tensor,
-                       k: torch.Tensor, chunk_ptr: torch.Tensor | None = None, sizes: bool = False) -> torch.Tensor:
+                       k: torch.Tensor, chunk_ptr: torch.Tensor | None = None, sizes: bool = False,
+                       keys8: Int8GistKeys | None = None) -> torch.Tensor:
     """`gsa_rag.selection.ChunkSelector` (top-k per query head, union over each GQA group) for the
     R query rows of one sequence (a question's tail rows), in the decode path's two launches:
     each row is scored and picked as a decode step's query is, the rows standing in for the batch
@@ -1165,6 +1212,7 @@ def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch
 
         sizes: return the select kernel's int32 [R, Hkv, C] union instead (nonzero where chosen:
             `gsa_rag.kernels.recall_mask` reads it as it is, one launch less).
+        keys8: score this int8 copy of the gist keys (`gist_keys8`) instead of `key`'s.
 
     Returns:
         bool [1, Hkv, R, C] (a view).
@@ -1176,8 +1224,10 @@ def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch
     if chunk_ptr is None:
         chunk_ptr = torch.arange(C + 1, dtype=torch.int32, device=query.device)
     counters = torch.empty(R * Hkv, dtype=torch.int32, device=query.device)
+    if keys8 is not None:  # the rows stand in for the batch over the one copy
+        keys8 = Int8GistKeys(keys8.values.expand(R, -1, -1, -1), keys8.scale.expand(R, -1, -1))
     scores = _scores_launch(query[0].transpose(0, 1), key.expand(R, -1, -1, -1), gist_index.expand(R, -1),
-                            num_chunks.expand(R), counters=counters)
+                            num_chunks.expand(R), counters=counters, keys8=keys8)
     picks = torch.empty(R, Hq, C, dtype=torch.int8, device=query.device)
     union = torch.empty(R, Hkv, C, dtype=torch.int32, device=query.device)
     # with chunk_ptr 0..C a chosen chunk's size is 1: sizes is the union itself
@@ -1187,8 +1237,9 @@ def select_rows_triton(query: torch.Tensor, key: torch.Tensor, gist_index: torch
     return union if sizes else (union != 0).transpose(0, 1)[None]
 
 
-def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout,
-                        plan: DecodePlan, ends_mode: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: DecodePlan,
+                        ends_mode: int | None = None,
+                        keys8: Int8GistKeys | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first two launches of the fused path (scores, select kernel): int32 [B, Hkv, C] size
     of each chunk in the union (0 where not chosen) and int32 [B, Hkv, ends_width(C, ends_mode)]
     its inclusive prefix sum along C (ENDS_PREFIX) or its sums per EXPAND_BLOCK_C chunks
@@ -1201,7 +1252,7 @@ def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
     ends = torch.empty(B, Hkv, ends_width(C, ends_mode), dtype=torch.int32, device=query.device)
     counters = torch.empty(B * Hkv, dtype=torch.int32, device=query.device)
     picks = torch.empty(B, Hq, C, dtype=torch.int8, device=query.device)
-    scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, counters=counters)
+    scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, counters=counters, keys8=keys8)
     topk_union_launch(scores, plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends, counters, Hkv,
                       ends_mode=ends_mode)
     return sizes, ends
@@ -1256,8 +1307,12 @@ def select_index_list(query: torch.Tensor, key: torch.Tensor, layout: GistLayout
     if layer_idx < config.first_selecting_layer or not config.uses_gists or not plan.selects:
         return plan.forget, plan.forget_len
     Hkv = key.shape[1]
+    keys8 = gist_keys_of_layer(layout, layer_idx, key) if config.score_dtype == "int8" else None
     if use_triton:
-        return select_index_list_triton(query, key, layout, plan, config)
-    scores = gist_scores_ref(query, key, layout.gist_index, layout.gist_valid)
+        return select_index_list_triton(query, key, layout, plan, config, keys8=keys8)
+    if keys8 is not None:
+        scores = int8_gist_scores(query[:, :, None], keys8, layout.gist_valid)[:, :, 0]
+    else:
+        scores = gist_scores_ref(query, key, layout.gist_index, layout.gist_valid)
     selected = choose_union(scores, plan, Hkv, config, query.shape[-1])
     return build_index_list_ref(plan, selected, key.shape[2])

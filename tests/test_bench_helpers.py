@@ -179,10 +179,11 @@ def test_prefill_result_name_holds_every_setting():
 def test_kernels_result_name_holds_every_setting():
     name = _script("kernels").result_name
     base = {"shapes": ["llama3-8b", "smollm2-135m"], "batches": [1, 8], "contexts": [4096, 32768, 131072],
-            "chunk": 8, "dtype": "bfloat16", "flex": False, "meta": [], "top_k": 4, "sweep": False}
+            "chunk": 8, "dtype": "bfloat16", "flex": False, "meta": [], "top_k": 4, "sweep": False,
+            "score_dtype": "cache"}
     assert name(**base) == "decode_step_llama3-8b+smollm2-135m_b1+8_ctx4k+32k+128k_c8_bf16_noflex"
     _distinct(base, {"shapes": ["llama3-8b"], "batches": [8], "contexts": [131072], "chunk": 16,
-                     "dtype": "float16", "flex": True, "meta": [4], "sweep": True}, name)
+                     "dtype": "float16", "flex": True, "meta": [4], "sweep": True, "score_dtype": "int8"}, name)
     hier = {**base, "meta": [4]}
     assert name(**hier) != name(**{**hier, "top_k": 8})
     assert name(**{**base, "top_k": 8}) == name(**base)  # single level: adaptive k, --top-k unused

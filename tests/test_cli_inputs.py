@@ -314,3 +314,17 @@ def test_cli_prints_the_adapter_path_expanded(two_level_adapter, tmp_path, data,
     monkeypatch.setattr(eval_run, "evaluate", lambda engine, data, **kw: {"summary": {}, "examples": []})
     main(["eval", str(data), "--adapter", "~/hgsa", "--device", "cpu"])
     assert json.loads(capsys.readouterr().out)["adapter"] == str(two_level_adapter)
+
+
+def test_cli_score_dtype_reaches_the_config_and_is_refused_with_the_hierarchy(two_level_adapter, tmp_path, loads,
+                                                                             capsys):
+    folder = tmp_path / "gsa8"
+    folder.mkdir()
+    write_manifest(folder, base_model="b", fingerprint="v2-0", config=GistConfig(chunk_size=8))
+    main([*ASK, "--adapter", str(folder), "--score-dtype", "int8"])
+    assert loads[0]["config"].score_dtype == "int8"
+    main([*ASK, "--adapter", str(folder)])
+    assert loads[1]["config"].score_dtype == "cache"
+    err = _fails([*ASK, "--adapter", str(two_level_adapter), "--score-dtype", "int8"], capsys)
+    assert "single-level only" in err
+    assert len(loads) == 2  # refused before the weights load

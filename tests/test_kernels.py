@@ -152,19 +152,25 @@ def test_key_list_is_the_engine_mask(kv_reuse, ends_mode, search, stream_above, 
         monkeypatch.setattr(gist_select, "STREAM_TILE", 64)
     for seed in range(6):
         layout, config = random_layout(seed, kv_reuse=kv_reuse)
-        B, T = layout.input_ids.shape
-        Hq, Hkv, D = 4, 2, 16
-        g = torch.Generator().manual_seed(seed)
-        q = torch.randn(B, Hq, D, generator=g).to(DEVICE)
-        k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE)
-        plan = DecodePlan.build(layout, config, Hq // Hkv)
-        for layer in (0, 1):
-            want = engine_lists(layout, config, q, k, layer)
-            want = [[torch.nonzero(want[b, h]).flatten().tolist() for h in range(Hkv)] for b in range(B)]
-            for use_triton in (False, True):
-                index, lengths = select_index_list(q, k, layout, plan, config, layer, use_triton)
-                assert index.shape[-1] >= int(lengths.max())
-                assert as_sets(index, lengths, B, Hkv) == want, (seed, layer, use_triton, config)
+        assert_key_lists_are_the_engine_mask(layout, config, seed)
+
+
+def assert_key_lists_are_the_engine_mask(layout, config, seed: int) -> None:
+    """Reference and Triton key lists of random q / k on `layout` equal the engine's dense mask in
+    a layer that does not select (0) and one that does (1)."""
+    B, T = layout.input_ids.shape
+    Hq, Hkv, D = 4, 2, 16
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, D, generator=g).to(DEVICE)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE)
+    plan = DecodePlan.build(layout, config, Hq // Hkv)
+    for layer in (0, 1):
+        want = engine_lists(layout, config, q, k, layer)
+        want = [[torch.nonzero(want[b, h]).flatten().tolist() for h in range(Hkv)] for b in range(B)]
+        for use_triton in (False, True):
+            index, lengths = select_index_list(q, k, layout, plan, config, layer, use_triton)
+            assert index.shape[-1] >= int(lengths.max())
+            assert as_sets(index, lengths, B, Hkv) == want, (seed, layer, use_triton, config)
 
 
 @pytest.mark.parametrize("kv_reuse", [False, True])

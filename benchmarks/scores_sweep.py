@@ -1,0 +1,100 @@
+"""The gist scores kernel (`gsa_rag.kernels.gist_select._scores_launch`) over its launch settings,
+reading the 16-bit key cache or the int8 copy of `GistConfig(score_dtype="int8")`: the sweep that
+chose INT8_BLOCK_C, INT8_STEPS, INT8_WARPS and INT8_STAGES (issue #6, NOTES.md round 17).
+
+    python benchmarks/scores_sweep.py [--out benchmarks/results/kernels/h200_round17/scores_sweep.json]
+
+Llama-3-8B shapes (32 query / 8 KV heads, d 128), bf16, the benchmarks' synthetic layout (chunk
+8), CUDA-graph replay rotating over input sets of >= 256 MB (no L2 hits), at 128K batch 8, 128K
+batch 1 and 32K batch 8. Every int8 setting's scores are checked against the default's first.
+Swept for the int8 copy: chunks a block (64, 128, 256), blocks a program (1, 2, 4, 8), warps (4,
+8), pipeline stages (2, 3); for the cache: blocks a program (1, 2). Microseconds per launch
+(median); the floor is the bytes read and written at 4.3 TB/s (int8 keys, channel scales, fp32
+scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from pathlib import Path
+
+import torch
+from gsa_rag.kernels import gist_select as gs
+from gsa_rag.kernels.bench import bench_us, synthetic_layout
+from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
+
+CASES = ((131072, 8), (131072, 1), (32768, 8))
+HQ, HKV, D = 32, 8, 128
+COPY_BW = 4.3e12
+LAUNCH = ("INT8_BLOCK_C", "INT8_STEPS", "INT8_WARPS", "INT8_STAGES", "SCORE_STEPS")
+
+
+def sweep_case(L: int, B: int) -> dict:
+    layout = synthetic_layout(B, L, 8, sink=4, tail=32, device="cuda")
+    T, C = layout.seq_len, layout.gist_index.shape[1]
+    copies = max(1, min(16, math.ceil((256 << 20) / (B * HKV * T * D * 2 * 2))))
+    sets = []
+    for _ in range(copies):
+        q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+        sets.append((q, k, quantize_gist_keys(k, layout.gist_index, layout.gist_valid)))
+
+    def launch(q, k, keys8=None):
+        return gs._scores_launch(q, k, layout.gist_index, layout.num_chunks, keys8=keys8)
+
+    def us(int8: bool) -> float:
+        return bench_us(lambda: [launch(q, k, k8 if int8 else None) for q, k, k8 in sets], cuda_graph=True) / copies
+
+    want = launch(*sets[0]).clone()
+    finite = torch.isfinite(want)
+    times = {}
+    for steps in (1, 2):
+        gs.SCORE_STEPS = steps
+        times[f"cache steps {steps}"] = us(False)
+    gs.SCORE_STEPS = 1
+    for block, steps, warps, stages in itertools.product((64, 128, 256), (1, 2, 4, 8), (4, 8), (2, 3)):
+        gs.INT8_BLOCK_C, gs.INT8_STEPS, gs.INT8_WARPS, gs.INT8_STAGES = {D: block}, steps, warps, stages
+        got = launch(*sets[0])
+        # the same products: only the order of the fp32 sums may differ
+        close = torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4 * float(want[finite].abs().max()))
+        if not (torch.equal(finite, torch.isfinite(got)) and close):
+            raise AssertionError(f"int8 scores differ at block {block}, steps {steps}, warps {warps}, stages {stages}")
+        times[f"int8 block {block} steps {steps} warps {warps} stages {stages}"] = us(True)
+    floor8 = (B * HKV * C * D + B * HKV * D * 4 + B * HQ * C * 4) / COPY_BW * 1e6
+    return {"context": L, "batch": B, "chunks": C, "int8_floor_us": floor8, "us": times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="write the rows as JSON (never overwrites)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU and Triton")
+    if args.out and Path(args.out).exists():
+        parser.error(f"--out {args.out} exists: results are never overwritten; name another file")
+    defaults = {name: getattr(gs, name) for name in LAUNCH}
+    default_int8 = (f"int8 block {gs.INT8_BLOCK_C[D]} steps {gs.INT8_STEPS} warps {gs.INT8_WARPS} "
+                    f"stages {gs.INT8_STAGES}")
+    torch.manual_seed(0)
+    rows = []
+    for L, B in CASES:
+        row = sweep_case(L, B)
+        rows.append(row)
+        best = sorted(row["us"].items(), key=lambda item: item[1])
+        print(f"{L // 1024}K batch {B} ({row['chunks']} chunks; int8 floor {row['int8_floor_us']:.1f} us): "
+              f"default int8 {row['us'][default_int8]:.1f}, cache {row['us']['cache steps 1']:.1f}; fastest "
+              + "; ".join(f"{name} {t:.1f}" for name, t in best[:4]), flush=True)
+    for name, value in defaults.items():
+        setattr(gs, name, value)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "x") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "defaults": default_int8, "rows": rows}, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
