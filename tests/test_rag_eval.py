@@ -184,10 +184,14 @@ def test_gold_selection_on_a_hand_made_layout(engine):
 def test_every_method_registered_and_specs_round_trip():
     assert {"closed-book", "full", "vector", "gist-only", "quest", "gsa"} <= set(available())
     for spec in ["closed-book", "full", "vector:k=3", "vector:k=1:source=corpus", "gist-only:chunk=16", "quest",
-                 "quest:chunk=16:policy=adaptive", "gsa", "gsa:chunk=16:policy=adaptive", "gsa:k=2"]:
+                 "quest:chunk=16:policy=adaptive", "gsa", "gsa:chunk=16:policy=adaptive", "gsa:k=2",
+                 "gsa:score=int8"]:
         assert parse_spec(spec).spec == spec
     assert parse_spec("gsa:chunk=8:k=4").spec == "gsa"  # defaults are dropped
     assert parse_spec("gsa:chunk=16:policy=adaptive").label == "GSA 16x, adaptive k"
+    assert parse_spec("gsa:score=int8").label == "GSA 8x, top-4, int8 scores"
+    assert parse_spec("gsa:score=int8").gist_config(None).score_dtype == "int8"
+    assert parse_spec("gsa").gist_config(None).score_dtype == "cache"
 
 
 def test_gsa_reuse_spec_and_label():
@@ -212,7 +216,7 @@ def test_list_methods_shows_the_reuse_option(capsys):
 
 @pytest.mark.parametrize("bad", ["nope", "gsa:chunk", "gsa:size=3", "gsa:chunk=eight", "vector:source=web",
                                  "quest:policy=top_p", "gsa:budget_mb=64", "gsa:reuse=1:budget_mb=-1",
-                                 "gsa:reuse=maybe"])
+                                 "gsa:reuse=maybe", "gsa:score=fp8", "gsa:meta=4:score=int8"])
 def test_bad_specs_say_what_is_wrong(bad):
     with pytest.raises(ValueError):
         parse_spec(bad)

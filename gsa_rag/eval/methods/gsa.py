@@ -9,6 +9,8 @@ which separates methods in benchmarks/rag_eval.py --methods); selection runs coa
 `k` per level, or `sk` sections per head above the chunks ("gsa:chunk=8:meta=4:sk=8": a wider
 beam, still k chunks unfolded).
 
+`score=int8` scores an int8 copy of the gist keys (GistConfig.score_dtype; single level only).
+
 Layout: the options set chunk size and hierarchy (defaults: 8, single level); every other
 GistConfig field is the one the model was trained with (RunContext.trained), unless `sink` or
 `window` (local window, num_previous_chunks) names another ("gsa:window=0").
@@ -53,6 +55,7 @@ class GSA(Method):
     budget_mb: int = 0  # with reuse: the memory's KV budget in MiB; 0: automatic
     sink: int = TRAINED  # sink tokens; -1: the trained config's (as every field no option sets)
     window: int = TRAINED  # chunks a raw token sees before its own (num_previous_chunks); -1: the trained
+    score: str = "cache"  # the gist keys scoring reads: "cache" or "int8" (GistConfig.score_dtype)
     _reuse: ReuseMemory | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -60,7 +63,7 @@ class GSA(Method):
             raise ValueError("gsa option budget_mb is the gist memory's budget: it needs reuse=1")
         if self.sk < 0:
             raise ValueError(f"gsa option sk must be >= 0 (0: the same as k), got {self.sk}")
-        if self.sk:  # GistConfig's rules for the beam (sections, fixed k), at parse time
+        if self.sk or self.score != "cache":  # GistConfig's rules (the beam; int8 single-level), at parse time
             self.gist_config(None)
         if self.budget_mb < 0:
             raise ValueError(f"gsa option budget_mb must be >= 0 (0: automatic), got {self.budget_mb}")
@@ -77,6 +80,7 @@ class GSA(Method):
     def label(self) -> str:
         k = {"fixed": f"top-{self.k}", "adaptive": "adaptive k", "top_p": f"top-p {self.p}"}.get(self.policy, self.policy)
         rest = layout_label(self.sink, self.window) + (", KV reuse" if self.reuse else "")
+        rest += f", {self.score} scores" if self.score != "cache" else ""
         if self.meta_chunks:
             sizes = ",".join(str(n) for n in (self.chunk, *self.meta_chunks))
             beam = f", {self.sk} sections" if self.sk else ""
@@ -86,7 +90,7 @@ class GSA(Method):
     def gist_config(self, ctx: RunContext | None) -> GistConfig:
         return over_trained(ctx, sink=self.sink, window=self.window, chunk_size=self.chunk, top_k=self.k,
                             k_policy=self.policy, top_p=self.p, adaptive_ratio=self.ratio,
-                            meta_chunks=self.meta_chunks, section_top_k=self.sk or None)
+                            meta_chunks=self.meta_chunks, section_top_k=self.sk or None, score_dtype=self.score)
 
     def compression_ratio(self) -> float:
         return float(math.prod((self.chunk, *self.meta_chunks)))
