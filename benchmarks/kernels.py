@@ -44,6 +44,7 @@ _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
+import dataclasses
 import math
 
 import torch
@@ -295,7 +296,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         row["fused_topk_same_lengths"] = bool(torch.equal(fused_list[1], old_list[1]))
         row["keys_scored"] = C
         if keys8:  # what the int8 copy changes on these (random normal) keys
-            cache_config = GistConfig(**{**config.to_dict(), "score_dtype": "cache"})
+            cache_config = dataclasses.replace(config, score_dtype="cache")
             row["int8_list_overlap"] = list_overlap(fused_list, select_index_list(q0, k0, layout, plan, cache_config, 1, True), T)
 
     listed = float(lists[0][1].float().sum())  # key rows over (batch, kv head)

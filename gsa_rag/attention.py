@@ -27,6 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from gsa_rag import selection
 from gsa_rag.config import GistConfig
 from gsa_rag.kernels.dispatch import sparse_decode_attention
+from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import UnfoldRecall, dense_gist_mask, dense_index, recall_gate, visible
 from gsa_rag.selection import ChunkSelector, select_hierarchical
@@ -266,8 +267,6 @@ def _kernel_union(rows: TailRows, layout: GistLayout, query: torch.Tensor, key: 
     k, chunk_ptr = rows.kernel_inputs[:2]
     keys8 = None
     if select.config.score_dtype == "int8":
-        from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
-
         keys8 = quantize_gist_keys(key, layout.gist_index, layout.gist_valid)
     return select_rows_triton(query, key, layout.gist_index, layout.num_chunks, k, chunk_ptr, sizes=True, keys8=keys8)
 

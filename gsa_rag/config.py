@@ -63,7 +63,8 @@ class GistConfig:
     # the gist keys that scoring reads: "cache", as the KV cache holds them; "int8", a copy
     # quantized per channel (gsa_rag.kernels.gist_keys8): half the bytes of bf16 keys at every
     # decode step, and picks that can differ from "cache"'s where chunks score within its rounding.
-    # Single-level GSA only.
+    # Single-level GSA only; an inference option (training refuses it). GistMemory.search ranks
+    # passages by the cached keys either way.
     score_dtype: Literal["cache", "int8"] = "cache"
     gist_token: str = GIST_TOKEN
     mgist_token: str = MGIST_TOKEN

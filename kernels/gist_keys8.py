@@ -13,14 +13,16 @@ values[c, d], so a kernel multiplies the query once and reads no scale per key. 
 is rounded to the query's dtype (the kernels' tensor-core operand); the reference does the same,
 so both compute the same products and differ only in the order of their fp32 sums.
 
-The copy of a decode step's keys is made once per layer per generation (`gist_keys_of_layer`:
-appended tail tokens add no gists, so it stays valid while the answer grows). Scores, and so the
+A decode step's copy is made once per layer and generation (`gist_keys_of_layer`: appended tail
+tokens add no gists, so it stays valid while the answer grows); a forward of several rows (the
+question's) quantizes the keys it scores itself, once per layer. Scores, and so the
 picks, differ from the cache dtype's where two chunks score within the rounding of each other
 (benchmarks/gist_keys8_agreement.py measures how often on the default model).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -85,14 +87,16 @@ def int8_gist_scores(query: torch.Tensor, keys: Int8GistKeys, gist_valid: torch.
 def gist_keys_of_layer(layout: GistLayout, layer_idx: int, key: torch.Tensor) -> Int8GistKeys:
     """The int8 copy of this layer's gist keys for a decode step, made at the first step and kept
     in the layout's lineage (the layouts `append` grows share it, and their gist columns): a later
-    step reuses it while the layer's key cache is the same buffer (a cache that reallocated, or
-    HF's DynamicCache, which concatenates a new tensor at every step, gets a fresh copy)."""
+    step reuses it while `key` is a view of the same live tensor (a DecodeCache's buffer). A cache
+    that reallocated, HF's DynamicCache (a new tensor at every step) or any other tensor gets a
+    fresh copy: the entry holds the tensor weakly, so it never keeps a cache alive, and a new
+    tensor at a freed one's address is not taken for it."""
+    owner = key if key._base is None else key._base
     lineage = layout.__dict__.get("_lineage")
-    storage = key.untyped_storage().data_ptr()
     entry = None if lineage is None else lineage.get(("gist_keys8", layer_idx))
-    if entry is not None and entry[0] == storage and entry[1] is layout.gist_index:
+    if entry is not None and entry[0]() is owner and entry[1] is layout.gist_index:
         return entry[2]
     keys = quantize_gist_keys(key, layout.gist_index, layout.gist_valid)
     if lineage is not None:
-        lineage[("gist_keys8", layer_idx)] = (storage, layout.gist_index, keys)
+        lineage[("gist_keys8", layer_idx)] = (weakref.ref(owner), layout.gist_index, keys)
     return keys

@@ -17,7 +17,9 @@ Layers that do not select (below first_selecting_layer, or nothing to select) us
 forgetting row: base plus every closed gist; that list is also built once per step.
 
 Fast path (`select_index_list_triton`, no host sync), four launches: the scores kernel (grid
-(B * Hkv, C / BLOCK_C); gist keys loaded once per KV head, shared by its G query heads) -> the
+(B * Hkv, C / (BLOCK_C * STEPS)), each program scoring STEPS blocks in turn; gist keys loaded
+once per KV head, shared by its G query heads; with `GistConfig.score_dtype` "int8" from the
+contiguous int8 copy of `gist_keys8`) -> the
 select kernel (`_topk_union_kernel`, grid B * Hq: each query head's k-th largest score by a
 bisection over the bits of its key in registers, stopping once exactly k scores lie above it, or
 with SEARCH_INTERP by interpolation on a normal fit of the row, fewer reductions; it writes each
@@ -47,7 +49,12 @@ from dataclasses import dataclass
 
 import torch
 from gsa_rag.kernels.dispatch import interpreting
-from gsa_rag.kernels.gist_keys8 import Int8GistKeys, gist_keys_of_layer, int8_gist_scores
+from gsa_rag.kernels.gist_keys8 import (
+    Int8GistKeys,
+    gist_keys_of_layer,
+    int8_gist_scores,
+)
+from gsa_rag.kernels.sparse_decode import num_sms
 
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout
@@ -853,23 +860,27 @@ if triton is not None:
 
 
 # blocks of chunks one scores program reads in turn (16-bit keys: 64 chunks a block at D >= 128,
-# else 128); the int8 copy's chunks a block, by head dim, blocks, warps and pipeline stages
-# (NOTES.md, round 17: at 128K batch 8 the int8 copy's scores took 40.5 us so, against 44.9 in one
-# block of 256 chunks a program and 54.4 in one of 128; the 16-bit path was fastest at one block)
+# else 128), and for the int8 copy the chunks a block, blocks, warps and pipeline stages; a program
+# takes several blocks only where the grid would otherwise hold at least STEPS_MIN_PROGRAMS_PER_SM
+# programs an SM (NOTES.md, round 17: at 128K batch 8, 4 blocks of 128 scored the int8 copy in
+# 40.5-41.1 us against 44.9 for one block of 256 and 48.6-48.9 for one of 128; at 32K batch 1, 232
+# programs of one block, 3.2-3.3 us against 4.7 for 4 blocks). D = 64 (the default model) was not
+# swept: it takes D = 128's settings. One block stayed fastest for 16-bit keys at batch 8.
 SCORE_STEPS = 1
-INT8_BLOCK_C = {128: 128, 64: 128}
+INT8_BLOCK_C = 128
 INT8_STEPS = 4
 INT8_WARPS = 4
 INT8_STAGES = 3
+STEPS_MIN_PROGRAMS_PER_SM = 8
 
 
 def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None, scored=None,
-                   keys8: Int8GistKeys | None = None) -> torch.Tensor:
+                   keys8: Int8GistKeys | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """gist_index: [B, C] with num_chunks [B] (one list per batch row), or [B, Hkv, C] with
     num_chunks [B, Hkv] (one per KV head: H-GSA's candidates); scored: optional int32 [B * Hkv]
     to which each (batch, KV head) adds the gist keys it read. With keys8 (`gist_keys8`) the
     kernel reads that contiguous int8 copy instead of gathering `key`'s gist columns (gist_index
-    then only gives C)."""
+    then only gives C). out: float32 [B, Hq, C] to write (made here when None)."""
     B, Hq, D = query.shape
     Hkv = key.shape[1]
     C = gist_index.shape[-1]
@@ -877,16 +888,22 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
     per_head = gist_index.dim() == 3
     s_gb, s_gh, s_gc = gist_index.stride() if per_head else (gist_index.stride(0), 0, gist_index.stride(1))
     s_nb, s_nh = num_chunks.stride() if per_head else (num_chunks.stride(0), 0)
-    out = torch.empty(B, Hq, C, dtype=torch.float32, device=query.device)
-    if keys8 is not None:
-        key, qscale = keys8.values, keys8.scale
-        if keys8.scale.stride(2) != 1:
-            raise ValueError("Int8GistKeys.scale must be contiguous along the head dim")
+    if out is None:
+        out = torch.empty(B, Hq, C, dtype=torch.float32, device=query.device)
     BLOCK_C, steps, warps, stages = 64 if D >= 128 else 128, SCORE_STEPS, 4, 2
     if keys8 is not None:
-        BLOCK_C, steps, warps, stages = INT8_BLOCK_C.get(D, BLOCK_C), INT8_STEPS, INT8_WARPS, INT8_STAGES
-    steps = max(1, min(steps, triton.cdiv(C, BLOCK_C)))  # short rows: no program past the row
-    grid = (B * Hkv, triton.cdiv(C, BLOCK_C * steps))
+        if per_head or keys8.values.shape != (B, Hkv, C, D) or keys8.scale.shape != (B, Hkv, D):
+            raise ValueError(f"Int8GistKeys of values {tuple(keys8.values.shape)} / scale {tuple(keys8.scale.shape)} "
+                             f"do not fit {B} rows x {Hkv} KV heads x {C} chunks x {D} (one gist list per row)")
+        if keys8.scale.stride(2) != 1:
+            raise ValueError("Int8GistKeys.scale must be contiguous along the head dim")
+        key, qscale = keys8.values, keys8.scale
+        BLOCK_C, steps, warps, stages = INT8_BLOCK_C, INT8_STEPS, INT8_WARPS, INT8_STAGES
+    blocks = triton.cdiv(C, BLOCK_C)
+    if B * Hkv * blocks < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
+        steps = 1  # few programs already: each takes one block, all run at once
+    steps = max(1, min(steps, blocks))
+    grid = (B * Hkv, triton.cdiv(blocks, steps))
     _gist_scores_kernel[grid](
         query, key, gist_index, num_chunks, out, out if sizes is None else sizes,
         out if counters is None else counters, out if scored is None else scored,

@@ -98,7 +98,7 @@ def test_scores_kernel_over_int8_keys_equals_the_reference(dtype, shape):
     ref = int8_gist_scores(query[:, :, None].to(DEVICE), q8, gist_valid.to(DEVICE))[:, :, 0]
     out = torch.full((B, Hq, C), float("nan"), device=DEVICE)
     poison = torch.full_like(key, float("nan")).to(DEVICE)  # the cache must not be read
-    out.copy_(_scores_launch(query.to(DEVICE), poison, gist_index.to(DEVICE), num_chunks.to(DEVICE), keys8=q8))
+    _scores_launch(query.to(DEVICE), poison, gist_index.to(DEVICE), num_chunks.to(DEVICE), keys8=q8, out=out)
     assert torch.equal(torch.isinf(out), torch.isinf(ref))
     finite = torch.isfinite(ref)
     assert rel_err(out[finite], ref[finite]) < 1e-5  # the same products, summed in another order
@@ -207,6 +207,13 @@ def test_the_int8_copy_is_made_once_per_layer_and_buffer():
     again = gist_keys_of_layer(grown, 1, moved[:, :, : T + 1])  # a reallocated cache
     assert again is not first
     assert torch.equal(again.values, first.values) and torch.equal(again.scale, first.scale)
+    # fresh tensors, each freed before the next (which may land at its address): never a stale copy
+    for _ in range(5):
+        fresh = torch.randn(B, 2, T + 1, 16).to(DEVICE)
+        got = gist_keys_of_layer(grown, 3, fresh)
+        want = quantize_gist_keys(fresh, grown.gist_index, grown.gist_valid)
+        assert torch.equal(got.values, want.values) and torch.equal(got.scale, want.scale)
+        del fresh, got
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -238,7 +245,7 @@ def test_question_rows_kernel_over_int8_keys_picks_the_reference_sets(dtype, int
 
 def test_engine_decode_with_int8_scores_kernels_equal_the_reference(monkeypatch):
     """A tiny random model decodes over a DecodeCache with GSA_RAG_KERNELS=1 and =0 and
-    score_dtype int8: the same logits, and the kernel path made each layer's copy once."""
+    score_dtype int8: the same logits, and the kernel path made each selecting layer's copy once."""
     import random
 
     from fakes import FakeTokenizer, random_segments
@@ -268,11 +275,14 @@ def test_engine_decode_with_int8_scores_kernels_equal_the_reference(monkeypatch)
                 lay = lay.append(token)
                 out, state = forward(model, lay, 1, cache, config)
                 steps.append(out.logits[:, -1])
-                copies.append(lay.__dict__["_lineage"].get(("gist_keys8", 1)))
+                copies.append([lay.__dict__["_lineage"].get(("gist_keys8", layer)) for layer in (1, 2)])
         logits[mode] = torch.stack(steps)
         if mode == "1":
             assert state._decode_plan, "the kernel path did not run"
-            assert copies[0] is not None and all(c[2] is copies[0][2] for c in copies)
+            for layer in (0, 1):  # layers 1 and 2 select: one copy each, made at the first step
+                assert copies[0][layer] is not None
+                assert all(step[layer][2] is copies[0][layer][2] for step in copies)
+            assert copies[0][0][2] is not copies[0][1][2]
     torch.testing.assert_close(logits["1"], logits["0"], atol=1e-4, rtol=1e-4)
 
 
@@ -284,6 +294,18 @@ def test_score_dtype_is_checked_and_saved_only_when_set():
         GistConfig(score_dtype="fp8")
     with pytest.raises(ConfigError, match="single-level only"):
         GistConfig(meta_chunks=(4,), score_dtype="int8")
+
+
+def test_int8_keys_that_do_not_fit_the_launch_are_refused():
+    g = torch.Generator().manual_seed(5)
+    key, gist_index, num_chunks, gist_valid = random_keys(2, 2, 30, 16, 8, g)
+    q8 = quantize_gist_keys(key, gist_index, gist_valid)
+    query = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match="do not fit"):  # one row short
+        _scores_launch(query, key, gist_index, num_chunks, keys8=Int8GistKeys(q8.values[:1], q8.scale[:1]))
+    with pytest.raises(ValueError, match="do not fit"):  # H-GSA's per-head candidate lists
+        per_head = gist_index[:, None].expand(2, 2, 8)
+        _scores_launch(query, key, per_head, num_chunks[:, None].expand(2, 2), keys8=q8)
 
 
 def test_int8_keys_must_have_contiguous_scales():
@@ -333,8 +355,9 @@ def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, monkeyp
 
     monkeypatch.setattr(gist_select, "SCORE_STEPS", 3)
     monkeypatch.setattr(gist_select, "INT8_STEPS", 3)
-    monkeypatch.setattr(gist_select, "INT8_BLOCK_C", {16: 16, 64: 32})
-    for B, Hq, Hkv, D, T, C in ((2, 4, 2, 16, 200, 70), (1, 9, 3, 64, 900, 410)):
+    monkeypatch.setattr(gist_select, "INT8_BLOCK_C", 32)
+    monkeypatch.setattr(gist_select, "STEPS_MIN_PROGRAMS_PER_SM", 0)  # small grids loop too
+    for B, Hq, Hkv, D, T, C in ((2, 4, 2, 16, 700, 300), (1, 9, 3, 64, 900, 410)):  # 3 and 4 blocks of 128
         g = torch.Generator().manual_seed(C)
         key, gist_index, num_chunks, gist_valid = random_keys(B, Hkv, T, D, C, g)
         query = torch.randn(B, Hq, D, generator=g)
@@ -347,9 +370,53 @@ def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, monkeyp
             ref = gist_scores(query[:, :, None], key, gist_index, gist_valid)[:, :, 0]
         scored = torch.zeros(B * Hkv, dtype=torch.int32, device=DEVICE)
         sizes = torch.full((B, Hkv, C), -1, dtype=torch.int32, device=DEVICE)
-        out = _scores_launch(query, key, gist_index, num_chunks, sizes=sizes, scored=scored, keys8=keys8)
+        out = torch.full((B, Hq, C), float("nan"), device=DEVICE)
+        _scores_launch(query, key, gist_index, num_chunks, sizes=sizes, scored=scored, keys8=keys8, out=out)
         assert torch.equal(torch.isinf(out), torch.isinf(ref))
         finite = torch.isfinite(ref)
         assert rel_err(out[finite], ref[finite]) < 1e-5
         assert torch.equal(scored.view(B, Hkv).cpu(), num_chunks[:, None].expand(B, Hkv).int().cpu())
         assert not sizes.any(), "every block's sizes are zeroed"
+
+
+def test_fused_select_over_int8_keys_with_programs_that_loop_is_the_engine_mask(monkeypatch):
+    """The decode path (scores kernel zeroing the select kernel's counters, then the select and
+    union kernels) with scores programs that take several blocks each, on rows of ~150 chunks."""
+    from gsa_rag.kernels import gist_select
+    from gsa_rag.kernels.bench import synthetic_layout
+
+    monkeypatch.setattr(gist_select, "INT8_BLOCK_C", 16)
+    monkeypatch.setattr(gist_select, "INT8_STEPS", 3)
+    monkeypatch.setattr(gist_select, "STEPS_MIN_PROGRAMS_PER_SM", 0)
+    config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=2.0, score_dtype="int8")
+    layout = synthetic_layout(2, 1200, 8, device=DEVICE).append(torch.full((2, 1), 5, device=DEVICE))
+    assert int(layout.num_chunks.min()) > 6 * 16  # more than two programs of three blocks a row
+    assert_key_lists_are_the_engine_mask(layout, config, seed=11)
+
+
+def test_gist_memory_answers_with_int8_scores_through_the_kernels_as_the_reference(default_model_dir, monkeypatch):
+    """A question over gist memory (raw KV offloaded, fetched by the cache's hook) with int8
+    scoring: the kernels and the reference path give the same answer, and the kernels do score
+    the int8 copy."""
+    from gsa_rag.kernels import gist_keys8
+    from test_memory import PASSAGES, QUESTION, tiny_engine
+    from transformers import AutoTokenizer
+
+    from gsa_rag.memory import GistMemory
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
+    engine = tiny_engine(tokenizer, score_dtype="int8", top_k=2)
+    engine.model.to(DEVICE)
+    memory = GistMemory(engine, progress=False, offload=True)
+    ids = memory.add(PASSAGES)
+    made = []
+    real = gist_keys8.quantize_gist_keys
+    monkeypatch.setattr(gist_keys8, "quantize_gist_keys", lambda *a: made.append(1) or real(*a))
+    answers = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("GSA_RAG_KERNELS", mode)
+        made.clear()
+        answers[mode] = engine.generate(QUESTION, ids, memory=memory, max_new_tokens=4)
+        if mode == "1":
+            assert made, "the decode kernels did not score the int8 copy"
+    assert answers["1"] == answers["0"]

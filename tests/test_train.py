@@ -552,3 +552,14 @@ def _rag_file(tmp_path):
               "passages": [{"title": p["title"], "text": p["text"], "is_gold": True} for p in PASSAGES]}
     data.write_text("\n".join(json.dumps(dict(record, id=str(i))) for i in range(4)))
     return str(data)
+
+
+def test_training_refuses_int8_scoring(tmp_path):
+    """score_dtype is an inference option: an adapter trained with it would make every later load
+    score int8 (its manifest keeps the config), so training refuses it before anything loads."""
+    from gsa_rag.train.loop import start_config
+
+    args = TrainArgs(stage="cpt", output=str(tmp_path / "a"), gist={"score_dtype": "int8"})
+    with pytest.raises(ValueError, match="inference option"):
+        start_config(args)
+    assert start_config(TrainArgs(stage="cpt", output=str(tmp_path / "a"))).score_dtype == "cache"

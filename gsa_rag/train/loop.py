@@ -98,7 +98,11 @@ def start_config(args: TrainArgs) -> GistConfig:
 
     init_adapter = _resolve_init_adapter(args).init_adapter
     base_config = adapter_config(init_adapter).to_dict() if init_adapter else {}
-    return GistConfig(**{**base_config, **args.gist})
+    config = GistConfig(**{**base_config, **args.gist})
+    if config.score_dtype != "cache":  # the adapter would save it, and every later load would score so
+        raise ValueError(f"score_dtype {config.score_dtype!r} is an inference option: train with 'cache' "
+                         "(the default), and score int8 at inference (--score-dtype int8)")
+    return config
 
 
 # fields that define a run: a resumed run must be given the same ones (the others, such as
