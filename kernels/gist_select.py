@@ -900,7 +900,7 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         key, qscale = keys8.values, keys8.scale
         BLOCK_C, steps, warps, stages = INT8_BLOCK_C, INT8_STEPS, INT8_WARPS, INT8_STAGES
     blocks = triton.cdiv(C, BLOCK_C)
-    if B * Hkv * blocks < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
+    if steps > 1 and B * Hkv * blocks < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
         steps = 1  # few programs already: each takes one block, all run at once
     steps = max(1, min(steps, blocks))
     grid = (B * Hkv, triton.cdiv(blocks, steps))
