@@ -51,7 +51,8 @@ def quantize_gist_keys(key: torch.Tensor, gist_index: torch.Tensor, gist_valid: 
     B, Hkv, T, D = key.shape
     C = gist_index.shape[1]
     index = gist_index.clamp(0, max(T - 1, 0))[:, None, :, None].expand(B, Hkv, C, D)
-    gists = torch.gather(key, 2, index).float() * gist_valid[:, None, :, None]
+    # where, not a product: the columns padding chunks point at may hold anything (NaN * 0 is NaN)
+    gists = torch.where(gist_valid[:, None, :, None], torch.gather(key, 2, index).float(), 0.0)
     amax = gists.abs().amax(2) if C else gists.new_zeros(B, Hkv, D)
     scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
     values = torch.round(gists / scale[:, :, None]).clamp_(-QMAX, QMAX).to(torch.int8)

@@ -65,6 +65,10 @@ def test_quantized_keys_are_within_half_a_step_of_the_keys():
         gist_valid[:, None, :, None].expand_as(error)] / 2 * (1 + 1e-6)).all())
     assert not q8.values[1, :, 10:].any(), "chunks that do not exist must be zeros"
     assert float(q8.scale[1, 2, 5]) == 1.0
+    poisoned = key.clone()
+    poisoned[1, :, gist_index[1, 10:]] = float("nan")  # what padding chunks' columns hold is never read
+    again = quantize_gist_keys(poisoned, gist_index, gist_valid)
+    assert torch.equal(again.values, q8.values) and torch.equal(again.scale, q8.scale)
     empty = quantize_gist_keys(key, gist_index[:, :0], gist_valid[:, :0])
     assert empty.values.shape == (2, 3, 0, 16) and bool((empty.scale == 1).all())
 
