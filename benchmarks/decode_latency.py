@@ -116,12 +116,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 
-def result_name(arch: str, layers: int, contexts: list[int], batch: int, steps: int, warmup: int, cache: str) -> str:
+def result_name(arch: str, layers: int, contexts: list[int], batch: int, steps: int, warmup: int, cache: str,
+                score_dtype: str = "cache") -> str:
     """The default result name: every setting that changes the rows, so two runs that differ in
     any of them never share a file (the name held only the architecture: a re-run with another
     warm-up or context list replaced the earlier run's rows)."""
     ctx = context_tag(contexts)
-    return f"decode_latency_{arch}_L{layers}_ctx{ctx}_b{batch}_s{steps}_w{warmup}_{cache}"
+    scores = "" if score_dtype == "cache" else f"_scores-{score_dtype}"
+    return f"decode_latency_{arch}_L{layers}_ctx{ctx}_b{batch}_s{steps}_w{warmup}_{cache}{scores}"
 
 
 
@@ -139,6 +141,8 @@ def main(argv=None) -> None:
                         "specialisation) stay out of the timing")
     p.add_argument("--cache", default="both", choices=["both", "dynamic"],
                    help="both: also hf_dc / gsa_dc over the engine's DecodeCache; dynamic: DynamicCache only")
+    p.add_argument("--score-dtype", default="cache", choices=["cache", "int8"],
+                   help="GistConfig.score_dtype of the gsa columns: int8 scores an int8 copy of the gist keys")
     p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result file")
     p.add_argument("--name", default=None, help="result file name without .json (default: result_name's, every setting)")
     args = p.parse_args(argv)
@@ -147,7 +151,8 @@ def main(argv=None) -> None:
     if args.quick:
         contexts, steps = [8 * K], 8
     layers = args.layers or ARCHS[args.arch]["num_hidden_layers"]  # random_model's rule
-    name = args.name or result_name(args.arch, layers, contexts, args.batch, steps, max(args.warmup, steps), args.cache)
+    name = args.name or result_name(args.arch, layers, contexts, args.batch, steps, max(args.warmup, steps), args.cache,
+                                    args.score_dtype)
     refuse_existing_results(p, args.out, name, (".json",))  # before the measurements, not after them
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/decode_latency.py needs CUDA")
@@ -157,7 +162,7 @@ def main(argv=None) -> None:
     from gsa_rag.generation import _cache_keyword
 
     model = random_model(args.arch, args.layers, DEVICE)
-    config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0)
+    config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0, score_dtype=args.score_dtype)
     rows = []
     for L in contexts:
         layout = synthetic_layout(args.batch, L, 8, sink=4, tail=32, device=DEVICE)
@@ -168,7 +173,8 @@ def main(argv=None) -> None:
             model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=True, logits_to_keep=1,
                   **{_cache_keyword(model): cache})
             row = {"arch": args.arch, "layers": model.config.num_hidden_layers, "context": L, "T": T,
-                   "batch": args.batch, "steps": steps, "warmup": max(args.warmup, steps)}
+                   "batch": args.batch, "steps": steps, "warmup": max(args.warmup, steps),
+                   "score_dtype": args.score_dtype}
             firsts = {}
             runs = [("hf", cache), ("gsa_ref", cache), ("gsa", cache)]
             if args.cache == "both":  # the same prefill, copied once into the engine's cache

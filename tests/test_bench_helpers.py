@@ -161,11 +161,11 @@ def test_decode_latency_result_name_holds_every_setting():
     """The name held only the architecture: a re-run with another warm-up replaced the rows."""
     name = _script("decode_latency").result_name
     base = {"arch": "smollm2-135m", "layers": 30, "contexts": [8192, 16384, 32768], "batch": 1, "steps": 32,
-            "warmup": 32, "cache": "both"}
+            "warmup": 32, "cache": "both", "score_dtype": "cache"}
     assert name(**base) == "decode_latency_smollm2-135m_L30_ctx8k+16k+32k_b1_s32_w32_both"
     assert name(**{**base, "contexts": [32768, 8192, 16384, 8192]}) == name(**base)  # the same rows
     _distinct(base, {"arch": "llama3-8b", "layers": 8, "contexts": [8192, 16384], "batch": 2, "steps": 24,
-                     "warmup": 40, "cache": "dynamic"}, name)
+                     "warmup": 40, "cache": "dynamic", "score_dtype": "int8"}, name)
     assert "ctx1500+8k" in name(**{**base, "contexts": [8192, 1500]})
 
 
