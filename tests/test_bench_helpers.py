@@ -256,3 +256,12 @@ def test_kernels_plot_draws_the_series(tmp_path):
     finally:
         plt.close("all")
     assert path.stat().st_size > 0
+
+
+def test_kernels_list_overlap_counts_the_reference_keys_kept_up_to_each_length():
+    overlap = _script("kernels").list_overlap
+    reference = (torch.tensor([[[1, 2, 3, 0], [4, 5, 0, 0]]], dtype=torch.int32), torch.tensor([[3, 2]], dtype=torch.int32))
+    same = (torch.tensor([[[3, 2, 1, 9], [5, 4, 9, 9]]], dtype=torch.int32), reference[1])  # order and padding ignored
+    assert overlap(same, reference, 10) == 1.0
+    swapped = (torch.tensor([[[1, 2, 7, 0], [4, 5, 0, 0]]], dtype=torch.int32), reference[1])
+    assert overlap(swapped, reference, 10) == 4 / 5
