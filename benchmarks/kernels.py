@@ -341,7 +341,7 @@ def list_overlap(lists, reference, seq_len: int) -> float:
         return mask.scatter_(2, torch.where(live, index.long(), seq_len), True)[..., :seq_len]
 
     got, want = as_mask(*lists), as_mask(*reference)
-    return float((got & want).sum() / want.sum())
+    return int((got & want).sum()) / int(want.sum())
 
 
 COLUMNS = [
