@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from gsa_rag.config import GistConfig
-from gsa_rag.kernels.gist_keys8 import int8_gist_scores, quantize_gist_keys
+from gsa_rag.kernels.gist_keys8 import Int8GistKeys, quantize_gist_keys, scaled_query
 from gsa_rag.layout import GistLayout
 
 
@@ -39,9 +39,28 @@ def gist_scores(query: torch.Tensor, key: torch.Tensor, gist_index: torch.Tensor
 def _gist_scores(query: torch.Tensor, key: torch.Tensor, gather_index: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
     """`gist_scores` from its per-forward parts: gather_index long [B, Hkv, C, D] (the gist
     columns, expanded over heads and dims), missing bool [B, 1, 1, C]."""
-    B, Hkv = key.shape[:2]
+    return _grouped_scores(query, torch.gather(key, 2, gather_index), missing)
+
+
+def int8_gist_scores(query: torch.Tensor, keys: Int8GistKeys, gist_valid: torch.Tensor) -> torch.Tensor:
+    """`gist_scores` over the int8 copy of the gist keys (`GistConfig.score_dtype` "int8";
+    gsa_rag.kernels.gist_keys8): the query times its KV head's channel scales, rounded to its
+    dtype as the kernels round it, against the int8 values.
+
+    Args:
+        query: [B, Hq, Tq, D]; keys: the layer's `Int8GistKeys`; gist_valid: bool [B, C].
+
+    Returns:
+        float32 [B, Hq, Tq, C], -inf for missing chunks.
+    """
+    return _grouped_scores(scaled_query(query, keys), keys.values, ~gist_valid[:, None, None, :])
+
+
+def _grouped_scores(query: torch.Tensor, gist_keys: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    """query [B, Hq, Tq, D] against gist_keys [B, Hkv, C, D] -> float32 [B, Hq, Tq, C], -inf where
+    missing (bool [B, 1, 1, C])."""
+    B, Hkv = gist_keys.shape[:2]
     Hq, Tq = query.shape[1:3]
-    gist_keys = torch.gather(key, 2, gather_index)
     # query head h reads KV head h // G: the G heads of a group share one matmul over their rows,
     # so the gist keys are never repeated per query head
     rows = query.float().reshape(B, Hkv, (Hq // Hkv) * Tq, -1)

@@ -6,7 +6,7 @@ Each kernel sits beside its torch reference; tests/test_kernels.py compares them
                    top-k / top-p + GQA union, list expansion (Triton); DecodePlan is built
                    once per step from gsa_rag.masks.visible, so the list is the engine's rule
     gist_keys8     the int8 copy of the gist keys that scoring reads under GistConfig(score_dtype="int8")
-                   (per-channel scales folded into the query), its reference scores
+                   (per-channel scales folded into the query)
     hier_select    the same for H-GSA layouts: coarse-to-fine selection that scores only the
                    top level and the children of what was chosen (scores and top-k kernels of
                    gist_select, one unfold kernel per level), HierPlan beside DecodePlan

@@ -10,8 +10,9 @@ largest |k[c, d]| over the row's chunks / 127 and values[c, d] = round(k[c, d] /
 per-channel scale follows the few channels that RoPE'd keys concentrate their magnitude in (a
 per-row scale would flatten the rest), and it folds into the query: q . k ~= sum_d (q[d] scale[d])
 values[c, d], so a kernel multiplies the query once and reads no scale per key. The scaled query
-is rounded to the query's dtype (the kernels' tensor-core operand); the reference does the same,
-so both compute the same products and differ only in the order of their fp32 sums.
+is rounded to the query's dtype (the kernels' tensor-core operand); the reference
+(`gsa_rag.selection.int8_gist_scores`) does the same, so both compute the same products and differ
+only in the order of their fp32 sums.
 
 A decode step's copy is made once per layer and generation (`gist_keys_of_layer`: appended tail
 tokens add no gists, so it stays valid while the answer grows); a forward of several rows (the
@@ -67,22 +68,6 @@ def scaled_query(query: torch.Tensor, keys: Int8GistKeys) -> torch.Tensor:
     scale = keys.scale[:, :, None, None, :]  # [B, Hkv, 1, 1, D] over the group's heads and rows
     rows = query.float().view(B, Hkv, Hq // Hkv, Tq, D) * scale
     return rows.to(query.dtype).view(B, Hq, Tq, D)
-
-
-def int8_gist_scores(query: torch.Tensor, keys: Int8GistKeys, gist_valid: torch.Tensor) -> torch.Tensor:
-    """Reference: `gsa_rag.selection.gist_scores` over the int8 copy.
-
-    Args:
-        query: [B, Hq, Tq, D]; keys: the layer's `Int8GistKeys`; gist_valid: bool [B, C].
-
-    Returns:
-        float32 [B, Hq, Tq, C], -inf for missing chunks.
-    """
-    B, Hq, Tq, D = query.shape
-    Hkv = keys.values.shape[1]
-    rows = scaled_query(query, keys).float().reshape(B, Hkv, (Hq // Hkv) * Tq, D)
-    scores = torch.matmul(rows, keys.values.float().transpose(-1, -2)).view(B, Hq, Tq, -1)
-    return scores.masked_fill(~gist_valid[:, None, None, :], float("-inf"))
 
 
 def gist_keys_of_layer(layout: GistLayout, layer_idx: int, key: torch.Tensor) -> Int8GistKeys:

@@ -49,17 +49,19 @@ from dataclasses import dataclass
 
 import torch
 from gsa_rag.kernels.dispatch import interpreting
-from gsa_rag.kernels.gist_keys8 import (
-    Int8GistKeys,
-    gist_keys_of_layer,
-    int8_gist_scores,
-)
+from gsa_rag.kernels.gist_keys8 import Int8GistKeys, gist_keys_of_layer
 from gsa_rag.kernels.sparse_decode import num_sms
 
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import gist_recall, visible
-from gsa_rag.selection import adaptive_k, choose_chunks, gist_scores, union_over_groups
+from gsa_rag.selection import (
+    adaptive_k,
+    choose_chunks,
+    gist_scores,
+    int8_gist_scores,
+    union_over_groups,
+)
 
 try:  # triton is optional: the references below need only torch
     import triton

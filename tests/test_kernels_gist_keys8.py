@@ -16,7 +16,6 @@ triton = pytest.importorskip("triton", reason="triton not installed")
 from gsa_rag.kernels.gist_keys8 import (
     Int8GistKeys,
     gist_keys_of_layer,
-    int8_gist_scores,
     quantize_gist_keys,
     scaled_query,
 )
@@ -36,7 +35,7 @@ from test_kernels import (
 
 from gsa_rag.config import GistConfig
 from gsa_rag.errors import ConfigError
-from gsa_rag.selection import ChunkSelector, gist_scores
+from gsa_rag.selection import ChunkSelector, gist_scores, int8_gist_scores
 
 
 def random_keys(B, Hkv, T, D, C, g, outlier=True):
