@@ -55,6 +55,7 @@ from gsa_rag.kernels.bench import (
     copy_bandwidth,
     environment,
     host_us,
+    input_copies,
     print_table,
     refuse_existing_results,
     synthetic_layout,
@@ -126,8 +127,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     C = int(layout.num_chunks[0])
     esize = torch.finfo(dtype).bits // 8
     kv_bytes = B * Hkv * T * D * esize * 2
-    # rotate among input sets of >= 256 MB in all (the L2 is 60 MB), eager and graph timings alike
-    copies = max(1, min(16, math.ceil((256 << 20) / kv_bytes)))
+    copies = input_copies(kv_bytes)  # eager and graph timings alike rotate among them
     sets = []
     for _ in range(copies):
         q = torch.randn(B, Hq, D, device=DEVICE, dtype=dtype)

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 from pathlib import Path
 
 import torch
 from gsa_rag.kernels import gist_select as gs
-from gsa_rag.kernels.bench import bench_us, synthetic_layout
+from gsa_rag.kernels.bench import bench_us, input_copies, synthetic_layout
 from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
 
 CASES = ((131072, 8), (131072, 1), (32768, 8))
@@ -35,7 +34,7 @@ LAUNCH = ("INT8_BLOCK_C", "INT8_STEPS", "INT8_WARPS", "INT8_STAGES", "SCORE_STEP
 def sweep_case(L: int, B: int) -> dict:
     layout = synthetic_layout(B, L, 8, sink=4, tail=32, device="cuda")
     T, C = layout.seq_len, layout.gist_index.shape[1]
-    copies = max(1, min(16, math.ceil((256 << 20) / (B * HKV * T * D * 2 * 2))))
+    copies = input_copies(B * HKV * T * D * 2 * 2)
     sets = []
     for _ in range(copies):
         q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16)

@@ -108,6 +108,12 @@ def random_model(arch: str, layers: int | None = None, device: str | torch.devic
     return model.eval()
 
 
+def input_copies(set_bytes: int) -> int:
+    """How many input sets of `set_bytes` a timing rotates among so that they hold >= 256 MB in
+    all (an H200's L2 is 60 MB: no set is still cached when it comes round again); 1 to 16."""
+    return max(1, min(16, -(-(256 << 20) // set_bytes)))
+
+
 def bench_us(fn, cuda_graph: bool = False, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time of `fn()` in microseconds (device events through triton.testing; host clock
     on the CPU). `cuda_graph`: time graph replays (no launch gaps); NaN if capture fails."""
