@@ -22,7 +22,17 @@ held in the engine's own cache, gsa_rag.decode_cache.DecodeCache (a step writes 
     hf_dc     hf over a DecodeCache (full attention without the copy: the fair dense baseline);
     gsa_dc    gsa over a DecodeCache (what GistEngine runs).
 
-`--cache dynamic` runs the first three only (the output of earlier rounds).
+`--cache dynamic` runs the first three only (the output of earlier rounds). With `--graphs` (the
+default) two more decode from their own copy of the prefill in a pinned DecodeCache, each step a
+replay of one CUDA graph (gsa_rag.graph_decode; the capture and the first, eager step untimed):
+
+    hf_graph    full attention (the model's SDPA, a mask of the written columns: what HF's static
+                cache runs) replayed;
+    dense_graph full attention through the engine's own flash-decode kernel, every written column
+                in its list: the strictest dense baseline (the kernel runs at >= 90% of the copy
+                bandwidth at batch 8, benchmarks/kernels.py);
+    gsa_graph   the engine's graph decode (what GistEngine runs on CUDA by default).
+
 Writes `--out`/`--name`.json; the default name holds every setting (result_name), e.g.
 decode_latency_smollm2-135m_L30_ctx8k+16k+32k_b1_s32_w32_both.json, and an existing file is
 never overwritten: the run is refused before it starts.
@@ -111,19 +121,55 @@ def decode(model, layout, cache, prefill_len, config, steps, mode):
     return time.perf_counter() - t, first
 
 
+def dense_list_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Full attention of one decode row through `sparse_decode_triton`, the list every column the
+    [B, 1, 1, W] mask of the pinned step allows (a prefix: its count is the list's length)."""
+    from gsa_rag.kernels.sparse_decode import sparse_decode_triton
+
+    B, Hq, _, D = query.shape
+    W = key.shape[2]
+    index = torch.arange(W, dtype=torch.int32, device=query.device).repeat(B, 1, 1)
+    lengths = attention_mask[:, 0, 0].sum(-1, dtype=torch.int32)[:, None]
+    out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
+    sparse_decode_triton(query[:, :, 0], key, value, index, lengths, scaling, out=out[:, 0])
+    return out, None
+
+
+def graph_decode(model, layout, cache, config, steps, full_attention):
+    """`steps` replayed steps after an eager, capturing first one, from a copy of `cache`
+    (DecodeCache, pinned); returns (seconds of the replays, the first step's logits)."""
+    from gsa_rag.graph_decode import GraphDecoder
+
+    crop(cache, layout.seq_len)  # the eager columns left their steps in it
+    decoder = GraphDecoder(model, layout, decode_cache_from(cache, reserve=steps + 1), config, steps + 1,
+                           full_attention=full_attention)
+    try:
+        token = torch.full((layout.batch_size,), 7, dtype=torch.long, device=DEVICE)
+        logits = decoder.step(token)
+        first = logits.float().clone()
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits = decoder.step(logits.argmax(-1))
+        sync()
+        return time.perf_counter() - t, first
+    finally:
+        decoder.close()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
 
 def result_name(arch: str, layers: int, contexts: list[int], batch: int, steps: int, warmup: int, cache: str,
-                score_dtype: str = "cache") -> str:
+                score_dtype: str = "cache", graphs: bool = False) -> str:
     """The default result name: every setting that changes the rows, so two runs that differ in
     any of them never share a file (the name held only the architecture: a re-run with another
     warm-up or context list replaced the earlier run's rows)."""
     ctx = context_tag(contexts)
     scores = "" if score_dtype == "cache" else f"_scores-{score_dtype}"
-    return f"decode_latency_{arch}_L{layers}_ctx{ctx}_b{batch}_s{steps}_w{warmup}_{cache}{scores}"
+    return f"decode_latency_{arch}_L{layers}_ctx{ctx}_b{batch}_s{steps}_w{warmup}_{cache}{scores}{'_graphs' if graphs else ''}"
 
 
 
@@ -143,6 +189,8 @@ def main(argv=None) -> None:
                    help="both: also hf_dc / gsa_dc over the engine's DecodeCache; dynamic: DynamicCache only")
     p.add_argument("--score-dtype", default="cache", choices=["cache", "int8"],
                    help="GistConfig.score_dtype of the gsa columns: int8 scores an int8 copy of the gist keys")
+    p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also hf_graph / gsa_graph: every step a CUDA graph replay (--no-graphs: eager only)")
     p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result file")
     p.add_argument("--name", default=None, help="result file name without .json (default: result_name's, every setting)")
     args = p.parse_args(argv)
@@ -152,7 +200,7 @@ def main(argv=None) -> None:
         contexts, steps = [8 * K], 8
     layers = args.layers or ARCHS[args.arch]["num_hidden_layers"]  # random_model's rule
     name = args.name or result_name(args.arch, layers, contexts, args.batch, steps, max(args.warmup, steps), args.cache,
-                                    args.score_dtype)
+                                    args.score_dtype, args.graphs)
     refuse_existing_results(p, args.out, name, (".json",))  # before the measurements, not after them
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/decode_latency.py needs CUDA")
@@ -162,6 +210,9 @@ def main(argv=None) -> None:
     from gsa_rag.generation import _cache_keyword
 
     model = random_model(args.arch, args.layers, DEVICE)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("dense_list", dense_list_attention)
     config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0, score_dtype=args.score_dtype)
     rows = []
     for L in contexts:
@@ -190,6 +241,13 @@ def main(argv=None) -> None:
                 seconds, firsts[mode] = decode(model, layout, kv, T, config, steps, method)
                 row[f"{mode}_tok_s"] = args.batch * steps / seconds
                 row[f"{mode}_ms_per_step"] = 1e3 * seconds / steps
+            if args.graphs:  # after the eager columns: each copies the prefill into a pinned DecodeCache
+                for mode, attention in (("hf_graph", "sdpa"), ("dense_graph", "dense_list"), ("gsa_graph", "gsa")):
+                    set_attention(model, attention)
+                    os.environ["GSA_RAG_KERNELS"] = "1"
+                    seconds, firsts[mode] = graph_decode(model, layout, cache, config, steps, mode != "gsa_graph")
+                    row[f"{mode}_tok_s"] = args.batch * steps / seconds
+                    row[f"{mode}_ms_per_step"] = 1e3 * seconds / steps
             row["logits_rel_err"] = rel_err(firsts["gsa"], firsts["gsa_ref"])
         row["x_hf"] = row["gsa_tok_s"] / row["hf_tok_s"]
         row["x_ref"] = row["gsa_tok_s"] / row["gsa_ref_tok_s"]
@@ -202,6 +260,16 @@ def main(argv=None) -> None:
             row["dc_logits_rel_err"] = rel_err(firsts["gsa_dc"], firsts["gsa"])  # same kernels: ~0
             line += (f"; DecodeCache: hf {row['hf_dc_tok_s']:.1f}, gsa {row['gsa_dc_tok_s']:.1f} "
                      f"(x{row['x_hf_dc']:.2f} hf_dc, x{row['x_dc_hf']:.2f} hf, x{row['x_dc']:.2f} gsa)")
+        if args.graphs:
+            row["x_graph"] = row["gsa_graph_tok_s"] / row["hf_graph_tok_s"]  # both replayed
+            row["x_graph_dense"] = row["gsa_graph_tok_s"] / row["dense_graph_tok_s"]  # and the same attention kernel
+            row["dense_graph_logits_rel_err"] = rel_err(firsts["dense_graph"], firsts["hf"])
+            row["x_graph_hf"] = row["gsa_graph_tok_s"] / row["hf_tok_s"]  # the engine on CUDA vs stock HF
+            row["graph_logits_rel_err"] = rel_err(firsts["gsa_graph"], firsts["gsa"])
+            row["hf_graph_logits_rel_err"] = rel_err(firsts["hf_graph"], firsts["hf"])
+            line += (f"; graphs: hf {row['hf_graph_tok_s']:.1f}, dense {row['dense_graph_tok_s']:.1f}, "
+                     f"gsa {row['gsa_graph_tok_s']:.1f} (x{row['x_graph']:.2f} hf_graph, "
+                     f"x{row['x_graph_dense']:.2f} dense_graph, x{row['x_graph_hf']:.2f} hf)")
         rows.append(row)
         print(line, flush=True)
         write_results(args.out, name, {"env": environment(), "rows": rows})  # incremental
@@ -216,10 +284,18 @@ def main(argv=None) -> None:
         ("hf_dc_tok_s", "hf_dc", ".1f"), ("gsa_dc_tok_s", "gsa_dc", ".1f"), ("gsa_dc_ms_per_step", "gsa_dc ms", ".2f"),
         ("x_hf_dc", "gsa_dc/hf_dc", ".2f"), ("x_dc_hf", "gsa_dc/hf", ".2f"), ("x_dc", "gsa_dc/gsa", ".2f"),
         ("dc_logits_rel_err", "dc err", ".1e"),
-    ] if args.cache == "both" else []))
+    ] if args.cache == "both" else []) + ([
+        ("hf_graph_tok_s", "hf_graph", ".1f"), ("dense_graph_tok_s", "dense_graph", ".1f"),
+        ("gsa_graph_tok_s", "gsa_graph", ".1f"), ("gsa_graph_ms_per_step", "gsa_graph ms", ".2f"),
+        ("x_graph", "gsa_graph/hf_graph", ".2f"), ("x_graph_dense", "gsa_graph/dense_graph", ".2f"),
+        ("x_graph_hf", "gsa_graph/hf", ".2f"), ("graph_logits_rel_err", "graph err", ".1e"),
+    ] if args.graphs else []))
     print("\nx = tokens/s ratio (> 1: GSA faster); err = first decode step's logits, kernels vs reference path")
     if args.cache == "both":
         print("_dc = over gsa_rag's DecodeCache (no per-step KV copy); dc err = gsa_dc vs gsa logits")
+    if args.graphs:
+        print("_graph = every step a CUDA graph replay (gsa_rag.graph_decode); graph err = gsa_graph vs gsa logits;")
+        print("dense_graph = full attention through the engine's flash-decode kernel (every written column listed)")
     path = write_results(args.out, name, {"env": environment(), "rows": rows})
     print(f"wrote {path}")
 

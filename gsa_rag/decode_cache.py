@@ -48,6 +48,7 @@ class GrowingLayer(DynamicLayer):
         self.reserve = reserve
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
+        self.column: torch.Tensor | None = None  # pinned: see `pin_columns`
 
     @property
     def capacity(self) -> int:
@@ -71,7 +72,12 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends `[B, Hkv, n, D]` keys and values; returns the `[B, Hkv, L + n, D]` views."""
+        """Appends `[B, Hkv, n, D]` keys and values; returns the `[B, Hkv, L + n, D]` views.
+        Between `pin_columns` and `unpin`: writes them at the pinned column, returns the pinned views."""
+        if self.column is not None:
+            self.key_buffer.index_copy_(2, self.column, key_states)
+            self.value_buffer.index_copy_(2, self.column, value_states)
+            return self.keys, self.values
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
@@ -106,8 +112,30 @@ class GrowingLayer(DynamicLayer):
             buffers.append(buffer)
         self.key_buffer, self.value_buffer = buffers
 
+    def pin_columns(self, column: torch.Tensor, width: int) -> None:
+        """Until `unpin`, every update writes its one column at `column` (a long [1] tensor on the
+        buffers' device, which the caller advances) and returns the same `[B, Hkv, width, D]` views:
+        no host value changes from step to step, so a CUDA graph of a decode step replays
+        (`gsa_rag.graph_decode`). The columns not written yet are zeroed (buffers are allocated
+        uninitialised: a masked attention's zero weight times a NaN there would still be NaN)."""
+        if not self._holds(self.keys, self.key_buffer, self.keys) or width > self.capacity:
+            raise ValueError(f"cannot pin {width} columns of a layer holding {self.capacity} "
+                             "(make the cache with reserve >= the steps to decode)")
+        length = self.get_seq_length()
+        with torch.inference_mode(self.key_buffer.is_inference()):  # the engine fills its cache in inference mode
+            self.key_buffer[:, :, length:width].zero_()
+            self.value_buffer[:, :, length:width].zero_()
+        self.column = column
+        self.keys, self.values = self.key_buffer[:, :, :width], self.value_buffer[:, :, :width]
+
+    def unpin(self, length: int) -> None:
+        """Back to appending, with the first `length` columns as the cached KV."""
+        self.column = None
+        self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
     def reset(self) -> None:
         self.key_buffer = self.value_buffer = None
+        self.column = None
         super().reset()
 
 
@@ -124,3 +152,15 @@ class DecodeCache(DynamicCache):
         # one per layer index on its first update, as there
         Cache.__init__(self, layer_class_to_replicate=partial(GrowingLayer, reserve=reserve))
         self.reserve = reserve
+
+    def pin_columns(self, column: torch.Tensor, width: int) -> None:
+        """`GrowingLayer.pin_columns` on every layer (all must be filled)."""
+        if not self.layers or any(not isinstance(layer, GrowingLayer) or not layer.is_initialized for layer in self.layers):
+            raise ValueError("pin_columns needs a DecodeCache whose every layer holds the prefill")
+        for layer in self.layers:
+            layer.pin_columns(column, width)
+
+    def unpin(self, length: int) -> None:
+        """`GrowingLayer.unpin` on every layer: the first `length` columns are the cached KV."""
+        for layer in self.layers:
+            layer.unpin(length)

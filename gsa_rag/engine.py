@@ -33,6 +33,11 @@ class GistEngine:
         tokenizer: its tokenizer, holding the gist tokens.
         config: chunking and selection settings.
 
+    Attributes:
+        cuda_graphs: how decode steps run on CUDA (`generate_tokens`' cuda_graph): None replays
+            them as one CUDA graph where `gsa_rag.graph_decode` can and at least GRAPH_MIN_STEPS
+            follow the prefill, True always (an error naming why not where it cannot), False never.
+
     Thread safety: `generate` and `stream` hold a re-entrant lock, so threads sharing one
     engine take turns (results equal sequential runs). A stream holds the lock from its first
     piece until it is exhausted or closed: consume it (or `close()` it) in the thread that
@@ -56,6 +61,7 @@ class GistEngine:
         self.adapter: dict | None = None  # the loaded adapter's gsa_adapter.json (from_pretrained sets it)
         self.fused = None  # gsa_rag.fused.FusedParts when from_pretrained(fuse=True) fused the model's kernels
         self._name: str | None = None  # the model as from_pretrained was asked for it
+        self.cuda_graphs: bool | None = None
 
     @classmethod
     def from_pretrained(
@@ -240,7 +246,8 @@ class GistEngine:
         stops = self.stop_ids()
         watches = [_StopWatch(lambda ids: self._decode(ids, stops), stop) for _ in rows]
         ended = [False] * len(rows)
-        tokens = generate_tokens(self.model, layout, self.config, params, stops, self._banned, observe, cache=cache)
+        tokens = generate_tokens(self.model, layout, self.config, params, stops, self._banned, observe, cache=cache,
+                                 cuda_graph=self.cuda_graphs)
         # closed, not left to the garbage collector: its frame holds the cache (and its KV) until then
         with contextlib.closing(tokens):
             for token in tokens:
@@ -278,7 +285,8 @@ class GistEngine:
         stops = self.stop_ids()
         ids: list[int] = []
         sent = ""
-        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned, cache=cache):
+        for token in generate_tokens(self.model, layout, self.config, params, stops, self._banned, cache=cache,
+                                     cuda_graph=self.cuda_graphs):
             t = int(token[0])
             if t in stops:
                 break

@@ -165,6 +165,7 @@ def generate_tokens(
     observe: Callable[[GistState], None] | None = None,
     state_factory: StateFactory | None = None,
     cache: DynamicCache | None = None,
+    cuda_graph: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yields [B] next-token ids, one step at a time, until every row hit a stop id or the
     budget. Rows that finished keep receiving their stop id (callers ignore them).
@@ -174,6 +175,10 @@ def generate_tokens(
     `GistCache` from gist memory); the prefill then runs only the rest. Default: a
     `DecodeCache` with room for the whole answer (a decode step writes its one column; a
     DynamicCache would copy every layer's KV each step).
+    `cuda_graph`: decode steps replayed as one CUDA graph (`gsa_rag.graph_decode`; the logits are
+    the eager steps' up to rounding). None: where `graph_decode_refusal` allows it and at least
+    GRAPH_MIN_STEPS steps follow the prefill; True: always (ValueError naming why it cannot);
+    False: never. Under a graph, `observe` gets a copy of each step's state.
     """
     device = layout.input_ids.device
     generator = None
@@ -183,17 +188,44 @@ def generate_tokens(
         cache = DecodeCache(reserve=params.max_new_tokens)
     num_new = layout.seq_len - cache.get_seq_length()
     out, state = forward(model, layout, num_new, cache, config, state_factory=state_factory, logits_to_keep=1)
+    logits = out.logits[:, -1]
+    decoder = _graph_decoder(model, layout, cache, config, params.max_new_tokens - 1, state_factory, cuda_graph)
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     done = torch.zeros(layout.batch_size, dtype=torch.bool, device=device)
-    for step in range(params.max_new_tokens):
-        if observe is not None:
-            observe(state)
-        token = sample(out.logits[:, -1], params, banned, generator)
-        if stops.numel():
-            token = torch.where(done, stops[0], token)
-            done |= torch.isin(token, stops)
-        yield token
-        if bool(done.all()) or step == params.max_new_tokens - 1:
-            return
-        layout = layout.append(token[:, None])
-        out, state = forward(model, layout, 1, cache, config, state_factory=state_factory)
+    try:
+        for step in range(params.max_new_tokens):
+            if observe is not None:
+                observe(state)
+            token = sample(logits, params, banned, generator)
+            if stops.numel():
+                token = torch.where(done, stops[0], token)
+                done |= torch.isin(token, stops)
+            yield token
+            if bool(done.all()) or step == params.max_new_tokens - 1:
+                return
+            if decoder is not None:
+                logits = decoder.step(token)
+                state = decoder.observed_state() if observe is not None else None
+                continue
+            layout = layout.append(token[:, None])
+            out, state = forward(model, layout, 1, cache, config, state_factory=state_factory)
+            logits = out.logits[:, -1]
+    finally:
+        if decoder is not None:
+            decoder.close()
+
+
+def _graph_decoder(model, layout: GistLayout, cache, config: GistConfig, steps: int, state_factory,
+                   cuda_graph: bool | None):
+    """The GraphDecoder of `generate_tokens`' decode steps, or None to decode eagerly."""
+    from gsa_rag.graph_decode import GRAPH_MIN_STEPS, GraphDecoder, graph_decode_refusal
+
+    if cuda_graph is False or steps < 1 or (cuda_graph is None and steps < GRAPH_MIN_STEPS):
+        return None
+    reason = "a state_factory's states take their own path" if state_factory is not None else None
+    reason = reason or graph_decode_refusal(model, layout, cache, config, steps)
+    if reason is not None:
+        if cuda_graph:
+            raise ValueError(f"cuda_graph=True cannot decode here: {reason}; pass cuda_graph=None or False")
+        return None
+    return GraphDecoder(model, layout, cache, config, steps)

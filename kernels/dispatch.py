@@ -138,7 +138,9 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     """
     from gsa_rag.attention import GistState
 
-    if query.shape[2] != 1 or type(state) is not GistState or not use_kernels(query.device):
+    # a plug-in's GistState subclass keeps its own masks; a graph step's state (gsa_rag.graph_decode) is the engine's
+    kernel_state = type(state) is GistState or getattr(state, "graph_step", False)
+    if query.shape[2] != 1 or not kernel_state or not use_kernels(query.device):
         return None
     if not head_dim_fits(query.shape[-1]):
         return None

@@ -281,12 +281,12 @@ class _PlanCache:
 
     ROOM = 256
 
-    def __init__(self, layout: GistLayout, plan: DecodePlan, group_size: int):
+    def __init__(self, layout: GistLayout, plan: DecodePlan, group_size: int, room: int = ROOM):
         self.T0 = layout.seq_len
         self.num_chunks, self.gist_index = layout.num_chunks, layout.gist_index
         self.plan = plan
         device = plan.base.device
-        room = self.ROOM
+        self.room = room
         tail = self.T0 + torch.arange(room, device=device, dtype=torch.int32)
         steps = torch.arange(room + 1, device=device, dtype=torch.int32)[:, None]
 
@@ -304,7 +304,7 @@ class _PlanCache:
 
     def plan_for(self, layout: GistLayout) -> DecodePlan | None:
         n = layout.seq_len - self.T0
-        if not 0 <= n <= self.ROOM or layout.num_chunks is not self.num_chunks or layout.gist_index is not self.gist_index:
+        if not 0 <= n <= self.room or layout.num_chunks is not self.num_chunks or layout.gist_index is not self.gist_index:
             return None
         p = self.plan
         if n == 0:
@@ -314,6 +314,20 @@ class _PlanCache:
             self.base[:, :nb], self.base_len[n], p.chunk_ptr, p.chunk_cols, p.chunk_of_col,
             self.forget[:, :, :nf], self.forget_len[n][:, None], p.k, p.k_max, p.max_chunk_len,
             nb + self.picked_cols, p.num_chunks, p.selects, p.uniform_k, nb,
+            chunk_first=p.chunk_first, contiguous=p.contiguous,
+        )
+
+    def plan_at(self, n: torch.Tensor) -> DecodePlan:
+        """The plan of the step at T0 + n columns for a long [1] device tensor `n` <= room: the lists
+        at their full width (the room's tail columns included, past each row's length) and the
+        lengths read at `n` on the device. No host value depends on `n`, so one CUDA graph of a
+        step serves every step (`gsa_rag.graph_decode`); `plan_for` gives the same lists, trimmed."""
+        p = self.plan
+        nb = p.nb_max + self.room
+        return DecodePlan(
+            self.base[:, :nb], self.base_len.index_select(0, n)[0], p.chunk_ptr, p.chunk_cols, p.chunk_of_col,
+            self.forget[:, :, :p.forget.shape[-1] + self.room], self.forget_len.index_select(0, n)[0][:, None],
+            p.k, p.k_max, p.max_chunk_len, nb + self.picked_cols, p.num_chunks, p.selects, p.uniform_k, nb,
             chunk_first=p.chunk_first, contiguous=p.contiguous,
         )
 

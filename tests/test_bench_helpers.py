@@ -165,7 +165,7 @@ def test_decode_latency_result_name_holds_every_setting():
     assert name(**base) == "decode_latency_smollm2-135m_L30_ctx8k+16k+32k_b1_s32_w32_both"
     assert name(**{**base, "contexts": [32768, 8192, 16384, 8192]}) == name(**base)  # the same rows
     _distinct(base, {"arch": "llama3-8b", "layers": 8, "contexts": [8192, 16384], "batch": 2, "steps": 24,
-                     "warmup": 40, "cache": "dynamic", "score_dtype": "int8"}, name)
+                     "warmup": 40, "cache": "dynamic", "score_dtype": "int8", "graphs": True}, name)
     assert "ctx1500+8k" in name(**{**base, "contexts": [8192, 1500]})
 
 
@@ -190,7 +190,7 @@ def test_kernels_result_name_holds_every_setting():
 
 
 @pytest.mark.parametrize(("script", "argv", "existing"), [
-    ("decode_latency", ["--quick"], "decode_latency_smollm2-135m_L30_ctx8k_b1_s8_w8_both.json"),
+    ("decode_latency", ["--quick"], "decode_latency_smollm2-135m_L30_ctx8k_b1_s8_w8_both_graphs.json"),
     ("decode_latency", ["--arch", "llama3-8b", "--layers", "8", "--name", "mine"], "mine.json"),
     ("prefill", ["--quick"], "prefill_h32-8-128_c8_ctx4k+8k_masked16k.json"),
     ("prefill", ["--quick"], "prefill_h32-8-128_c8_ctx4k+8k_masked16k.png"),  # a kept plot is a result too

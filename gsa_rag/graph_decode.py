@@ -1,0 +1,196 @@
+"""Decode steps replayed as one CUDA graph: the model's forward captured once, then one launch a token.
+
+An eager decode step launches a dozen kernels per layer from Python (the key-list kernels and the
+model's own ops), so on a GPU the host, not the device, sets the decode speed
+(benchmarks/decode_latency.py). A `GraphDecoder` captures one step, the model's forward over the
+engine's `DecodeCache` with the key-list kernels, and replays it for every later token. A replay
+does the same device work at the same addresses with the same host values each time, so nothing
+that changes from step to step may live on the host:
+
+- the cache is pinned (`DecodeCache.pin_columns`): a step writes its K/V at a column read from the
+  device, and every layer sees the same W columns (the prefill and every step's);
+- the state's layout is the whole generation's W columns, the tokens to come as placeholders; the
+  plan's key lists are at their full width, their lengths read at the step number on the device
+  (`gist_select._PlanCache.plan_at`), so no step reads a column that is not written yet;
+- the step number and the token are device tensors, written before each replay.
+
+The first step runs eagerly (it compiles the kernels and warms the allocator) and the capture
+follows it. `graph_decode_refusal` names what a graph cannot serve; the engine decodes eagerly then.
+
+Example:
+    >>> decoder = GraphDecoder(model, layout, cache, config, steps=32)   # after the prefill
+    >>> logits = decoder.step(token)   # [B, V], the token's forward
+    >>> decoder.close()                 # the cache appends again, holding the decoded columns
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from gsa_rag.attention import GistState
+from gsa_rag.config import GistConfig
+from gsa_rag.decode_cache import DecodeCache
+from gsa_rag.layout import GistLayout
+
+# fewer decode steps than this run eagerly: a capture costs about what a few eager steps do
+GRAPH_MIN_STEPS = 8
+
+
+@dataclasses.dataclass
+class GraphStepState(GistState):
+    """The state of a replayed step: the kernel path (gsa_rag.kernels.dispatch) serves every layer,
+    with the plan `GraphDecoder` sets before each forward. The dense mask path would read the
+    placeholder columns, so it is refused instead."""
+
+    graph_step = True  # a class attribute, not a field: dispatch reads it
+
+    def layer_mask(self, layer_idx, query, key):
+        raise RuntimeError(
+            f"layer {layer_idx} of a CUDA-graph decode step did not take the key-list kernels "
+            "(gsa_rag.graph_decode_refusal should have refused this model or config); decode with cuda_graph=False"
+        )
+
+
+def graph_decode_refusal(model, layout: GistLayout, cache, config: GistConfig, steps: int) -> str | None:
+    """Why a `GraphDecoder` cannot decode `steps` tokens after this prefill, or None when it can."""
+    from gsa_rag.cache import GistCache
+    from gsa_rag.kernels.dispatch import head_dim_fits, use_kernels
+
+    if steps < 1:
+        return "no steps to decode"
+    if layout.levels > 1:
+        return "hierarchical (H-GSA) layouts select level by level with host-sized lists"
+    if config.k_policy == "top_p":
+        return "top_p selection sizes its picks on the host"
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    if not head_dim_fits(head_dim):
+        return f"head dim {head_dim} is not one the kernels take (a power of two >= 16)"
+    if getattr(model.config, "_attn_implementation", None) != "gsa":
+        return "the model does not run gist attention (attn_implementation='gsa')"
+    if not isinstance(cache, DecodeCache):
+        return f"a {type(cache).__name__} cannot pin its columns (the engine's DecodeCache can)"
+    if isinstance(cache, GistCache) and (cache.pending is not None or cache.has_work()):
+        return "gist memory's cache fetches offloaded KV or records queries on the host at every step"
+    room = min((layer.capacity - layer.get_seq_length() for layer in cache.layers), default=0)
+    if room < steps:
+        return f"the cache has room for {room} more columns, not {steps}"
+    device = layout.input_ids.device
+    if not use_kernels(device):
+        return "the key-list kernels are off (GSA_RAG_KERNELS or no Triton)"
+    if device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    return None
+
+
+class GraphDecoder:
+    """Decodes up to `steps` tokens after a prefill, the second and later as replays of one graph.
+
+    Args:
+        model: the model (attn_implementation "gsa", or any for `full_attention`).
+        layout: the sequence after the prefill; `cache` holds its columns.
+        cache: the prefill's DecodeCache, with room for `steps` more columns (pinned until `close`).
+        config: the gist config.
+        steps: the most tokens `step` is called with.
+        full_attention: attend to every written column (a bool mask, no gist rule): the dense
+            baseline of benchmarks/decode_latency.py, under the same graph.
+        capture: replay a CUDA graph (default on CUDA); False runs every step eagerly through the
+            same pinned code (what the CPU tests check against the engine's loop).
+    """
+
+    def __init__(self, model, layout: GistLayout, cache: DecodeCache, config: GistConfig, steps: int, *,
+                 full_attention: bool = False, capture: bool | None = None):
+        from gsa_rag.generation import _cache_keyword
+
+        device = layout.input_ids.device
+        self.model, self.cache, self.steps = model, cache, steps
+        self.batch, self.start, self.width = layout.batch_size, layout.seq_len, layout.seq_len + steps
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.taken = 0
+        self._cache_kw = _cache_keyword(model)
+        self._n = torch.zeros(1, dtype=torch.long, device=device)  # the step number
+        self._ids = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
+        self._column = torch.full((1,), self.start, dtype=torch.long, device=device)
+        self._first_position = layout.position_ids[:, -1:] + 1
+        self._graph = self._graph_logits = self._graph_attended = None
+        self.state = None
+        if full_attention:
+            self._columns = torch.arange(self.width, device=device)
+        else:
+            from gsa_rag.kernels.gist_select import DecodePlan, _PlanCache
+
+            heads = model.config.num_attention_heads
+            group = heads // (getattr(model.config, "num_key_value_heads", None) or heads)
+            first = layout.append(torch.zeros(self.batch, 1, dtype=torch.long, device=device))
+            whole = first.append(torch.zeros(self.batch, steps - 1, dtype=torch.long, device=device))
+            self._plans = _PlanCache(first, DecodePlan.build_full(first, config, group), group, room=steps - 1)
+            self.state = GraphStepState(whole, torch.arange(self.width - 1, self.width, device=device), config)
+        cache.pin_columns(self._column, self.width)
+
+    def _forward(self) -> torch.Tensor:
+        """One step at column start + n, every value read from the device: [B, V] logits."""
+        torch.add(self._n, self.start, out=self._column)
+        kwargs = {}
+        if self.state is None:
+            visible = self._columns <= self._column
+            kwargs["attention_mask"] = visible.expand(self.batch, 1, 1, self.width)
+        else:
+            self.state._decode_plan = self._plans.plan_at(self._n)
+            self.state.attended = {}
+            kwargs["gsa_state"] = self.state
+        out = self.model(input_ids=self._ids, position_ids=self._first_position + self._n, use_cache=True,
+                         logits_to_keep=1, **{self._cache_kw: self.cache}, **kwargs)
+        return out.logits[:, -1]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """The forward of `token` (long [B] or [B, 1]), appended after the tokens before it: [B, V]
+        logits. A replay's logits are the graph's output tensor, overwritten by the next step."""
+        if self.taken >= self.steps:
+            raise RuntimeError(f"this GraphDecoder was made for {self.steps} steps")
+        if self.cache is None:
+            raise RuntimeError("this GraphDecoder is closed")
+        self._ids.copy_(token.reshape(self.batch, 1))
+        self._n.fill_(self.taken)
+        if not self.capture:
+            logits = self._forward()
+        elif self._graph is None:
+            logits = self._warm_then_capture()
+        else:
+            self._graph.replay()
+            logits = self._graph_logits
+            if self.state is not None:
+                self.state.attended = self._graph_attended
+        self.taken += 1
+        return logits
+
+    def _warm_then_capture(self) -> torch.Tensor:
+        """This step eagerly on a side stream (kernel compiles, allocator and cuBLAS warm-up stay out
+        of the capture, as torch.cuda.graph asks), then the capture for the steps after it."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._forward().clone()  # the captured forward's outputs would alias these
+            attended = dict(self.state.attended) if self.state is not None else None
+        torch.cuda.current_stream().wait_stream(side)
+        if self.taken + 1 < self.steps:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graph_logits = self._forward()
+            self._graph_attended = self.state.attended if self.state is not None else None
+        if attended is not None:
+            self.state.attended = attended  # this step's counts (the capture ran nothing)
+        return logits
+
+    def observed_state(self) -> GistState | None:
+        """The last step's state with its attended counts copied (a replay overwrites them in place)."""
+        if self.state is None:
+            return None
+        return dataclasses.replace(self.state, attended={i: t.clone() for i, t in self.state.attended.items()})
+
+    def close(self) -> None:
+        """Unpins the cache: it holds the prefill and the decoded columns, and appends again."""
+        if self.cache is not None:
+            self.cache.unpin(self.start + self.taken)
+            self.cache = None
+            self._graph = self._graph_logits = self._graph_attended = None

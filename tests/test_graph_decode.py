@@ -1,0 +1,187 @@
+"""GraphDecoder (gsa_rag.graph_decode): decode steps that a CUDA graph can replay.
+
+On the CPU the pinned step runs eagerly (capture=False) with the kernels in Triton's interpreter:
+the same code a graph captures, compared with the engine's eager loop. On CUDA the same tests
+capture and replay the graph.
+"""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+from gsa_rag.config import GistConfig
+from gsa_rag.decode_cache import DecodeCache
+from gsa_rag.generation import SamplingParams, _cache_keyword, forward, generate_tokens
+from gsa_rag.graph_decode import GraphDecoder, graph_decode_refusal
+from gsa_rag.layout import build_layout
+from tests.fakes import FakeTokenizer, random_segments
+
+pytest.importorskip("triton", reason="triton not installed (the pinned step runs the key-list kernels)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+STEPS = 4  # interpreted kernels cost about a second a step on the CPU
+
+
+def tiny_model(head_dim: int = 16):
+    import gsa_rag.attention  # noqa: F401  (registers "gsa")
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=4 * head_dim, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="gsa").eval().to(DEVICE)
+
+
+def prompt(config: GistConfig, seed: int = 0):
+    rng = random.Random(seed)
+    return build_layout([random_segments(rng, max_passages=4, max_len=40) for _ in range(2)],
+                        config, FakeTokenizer()).to(DEVICE)
+
+
+def prefilled(model, layout, config, reserve: int = STEPS):
+    cache = DecodeCache(reserve=reserve)
+    with torch.inference_mode():
+        forward(model, layout, layout.seq_len, cache, config, logits_to_keep=1)
+    return cache
+
+
+def tokens(seed: int = 0):
+    return torch.randint(1, 990, (STEPS, 2), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("config", [
+    GistConfig(chunk_size=4, sink=2, top_k=2),
+    GistConfig(chunk_size=4, sink=2, k_policy="adaptive", adaptive_ratio=4.0),
+    GistConfig(chunk_size=4, sink=2, top_k=2, score_dtype="int8"),
+], ids=["top_k", "adaptive", "int8"])
+def test_pinned_steps_equal_the_engine_loop(config, monkeypatch):
+    """The same tokens decoded by the engine's eager forwards and by the pinned step (replayed on
+    CUDA): the same logits and attended-key counts at every step, and a cache that appends again
+    after close with every decoded column in it."""
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    model = tiny_model()
+    layout = prompt(config)
+    eager_cache, pinned_cache = prefilled(model, layout, config), prefilled(model, layout, config)
+    want, got = [], []
+    with torch.inference_mode():
+        lay = layout
+        for token in tokens():
+            lay = lay.append(token[:, None])
+            out, state = forward(model, lay, 1, eager_cache, config)
+            want.append((out.logits[:, -1].float(), dict(state.attended)))
+        decoder = GraphDecoder(model, layout, pinned_cache, config, STEPS)
+        for token in tokens():
+            logits = decoder.step(token).float().clone()
+            got.append((logits, decoder.observed_state().attended))
+        decoder.close()
+    for step, ((w, wa), (g, ga)) in enumerate(zip(want, got, strict=True)):
+        torch.testing.assert_close(g, w, atol=2e-4, rtol=2e-4, msg=f"logits of step {step}")
+        assert wa.keys() == ga.keys() and all(torch.equal(wa[i], ga[i]) for i in wa), f"attended keys at step {step}"
+    assert pinned_cache.get_seq_length() == layout.seq_len + STEPS
+    for a, b in zip(pinned_cache.layers, eager_cache.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_full_attention_steps_equal_hf_full_attention():
+    """The dense baseline under the same pinned step: the model's own SDPA over the whole cache."""
+    model = tiny_model()
+    model.set_attn_implementation("sdpa")
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config, seed=1)
+    with torch.inference_mode():
+        dynamic = DynamicCache()
+        model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=True, **{_cache_keyword(model): dynamic})
+        pinned = DecodeCache(reserve=STEPS)
+        for i, layer in enumerate(dynamic.layers):
+            pinned.update(layer.keys, layer.values, i)
+            for buffer in (pinned.layers[i].key_buffer, pinned.layers[i].value_buffer):
+                buffer[:, :, layout.seq_len:] = float("nan")  # what uninitialised memory may hold
+        decoder = GraphDecoder(model, layout, pinned, config, STEPS, full_attention=True)
+        position = layout.position_ids[:, -1:]
+        for token in tokens(1):
+            position = position + 1
+            want = model(input_ids=token[:, None], position_ids=position, use_cache=True,
+                         **{_cache_keyword(model): dynamic}).logits[:, -1]
+            torch.testing.assert_close(decoder.step(token).float(), want.float(), atol=2e-4, rtol=2e-4)
+        decoder.close()
+
+
+def test_generate_tokens_through_the_decoder_gives_the_eager_tokens(monkeypatch):
+    """generate_tokens with cuda_graph=True (refusal lifted on the CPU, where it runs the pinned
+    step eagerly) and with cuda_graph=False: the same greedy tokens and attended counts."""
+    from gsa_rag import graph_decode
+
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    if DEVICE == "cpu":
+        monkeypatch.setattr(graph_decode, "graph_decode_refusal", lambda *args: None)
+    model = tiny_model()
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config, seed=2)
+    params = SamplingParams(max_new_tokens=STEPS)
+    runs, made = {}, []
+    real = graph_decode.GraphDecoder
+    monkeypatch.setattr(graph_decode, "GraphDecoder", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    for graph in (False, True):
+        states = []
+        out = list(generate_tokens(model, layout, config, params, set(), observe=states.append, cuda_graph=graph))
+        runs[graph] = (torch.stack(out), [s.attended for s in states])
+    assert len(made) == 1 and made[0].taken == STEPS - 1 and made[0].cache is None, "the decoder did not run and close"
+    assert torch.equal(runs[True][0], runs[False][0])
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
+
+
+def test_a_dense_path_under_a_pinned_step_is_refused(monkeypatch):
+    """With the kernels off the layers would take the dense mask, which reads the placeholder
+    columns: the graph's state refuses instead of answering wrong."""
+    monkeypatch.setenv("GSA_RAG_KERNELS", "0")
+    model = tiny_model()
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config)
+    decoder = GraphDecoder(model, layout, prefilled(model, layout, config), config, STEPS, capture=False)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="did not take the key-list kernels"):
+        decoder.step(tokens()[0])
+
+
+def test_pinned_cache_writes_at_the_device_column_and_unpins():
+    g = torch.Generator().manual_seed(0)
+    cache = DecodeCache(reserve=3)
+    first = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    cache.update(*first, 0)
+    column = torch.tensor([5])
+    cache.pin_columns(column, 8)
+    for step in range(3):
+        column.fill_(5 + step)
+        k, v = torch.randn(1, 2, 1, 4, generator=g), torch.randn(1, 2, 1, 4, generator=g)
+        keys, values = cache.update(k, v, 0)
+        assert keys.shape[2] == 8 and torch.equal(keys[:, :, 5 + step], k[:, :, 0]) and torch.equal(values[:, :, :5], first[1])
+    cache.unpin(8)
+    assert cache.get_seq_length() == 8
+    keys, _ = cache.update(k, v, 0)  # appending again: past the pinned width the buffer doubles
+    assert keys.shape[2] == 9 and torch.equal(keys[:, :, 7], k[:, :, 0])
+    with pytest.raises(ValueError, match="reserve"):
+        cache.pin_columns(column, cache.layers[0].capacity + 1)
+
+
+def test_refusals_name_what_a_graph_cannot_serve(monkeypatch):
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    model = tiny_model()
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config)
+    cache = prefilled(model, layout, config)
+    if DEVICE == "cuda":
+        assert graph_decode_refusal(model, layout, cache, config, STEPS) is None
+    else:
+        assert graph_decode_refusal(model, layout, cache, config, STEPS) == "CUDA graphs need a CUDA device"
+        with pytest.raises(ValueError, match="cuda_graph=True cannot decode here: CUDA graphs need a CUDA device"):
+            list(generate_tokens(model, layout, config, SamplingParams(max_new_tokens=3), set(), cuda_graph=True))
+    assert "room for 4 more columns, not 5" in graph_decode_refusal(model, layout, cache, config, STEPS + 1)
+    assert "DynamicCache" in graph_decode_refusal(model, layout, DynamicCache(), config, STEPS)
+    top_p = GistConfig(chunk_size=4, sink=2, k_policy="top_p", top_p=0.5)
+    assert "top_p" in graph_decode_refusal(model, layout, cache, top_p, STEPS)
+    hier = GistConfig(chunk_size=4, sink=2, top_k=2, meta_chunks=(4,))
+    assert "H-GSA" in graph_decode_refusal(model, prompt(hier), cache, hier, STEPS)
+    assert "head dim 24" in graph_decode_refusal(tiny_model(head_dim=24), layout, cache, config, STEPS)
+    monkeypatch.setenv("GSA_RAG_KERNELS", "0")
+    assert "kernels are off" in graph_decode_refusal(model, layout, cache, config, STEPS)
