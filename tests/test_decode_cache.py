@@ -104,7 +104,9 @@ def test_greedy_engine_tokens_equal_dynamic_cache(chunk_size, kernels, monkeypat
     runs = {}
     for name, cache in (("dynamic", DynamicCache()), ("decode", None)):
         states = []
-        tokens = generate_tokens(model, layout, config, params, set(), observe=states.append, cache=cache)
+        # eager steps (cuda_graph=False: tests/test_graph_decode.py covers the replayed ones)
+        tokens = generate_tokens(model, layout, config, params, set(), observe=states.append, cache=cache,
+                                 cuda_graph=False)
         runs[name] = (torch.stack(list(tokens)), [dict(s.attended) for s in states])
         if kernels == "1" and chunk_size:
             assert getattr(states[-1], "_decode_plan", None), "the kernel path did not run"
