@@ -153,10 +153,21 @@ class DecodeCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=partial(GrowingLayer, reserve=reserve))
         self.reserve = reserve
 
+    def pinnable(self) -> bool:
+        """Whether every layer is a filled GrowingLayer whose views are still of its buffers."""
+        return bool(self.layers) and all(
+            isinstance(layer, GrowingLayer) and layer.is_initialized and layer.key_buffer is not None
+            and layer._holds(layer.keys, layer.key_buffer, layer.keys)
+            and layer._holds(layer.values, layer.value_buffer, layer.values) for layer in self.layers)
+
     def pin_columns(self, column: torch.Tensor, width: int) -> None:
-        """`GrowingLayer.pin_columns` on every layer (all must be filled)."""
-        if not self.layers or any(not isinstance(layer, GrowingLayer) or not layer.is_initialized for layer in self.layers):
-            raise ValueError("pin_columns needs a DecodeCache whose every layer holds the prefill")
+        """`GrowingLayer.pin_columns` on every layer, or on none (all must be `pinnable` and hold
+        `width` columns)."""
+        if not self.pinnable():
+            raise ValueError("pin_columns needs a DecodeCache whose every layer holds the prefill in its buffers")
+        if width > min(layer.capacity for layer in self.layers):
+            raise ValueError(f"cannot pin {width} columns of layers holding {min(layer.capacity for layer in self.layers)} "
+                             "(make the cache with reserve >= the steps to decode)")
         for layer in self.layers:
             layer.pin_columns(column, width)
 

@@ -189,10 +189,11 @@ def generate_tokens(
     num_new = layout.seq_len - cache.get_seq_length()
     out, state = forward(model, layout, num_new, cache, config, state_factory=state_factory, logits_to_keep=1)
     logits = out.logits[:, -1]
-    decoder = _graph_decoder(model, layout, cache, config, params.max_new_tokens - 1, state_factory, cuda_graph)
     stops = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
     done = torch.zeros(layout.batch_size, dtype=torch.bool, device=device)
+    decoder = None
     try:
+        decoder = _graph_decoder(model, layout, cache, config, params.max_new_tokens - 1, state_factory, cuda_graph)
         for step in range(params.max_new_tokens):
             if observe is not None:
                 observe(state)

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -64,15 +65,24 @@ def graph_decode_refusal(model, layout: GistLayout, cache, config: GistConfig, s
         return "hierarchical (H-GSA) layouts select level by level with host-sized lists"
     if config.k_policy == "top_p":
         return "top_p selection sizes its picks on the host"
-    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    text = _text_config(model)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     if not head_dim_fits(head_dim):
         return f"head dim {head_dim} is not one the kernels take (a power of two >= 16)"
     if getattr(model.config, "_attn_implementation", None) != "gsa":
         return "the model does not run gist attention (attn_implementation='gsa')"
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return "dynamic NTK RoPE picks its frequencies on the host from the length so far"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        return f"the model is spread over {len(devices)} devices"
     if not isinstance(cache, DecodeCache):
         return f"a {type(cache).__name__} cannot pin its columns (the engine's DecodeCache can)"
     if isinstance(cache, GistCache) and (cache.pending is not None or cache.has_work()):
         return "gist memory's cache fetches offloaded KV or records queries on the host at every step"
+    if not cache.pinnable():
+        return "the cache's layers are not all filled buffers of the DecodeCache (replaced or unfilled)"
     room = min((layer.capacity - layer.get_seq_length() for layer in cache.layers), default=0)
     if room < steps:
         return f"the cache has room for {room} more columns, not {steps}"
@@ -82,6 +92,12 @@ def graph_decode_refusal(model, layout: GistLayout, cache, config: GistConfig, s
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     return None
+
+
+def _text_config(model):
+    """The config that holds the language model's sizes (a multimodal config nests it)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 class GraphDecoder:
@@ -103,7 +119,7 @@ class GraphDecoder:
                  full_attention: bool = False, capture: bool | None = None):
         from gsa_rag.generation import _cache_keyword
 
-        device = layout.input_ids.device
+        device = self.device = layout.input_ids.device
         self.model, self.cache, self.steps = model, cache, steps
         self.batch, self.start, self.width = layout.batch_size, layout.seq_len, layout.seq_len + steps
         self.capture = device.type == "cuda" if capture is None else capture
@@ -120,8 +136,8 @@ class GraphDecoder:
         else:
             from gsa_rag.kernels.gist_select import DecodePlan, _PlanCache
 
-            heads = model.config.num_attention_heads
-            group = heads // (getattr(model.config, "num_key_value_heads", None) or heads)
+            heads = _text_config(model).num_attention_heads
+            group = heads // (getattr(_text_config(model), "num_key_value_heads", None) or heads)
             first = layout.append(torch.zeros(self.batch, 1, dtype=torch.long, device=device))
             whole = first.append(torch.zeros(self.batch, steps - 1, dtype=torch.long, device=device))
             self._plans = _PlanCache(first, DecodePlan.build_full(first, config, group), group, room=steps - 1)
@@ -166,24 +182,39 @@ class GraphDecoder:
 
     def _warm_then_capture(self) -> torch.Tensor:
         """This step eagerly on a side stream (kernel compiles, allocator and cuBLAS warm-up stay out
-        of the capture, as torch.cuda.graph asks), then the capture for the steps after it."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            logits = self._forward().clone()  # the captured forward's outputs would alias these
-            attended = dict(self.state.attended) if self.state is not None else None
-        torch.cuda.current_stream().wait_stream(side)
-        if self.taken + 1 < self.steps:
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._graph_logits = self._forward()
-            self._graph_attended = self.state.attended if self.state is not None else None
+        of the capture, as torch.cuda.graph asks), then the capture for the steps after it. Streams
+        are made on the model's device (a capture on another device's stream would record nothing
+        and replay nothing). Where the capture fails, the later steps run eagerly."""
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._forward().clone()  # the captured forward's outputs would alias these
+                attended = dict(self.state.attended) if self.state is not None else None
+            torch.cuda.current_stream().wait_stream(side)
+            if self.taken + 1 < self.steps:
+                self._capture()
         if attended is not None:
             self.state.attended = attended  # this step's counts (the capture ran nothing)
         return logits
 
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: CUDA calls of the application's other threads neither break the capture nor fail
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
+                logits = self._forward()
+        except RuntimeError as err:  # e.g. a forward that reads the device on the host (CUDA errors are RuntimeErrors)
+            warnings.warn(f"decode steps run eagerly: their CUDA graph capture failed ({type(err).__name__}: {err})",
+                          RuntimeWarning, stacklevel=4)
+            self.capture = False
+            return
+        self._graph, self._graph_logits = graph, logits
+        self._graph_attended = self.state.attended if self.state is not None else None
+
     def observed_state(self) -> GistState | None:
-        """The last step's state with its attended counts copied (a replay overwrites them in place)."""
+        """The last step's state with its attended counts copied (a replay overwrites them in place).
+        Its layout is the whole generation's (W columns, the tokens still to come as placeholders)."""
         if self.state is None:
             return None
         return dataclasses.replace(self.state, attended={i: t.clone() for i, t in self.state.attended.items()})

@@ -185,3 +185,40 @@ def test_refusals_name_what_a_graph_cannot_serve(monkeypatch):
     assert "head dim 24" in graph_decode_refusal(tiny_model(head_dim=24), layout, cache, config, STEPS)
     monkeypatch.setenv("GSA_RAG_KERNELS", "0")
     assert "kernels are off" in graph_decode_refusal(model, layout, cache, config, STEPS)
+
+
+def test_a_generation_closed_early_leaves_the_cache_unpinned_with_its_columns(monkeypatch):
+    """Closing the token generator after two tokens (one decode step) unpins every layer: the
+    cache holds the prefill and the one decoded column, as the eager loop's does."""
+    from gsa_rag import graph_decode
+
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    if DEVICE == "cpu":
+        monkeypatch.setattr(graph_decode, "graph_decode_refusal", lambda *args: None)
+    model = tiny_model()
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config)
+    cache = DecodeCache(reserve=8)
+    tokens = generate_tokens(model, layout, config, SamplingParams(max_new_tokens=8), set(), cache=cache,
+                             cuda_graph=True)
+    next(tokens), next(tokens)
+    assert all(layer.column is not None for layer in cache.layers)
+    tokens.close()
+    assert all(layer.column is None for layer in cache.layers) and cache.get_seq_length() == layout.seq_len + 1
+
+
+def test_pinning_is_all_or_nothing_and_refused_for_dynamic_rope():
+    g = torch.Generator().manual_seed(0)
+    cache = DecodeCache(reserve=2)
+    for layer in range(2):
+        cache.update(torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g), layer)
+    cache.layers[1].keys = cache.layers[1].keys.clone()  # replaced (as a beam reorder does): not its buffer's view
+    assert not cache.pinnable()
+    with pytest.raises(ValueError, match="in its buffers"):
+        cache.pin_columns(torch.tensor([5]), 6)
+    assert cache.layers[0].column is None  # the first layer was not pinned before the second failed
+    model = tiny_model()
+    model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config)
+    assert "dynamic NTK" in graph_decode_refusal(model, layout, prefilled(tiny_model(), layout, config), config, STEPS)
