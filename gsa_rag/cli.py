@@ -165,6 +165,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="the answer's token budget (>= 1)")
     p.add_argument("--adapter", default="default",
                    help="gist adapter dir; 'default': the bundled one (default model only); 'none': no adapter")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="CUDA: decode step by step instead of replaying one captured CUDA graph per step "
+                        "(gsa_rag.graph_decode; the default wherever it can run)")
     p.add_argument("--fuse", action="store_true",
                    help="CUDA: the model's norms, rotary and SiLU gates through Liger's fused kernels "
                         "(pip install 'gsa-rag[fast]'; gsa_rag.fused)")
@@ -187,6 +190,8 @@ def _engine(args):
     config = GistConfig(**{**GistConfig().to_dict(), **trained, **_gist_overrides(args)})
     _check_levels(args.levels, config, manifest_dir)
     engine = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device, fuse=args.fuse)
+    if args.no_cuda_graphs:
+        engine.cuda_graphs = False
     args.adapter_used = str(adapter) if adapter is not None else None
     args.fully_trained = manifest_dir is not None and adapter is None
     return engine

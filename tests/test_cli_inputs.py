@@ -239,6 +239,7 @@ class FakeEngine:
     def __init__(self, config):
         self.config = config
         self.model = SimpleNamespace(config=SimpleNamespace(model_type="fake"))
+        self.cuda_graphs = None
 
     def generate(self, question, passages, max_new_tokens):
         return "Ada"
@@ -254,7 +255,8 @@ def loads(monkeypatch):
 
     def from_pretrained(model=None, **kwargs):
         calls.append(kwargs)
-        return FakeEngine(kwargs["config"])
+        kwargs["engine"] = FakeEngine(kwargs["config"])  # what the command then set on it
+        return kwargs["engine"]
 
     monkeypatch.setattr(GistEngine, "from_pretrained", from_pretrained)
     return calls
@@ -328,3 +330,9 @@ def test_cli_score_dtype_reaches_the_config_and_is_refused_with_the_hierarchy(tw
     err = _fails([*ASK, "--adapter", str(two_level_adapter), "--score-dtype", "int8"], capsys)
     assert "single-level only" in err
     assert len(loads) == 2  # refused before the weights load
+
+
+def test_cli_no_cuda_graphs_reaches_the_engine(loads):
+    main([*ASK])
+    main([*ASK, "--no-cuda-graphs"])
+    assert [load["engine"].cuda_graphs for load in loads] == [None, False]
