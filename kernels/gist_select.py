@@ -139,6 +139,8 @@ class DecodePlan:
         contiguous: every chunk's extra columns, in every row, are one run chunk_first[c] + t
             (raw tokens then gist, nothing of base between them; host bool): the expansion then
             computes them instead of gathering them from chunk_cols (`_expand_launch`).
+        split_width: the list width the attention sizes its splits for (None: the capacity); a
+            graph step's plan (`_PlanCache.plan_at`) gives its first step's capacity.
 
     Built with one host sync (the sizes above); nothing per layer syncs.
     """
@@ -160,6 +162,7 @@ class DecodePlan:
     nb_max: int = 1
     chunk_first: torch.Tensor | None = None
     contiguous: bool = False
+    split_width: int | None = None
 
     @property
     def chunk_size(self) -> torch.Tensor:
@@ -328,7 +331,7 @@ class _PlanCache:
             self.base[:, :nb], self.base_len.index_select(0, n)[0], p.chunk_ptr, p.chunk_cols, p.chunk_of_col,
             self.forget[:, :, :p.forget.shape[-1] + self.room], self.forget_len.index_select(0, n)[0][:, None],
             p.k, p.k_max, p.max_chunk_len, nb + self.picked_cols, p.num_chunks, p.selects, p.uniform_k, nb,
-            chunk_first=p.chunk_first, contiguous=p.contiguous,
+            chunk_first=p.chunk_first, contiguous=p.contiguous, split_width=p.capacity,
         )
 
 

@@ -188,7 +188,9 @@ def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: tor
     if m.numel() == 0:
         return out
     S_PAD = max(2, 1 << (S - 1).bit_length())
-    block_s = min(16, S_PAD)
+    # a decode row (R = 1) sums its splits 16 at a time whatever S: then a list with empty trailing
+    # splits (a CUDA graph's, sparse_decode_triton's split_width) sums in the same order, bit for bit
+    block_s = 16 if R == 1 else min(16, S_PAD)
     # about 64 (row, split) pairs a program: at D = 128 a [64, 128] float32 tile is 64 registers a thread
     block_r = min(triton.next_power_of_2(R), max(1, 64 // block_s))
     _combine_kernel[(B * Hq, triton.cdiv(R, block_r))](
@@ -228,11 +230,16 @@ def default_block_n(head_dim: int) -> int:
 
 def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor,
                          lengths: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
-                         out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+                         out: torch.Tensor | None = None, block_n: int | None = None,
+                         split_width: int | None = None) -> torch.Tensor:
     """Fast path of `sparse_decode_ref` (same arguments).
 
     Args:
         num_splits: S, splits of the list width (default: `default_splits`).
+        split_width: without num_splits, size each split as `default_split_len` does for a list
+            this wide (default: index's width). A CUDA graph's lists are wider than any step
+            fills (gsa_rag.graph_decode): sized for the width the eager step has, the splits
+            hold the same entries as the eager step's, so the two outputs round alike.
         out: optional [B, Hq, D] destination (any strides, e.g. a [B, 1, Hq, D] tensor's view).
         block_n: list entries per inner step (default: `default_block_n`).
 
@@ -252,7 +259,7 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if num_splits:
         split_len = triton.cdiv(triton.cdiv(cap, num_splits), block_n) * block_n
     else:
-        split_len = default_split_len(cap, B * Hkv, block_n, query.device)
+        split_len = default_split_len(split_width or cap, B * Hkv, block_n, query.device)
     S = triton.cdiv(cap, split_len)
     m = torch.empty(B, Hq, S, dtype=torch.float32, device=query.device)
     l = torch.empty_like(m)

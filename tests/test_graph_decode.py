@@ -76,6 +76,8 @@ def test_pinned_steps_equal_the_engine_loop(config, monkeypatch):
             got.append((logits, decoder.observed_state().attended))
         decoder.close()
     for step, ((w, wa), (g, ga)) in enumerate(zip(want, got, strict=True)):
+        if DEVICE == "cpu":  # the splits hold the eager step's entries (split_width): the same sums, bit for bit
+            assert torch.equal(g, w), f"logits of step {step}: {(g - w).abs().max()}"
         torch.testing.assert_close(g, w, atol=2e-4, rtol=2e-4, msg=f"logits of step {step}")
         assert wa.keys() == ga.keys() and all(torch.equal(wa[i], ga[i]) for i in wa), f"attended keys at step {step}"
     assert pinned_cache.get_seq_length() == layout.seq_len + STEPS

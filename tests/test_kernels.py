@@ -771,6 +771,25 @@ def test_sparse_decode_many_splits_and_blocks(block_n, splits):
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
+def test_split_width_splits_a_wider_list_as_the_narrow_one():
+    """A CUDA graph's list is wider than any step fills (gsa_rag.graph_decode): sized for the
+    narrow width, the splits hold the same entries, so the output is the narrow list's, bit for
+    bit (the trailing splits are empty); sized for the wide one it rounds differently (fp32: a bf16
+    output would round both to the same value)."""
+    g = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, D, T, narrow, wide = 1, 4, 2, 64, 2000, 1024, 1536
+    q = torch.randn(B, Hq, D, generator=g).to(DEVICE, torch.float32)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, torch.float32)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, torch.float32)
+    index, _ = random_lists(B, Hkv, T, wide, g)
+    lengths = torch.full((B, Hkv), narrow - 3, dtype=torch.int32, device=DEVICE)
+    want = sparse_decode_triton(q, k, v, index[..., :narrow].contiguous(), lengths)
+    got = torch.full((B, Hq, D), float("nan"), dtype=torch.float32, device=DEVICE)
+    sparse_decode_triton(q, k, v, index, lengths, out=got, split_width=narrow)
+    assert torch.equal(got, want)
+    assert not torch.equal(sparse_decode_triton(q, k, v, index, lengths), want)  # so the width matters here
+
+
 def test_sparse_decode_reads_strided_cache_and_writes_strided_output():
     """The HF cache layer tensor may be a view; the output goes straight into [B, 1, Hq, D]."""
     g = torch.Generator().manual_seed(3)
