@@ -190,7 +190,7 @@ def _engine(args):
     config = GistConfig(**{**GistConfig().to_dict(), **trained, **_gist_overrides(args)})
     _check_levels(args.levels, config, manifest_dir)
     engine = GistEngine.from_pretrained(args.model, config=config, adapter=adapter, device=args.device, fuse=args.fuse)
-    if args.no_cuda_graphs:
+    if getattr(args, "no_cuda_graphs", False):
         engine.cuda_graphs = False
     args.adapter_used = str(adapter) if adapter is not None else None
     args.fully_trained = manifest_dir is not None and adapter is None

@@ -458,7 +458,7 @@ def test_full_fine_tuning_and_gradient_checkpointing(tiny_dir, tmp_path):
     from gsa_rag import cli
 
     class Args:
-        model, adapter, device, fuse = str(out), "default", "cpu", False
+        model, adapter, device, fuse, no_cuda_graphs = str(out), "default", "cpu", False, False
         chunk_size = top_k = k_policy = sink = meta_chunks = chunk = levels = section_top_k = None
 
     assert cli._engine(Args).config.chunk_size == 4 and Args.fully_trained
