@@ -698,3 +698,32 @@ def test_vector_prefilter_narrows_candidates(tokenizer, tmp_path):
     memory.save(tmp_path)  # the vectors are saved with the memory and come back
     loaded = GistMemory.load(tmp_path, engine, progress=False)
     assert [h.id for h in loaded.search("apple trees", k=1, prefilter=1)] == [new]
+
+
+def test_resident_memory_decodes_through_the_graph_step_as_eagerly(tokenizer, monkeypatch):
+    """A resident memory's GistCache (no hook work once the question ran) is pinned by the graph
+    decoder, run eagerly here (only the refusal's CUDA check is lifted): the same greedy tokens
+    as the eager loop, every decode step through the decoder, the cache unpinned after."""
+    from gsa_rag import graph_decode
+
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    refusal = graph_decode.graph_decode_refusal
+    monkeypatch.setattr(graph_decode, "graph_decode_refusal",
+                        lambda *a: None if refusal(*a) == "CUDA graphs need a CUDA device" else refusal(*a))
+    made, real = [], graph_decode.GraphDecoder
+    monkeypatch.setattr(graph_decode, "GraphDecoder", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    engine = tiny_engine(tokenizer, top_k=1)
+    memory = GistMemory(engine, progress=False)
+    ids = memory.add(PASSAGES)
+    runs = []
+    for graph in (False, True):
+        layout, cache = memory.prepare(QUESTION, ids)
+        states = []
+        tokens = generate_tokens(engine.model, layout, engine.config, SamplingParams(4), set(), cache=cache,
+                                 observe=states.append, cuda_graph=graph)
+        runs.append(([int(t) for t in tokens], [s.attended for s in states]))
+    assert len(made) == 1 and made[0].taken == 3 and made[0].state is not None  # the gist rule, not full attention
+    assert all(layer.column is None for layer in cache.layers)
+    assert runs[1][0] == runs[0][0]
+    for a, b in zip(runs[1][1], runs[0][1], strict=True):  # the keys each step attended: no column too many
+        assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
