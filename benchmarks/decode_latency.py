@@ -33,7 +33,9 @@ replay of one CUDA graph (gsa_rag.graph_decode; the capture and the first, eager
                 bandwidth at batch 8, benchmarks/kernels.py);
     gsa_graph   the engine's graph decode (what GistEngine runs on CUDA by default).
 
-Writes `--out`/`--name`.json; the default name holds every setting (result_name), e.g.
+Writes `--out`/`--name`.json and a bar chart of every column's tokens/s beside it (.png, when
+matplotlib imports; `--replot FILE.json` redraws one from a result file); the default name holds
+every setting (result_name), e.g.
 decode_latency_smollm2-135m_L30_ctx8k+16k+32k_b1_s32_w32_both.json, and an existing file is
 never overwritten: the run is refused before it starts.
 """
@@ -49,7 +51,9 @@ _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 from gsa_rag.kernels.bench import (
@@ -166,6 +170,46 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 
+# the columns a chart shows, in this order: HF's full attention, then the dense kernel, then GSA
+PLOTTED = [("hf", "HF, DynamicCache"), ("hf_dc", "HF, DecodeCache"), ("hf_graph", "HF, replayed"),
+           ("dense_graph", "dense, our kernel, replayed"), ("gsa", "GSA, DynamicCache"),
+           ("gsa_dc", "GSA, DecodeCache"), ("gsa_graph", "GSA, replayed (the engine)")]
+
+
+def draw(plt, path, rows: list[dict]) -> None:
+    """Grouped bars, log scale: each column's tokens/s, one group per (context, batch) row."""
+    columns = [(key, label) for key, label in PLOTTED if any(f"{key}_tok_s" in r for r in rows)]
+    width = 0.8 / len(columns)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(rows) + 2), 5.0))
+    for i, (key, label) in enumerate(columns):
+        ax.bar([j + i * width for j in range(len(rows))], [r.get(f"{key}_tok_s", 0.0) for r in rows], width,
+               label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
+                  [f"{r['context'] // K}K, batch {r['batch']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s (log)")
+    ax.set_title(f"decode, {rows[0]['arch']} ({rows[0]['layers']} layers), random weights")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: bars reach the top
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def replot(result: Path) -> Path:
+    """Draws the chart of an existing result file beside it; an existing chart is kept."""
+    png = result.with_suffix(".png")
+    if png.exists():
+        sys.exit(f"{png} exists: results are never overwritten")
+    rows = json.loads(result.read_text())["rows"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    draw(plt, png, rows)
+    plt.close("all")
+    return png
+
+
 def result_name(arch: str, layers: int, contexts: list[int], batch: int, steps: int, warmup: int, cache: str,
                 score_dtype: str = "cache", graphs: bool = False) -> str:
     """The default result name: every setting that changes the rows, so two runs that differ in
@@ -197,7 +241,12 @@ def main(argv=None) -> None:
                    help="also hf_graph / gsa_graph: every step a CUDA graph replay (--no-graphs: eager only)")
     p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result file")
     p.add_argument("--name", default=None, help="result file name without .json (default: result_name's, every setting)")
+    p.add_argument("--replot", type=Path, default=None, metavar="FILE.json",
+                   help="measure nothing: draw the chart of this result file beside it")
     args = p.parse_args(argv)
+    if args.replot is not None:
+        print(f"wrote {replot(args.replot)}")
+        return
     contexts = [int(x) if int(x) >= K else int(x) * K for v in args.contexts for x in v.split(",") if x]
     steps = args.steps
     if args.quick:
@@ -205,7 +254,7 @@ def main(argv=None) -> None:
     layers = args.layers or ARCHS[args.arch]["num_hidden_layers"]  # random_model's rule
     name = args.name or result_name(args.arch, layers, contexts, args.batch, steps, max(args.warmup, steps), args.cache,
                                     args.score_dtype, args.graphs)
-    refuse_existing_results(p, args.out, name, (".json",))  # before the measurements, not after them
+    refuse_existing_results(p, args.out, name)  # before the measurements, not after them
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/decode_latency.py needs CUDA")
     from transformers import DynamicCache
@@ -305,7 +354,7 @@ def main(argv=None) -> None:
     if args.graphs:
         print("_graph = every step a CUDA graph replay (gsa_rag.graph_decode); graph err = gsa_graph vs gsa logits;")
         print("dense_graph = full attention through the engine's flash-decode kernel (every written column listed)")
-    path = write_results(args.out, name, {"env": environment(), "rows": rows})
+    path = write_results(args.out, name, {"env": environment(), "rows": rows}, lambda plt, png: draw(plt, png, rows))
     print(f"wrote {path}")
 
 

@@ -4,10 +4,10 @@ inputs and list check, and one small case through it (Triton's interpreter on th
 
 import pytest
 import torch
+from gsa_rag.kernels.bench import ARCHS, random_model, synthetic_layout
 
 from gsa_rag.config import GistConfig
 from gsa_rag.generation import forward
-from gsa_rag.kernels.bench import ARCHS, random_model, synthetic_layout
 
 
 def test_random_model_has_the_architecture_and_runs_a_gist_forward():
@@ -192,6 +192,7 @@ def test_kernels_result_name_holds_every_setting():
 @pytest.mark.parametrize(("script", "argv", "existing"), [
     ("decode_latency", ["--quick"], "decode_latency_smollm2-135m_L30_ctx8k_b1_s8_w8_both_graphs.json"),
     ("decode_latency", ["--arch", "llama3-8b", "--layers", "8", "--name", "mine"], "mine.json"),
+    ("decode_latency", ["--name", "mine"], "mine.png"),  # its chart is a result too
     ("prefill", ["--quick"], "prefill_h32-8-128_c8_ctx4k+8k_masked16k.json"),
     ("prefill", ["--quick"], "prefill_h32-8-128_c8_ctx4k+8k_masked16k.png"),  # a kept plot is a result too
     ("kernels", ["--quick", "--no-flex"], "decode_step_llama3-8b+smollm2-135m_b1_ctx4k+32k_c8_bf16_noflex.json"),
@@ -265,3 +266,33 @@ def test_kernels_list_overlap_counts_the_reference_keys_kept_up_to_each_length()
     assert overlap(same, reference, 10) == 1.0
     swapped = (torch.tensor([[[1, 2, 7, 0], [4, 5, 0, 0]]], dtype=torch.int32), reference[1])
     assert overlap(swapped, reference, 10) == 4 / 5
+
+
+def test_decode_latency_chart_has_a_bar_per_column_and_row(tmp_path, capsys):
+    """--replot draws a result file's chart beside it, one bar per column and row (log scale), and
+    keeps an existing chart."""
+    import json
+
+    module = _script("decode_latency")
+    rows = [{"arch": "smollm2-135m", "layers": 30, "context": c, "batch": 8, "hf_tok_s": 400.0, "hf_dc_tok_s": 300.0,
+             "hf_graph_tok_s": 200.0, "dense_graph_tok_s": 1600.0, "gsa_tok_s": 180.0, "gsa_dc_tok_s": 200.0,
+             "gsa_graph_tok_s": 2000.0 + c / 1024} for c in (8192, 32768)]
+    result = tmp_path / "run.json"
+    result.write_text(json.dumps({"env": {}, "rows": rows}))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    try:
+        module.draw(plt, tmp_path / "direct.png", rows)
+        ax = plt.gcf().axes[0]
+        assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "GSA, replayed (the engine)"
+        assert len(ax.patches) == 7 * 2 and ax.get_yscale() == "log"
+        assert [p.get_height() for p in ax.containers[-1]] == [2008.0, 2032.0]
+    finally:
+        plt.close("all")
+    module.main(["--replot", str(result)])
+    assert (tmp_path / "run.png").stat().st_size > 0 and "run.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="never overwritten"):
+        module.main(["--replot", str(result)])
