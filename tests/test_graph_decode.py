@@ -109,9 +109,15 @@ def test_full_attention_steps_equal_hf_full_attention():
         decoder.close()
 
 
-def test_generate_tokens_through_the_decoder_gives_the_eager_tokens(monkeypatch):
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=STEPS),
+    SamplingParams(max_new_tokens=STEPS, temperature=0.8, top_p=0.9, seed=3),
+], ids=["greedy", "sampled"])
+def test_generate_tokens_through_the_decoder_gives_the_eager_tokens(params, monkeypatch):
     """generate_tokens with cuda_graph=True (refusal lifted on the CPU, where it runs the pinned
-    step eagerly) and with cuda_graph=False: the same greedy tokens and attended counts."""
+    step eagerly) and with cuda_graph=False: the same tokens (greedy, or seeded sampling) and
+    attended counts, with a stop id that ends the first row after its second token (it then keeps
+    receiving the stop id while the other row goes on)."""
     from gsa_rag import graph_decode
 
     monkeypatch.setenv("GSA_RAG_KERNELS", "1")
@@ -120,16 +126,17 @@ def test_generate_tokens_through_the_decoder_gives_the_eager_tokens(monkeypatch)
     model = tiny_model()
     config = GistConfig(chunk_size=4, sink=2, top_k=2)
     layout = prompt(config, seed=2)
-    params = SamplingParams(max_new_tokens=STEPS)
+    free = list(generate_tokens(model, layout, config, params, set(), cuda_graph=False))
+    stop = int(free[1][0])
     runs, made = {}, []
     real = graph_decode.GraphDecoder
     monkeypatch.setattr(graph_decode, "GraphDecoder", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     for graph in (False, True):
         states = []
-        out = list(generate_tokens(model, layout, config, params, set(), observe=states.append, cuda_graph=graph))
+        out = list(generate_tokens(model, layout, config, params, {stop}, observe=states.append, cuda_graph=graph))
         runs[graph] = (torch.stack(out), [s.attended for s in states])
-    assert len(made) == 1 and made[0].taken == STEPS - 1 and made[0].cache is None, "the decoder did not run and close"
-    assert torch.equal(runs[True][0], runs[False][0])
+    assert len(made) == 1 and made[0].taken == len(out) - 1 and made[0].cache is None, "the decoder did not run and close"
+    assert torch.equal(runs[True][0], runs[False][0]) and int(runs[True][0][-1, 0]) == stop
     for a, b in zip(runs[True][1], runs[False][1], strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
 
