@@ -231,3 +231,45 @@ def test_pinning_is_all_or_nothing_and_refused_for_dynamic_rope():
     config = GistConfig(chunk_size=4, sink=2, top_k=2)
     layout = prompt(config)
     assert "dynamic NTK" in graph_decode_refusal(model, layout, prefilled(tiny_model(), layout, config), config, STEPS)
+
+
+def test_a_failed_capture_leaves_the_steps_eager_with_a_warning(monkeypatch):
+    """Where the capture fails (say, a forward that reads the device on the host), the decoder
+    warns and decodes the rest eagerly through the same pinned step: the engine loop's logits at
+    every step. CUDA's streams and graph are stood in for on the CPU; the stand-in capture runs
+    the forward, then fails as torch.cuda.graph would."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def failing_graph(graph, stream=None, capture_error_mode=None):
+        yield
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    model = tiny_model()
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config, seed=3)
+    eager_cache, pinned_cache = prefilled(model, layout, config), prefilled(model, layout, config)
+    decoder = GraphDecoder(model, layout, pinned_cache, config, STEPS, capture=True)
+    for name, stand_in in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", object),
+                           ("stream", lambda s: contextlib.nullcontext()),
+                           ("device", lambda d: contextlib.nullcontext()), ("graph", failing_graph)):
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    with torch.inference_mode():
+        lay = layout
+        for step, token in enumerate(tokens(3)):
+            lay = lay.append(token[:, None])
+            want = forward(model, lay, 1, eager_cache, config)[0].logits[:, -1]
+            if step == 0:
+                with pytest.warns(RuntimeWarning, match="capture failed"):
+                    got = decoder.step(token)
+                assert decoder.capture is False and decoder._graph is None
+            else:
+                got = decoder.step(token)
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-4, rtol=2e-4, msg=f"logits of step {step}")
+        decoder.close()
+    assert pinned_cache.get_seq_length() == layout.seq_len + STEPS
