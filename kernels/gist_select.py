@@ -44,6 +44,7 @@ D head dim. Index lists are int32 [B, H, CAP] padded with 0, with int32 lengths 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -309,29 +310,26 @@ class _PlanCache:
         n = layout.seq_len - self.T0
         if not 0 <= n <= self.room or layout.num_chunks is not self.num_chunks or layout.gist_index is not self.gist_index:
             return None
-        p = self.plan
         if n == 0:
-            return p
-        nb, nf = p.nb_max + n, p.forget.shape[-1] + n
-        return DecodePlan(
-            self.base[:, :nb], self.base_len[n], p.chunk_ptr, p.chunk_cols, p.chunk_of_col,
-            self.forget[:, :, :nf], self.forget_len[n][:, None], p.k, p.k_max, p.max_chunk_len,
-            nb + self.picked_cols, p.num_chunks, p.selects, p.uniform_k, nb,
-            chunk_first=p.chunk_first, contiguous=p.contiguous,
-        )
+            return self.plan
+        return self._view(n, self.base_len[n], self.forget_len[n])
 
     def plan_at(self, n: torch.Tensor) -> DecodePlan:
         """The plan of the step at T0 + n columns for a long [1] device tensor `n` <= room: the lists
         at their full width (the room's tail columns included, past each row's length) and the
         lengths read at `n` on the device. No host value depends on `n`, so one CUDA graph of a
         step serves every step (`gsa_rag.graph_decode`); `plan_for` gives the same lists, trimmed."""
+        return self._view(self.room, self.base_len.index_select(0, n)[0], self.forget_len.index_select(0, n)[0],
+                          split_width=self.plan.capacity)
+
+    def _view(self, extra: int, base_len: torch.Tensor, forget_len: torch.Tensor, **fields) -> DecodePlan:
+        """The plan with `extra` of the room's tail columns in its base and forgetting lists, these
+        lengths ([B] each) and any other `fields` changed."""
         p = self.plan
-        nb = p.nb_max + self.room
-        return DecodePlan(
-            self.base[:, :nb], self.base_len.index_select(0, n)[0], p.chunk_ptr, p.chunk_cols, p.chunk_of_col,
-            self.forget[:, :, :p.forget.shape[-1] + self.room], self.forget_len.index_select(0, n)[0][:, None],
-            p.k, p.k_max, p.max_chunk_len, nb + self.picked_cols, p.num_chunks, p.selects, p.uniform_k, nb,
-            chunk_first=p.chunk_first, contiguous=p.contiguous, split_width=p.capacity,
+        nb = p.nb_max + extra
+        return dataclasses.replace(
+            p, base=self.base[:, :nb], base_len=base_len, forget=self.forget[:, :, :p.forget.shape[-1] + extra],
+            forget_len=forget_len[:, None], capacity=nb + self.picked_cols, nb_max=nb, **fields,
         )
 
 
