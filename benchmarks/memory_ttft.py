@@ -56,7 +56,7 @@ from gsa_rag.engine import GistEngine
 from gsa_rag.generation import SamplingParams, forward, generate_tokens
 from gsa_rag.kernels import kv_place
 from gsa_rag.memory import GistMemory
-from gsa_rag.models import load_model
+from gsa_rag.models import attention_heads, load_model
 
 WORDS = (
     "the of and in to a was is for on as by with he that at from his it an were are which this also be has or "
@@ -250,10 +250,8 @@ def aten_ops(fn) -> int:
 
 
 def kv_bytes_per_token(model) -> int:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return cfg.num_hidden_layers * 2 * kv_heads * head_dim * next(model.parameters()).element_size()
+    _, kv_heads, head_dim = attention_heads(model.config)
+    return model.config.num_hidden_layers * 2 * kv_heads * head_dim * next(model.parameters()).element_size()
 
 
 def main() -> None:

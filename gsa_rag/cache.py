@@ -45,6 +45,7 @@ from gsa_rag.decode_cache import DecodeCache
 from gsa_rag.errors import UnsupportedModelError
 from gsa_rag.host_kv import HostKV
 from gsa_rag.kernels.dispatch import to_device
+from gsa_rag.models import attention_heads, text_config
 
 # rope types whose angle is (fixed inverse frequency) x position: rotations compose exactly
 EXACT_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn", "proportional"})
@@ -66,9 +67,7 @@ def rope_layers(config) -> tuple[bool, ...] | None:
     """Per layer, whether it applies RoPE, read as transformers' modeling code reads it
     (SmolLM3, Llama 4, Mistral Large 4: `use_rope = config.no_rope_layers[layer_idx]`, so 0 means
     no RoPE); None when every layer does."""
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    flags = getattr(config, "no_rope_layers", None)
+    flags = getattr(text_config(config), "no_rope_layers", None)
     if not flags:
         return None
     uses = tuple(bool(flag) for flag in flags)
@@ -115,8 +114,7 @@ class KeyRotator:
         self.scaling = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
         self._memo: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # one shift -> (cos, sin)
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> cos_sin of shifts 0..n-1
-        config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = attention_heads(model.config)[2]
         buffer = next(self.rotary.buffers(), None)
         rotary_dim = self.cos_sin(torch.zeros(1, dtype=torch.long), buffer.device if buffer is not None else "cpu")[0].shape[-1]
         if rotary_dim != head_dim:

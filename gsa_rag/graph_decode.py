@@ -34,6 +34,7 @@ from gsa_rag.attention import GistState
 from gsa_rag.config import GistConfig
 from gsa_rag.decode_cache import DecodeCache
 from gsa_rag.layout import GistLayout
+from gsa_rag.models import attention_heads, text_config
 
 # fewer decode steps than this run eagerly: a capture costs about what a few eager steps do
 GRAPH_MIN_STEPS = 8
@@ -65,12 +66,12 @@ def graph_decode_refusal(model, layout: GistLayout, cache, config: GistConfig, s
         return "hierarchical (H-GSA) layouts select level by level with host-sized lists"
     if config.k_policy == "top_p":
         return "top_p selection sizes its picks on the host"
-    text = _text_config(model)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = attention_heads(model.config)[2]
     if not head_dim_fits(head_dim):
         return f"head dim {head_dim} is not one the kernels take (a power of two >= 16)"
     if getattr(model.config, "_attn_implementation", None) != "gsa":
         return "the model does not run gist attention (attn_implementation='gsa')"
+    text = text_config(model.config)
     rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
         return "dynamic NTK RoPE picks its frequencies on the host from the length so far"
@@ -92,12 +93,6 @@ def graph_decode_refusal(model, layout: GistLayout, cache, config: GistConfig, s
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     return None
-
-
-def _text_config(model):
-    """The config that holds the language model's sizes (a multimodal config nests it)."""
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 class GraphDecoder:
@@ -136,8 +131,8 @@ class GraphDecoder:
         else:
             from gsa_rag.kernels.gist_select import DecodePlan, _PlanCache
 
-            heads = _text_config(model).num_attention_heads
-            group = heads // (getattr(_text_config(model), "num_key_value_heads", None) or heads)
+            heads, kv_heads, _ = attention_heads(model.config)
+            group = heads // kv_heads
             first = layout.append(torch.zeros(self.batch, 1, dtype=torch.long, device=device))
             whole = first.append(torch.zeros(self.batch, steps - 1, dtype=torch.long, device=device))
             self._plans = _PlanCache(first, DecodePlan.build_full(first, config, group), group, room=steps - 1)

@@ -138,6 +138,7 @@ from gsa_rag.memory_files import safetensors_metadata as _safetensors_metadata
 from gsa_rag.memory_files import sha256 as _sha256
 from gsa_rag.memory_files import write_if_changed as _write_if_changed
 from gsa_rag.memory_vectors import VectorIndex as _VectorIndex
+from gsa_rag.models import attention_heads
 from gsa_rag.prompt import (
     DEFAULT_SYSTEM,
     OWN_SYSTEM,
@@ -1164,7 +1165,7 @@ class GistMemory:
         cfg = self.engine.model.config
         n, m = len(entry.ids), int(entry.resident.sum())
         L = cfg.num_hidden_layers
-        H = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        H = attention_heads(cfg)[1]
         ok = (
             entry.res_k.shape[:3] == (L, H, m) and entry.raw_k.shape[:3] == (L, H, n - m)
             and entry.res_v.shape == entry.res_k.shape and entry.raw_v.shape == entry.raw_k.shape

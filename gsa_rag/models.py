@@ -334,6 +334,19 @@ def _drop_saved_quantization_config(config_path: Path) -> None:
 # what GSA can run on
 
 
+def text_config(config):
+    """The config that holds the language model's sizes (a multimodal config nests it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_heads(config) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dim) of the language model `config` describes."""
+    config = text_config(config)
+    heads = config.num_attention_heads
+    return (heads, getattr(config, "num_key_value_heads", None) or heads,
+            getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
 def check_supported(config) -> None:
     """Refuse models GSA cannot run on correctly, before any weight is loaded.
 
@@ -351,8 +364,7 @@ def check_supported(config) -> None:
             bypasses the interface; the message names the model type and the families that work.
     """
     model_class = _causal_lm_class(config)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(config)
     model_class = model_class or _causal_lm_class(config)
     model_type = getattr(config, "model_type", None) or type(config).__name__
     if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):

@@ -110,7 +110,10 @@ def check_passage(item, what: str) -> None:
 
 def context_window(model) -> int | None:
     """The model's trained context length in positions, or None when its config does not say."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    # imported here: the CLI imports this module before torch
+    from gsa_rag.models import text_config
+
+    config = text_config(model.config)
     window = getattr(config, "max_position_embeddings", None)
     if not window:
         return None
