@@ -13,7 +13,8 @@ over a synthetic gist layout (chunk 8, sink 4, a 32-token question), then each m
     gsa_ref   gsa_rag.generation.forward with GSA_RAG_KERNELS=0 (dense selective mask + SDPA);
     gsa       the same with the kernels (key lists + sparse flash-decode).
 
-Adaptive k (about L/8 raw tokens per KV head). tokens/s = batch * steps / wall time (synchronised).
+Adaptive k (about L/8 raw tokens per KV head); with `--meta 4` an H-GSA layout (chunk 8, a
+meta-gist every 4 gists: 32x) selected coarse to fine, `--top-k` units per head at every level. tokens/s = batch * steps / wall time (synchronised).
 The KV cache of these three is HF's DynamicCache, which concatenates every layer's K/V at every
 step (a copy of the whole cache): that cost is in each of them and bounds the speedup of any
 sparse attention. With `--cache both` (the default) two more columns decode from the same prefill
@@ -63,6 +64,7 @@ from gsa_rag.kernels.bench import (
     print_table,
     random_model,
     refuse_existing_results,
+    synthetic_hier_layout,
     synthetic_layout,
     write_results,
 )
@@ -211,13 +213,15 @@ def replot(result: Path) -> Path:
 
 
 def result_name(arch: str, layers: int, contexts: list[int], batch: int, steps: int, warmup: int, cache: str,
-                score_dtype: str = "cache", graphs: bool = False) -> str:
+                score_dtype: str = "cache", graphs: bool = False, meta: tuple[int, ...] = (), top_k: int = 4) -> str:
     """The default result name: every setting that changes the rows, so two runs that differ in
     any of them never share a file (the name held only the architecture: a re-run with another
     warm-up or context list replaced the earlier run's rows)."""
     ctx = context_tag(contexts)
     scores = "" if score_dtype == "cache" else f"_scores-{score_dtype}"
-    return f"decode_latency_{arch}_L{layers}_ctx{ctx}_b{batch}_s{steps}_w{warmup}_{cache}{scores}{'_graphs' if graphs else ''}"
+    hier = f"_meta{'+'.join(map(str, meta))}_top{top_k}" if meta else ""
+    return (f"decode_latency_{arch}_L{layers}_ctx{ctx}_b{batch}_s{steps}_w{warmup}_{cache}{scores}{hier}"
+            f"{'_graphs' if graphs else ''}")
 
 
 
@@ -237,6 +241,9 @@ def main(argv=None) -> None:
                    help="both: also hf_dc / gsa_dc over the engine's DecodeCache; dynamic: DynamicCache only")
     p.add_argument("--score-dtype", default="cache", choices=["cache", "int8"],
                    help="GistConfig.score_dtype of the gsa columns: int8 scores an int8 copy of the gist keys")
+    p.add_argument("--meta", type=int, nargs="*", default=[],
+                   help="H-GSA: gists per meta-gist at each level above the chunks (GistConfig.meta_chunks), e.g. 4")
+    p.add_argument("--top-k", type=int, default=4, help="with --meta: units each query head keeps at every level")
     p.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="also hf_graph / gsa_graph: every step a CUDA graph replay (--no-graphs: eager only)")
     p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result file")
@@ -253,7 +260,7 @@ def main(argv=None) -> None:
         contexts, steps = [8 * K], 8
     layers = args.layers or ARCHS[args.arch]["num_hidden_layers"]  # random_model's rule
     name = args.name or result_name(args.arch, layers, contexts, args.batch, steps, max(args.warmup, steps), args.cache,
-                                    args.score_dtype, args.graphs)
+                                    args.score_dtype, args.graphs, tuple(args.meta), args.top_k)
     refuse_existing_results(p, args.out, name)  # before the measurements, not after them
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/decode_latency.py needs CUDA")
@@ -266,10 +273,17 @@ def main(argv=None) -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register("dense_list", dense_list_attention)
-    config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0, score_dtype=args.score_dtype)
+    if args.meta:  # H-GSA takes a fixed k per level (adaptive k is single-level only)
+        config = GistConfig(chunk_size=8, sink=4, meta_chunks=tuple(args.meta), k_policy="fixed", top_k=args.top_k,
+                            word_aware=False, score_dtype=args.score_dtype)
+    else:
+        config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0, score_dtype=args.score_dtype)
     rows = []
     for L in contexts:
-        layout = synthetic_layout(args.batch, L, 8, sink=4, tail=32, device=DEVICE)
+        if args.meta:
+            layout = synthetic_hier_layout(args.batch, L, 8, tuple(args.meta), sink=4, tail=32, device=DEVICE)
+        else:
+            layout = synthetic_layout(args.batch, L, 8, sink=4, tail=32, device=DEVICE)
         T = layout.seq_len
         cache = DynamicCache()
         set_attention(model, "sdpa")
@@ -278,7 +292,7 @@ def main(argv=None) -> None:
                   **{_cache_keyword(model): cache})
             row = {"arch": args.arch, "layers": model.config.num_hidden_layers, "context": L, "T": T,
                    "batch": args.batch, "steps": steps, "warmup": max(args.warmup, steps),
-                   "score_dtype": args.score_dtype}
+                   "score_dtype": args.score_dtype, "meta": list(args.meta), "top_k": args.top_k if args.meta else None}
             firsts = {}
             runs = [("hf", cache), ("gsa_ref", cache), ("gsa", cache)]
             if args.cache == "both":  # the same prefill, copied once into the engine's cache

@@ -14,6 +14,9 @@ that changes from step to step may live on the host:
   (`gist_select._PlanCache.plan_at`), so no step reads a column that is not written yet;
 - the step number and the token are device tensors, written before each replay.
 
+Every selection the kernels serve replays: top-k, adaptive k, top-p and H-GSA's coarse-to-fine
+levels (whose plan above the chunks is fixed while tail tokens are appended).
+
 The first step runs eagerly (it compiles the kernels and warms the allocator) and the capture
 follows it. `graph_decode_refusal` names what a graph cannot serve; the engine decodes eagerly then.
 
@@ -62,10 +65,6 @@ def graph_decode_refusal(model, layout: GistLayout, cache, config: GistConfig, s
 
     if steps < 1:
         return "no steps to decode"
-    if layout.levels > 1:
-        return "hierarchical (H-GSA) layouts select level by level with host-sized lists"
-    if config.k_policy == "top_p":
-        return "top_p selection sizes its picks on the host"
     head_dim = attention_heads(model.config)[2]
     if not head_dim_fits(head_dim):
         return f"head dim {head_dim} is not one the kernels take (a power of two >= 16)"
@@ -130,12 +129,17 @@ class GraphDecoder:
             self._columns = torch.arange(self.width, device=device)
         else:
             from gsa_rag.kernels.gist_select import DecodePlan, _PlanCache
+            from gsa_rag.kernels.hier_select import HierPlan
 
             heads, kv_heads, _ = attention_heads(model.config)
             group = heads // kv_heads
             first = layout.append(torch.zeros(self.batch, 1, dtype=torch.long, device=device))
             whole = first.append(torch.zeros(self.batch, steps - 1, dtype=torch.long, device=device))
-            self._plans = _PlanCache(first, DecodePlan.build_full(first, config, group), group, room=steps - 1)
+            flat = DecodePlan.build_full(first, config, group)
+            self._plans = _PlanCache(first, flat, group, room=steps - 1)
+            # H-GSA: the levels above the chunks depend only on the closed part of the layout (tail
+            # tokens are never gists), so one hierarchical plan serves every step around its flat plan
+            self._hier = HierPlan.build(first, config, group, flat) if layout.levels > 1 else None
             self.state = GraphStepState(whole, torch.arange(self.width - 1, self.width, device=device), config)
         cache.pin_columns(self._column, self.width)
 
@@ -147,7 +151,8 @@ class GraphDecoder:
             visible = self._columns <= self._column
             kwargs["attention_mask"] = visible.expand(self.batch, 1, 1, self.width)
         else:
-            self.state._decode_plan = self._plans.plan_at(self._n)
+            plan = self._plans.plan_at(self._n)
+            self.state._decode_plan = plan if self._hier is None else dataclasses.replace(self._hier, flat=plan)
             self.state.attended = {}
             kwargs["gsa_state"] = self.state
         out = self.model(input_ids=self._ids, position_ids=self._first_position + self._n, use_cache=True,

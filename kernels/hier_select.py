@@ -100,6 +100,13 @@ class HierPlan:
     def capacity(self) -> int:
         return self.flat.capacity + self.room
 
+    @property
+    def split_width(self) -> int | None:
+        """The list width the attention sizes its splits for (None: the capacity): a graph
+        step's flat plan gives its first step's, and the sections' room comes on top as it
+        does on the capacity, so replayed steps split like the eager ones."""
+        return None if self.flat.split_width is None else self.flat.split_width + self.room
+
     @classmethod
     def build(cls, layout: GistLayout, config: GistConfig, group_size: int, flat: DecodePlan | None = None) -> HierPlan:
         """Plans the step whose single query is the last column of `layout` (a tail token).

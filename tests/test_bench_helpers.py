@@ -165,8 +165,11 @@ def test_decode_latency_result_name_holds_every_setting():
     assert name(**base) == "decode_latency_smollm2-135m_L30_ctx8k+16k+32k_b1_s32_w32_both"
     assert name(**{**base, "contexts": [32768, 8192, 16384, 8192]}) == name(**base)  # the same rows
     _distinct(base, {"arch": "llama3-8b", "layers": 8, "contexts": [8192, 16384], "batch": 2, "steps": 24,
-                     "warmup": 40, "cache": "dynamic", "score_dtype": "int8", "graphs": True}, name)
+                     "warmup": 40, "cache": "dynamic", "score_dtype": "int8", "graphs": True, "meta": (4,)}, name)
     assert "ctx1500+8k" in name(**{**base, "contexts": [8192, 1500]})
+    hier = {**base, "meta": (4,)}
+    assert name(**hier) == "decode_latency_smollm2-135m_L30_ctx8k+16k+32k_b1_s32_w32_both_meta4_top4"
+    assert name(**{**hier, "top_k": 8}) != name(**hier) and name(**{**base, "top_k": 8}) == name(**base)
 
 
 def test_prefill_result_name_holds_every_setting():

@@ -54,7 +54,10 @@ def tokens(seed: int = 0):
     GistConfig(chunk_size=4, sink=2, top_k=2),
     GistConfig(chunk_size=4, sink=2, k_policy="adaptive", adaptive_ratio=4.0),
     GistConfig(chunk_size=4, sink=2, top_k=2, score_dtype="int8"),
-], ids=["top_k", "adaptive", "int8"])
+    GistConfig(chunk_size=4, sink=2, k_policy="top_p", top_p=0.5),
+    GistConfig(chunk_size=4, sink=2, top_k=2, meta_chunks=(2,)),
+    GistConfig(chunk_size=4, sink=2, k_policy="top_p", top_p=0.5, meta_chunks=(2,)),
+], ids=["top_k", "adaptive", "int8", "top_p", "hgsa", "hgsa_top_p"])
 def test_pinned_steps_equal_the_engine_loop(config, monkeypatch):
     """The same tokens decoded by the engine's eager forwards and by the pinned step (replayed on
     CUDA): the same logits and attended-key counts at every step, and a cache that appends again
@@ -187,10 +190,11 @@ def test_refusals_name_what_a_graph_cannot_serve(monkeypatch):
             list(generate_tokens(model, layout, config, SamplingParams(max_new_tokens=3), set(), cuda_graph=True))
     assert "room for 4 more columns, not 5" in graph_decode_refusal(model, layout, cache, config, STEPS + 1)
     assert "DynamicCache" in graph_decode_refusal(model, layout, DynamicCache(), config, STEPS)
-    top_p = GistConfig(chunk_size=4, sink=2, k_policy="top_p", top_p=0.5)
-    assert "top_p" in graph_decode_refusal(model, layout, cache, top_p, STEPS)
-    hier = GistConfig(chunk_size=4, sink=2, top_k=2, meta_chunks=(4,))
-    assert "H-GSA" in graph_decode_refusal(model, prompt(hier), cache, hier, STEPS)
+    for other in (GistConfig(chunk_size=4, sink=2, k_policy="top_p", top_p=0.5),
+                  GistConfig(chunk_size=4, sink=2, top_k=2, meta_chunks=(2,))):
+        lay = prompt(other)
+        assert graph_decode_refusal(model, lay, prefilled(model, lay, other), other, STEPS) == (
+            None if DEVICE == "cuda" else "CUDA graphs need a CUDA device")
     assert "head dim 24" in graph_decode_refusal(tiny_model(head_dim=24), layout, cache, config, STEPS)
     monkeypatch.setenv("GSA_RAG_KERNELS", "0")
     assert "kernels are off" in graph_decode_refusal(model, layout, cache, config, STEPS)
