@@ -140,8 +140,10 @@ class DecodePlan:
         contiguous: every chunk's extra columns, in every row, are one run chunk_first[c] + t
             (raw tokens then gist, nothing of base between them; host bool): the expansion then
             computes them instead of gathering them from chunk_cols (`_expand_launch`).
-        split_width: the list width the attention sizes its splits for (None: the capacity); a
-            graph step's plan (`_PlanCache.plan_at`) gives its first step's capacity.
+        pending: tail columns every list of the plan holds ahead of the step (0; a graph step's
+            plan, `_PlanCache.plan_at`: the generation's later tokens, past each row's length).
+            The attention sizes its splits for a list's width without them, the width the eager
+            step's list has, so both split, and round, alike (`sparse_decode_triton`'s split_width).
 
     Built with one host sync (the sizes above); nothing per layer syncs.
     """
@@ -163,7 +165,7 @@ class DecodePlan:
     nb_max: int = 1
     chunk_first: torch.Tensor | None = None
     contiguous: bool = False
-    split_width: int | None = None
+    pending: int = 0
 
     @property
     def chunk_size(self) -> torch.Tensor:
@@ -320,7 +322,7 @@ class _PlanCache:
         lengths read at `n` on the device. No host value depends on `n`, so one CUDA graph of a
         step serves every step (`gsa_rag.graph_decode`); `plan_for` gives the same lists, trimmed."""
         return self._view(self.room, self.base_len.index_select(0, n)[0], self.forget_len.index_select(0, n)[0],
-                          split_width=self.plan.capacity)
+                          pending=self.room)
 
     def _view(self, extra: int, base_len: torch.Tensor, forget_len: torch.Tensor, **fields) -> DecodePlan:
         """The plan with `extra` of the room's tail columns in its base and forgetting lists, these

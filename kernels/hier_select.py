@@ -101,11 +101,9 @@ class HierPlan:
         return self.flat.capacity + self.room
 
     @property
-    def split_width(self) -> int | None:
-        """The list width the attention sizes its splits for (None: the capacity): a graph
-        step's flat plan gives its first step's, and the sections' room comes on top as it
-        does on the capacity, so replayed steps split like the eager ones."""
-        return None if self.flat.split_width is None else self.flat.split_width + self.room
+    def pending(self) -> int:
+        """Tail columns the lists hold ahead of the step (DecodePlan.pending): the flat plan's."""
+        return self.flat.pending
 
     @classmethod
     def build(cls, layout: GistLayout, config: GistConfig, group_size: int, flat: DecodePlan | None = None) -> HierPlan:

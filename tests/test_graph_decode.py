@@ -88,6 +88,36 @@ def test_pinned_steps_equal_the_engine_loop(config, monkeypatch):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
 
 
+def test_every_list_splits_as_the_eager_step_splits_it(monkeypatch):
+    """The attention sizes its splits by a list's width, and a graph step's lists also hold the
+    later tokens' columns: each must be split as the eager step splits its list. Layer 0 does not
+    select (first_selecting_layer 1), so its list is the forgetting row, narrower than the
+    selection's capacity; sized by the capacity, its splits, and so its rounding, differed from
+    the eager step's (graph err 0.014-0.019 at batch 8 on the H200, where splits are long)."""
+    from gsa_rag.kernels import sparse_decode
+
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    model = tiny_model()
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config)
+    eager_cache, pinned_cache = prefilled(model, layout, config), prefilled(model, layout, config)
+    widths, real = [], sparse_decode.default_split_len
+    monkeypatch.setattr(sparse_decode, "default_split_len", lambda width, *rest: widths.append(width) or real(width, *rest))
+    token = tokens()[0]
+    with torch.inference_mode():
+        forward(model, layout.append(token[:, None]), 1, eager_cache, config)
+        eager = widths.copy()
+        widths.clear()
+        decoder = GraphDecoder(model, layout, pinned_cache, config, STEPS)
+        for token in tokens():
+            decoder.step(token)
+        decoder.close()
+    layers = model.config.num_hidden_layers
+    assert len(eager) == layers and eager[0] < eager[1], eager
+    # every step on the CPU; on CUDA the warm-up step and the capture (replays run no Python)
+    assert len(widths) >= layers and widths == eager * (len(widths) // layers)
+
+
 def test_full_attention_steps_equal_hf_full_attention():
     """The dense baseline under the same pinned step: the model's own SDPA over the whole cache."""
     model = tiny_model()
@@ -238,10 +268,11 @@ def test_pinning_is_all_or_nothing_and_refused_for_dynamic_rope():
 
 
 def test_a_failed_capture_leaves_the_steps_eager_with_a_warning(monkeypatch):
-    """Where the capture fails (say, a forward that reads the device on the host), the decoder
-    warns and decodes the rest eagerly through the same pinned step: the engine loop's logits at
-    every step. CUDA's streams and graph are stood in for on the CPU; the stand-in capture runs
-    the forward, then fails as torch.cuda.graph would."""
+    """Where the capture fails (here a forward that reads the device on the host while it is
+    captured), the decoder warns and decodes the rest eagerly through the same pinned step: the
+    engine loop's logits at every step. On CUDA the capture is real; on the CPU CUDA's streams and
+    graph are stood in for, and the stand-in capture runs the forward, then fails as
+    torch.cuda.graph would."""
     import contextlib
 
     class Stream:
@@ -259,10 +290,21 @@ def test_a_failed_capture_leaves_the_steps_eager_with_a_warning(monkeypatch):
     layout = prompt(config, seed=3)
     eager_cache, pinned_cache = prefilled(model, layout, config), prefilled(model, layout, config)
     decoder = GraphDecoder(model, layout, pinned_cache, config, STEPS, capture=True)
-    for name, stand_in in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", object),
-                           ("stream", lambda s: contextlib.nullcontext()),
-                           ("device", lambda d: contextlib.nullcontext()), ("graph", failing_graph)):
-        monkeypatch.setattr(torch.cuda, name, stand_in)
+    if DEVICE == "cuda":
+        real_forward = decoder._forward
+
+        def forward_reading_the_device():
+            logits = real_forward()
+            if torch.cuda.is_current_stream_capturing():
+                logits.sum().item()  # a host read: not permitted in a capture
+            return logits
+
+        monkeypatch.setattr(decoder, "_forward", forward_reading_the_device)
+    else:
+        for name, stand_in in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", object),
+                               ("stream", lambda s: contextlib.nullcontext()),
+                               ("device", lambda d: contextlib.nullcontext()), ("graph", failing_graph)):
+            monkeypatch.setattr(torch.cuda, name, stand_in)
     with torch.inference_mode():
         lay = layout
         for step, token in enumerate(tokens(3)):
