@@ -140,10 +140,12 @@ class DecodePlan:
         contiguous: every chunk's extra columns, in every row, are one run chunk_first[c] + t
             (raw tokens then gist, nothing of base between them; host bool): the expansion then
             computes them instead of gathering them from chunk_cols (`_expand_launch`).
-        pending: tail columns every list of the plan holds ahead of the step (0; a graph step's
-            plan, `_PlanCache.plan_at`: the generation's later tokens, past each row's length).
-            The attention sizes its splits for a list's width without them, the width the eager
-            step's list has, so both split, and round, alike (`sparse_decode_triton`'s split_width).
+        grown: tail columns every list of the plan holds beyond the lists of its lineage's first
+            step (`_PlanCache`): n at the n-th step after it; a graph step's plan (`plan_at`) the
+            whole room, the later steps' columns past each row's length. The attention sizes a
+            list's splits for its width less these, the first step's width, so every step of a
+            generation, eager or replayed, splits its lists alike and rounds alike
+            (`sparse_decode_triton`'s split_width).
 
     Built with one host sync (the sizes above); nothing per layer syncs.
     """
@@ -165,7 +167,7 @@ class DecodePlan:
     nb_max: int = 1
     chunk_first: torch.Tensor | None = None
     contiguous: bool = False
-    pending: int = 0
+    grown: int = 0
 
     @property
     def chunk_size(self) -> torch.Tensor:
@@ -314,7 +316,7 @@ class _PlanCache:
             return None
         if n == 0:
             return self.plan
-        return self._view(n, self.base_len[n], self.forget_len[n])
+        return self._view(n, self.base_len[n], self.forget_len[n], grown=n)
 
     def plan_at(self, n: torch.Tensor) -> DecodePlan:
         """The plan of the step at T0 + n columns for a long [1] device tensor `n` <= room: the lists
@@ -322,7 +324,7 @@ class _PlanCache:
         lengths read at `n` on the device. No host value depends on `n`, so one CUDA graph of a
         step serves every step (`gsa_rag.graph_decode`); `plan_for` gives the same lists, trimmed."""
         return self._view(self.room, self.base_len.index_select(0, n)[0], self.forget_len.index_select(0, n)[0],
-                          pending=self.room)
+                          grown=self.room)
 
     def _view(self, extra: int, base_len: torch.Tensor, forget_len: torch.Tensor, **fields) -> DecodePlan:
         """The plan with `extra` of the room's tail columns in its base and forgetting lists, these

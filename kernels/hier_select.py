@@ -101,9 +101,9 @@ class HierPlan:
         return self.flat.capacity + self.room
 
     @property
-    def pending(self) -> int:
-        """Tail columns the lists hold ahead of the step (DecodePlan.pending): the flat plan's."""
-        return self.flat.pending
+    def grown(self) -> int:
+        """Tail columns the lists hold beyond their lineage's first step's (DecodePlan.grown)."""
+        return self.flat.grown
 
     @classmethod
     def build(cls, layout: GistLayout, config: GistConfig, group_size: int, flat: DecodePlan | None = None) -> HierPlan:

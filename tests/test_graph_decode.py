@@ -88,12 +88,13 @@ def test_pinned_steps_equal_the_engine_loop(config, monkeypatch):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
 
 
-def test_every_list_splits_as_the_eager_step_splits_it(monkeypatch):
-    """The attention sizes its splits by a list's width, and a graph step's lists also hold the
-    later tokens' columns: each must be split as the eager step splits its list. Layer 0 does not
-    select (first_selecting_layer 1), so its list is the forgetting row, narrower than the
-    selection's capacity; sized by the capacity, its splits, and so its rounding, differed from
-    the eager step's (graph err 0.014-0.019 at batch 8 on the H200, where splits are long)."""
+def test_every_step_splits_its_lists_as_the_first_step(monkeypatch):
+    """The attention sizes its splits by a list's width. An eager step's lists grow by a column a
+    step, and a graph step's also hold the later tokens' columns: every step of a generation, eager
+    or replayed, must split each of its lists as the first step did, or the two round differently.
+    Layer 0 does not select (first_selecting_layer 1), so its list is the forgetting row, narrower
+    than the selection's capacity; sized by the capacity, its splits differed from the eager
+    step's (graph err 0.014-0.019 at batch 8 on the H200, where splits are long)."""
     from gsa_rag.kernels import sparse_decode
 
     monkeypatch.setenv("GSA_RAG_KERNELS", "1")
@@ -103,19 +104,22 @@ def test_every_list_splits_as_the_eager_step_splits_it(monkeypatch):
     eager_cache, pinned_cache = prefilled(model, layout, config), prefilled(model, layout, config)
     widths, real = [], sparse_decode.default_split_len
     monkeypatch.setattr(sparse_decode, "default_split_len", lambda width, *rest: widths.append(width) or real(width, *rest))
-    token = tokens()[0]
+    layers = model.config.num_hidden_layers
     with torch.inference_mode():
-        forward(model, layout.append(token[:, None]), 1, eager_cache, config)
-        eager = widths.copy()
+        lay = layout
+        for token in tokens():
+            lay = lay.append(token[:, None])
+            forward(model, lay, 1, eager_cache, config)
+        eager, first = widths.copy(), widths[:layers]
         widths.clear()
         decoder = GraphDecoder(model, layout, pinned_cache, config, STEPS)
         for token in tokens():
             decoder.step(token)
         decoder.close()
-    layers = model.config.num_hidden_layers
-    assert len(eager) == layers and eager[0] < eager[1], eager
+    assert first[0] < first[1], first
+    assert eager == first * STEPS
     # every step on the CPU; on CUDA the warm-up step and the capture (replays run no Python)
-    assert len(widths) >= layers and widths == eager * (len(widths) // layers)
+    assert len(widths) >= layers and widths == first * (len(widths) // layers)
 
 
 def test_full_attention_steps_equal_hf_full_attention():
