@@ -42,6 +42,13 @@ from gsa_rag.models import attention_heads, text_config
 # fewer decode steps than this run eagerly: a capture costs about what a few eager steps do
 GRAPH_MIN_STEPS = 8
 
+# per CUDA device, the graph of the last closed decoder: kept (with its memory pool) until the next
+# capture on the device takes over the pool, so generation after generation reuses one pool's
+# memory. A pool whose graphs are all gone cannot be captured into again, and its memory would
+# stay reserved until the allocator empties its cache. A retired graph never replays, so sharing
+# its pool is safe; live decoders (interleaved generations) never share one.
+_RETIRED: dict[int, torch.cuda.CUDAGraph] = {}
+
 
 @dataclasses.dataclass
 class GraphStepState(GistState):
@@ -199,11 +206,22 @@ class GraphDecoder:
         return logits
 
     def _capture(self) -> None:
+        """The capture of one step, in the retired graph's memory pool (`_RETIRED`) or a new one.
+        Not through `torch.cuda.graph`: before every capture it synchronises and empties the
+        device's and the pinned host memory's caches, so each generation's prefill and transfers
+        paid cudaMalloc and cudaHostAlloc again (at batch 1 on the default model, a question took
+        longer with graphs than without)."""
         graph = torch.cuda.CUDAGraph()
+        retired = _RETIRED.pop(self.device.index, None)
+        pool = () if retired is None else (retired.pool(),)
         try:
-            # thread_local: CUDA calls of the application's other threads neither break the capture nor fail
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(), capture_error_mode="thread_local"):
-                logits = self._forward()
+            with torch.cuda.stream(torch.cuda.Stream()):
+                # thread_local: CUDA calls of the application's other threads neither break the capture nor fail
+                graph.capture_begin(*pool, capture_error_mode="thread_local")
+                try:
+                    logits = self._forward()
+                finally:
+                    graph.capture_end()  # a failed capture raises here, or the forward's error stands
         except RuntimeError as err:  # e.g. a forward that reads the device on the host (CUDA errors are RuntimeErrors)
             warnings.warn(f"decode steps run eagerly: their CUDA graph capture failed ({type(err).__name__}: {err})",
                           RuntimeWarning, stacklevel=4)
@@ -224,4 +242,6 @@ class GraphDecoder:
         if self.cache is not None:
             self.cache.unpin(self.start + self.taken)
             self.cache = None
+            if self._graph is not None:
+                _RETIRED[self.device.index] = self._graph  # the previous retired graph goes
             self._graph = self._graph_logits = self._graph_attended = None

@@ -178,6 +178,34 @@ def test_generate_tokens_through_the_decoder_gives_the_eager_tokens(params, monk
         assert a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: the memory pools of captured graphs")
+def test_a_closed_decoders_memory_pool_serves_the_next_capture(monkeypatch):
+    """Generation after generation reuses one memory pool: a capture takes over the pool of the
+    last closed decoder's graph. A decoder captured while another is open (interleaved
+    generations) gets a pool of its own, and every decoder's logits are the same."""
+    monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    model = tiny_model()
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = prompt(config)
+
+    def decoded():
+        decoder = GraphDecoder(model, layout, prefilled(model, layout, config), config, STEPS)
+        return decoder, [decoder.step(token).float().clone() for token in tokens()]
+
+    with torch.inference_mode():
+        first, want = decoded()
+        live, interleaved = decoded()
+        assert live._graph.pool() != first._graph.pool()
+        pool = first._graph.pool()
+        first.close()
+        third, again = decoded()
+        assert third._graph.pool() == pool
+        live.close()
+        third.close()
+    for step, (w, i, a) in enumerate(zip(want, interleaved, again, strict=True)):
+        assert torch.equal(i, w) and torch.equal(a, w), f"logits of step {step}"
+
+
 def test_a_dense_path_under_a_pinned_step_is_refused(monkeypatch):
     """With the kernels off the layers would take the dense mask, which reads the placeholder
     columns: the graph's state refuses instead of answering wrong."""
@@ -276,17 +304,19 @@ def test_a_failed_capture_leaves_the_steps_eager_with_a_warning(monkeypatch):
     captured), the decoder warns and decodes the rest eagerly through the same pinned step: the
     engine loop's logits at every step. On CUDA the capture is real; on the CPU CUDA's streams and
     graph are stood in for, and the stand-in capture runs the forward, then fails as
-    torch.cuda.graph would."""
+    CUDAGraph.capture_end would."""
     import contextlib
 
     class Stream:
         def wait_stream(self, other):
             pass
 
-    @contextlib.contextmanager
-    def failing_graph(graph, stream=None, capture_error_mode=None):
-        yield
-        raise RuntimeError("operation not permitted when stream is capturing")
+    class FailingGraph:
+        def capture_begin(self, capture_error_mode=None):
+            pass
+
+        def capture_end(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setenv("GSA_RAG_KERNELS", "1")
     model = tiny_model()
@@ -305,9 +335,9 @@ def test_a_failed_capture_leaves_the_steps_eager_with_a_warning(monkeypatch):
 
         monkeypatch.setattr(decoder, "_forward", forward_reading_the_device)
     else:
-        for name, stand_in in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", object),
+        for name, stand_in in (("Stream", Stream), ("current_stream", Stream), ("CUDAGraph", FailingGraph),
                                ("stream", lambda s: contextlib.nullcontext()),
-                               ("device", lambda d: contextlib.nullcontext()), ("graph", failing_graph)):
+                               ("device", lambda d: contextlib.nullcontext())):
             monkeypatch.setattr(torch.cuda, name, stand_in)
     with torch.inference_mode():
         lay = layout
