@@ -28,8 +28,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+import weakref
 
 import torch
 
@@ -42,12 +44,35 @@ from gsa_rag.models import attention_heads, text_config
 # fewer decode steps than this run eagerly: a capture costs about what a few eager steps do
 GRAPH_MIN_STEPS = 8
 
-# per CUDA device, the graph of the last closed decoder: kept (with its memory pool) until the next
-# capture on the device takes over the pool, so generation after generation reuses one pool's
-# memory. A pool whose graphs are all gone cannot be captured into again, and its memory would
-# stay reserved until the allocator empties its cache. A retired graph never replays, so sharing
-# its pool is safe; live decoders (interleaved generations) never share one.
-_RETIRED: dict[int, torch.cuda.CUDAGraph] = {}
+
+
+@dataclasses.dataclass
+class _SideStreams:
+    """A decoder's warm-up and capture streams. The caching allocator reuses a freed block only on
+    the stream that freed it, so they are handed on with the decoder's graph when it closes: the
+    next decoder's warm-up and capture then reuse this one's memory."""
+
+    warm: torch.cuda.Stream
+    capture: torch.cuda.Stream
+
+
+# per CUDA device, the graph of the last closed decoder and its streams: kept (with the graph's
+# memory pool) until the next capture on the device takes them over, so generation after
+# generation reuses one pool's memory. A pool whose graphs are all gone cannot be captured into
+# again, and its memory would stay reserved until the allocator empties its cache. A retired
+# graph never replays, so sharing its pool is safe; live decoders (interleaved generations) never
+# share one. `reset_graphs` drops them.
+_RETIRED: dict[int, tuple[torch.cuda.CUDAGraph, _SideStreams]] = {}
+# models whose capture failed, and why: PyTorch never releases a failed capture's memory pool, so
+# a model that cannot be captured is not tried again (each generation would leak a pool)
+_CAPTURE_FAILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def reset_graphs() -> None:
+    """Drops the retired decoders' graphs (`torch.cuda.empty_cache()` can then free their memory
+    pools) and forgets failed captures, so their models are captured again."""
+    _RETIRED.clear()
+    _CAPTURE_FAILED.clear()
 
 
 @dataclasses.dataclass
@@ -72,6 +97,9 @@ def graph_decode_refusal(model, layout: GistLayout, cache, config: GistConfig, s
 
     if steps < 1:
         return "no steps to decode"
+    failed = _CAPTURE_FAILED.get(model)
+    if failed is not None:
+        return f"this model's CUDA graph capture failed before ({failed}; gsa_rag.graph_decode.reset_graphs() retries)"
     head_dim = attention_heads(model.config)[2]
     if not head_dim_fits(head_dim):
         return f"head dim {head_dim} is not one the kernels take (a power of two >= 16)"
@@ -193,42 +221,49 @@ class GraphDecoder:
         are made on the model's device (a capture on another device's stream would record nothing
         and replay nothing). Where the capture fails, the later steps run eagerly."""
         with torch.cuda.device(self.device):
-            side = torch.cuda.Stream()
+            retired = _RETIRED.pop(self.device.index, None)
+            pool_of, self._streams = retired or (None, _SideStreams(torch.cuda.Stream(), torch.cuda.Stream()))
+            side = self._streams.warm
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 logits = self._forward().clone()  # the captured forward's outputs would alias these
                 attended = dict(self.state.attended) if self.state is not None else None
             torch.cuda.current_stream().wait_stream(side)
-            if self.taken + 1 < self.steps:
-                self._capture()
+            captured = self.taken + 1 < self.steps and self._capture(pool_of)
+            if not captured and retired is not None:  # its pool and streams serve a later capture
+                _RETIRED.setdefault(self.device.index, retired)
         if attended is not None:
             self.state.attended = attended  # this step's counts (the capture ran nothing)
         return logits
 
-    def _capture(self) -> None:
-        """The capture of one step, in the retired graph's memory pool (`_RETIRED`) or a new one.
-        Not through `torch.cuda.graph`: before every capture it synchronises and empties the
-        device's and the pinned host memory's caches, so each generation's prefill and transfers
-        paid cudaMalloc and cudaHostAlloc again (at batch 1 on the default model, a question took
-        longer with graphs than without)."""
+    def _capture(self, pool_of: torch.cuda.CUDAGraph | None) -> bool:
+        """The capture of one step, in the memory pool of `pool_of` (a retired graph) or a new one;
+        False where it failed (the later steps then run eagerly). Not through `torch.cuda.graph`:
+        before every capture it synchronises and empties the device's and the pinned host memory's
+        caches, so each generation's prefill and transfers paid cudaMalloc and cudaHostAlloc again
+        (at batch 1 on the default model, a question took longer with graphs than without)."""
         graph = torch.cuda.CUDAGraph()
-        retired = _RETIRED.pop(self.device.index, None)
-        pool = () if retired is None else (retired.pool(),)
+        pool = () if pool_of is None else (pool_of.pool(),)
         try:
-            with torch.cuda.stream(torch.cuda.Stream()):
+            with torch.cuda.stream(self._streams.capture):
                 # thread_local: CUDA calls of the application's other threads neither break the capture nor fail
                 graph.capture_begin(*pool, capture_error_mode="thread_local")
                 try:
                     logits = self._forward()
-                finally:
-                    graph.capture_end()  # a failed capture raises here, or the forward's error stands
+                except BaseException:
+                    with contextlib.suppress(RuntimeError):  # the capture is invalid: the forward's error is the cause
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
         except RuntimeError as err:  # e.g. a forward that reads the device on the host (CUDA errors are RuntimeErrors)
-            warnings.warn(f"decode steps run eagerly: their CUDA graph capture failed ({type(err).__name__}: {err})",
-                          RuntimeWarning, stacklevel=4)
+            reason = f"{type(err).__name__}: {err}"
+            _CAPTURE_FAILED[self.model] = reason
+            warnings.warn(f"decode steps run eagerly: their CUDA graph capture failed ({reason})", RuntimeWarning, stacklevel=4)
             self.capture = False
-            return
+            return False
         self._graph, self._graph_logits = graph, logits
         self._graph_attended = self.state.attended if self.state is not None else None
+        return True
 
     def observed_state(self) -> GistState | None:
         """The last step's state with its attended counts copied (a replay overwrites them in place).
@@ -238,10 +273,12 @@ class GraphDecoder:
         return dataclasses.replace(self.state, attended={i: t.clone() for i, t in self.state.attended.items()})
 
     def close(self) -> None:
-        """Unpins the cache: it holds the prefill and the decoded columns, and appends again."""
+        """Unpins the cache: it holds the prefill and the decoded columns, and appends again. The
+        graph retires: the next decoder on the device captures into its memory pool (`_RETIRED`;
+        `reset_graphs` drops it)."""
         if self.cache is not None:
             self.cache.unpin(self.start + self.taken)
             self.cache = None
             if self._graph is not None:
-                _RETIRED[self.device.index] = self._graph  # the previous retired graph goes
+                _RETIRED[self.device.index] = (self._graph, self._streams)  # the previous retired graph goes
             self._graph = self._graph_logits = self._graph_attended = None

@@ -206,7 +206,11 @@ class DecodePlan:
         plan = cls.build_full(layout, config, group_size)
         lineage = layout.__dict__.get("_lineage")
         if lineage is not None:
-            lineage[_plan_key(config, group_size)] = _PlanCache(layout, plan, group_size)
+            key = _plan_key(config, group_size)
+            spent = lineage.get(key)  # a generation past its cache's room: its lists keep their first step's splits
+            if spent is not None and spent.same_chunks(layout) and layout.seq_len > spent.T0:
+                plan = dataclasses.replace(plan, grown=spent.plan.grown + layout.seq_len - spent.T0)
+            lineage[key] = _PlanCache(layout, plan, group_size)
         return plan
 
     @classmethod
@@ -289,12 +293,12 @@ class _PlanCache:
 
     ROOM = 256
 
-    def __init__(self, layout: GistLayout, plan: DecodePlan, group_size: int, room: int = ROOM):
+    def __init__(self, layout: GistLayout, plan: DecodePlan, group_size: int, room: int | None = None):
         self.T0 = layout.seq_len
         self.num_chunks, self.gist_index = layout.num_chunks, layout.gist_index
         self.plan = plan
         device = plan.base.device
-        self.room = room
+        self.room = room = self.ROOM if room is None else room
         tail = self.T0 + torch.arange(room, device=device, dtype=torch.int32)
         steps = torch.arange(room + 1, device=device, dtype=torch.int32)[:, None]
 
@@ -310,13 +314,17 @@ class _PlanCache:
         self.forget = forget[:, None]
         self.picked_cols = plan.capacity - plan.nb_max  # the capacity's chunk part (fixed)
 
+    def same_chunks(self, layout: GistLayout) -> bool:
+        """Whether `layout` grew from this cache's by tail tokens only (its chunks are the same)."""
+        return layout.num_chunks is self.num_chunks and layout.gist_index is self.gist_index
+
     def plan_for(self, layout: GistLayout) -> DecodePlan | None:
         n = layout.seq_len - self.T0
-        if not 0 <= n <= self.room or layout.num_chunks is not self.num_chunks or layout.gist_index is not self.gist_index:
+        if not 0 <= n <= self.room or not self.same_chunks(layout):
             return None
         if n == 0:
             return self.plan
-        return self._view(n, self.base_len[n], self.forget_len[n], grown=n)
+        return self._view(n, self.base_len[n], self.forget_len[n], grown=self.plan.grown + n)
 
     def plan_at(self, n: torch.Tensor) -> DecodePlan:
         """The plan of the step at T0 + n columns for a long [1] device tensor `n` <= room: the lists
@@ -324,7 +332,7 @@ class _PlanCache:
         lengths read at `n` on the device. No host value depends on `n`, so one CUDA graph of a
         step serves every step (`gsa_rag.graph_decode`); `plan_for` gives the same lists, trimmed."""
         return self._view(self.room, self.base_len.index_select(0, n)[0], self.forget_len.index_select(0, n)[0],
-                          grown=self.room)
+                          grown=self.plan.grown + self.room)
 
     def _view(self, extra: int, base_len: torch.Tensor, forget_len: torch.Tensor, **fields) -> DecodePlan:
         """The plan with `extra` of the room's tail columns in its base and forgetting lists, these

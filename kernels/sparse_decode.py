@@ -237,9 +237,10 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     Args:
         num_splits: S, splits of the list width (default: `default_splits`).
         split_width: without num_splits, size each split as `default_split_len` does for a list
-            this wide (default: index's width). A CUDA graph's lists are wider than any step
-            fills (gsa_rag.graph_decode): sized for the width the eager step has, the splits
-            hold the same entries as the eager step's, so the two outputs round alike.
+            this wide (default: index's width). A decode step's lists grow by a column a step,
+            and a CUDA graph's are wider than any step fills (gsa_rag.graph_decode): sized for
+            the generation's first step's width (`DecodePlan.grown`), every step's splits hold
+            the same entries, eager or replayed, so the outputs round alike.
         out: optional [B, Hq, D] destination (any strides, e.g. a [B, 1, Hq, D] tensor's view).
         block_n: list entries per inner step (default: `default_block_n`).
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 from gsa_rag.config import GistConfig
 from gsa_rag.decode_cache import DecodeCache
 from gsa_rag.generation import SamplingParams, _cache_keyword, forward, generate_tokens
-from gsa_rag.graph_decode import GraphDecoder, graph_decode_refusal
+from gsa_rag.graph_decode import GraphDecoder, graph_decode_refusal, reset_graphs
 from gsa_rag.layout import build_layout
 from tests.fakes import FakeTokenizer, random_segments
 
@@ -88,7 +88,12 @@ def test_pinned_steps_equal_the_engine_loop(config, monkeypatch):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
 
 
-def test_every_step_splits_its_lists_as_the_first_step(monkeypatch):
+@pytest.mark.parametrize("config", [
+    GistConfig(chunk_size=4, sink=2, top_k=2),
+    GistConfig(chunk_size=4, sink=2, k_policy="top_p", top_p=0.5),
+    GistConfig(chunk_size=4, sink=2, top_k=2, meta_chunks=(2,)),
+], ids=["top_k", "top_p", "hgsa"])
+def test_every_step_splits_its_lists_as_the_first_step(config, monkeypatch):
     """The attention sizes its splits by a list's width. An eager step's lists grow by a column a
     step, and a graph step's also hold the later tokens' columns: every step of a generation, eager
     or replayed, must split each of its lists as the first step did, or the two round differently.
@@ -99,7 +104,6 @@ def test_every_step_splits_its_lists_as_the_first_step(monkeypatch):
 
     monkeypatch.setenv("GSA_RAG_KERNELS", "1")
     model = tiny_model()
-    config = GistConfig(chunk_size=4, sink=2, top_k=2)
     layout = prompt(config)
     eager_cache, pinned_cache = prefilled(model, layout, config), prefilled(model, layout, config)
     widths, real = [], sparse_decode.default_split_len
@@ -120,6 +124,21 @@ def test_every_step_splits_its_lists_as_the_first_step(monkeypatch):
     assert eager == first * STEPS
     # every step on the CPU; on CUDA the warm-up step and the capture (replays run no Python)
     assert len(widths) >= layers and widths == first * (len(widths) // layers)
+
+
+def test_a_generation_past_its_plan_cache_keeps_its_first_splits(monkeypatch):
+    """An eager generation longer than its plan cache's room builds its plan again; the lists'
+    width less `grown` (the width the attention sizes its splits for) stays the first step's."""
+    from gsa_rag.kernels.gist_select import DecodePlan, _PlanCache
+
+    monkeypatch.setattr(_PlanCache, "ROOM", 3)
+    for config in (GistConfig(chunk_size=4, sink=2, top_k=2), GistConfig(chunk_size=4, sink=2, top_k=2, meta_chunks=(2,))):
+        lay, widths = prompt(config), set()
+        for _ in range(10):  # three caches of room 3, and a fourth
+            lay = lay.append(torch.ones(2, 1, dtype=torch.long, device=DEVICE))
+            plan = DecodePlan.build(lay, config, 2)
+            widths.add((plan.capacity - plan.grown, plan.forget.shape[-1] - plan.grown))
+        assert len(widths) == 1, widths
 
 
 def test_full_attention_steps_equal_hf_full_attention():
@@ -180,28 +199,50 @@ def test_generate_tokens_through_the_decoder_gives_the_eager_tokens(params, monk
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: the memory pools of captured graphs")
 def test_a_closed_decoders_memory_pool_serves_the_next_capture(monkeypatch):
-    """Generation after generation reuses one memory pool: a capture takes over the pool of the
-    last closed decoder's graph. A decoder captured while another is open (interleaved
-    generations) gets a pool of its own, and every decoder's logits are the same."""
+    """Generation after generation reuses one memory pool and one pair of side streams: a capture
+    takes over those of the last closed decoder's graph, and the memory reserved stops growing. A
+    decoder captured while another is open gets a pool of its own, the two replay interleaved,
+    and every decoder's logits are the same."""
     monkeypatch.setenv("GSA_RAG_KERNELS", "1")
+    reset_graphs()
     model = tiny_model()
     config = GistConfig(chunk_size=4, sink=2, top_k=2)
     layout = prompt(config)
+    steps = tokens()
 
-    def decoded():
+    def opened():
         decoder = GraphDecoder(model, layout, prefilled(model, layout, config), config, STEPS)
-        return decoder, [decoder.step(token).float().clone() for token in tokens()]
+        return decoder, [decoder.step(steps[0]).float().clone()]  # the warm-up step and the capture
 
     with torch.inference_mode():
-        first, want = decoded()
-        live, interleaved = decoded()
+        first, want = opened()
+        want += [first.step(token).float().clone() for token in steps[1:]]
+        live, interleaved = opened()
         assert live._graph.pool() != first._graph.pool()
         pool = first._graph.pool()
         first.close()
-        third, again = decoded()
+        third, again = opened()
         assert third._graph.pool() == pool
+        for token in steps[1:]:  # two live graphs, replayed in turn
+            interleaved.append(live.step(token).float().clone())
+            again.append(third.step(token).float().clone())
         live.close()
         third.close()
+
+        def generation():
+            decoder, _ = opened()
+            for token in steps[1:]:
+                decoder.step(token)
+            decoder.close()
+
+        generation()
+        generation()
+        torch.cuda.synchronize()
+        reserved = torch.cuda.memory_reserved()
+        for _ in range(6):
+            generation()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_reserved() <= reserved
     for step, (w, i, a) in enumerate(zip(want, interleaved, again, strict=True)):
         assert torch.equal(i, w) and torch.equal(a, w), f"logits of step {step}"
 
@@ -353,3 +394,7 @@ def test_a_failed_capture_leaves_the_steps_eager_with_a_warning(monkeypatch):
             torch.testing.assert_close(got.float(), want.float(), atol=2e-4, rtol=2e-4, msg=f"logits of step {step}")
         decoder.close()
     assert pinned_cache.get_seq_length() == layout.seq_len + STEPS
+    # not tried again: PyTorch keeps a failed capture's memory pool, so each attempt would leak one
+    assert "capture failed before" in graph_decode_refusal(model, layout, prefilled(model, layout, config), config, STEPS)
+    reset_graphs()
+    assert "capture failed" not in (graph_decode_refusal(model, layout, prefilled(model, layout, config), config, STEPS) or "")
