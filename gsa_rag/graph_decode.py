@@ -45,7 +45,6 @@ from gsa_rag.models import attention_heads, text_config
 GRAPH_MIN_STEPS = 8
 
 
-
 @dataclasses.dataclass
 class _SideStreams:
     """A decoder's warm-up and capture streams. The caching allocator reuses a freed block only on
