@@ -14,7 +14,8 @@ over a synthetic gist layout (chunk 8, sink 4, a 32-token question), then each m
     gsa       the same with the kernels (key lists + sparse flash-decode).
 
 Adaptive k (about L/8 raw tokens per KV head); with `--meta 4` an H-GSA layout (chunk 8, a
-meta-gist every 4 gists: 32x) selected coarse to fine, `--top-k` units per head at every level. tokens/s = batch * steps / wall time (synchronised).
+meta-gist every 4 gists: 32x) selected coarse to fine, `--top-k` units per head at every level.
+tokens/s = batch * steps / wall time (synchronised).
 The KV cache of these three is HF's DynamicCache, which concatenates every layer's K/V at every
 step (a copy of the whole cache): that cost is in each of them and bounds the speedup of any
 sparse attention. With `--cache both` (the default) two more columns decode from the same prefill
