@@ -244,6 +244,10 @@ def test_gist_methods_take_the_trained_layout_where_their_spec_names_none():
     only = parse_spec("gist-only:window=0").gist_config(ctx)
     assert (only.chunk_size, only.meta_chunks, only.sink, only.num_previous_chunks) == (8, (), 2, 0)
     assert only.first_selecting_layer == 3
+    quest = parse_spec("quest").gist_config(ctx)  # no gists: the trained sink, window and word cuts only
+    assert (quest.sink, quest.num_previous_chunks, quest.word_aware) == (2, 3, False)
+    assert (quest.chunk_size, quest.meta_chunks, quest.first_selecting_layer) == (8, (), 0)
+    assert parse_spec("quest").gist_config(None) == GistConfig(top_k=4, first_selecting_layer=0)
     # no trained config (the base model alone): the library's defaults, as before
     assert parse_spec("gsa:k=2").gist_config(RunContext(data="tiny", num_layers=3, retrieval_dir="x")) == \
         GistConfig(top_k=2)

@@ -30,10 +30,14 @@ class Quest(Method):
         k = f"top-{self.k}" if self.policy == "fixed" else "adaptive k"
         return f"Quest {self.chunk}-token chunks, {k}"
 
-    def gist_config(self, ctx: RunContext) -> GistConfig:
-        # first_selecting_layer 0: Quest's keys are raw, so layer 0 can select as well
+    def gist_config(self, ctx: RunContext | None) -> GistConfig:
+        # the trained model's sink, local window and word cuts, as the gist methods take them: a
+        # Quest row and a GSA row then differ only in how the chunks are chosen. first_selecting_layer
+        # 0: Quest's keys are raw, so layer 0 can select as well
+        trained = ctx.trained if ctx is not None and ctx.trained is not None else GistConfig()
         return GistConfig(chunk_size=self.chunk, top_k=self.k, k_policy=self.policy, adaptive_ratio=self.ratio,
-                          first_selecting_layer=0)
+                          first_selecting_layer=0, sink=trained.sink, num_previous_chunks=trained.num_previous_chunks,
+                          word_aware=trained.word_aware)
 
     def layout(self, engine, questions, passages):
         segments = [build_segments(engine.tokenizer, q, p) for q, p in zip(questions, passages, strict=True)]
