@@ -61,12 +61,11 @@ import torch
 from gsa_rag.kernels.bench import (
     ARCHS,
     context_tag,
+    decode_case,
     environment,
     print_table,
     random_model,
     refuse_existing_results,
-    synthetic_hier_layout,
-    synthetic_layout,
     write_results,
 )
 
@@ -267,24 +266,15 @@ def main(argv=None) -> None:
         sys.exit("benchmarks/decode_latency.py needs CUDA")
     from transformers import DynamicCache
 
-    from gsa_rag.config import GistConfig
     from gsa_rag.generation import _cache_keyword
 
     model = random_model(args.arch, args.layers, DEVICE)
     from transformers import AttentionInterface
 
     AttentionInterface.register("dense_list", dense_list_attention)
-    if args.meta:  # H-GSA takes a fixed k per level (adaptive k is single-level only)
-        config = GistConfig(chunk_size=8, sink=4, meta_chunks=tuple(args.meta), k_policy="fixed", top_k=args.top_k,
-                            word_aware=False, score_dtype=args.score_dtype)
-    else:
-        config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=8.0, score_dtype=args.score_dtype)
     rows = []
     for L in contexts:
-        if args.meta:
-            layout = synthetic_hier_layout(args.batch, L, 8, tuple(args.meta), sink=4, tail=32, device=DEVICE)
-        else:
-            layout = synthetic_layout(args.batch, L, 8, sink=4, tail=32, device=DEVICE)
+        config, layout = decode_case(args.batch, L, 8, tuple(args.meta), args.top_k, args.score_dtype, device=DEVICE)
         T = layout.seq_len
         cache = DynamicCache()
         set_attention(model, "sdpa")

@@ -53,16 +53,14 @@ from gsa_rag.kernels.bench import (
     bench_us,
     context_tag,
     copy_bandwidth,
+    decode_case,
     environment,
     host_us,
     input_copies,
     print_table,
     refuse_existing_results,
-    synthetic_layout,
     write_results,
 )
-
-from gsa_rag.config import GistConfig
 
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
@@ -93,7 +91,6 @@ def _best(row: dict, name: str) -> float:
 
 def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: float,
                meta: tuple[int, ...] = (), top_k: int = 4, sweep: bool = False, score_dtype: str = "cache") -> dict:
-    from gsa_rag.kernels.bench import synthetic_hier_layout
     from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
     from gsa_rag.kernels.gist_select import (
         DecodePlan,
@@ -117,12 +114,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
 
     Hq, Hkv, D = SHAPES[shape]
     G = Hq // Hkv
-    if meta:  # H-GSA: adaptive k is single-level only
-        config = GistConfig(chunk_size=chunk, meta_chunks=meta, sink=4, k_policy="fixed", top_k=top_k, word_aware=False)
-        layout = synthetic_hier_layout(B, L, chunk, meta, sink=4, tail=32, device=DEVICE)
-    else:
-        config = GistConfig(chunk_size=chunk, sink=4, k_policy="adaptive", adaptive_ratio=8.0, score_dtype=score_dtype)
-        layout = synthetic_layout(B, L, chunk, sink=4, tail=32, device=DEVICE)
+    config, layout = decode_case(B, L, chunk, meta, top_k, score_dtype, device=DEVICE)
     T = layout.seq_len + 1  # one appended (generated) token: the query
     C = int(layout.num_chunks[0])
     esize = torch.finfo(dtype).bits // 8

@@ -50,6 +50,22 @@ def synthetic_layout(batch: int, context: int, chunk: int, sink: int = 4, tail: 
     )
 
 
+def decode_case(batch: int, context: int, chunk: int, meta_chunks: tuple[int, ...] = (), top_k: int = 4,
+                score_dtype: str = "cache", device: str | torch.device = "cuda"):
+    """The decode benchmarks' config and layout (sink 4, a 32-token tail): adaptive k (about L/8
+    raw tokens per KV head) over `synthetic_layout`, or with `meta_chunks` H-GSA over
+    `synthetic_hier_layout`, `top_k` units per head at every level (adaptive k is single-level
+    only). Returns (GistConfig, GistLayout)."""
+    from gsa_rag.config import GistConfig
+
+    if meta_chunks:
+        config = GistConfig(chunk_size=chunk, meta_chunks=tuple(meta_chunks), sink=4, k_policy="fixed", top_k=top_k,
+                            word_aware=False, score_dtype=score_dtype)
+        return config, synthetic_hier_layout(batch, context, chunk, tuple(meta_chunks), sink=4, tail=32, device=device)
+    config = GistConfig(chunk_size=chunk, sink=4, k_policy="adaptive", adaptive_ratio=8.0, score_dtype=score_dtype)
+    return config, synthetic_layout(batch, context, chunk, sink=4, tail=32, device=device)
+
+
 class _StubTokenizer:
     """What build_layout asks of a tokenizer when word_aware is off: the gist tokens' ids."""
 
