@@ -16,6 +16,7 @@ for the tail rows alone. A [B, H, Tq, T] mask is never built for the attention i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -420,6 +421,14 @@ def gsa_attention(
     if hook is not None:
         hook(module.layer_idx, query, key, value, mask.full() if getattr(hook, "reads_mask", True) else None)
     gsa_state.attended[module.layer_idx] = mask.last_row().sum(-1)
+    if _flex_serves(query, key, value, dropout):
+        return _flex_rows(query, key, value, mask, scaling, getattr(gsa_state, "layout", None)), None
+    return _masked_attention(query, key, value, mask, scaling, dropout), None
+
+
+def _masked_attention(query, key, value, mask: LayerMask, scaling, dropout) -> torch.Tensor:
+    """Attention of the rows under their LayerMask through SDPA or the rows kernel -> [B, Tq, Hq, D]."""
+    Hq, Hkv = query.shape[1], key.shape[1]
     gqa = Hq != Hkv
     if gqa and query.device.type != "cpu":
         # on CUDA, SDPA's enable_gqa with a mask falls back to the math kernel, which builds the
@@ -428,11 +437,70 @@ def gsa_attention(
         # there either would only cost memory.
         if query.shape[2] <= FOLD_MAX_ROWS:
             if _rows_kernel_serves(query, key, value, dropout):
-                return _kernel_rows(query, key, value, mask, scaling), None
-            return _sdpa_rows_folded(query, key, value, mask, scaling, dropout), None
+                return _kernel_rows(query, key, value, mask, scaling)
+            return _sdpa_rows_folded(query, key, value, mask, scaling, dropout)
         key, value = key.repeat_interleave(Hq // Hkv, dim=1), value.repeat_interleave(Hq // Hkv, dim=1)
         gqa = False
-    return _sdpa_rows(query, key, value, mask, scaling, dropout, gqa), None
+    return _sdpa_rows(query, key, value, mask, scaling, dropout, gqa)
+
+
+# Prefill forwards of at least this many query rows run their forgetting-mask rows through
+# FlexAttention (gsa_rag.kernels.prefill.masked_prefill) on these devices: blocks the mask leaves
+# empty are skipped, K/V are not repeated per query head and no float bias is built, where SDPA
+# under a mask computes every pair. On an H200 the whole prefill forward took 0.87x / 0.66x the
+# time at 16K / 32K for the default model's shapes and 0.63x / 0.48x for Llama-3-8B's, but was
+# slower below 8K-16K (a plan per forward, a compiled call per layer): benchmarks/engine_prefill.py,
+# benchmarks/results/engine_prefill/. The tail rows (question, answer) keep their own path.
+# False restores SDPA.
+FLEX_PREFILL = True
+FLEX_MIN_ROWS = 16384
+FLEX_DEVICES = ("cuda",)  # the CPU runs FlexAttention eagerly (every pair): tests only
+# why FlexAttention failed in this process (its compile, typically), after which prefills take SDPA
+_FLEX_FAILED: str | None = None
+
+
+def _flex_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Whether `_flex_rows` runs this attention: on, enough rows, a device it serves with the
+    kernels on (GSA_RAG_KERNELS=0 keeps SDPA), a head dim the kernels take, nothing needs its
+    gradient (training forwards keep SDPA), and it has not failed in this process."""
+    from gsa_rag.kernels.dispatch import head_dim_fits, kernels_off
+
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    return (FLEX_PREFILL and _FLEX_FAILED is None and query.shape[2] >= FLEX_MIN_ROWS
+            and query.device.type in FLEX_DEVICES and not kernels_off() and head_dim_fits(query.shape[-1])
+            and not dropout and not needs_grad)
+
+
+def _flex_rows(query, key, value, mask: LayerMask, scaling, layout: GistLayout | None) -> torch.Tensor:
+    """The rows before `mask.start` through FlexAttention under the shared mask (its plan built
+    once per forward, keys moved sink/gist/link-first when the layout is known), the tail rows
+    through `_masked_attention` -> [B, Tq, Hq, D]."""
+    global _FLEX_FAILED
+    from gsa_rag.kernels import prefill
+
+    parts = []
+    if mask.start > 0:
+        cache_key = ("flex", mask.start)  # like the folded bias: the rows differ between selecting layers and not
+        try:
+            plan = mask.biases.get(cache_key)
+            if plan is None:
+                recall = None
+                if layout is not None and layout.seq_len == key.shape[2]:
+                    recall = layout.is_sink | layout.is_gist | layout.is_link
+                plan = mask.biases[cache_key] = prefill.masked_prefill_plan(mask.shared[:, 0, : mask.start], recall)
+            out = prefill.masked_prefill(query[:, :, : mask.start], key, value, plan, scaling)
+        except torch.OutOfMemoryError:
+            raise  # SDPA under the same mask needs more memory, not less
+        except Exception as err:  # noqa: BLE001  (a compile that cannot run here: Inductor, Triton, a C compiler)
+            _FLEX_FAILED = f"{type(err).__name__}: {err}"
+            warnings.warn(f"FlexAttention prefill failed ({_FLEX_FAILED[:300]}); prefills take SDPA from now on "
+                          "(gsa_rag.attention.FLEX_PREFILL = False skips the attempt)", RuntimeWarning, stacklevel=2)
+            return _masked_attention(query, key, value, mask, scaling, 0.0)
+        parts.append(out.transpose(1, 2))
+    if mask.tail is not None:
+        tail = LayerMask(mask.shared[:, :, mask.start :], 0, mask.tail)
+        parts.append(_masked_attention(query[:, :, mask.start :], key, value, tail, scaling, 0.0))
+    return torch.cat(parts, dim=1)
 
 
 def _padding_mask(*args, attention_mask=None, **kwargs):

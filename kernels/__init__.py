@@ -14,7 +14,8 @@ Each kernel sits beside its torch reference; tests/test_kernels.py compares them
     masked_rows    split-K attention of a few query rows (a question over gist memory) under a
                    dense per-KV-head mask, GQA-shared K/V loads (Triton; gsa_rag.attention.ROWS_KERNEL)
     prefill        prefill under the forgetting mask through FlexAttention, recall columns
-                   permuted to the front so the BlockMask is sparse
+                   permuted to the front so the BlockMask is sparse; `masked_prefill` serves the
+                   engine's long prefills under the mask it already holds (gsa_rag.attention.FLEX_PREFILL)
     dispatch       which path runs (GSA_RAG_KERNELS: auto / 0 / 1); imports no Triton
     bench          helpers of the kernel benchmarks (synthetic layouts, timing)
 

@@ -12,11 +12,19 @@ evaluated on the original column (`perm[kv]`), so the output is the same functio
 
 Reference: the dense mask (`gsa_rag.masks.dense_gist_mask`) and SDPA.
 
-Shapes: query [B, Hq, T, D], key/value [B, Hkv, T, D]; the whole layout is prefilled
-(queries are columns 0..T-1). Output [B, Hq, T, D].
+Two entry points:
+- `gist_prefill`: the whole layout prefilled (queries are columns 0..T-1), the rule evaluated
+  in the mask_mod; query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, Hq, T, D]
+  (benchmarks/prefill.py times one layer of it).
+- `masked_prefill_plan` / `masked_prefill`: any rows under a mask the caller already holds
+  (the engine's forgetting mask, `gsa_rag.attention`), so the output is that mask's attention
+  by construction. Rows and keys are padded to whole blocks and FlexAttention is compiled with
+  dynamic shapes: prompts of any length share one compiled kernel.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +32,17 @@ import torch.nn.functional as F
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import dense_gist_mask, visible
 
-_compiled_flex = None
+_compiled_flex = {}
 
 
-def _flex():
-    """flex_attention, compiled once on CUDA (eager FlexAttention is a slow reference path)."""
-    global _compiled_flex
+def _flex(dynamic: bool = False):
+    """flex_attention compiled (eager FlexAttention is a slow reference path that builds every
+    score), once per `dynamic`: fixed shapes for the layer benchmark, dynamic for the engine."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex
+    if dynamic not in _compiled_flex:
+        _compiled_flex[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
+    return _compiled_flex[dynamic]
 
 
 def gist_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: GistLayout,
@@ -103,3 +111,133 @@ def gist_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, la
         block_mask = gist_prefill_block_mask(layout, num_previous_chunks, perm, block_size)
     fn = _flex() if query.is_cuda else flex_attention
     return fn(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+
+
+# rows of the mask pooled into blocks at a time: bounds the permuted copy's transient memory
+_POOL_ROWS = 4096
+EMPTY, FULL = 0, 1  # MaskedPrefillPlan.block_of for blocks the mask leaves empty / fills; >= 2 a partial block
+
+
+@dataclass
+class MaskedPrefillPlan:
+    """What `masked_prefill` needs for one mask, built once and shared by every layer.
+
+    The mask is kept only where FlexAttention reads it, in the blocks it fills in part: its
+    mask_mod looks a pair up as partial[block_of[b, q // block, kv // block], q % block, kv % block].
+    A whole [R, T] mask read by the kernel would also pass 2^31 elements (46K tokens), past
+    which the compiled kernel's indices overflow.
+
+    Attributes:
+        block_mask: FlexAttention's BlockMask over the padded rows and the permuted, padded keys.
+        partial: bool [2 + N, block, block]: an empty block, a full one, then the N partial
+            blocks' pairs (keys in `perm` order, padding False).
+        block_of: int32 [B, row blocks, key blocks], each block's entry in `partial` (EMPTY,
+            FULL or its own), so that the mask_mod is right at every pair (eager FlexAttention
+            evaluates it everywhere; the compiled kernel only in partial blocks).
+        perm: long [B, keys_padded], the key column each position reads (padding reads column 0,
+            which the mask hides); None keeps natural order.
+        rows, keys: the unpadded sizes.
+    """
+
+    block_mask: object
+    partial: torch.Tensor
+    block_of: torch.Tensor
+    perm: torch.Tensor | None
+    rows: int
+    keys: int
+
+    def dense(self) -> torch.Tensor:
+        """bool [B, rows_padded, keys_padded]: the mask as the kernel sees it (tests, debugging)."""
+        B, nq, nk = self.block_of.shape
+        bs = self.partial.shape[-1]
+        return self.partial[self.block_of.long()].permute(0, 1, 3, 2, 4).reshape(B, nq * bs, nk * bs)
+
+
+def masked_prefill_plan(mask: torch.Tensor, recall: torch.Tensor | None = None,
+                        block_size: int = 128) -> MaskedPrefillPlan:
+    """The BlockMask of a dense mask, keys optionally moved recall-first.
+
+    Args:
+        mask: bool [B, R, T], which keys each query row sees (every row must see at least one key).
+        recall: bool [B, T], key columns to move to the front (sink, gists, links): the columns
+            seen far from the diagonal, so that the blocks they fill are few. None: natural order.
+        block_size: FlexAttention's block (128 on the GPU).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, R, T = mask.shape
+    bs = block_size
+    nq, nk = -(-R // bs), -(-T // bs)
+    perm = None
+    if recall is not None:
+        cols = torch.arange(T, device=mask.device)
+        perm = mask.new_zeros(B, nk * bs, dtype=torch.long)  # padding reads column 0 (masked)
+        perm[:, :T] = torch.argsort((~recall).long() * T + cols, dim=-1)
+    any_seen = mask.new_zeros(B, nq, nk)
+    full = mask.new_zeros(B, nq, nk)
+    block_of = torch.full((B, nq, nk), EMPTY, dtype=torch.int32, device=mask.device)
+    partial = [torch.zeros(1, bs, bs, dtype=torch.bool, device=mask.device),
+               torch.ones(1, bs, bs, dtype=torch.bool, device=mask.device)]
+    count = 2
+    for q0 in range(0, nq, _POOL_ROWS // bs):  # a band of row blocks at a time
+        q1 = min(nq, q0 + _POOL_ROWS // bs)
+        rows = mask[:, q0 * bs : q1 * bs]
+        if perm is not None:
+            rows = torch.gather(rows, 2, perm[:, None, :T].expand(-1, rows.shape[1], -1))
+        band = mask.new_zeros(B, (q1 - q0) * bs, nk * bs)
+        band[:, : rows.shape[1], :T] = rows
+        blocks = band.view(B, q1 - q0, bs, nk, bs).transpose(2, 3)  # [B, row blocks, key blocks, bs, bs]
+        seen, filled = blocks.any(-1).any(-1), blocks.all(-1).all(-1)
+        any_seen[:, q0:q1], full[:, q0:q1] = seen, filled
+        some = seen & ~filled
+        ids = count + torch.cumsum(some.flatten(), 0).view_as(some).to(torch.int32) - 1
+        block_of[:, q0:q1] = torch.where(some, ids, torch.where(filled, FULL, EMPTY))
+        partial.append(blocks[some])  # in (batch, row block, key block) order, as the ids count
+        count += partial[-1].shape[0]
+    partial = torch.cat(partial)
+
+    def lists(which: torch.Tensor):
+        # per row block: how many key blocks, and which (first), as BlockMask.from_kv_blocks wants
+        n = which.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~which).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return n[:, None], order[:, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return partial[block_of[b, q_idx // bs, kv_idx // bs], q_idx % bs, kv_idx % bs]
+
+    block_mask = BlockMask.from_kv_blocks(*lists(any_seen & ~full), *lists(full), BLOCK_SIZE=bs,
+                                          mask_mod=mask_mod, seq_lengths=(nq * bs, nk * bs))
+    return MaskedPrefillPlan(block_mask, partial, block_of, perm, R, T)
+
+
+def masked_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: MaskedPrefillPlan,
+                   scale: float | None = None, compiled: bool | None = None) -> torch.Tensor:
+    """Attention of query rows under the plan's mask through FlexAttention.
+
+    Args:
+        query: [B, Hq, R, D]; key, value: [B, Hkv, T, D], in natural column order.
+        plan: `masked_prefill_plan` of the [B, R, T] mask.
+        compiled: compiled FlexAttention (dynamic shapes); default on CUDA. Eager elsewhere:
+            a reference that evaluates the mask_mod on every pair and ignores the blocks.
+
+    Returns:
+        [B, Hq, R, D] in query's dtype.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, Hq, R, D = query.shape
+    Hkv, T = key.shape[1], key.shape[2]
+    if (R, T) != (plan.rows, plan.keys):
+        raise ValueError(f"the plan is for {plan.rows} rows over {plan.keys} keys, got {R} over {T}")
+    Rp, Tp = (n * plan.partial.shape[-1] for n in plan.block_of.shape[1:])
+    if plan.perm is None:
+        key, value = F.pad(key, (0, 0, 0, Tp - T)), F.pad(value, (0, 0, 0, Tp - T))
+    else:
+        idx = plan.perm[:, None, :, None].expand(B, Hkv, Tp, D)
+        key, value = torch.gather(key, 2, idx), torch.gather(value, 2, idx)
+    if Rp != R:
+        query = F.pad(query, (0, 0, 0, Rp - R))
+    compiled = query.is_cuda if compiled is None else compiled
+    fn = _flex(dynamic=True) if compiled else flex_attention
+    out = fn(query, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv)
+    return out[:, :, :R]

@@ -1,0 +1,196 @@
+"""The engine's prefill through FlexAttention (gsa_rag.kernels.prefill.masked_prefill,
+gsa_rag.attention._flex_rows) against SDPA under the same dense mask, on fresh random inputs.
+
+On the CPU FlexAttention runs eagerly: it evaluates the mask_mod on every (row, key) pair and
+ignores the block lists, so `test_block_lists_reproduce_the_mask` checks those lists on their
+own, as the compiled kernel reads them (full blocks skip the mask_mod, listed partial blocks
+apply it, unlisted blocks are skipped). On CUDA the same tests run the compiled kernel.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fakes import FakeTokenizer, random_segments
+from gsa_rag.kernels import prefill
+from gsa_rag.kernels.prefill import masked_prefill, masked_prefill_plan
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
+
+from gsa_rag import attention
+from gsa_rag.config import GistConfig
+from gsa_rag.generation import forward
+from gsa_rag.layout import build_layout
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = 128 if DEVICE == "cuda" else 16  # compiled FlexAttention wants 128; eager takes any
+
+
+def random_mask(B: int, R: int, T: int, g: torch.Generator) -> torch.Tensor:
+    """bool [B, R, T]: rows are the last R of T columns, each sees itself and a random set."""
+    mask = torch.rand(B, R, T, generator=g) < 0.3
+    mask[:, torch.arange(R), torch.arange(T - R, T)] = True
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("B,R,T", [(2, 40, 70), (1, 33, 33), (2, 17, 90)])
+def test_masked_prefill_equals_sdpa_under_the_mask(B, R, T, permute):
+    g = torch.Generator().manual_seed(B * 1000 + R * 10 + T)
+    mask = random_mask(B, R, T, g)
+    recall = (torch.rand(B, T, generator=g) < 0.2).to(DEVICE) if permute else None
+    q = torch.randn(B, 4, R, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(B, 2, T, 16, generator=g).to(DEVICE) for _ in range(2))
+    out = torch.full_like(q, float("nan"))
+    out.copy_(masked_prefill(q, k, v, masked_prefill_plan(mask, recall, BLOCK), scale=0.25))
+    ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
+                                         v.double().repeat_interleave(2, 1), attn_mask=mask[:, None], scale=0.25)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pool_rows", [4096, 32])
+def test_block_lists_reproduce_the_mask(pool_rows, monkeypatch):
+    """The compiled kernel attends each (row, key) pair once per listed block that holds it: every
+    pair of a full block, the mask's pairs of a partial one. Counted so, each pair the mask (keys
+    permuted) shows is attended once and no other pair at all; and the permutation is the recall
+    columns first, in column order. `pool_rows` 32: the plan pools the mask two row blocks at a
+    time, so the partial blocks' numbering runs on across bands."""
+    monkeypatch.setattr(prefill, "_POOL_ROWS", pool_rows)
+    g = torch.Generator().manual_seed(7)
+    B, R, T = 2, 70, 150
+    mask = random_mask(B, R, T, g)
+    mask[:, :, :40] = False  # whole empty blocks, and below, whole full ones
+    mask[:, :32, 60:92] = True
+    recall = (torch.rand(B, T, generator=g) < 0.2).to(DEVICE)
+    plan = masked_prefill_plan(mask, recall, block_size=16)
+    bm, seen = plan.block_mask, plan.dense()  # seen: what the mask_mod returns at each pair
+    Rp, Tp = seen.shape[1:]
+    expected = torch.zeros(B, Rp, Tp, dtype=torch.bool, device=DEVICE)
+    for b in range(B):
+        first = recall[b].sum()
+        perm = plan.perm[b, :T]
+        assert recall[b, perm[:first]].all() and not recall[b, perm[first:]].any()
+        assert torch.equal(perm[:first].sort().values, perm[:first])  # column order kept
+        expected[b, :R, :T] = mask[b][:, perm]
+    assert torch.equal(seen, expected)
+    visits = torch.zeros(B, Rp, Tp, dtype=torch.long, device=DEVICE)
+    for b in range(B):
+        for qb in range(Rp // 16):
+            rows = slice(qb * 16, qb * 16 + 16)
+            for kb in bm.full_kv_indices[b, 0, qb, : bm.full_kv_num_blocks[b, 0, qb]].tolist():
+                visits[b, rows, kb * 16 : kb * 16 + 16] += 1
+            for kb in bm.kv_indices[b, 0, qb, : bm.kv_num_blocks[b, 0, qb]].tolist():
+                cols = slice(kb * 16, kb * 16 + 16)
+                visits[b, rows, cols] += seen[b, rows, cols].long()
+    assert torch.equal(visits, expected.long())
+    assert bm.full_kv_num_blocks.sum() > 0 and bm.kv_num_blocks.sum() < B * (Rp // 16) * (Tp // 16)
+    # only the partial blocks are kept, past the two shared ones (empty, full)
+    assert plan.partial.shape[0] == 2 + bm.kv_num_blocks.sum()
+
+
+def test_a_plan_refuses_other_rows():
+    mask = random_mask(1, 8, 20, torch.Generator().manual_seed(0))
+    plan = masked_prefill_plan(mask, None, BLOCK)
+    q, k = torch.randn(1, 2, 9, 16, device=DEVICE), torch.randn(1, 2, 20, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="8 rows over 20 keys, got 9 over 20"):
+        masked_prefill(q, k, k, plan)
+
+
+def tiny_model(family):
+    import gsa_rag.attention  # noqa: F401  (registers "gsa")
+
+    torch.manual_seed(0)
+    model_config = family(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2)
+    return AutoModelForCausalLM.from_config(model_config, attn_implementation="gsa").eval().to(DEVICE)
+
+
+@pytest.mark.parametrize("family,meta", [(LlamaConfig, ()), (Qwen2Config, ()), (LlamaConfig, (4,))])
+def test_engine_prefill_through_flex_equals_sdpa(family, meta, monkeypatch):
+    """A tiny random model's prefill logits with the flex path on and off: two prompts of
+    passages and a question (batched, left-padded), the whole prompt at once and in two forwards
+    (the second over the first's cache), one gist level and H-GSA; the question rows keep their
+    own path in layers that select."""
+    model = tiny_model(family)
+    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
+    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    if DEVICE == "cpu":  # eager FlexAttention takes any block; 16 makes the lists matter to the plan
+        monkeypatch.setattr(prefill.masked_prefill_plan, "__defaults__", (None, 16))
+    calls = []
+    original = prefill.masked_prefill
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prefill, "masked_prefill", counted)  # attention reads it from the module
+    for seed in range(2):
+        config = GistConfig(chunk_size=4, sink=2, top_k=2, meta_chunks=meta)
+        rng = random.Random(seed)
+        layout = build_layout([random_segments(rng, max_passages=4, max_len=40) for _ in range(2)],
+                              config, FakeTokenizer()).to(DEVICE)
+        split = layout.seq_len // 2
+        logits = {}
+        for on in (False, True):
+            monkeypatch.setattr(attention, "FLEX_PREFILL", on)
+            calls.clear()
+            with torch.no_grad():
+                cache = DynamicCache()
+                whole = forward(model, layout, layout.seq_len, cache, config)[0].logits
+                cache.crop(split - layout.seq_len)  # what a forward of the first `split` columns leaves (keys see only earlier ones)
+                rest = forward(model, layout, layout.seq_len - split, cache, config)[0].logits
+            logits[on] = (whole, rest)
+            assert bool(calls) == on, "the flex path did not run" if on else "the flex path ran while off"
+            assert not on or min(calls) < layout.seq_len - split + 1  # the second forward's rows too
+        for a, b in zip(logits[True], logits[False], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_flex_stays_off_where_it_cannot_serve(monkeypatch):
+    """Training forwards (a gradient), dropout, few rows, GSA_RAG_KERNELS=0 and head dims the
+    kernels do not take keep SDPA."""
+    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
+    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 256)
+    q = torch.randn(1, 4, 256, 16, device=DEVICE)
+    k = torch.randn(1, 2, 256, 16, device=DEVICE)
+    assert attention._flex_serves(q, k, k, 0.0)
+    assert not attention._flex_serves(q, k, k, 0.1)
+    assert not attention._flex_serves(q[:, :, :255], k, k, 0.0)
+    assert not attention._flex_serves(q.requires_grad_(), k, k, 0.0)
+    q = q.detach()
+    assert not attention._flex_serves(torch.randn(1, 4, 256, 24, device=DEVICE), k, k, 0.0)
+    monkeypatch.setenv("GSA_RAG_KERNELS", "0")
+    assert not attention._flex_serves(q, k, k, 0.0)
+
+
+def test_a_failed_flex_prefill_falls_back_to_sdpa_and_is_not_tried_again(monkeypatch):
+    """A compile that cannot run here (no C compiler, an Inductor error) costs one warning: that
+    forward and every later one take SDPA, with SDPA's output."""
+    model = tiny_model(LlamaConfig)
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = build_layout([random_segments(random.Random(3), max_passages=4, max_len=40)], config,
+                          FakeTokenizer()).to(DEVICE)
+    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
+    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    monkeypatch.setattr(attention, "_FLEX_FAILED", None)
+    with torch.no_grad():
+        monkeypatch.setattr(attention, "FLEX_PREFILL", False)
+        ref = forward(model, layout, layout.seq_len, DynamicCache(), config)[0].logits
+        monkeypatch.setattr(attention, "FLEX_PREFILL", True)
+        calls = []
+
+        def broken(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("InductorError: no working C compiler")
+
+        monkeypatch.setattr(prefill, "masked_prefill", broken)
+        with pytest.warns(RuntimeWarning, match="FlexAttention prefill failed .*no working C compiler"):
+            out = forward(model, layout, layout.seq_len, DynamicCache(), config)[0].logits
+        assert calls == [1] and "no working C compiler" in attention._FLEX_FAILED
+        again = forward(model, layout, layout.seq_len, DynamicCache(), config)[0].logits
+    assert calls == [1]
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(again, ref)
