@@ -448,8 +448,8 @@ def _masked_attention(query, key, value, mask: LayerMask, scaling, dropout) -> t
 # FlexAttention (gsa_rag.kernels.prefill.masked_prefill) on these devices: blocks the mask leaves
 # empty are skipped, K/V are not repeated per query head and no float bias is built, where SDPA
 # under a mask computes every pair. On an H200 the whole prefill forward took 0.87x / 0.66x the
-# time at 16K / 32K for the default model's shapes and 0.63x / 0.48x for Llama-3-8B's, but was
-# slower below 8K-16K (a plan per forward, a compiled call per layer): benchmarks/engine_prefill.py,
+# time at 16K / 32K for the default model's shapes and 0.64x / 0.48x for Llama-3-8B's, but was
+# slower below 16K / 8K (a plan per forward, a compiled call per layer): benchmarks/engine_prefill.py,
 # benchmarks/results/engine_prefill/. The tail rows (question, answer) keep their own path.
 # False restores SDPA.
 FLEX_PREFILL = True
