@@ -45,16 +45,20 @@ class LayerMask:
     broadcasts over heads, only the tail rows as a per-head mask.
 
     Attributes:
-        shared: bool [B, 1, Tq, T], the forgetting mask (rows before `start` use it).
+        shared: bool [B, 1, Tq, T], the forgetting mask (rows before `start` use it); None when
+            `rows` makes it a band of rows at a time (a long prefill through FlexAttention never
+            holds all of it: `shared_rows`).
         start: the first row of `tail`; Tq when no row selects.
         tail: bool [B, 1 or Hkv, Tq - start, T], the mask of rows `start`..; None when none.
+        rows: rows(lo, hi) -> bool [B, 1, hi - lo, T], rows of the forgetting mask (GistState.forget_rows).
     """
 
-    shared: torch.Tensor
+    shared: torch.Tensor | None
     start: int
     tail: torch.Tensor | None = None
     # dtype -> `shared` as an additive bias; GistState hands every layer of a forward the same dict
     biases: dict = field(default_factory=dict, repr=False)
+    rows: Callable[[int, int], torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
     def whole(cls, mask: torch.Tensor) -> LayerMask:
@@ -63,16 +67,27 @@ class LayerMask:
             return cls(mask, mask.shape[2])
         return cls(mask[:, :1], 0, mask)
 
+    @property
+    def num_rows(self) -> int:
+        """Tq, the forward's query rows."""
+        return self.start + (0 if self.tail is None else self.tail.shape[2])
+
+    def shared_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """bool [B, 1, hi - lo, T]: rows lo..hi-1 of `shared`, made by `rows` when it is not held."""
+        return self.shared[:, :, lo:hi] if self.shared is not None else self.rows(lo, hi)
+
     def full(self) -> torch.Tensor:
         """bool [B, 1 or Hkv, Tq, T], the mask materialised (what `mask_for_layer` returns)."""
         if self.tail is None:
-            return self.shared
-        shared = self.shared[:, :, : self.start].expand(-1, self.tail.shape[1], -1, -1)
+            return self.shared_rows(0, self.start)
+        shared = self.shared_rows(0, self.start).expand(-1, self.tail.shape[1], -1, -1)
         return torch.cat([shared, self.tail], dim=2)
 
     def last_row(self) -> torch.Tensor:
         """bool [B, 1 or Hkv, T]: the keys the last query row sees."""
-        return (self.shared if self.tail is None else self.tail)[:, :, -1]
+        if self.tail is not None:
+            return self.tail[:, :, -1]
+        return self.shared_rows(self.start - 1, self.start)[:, :, -1]
 
     def shared_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """`shared` as SDPA's additive float bias (0 or -inf), built once per forward.
@@ -84,10 +99,11 @@ class LayerMask:
         """
         bias = self.biases.get(dtype)
         if bias is None:
-            B, H, Tq, T = self.shared.shape
-            width = -(-T // 8) * 8 if self.shared.is_cuda else T
-            bias = torch.zeros(B, H, Tq, width, dtype=dtype, device=self.shared.device)[..., :T]
-            bias.masked_fill_(~self.shared, float("-inf"))
+            shared = self.shared_rows(0, self.num_rows)
+            B, H, Tq, T = shared.shape
+            width = -(-T // 8) * 8 if shared.is_cuda else T
+            bias = torch.zeros(B, H, Tq, width, dtype=dtype, device=shared.device)[..., :T]
+            bias.masked_fill_(~shared, float("-inf"))
             self.biases[dtype] = bias
         return bias
 
@@ -121,8 +137,12 @@ class TailRows:
 _UNKNOWN = object()  # GistState._tail_rows before tail_rows() has run (None means "no row selects")
 
 
-def layer_mask(state, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> LayerMask:
-    """`state.layer_mask(...)`, or a plug-in state's `mask_for_layer` taken whole."""
+def layer_mask(state, layer_idx: int, query: torch.Tensor, key: torch.Tensor, lazy: bool = False) -> LayerMask:
+    """`state.layer_mask(...)`, or a plug-in state's `mask_for_layer` taken whole. `lazy`: the
+    engine's own GistState leaves the forgetting rows to be made a band at a time (a plug-in's
+    layer_mask is asked as before)."""
+    if lazy and type(state) is GistState:
+        return state.layer_mask(layer_idx, query, key, lazy=True)
     split = getattr(state, "layer_mask", None)
     if split is not None:
         return split(layer_idx, query, key)
@@ -172,6 +192,13 @@ class GistState:
             self._forget_mask = mask[:, None]
         return self._forget_mask
 
+    def forget_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """bool [B, 1, hi - lo, T]: rows lo..hi-1 of `forget_mask()`, only those rows built unless
+        it is (a FlexAttention prefill makes its plan a band of rows at a time)."""
+        if self._forget_mask is not None or (lo, hi) == (0, self.q_index.shape[0]):
+            return self.forget_mask()[:, :, lo:hi]
+        return dense_gist_mask(self.layout, self.config.num_previous_chunks, self.q_index[lo:hi])[:, None]
+
     def mask_for_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """bool [B, 1 or Hkv, Tq, T]: the forgetting mask, with tail rows unfolding their
         selected chunks in layers that select (`layer_mask`, materialised)."""
@@ -213,19 +240,25 @@ class GistState:
         return TailRows(
             start=start,
             q_index=q_index,
-            base=torch.where(tail, unfolded, self.forget_mask()[:, :, start:]),
+            base=torch.where(tail, unfolded, self.forget_rows(start, self.q_index.shape[0])),
             gate=recall_gate(layout, b, q, kv)[:, None] & tail,
             select=select,
             recall=UnfoldRecall(layout),
         )
 
-    def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> LayerMask:
+    def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, lazy: bool = False) -> LayerMask:
         """The layer's mask, split: the forgetting mask for every row, and per KV head the rows
-        from the earliest tail row on, which unfold their selected chunks in layers that select."""
-        mask = self.forget_mask()
+        from the earliest tail row on, which unfold their selected chunks in layers that select.
+        `lazy`: the forgetting mask is not built whole; its rows come from `forget_rows`."""
+        mask = None if lazy else self.forget_mask()
+        start, tail = self._tail_mask(layer_idx, query, key)
+        return LayerMask(mask, start, tail, self._biases, rows=self.forget_rows)
+
+    def _tail_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(start, the tail rows' mask) of `layer_mask`; (Tq, None) where no row selects in the layer."""
         rows = self.tail_rows() if layer_idx >= self.config.first_selecting_layer else None
         if rows is None:
-            return LayerMask(mask, mask.shape[2], biases=self._biases)
+            return query.shape[2], None
         layout, start = self.layout, rows.start
         if rows.select is None:  # H-GSA: coarse to fine, each level unfolds what it chose
             chosen = select_hierarchical(query[:, :, start:], key, layout, self.config)
@@ -233,11 +266,10 @@ class GistState:
         else:
             union = _kernel_union(rows, layout, query[:, :, start:], key)
             if union is not None:  # the select kernels' union straight into the mask kernel
-                return LayerMask(mask, start, _kernel_tail_mask(rows, union), self._biases)
+                return start, _kernel_tail_mask(rows, union)
             selected, sections = rows.select(query[:, :, start:], key), None
         # = dense_unfold_mask on the tail rows; rows not (yet) tail in a batch row keep the forgetting mask
-        tail_mask = rows.base | (rows.gate & rows.recall(selected, sections))
-        return LayerMask(mask, start, tail_mask, self._biases)
+        return start, rows.base | (rows.gate & rows.recall(selected, sections))
 
 
 # On CUDA the tail rows of one sequence choose their chunks through the decode path's scores and
@@ -356,7 +388,8 @@ def _kernel_rows(query, key, value, mask: LayerMask, scaling) -> torch.Tensor:
     if mask.tail is not None and mask.start != Tq - mask.tail.shape[2]:
         raise ValueError(f"LayerMask.start is {mask.start} but its tail holds the last {mask.tail.shape[2]} of {Tq} rows")
     out = query.new_empty(B, Tq, Hq, D)
-    masked_rows_triton(query, key, value, mask.shared, scaling, out=out.transpose(1, 2), tail_mask=mask.tail)
+    shared = mask.shared_rows(0, Tq)
+    masked_rows_triton(query, key, value, shared, scaling, out=out.transpose(1, 2), tail_mask=mask.tail)
     return out
 
 
@@ -416,13 +449,14 @@ def gsa_attention(
     fast = sparse_decode_attention(module, query, key, value, scaling, gsa_state)
     if fast is not None:  # one decode row on CUDA: key lists + sparse flash-decode (gsa_rag.kernels)
         return fast[0], None
-    mask = layer_mask(gsa_state, module.layer_idx, query, key)
+    flex = _flex_serves(query, key, value, dropout)
+    mask = layer_mask(gsa_state, module.layer_idx, query, key, lazy=flex)
     hook = getattr(gsa_state, "hook", None)  # plug-in states (state_factory) may not have one
     if hook is not None:
         hook(module.layer_idx, query, key, value, mask.full() if getattr(hook, "reads_mask", True) else None)
     gsa_state.attended[module.layer_idx] = mask.last_row().sum(-1)
-    if _flex_serves(query, key, value, dropout):
-        return _flex_rows(query, key, value, mask, scaling, getattr(gsa_state, "layout", None)), None
+    if flex:
+        return _flex_rows(query, key, value, mask, scaling, gsa_state), None
     return _masked_attention(query, key, value, mask, scaling, dropout), None
 
 
@@ -446,10 +480,12 @@ def _masked_attention(query, key, value, mask: LayerMask, scaling, dropout) -> t
 
 # Prefill forwards of at least this many query rows run their forgetting-mask rows through
 # FlexAttention (gsa_rag.kernels.prefill.masked_prefill) on these devices: blocks the mask leaves
-# empty are skipped, K/V are not repeated per query head and no float bias is built, where SDPA
-# under a mask computes every pair. On an H200 the whole prefill forward took 0.87x / 0.66x the
-# time at 16K / 32K for the default model's shapes and 0.64x / 0.48x for Llama-3-8B's, but was
-# slower below 16K / 8K (a plan per forward, a compiled call per layer): benchmarks/engine_prefill.py,
+# empty are skipped, K/V are not repeated per query head, no float bias is built, and the mask is
+# made a band of rows at a time (`LayerMask.rows`), never whole, where SDPA under a mask computes
+# every pair. On an H200 a whole prefill forward of the default model's shapes took 0.88x / 0.63x /
+# 0.29x the time at 16K / 32K / 128K, its peak memory 1.2 GB against 6.3 at 32K and 4.7 against
+# 98.9 at 128K; Llama-3-8B's shapes 0.62x / 0.46x at 16K / 32K. Below 16K it was slower for the
+# default model (a plan per forward, a compiled call per layer): benchmarks/engine_prefill.py,
 # benchmarks/results/engine_prefill/. The tail rows (question, answer) keep their own path.
 # False restores SDPA.
 FLEX_PREFILL = True
@@ -471,24 +507,30 @@ def _flex_serves(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dr
             and not dropout and not needs_grad)
 
 
-def _flex_rows(query, key, value, mask: LayerMask, scaling, layout: GistLayout | None) -> torch.Tensor:
-    """The rows before `mask.start` through FlexAttention under the shared mask (its plan built
-    once per forward, keys moved sink/gist/link-first when the layout is known), the tail rows
-    through `_masked_attention` -> [B, Tq, Hq, D]."""
+def _flex_rows(query, key, value, mask: LayerMask, scaling, state) -> torch.Tensor:
+    """The forward's rows before its first tail row through FlexAttention under the shared mask,
+    the rest (tail rows; in layers that do not select, the same rows under the shared mask)
+    through `_masked_attention` -> [B, Tq, Hq, D]. Every layer thus runs the same rows through
+    one plan, built once per forward (keys moved sink/gist/link-first when the layout is known)."""
     global _FLEX_FAILED
     from gsa_rag.kernels import prefill
 
+    split = mask.start
+    rows = state.tail_rows() if type(state) is GistState else None
+    if rows is not None:
+        split = min(split, rows.start)
     parts = []
-    if mask.start > 0:
-        cache_key = ("flex", mask.start)  # like the folded bias: the rows differ between selecting layers and not
+    if split > 0:
+        cache_key = ("flex", split)
         try:
             plan = mask.biases.get(cache_key)
             if plan is None:
-                recall = None
+                layout, recall = getattr(state, "layout", None), None
                 if layout is not None and layout.seq_len == key.shape[2]:
                     recall = layout.is_sink | layout.is_gist | layout.is_link
-                plan = mask.biases[cache_key] = prefill.masked_prefill_plan(mask.shared[:, 0, : mask.start], recall)
-            out = prefill.masked_prefill(query[:, :, : mask.start], key, value, plan, scaling)
+                plan = mask.biases[cache_key] = prefill.masked_prefill_plan(
+                    lambda lo, hi: mask.shared_rows(lo, hi)[:, 0], recall, size=(key.shape[0], split, key.shape[2]))
+            out = prefill.masked_prefill(query[:, :, :split], key, value, plan, scaling)
         except torch.OutOfMemoryError:
             raise  # SDPA under the same mask needs more memory, not less
         except Exception as err:  # noqa: BLE001  (a compile that cannot run here: Inductor, Triton, a C compiler)
@@ -497,9 +539,9 @@ def _flex_rows(query, key, value, mask: LayerMask, scaling, layout: GistLayout |
                           "(gsa_rag.attention.FLEX_PREFILL = False skips the attempt)", RuntimeWarning, stacklevel=2)
             return _masked_attention(query, key, value, mask, scaling, 0.0)
         parts.append(out.transpose(1, 2))
-    if mask.tail is not None:
-        tail = LayerMask(mask.shared[:, :, mask.start :], 0, mask.tail)
-        parts.append(_masked_attention(query[:, :, mask.start :], key, value, tail, scaling, 0.0))
+    if split < mask.num_rows:
+        rest = LayerMask(mask.shared_rows(split, mask.num_rows), mask.start - split, mask.tail)
+        parts.append(_masked_attention(query[:, :, split:], key, value, rest, scaling, 0.0))
     return torch.cat(parts, dim=1)
 
 

@@ -24,6 +24,7 @@ Two entry points:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -153,39 +154,50 @@ class MaskedPrefillPlan:
         return self.partial[self.block_of.long()].permute(0, 1, 3, 2, 4).reshape(B, nq * bs, nk * bs)
 
 
-def masked_prefill_plan(mask: torch.Tensor, recall: torch.Tensor | None = None,
-                        block_size: int = 128) -> MaskedPrefillPlan:
+def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor], recall: torch.Tensor | None = None,
+                        block_size: int = 128, size: tuple[int, int, int] | None = None) -> MaskedPrefillPlan:
     """The BlockMask of a dense mask, keys optionally moved recall-first.
 
     Args:
-        mask: bool [B, R, T], which keys each query row sees (every row must see at least one key).
+        mask: bool [B, R, T], which keys each query row sees (every row must see at least one key);
+            or rows(lo, hi) -> bool [B, hi - lo, T], asked for a band of rows at a time, so that the
+            whole mask is never held (then `size` gives (B, R, T)).
         recall: bool [B, T], key columns to move to the front (sink, gists, links): the columns
             seen far from the diagonal, so that the blocks they fill are few. None: natural order.
         block_size: FlexAttention's block (128 on the GPU).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    B, R, T = mask.shape
+    if isinstance(mask, torch.Tensor):
+        size = mask.shape
+        rows_of = lambda lo, hi: mask[:, lo:hi]  # noqa: E731
+    else:
+        rows_of = mask
+    B, R, T = size
     bs = block_size
     nq, nk = -(-R // bs), -(-T // bs)
     perm = None
-    if recall is not None:
-        cols = torch.arange(T, device=mask.device)
-        perm = mask.new_zeros(B, nk * bs, dtype=torch.long)  # padding reads column 0 (masked)
-        perm[:, :T] = torch.argsort((~recall).long() * T + cols, dim=-1)
-    any_seen = mask.new_zeros(B, nq, nk)
-    full = mask.new_zeros(B, nq, nk)
-    block_of = torch.full((B, nq, nk), EMPTY, dtype=torch.int32, device=mask.device)
-    partial = [torch.zeros(1, bs, bs, dtype=torch.bool, device=mask.device),
-               torch.ones(1, bs, bs, dtype=torch.bool, device=mask.device)]
-    count = 2
-    for q0 in range(0, nq, _POOL_ROWS // bs):  # a band of row blocks at a time
-        q1 = min(nq, q0 + _POOL_ROWS // bs)
-        rows = mask[:, q0 * bs : q1 * bs]
+    step = max(1, _POOL_ROWS // bs)
+    for q0 in range(0, nq, step):  # a band of row blocks at a time
+        q1 = min(nq, q0 + step)
+        rows = rows_of(q0 * bs, min(R, q1 * bs))
+        if q0 == 0:
+            device = rows.device
+            if recall is not None:
+                cols = torch.arange(T, device=device)
+                perm = torch.zeros(B, nk * bs, dtype=torch.long, device=device)  # padding reads column 0 (masked)
+                perm[:, :T] = torch.argsort((~recall).long() * T + cols, dim=-1)
+            any_seen = torch.zeros(B, nq, nk, dtype=torch.bool, device=device)
+            full = torch.zeros_like(any_seen)
+            block_of = torch.full((B, nq, nk), EMPTY, dtype=torch.int32, device=device)
+            partial = [torch.zeros(1, bs, bs, dtype=torch.bool, device=device),
+                       torch.ones(1, bs, bs, dtype=torch.bool, device=device)]
+            count = 2
         if perm is not None:
             rows = torch.gather(rows, 2, perm[:, None, :T].expand(-1, rows.shape[1], -1))
-        band = mask.new_zeros(B, (q1 - q0) * bs, nk * bs)
+        band = torch.zeros(B, (q1 - q0) * bs, nk * bs, dtype=torch.bool, device=device)
         band[:, : rows.shape[1], :T] = rows
+        del rows
         blocks = band.view(B, q1 - q0, bs, nk, bs).transpose(2, 3)  # [B, row blocks, key blocks, bs, bs]
         seen, filled = blocks.any(-1).any(-1), blocks.all(-1).all(-1)
         any_seen[:, q0:q1], full[:, q0:q1] = seen, filled

@@ -9,6 +9,7 @@ apply it, unlisted blocks are skipped). On CUDA the same tests run the compiled 
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -20,6 +21,7 @@ from gsa_rag.kernels.prefill import masked_prefill, masked_prefill_plan
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Qwen2Config
 
 from gsa_rag import attention
+from gsa_rag.attention import GistState
 from gsa_rag.config import GistConfig
 from gsa_rag.generation import forward
 from gsa_rag.layout import build_layout
@@ -113,12 +115,20 @@ def test_engine_prefill_through_flex_equals_sdpa(family, meta, monkeypatch):
     """A tiny random model's prefill logits with the flex path on and off: two prompts of
     passages and a question (batched, left-padded), the whole prompt at once and in two forwards
     (the second over the first's cache), one gist level and H-GSA; the question rows keep their
-    own path in layers that select."""
+    own path in layers that select. The flex path makes the forgetting mask a band of rows at a
+    time (two row blocks here) and builds it whole only where one band holds every row."""
     model = tiny_model(family)
     monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
     monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    monkeypatch.setattr(prefill, "_POOL_ROWS", 2 * BLOCK)
+    states = []
+
+    def recorded(layout, num_new, config):
+        states.append(GistState.for_new_tokens(layout, num_new, config))
+        return states[-1]
+
     if DEVICE == "cpu":  # eager FlexAttention takes any block; 16 makes the lists matter to the plan
-        monkeypatch.setattr(prefill.masked_prefill_plan, "__defaults__", (None, 16))
+        monkeypatch.setattr(prefill, "masked_prefill_plan", functools.partial(prefill.masked_prefill_plan, block_size=16))
     calls = []
     original = prefill.masked_prefill
 
@@ -137,13 +147,18 @@ def test_engine_prefill_through_flex_equals_sdpa(family, meta, monkeypatch):
         for on in (False, True):
             monkeypatch.setattr(attention, "FLEX_PREFILL", on)
             calls.clear()
+            states.clear()
             with torch.no_grad():
                 cache = DynamicCache()
-                whole = forward(model, layout, layout.seq_len, cache, config)[0].logits
+                whole = forward(model, layout, layout.seq_len, cache, config, state_factory=recorded)[0].logits
                 cache.crop(split - layout.seq_len)  # what a forward of the first `split` columns leaves (keys see only earlier ones)
-                rest = forward(model, layout, layout.seq_len - split, cache, config)[0].logits
+                rest = forward(model, layout, layout.seq_len - split, cache, config, state_factory=recorded)[0].logits
             logits[on] = (whole, rest)
             assert bool(calls) == on, "the flex path did not run" if on else "the flex path ran while off"
+            # built whole only where one band may hold every row (the CUDA run's short prompts)
+            for state in states:
+                built = state._forget_mask is not None
+                assert built if not on else not built or state.q_index.shape[0] <= prefill._POOL_ROWS
             assert not on or min(calls) < layout.seq_len - split + 1  # the second forward's rows too
         for a, b in zip(logits[True], logits[False], strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
