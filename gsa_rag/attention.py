@@ -173,6 +173,7 @@ class GistState:
     hook: Callable | None = None
     _forget_mask: torch.Tensor | None = None
     _biases: dict = field(default_factory=dict)  # LayerMask.shared_bias, shared by the layers
+    _few_rows: dict = field(default_factory=dict)  # forget_rows of a few rows, shared by the layers
     _tail_rows: TailRows | None | object = _UNKNOWN  # tail_rows(), once per forward
     # q_index's columns readable on the host without a device sync (a range, or a GistCache's
     # open columns); None: read q_index once per forward
@@ -194,10 +195,16 @@ class GistState:
 
     def forget_rows(self, lo: int, hi: int) -> torch.Tensor:
         """bool [B, 1, hi - lo, T]: rows lo..hi-1 of `forget_mask()`, only those rows built unless
-        it is (a FlexAttention prefill makes its plan a band of rows at a time)."""
+        it is (a FlexAttention prefill makes its plan a band of rows at a time). A few rows (the
+        tail's, the last row) are kept for the forward's other layers."""
         if self._forget_mask is not None or (lo, hi) == (0, self.q_index.shape[0]):
             return self.forget_mask()[:, :, lo:hi]
-        return dense_gist_mask(self.layout, self.config.num_previous_chunks, self.q_index[lo:hi])[:, None]
+        rows = self._few_rows.get((lo, hi))
+        if rows is None:
+            rows = dense_gist_mask(self.layout, self.config.num_previous_chunks, self.q_index[lo:hi])[:, None]
+            if hi - lo <= FOLD_MAX_ROWS:
+                self._few_rows[(lo, hi)] = rows
+        return rows
 
     def mask_for_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """bool [B, 1 or Hkv, Tq, T]: the forgetting mask, with tail rows unfolding their
@@ -449,9 +456,10 @@ def gsa_attention(
     fast = sparse_decode_attention(module, query, key, value, scaling, gsa_state)
     if fast is not None:  # one decode row on CUDA: key lists + sparse flash-decode (gsa_rag.kernels)
         return fast[0], None
-    flex = _flex_serves(query, key, value, dropout)
-    mask = layer_mask(gsa_state, module.layer_idx, query, key, lazy=flex)
     hook = getattr(gsa_state, "hook", None)  # plug-in states (state_factory) may not have one
+    flex = _flex_serves(query, key, value, dropout)
+    # a hook is handed the whole mask: built once then, rather than row by row in every layer
+    mask = layer_mask(gsa_state, module.layer_idx, query, key, lazy=flex and hook is None)
     if hook is not None:
         hook(module.layer_idx, query, key, value, mask.full() if getattr(hook, "reads_mask", True) else None)
     gsa_state.attended[module.layer_idx] = mask.last_row().sum(-1)

@@ -209,3 +209,34 @@ def test_a_failed_flex_prefill_falls_back_to_sdpa_and_is_not_tried_again(monkeyp
     assert calls == [1]
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(again, ref)
+
+
+def test_a_hook_sees_the_same_masks_on_the_flex_path(monkeypatch):
+    """Gist memory's hook (offloaded KV to fetch) is handed each layer's whole mask: the flex path
+    builds it whole for a forward with a hook and hands over the same masks as SDPA's path."""
+    model = tiny_model(LlamaConfig)
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = build_layout([random_segments(random.Random(5), max_passages=4, max_len=40)], config,
+                          FakeTokenizer()).to(DEVICE)
+    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
+    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    calls = []
+    original = prefill.masked_prefill
+    monkeypatch.setattr(prefill, "masked_prefill", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    seen, logits = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(attention, "FLEX_PREFILL", on)
+        seen[on] = []
+
+        def hooked(layout, num_new, config, masks=seen[on]):
+            state = GistState.for_new_tokens(layout, num_new, config)
+            state.hook = lambda layer, query, key, value, mask: masks.append(mask.clone())
+            return state
+
+        with torch.no_grad():
+            logits[on] = forward(model, layout, layout.seq_len, DynamicCache(), config, state_factory=hooked)[0].logits
+    assert len(calls) == 3, "the flex path did not run in every layer"
+    assert len(seen[True]) == len(seen[False]) == 3
+    for a, b in zip(seen[True], seen[False], strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
