@@ -30,7 +30,13 @@ from gsa_rag.config import GistConfig
 from gsa_rag.kernels.dispatch import sparse_decode_attention
 from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
 from gsa_rag.layout import GistLayout
-from gsa_rag.masks import UnfoldRecall, dense_gist_mask, dense_index, recall_gate, visible
+from gsa_rag.masks import (
+    UnfoldRecall,
+    dense_gist_mask,
+    dense_index,
+    recall_gate,
+    visible,
+)
 from gsa_rag.selection import ChunkSelector, select_hierarchical
 
 
@@ -138,15 +144,22 @@ _UNKNOWN = object()  # GistState._tail_rows before tail_rows() has run (None mea
 
 
 def layer_mask(state, layer_idx: int, query: torch.Tensor, key: torch.Tensor, lazy: bool = False) -> LayerMask:
-    """`state.layer_mask(...)`, or a plug-in state's `mask_for_layer` taken whole. `lazy`: the
-    engine's own GistState leaves the forgetting rows to be made a band at a time (a plug-in's
-    layer_mask is asked as before)."""
-    if lazy and type(state) is GistState:
-        return state.layer_mask(layer_idx, query, key, lazy=True)
+    """`state.layer_mask(...)`, or a plug-in state's `mask_for_layer` taken whole. `lazy`: a state
+    whose layer_mask takes it (GistState, the eval harness's recorder) leaves the forgetting rows
+    to be made a band at a time; any other is asked as before."""
     split = getattr(state, "layer_mask", None)
     if split is not None:
-        return split(layer_idx, query, key)
+        return split(layer_idx, query, key, lazy=True) if lazy and _takes_lazy(split) else split(layer_idx, query, key)
     return LayerMask.whole(state.mask_for_layer(layer_idx, query, key))
+
+
+def _takes_lazy(method) -> bool:
+    import inspect
+
+    try:
+        return "lazy" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        return False
 
 
 @dataclass
@@ -457,11 +470,12 @@ def gsa_attention(
     if fast is not None:  # one decode row on CUDA: key lists + sparse flash-decode (gsa_rag.kernels)
         return fast[0], None
     hook = getattr(gsa_state, "hook", None)  # plug-in states (state_factory) may not have one
+    reads_mask = hook is not None and getattr(hook, "reads_mask", True)
     flex = _flex_serves(query, key, value, dropout)
-    # a hook is handed the whole mask: built once then, rather than row by row in every layer
-    mask = layer_mask(gsa_state, module.layer_idx, query, key, lazy=flex and hook is None)
+    # a hook that reads the mask is handed it whole: built once then, not row by row in every layer
+    mask = layer_mask(gsa_state, module.layer_idx, query, key, lazy=flex and not reads_mask)
     if hook is not None:
-        hook(module.layer_idx, query, key, value, mask.full() if getattr(hook, "reads_mask", True) else None)
+        hook(module.layer_idx, query, key, value, mask.full() if reads_mask else None)
     gsa_state.attended[module.layer_idx] = mask.last_row().sum(-1)
     if flex:
         return _flex_rows(query, key, value, mask, scaling, gsa_state), None
@@ -524,7 +538,8 @@ def _flex_rows(query, key, value, mask: LayerMask, scaling, state) -> torch.Tens
     from gsa_rag.kernels import prefill
 
     split = mask.start
-    rows = state.tail_rows() if type(state) is GistState else None
+    tail_rows = getattr(state, "tail_rows", None)  # GistState's (a wrapper's, through it); a plug-in may have none
+    rows = tail_rows() if callable(tail_rows) else None
     if rows is not None:
         split = min(split, rows.start)
     parts = []
@@ -535,7 +550,10 @@ def _flex_rows(query, key, value, mask: LayerMask, scaling, state) -> torch.Tens
             if plan is None:
                 layout, recall = getattr(state, "layout", None), None
                 if layout is not None and layout.seq_len == key.shape[2]:
-                    recall = layout.is_sink | layout.is_gist | layout.is_link
+                    # top-level gists only: a lower level's gist is seen inside its own section,
+                    # near the diagonal, and in front it would leave every row block partial blocks
+                    top = layout.is_gist & (layout.level == layout.levels - 1)
+                    recall = layout.is_sink | layout.is_link | top
                 plan = mask.biases[cache_key] = prefill.masked_prefill_plan(
                     lambda lo, hi: mask.shared_rows(lo, hi)[:, 0], recall, size=(key.shape[0], split, key.shape[2]))
             out = prefill.masked_prefill(query[:, :, :split], key, value, plan, scaling)

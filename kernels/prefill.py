@@ -114,7 +114,7 @@ def gist_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, la
     return fn(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
 
 
-# rows of the mask pooled into blocks at a time: bounds the permuted copy's transient memory
+# rows of the mask (over the batch) pooled into blocks at a time: bounds the band's transient memory
 _POOL_ROWS = 4096
 EMPTY, FULL = 0, 1  # MaskedPrefillPlan.block_of for blocks the mask leaves empty / fills; >= 2 a partial block
 
@@ -170,14 +170,14 @@ def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor],
 
     if isinstance(mask, torch.Tensor):
         size = mask.shape
-        rows_of = lambda lo, hi: mask[:, lo:hi]  # noqa: E731
+        rows_of = lambda lo, hi: mask[:, lo:hi]
     else:
         rows_of = mask
     B, R, T = size
     bs = block_size
     nq, nk = -(-R // bs), -(-T // bs)
     perm = None
-    step = max(1, _POOL_ROWS // bs)
+    step = max(1, _POOL_ROWS // (bs * B))  # a band holds about _POOL_ROWS rows over the whole batch
     for q0 in range(0, nq, step):  # a band of row blocks at a time
         q1 = min(nq, q0 + step)
         rows = rows_of(q0 * bs, min(R, q1 * bs))
@@ -207,6 +207,9 @@ def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor],
         partial.append(blocks[some])  # in (batch, row block, key block) order, as the ids count
         count += partial[-1].shape[0]
     partial = torch.cat(partial)
+    if partial.numel() >= 2**31:  # the compiled kernel indexes it with 32 bits
+        raise ValueError(f"the mask has {partial.shape[0] - 2} partial blocks of {bs}x{bs}: too many for "
+                         "FlexAttention's 32-bit indices; take SDPA (gsa_rag.attention.FLEX_PREFILL = False)")
 
     def lists(which: torch.Tensor):
         # per row block: how many key blocks, and which (first), as BlockMask.from_kv_blocks wants
@@ -242,14 +245,21 @@ def masked_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     if (R, T) != (plan.rows, plan.keys):
         raise ValueError(f"the plan is for {plan.rows} rows over {plan.keys} keys, got {R} over {T}")
     Rp, Tp = (n * plan.partial.shape[-1] for n in plan.block_of.shape[1:])
-    if plan.perm is None:
+    if plan.perm is None:  # F.pad copies: K/V always reach the kernel contiguous
         key, value = F.pad(key, (0, 0, 0, Tp - T)), F.pad(value, (0, 0, 0, Tp - T))
     else:
         idx = plan.perm[:, None, :, None].expand(B, Hkv, Tp, D)
         key, value = torch.gather(key, 2, idx), torch.gather(value, 2, idx)
-    if Rp != R:
-        query = F.pad(query, (0, 0, 0, Rp - R))
-    compiled = query.is_cuda if compiled is None else compiled
-    fn = _flex(dynamic=True) if compiled else flex_attention
-    out = fn(query, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv)
+    # always a fresh contiguous copy: a strided view (rows sliced off a longer forward) would be
+    # another input layout to compile for
+    padded = query.new_zeros(B, Hq, Rp, D)
+    padded[:, :, :R] = query
+    if compiled is None:
+        compiled = query.is_cuda
+    if not compiled:
+        return flex_attention(padded, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv)[:, :, :R]
+    # past its recompile limit torch.compile would run FlexAttention eagerly, silently: on CUDA that
+    # computes every score (out of memory at long prefills); raising lets the caller fall back
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        out = _flex(dynamic=True)(padded, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv)
     return out[:, :, :R]

@@ -46,8 +46,7 @@ def test_masked_prefill_equals_sdpa_under_the_mask(B, R, T, permute):
     recall = (torch.rand(B, T, generator=g) < 0.2).to(DEVICE) if permute else None
     q = torch.randn(B, 4, R, 16, generator=g).to(DEVICE)
     k, v = (torch.randn(B, 2, T, 16, generator=g).to(DEVICE) for _ in range(2))
-    out = torch.full_like(q, float("nan"))
-    out.copy_(masked_prefill(q, k, v, masked_prefill_plan(mask, recall, BLOCK), scale=0.25))
+    out = masked_prefill(q, k, v, masked_prefill_plan(mask, recall, BLOCK), scale=0.25)
     ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(2, 1),
                                          v.double().repeat_interleave(2, 1), attn_mask=mask[:, None], scale=0.25)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
@@ -159,6 +158,15 @@ def test_engine_prefill_through_flex_equals_sdpa(family, meta, monkeypatch):
             for state in states:
                 built = state._forget_mask is not None
                 assert built if not on else not built or state.q_index.shape[0] <= prefill._POOL_ROWS
+                if on and meta and "flex" in str(state._biases.keys()):
+                    # only sink, link and top-level gist keys move to the front (a lower level's
+                    # gist is seen inside its section only: in front it leaves partial blocks everywhere)
+                    plan = next(v for k, v in state._biases.items() if isinstance(k, tuple) and k[0] == "flex")
+                    lay = state.layout
+                    front = lay.is_sink | lay.is_link | (lay.is_gist & (lay.level == lay.levels - 1))
+                    for b in range(lay.batch_size):
+                        n = int(front[b].sum())
+                        assert front[b, plan.perm[b, :n]].all() and not front[b, plan.perm[b, n : lay.seq_len]].any()
             assert not on or min(calls) < layout.seq_len - split + 1  # the second forward's rows too
         for a, b in zip(logits[True], logits[False], strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -228,15 +236,105 @@ def test_a_hook_sees_the_same_masks_on_the_flex_path(monkeypatch):
         monkeypatch.setattr(attention, "FLEX_PREFILL", on)
         seen[on] = []
 
-        def hooked(layout, num_new, config, masks=seen[on]):
-            state = GistState.for_new_tokens(layout, num_new, config)
-            state.hook = lambda layer, query, key, value, mask: masks.append(mask.clone())
-            return state
+        states = []
+
+        def hooked(layout, num_new, config, masks=seen[on], states=states):
+            states.append(GistState.for_new_tokens(layout, num_new, config))
+            states[-1].hook = lambda layer, query, key, value, mask: masks.append(mask.clone())
+            return states[-1]
 
         with torch.no_grad():
             logits[on] = forward(model, layout, layout.seq_len, DynamicCache(), config, state_factory=hooked)[0].logits
+        assert states[0]._forget_mask is not None  # built once, whole, for the hook
     assert len(calls) == 3, "the flex path did not run in every layer"
     assert len(seen[True]) == len(seen[False]) == 3
     for a, b in zip(seen[True], seen[False], strict=True):
         assert torch.equal(a, b)
     torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def counted_compiles(monkeypatch):
+    """masked_prefill's compiled FlexAttention traced by Dynamo with a backend that counts its
+    graphs and runs them eagerly (no Inductor: the guards, hence the recompiles, are Dynamo's)."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(prefill._compiled_flex, True, torch.compile(flex_attention, dynamic=True, backend=backend))
+    yield graphs
+    torch._dynamo.reset()
+
+
+def _run(B, R, T, split=None):
+    """masked_prefill of the last R of T rows under a causal mask; `split`: the query a view of
+    the first `split` rows of a longer forward's, as the engine passes it."""
+    mask = torch.ones(B, R, T, dtype=torch.bool, device=DEVICE).tril(T - R)
+    plan = masked_prefill_plan(mask, None, BLOCK)
+    rows = torch.randn(B, 4, (split or R) + 7, 16, device=DEVICE)[:, :, :R]
+    k = torch.randn(B, 2, T, 16, device=DEVICE)
+    out = masked_prefill(rows, k, k, plan, 0.25, compiled=True)
+    ref = F.scaled_dot_product_attention(rows, k.repeat_interleave(2, 1), k.repeat_interleave(2, 1),
+                                         attn_mask=mask[:, None], scale=0.25)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_new_lengths_do_not_compile_again(counted_compiles):
+    """After two lengths, further lengths, strided query views and rows equal to keys reuse the
+    compiled FlexAttention: the engine meets a new length at nearly every prompt, and each compile
+    costs seconds (a strided query view was one more input layout, once in 128 prompts)."""
+    _run(1, 3 * BLOCK, 4 * BLOCK)
+    _run(1, 5 * BLOCK - 3, 6 * BLOCK + 1)
+    warm = len(counted_compiles)
+    assert warm <= 2
+    for R, T, split in [(2 * BLOCK + 5, 3 * BLOCK, None), (4 * BLOCK, 4 * BLOCK, None), (3 * BLOCK, 5 * BLOCK, 4 * BLOCK),
+                        (BLOCK + 1, 7 * BLOCK - 2, 2 * BLOCK)]:
+        _run(1, R, T, split)
+    assert len(counted_compiles) == warm
+
+
+def test_past_the_recompile_limit_flex_raises_rather_than_running_eagerly(counted_compiles, monkeypatch):
+    """torch.compile past its recompile limit would run FlexAttention eagerly and silently (every
+    score: out of memory at a long prefill on CUDA); masked_prefill raises instead, which the
+    engine's fallback turns into SDPA."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    _run(1, 2 * BLOCK, 3 * BLOCK)
+    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        _run(2, 2 * BLOCK, 3 * BLOCK)  # another batch size: a second graph, past the limit of one
+
+
+@pytest.mark.parametrize("reads_mask", [False, True])
+def test_the_eval_recorder_takes_the_flex_path_without_the_whole_mask(reads_mask, monkeypatch):
+    """rag_eval's selection recorder (a wrapper of the engine's GistState) passes `lazy` on: its
+    rows are the same as on SDPA's path, and the whole mask is built only for a hook that reads it."""
+    from gsa_rag.eval.harness import _recording_factory
+
+    model = tiny_model(Qwen2Config)
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = build_layout([random_segments(random.Random(9), max_passages=4, max_len=40)], config,
+                          FakeTokenizer()).to(DEVICE)
+    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
+    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    monkeypatch.setattr(prefill, "_POOL_ROWS", BLOCK)
+    rows = {}
+    for on in (False, True):
+        monkeypatch.setattr(attention, "FLEX_PREFILL", on)
+        recorder = _recording_factory(None)(layout, layout.seq_len, config)
+        hook = lambda layer, query, key, value, mask: None
+        hook.reads_mask = reads_mask
+        recorder._inner.hook = hook
+        with torch.no_grad():
+            forward(model, layout, layout.seq_len, DynamicCache(), config, state_factory=lambda *a, r=recorder: r)
+        rows[on] = recorder.rows
+        assert (recorder._inner._forget_mask is not None) == (not on or reads_mask)
+    assert rows[True].keys() == rows[False].keys() == {0, 1, 2}
+    for layer in rows[True]:
+        assert torch.equal(rows[True][layer], rows[False][layer])

@@ -66,9 +66,10 @@ class _Recorder:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor):
-        # the attention function asks for the split mask (gsa_rag.attention.LayerMask)
-        mask = layer_mask(self._inner, layer_idx, query, key)
+    def layer_mask(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, lazy: bool = False):
+        # the attention function asks for the split mask (gsa_rag.attention.LayerMask); `lazy`
+        # passes on (a long prefill through FlexAttention never builds the whole mask)
+        mask = layer_mask(self._inner, layer_idx, query, key, lazy=lazy)
         self.rows[layer_idx] = mask.last_row().clone()
         return mask
 
