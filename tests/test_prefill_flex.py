@@ -109,6 +109,19 @@ def tiny_model(family):
     return AutoModelForCausalLM.from_config(model_config, attn_implementation="gsa").eval().to(DEVICE)
 
 
+def flex_everywhere(monkeypatch, min_rows: int = 8) -> None:
+    """The flex path on for this device from `min_rows` rows (the tiny prompts' forwards)."""
+    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
+    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", min_rows)
+
+
+def one_prompt(seed: int):
+    """(config, layout) of one random prompt of passages and a question."""
+    config = GistConfig(chunk_size=4, sink=2, top_k=2)
+    layout = build_layout([random_segments(random.Random(seed), max_passages=4, max_len=40)], config, FakeTokenizer())
+    return config, layout.to(DEVICE)
+
+
 @pytest.mark.parametrize("family,meta", [(LlamaConfig, ()), (Qwen2Config, ()), (LlamaConfig, (4,))])
 def test_engine_prefill_through_flex_equals_sdpa(family, meta, monkeypatch):
     """A tiny random model's prefill logits with the flex path on and off: two prompts of
@@ -117,8 +130,7 @@ def test_engine_prefill_through_flex_equals_sdpa(family, meta, monkeypatch):
     own path in layers that select. The flex path makes the forgetting mask a band of rows at a
     time (two row blocks here) and builds it whole only where one band holds every row."""
     model = tiny_model(family)
-    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
-    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    flex_everywhere(monkeypatch)
     monkeypatch.setattr(prefill, "_POOL_ROWS", 2 * BLOCK)
     states = []
 
@@ -175,8 +187,7 @@ def test_engine_prefill_through_flex_equals_sdpa(family, meta, monkeypatch):
 def test_flex_stays_off_where_it_cannot_serve(monkeypatch):
     """Training forwards (a gradient), dropout, few rows, GSA_RAG_KERNELS=0 and head dims the
     kernels do not take keep SDPA."""
-    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
-    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 256)
+    flex_everywhere(monkeypatch, 256)
     q = torch.randn(1, 4, 256, 16, device=DEVICE)
     k = torch.randn(1, 2, 256, 16, device=DEVICE)
     assert attention._flex_serves(q, k, k, 0.0)
@@ -193,11 +204,8 @@ def test_a_failed_flex_prefill_falls_back_to_sdpa_and_is_not_tried_again(monkeyp
     """A compile that cannot run here (no C compiler, an Inductor error) costs one warning: that
     forward and every later one take SDPA, with SDPA's output."""
     model = tiny_model(LlamaConfig)
-    config = GistConfig(chunk_size=4, sink=2, top_k=2)
-    layout = build_layout([random_segments(random.Random(3), max_passages=4, max_len=40)], config,
-                          FakeTokenizer()).to(DEVICE)
-    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
-    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    config, layout = one_prompt(3)
+    flex_everywhere(monkeypatch)
     monkeypatch.setattr(attention, "_FLEX_FAILED", None)
     with torch.no_grad():
         monkeypatch.setattr(attention, "FLEX_PREFILL", False)
@@ -223,11 +231,8 @@ def test_a_hook_sees_the_same_masks_on_the_flex_path(monkeypatch):
     """Gist memory's hook (offloaded KV to fetch) is handed each layer's whole mask: the flex path
     builds it whole for a forward with a hook and hands over the same masks as SDPA's path."""
     model = tiny_model(LlamaConfig)
-    config = GistConfig(chunk_size=4, sink=2, top_k=2)
-    layout = build_layout([random_segments(random.Random(5), max_passages=4, max_len=40)], config,
-                          FakeTokenizer()).to(DEVICE)
-    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
-    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    config, layout = one_prompt(5)
+    flex_everywhere(monkeypatch)
     calls = []
     original = prefill.masked_prefill
     monkeypatch.setattr(prefill, "masked_prefill", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
@@ -318,11 +323,8 @@ def test_the_eval_recorder_takes_the_flex_path_without_the_whole_mask(reads_mask
     from gsa_rag.eval.harness import _recording_factory
 
     model = tiny_model(Qwen2Config)
-    config = GistConfig(chunk_size=4, sink=2, top_k=2)
-    layout = build_layout([random_segments(random.Random(9), max_passages=4, max_len=40)], config,
-                          FakeTokenizer()).to(DEVICE)
-    monkeypatch.setattr(attention, "FLEX_DEVICES", (DEVICE,))
-    monkeypatch.setattr(attention, "FLEX_MIN_ROWS", 8)
+    config, layout = one_prompt(9)
+    flex_everywhere(monkeypatch)
     monkeypatch.setattr(prefill, "_POOL_ROWS", BLOCK)
     rows = {}
     for on in (False, True):
