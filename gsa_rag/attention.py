@@ -550,10 +550,7 @@ def _flex_rows(query, key, value, mask: LayerMask, scaling, state) -> torch.Tens
             if plan is None:
                 layout, recall = getattr(state, "layout", None), None
                 if layout is not None and layout.seq_len == key.shape[2]:
-                    # top-level gists only: a lower level's gist is seen inside its own section,
-                    # near the diagonal, and in front it would leave every row block partial blocks
-                    top = layout.is_gist & (layout.level == layout.levels - 1)
-                    recall = layout.is_sink | layout.is_link | top
+                    recall = prefill.front_columns(layout)
                 plan = mask.biases[cache_key] = prefill.masked_prefill_plan(
                     lambda lo, hi: mask.shared_rows(lo, hi)[:, 0], recall, size=(key.shape[0], split, key.shape[2]))
             out = prefill.masked_prefill(query[:, :, :split], key, value, plan, scaling)

@@ -55,10 +55,18 @@ def gist_prefill_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
+def front_columns(layout: GistLayout) -> torch.Tensor:
+    """bool [B, T]: the key columns to move to the front, those seen far from the diagonal: sink,
+    links and top-level gists. A lower level's gist (H-GSA) is seen only inside its own section,
+    near the diagonal; in front it would leave partial blocks in every row block, a number that
+    grows with the square of the length (tests/test_prefill_flex.py)."""
+    return layout.is_sink | layout.is_link | (layout.is_gist & (layout.level == layout.levels - 1))
+
+
 def recall_first_order(layout: GistLayout) -> torch.Tensor:
-    """long [B, T]: key columns with the recall columns (sink, gist, link) first, each group in
+    """long [B, T]: key columns with the front columns (`front_columns`) first, each group in
     column order."""
-    recall = layout.is_sink | layout.is_gist | layout.is_link
+    recall = front_columns(layout)
     T = layout.seq_len
     cols = torch.arange(T, device=recall.device)
     return torch.argsort((~recall).long() * T + cols, dim=-1)

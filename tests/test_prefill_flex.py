@@ -175,7 +175,8 @@ def test_engine_prefill_through_flex_equals_sdpa(family, meta, monkeypatch):
                     # gist is seen inside its section only: in front it leaves partial blocks everywhere)
                     plan = next(v for k, v in state._biases.items() if isinstance(k, tuple) and k[0] == "flex")
                     lay = state.layout
-                    front = lay.is_sink | lay.is_link | (lay.is_gist & (lay.level == lay.levels - 1))
+                    front = prefill.front_columns(lay)
+                    assert front.sum() < (lay.is_sink | lay.is_link | lay.is_gist).sum()  # not every gist
                     for b in range(lay.batch_size):
                         n = int(front[b].sum())
                         assert front[b, plan.perm[b, :n]].all() and not front[b, plan.perm[b, n : lay.seq_len]].any()
@@ -340,3 +341,23 @@ def test_the_eval_recorder_takes_the_flex_path_without_the_whole_mask(reads_mask
     assert rows[True].keys() == rows[False].keys() == {0, 1, 2}
     for layer in rows[True]:
         assert torch.equal(rows[True][layer], rows[False][layer])
+
+
+def test_hgsa_plans_grow_linearly_with_the_length():
+    """The partial blocks of an H-GSA prefill's plan (the decode benchmarks' layout, 32x) grow
+    about linearly with the length when only top-level gists move to the front (4K -> 8K: 102 ->
+    205 blocks); with every gist in front they grew about 2.9x (157 -> 460), and every row block
+    held some."""
+    from gsa_rag.kernels.bench import decode_case
+
+    def partial_blocks(context, front):
+        config, layout = decode_case(1, context, 8, meta_chunks=(4,), device=DEVICE)
+        state = GistState.for_new_tokens(layout, layout.seq_len, config)
+        split = state.tail_rows().start
+        plan = masked_prefill_plan(lambda lo, hi: state.forget_rows(lo, hi)[:, 0], front(layout), 128,
+                                   size=(1, split, layout.seq_len))
+        return int(plan.block_mask.kv_num_blocks.sum())
+
+    every_gist = lambda layout: layout.is_sink | layout.is_link | layout.is_gist
+    assert partial_blocks(8192, prefill.front_columns) <= 2.2 * partial_blocks(4096, prefill.front_columns)
+    assert partial_blocks(8192, every_gist) > 2.5 * partial_blocks(4096, every_gist)
