@@ -38,6 +38,21 @@ def random_mask(B: int, R: int, T: int, g: torch.Generator) -> torch.Tensor:
     return mask.to(DEVICE)
 
 
+def visits_of(plan) -> torch.Tensor:
+    """long [B, rows, keys]: how often the compiled kernel attends each pair, from the block lists."""
+    bm, seen = plan.block_mask, plan.dense()
+    bs = plan.partial.shape[-1]
+    visits = torch.zeros(seen.shape, dtype=torch.long, device=seen.device)
+    for b in range(seen.shape[0]):
+        for qb in range(seen.shape[1] // bs):
+            rows = slice(qb * bs, qb * bs + bs)
+            for kb in bm.full_kv_indices[b, 0, qb, : bm.full_kv_num_blocks[b, 0, qb]].tolist():
+                visits[b, rows, kb * bs : kb * bs + bs] += 1
+            for kb in bm.kv_indices[b, 0, qb, : bm.kv_num_blocks[b, 0, qb]].tolist():
+                visits[b, rows, kb * bs : kb * bs + bs] += seen[b, rows, kb * bs : kb * bs + bs].long()
+    return visits
+
+
 @pytest.mark.parametrize("permute", [False, True])
 @pytest.mark.parametrize("B,R,T", [(2, 40, 70), (1, 33, 33), (2, 17, 90)])
 def test_masked_prefill_equals_sdpa_under_the_mask(B, R, T, permute):
@@ -57,8 +72,8 @@ def test_block_lists_reproduce_the_mask(pool_rows, monkeypatch):
     """The compiled kernel attends each (row, key) pair once per listed block that holds it: every
     pair of a full block, the mask's pairs of a partial one. Counted so, each pair the mask (keys
     permuted) shows is attended once and no other pair at all; and the permutation is the recall
-    columns first, in column order. `pool_rows` 32: the plan pools the mask two row blocks at a
-    time, so the partial blocks' numbering runs on across bands."""
+    columns first, in column order. `pool_rows` 32: the plan pools the mask one row block (of two
+    sequences) at a time, so the partial blocks' numbering runs on across bands."""
     monkeypatch.setattr(prefill, "_POOL_ROWS", pool_rows)
     g = torch.Generator().manual_seed(7)
     B, R, T = 2, 70, 150
@@ -77,19 +92,39 @@ def test_block_lists_reproduce_the_mask(pool_rows, monkeypatch):
         assert torch.equal(perm[:first].sort().values, perm[:first])  # column order kept
         expected[b, :R, :T] = mask[b][:, perm]
     assert torch.equal(seen, expected)
-    visits = torch.zeros(B, Rp, Tp, dtype=torch.long, device=DEVICE)
-    for b in range(B):
-        for qb in range(Rp // 16):
-            rows = slice(qb * 16, qb * 16 + 16)
-            for kb in bm.full_kv_indices[b, 0, qb, : bm.full_kv_num_blocks[b, 0, qb]].tolist():
-                visits[b, rows, kb * 16 : kb * 16 + 16] += 1
-            for kb in bm.kv_indices[b, 0, qb, : bm.kv_num_blocks[b, 0, qb]].tolist():
-                cols = slice(kb * 16, kb * 16 + 16)
-                visits[b, rows, cols] += seen[b, rows, cols].long()
-    assert torch.equal(visits, expected.long())
+    assert torch.equal(visits_of(plan), expected.long())
     assert bm.full_kv_num_blocks.sum() > 0 and bm.kv_num_blocks.sum() < B * (Rp // 16) * (Tp // 16)
     # only the partial blocks are kept, past the two shared ones (empty, full)
     assert plan.partial.shape[0] == 2 + bm.kv_num_blocks.sum()
+
+
+def test_a_long_prompt_through_flex_equals_sdpa(monkeypatch):
+    """A 2K-token gist layout at FlexAttention's own block of 128, the forgetting mask made in
+    bands of 512 rows: full, partial and skipped blocks all occur, and the kernel's output (compiled
+    on CUDA) equals SDPA under the mask."""
+    from gsa_rag.kernels.bench import decode_case
+
+    monkeypatch.setattr(prefill, "_POOL_ROWS", 512)
+    config, layout = decode_case(1, 2048, 8, device=DEVICE)
+    state = GistState.for_new_tokens(layout, layout.seq_len, config)
+    R, T = state.tail_rows().start, layout.seq_len
+    plan = masked_prefill_plan(lambda lo, hi: state.forget_rows(lo, hi)[:, 0], prefill.front_columns(layout), 128,
+                               size=(1, R, T))
+    assert state._forget_mask is None
+    bm = plan.block_mask
+    assert bm.full_kv_num_blocks.sum() > 0 and bm.kv_num_blocks.sum() > 0
+    assert bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum() < 0.5 * bm.kv_num_blocks.numel() * (T // 128)
+    mask = state.forget_mask()[:, 0, :R]
+    expected = torch.zeros_like(plan.dense())
+    expected[:, :R, :T] = mask[:, :, plan.perm[0, :T]]
+    assert torch.equal(visits_of(plan), expected.long())
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 4, R, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(1, 2, T, 16, generator=g).to(DEVICE) for _ in range(2))
+    out = masked_prefill(q, k, v, plan, scale=0.25)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                         attn_mask=mask[:, None], scale=0.25)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
 def test_a_plan_refuses_other_rows():
