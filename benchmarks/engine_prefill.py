@@ -17,7 +17,7 @@ chunks in every selecting layer, adaptive k), each forward from an empty cache:
                attention.FLEX_MIN_ROWS rows).
 
 `*_ms` is the median of `--reps` timed forwards after one untimed (`*_first_ms`: the first at
-that length, compiles included; FlexAttention compiles once, with dynamic shapes, so a later
+that length, compiles included; FlexAttention compiles with dynamic shapes, twice, so a later
 length's first forward shows whether it compiled again); a method that runs out of device memory
 gets NaN and `*_oom`. `*_peak_mb` is the peak device memory
 a forward allocated above what it held before. `err` = |logits flex - sdpa| / |logits sdpa| over

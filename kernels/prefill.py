@@ -16,10 +16,10 @@ Two entry points:
 - `gist_prefill`: the whole layout prefilled (queries are columns 0..T-1), the rule evaluated
   in the mask_mod; query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, Hq, T, D]
   (benchmarks/prefill.py times one layer of it).
-- `masked_prefill_plan` / `masked_prefill`: any rows under a mask the caller already holds
-  (the engine's forgetting mask, `gsa_rag.attention`), so the output is that mask's attention
-  by construction. Rows and keys are padded to whole blocks and FlexAttention is compiled with
-  dynamic shapes: prompts of any length share one compiled kernel.
+- `masked_prefill_plan` / `masked_prefill`: any rows under a mask the caller holds, or makes a
+  band of rows at a time (the engine's forgetting mask, `gsa_rag.attention`), so the output is
+  that mask's attention by construction. Rows and keys are padded to whole blocks and FlexAttention is compiled with
+  dynamic shapes: after the second length, prompts of any length share the compiled kernel.
 """
 
 from __future__ import annotations
