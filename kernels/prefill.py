@@ -24,6 +24,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -170,7 +171,7 @@ def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor],
         mask: bool [B, R, T], which keys each query row sees (every row must see at least one key);
             or rows(lo, hi) -> bool [B, hi - lo, T], asked for a band of rows at a time, so that the
             whole mask is never held (then `size` gives (B, R, T)).
-        recall: bool [B, T], key columns to move to the front (sink, gists, links): the columns
+        recall: bool [B, T], key columns to move to the front (`front_columns`: sink, links, top-level gists), the columns
             seen far from the diagonal, so that the blocks they fill are few. None: natural order.
         block_size: FlexAttention's block (128 on the GPU).
     """
@@ -268,6 +269,10 @@ def masked_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         return flex_attention(padded, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv)[:, :, :R]
     # past its recompile limit torch.compile would run FlexAttention eagerly, silently: on CUDA that
     # computes every score (out of memory at long prefills); raising lets the caller fall back
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    # (the switch is newer than some releases pyproject allows)
+    config = torch._dynamo.config
+    limit = (config.patch(fail_on_recompile_limit_hit=True) if hasattr(config, "fail_on_recompile_limit_hit")
+             else contextlib.nullcontext())
+    with limit:
         out = _flex(dynamic=True)(padded, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv)
     return out[:, :, :R]
