@@ -61,11 +61,14 @@ import torch
 from gsa_rag.kernels.bench import (
     ARCHS,
     context_tag,
+    crop_cache,
     decode_case,
     environment,
     print_table,
     random_model,
     refuse_existing_results,
+    rel_err,
+    set_attention,
     write_results,
 )
 
@@ -76,22 +79,6 @@ DEVICE = "cuda"  # a CPU smoke test of this script sets "cpu" (with TRITON_INTER
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-
-
-def set_attention(model, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # older transformers
-        model.config._attn_implementation = name
-
-
-def crop(cache, length: int) -> None:
-    """Cuts every layer of a DynamicCache back to `length` columns (crop's sign convention changed
-    across transformers 5.x releases, so this does it directly). On a DecodeCache the cut layers
-    stay views of its buffers, so the next steps write over the cut columns: no reallocation."""
-    for layer in cache.layers:
-        layer.keys = layer.keys[:, :, :length]
-        layer.values = layer.values[:, :, :length]
 
 
 def decode_cache_from(cache, reserve: int):
@@ -108,7 +95,7 @@ def decode(model, layout, cache, prefill_len, config, steps, mode):
     """Decodes `steps` tokens after cropping `cache` to `prefill_len`; returns (seconds, first logits)."""
     from gsa_rag.generation import _cache_keyword, forward
 
-    crop(cache, prefill_len)
+    crop_cache(cache, prefill_len)
     token = torch.full((layout.batch_size, 1), 7, dtype=torch.long, device=DEVICE)
     first = None
     sync()
@@ -147,7 +134,7 @@ def graph_decode(model, layout, cache, config, steps, full_attention):
     first step: decoder made, eager step, capture)."""
     from gsa_rag.graph_decode import GraphDecoder
 
-    crop(cache, layout.seq_len)  # the eager columns left their steps in it
+    crop_cache(cache, layout.seq_len)  # the eager columns left their steps in it
     grown = decode_cache_from(cache, reserve=steps + 1)
     sync()
     t = time.perf_counter()
@@ -165,10 +152,6 @@ def graph_decode(model, layout, cache, config, steps, full_attention):
         return time.perf_counter() - t, first, first_seconds
     finally:
         decoder.close()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 

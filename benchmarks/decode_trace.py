@@ -34,18 +34,17 @@ import argparse
 import torch
 from gsa_rag.kernels.bench import (
     ARCHS,
+    crop_cache,
     decode_case,
     environment,
     random_model,
     refuse_existing_results,
+    rel_err,
+    set_attention,
     write_results,
 )
 
 K = 1024
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def differing(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -74,7 +73,7 @@ def trace(model, config, layout) -> dict:
     from gsa_rag.generation import _cache_keyword, forward
 
     cache = DynamicCache()
-    model.set_attn_implementation("sdpa")
+    set_attention(model, "sdpa")
     with torch.inference_mode():
         model(input_ids=layout.input_ids, position_ids=layout.position_ids, use_cache=True,
               **{_cache_keyword(model): cache})
@@ -90,9 +89,8 @@ def trace(model, config, layout) -> dict:
     logits, whole = {}, {}
     for mode in ("0", "1"):  # the reference first: its layers' inputs are the ones replayed below
         os.environ["GSA_RAG_KERNELS"] = mode
-        for layer in cache.layers:  # back to the prefill
-            layer.keys, layer.values = layer.keys[:, :, :prefill_len], layer.values[:, :, :prefill_len]
-        model.set_attn_implementation("gsa_recording" if mode == "0" else "gsa")
+        crop_cache(cache, prefill_len)  # back to the prefill
+        set_attention(model, "gsa_recording" if mode == "0" else "gsa")
         whole[mode] = {}
         with torch.inference_mode():
             out, _ = forward(model, step, 1, cache, config, state_factory=recording_state(whole[mode]))

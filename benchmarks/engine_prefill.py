@@ -47,6 +47,8 @@ from gsa_rag.kernels.bench import (
     print_table,
     random_model,
     refuse_existing_results,
+    rel_err,
+    set_attention,
     write_results,
 )
 
@@ -61,7 +63,7 @@ def run_once(model, layout, config, method: str) -> tuple[float, float, torch.Te
     from gsa_rag import attention
     from gsa_rag.generation import _cache_keyword, forward
 
-    model.set_attn_implementation("sdpa" if method == "hf" else "gsa")
+    set_attention(model, "sdpa" if method == "hf" else "gsa")
     attention.FLEX_PREFILL = method == "gsa_flex"
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -98,7 +100,7 @@ def bench_context(model, L: int, args) -> dict:
         row[f"{method}_first_ms"] = 1e3 * first
         row[f"{method}_ms"] = 1e3 * sorted(times)[len(times) // 2]
         row[f"{method}_peak_mb"] = max(peaks)
-    row["err"] = (float((logits["gsa_flex"] - logits["gsa_sdpa"]).norm() / logits["gsa_sdpa"].norm())
+    row["err"] = (rel_err(logits["gsa_flex"], logits["gsa_sdpa"])
                   if "gsa_flex" in logits and "gsa_sdpa" in logits else float("nan"))
     row["x_sdpa"] = row["gsa_sdpa_ms"] / row["gsa_flex_ms"]  # > 1: flex is faster
     row["x_hf"] = row["gsa_flex_ms"] / row["hf_ms"]  # < 1: faster than dense causal

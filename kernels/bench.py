@@ -124,6 +124,28 @@ def random_model(arch: str, layers: int | None = None, device: str | torch.devic
     return model.eval()
 
 
+def set_attention(model, name: str) -> None:
+    """The model's attention implementation by name ("sdpa", "gsa", a registered one)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older transformers
+        model.config._attn_implementation = name
+
+
+def crop_cache(cache, length: int) -> None:
+    """Cuts every layer of a DynamicCache back to `length` columns (crop's sign convention changed
+    across transformers 5.x releases, so this does it directly). On a DecodeCache the cut layers
+    stay views of its buffers, so the next steps write over the cut columns: no reallocation."""
+    for layer in cache.layers:
+        layer.keys = layer.keys[:, :, :length]
+        layer.values = layer.values[:, :, :length]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b|, in float32."""
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 def input_copies(set_bytes: int) -> int:
     """How many input sets of `set_bytes` a timing rotates among so that they hold >= 256 MB in
     all (an H200's L2 is 60 MB: no set is still cached when it comes round again); 1 to 16."""

@@ -95,16 +95,20 @@ def unpack_bytes(packed: torch.Tensor, like: list[torch.Tensor], starts: list[in
             for t, start in zip(like, starts, strict=True)]
 
 
+def _kernels_mode() -> str:
+    return os.environ.get("GSA_RAG_KERNELS", "auto").strip().lower()
+
+
 def kernels_off() -> bool:
     """Whether GSA_RAG_KERNELS asks for the references everywhere."""
-    return os.environ.get("GSA_RAG_KERNELS", "auto").strip().lower() in ("0", "false", "off", "ref", "reference")
+    return _kernels_mode() in ("0", "false", "off", "ref", "reference")
 
 
 def use_kernels(device: torch.device) -> bool:
     """Whether tensors on `device` take the Triton path (see the module docstring)."""
-    mode = os.environ.get("GSA_RAG_KERNELS", "auto").strip().lower()
     if kernels_off():
         return False
+    mode = _kernels_mode()
     if not triton_available():
         return False
     if device.type == "cuda":

@@ -67,10 +67,15 @@ def front_columns(layout: GistLayout) -> torch.Tensor:
 def recall_first_order(layout: GistLayout) -> torch.Tensor:
     """long [B, T]: key columns with the front columns (`front_columns`) first, each group in
     column order."""
-    recall = front_columns(layout)
-    T = layout.seq_len
-    cols = torch.arange(T, device=recall.device)
-    return torch.argsort((~recall).long() * T + cols, dim=-1)
+    return front_first(front_columns(layout))
+
+
+def front_first(front: torch.Tensor) -> torch.Tensor:
+    """long [B, T]: the columns where `front` (bool [B, T]) holds first, then the others, each
+    group in column order."""
+    T = front.shape[-1]
+    cols = torch.arange(T, device=front.device)
+    return torch.argsort((~front).long() * T + cols, dim=-1)
 
 
 def gist_prefill_block_mask(layout: GistLayout, num_previous_chunks: int, perm: torch.Tensor | None = None,
@@ -193,9 +198,8 @@ def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor],
         if q0 == 0:
             device = rows.device
             if recall is not None:
-                cols = torch.arange(T, device=device)
                 perm = torch.zeros(B, nk * bs, dtype=torch.long, device=device)  # padding reads column 0 (masked)
-                perm[:, :T] = torch.argsort((~recall).long() * T + cols, dim=-1)
+                perm[:, :T] = front_first(recall)
             any_seen = torch.zeros(B, nq, nk, dtype=torch.bool, device=device)
             full = torch.zeros_like(any_seen)
             block_of = torch.full((B, nq, nk), EMPTY, dtype=torch.int32, device=device)
