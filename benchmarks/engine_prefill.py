@@ -4,6 +4,8 @@ against the unmodified model's dense causal prefill, on the GPU.
     python benchmarks/engine_prefill.py                                  # default model's shapes, 1K..32K
     python benchmarks/engine_prefill.py --arch llama3-8b --layers 8      # Llama-3-8B layers
     python benchmarks/engine_prefill.py --quick                          # 4K and 8K
+    python benchmarks/engine_prefill.py --meta 4                         # H-GSA 32x layouts
+    python benchmarks/engine_prefill.py --flex-tiles flex                # FlexAttention's own tiles
 
 A random-weight model (speed does not depend on the weights; no download), bf16, batch
 `--batch`, over a synthetic gist layout (chunk 8, sink 4, a 32-token question whose rows select
@@ -82,7 +84,7 @@ def run_once(model, layout, config, method: str) -> tuple[float, float, torch.Te
 
 
 def bench_context(model, L: int, args) -> dict:
-    config, layout = decode_case(args.batch, L, 8, device="cuda")
+    config, layout = decode_case(args.batch, L, 8, meta_chunks=args.meta, device="cuda")
     row = {"context": L, "T": layout.seq_len, "batch": args.batch}
     logits = {}
     for method in METHODS:
@@ -110,10 +112,13 @@ def bench_context(model, L: int, args) -> dict:
     return row
 
 
-def result_name(arch: str, layers: int, contexts: list[int], batch: int, min_rows: int) -> str:
+def result_name(arch: str, layers: int, contexts: list[int], batch: int, min_rows: int, tiles: str | None,
+                meta: list[int]) -> str:
     """Every setting that changes the rows, so two runs that differ in one never share a file."""
     rows = f"_min{min_rows}" if min_rows else ""
-    return f"engine_prefill_{arch}_l{layers}_b{batch}_ctx{context_tag(contexts)}{rows}"
+    tiles = f"_tiles{tiles.replace(',', 'x')}" if tiles else ""
+    levels = f"_meta{'-'.join(map(str, meta))}" if meta else ""
+    return f"engine_prefill_{arch}_l{layers}_b{batch}_ctx{context_tag(contexts)}{levels}{rows}{tiles}"
 
 
 def main(argv=None) -> None:
@@ -123,21 +128,34 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=None, help="override the layer count (llama3-8b: 8 keeps it fast)")
     p.add_argument("--contexts", default="1,2,4,8,16,32", help="K tokens")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--meta", type=int, nargs="*", default=[],
+                   help="H-GSA: chunks a gist of each level above the first sums (4 -> 32x); none: flat GSA")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--min-rows", type=int, default=0,
                    help="attention.FLEX_MIN_ROWS for gsa_flex (default 0: FlexAttention at every length, to show "
                         "where it starts to pay; the engine's default is attention.FLEX_MIN_ROWS)")
+    p.add_argument("--flex-tiles", default=None,
+                   help="FlexAttention's tiles for gsa_flex as BLOCK_M,BLOCK_N, or 'flex' for its own "
+                        "(default: kernels.prefill.FLEX_TILES for the head dim)")
     p.add_argument("--out", default="benchmarks/results/engine_prefill", help="folder of the result files")
     p.add_argument("--name", default=None, help="result file name without .json (default: every setting)")
     args = p.parse_args(argv)
     contexts = [4 * K, 8 * K] if args.quick else [int(float(x) * K) for x in args.contexts.split(",")]
     layers = args.layers or ARCHS[args.arch]["num_hidden_layers"]
-    name = args.name or result_name(args.arch, layers, contexts, args.batch, args.min_rows)
+    name = args.name or result_name(args.arch, layers, contexts, args.batch, args.min_rows, args.flex_tiles, args.meta)
     refuse_existing_results(p, args.out, name)  # before the measurements, not after them
     if not torch.cuda.is_available():
         sys.exit("benchmarks/engine_prefill.py needs CUDA")
+    from gsa_rag.kernels import prefill
+
     from gsa_rag import attention
 
+    spec = ARCHS[args.arch]
+    head_dim = spec["hidden_size"] // spec["num_attention_heads"]
+    if args.flex_tiles == "flex":
+        prefill.FLEX_TILES.pop(head_dim, None)
+    elif args.flex_tiles:
+        prefill.FLEX_TILES[head_dim] = tuple(int(x) for x in args.flex_tiles.split(","))
     default_min_rows = attention.FLEX_MIN_ROWS
     attention.FLEX_MIN_ROWS = args.min_rows
     model = random_model(args.arch, args.layers, "cuda")
@@ -164,7 +182,7 @@ def main(argv=None) -> None:
         fig.savefig(path, dpi=120)
 
     payload = {"env": environment(), "arch": args.arch, "layers": layers, "batch": args.batch,
-               "min_rows": args.min_rows,
+               "meta_chunks": args.meta, "min_rows": args.min_rows, "flex_tiles": prefill.FLEX_TILES.get(head_dim),
                "engine_flex_min_rows": default_min_rows, "rows": rows}
     print(f"wrote {write_results(args.out, name, payload, plot)}")
 

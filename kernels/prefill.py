@@ -130,42 +130,74 @@ def gist_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, la
 
 # rows of the mask (over the batch) pooled into blocks at a time: bounds the band's transient memory
 _POOL_ROWS = 4096
-EMPTY, FULL = 0, 1  # MaskedPrefillPlan.block_of for blocks the mask leaves empty / fills; >= 2 a partial block
+# MaskedPrefillPlan.block_of for blocks the mask leaves empty / fills / fills in part; a partial
+# block's entry in the table is its own (>= PARTIAL)
+EMPTY, FULL, PARTIAL = 0, 1, 2
+# A mask whose every row (keys permuted) is at most RUNS runs of consecutive keys is kept as the
+# runs' bounds: the kernel's mask_mod then compares a key with its row's bounds, which it loads
+# once per row of a tile, instead of looking each pair up in the partial-block table (two
+# dependent loads a pair). The forgetting mask has 2 runs a row (recall prefix, raw window),
+# H-GSA 32x up to 5. On an H200 one 32K layer of the default model's shapes took 0.70 ms
+# against the table's 1.81 (4.63 at 128 x 128 tiles); dense causal flash 2.59.
+RUNS = 8
+# FlexAttention's tiles (BLOCK_M, BLOCK_N) for the compiled kernel, by head dim; other head dims
+# take FlexAttention's own. On the same H200 layer (head dim 64) 64 x 64 took 0.70 ms against
+# 1.97 with its own (the runs) and 1.81 against 4.63 (the table); for Llama-3-8B's head dim 128
+# its own were faster (a whole 8-layer 32K prefill 314.8 against 346.1 ms at 64 x 64;
+# benchmarks/results/engine_prefill/)
+FLEX_TILES = {64: (64, 64)}
 
 
 @dataclass
 class MaskedPrefillPlan:
     """What `masked_prefill` needs for one mask, built once and shared by every layer.
 
-    The mask is kept only where FlexAttention reads it, in the blocks it fills in part: its
-    mask_mod looks a pair up as partial[block_of[b, q // block, kv // block], q % block, kv % block].
-    A whole [R, T] mask read by the kernel would also pass 2^31 elements (46K tokens), past
-    which the compiled kernel's indices overflow.
+    The mask is kept only in the form the kernel's mask_mod reads, which it evaluates in the
+    blocks the mask fills in part. Where every row is at most `RUNS` runs of consecutive keys
+    (keys permuted), as the runs' bounds: row q sees key kv where starts[b, q, j] <= kv <
+    ends[b, q, j] for some j. Otherwise as a table of the partial blocks: the pair's value is
+    partial[block_of[b, q // block, kv // block], q % block, kv % block]. A whole [R, T] mask
+    read by the kernel would also pass 2^31 elements (46K tokens), past which the compiled
+    kernel's indices overflow.
 
     Attributes:
         block_mask: FlexAttention's BlockMask over the padded rows and the permuted, padded keys.
-        partial: bool [2 + N, block, block]: an empty block, a full one, then the N partial
-            blocks' pairs (keys in `perm` order, padding False).
-        block_of: int32 [B, row blocks, key blocks], each block's entry in `partial` (EMPTY,
-            FULL or its own), so that the mask_mod is right at every pair (eager FlexAttention
-            evaluates it everywhere; the compiled kernel only in partial blocks).
+        block_of: int32 [B, row blocks, key blocks]: EMPTY, FULL, or for a block the mask fills
+            in part PARTIAL (runs) or its entry in `partial` (>= PARTIAL, the table).
+        runs: int32 [B, rows_padded, RUNS, 2], each row's runs (start, end), unused ones (0, 0);
+            None where a row has more runs.
+        partial: bool [2 + N, block, block] where `runs` is None (else None): an empty block, a
+            full one, then the N partial blocks' pairs (keys in `perm` order, padding False), so
+            that the mask_mod is right at every pair (eager FlexAttention evaluates it
+            everywhere; the compiled kernel only in partial blocks).
         perm: long [B, keys_padded], the key column each position reads (padding reads column 0,
             which the mask hides); None keeps natural order.
         rows, keys: the unpadded sizes.
+        block_size: the BlockMask's block.
     """
 
     block_mask: object
-    partial: torch.Tensor
     block_of: torch.Tensor
+    runs: torch.Tensor | None
+    partial: torch.Tensor | None
     perm: torch.Tensor | None
     rows: int
     keys: int
+    block_size: int
 
     def dense(self) -> torch.Tensor:
-        """bool [B, rows_padded, keys_padded]: the mask as the kernel sees it (tests, debugging)."""
+        """bool [B, rows_padded, keys_padded]: the mask as the compiled kernel sees it: its
+        mask_mod in the partial blocks, every pair of a full block, none of an empty one
+        (tests, debugging)."""
         B, nq, nk = self.block_of.shape
-        bs = self.partial.shape[-1]
-        return self.partial[self.block_of.long()].permute(0, 1, 3, 2, 4).reshape(B, nq * bs, nk * bs)
+        bs = self.block_size
+        device = self.block_of.device
+        b = torch.arange(B, device=device)[:, None, None]
+        q = torch.arange(nq * bs, device=device)[None, :, None]
+        kv = torch.arange(nk * bs, device=device)[None, None, :]
+        pairs = self.block_mask.mask_mod(b, None, q, kv)
+        kind = self.block_of.repeat_interleave(bs, 1).repeat_interleave(bs, 2)
+        return torch.where(kind == FULL, True, torch.where(kind == EMPTY, False, pairs))
 
 
 def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor], recall: torch.Tensor | None = None,
@@ -191,25 +223,113 @@ def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor],
     bs = block_size
     nq, nk = -(-R // bs), -(-T // bs)
     perm = None
-    step = max(1, _POOL_ROWS // (bs * B))  # a band holds about _POOL_ROWS rows over the whole batch
-    for q0 in range(0, nq, step):  # a band of row blocks at a time
-        q1 = min(nq, q0 + step)
-        rows = rows_of(q0 * bs, min(R, q1 * bs))
-        if q0 == 0:
-            device = rows.device
-            if recall is not None:
-                perm = torch.zeros(B, nk * bs, dtype=torch.long, device=device)  # padding reads column 0 (masked)
-                perm[:, :T] = front_first(recall)
+    if recall is not None:
+        perm = torch.zeros(B, nk * bs, dtype=torch.long, device=recall.device)  # padding reads column 0 (masked)
+        perm[:, :T] = front_first(recall)
+    # bands of about _POOL_ROWS rows over the whole batch, whole row blocks each
+    bands = [(lo, min(R, lo + max(bs, _POOL_ROWS // (bs * B) * bs))) for lo in range(0, R, max(bs, _POOL_ROWS // (bs * B) * bs))]
+    runs = _runs_of_mask(rows_of, bands, perm, B, nq * bs, T)
+    if runs is not None:
+        any_seen, full = _blocks_of_runs(runs, nk, bs)
+        block_of = torch.where(full, FULL, torch.where(any_seen, PARTIAL, EMPTY)).to(torch.int32)
+        starts, ends = runs[..., 0].contiguous(), runs[..., 1].contiguous()
+        partial = None
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            seen = (kv_idx >= starts[b, q_idx, 0]) & (kv_idx < ends[b, q_idx, 0])
+            for j in range(1, starts.shape[-1]):
+                seen = seen | ((kv_idx >= starts[b, q_idx, j]) & (kv_idx < ends[b, q_idx, j]))
+            return seen
+    else:
+        any_seen, full, block_of, partial = _partial_blocks_of_mask(rows_of, bands, perm, B, nq, nk, bs)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return partial[block_of[b, q_idx // bs, kv_idx // bs], q_idx % bs, kv_idx % bs]
+
+    def lists(which: torch.Tensor):
+        # per row block: how many key blocks, and which (first), as BlockMask.from_kv_blocks wants
+        n = which.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~which).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return n[:, None], order[:, None]
+
+    block_mask = BlockMask.from_kv_blocks(*lists(any_seen & ~full), *lists(full), BLOCK_SIZE=bs,
+                                          mask_mod=mask_mod, seq_lengths=(nq * bs, nk * bs))
+    return MaskedPrefillPlan(block_mask, block_of, runs, partial, perm, R, T, bs)
+
+
+def _permuted(rows: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """A band's rows (bool [B, rows, T]) with the keys in `perm` order."""
+    if perm is None:
+        return rows
+    return torch.gather(rows, 2, perm[:, None, : rows.shape[2]].expand(-1, rows.shape[1], -1))
+
+
+def _runs_of_mask(rows_of, bands, perm, B: int, rows_padded: int, T: int) -> torch.Tensor | None:
+    """int32 [B, rows_padded, RUNS, 2]: each row's runs of seen keys (keys permuted) as (start,
+    end), unused ones (0, 0), padding rows none; None as soon as a row holds more than RUNS."""
+    runs = None
+    for lo, hi in bands:
+        rows = _permuted(rows_of(lo, hi), perm)
+        if runs is None:
+            runs = torch.zeros(B, rows_padded, RUNS, 2, dtype=torch.int32, device=rows.device)
+        edges = F.pad(rows, (1, 1))
+        b, r, col = (edges[..., 1:] != edges[..., :-1]).nonzero(as_tuple=True)  # a run's start, then its end
+        del rows, edges
+        row = b * (hi - lo) + r
+        per_row = torch.bincount(row, minlength=B * (hi - lo))
+        if per_row.numel() and int(per_row.max()) > 2 * RUNS:
+            return None
+        # the edges come row by row, in column order: each one's rank within its row
+        rank = torch.arange(row.numel(), device=row.device) - (torch.cumsum(per_row, 0) - per_row)[row]
+        band = torch.zeros(B * (hi - lo), 2 * RUNS, dtype=torch.int32, device=row.device)
+        band[row, rank] = col.to(torch.int32)
+        runs[:, lo:hi] = band.view(B, hi - lo, RUNS, 2)
+    return runs
+
+
+def _blocks_of_runs(runs: torch.Tensor, nk: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, row blocks, nk] twice: the blocks some row sees a key of, and those every row of
+    the row block sees whole. A row sees a block whole only within one run (runs are maximal, so
+    two never meet), so a block is full where all `bs` rows have a run covering it; each row's
+    runs add +1 where their touched (or covered) blocks begin and -1 past their end, summed along
+    the keys."""
+    B, Rp = runs.shape[:2]
+    nq = Rp // bs
+    start, end = runs[..., 0].long(), runs[..., 1].long()  # [B, Rp, RUNS]
+    used = end > start
+    row_block = (torch.arange(Rp, device=runs.device) // bs)[None, :, None].expand_as(start)
+    base = (torch.arange(B, device=runs.device)[:, None, None] * nq + row_block) * (nk + 1)
+
+    def count(first: torch.Tensor, past: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        diff = torch.zeros(B * nq * (nk + 1), dtype=torch.int32, device=runs.device)
+        ones = where.to(torch.int32)
+        diff.scatter_add_(0, (base + first).flatten(), ones.flatten())
+        diff.scatter_add_(0, (base + past).flatten(), -ones.flatten())
+        return diff.view(B, nq, nk + 1).cumsum(-1)[..., :nk]
+
+    touched = count(start // bs, (end - 1) // bs + 1, used)
+    first_whole, past_whole = -(-start // bs), end // bs
+    covered = count(first_whole.clamp(max=nk), past_whole.clamp(max=nk), used & (past_whole > first_whole))
+    return touched > 0, covered == bs
+
+
+def _partial_blocks_of_mask(rows_of, bands, perm, B: int, nq: int, nk: int, bs: int):
+    """For a mask with rows of many runs: (any_seen, full, block_of, partial) as
+    MaskedPrefillPlan keeps them, pooled a band at a time."""
+    any_seen = full = block_of = None
+    count = 2
+    for lo, hi in bands:
+        rows = _permuted(rows_of(lo, hi), perm)
+        device = rows.device
+        if any_seen is None:
             any_seen = torch.zeros(B, nq, nk, dtype=torch.bool, device=device)
             full = torch.zeros_like(any_seen)
             block_of = torch.full((B, nq, nk), EMPTY, dtype=torch.int32, device=device)
             partial = [torch.zeros(1, bs, bs, dtype=torch.bool, device=device),
                        torch.ones(1, bs, bs, dtype=torch.bool, device=device)]
-            count = 2
-        if perm is not None:
-            rows = torch.gather(rows, 2, perm[:, None, :T].expand(-1, rows.shape[1], -1))
+        q0, q1 = lo // bs, -(-hi // bs)
         band = torch.zeros(B, (q1 - q0) * bs, nk * bs, dtype=torch.bool, device=device)
-        band[:, : rows.shape[1], :T] = rows
+        band[:, : rows.shape[1], : rows.shape[2]] = rows
         del rows
         blocks = band.view(B, q1 - q0, bs, nk, bs).transpose(2, 3)  # [B, row blocks, key blocks, bs, bs]
         seen, filled = blocks.any(-1).any(-1), blocks.all(-1).all(-1)
@@ -223,19 +343,16 @@ def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor],
     if partial.numel() >= 2**31:  # the compiled kernel indexes it with 32 bits
         raise ValueError(f"the mask has {partial.shape[0] - 2} partial blocks of {bs}x{bs}: too many for "
                          "FlexAttention's 32-bit indices; take SDPA (gsa_rag.attention.FLEX_PREFILL = False)")
+    return any_seen, full, block_of, partial
 
-    def lists(which: torch.Tensor):
-        # per row block: how many key blocks, and which (first), as BlockMask.from_kv_blocks wants
-        n = which.sum(-1, dtype=torch.int32)
-        order = torch.argsort((~which).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return n[:, None], order[:, None]
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return partial[block_of[b, q_idx // bs, kv_idx // bs], q_idx % bs, kv_idx % bs]
-
-    block_mask = BlockMask.from_kv_blocks(*lists(any_seen & ~full), *lists(full), BLOCK_SIZE=bs,
-                                          mask_mod=mask_mod, seq_lengths=(nq * bs, nk * bs))
-    return MaskedPrefillPlan(block_mask, partial, block_of, perm, R, T)
+def _tiles(head_dim: int, block_size: int) -> dict:
+    """FlexAttention's kernel_options for `FLEX_TILES`: none where they would not divide the
+    BlockMask's block (a small block in tests)."""
+    tiles = FLEX_TILES.get(head_dim)
+    if tiles is None or any(block_size % n for n in tiles):
+        return {}
+    return {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
 
 
 def masked_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: MaskedPrefillPlan,
@@ -257,7 +374,7 @@ def masked_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     Hkv, T = key.shape[1], key.shape[2]
     if (R, T) != (plan.rows, plan.keys):
         raise ValueError(f"the plan is for {plan.rows} rows over {plan.keys} keys, got {R} over {T}")
-    Rp, Tp = (n * plan.partial.shape[-1] for n in plan.block_of.shape[1:])
+    Rp, Tp = (n * plan.block_size for n in plan.block_of.shape[1:])
     if plan.perm is None:  # F.pad copies: K/V always reach the kernel contiguous
         key, value = F.pad(key, (0, 0, 0, Tp - T)), F.pad(value, (0, 0, 0, Tp - T))
     else:
@@ -278,5 +395,6 @@ def masked_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     limit = (config.patch(fail_on_recompile_limit_hit=True) if hasattr(config, "fail_on_recompile_limit_hit")
              else contextlib.nullcontext())
     with limit:
-        out = _flex(dynamic=True)(padded, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv)
+        out = _flex(dynamic=True)(padded, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv,
+                                  kernel_options=_tiles(D, plan.block_size))
     return out[:, :, :R]

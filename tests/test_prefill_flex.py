@@ -41,7 +41,7 @@ def random_mask(B: int, R: int, T: int, g: torch.Generator) -> torch.Tensor:
 def visits_of(plan) -> torch.Tensor:
     """long [B, rows, keys]: how often the compiled kernel attends each pair, from the block lists."""
     bm, seen = plan.block_mask, plan.dense()
-    bs = plan.partial.shape[-1]
+    bs = plan.block_size
     visits = torch.zeros(seen.shape, dtype=torch.long, device=seen.device)
     for b in range(seen.shape[0]):
         for qb in range(seen.shape[1] // bs):
@@ -94,8 +94,49 @@ def test_block_lists_reproduce_the_mask(pool_rows, monkeypatch):
     assert torch.equal(seen, expected)
     assert torch.equal(visits_of(plan), expected.long())
     assert bm.full_kv_num_blocks.sum() > 0 and bm.kv_num_blocks.sum() < B * (Rp // 16) * (Tp // 16)
-    # only the partial blocks are kept, past the two shared ones (empty, full)
+    # rows of a random mask are many runs: only the partial blocks are kept, past the two shared
+    # ones (empty, full)
+    assert plan.runs is None
     assert plan.partial.shape[0] == 2 + bm.kv_num_blocks.sum()
+
+
+def runs_mask(B: int, R: int, T: int, runs: int, g: torch.Generator) -> torch.Tensor:
+    """bool [B, R, T]: each row `runs` runs of consecutive keys, the first at key 0 and the last
+    ending at key T - 1 (the edges a run finder can get wrong), the rest at random."""
+    mask = torch.zeros(B, R, T, dtype=torch.bool)
+    for b in range(B):
+        for r in range(R):
+            cuts = sorted(random.Random(int(torch.randint(1 << 30, (), generator=g))).sample(range(1, T - 1), 2 * runs - 2))
+            bounds = [0, *cuts, T]
+            for j in range(runs):
+                mask[b, r, bounds[2 * j] : bounds[2 * j + 1]] = True
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_rows_of_few_runs_are_kept_as_their_bounds(extra, monkeypatch):
+    """A mask whose rows are at most RUNS runs (keys permuted) is kept as the runs' bounds, the
+    mask_mod comparing a key with them; one row more keeps the table. Both are the mask, pair for
+    pair (the mask_mod where the kernel reads it, the block lists elsewhere), with rows pooled
+    a block at a time so the bounds of every band land on their own rows, and both give SDPA's
+    attention. T is a whole number of blocks, so a run can end at the last padded key."""
+    monkeypatch.setattr(prefill, "_POOL_ROWS", BLOCK)
+    g = torch.Generator().manual_seed(5 + extra)
+    B, R, T = 2, 40, 4 * BLOCK if BLOCK < 64 else BLOCK
+    mask = runs_mask(B, R, T, prefill.RUNS, g)
+    mask[1, 17] = runs_mask(1, 1, T, prefill.RUNS + extra, g)[0, 0]
+    plan = masked_prefill_plan(mask, None, block_size=BLOCK)
+    assert (plan.runs is None) == bool(extra) and (plan.partial is None) == (not extra)
+    expected = torch.zeros_like(plan.dense())
+    expected[:, :R, :T] = mask
+    assert torch.equal(plan.dense(), expected)
+    assert torch.equal(visits_of(plan), expected.long())
+    q = torch.randn(B, 4, R, 16, generator=g).to(DEVICE)
+    k, v = (torch.randn(B, 2, T, 16, generator=g).to(DEVICE) for _ in range(2))
+    out = masked_prefill(q, k, v, plan, scale=0.25)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                         attn_mask=mask[:, None], scale=0.25)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
 def test_a_long_prompt_through_flex_equals_sdpa(monkeypatch):
@@ -111,6 +152,7 @@ def test_a_long_prompt_through_flex_equals_sdpa(monkeypatch):
     plan = masked_prefill_plan(lambda lo, hi: state.forget_rows(lo, hi)[:, 0], prefill.front_columns(layout), 128,
                                size=(1, R, T))
     assert state._forget_mask is None
+    assert plan.runs is not None and int((plan.runs[..., 1] > plan.runs[..., 0]).sum(-1).max()) == 2  # recall, window
     bm = plan.block_mask
     assert bm.full_kv_num_blocks.sum() > 0 and bm.kv_num_blocks.sum() > 0
     assert bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum() < 0.5 * bm.kv_num_blocks.numel() * (T // 128)
@@ -391,8 +433,17 @@ def test_hgsa_plans_grow_linearly_with_the_length():
         split = state.tail_rows().start
         plan = masked_prefill_plan(lambda lo, hi: state.forget_rows(lo, hi)[:, 0], front(layout), 128,
                                    size=(1, split, layout.seq_len))
+        if front is prefill.front_columns:  # top-level gists in front: a few runs a row, kept as their bounds
+            assert plan.runs is not None
         return int(plan.block_mask.kv_num_blocks.sum())
 
     every_gist = lambda layout: layout.is_sink | layout.is_link | layout.is_gist
     assert partial_blocks(8192, prefill.front_columns) <= 2.2 * partial_blocks(4096, prefill.front_columns)
     assert partial_blocks(8192, every_gist) > 2.5 * partial_blocks(4096, every_gist)
+
+
+def test_flex_tiles_by_head_dim():
+    """The compiled kernel's tiles come from FLEX_TILES for the head dim (64 x 64 for 64), and
+    only where they divide the BlockMask's block; other head dims take FlexAttention's own."""
+    assert prefill._tiles(64, 128) == {"BLOCK_M": 64, "BLOCK_N": 64}
+    assert prefill._tiles(64, 16) == {} and prefill._tiles(128, 128) == {} and prefill._tiles(16, 128) == {}
