@@ -33,6 +33,7 @@ from gsa_rag.layout import GistLayout
 from gsa_rag.masks import (
     UnfoldRecall,
     dense_gist_mask,
+    dense_gist_mask_fused,
     dense_index,
     recall_gate,
     visible,
@@ -214,8 +215,10 @@ class GistState:
             return self.forget_mask()[:, :, lo:hi]
         rows = self._few_rows.get((lo, hi))
         if rows is None:
-            rows = dense_gist_mask(self.layout, self.config.num_previous_chunks, self.q_index[lo:hi])[:, None]
-            if hi - lo <= FOLD_MAX_ROWS:
+            few = hi - lo <= FOLD_MAX_ROWS
+            make = dense_gist_mask if few else dense_gist_mask_fused  # a band: one fused pass on CUDA
+            rows = make(self.layout, self.config.num_previous_chunks, self.q_index[lo:hi])[:, None]
+            if few:
                 self._few_rows[(lo, hi)] = rows
         return rows
 

@@ -447,3 +447,58 @@ def test_flex_tiles_by_head_dim():
     only where they divide the BlockMask's block; other head dims take FlexAttention's own."""
     assert prefill._tiles(64, 128) == {"BLOCK_M": 64, "BLOCK_N": 64}
     assert prefill._tiles(64, 16) == {} and prefill._tiles(128, 128) == {} and prefill._tiles(16, 128) == {}
+
+
+@pytest.fixture
+def counted_mask_compiles(monkeypatch):
+    """masks.dense_gist_mask_fused on this device, traced by Dynamo with a backend that counts its
+    graphs and runs them eagerly (the engine compiles it with Inductor on CUDA only)."""
+    import torch._dynamo
+
+    from gsa_rag import masks
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(masks, "FUSED_MASK_DEVICES", (DEVICE,))
+    monkeypatch.setattr(masks, "_compiled_mask", torch.compile(masks.dense_gist_mask, dynamic=True, backend=backend))
+    yield graphs
+    torch._dynamo.reset()
+
+
+def test_the_plans_bands_take_the_compiled_rule_without_recompiling(counted_mask_compiles):
+    """A plan's bands of forgetting rows come from the compiled rule (one fused pass on CUDA): the
+    same rows as the eager rule, and one graph for every length of a layout's depth (one for GSA,
+    one for H-GSA)."""
+    from gsa_rag.kernels.bench import decode_case
+
+    from gsa_rag.masks import dense_gist_mask
+
+    for context, meta in [(1000, ()), (1700, ()), (2300, ()), (1200, (4,)), (2100, (4,))]:
+        config, layout = decode_case(1, context, 8, meta_chunks=meta, device=DEVICE)
+        state = GistState.for_new_tokens(layout, layout.seq_len, config)
+        band = state.forget_rows(100, 100 + attention.FOLD_MAX_ROWS + 1)
+        assert torch.equal(band[:, 0], dense_gist_mask(layout, 1, state.q_index[100 : 101 + attention.FOLD_MAX_ROWS]))
+    assert len(counted_mask_compiles) == 2
+
+
+def test_a_failed_mask_compile_warns_and_builds_the_rows_eagerly(monkeypatch):
+    from gsa_rag.kernels.bench import decode_case
+
+    from gsa_rag import masks
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(masks, "FUSED_MASK_DEVICES", (DEVICE,))
+    monkeypatch.setattr(masks, "_compiled_mask", broken)
+    _, layout = decode_case(1, 600, 8, device=DEVICE)
+    q = torch.arange(0, 300, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="compiling the forgetting mask failed"):
+        rows = masks.dense_gist_mask_fused(layout, 1, q)
+    assert torch.equal(rows, masks.dense_gist_mask(layout, 1, q)) and masks._compiled_mask is False
+    assert torch.equal(masks.dense_gist_mask_fused(layout, 1, q), rows)  # eager from then on, no second warning
