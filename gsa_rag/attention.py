@@ -507,10 +507,10 @@ def _masked_attention(query, key, value, mask: LayerMask, scaling, dropout) -> t
 # FlexAttention (gsa_rag.kernels.prefill.masked_prefill) on these devices: blocks the mask leaves
 # empty are skipped, K/V are not repeated per query head, no float bias is built, and the mask is
 # made a band of rows at a time (`LayerMask.rows`), never whole, where SDPA under a mask computes
-# every pair. On an H200 a whole prefill forward of the default model's shapes took 0.73x / 0.35x /
-# 0.24x the time at 16K / 32K / 64K, its peak memory 1.2 GB against 6.3 at 32K (HF's dense causal
-# 1.2); Llama-3-8B's shapes 0.60x / 0.43x at 16K / 32K. Below 16K it was slower for the default
-# model (a plan per forward, a compiled call per layer): benchmarks/engine_prefill.py,
+# every pair. On an H200 a whole prefill forward of the default model's shapes took 0.61x / 0.29x /
+# 0.18x the time at 16K / 32K / 64K (0.93x HF's dense causal at 32K), its peak memory 1.2 GB
+# against 6.3 at 32K (HF's 1.2); Llama-3-8B's shapes 0.58x / 0.39x at 16K / 32K. Below 16K it was
+# slower for the default model (a plan per forward, a compiled call per layer): benchmarks/engine_prefill.py,
 # benchmarks/results/engine_prefill/. The tail rows (question, answer) keep their own path.
 # False restores SDPA.
 FLEX_PREFILL = True
