@@ -232,15 +232,19 @@ def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor],
     if runs is not None:
         any_seen, full = _blocks_of_runs(runs, nk, bs)
         block_of = torch.where(full, FULL, torch.where(any_seen, PARTIAL, EMPTY)).to(torch.int32)
-        starts, ends = runs[..., 0].contiguous(), runs[..., 1].contiguous()
+        # [B, rows * RUNS], and RUNS read as the module's constant: a dimension (or a captured
+        # int) of 8 would share its size symbol with a batch of 8 in the compiled kernel (duck
+        # sizing), which the loop would then fix at 8, and the next batch size would compile again
+        starts, ends = (runs[..., i].reshape(B, -1).contiguous() for i in (0, 1))
         partial = None
 
         def mask_mod(b, h, q_idx, kv_idx):
-            seen = (kv_idx >= starts[b, q_idx, 0]) & (kv_idx < ends[b, q_idx, 0])
-            for j in range(1, starts.shape[-1]):
-                seen = seen | ((kv_idx >= starts[b, q_idx, j]) & (kv_idx < ends[b, q_idx, j]))
+            first = q_idx * RUNS
+            seen = (kv_idx >= starts[b, first]) & (kv_idx < ends[b, first])
+            for j in range(1, RUNS):
+                seen = seen | ((kv_idx >= starts[b, first + j]) & (kv_idx < ends[b, first + j]))
             return seen
-    else:
+    else:  # asks again for the bands the runs had read (a mask of many runs a row is rare in the engine)
         any_seen, full, block_of, partial = _partial_blocks_of_mask(rows_of, bands, perm, B, nq, nk, bs)
 
         def mask_mod(b, h, q_idx, kv_idx):

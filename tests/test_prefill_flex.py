@@ -382,6 +382,17 @@ def test_new_lengths_do_not_compile_again(counted_compiles):
     assert len(counted_compiles) == warm
 
 
+def test_a_batch_of_runs_as_large_as_runs_compiles_no_extra_graph(counted_compiles):
+    """A first batch of RUNS (8) sequences: another batch size then reuses the graph, as for any
+    other first batch (the runs' bounds, kept [B, rows, RUNS], once shared the batch's size
+    symbol and so fixed the batch at 8)."""
+    _run(prefill.RUNS, 2 * BLOCK, 3 * BLOCK)
+    _run(prefill.RUNS, 3 * BLOCK - 5, 4 * BLOCK + 3)
+    warm = len(counted_compiles)
+    _run(2, 2 * BLOCK + 7, 3 * BLOCK)
+    assert len(counted_compiles) == warm
+
+
 def test_past_the_recompile_limit_flex_raises_rather_than_running_eagerly(counted_compiles, monkeypatch):
     """torch.compile past its recompile limit would run FlexAttention eagerly and silently (every
     score: out of memory at a long prefill on CUDA); masked_prefill raises instead, which the
