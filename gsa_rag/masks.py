@@ -122,7 +122,10 @@ def dense_gist_mask_fused(layout: GistLayout, num_previous_chunks: int, q_index:
     if _compiled_mask is None:
         _compiled_mask = torch.compile(dense_gist_mask, dynamic=True)
     try:
-        return _compiled_mask(layout, num_previous_chunks, q_index)
+        # the levels are a loop bound, so their size is fixed in the graph; with sizes of equal
+        # value sharing a symbol (duck sizing) the batch, when it equals them, would be fixed too
+        with _no_duck_sizing():
+            return _compiled_mask(layout, num_previous_chunks, q_index)
     except torch.OutOfMemoryError:
         raise
     except Exception as err:  # noqa: BLE001  (Inductor, Triton or a C compiler that cannot run here)
@@ -132,6 +135,18 @@ def dense_gist_mask_fused(layout: GistLayout, num_previous_chunks: int, q_index:
         warnings.warn(f"compiling the forgetting mask failed ({type(err).__name__}: {str(err)[:300]}); "
                       "it is built eagerly from now on", RuntimeWarning, stacklevel=2)
         return dense_gist_mask(layout, num_previous_chunks, q_index)
+
+
+def _no_duck_sizing():
+    """torch.compile's sizes of equal value not sharing a symbol, where the installed torch has
+    the switch."""
+    import contextlib
+
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:
+        return contextlib.nullcontext()
+    return _config.patch(use_duck_shape=False) if hasattr(_config, "use_duck_shape") else contextlib.nullcontext()
 
 
 def _gather_units(selected: torch.Tensor, unit_of_kv: torch.Tensor) -> torch.Tensor:

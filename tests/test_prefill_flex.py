@@ -483,18 +483,20 @@ def counted_mask_compiles(monkeypatch):
 
 def test_the_plans_bands_take_the_compiled_rule_without_recompiling(counted_mask_compiles):
     """A plan's bands of forgetting rows come from the compiled rule (one fused pass on CUDA): the
-    same rows as the eager rule, and one graph for every length of a layout's depth (one for GSA,
-    one for H-GSA)."""
+    same rows as the eager rule, and one graph for every length of a layout's depth (GSA, H-GSA
+    of two levels, of three) and every batch past 1 (three levels, a loop bound of 2, once fixed a
+    batch of 2 too)."""
     from gsa_rag.kernels.bench import decode_case
 
     from gsa_rag.masks import dense_gist_mask
 
-    for context, meta in [(1000, ()), (1700, ()), (2300, ()), (1200, (4,)), (2100, (4,))]:
-        config, layout = decode_case(1, context, 8, meta_chunks=meta, device=DEVICE)
+    for batch, context, meta in [(2, 1200, (4, 4)), (3, 1500, (4, 4)), (1, 1000, ()), (1, 1700, ()), (1, 2300, ()),
+                                 (1, 1200, (4,)), (1, 2100, (4,))]:
+        config, layout = decode_case(batch, context, 8, meta_chunks=meta, device=DEVICE)
         state = GistState.for_new_tokens(layout, layout.seq_len, config)
         band = state.forget_rows(100, 100 + attention.FOLD_MAX_ROWS + 1)
         assert torch.equal(band[:, 0], dense_gist_mask(layout, 1, state.q_index[100 : 101 + attention.FOLD_MAX_ROWS]))
-    assert len(counted_mask_compiles) == 2
+    assert len(counted_mask_compiles) == 3
 
 
 def test_a_failed_mask_compile_warns_and_builds_the_rows_eagerly(monkeypatch):
