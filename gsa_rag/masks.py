@@ -115,9 +115,11 @@ FUSED_MASK_DEVICES = ("cuda",)  # the CPU's Inductor is not used by the engine (
 
 def dense_gist_mask_fused(layout: GistLayout, num_previous_chunks: int, q_index: torch.Tensor) -> torch.Tensor:
     """`dense_gist_mask` of the rows `q_index`, compiled into one kernel on CUDA (eager elsewhere,
-    or once its compile has failed in this process, with a warning)."""
+    with GSA_RAG_KERNELS=0, or once its compile has failed in this process, with a warning)."""
+    from gsa_rag.kernels.dispatch import kernels_off
+
     global _compiled_mask
-    if layout.input_ids.device.type not in FUSED_MASK_DEVICES or _compiled_mask is False:
+    if layout.input_ids.device.type not in FUSED_MASK_DEVICES or _compiled_mask is False or kernels_off():
         return dense_gist_mask(layout, num_previous_chunks, q_index)
     if _compiled_mask is None:
         _compiled_mask = torch.compile(dense_gist_mask, dynamic=True)

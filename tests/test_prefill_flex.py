@@ -499,6 +499,18 @@ def test_the_plans_bands_take_the_compiled_rule_without_recompiling(counted_mask
     assert len(counted_mask_compiles) == 3
 
 
+def test_kernels_off_keeps_the_rule_eager(counted_mask_compiles, monkeypatch):
+    from gsa_rag.kernels.bench import decode_case
+
+    from gsa_rag import masks
+
+    monkeypatch.setenv("GSA_RAG_KERNELS", "0")
+    _, layout = decode_case(1, 600, 8, device=DEVICE)
+    q = torch.arange(0, 300, device=DEVICE)
+    assert torch.equal(masks.dense_gist_mask_fused(layout, 1, q), masks.dense_gist_mask(layout, 1, q))
+    assert counted_mask_compiles == []
+
+
 def test_a_failed_mask_compile_warns_and_builds_the_rows_eagerly(monkeypatch):
     from gsa_rag.kernels.bench import decode_case
 
