@@ -227,8 +227,9 @@ def masked_prefill_plan(mask: torch.Tensor | Callable[[int, int], torch.Tensor],
         perm = torch.zeros(B, nk * bs, dtype=torch.long, device=recall.device)  # padding reads column 0 (masked)
         perm[:, :T] = front_first(recall)
     # bands of about _POOL_ROWS rows over the whole batch, whole row blocks each
-    bands = [(lo, min(R, lo + max(bs, _POOL_ROWS // (bs * B) * bs))) for lo in range(0, R, max(bs, _POOL_ROWS // (bs * B) * bs))]
-    runs = _runs_of_mask(rows_of, bands, perm, B, nq * bs, T)
+    band = max(bs, _POOL_ROWS // (bs * B) * bs)
+    bands = [(lo, min(R, lo + band)) for lo in range(0, R, band)]
+    runs = _runs_of_mask(rows_of, bands, perm, B, nq * bs)
     if runs is not None:
         any_seen, full = _blocks_of_runs(runs, nk, bs)
         block_of = torch.where(full, FULL, torch.where(any_seen, PARTIAL, EMPTY)).to(torch.int32)
@@ -268,7 +269,7 @@ def _permuted(rows: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return torch.gather(rows, 2, perm[:, None, : rows.shape[2]].expand(-1, rows.shape[1], -1))
 
 
-def _runs_of_mask(rows_of, bands, perm, B: int, rows_padded: int, T: int) -> torch.Tensor | None:
+def _runs_of_mask(rows_of, bands, perm, B: int, rows_padded: int) -> torch.Tensor | None:
     """int32 [B, rows_padded, RUNS, 2]: each row's runs of seen keys (keys permuted) as (start,
     end), unused ones (0, 0), padding rows none; None as soon as a row holds more than RUNS."""
     runs = None
