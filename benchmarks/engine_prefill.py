@@ -121,6 +121,16 @@ def result_name(arch: str, layers: int, contexts: list[int], batch: int, min_row
     return f"engine_prefill_{arch}_l{layers}_b{batch}_ctx{context_tag(contexts)}{levels}{rows}{tiles}"
 
 
+def tiles_arg(text: str) -> str:
+    """--flex-tiles: 'flex' or BLOCK_M,BLOCK_N (powers of two from 16)."""
+    sizes = text.split(",")
+    if text != "flex" and (len(sizes) != 2 or not all(x.isdigit() and int(x) >= 16 and int(x) & (int(x) - 1) == 0
+                                                      for x in sizes)):
+        raise argparse.ArgumentTypeError(f"expected 'flex' or two powers of two from 16 as BLOCK_M,BLOCK_N "
+                                         f"(e.g. 64,64), got {text!r}")
+    return text
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="4K and 8K only")
@@ -134,7 +144,7 @@ def main(argv=None) -> None:
     p.add_argument("--min-rows", type=int, default=0,
                    help="attention.FLEX_MIN_ROWS for gsa_flex (default 0: FlexAttention at every length, to show "
                         "where it starts to pay; the engine's default is attention.FLEX_MIN_ROWS)")
-    p.add_argument("--flex-tiles", default=None,
+    p.add_argument("--flex-tiles", default=None, type=tiles_arg,
                    help="FlexAttention's tiles for gsa_flex as BLOCK_M,BLOCK_N, or 'flex' for its own "
                         "(default: kernels.prefill.FLEX_TILES for the head dim)")
     p.add_argument("--out", default="benchmarks/results/engine_prefill", help="folder of the result files")

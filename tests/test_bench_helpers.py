@@ -179,6 +179,23 @@ def test_prefill_result_name_holds_every_setting():
     _distinct(base, {"heads": (9, 3, 64), "chunk": 16, "contexts": [4096, 8192], "masked_up_to": 4}, name)
 
 
+def test_engine_prefill_result_name_holds_every_setting():
+    name = _script("engine_prefill").result_name
+    base = {"arch": "smollm2-135m", "layers": 30, "contexts": [16384, 32768], "batch": 1, "min_rows": 0,
+            "tiles": None, "meta": []}
+    assert name(**base) == "engine_prefill_smollm2-135m_l30_b1_ctx16k+32k"
+    _distinct(base, {"arch": "llama3-8b", "layers": 8, "contexts": [16384], "batch": 2, "min_rows": 16384,
+                     "tiles": "64,64", "meta": [4]}, name)
+    assert name(**{**base, "tiles": "flex"}) != name(**{**base, "tiles": "64,64"})
+
+
+@pytest.mark.parametrize("tiles", ["64", "64,48", "a,b", "8,8", "64,64,64"])
+def test_engine_prefill_refuses_tiles_it_cannot_pass(tiles, capsys):
+    with pytest.raises(SystemExit):
+        _script("engine_prefill").main(["--flex-tiles", tiles])
+    assert "two powers of two from 16" in capsys.readouterr().err
+
+
 def test_kernels_result_name_holds_every_setting():
     name = _script("kernels").result_name
     base = {"shapes": ["llama3-8b", "smollm2-135m"], "batches": [1, 8], "contexts": [4096, 32768, 131072],
