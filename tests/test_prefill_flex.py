@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import random
+import shutil
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from gsa_rag import attention
 from gsa_rag.attention import GistState
 from gsa_rag.config import GistConfig
 from gsa_rag.generation import forward
-from gsa_rag.layout import build_layout
+from gsa_rag.layout import Segment, build_layout
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -527,3 +528,42 @@ def test_a_failed_mask_compile_warns_and_builds_the_rows_eagerly(monkeypatch):
         rows = masks.dense_gist_mask_fused(layout, 1, q)
     assert torch.equal(rows, masks.dense_gist_mask(layout, 1, q)) and masks._compiled_mask is False
     assert torch.equal(masks.dense_gist_mask_fused(layout, 1, q), rows)  # eager from then on, no second warning
+
+
+@pytest.mark.skipif(DEVICE == "cpu" and not (shutil.which("c++") or shutil.which("g++")),
+                    reason="no C++ compiler for Inductor's CPU code")
+def test_the_compiled_rule_equals_the_eager_rule_on_random_layouts(monkeypatch):
+    """Inductor's code for the forgetting rule (the engine compiles it on CUDA; here on this
+    device) against the eager rule, every row of random batches: left padding, independent
+    passages with link tokens, H-GSA of two and three levels."""
+    import warnings
+
+    import torch._dynamo
+
+    from gsa_rag import masks
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(masks, "FUSED_MASK_DEVICES", (DEVICE,))
+    monkeypatch.setattr(masks, "_compiled_mask", None)
+    rng = random.Random(3)
+    for meta, reuse in [((), False), ((), True), ((2,), False), ((2, 3), False), ((2,), True)]:
+        config = GistConfig(chunk_size=rng.randrange(2, 6), meta_chunks=meta, sink=rng.randrange(0, 4),
+                            word_aware=False)
+        rows = []
+        for _ in range(rng.randrange(2, 4)):  # rows of different lengths: left padding
+            segments = []
+            for p in range(rng.randrange(1, 5)):
+                ids = tuple(rng.randrange(1, 990) for _ in range(rng.randrange(5, 60)))
+                segments.append(Segment(ids, True, passage_id=p, independent=reuse))
+                if reuse:
+                    segments.append(Segment((5, 6), True, passage_id=p, link=True))
+            segments.append(Segment(tuple(rng.randrange(1, 990) for _ in range(rng.randrange(1, 8))), False))
+            rows.append(segments)
+        layout = build_layout(rows, config, FakeTokenizer(), device=DEVICE)
+        q = torch.arange(layout.seq_len, device=DEVICE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed compile warns and builds the rows eagerly
+            rows_compiled = masks.dense_gist_mask_fused(layout, 1, q)
+        assert torch.equal(rows_compiled, masks.dense_gist_mask(layout, 1, q)), (meta, reuse)
+    assert masks._compiled_mask not in (None, False)
+    torch._dynamo.reset()
