@@ -142,13 +142,11 @@ def dense_gist_mask_fused(layout: GistLayout, num_previous_chunks: int, q_index:
 def _no_duck_sizing():
     """torch.compile's sizes of equal value not sharing a symbol, where the installed torch has
     the switch."""
-    import contextlib
+    from torch.fx.experimental import _config
 
-    try:
-        from torch.fx.experimental import _config
-    except ImportError:
-        return contextlib.nullcontext()
-    return _config.patch(use_duck_shape=False) if hasattr(_config, "use_duck_shape") else contextlib.nullcontext()
+    from gsa_rag.kernels.dispatch import config_patch
+
+    return config_patch(_config, use_duck_shape=False)
 
 
 def _gather_units(selected: torch.Tensor, unit_of_kv: torch.Tensor) -> torch.Tensor:

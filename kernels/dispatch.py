@@ -13,10 +13,18 @@ imports it on every platform.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import lru_cache
 
 import torch
+
+
+def config_patch(config, **settings):
+    """`config.patch(**settings)` (a torch config module) for the settings the installed torch
+    has; the others are skipped (pyproject allows releases older than some switches)."""
+    present = {name: value for name, value in settings.items() if hasattr(config, name)}
+    return config.patch(**present) if present else contextlib.nullcontext()
 
 
 @lru_cache(maxsize=1)

@@ -24,12 +24,12 @@ Two entry points:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from gsa_rag.kernels.dispatch import config_patch
 
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import dense_gist_mask, visible
@@ -395,11 +395,7 @@ def masked_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         return flex_attention(padded, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv)[:, :, :R]
     # past its recompile limit torch.compile would run FlexAttention eagerly, silently: on CUDA that
     # computes every score (out of memory at long prefills); raising lets the caller fall back
-    # (the switch is newer than some releases pyproject allows)
-    config = torch._dynamo.config
-    limit = (config.patch(fail_on_recompile_limit_hit=True) if hasattr(config, "fail_on_recompile_limit_hit")
-             else contextlib.nullcontext())
-    with limit:
+    with config_patch(torch._dynamo.config, fail_on_recompile_limit_hit=True):
         out = _flex(dynamic=True)(padded, key, value, block_mask=plan.block_mask, scale=scale, enable_gqa=Hq != Hkv,
                                   kernel_options=_tiles(D, plan.block_size))
     return out[:, :, :R]
