@@ -337,21 +337,28 @@ def test_a_hook_sees_the_same_masks_on_the_flex_path(monkeypatch):
     torch.testing.assert_close(logits[True], logits[False], atol=1e-4, rtol=1e-4)
 
 
-@pytest.fixture
-def counted_compiles(monkeypatch):
-    """masked_prefill's compiled FlexAttention traced by Dynamo with a backend that counts its
-    graphs and runs them eagerly (no Inductor: the guards, hence the recompiles, are Dynamo's)."""
-    import torch._dynamo
-    from torch.nn.attention.flex_attention import flex_attention
-
+def counting_compile(fn):
+    """(fn through torch.compile with dynamic shapes, the list of Dynamo's graphs): a backend that
+    counts the graphs and runs them eagerly (no Inductor: the guards, hence the recompiles, are
+    Dynamo's)."""
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    return torch.compile(fn, dynamic=True, backend=backend), graphs
+
+
+@pytest.fixture
+def counted_compiles(monkeypatch):
+    """masked_prefill's compiled FlexAttention traced by Dynamo, its graphs counted."""
+    import torch._dynamo
+    from torch.nn.attention.flex_attention import flex_attention
+
     torch._dynamo.reset()
-    monkeypatch.setitem(prefill._compiled_flex, True, torch.compile(flex_attention, dynamic=True, backend=backend))
+    compiled, graphs = counting_compile(flex_attention)
+    monkeypatch.setitem(prefill._compiled_flex, True, compiled)
     yield graphs
     torch._dynamo.reset()
 
@@ -463,21 +470,16 @@ def test_flex_tiles_by_head_dim():
 
 @pytest.fixture
 def counted_mask_compiles(monkeypatch):
-    """masks.dense_gist_mask_fused on this device, traced by Dynamo with a backend that counts its
-    graphs and runs them eagerly (the engine compiles it with Inductor on CUDA only)."""
+    """masks.dense_gist_mask_fused on this device, traced by Dynamo, its graphs counted (the
+    engine compiles it with Inductor on CUDA only)."""
     import torch._dynamo
 
     from gsa_rag import masks
 
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     torch._dynamo.reset()
+    compiled, graphs = counting_compile(masks.dense_gist_mask)
     monkeypatch.setattr(masks, "FUSED_MASK_DEVICES", (DEVICE,))
-    monkeypatch.setattr(masks, "_compiled_mask", torch.compile(masks.dense_gist_mask, dynamic=True, backend=backend))
+    monkeypatch.setattr(masks, "_compiled_mask", compiled)
     yield graphs
     torch._dynamo.reset()
 
