@@ -7,11 +7,13 @@ Llama-3-8B shapes (32 query / 8 KV heads, d 128), bf16, CUDA-graph replay. Each 
 are drawn as adaptive k would build them (chunk 8, ratio 8: each of a KV head's four query heads
 picks L / 256 + 1 random chunks of 9 columns; the union, the 4 sink and the last 64 columns), at
 128K batch 1, 32K batch 1 and 128K batch 8. Every setting's output is checked against the
-reference first. Swept: key block (32, 64), warps (4, 8), pipeline stages (1-4), splits (0.5x to
-3x the default's), and two loop forms:
+reference first. Swept (each narrowed by its option): key block (32, 64), warps (4, 8), pipeline
+stages (1-4), splits (0.5x to 3x the default's), and the loop forms (`--styles`):
   prefetch  the kernel as the engine runs it: the next block's indices loaded one step ahead
   inloop    a variant kept here for the comparison: each block's indices loaded in the step that
             uses them, in a `tl.range` loop left to Triton's pipeliner
+  regs      a variant kept here for the comparison (round 22): no pipeliner; the next block's K/V
+            loaded into registers while this one is scored, its indices two steps ahead
 Microseconds per call (split launch + combine, median); the floor is the listed K/V bytes at
 4.3 TB/s.
 """
@@ -38,12 +40,17 @@ COPY_BW = 4.3e12
 if triton is not None:
 
     @triton.jit
-    def _inloop_kernel(Q, K, V, IDX, LEN, M, L, ACC, qk_scale,
-                       s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_ib, s_ih, s_in,
-                       s_lb, s_lh, s_mb, s_mh, s_ms, s_ab, s_ah, s_as, s_ad, Hkv, G, split_len,
-                       G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
-                       PRECISION: tl.constexpr, STAGES: tl.constexpr):
-        # sparse_decode._split_kernel with the indices loaded in the step that uses them
+    def _variant_kernel(Q, K, V, IDX, LEN, M, L, ACC, qk_scale,
+                        s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_vb, s_vh, s_vt, s_vd, s_ib, s_ih, s_in,
+                        s_lb, s_lh, s_mb, s_mh, s_ms, s_ab, s_ah, s_as, s_ad, Hkv, G, split_len,
+                        G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+                        PRECISION: tl.constexpr, STAGES: tl.constexpr, REGS: tl.constexpr):
+        # sparse_decode._split_kernel with another loop. REGS False (inloop): each block's indices
+        # loaded in the step that uses them, in a `tl.range` loop left to Triton's pipeliner. REGS
+        # True (regs, launched with num_stages=1: no pipeliner): the next block's K/V loaded into
+        # registers while this block is scored, and its indices the step before (ncu, round 22,
+        # showed the engine's kernel at batch 1 loading each step's indices right before the
+        # gathers they feed, where the pipeliner places them)
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hkv
@@ -62,20 +69,31 @@ if triton is not None:
         m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([G_PAD], dtype=tl.float32)
         acc = tl.zeros([G_PAD, D], dtype=tl.float32)
-        for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            live = offs < end
-            cols = tl.load(idx_base + offs * s_in, mask=live, other=0).to(tl.int64)
-            k = tl.load(k_base + cols[:, None] * s_kt + d[None, :] * s_kd, mask=live[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * s_vt + d[None, :] * s_vd, mask=live[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        if REGS:
+            offs = start + tl.arange(0, BLOCK_N)
+            cols = tl.load(idx_base + offs * s_in, mask=offs < end, other=0).to(tl.int64)
+            cols1 = tl.load(idx_base + (offs + BLOCK_N) * s_in, mask=offs + BLOCK_N < end, other=0).to(tl.int64)
+            k = tl.load(k_base + cols[:, None] * s_kt + d[None, :] * s_kd, mask=(offs < end)[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * s_vt + d[None, :] * s_vd, mask=(offs < end)[:, None], other=0.0)
+            for n0 in range(start, end, BLOCK_N):
+                offs = n0 + tl.arange(0, BLOCK_N)
+                nxt = (offs + BLOCK_N < end)[:, None]
+                k_next = tl.load(k_base + cols1[:, None] * s_kt + d[None, :] * s_kd, mask=nxt, other=0.0)
+                v_next = tl.load(v_base + cols1[:, None] * s_vt + d[None, :] * s_vd, mask=nxt, other=0.0)
+                far = offs + 2 * BLOCK_N
+                cols2 = tl.load(idx_base + far * s_in, mask=far < end, other=0).to(tl.int64)
+                m_i, l_i, acc = sd.online_softmax_step(q, k, v, offs < end, m_i, l_i, acc, qk_scale, PRECISION)
+                k = k_next
+                v = v_next
+                cols1 = cols2
+        else:
+            for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+                offs = n0 + tl.arange(0, BLOCK_N)
+                live = offs < end
+                cols = tl.load(idx_base + offs * s_in, mask=live, other=0).to(tl.int64)
+                k = tl.load(k_base + cols[:, None] * s_kt + d[None, :] * s_kd, mask=live[:, None], other=0.0)
+                v = tl.load(v_base + cols[:, None] * s_vt + d[None, :] * s_vd, mask=live[:, None], other=0.0)
+                m_i, l_i, acc = sd.online_softmax_step(q, k, v, live, m_i, l_i, acc, qk_scale, PRECISION)
         tl.store(M + b * s_mb + head * s_mh + split * s_ms, m_i, mask=g_ok)
         tl.store(L + b * s_mb + head * s_mh + split * s_ms, l_i, mask=g_ok)
         tl.store(ACC + b * s_ab + head[:, None] * s_ah + split * s_as + d[None, :] * s_ad, acc, mask=g_ok[:, None])
@@ -95,8 +113,10 @@ def attend(style, q, k, v, index, lengths, out, splits, block_n, warps, stages):
             *index.stride(), *lengths.stride(), *m.stride(), *acc.stride(), Hkv, Hq // Hkv, split_len)
     meta = {"G_PAD": max(16, triton.next_power_of_2(Hq // Hkv)), "D": D, "BLOCK_N": block_n, "DOT_F32": False,
                 "PRECISION": "tf32", "num_warps": warps, "num_stages": stages}
-    kernel = sd._split_kernel if style == "prefetch" else _inloop_kernel
-    kernel[(B * Hkv, S)](*args, **meta, **({} if style == "prefetch" else {"STAGES": stages}))
+    if style == "prefetch":
+        sd._split_kernel[(B * Hkv, S)](*args, **meta)
+    else:
+        _variant_kernel[(B * Hkv, S)](*args, **meta, STAGES=stages, REGS=style == "regs")
     sd.combine_splits(m[:, :, None], l[:, :, None], acc[:, :, None], out[:, :, None])
     return out
 
@@ -121,7 +141,7 @@ def graph_us(fn, rep_ms: int) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
-def sweep_case(L: int, B: int, gen: torch.Generator, rows: list) -> None:
+def sweep_case(L: int, B: int, gen: torch.Generator, rows: list, grid: argparse.Namespace) -> None:
     Hq, Hkv, D = 32, 8, 128
     q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
@@ -135,12 +155,12 @@ def sweep_case(L: int, B: int, gen: torch.Generator, rows: list) -> None:
     print(f"## L={L} B={B} width={index.shape[-1]} mean length={lengths.float().mean():.0f} floor={floor:.1f} us; "
           f"default ({S0} splits x 64, 4 warps, 3 stages): {default:.1f} us", flush=True)
     best = (default, "default")
-    for style in ("prefetch", "inloop"):
-        for block_n in (32, 64):
-            for warps in (4, 8):
-                for stages in (1, 2, 3, 4):
+    for style in grid.styles:
+        for block_n in grid.block_n:
+            for warps in grid.warps:
+                for stages in (1,) if style == "regs" else grid.stages:  # regs: no pipeliner
                     line = []
-                    for mult in (0.5, 1, 1.5, 2, 3):
+                    for mult in grid.splits:
                         S = max(1, int(S0 * mult))
                         setting = (style, q, k, v, index, lengths, out, S, block_n, warps, stages)
                         got = attend(*setting[:6], out.fill_(float("nan")), *setting[7:]).float()
@@ -161,6 +181,12 @@ def sweep_case(L: int, B: int, gen: torch.Generator, rows: list) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="write the rows as JSON (never overwrites)")
+    parser.add_argument("--styles", nargs="+", default=["prefetch", "inloop"], choices=["prefetch", "inloop", "regs"])
+    parser.add_argument("--block-n", nargs="+", type=int, default=[32, 64])
+    parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
+    parser.add_argument("--splits", nargs="+", type=float, default=[0.5, 1, 1.5, 2, 3],
+                        help="multiples of the default split count")
     args = parser.parse_args()
     if triton is None or not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU and Triton")
@@ -170,7 +196,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows: list = []
     for L, B in CASES:
-        sweep_case(L, B, gen, rows)
+        sweep_case(L, B, gen, rows, args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "x") as f:

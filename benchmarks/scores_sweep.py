@@ -1,14 +1,17 @@
 """The gist scores kernel (`gsa_rag.kernels.gist_select._scores_launch`) over its launch settings,
 reading the 16-bit key cache or the int8 copy of `GistConfig(score_dtype="int8")`: the sweep that
-chose INT8_BLOCK_C, INT8_STEPS, INT8_WARPS and INT8_STAGES (issue #6, NOTES.md round 17).
+chose INT8_BLOCK_C, INT8_STEPS, INT8_WARPS and INT8_STAGES (issue #6, NOTES.md round 17), and
+INT8_PERSISTENT with INT8_PROGRAMS_PER_SM (round 22).
 
-    python benchmarks/scores_sweep.py [--out benchmarks/results/kernels/h200_round17/scores_sweep.json]
+    python benchmarks/scores_sweep.py [--quick] [--out benchmarks/results/kernels/h200_round22/scores_sweep.json]
 
 Llama-3-8B shapes (32 query / 8 KV heads, d 128), bf16, the benchmarks' synthetic layout (chunk
 8), CUDA-graph replay rotating over input sets of >= 256 MB (no L2 hits), at 128K batch 8, 128K
 batch 1 and 32K batch 8. Every int8 setting's scores are checked against the default's first.
-Swept for the int8 copy: chunks a block (64, 128, 256), blocks a program (1, 2, 4, 8), warps (4,
-8), pipeline stages (2, 3); for the cache: blocks a program (1, 2). Microseconds per launch
+Swept for the int8 copy: chunks a block (64, 128, 256), warps (4, 8), pipeline stages (2, 3), and
+either blocks a program (1, 2, 4, 8) or one wave of 2-6 programs an SM, each a contiguous stretch
+of blocks (`--quick`: blocks of 128 and 256, 4 warps, 3 stages); for the cache: blocks a program
+(1, 2). Microseconds per launch
 (median); the floor is the bytes read and written at 4.3 TB/s (int8 keys, channel scales, fp32
 scores).
 """
@@ -28,10 +31,28 @@ from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
 CASES = ((131072, 8), (131072, 1), (32768, 8))
 HQ, HKV, D = 32, 8, 128
 COPY_BW = 4.3e12
-LAUNCH = ("INT8_BLOCK_C", "INT8_STEPS", "INT8_WARPS", "INT8_STAGES", "SCORE_STEPS")
+LAUNCH = ("INT8_BLOCK_C", "INT8_STEPS", "INT8_WARPS", "INT8_STAGES", "SCORE_STEPS", "INT8_PERSISTENT",
+          "INT8_PROGRAMS_PER_SM")
 
 
-def sweep_case(L: int, B: int) -> dict:
+def int8_settings(quick: bool) -> list[dict]:
+    """The int8 launch settings swept, each a {gist_select constant: value} dict."""
+    grid = itertools.product((128, 256), (4,), (3,)) if quick else itertools.product((64, 128, 256), (4, 8), (2, 3))
+    settings = []
+    for block, warps, stages in grid:
+        common = {"INT8_BLOCK_C": block, "INT8_WARPS": warps, "INT8_STAGES": stages}
+        settings += [{**common, "INT8_PERSISTENT": False, "INT8_STEPS": steps} for steps in (1, 2, 4, 8)]
+        settings += [{**common, "INT8_PERSISTENT": True, "INT8_PROGRAMS_PER_SM": n} for n in (2, 3, 4, 6)]
+    return settings
+
+
+def setting_name(setting: dict) -> str:
+    how = (f"persistent {setting['INT8_PROGRAMS_PER_SM']} an SM" if setting["INT8_PERSISTENT"]
+           else f"steps {setting['INT8_STEPS']}")
+    return f"int8 block {setting['INT8_BLOCK_C']} {how} warps {setting['INT8_WARPS']} stages {setting['INT8_STAGES']}"
+
+
+def sweep_case(L: int, B: int, settings: list[dict]) -> dict:
     layout = synthetic_layout(B, L, 8, sink=4, tail=32, device="cuda")
     T, C = layout.seq_len, layout.gist_index.shape[1]
     copies = input_copies(B * HKV * T * D * 2 * 2)
@@ -47,21 +68,22 @@ def sweep_case(L: int, B: int) -> dict:
     def us(int8: bool) -> float:
         return bench_us(lambda: [launch(q, k, k8 if int8 else None) for q, k, k8 in sets], cuda_graph=True) / copies
 
-    want = launch(*sets[0]).clone()
-    finite = torch.isfinite(want)
+    finite = torch.isfinite(launch(*sets[0]))
     times = {}
     for steps in (1, 2):
         gs.SCORE_STEPS = steps
         times[f"cache steps {steps}"] = us(False)
     gs.SCORE_STEPS = 1
-    for block, steps, warps, stages in itertools.product((64, 128, 256), (1, 2, 4, 8), (4, 8), (2, 3)):
-        gs.INT8_BLOCK_C, gs.INT8_STEPS, gs.INT8_WARPS, gs.INT8_STAGES = {D: block}, steps, warps, stages
+    want8 = launch(*sets[0]).clone()  # the default launch, against which every setting is checked
+    for setting in settings:
+        for name, value in setting.items():
+            setattr(gs, name, value)
         got = launch(*sets[0])
         # the same products: only the order of the fp32 sums may differ
-        close = torch.allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4 * float(want[finite].abs().max()))
+        close = torch.allclose(got[finite], want8[finite], rtol=1e-5, atol=1e-4 * float(want8[finite].abs().max()))
         if not (torch.equal(finite, torch.isfinite(got)) and close):
-            raise AssertionError(f"int8 scores differ at block {block}, steps {steps}, warps {warps}, stages {stages}")
-        times[f"int8 block {block} steps {steps} warps {warps} stages {stages}"] = us(True)
+            raise AssertionError(f"int8 scores differ under {setting_name(setting)}")
+        times[setting_name(setting)] = us(True)
     floor8 = (B * HKV * C * D + B * HKV * D * 4 + B * HQ * C * 4) / COPY_BW * 1e6
     return {"context": L, "batch": B, "chunks": C, "int8_floor_us": floor8, "us": times}
 
@@ -69,18 +91,21 @@ def sweep_case(L: int, B: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="write the rows as JSON (never overwrites)")
+    parser.add_argument("--quick", action="store_true", help="blocks of 128 and 256, 4 warps, 3 stages only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU and Triton")
     if args.out and Path(args.out).exists():
         parser.error(f"--out {args.out} exists: results are never overwritten; name another file")
     defaults = {name: getattr(gs, name) for name in LAUNCH}
-    default_int8 = (f"int8 block {gs.INT8_BLOCK_C[D]} steps {gs.INT8_STEPS} warps {gs.INT8_WARPS} "
-                    f"stages {gs.INT8_STAGES}")
+    default_int8 = setting_name(defaults)
+    settings = int8_settings(args.quick)
     torch.manual_seed(0)
     rows = []
     for L, B in CASES:
-        row = sweep_case(L, B)
+        for name, value in defaults.items():  # each case's reference scores under the defaults
+            setattr(gs, name, value)
+        row = sweep_case(L, B, settings)
         rows.append(row)
         best = sorted(row["us"].items(), key=lambda item: item[1])
         print(f"{L // 1024}K batch {B} ({row['chunks']} chunks; int8 floor {row['int8_floor_us']:.1f} us): "

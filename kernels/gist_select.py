@@ -371,19 +371,39 @@ if triton is not None:
         s_nb, s_nh,
         s_sb, s_sh, s_sc,
         s_xb, s_xh,
-        Hkv, G, C,
+        Hkv, G, C, NBLK, TOTAL, PER,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr, COUNT: tl.constexpr,
-        INT8: tl.constexpr, STEPS: tl.constexpr,
+        INT8: tl.constexpr,
     ):
-        # one program: one (batch, KV head) and STEPS blocks of BLOCK_C chunks, one after another
-        # (the loads of the next block in flight while one is scored); each gist key row is read once
-        # and scored against all G query heads that share it (one [G_PAD, D] x [D, BLOCK_C] dot;
-        # 16-bit products are exact in fp32 and accumulate in fp32, like the reference's
-        # fp32 matmul of the upcast inputs). It also zeroes its blocks of the [B, Hkv, C] size
-        # table that the mark kernel fills next (saves a launch). The gist list and its length are
-        # per batch row (s_gh = s_nh = 0) or, for H-GSA's candidate lists, per (batch, KV head).
-        pid = tl.program_id(0)
+        # The work is TOTAL = B * Hkv * NBLK blocks of BLOCK_C chunks, numbered (batch, KV head)
+        # major; a program scores PER consecutive ones in turn, the next block's loads in flight
+        # while one is scored (PER = 1: a program a block; a few programs an SM: each streams one
+        # contiguous stretch, and no partial last wave). Each gist key row is read once and scored
+        # against all G query heads that share it (one [G_PAD, D] x [D, BLOCK_C] dot; 16-bit
+        # products are exact in fp32 and accumulate in fp32, like the reference's fp32 matmul of
+        # the upcast inputs). A block also zeroes its part of the [B, Hkv, C] size table that the
+        # mark kernel fills next (saves a launch). The gist list and its length are per batch row
+        # (s_gh = s_nh = 0) or, for H-GSA's candidate lists, per (batch, KV head).
+        first = tl.program_id(0) * PER
+        last = tl.minimum(first + PER, TOTAL)
+        # a stretch spans one or two rows when PER <= NBLK: each row's query is loaded once
+        for row in range(first // NBLK, (last - 1) // NBLK + 1):
+            _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, row,
+                       tl.maximum(first - row * NBLK, 0), tl.minimum(last - row * NBLK, NBLK),
+                       s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh, s_gc, s_nb, s_nh,
+                       s_sb, s_sh, s_sc, s_xb, s_xh, Hkv, G, C, G_PAD, D, BLOCK_C, DOT_F32, PRECISION,
+                       ZERO_SIZES, ZERO_CNT, COUNT, INT8)
+
+    @triton.jit
+    def _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, pid, lo, hi,
+                   s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh, s_gc, s_nb, s_nh,
+                   s_sb, s_sh, s_sc, s_xb, s_xh, Hkv, G, C,
+                   G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+                   PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr,
+                   COUNT: tl.constexpr, INT8: tl.constexpr):
+        # blocks [lo, hi) of (batch, KV head) `pid`, the next block's keys in flight while one is scored
+        pid64 = pid * tl.full([], 1, tl.int64)  # (the interpreter's loop index is a Python int)
         b = pid // Hkv
         h = pid % Hkv
         g = tl.arange(0, G_PAD)
@@ -405,8 +425,8 @@ if triton is not None:
                 q = q.to(Q.dtype.element_ty)
         if DOT_F32:
             q = q.to(tl.float32)
-        for step in tl.range(0, STEPS):
-            c = (tl.program_id(1) * STEPS + step) * BLOCK_C + tl.arange(0, BLOCK_C)
+        for blk in tl.range(lo, hi):
+            c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
             c_ok = c < C
             exists = c < n
             if INT8:  # K is the contiguous int8 copy (gist_keys8): row c is chunk c's gist
@@ -424,11 +444,11 @@ if triton is not None:
             tl.store(S + b64 * s_sb + (h * G + g)[:, None] * s_sh + c[None, :] * s_sc, s,
                      mask=(g < G)[:, None] & c_ok[None, :])
             if ZERO_SIZES:
-                tl.store(SIZES + pid.to(tl.int64) * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
-            if COUNT:  # gist keys this program read (tests and benchmarks count a step's keys)
+                tl.store(SIZES + pid64 * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
+            if COUNT:  # gist keys this block read (tests and benchmarks count a step's keys)
                 tl.atomic_add(SCORED + pid, tl.sum(exists.to(tl.int32), 0))
         if ZERO_CNT:  # the arrival counters of the select kernel that runs next
-            if tl.program_id(1) == 0:
+            if lo == 0:
                 tl.store(CNT + pid, 0)
 
     @triton.jit
@@ -901,6 +921,11 @@ INT8_STEPS = 4
 INT8_WARPS = 4
 INT8_STAGES = 3
 STEPS_MIN_PROGRAMS_PER_SM = 8
+# the int8 copy in one wave of programs, INT8_PROGRAMS_PER_SM an SM (what its registers and shared
+# memory allow: ncu, round 22), each scoring one contiguous stretch of blocks: at 128K batch 8 the
+# grid of 4 blocks a program ran 3.5 waves, the last one part full (A/B: INT8_PERSISTENT = False)
+INT8_PERSISTENT = True
+INT8_PROGRAMS_PER_SM = 4
 
 
 def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None, scored=None,
@@ -929,21 +954,25 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         key, qscale = keys8.values, keys8.scale
         BLOCK_C, steps, warps, stages = INT8_BLOCK_C, INT8_STEPS, INT8_WARPS, INT8_STAGES
     blocks = triton.cdiv(C, BLOCK_C)
-    if steps > 1 and B * Hkv * blocks < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
-        steps = 1  # few programs already: each takes one block, all run at once
-    steps = max(1, min(steps, blocks))
-    grid = (B * Hkv, triton.cdiv(blocks, steps))
-    _gist_scores_kernel[grid](
+    total = B * Hkv * blocks
+    slots = INT8_PROGRAMS_PER_SM * num_sms(query.device)
+    if keys8 is not None and INT8_PERSISTENT and total > slots:
+        per = triton.cdiv(total, slots)  # one wave of programs, each a contiguous stretch
+    elif steps > 1 and total < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
+        per = 1  # few programs already: each takes one block, all run at once
+    else:
+        per = max(1, min(steps, blocks))
+    _gist_scores_kernel[(triton.cdiv(total, per),)](
         query, key, gist_index, num_chunks, out, out if sizes is None else sizes,
         out if counters is None else counters, out if scored is None else scored,
         out if keys8 is None else qscale,
         *query.stride(), *key.stride(), s_gb, s_gh, s_gc, s_nb, s_nh, *out.stride(),
         *((0, 0) if keys8 is None else qscale.stride()[:2]),
-        Hkv, G, C, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
+        Hkv, G, C, blocks, total, per, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
         DOT_F32=interpreting() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
-        ZERO_CNT=counters is not None, COUNT=scored is not None, INT8=keys8 is not None, STEPS=steps,
+        ZERO_CNT=counters is not None, COUNT=scored is not None, INT8=keys8 is not None,
         num_warps=warps, num_stages=stages,
     )
     return out

@@ -64,6 +64,19 @@ def sparse_decode_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 if triton is not None:
 
     @triton.jit
+    def online_softmax_step(q, k, v, live, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+        # one block of keys into the running max m_i, sum l_i and unnormalised acc of the G_PAD
+        # query rows (log2 units: qk_scale holds log2(e)); dead keys (live False) weigh 0
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G_PAD, BLOCK_N]
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _split_kernel(
         Q, K, V, IDX, LEN, M, L, ACC,
         qk_scale,
@@ -114,14 +127,7 @@ if triton is not None:
             if DOT_F32:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [G_PAD, BLOCK_N], log2 units
-            s = tl.where(live[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(q, k, v, live, m_i, l_i, acc, qk_scale, PRECISION)
             cols = cols_next
         # an empty split (start >= n) stores m = -inf, l = 0, acc = 0: the combine weighs it 0
         tl.store(M + b * s_mb + head * s_mh + split * s_ms, m_i, mask=g_ok)

@@ -316,3 +316,16 @@ def test_decode_latency_chart_has_a_bar_per_column_and_row(tmp_path, capsys):
     assert (tmp_path / "run.png").stat().st_size > 0 and "run.png" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="never overwritten"):
         module.main(["--replot", str(result)])
+
+
+def test_scores_sweep_times_the_default_launch_and_names_every_setting_apart():
+    """The sweep prints each case's default int8 time from its rows, so the defaults must be among
+    the settings it times (quick or full); and no two settings share a row name."""
+    from gsa_rag.kernels import gist_select
+
+    sweep = _script("scores_sweep")
+    default = sweep.setting_name({name: getattr(gist_select, name) for name in sweep.LAUNCH})
+    for quick in (True, False):
+        names = [sweep.setting_name(setting) for setting in sweep.int8_settings(quick)]
+        assert default in names
+        assert len(set(names)) == len(names)

@@ -350,16 +350,21 @@ def test_question_rows_of_a_forward_select_with_int8_keys_through_the_kernel(mon
             assert torch.equal(got, want), seed
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, monkeypatch):
-    """Programs that score several blocks of chunks in turn (SCORE_STEPS / INT8_STEPS), the last
-    block short, write every score once and count every gist key read once."""
+@pytest.mark.parametrize(("int8", "persistent"), [(False, False), (True, False), (True, True)])
+def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, persistent, monkeypatch):
+    """Programs that score several blocks of chunks in turn (SCORE_STEPS / INT8_STEPS, or for the
+    int8 copy one wave of programs, INT8_PERSISTENT), the last block short, write every score once,
+    count every gist key read once and zero the select kernel's counters. The persistent stretches
+    here (4 blocks of 32 chunks a program, 10 and 13 blocks a row) cross from one (batch, KV
+    head) row into the next."""
     from gsa_rag.kernels import gist_select
 
     monkeypatch.setattr(gist_select, "SCORE_STEPS", 3)
     monkeypatch.setattr(gist_select, "INT8_STEPS", 3)
     monkeypatch.setattr(gist_select, "INT8_BLOCK_C", 32)
     monkeypatch.setattr(gist_select, "STEPS_MIN_PROGRAMS_PER_SM", 0)  # small grids loop too
+    monkeypatch.setattr(gist_select, "INT8_PERSISTENT", persistent)
+    monkeypatch.setattr(gist_select, "INT8_PROGRAMS_PER_SM", 3)  # 12 programs on the interpreter's 4 "SMs"
     for B, Hq, Hkv, D, T, C in ((2, 4, 2, 16, 700, 300), (1, 9, 3, 64, 900, 410)):  # 3 and 4 blocks of 128
         g = torch.Generator().manual_seed(C)
         key, gist_index, num_chunks, gist_valid = random_keys(B, Hkv, T, D, C, g)
@@ -373,8 +378,11 @@ def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, monkeyp
             ref = gist_scores(query[:, :, None], key, gist_index, gist_valid)[:, :, 0]
         scored = torch.zeros(B * Hkv, dtype=torch.int32, device=DEVICE)
         sizes = torch.full((B, Hkv, C), -1, dtype=torch.int32, device=DEVICE)
+        counters = torch.full((B * Hkv,), -1, dtype=torch.int32, device=DEVICE)
         out = torch.full((B, Hq, C), float("nan"), device=DEVICE)
-        _scores_launch(query, key, gist_index, num_chunks, sizes=sizes, scored=scored, keys8=keys8, out=out)
+        _scores_launch(query, key, gist_index, num_chunks, sizes=sizes, counters=counters, scored=scored,
+                       keys8=keys8, out=out)
+        assert not counters.any(), "every (batch, KV head)'s counter is zeroed"
         assert torch.equal(torch.isinf(out), torch.isinf(ref))
         finite = torch.isfinite(ref)
         assert rel_err(out[finite], ref[finite]) < 1e-5
