@@ -11,7 +11,7 @@ batch 1 and 32K batch 8. Every int8 setting's scores are checked against the def
 Swept for the int8 copy: chunks a block (64, 128, 256), warps (4, 8), pipeline stages (2, 3), and
 either blocks a program (1, 2, 4, 8) or one wave of 2-6 programs an SM, each a contiguous stretch
 of blocks (`--quick`: blocks of 128 and 256, 4 warps, 3 stages); for the cache: blocks a program
-(1, 2). Microseconds per launch
+(1, 2) or one wave of 2-8 programs an SM. Microseconds per launch
 (median); the floor is the bytes read and written at 4.3 TB/s (int8 keys, channel scales, fp32
 scores).
 """
@@ -32,7 +32,10 @@ CASES = ((131072, 8), (131072, 1), (32768, 8))
 HQ, HKV, D = 32, 8, 128
 COPY_BW = 4.3e12
 LAUNCH = ("INT8_BLOCK_C", "INT8_STEPS", "INT8_WARPS", "INT8_STAGES", "SCORE_STEPS", "INT8_PERSISTENT",
-          "INT8_PROGRAMS_PER_SM")
+          "INT8_PROGRAMS_PER_SM", "SCORE_PERSISTENT", "SCORE_PROGRAMS_PER_SM")
+# the cache's settings: blocks a program, or one wave of n programs an SM
+CACHE_SETTINGS = ([{"SCORE_PERSISTENT": False, "SCORE_STEPS": steps} for steps in (1, 2)]
+                  + [{"SCORE_PERSISTENT": True, "SCORE_PROGRAMS_PER_SM": n} for n in (2, 4, 6, 8)])
 
 
 def int8_settings(quick: bool) -> list[dict]:
@@ -44,6 +47,12 @@ def int8_settings(quick: bool) -> list[dict]:
         settings += [{**common, "INT8_PERSISTENT": False, "INT8_STEPS": steps} for steps in (1, 2, 4, 8)]
         settings += [{**common, "INT8_PERSISTENT": True, "INT8_PROGRAMS_PER_SM": n} for n in (2, 3, 4, 6)]
     return settings
+
+
+def cache_setting_name(setting: dict) -> str:
+    if setting["SCORE_PERSISTENT"]:
+        return f"cache persistent {setting['SCORE_PROGRAMS_PER_SM']} an SM"
+    return f"cache steps {setting['SCORE_STEPS']}"
 
 
 def setting_name(setting: dict) -> str:
@@ -70,10 +79,15 @@ def sweep_case(L: int, B: int, settings: list[dict]) -> dict:
 
     finite = torch.isfinite(launch(*sets[0]))
     times = {}
-    for steps in (1, 2):
-        gs.SCORE_STEPS = steps
-        times[f"cache steps {steps}"] = us(False)
-    gs.SCORE_STEPS = 1
+    want = launch(*sets[0], None).clone()
+    for setting in CACHE_SETTINGS:
+        for name, value in setting.items():
+            setattr(gs, name, value)
+        got = launch(*sets[0], None)
+        if not (torch.equal(finite, torch.isfinite(got)) and torch.equal(got[finite], want[finite])):
+            raise AssertionError(f"cache scores differ under {cache_setting_name(setting)}")
+        times[cache_setting_name(setting)] = us(False)
+    gs.SCORE_STEPS, gs.SCORE_PERSISTENT = 1, False
     want8 = launch(*sets[0]).clone()  # the default launch, against which every setting is checked
     for setting in settings:
         for name, value in setting.items():

@@ -926,6 +926,9 @@ STEPS_MIN_PROGRAMS_PER_SM = 8
 # grid of 4 blocks a program ran 3.5 waves, the last one part full (A/B: INT8_PERSISTENT = False)
 INT8_PERSISTENT = True
 INT8_PROGRAMS_PER_SM = 4
+# the same for the 16-bit cache's gist columns (measured in scores_sweep.py)
+SCORE_PERSISTENT = False
+SCORE_PROGRAMS_PER_SM = 4
 
 
 def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None, scored=None,
@@ -955,8 +958,10 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         BLOCK_C, steps, warps, stages = INT8_BLOCK_C, INT8_STEPS, INT8_WARPS, INT8_STAGES
     blocks = triton.cdiv(C, BLOCK_C)
     total = B * Hkv * blocks
-    slots = INT8_PROGRAMS_PER_SM * num_sms(query.device)
-    if keys8 is not None and INT8_PERSISTENT and total > slots:
+    persistent, per_sm = (INT8_PERSISTENT, INT8_PROGRAMS_PER_SM) if keys8 is not None else (
+        SCORE_PERSISTENT, SCORE_PROGRAMS_PER_SM)
+    slots = per_sm * num_sms(query.device)
+    if persistent and total > slots:
         per = triton.cdiv(total, slots)  # one wave of programs, each a contiguous stretch
     elif steps > 1 and total < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
         per = 1  # few programs already: each takes one block, all run at once

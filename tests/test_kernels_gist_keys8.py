@@ -350,13 +350,13 @@ def test_question_rows_of_a_forward_select_with_int8_keys_through_the_kernel(mon
             assert torch.equal(got, want), seed
 
 
-@pytest.mark.parametrize(("int8", "persistent"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(("int8", "persistent"), [(False, False), (False, True), (True, False), (True, True)])
 def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, persistent, monkeypatch):
-    """Programs that score several blocks of chunks in turn (SCORE_STEPS / INT8_STEPS, or for the
-    int8 copy one wave of programs, INT8_PERSISTENT), the last block short, write every score once,
+    """Programs that score several blocks of chunks in turn (SCORE_STEPS / INT8_STEPS, or one wave
+    of programs, SCORE_PERSISTENT / INT8_PERSISTENT), the last block short, write every score once,
     count every gist key read once and zero the select kernel's counters. The persistent stretches
-    here (4 blocks of 32 chunks a program, 10 and 13 blocks a row) cross from one (batch, KV
-    head) row into the next."""
+    here cross from one (batch, KV head) row into the next: int8, 4 blocks of 32 chunks a program
+    on rows of 10 and 13; the cache, 2 blocks of 128 on rows of 3."""
     from gsa_rag.kernels import gist_select
 
     monkeypatch.setattr(gist_select, "SCORE_STEPS", 3)
@@ -365,6 +365,8 @@ def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, persist
     monkeypatch.setattr(gist_select, "STEPS_MIN_PROGRAMS_PER_SM", 0)  # small grids loop too
     monkeypatch.setattr(gist_select, "INT8_PERSISTENT", persistent)
     monkeypatch.setattr(gist_select, "INT8_PROGRAMS_PER_SM", 3)  # 12 programs on the interpreter's 4 "SMs"
+    monkeypatch.setattr(gist_select, "SCORE_PERSISTENT", persistent)
+    monkeypatch.setattr(gist_select, "SCORE_PROGRAMS_PER_SM", 2)
     for B, Hq, Hkv, D, T, C in ((2, 4, 2, 16, 700, 300), (1, 9, 3, 64, 900, 410)):  # 3 and 4 blocks of 128
         g = torch.Generator().manual_seed(C)
         key, gist_index, num_chunks, gist_valid = random_keys(B, Hkv, T, D, C, g)
