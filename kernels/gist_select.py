@@ -374,7 +374,7 @@ if triton is not None:
         Hkv, G, C, NBLK, TOTAL, PER,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr, COUNT: tl.constexpr,
-        INT8: tl.constexpr,
+        INT8: tl.constexpr, ONE: tl.constexpr,
     ):
         # The work is TOTAL = B * Hkv * NBLK blocks of BLOCK_C chunks, numbered (batch, KV head)
         # major; a program scores PER consecutive ones in turn, the next block's loads in flight
@@ -385,15 +385,22 @@ if triton is not None:
         # the upcast inputs). A block also zeroes its part of the [B, Hkv, C] size table that the
         # mark kernel fills next (saves a launch). The gist list and its length are per batch row
         # (s_gh = s_nh = 0) or, for H-GSA's candidate lists, per (batch, KV head).
-        first = tl.program_id(0) * PER
-        last = tl.minimum(first + PER, TOTAL)
-        # a stretch spans one or two rows when PER <= NBLK: each row's query is loaded once
-        for row in range(first // NBLK, (last - 1) // NBLK + 1):
-            _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, row,
-                       tl.maximum(first - row * NBLK, 0), tl.minimum(last - row * NBLK, NBLK),
+        pid = tl.program_id(0)
+        if ONE:  # PER = 1, no loop: a loop of one pipelined step cost the cache's scores a quarter
+            _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, pid // NBLK, pid % NBLK, pid % NBLK + 1,
                        s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh, s_gc, s_nb, s_nh,
                        s_sb, s_sh, s_sc, s_xb, s_xh, Hkv, G, C, G_PAD, D, BLOCK_C, DOT_F32, PRECISION,
-                       ZERO_SIZES, ZERO_CNT, COUNT, INT8)
+                       ZERO_SIZES, ZERO_CNT, COUNT, INT8, True)
+        else:
+            first = pid * PER
+            last = tl.minimum(first + PER, TOTAL)
+            # a stretch spans one or two rows when PER <= NBLK: each row's query is loaded once
+            for row in range(first // NBLK, (last - 1) // NBLK + 1):
+                _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, row,
+                           tl.maximum(first - row * NBLK, 0), tl.minimum(last - row * NBLK, NBLK),
+                           s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh, s_gc, s_nb, s_nh,
+                           s_sb, s_sh, s_sc, s_xb, s_xh, Hkv, G, C, G_PAD, D, BLOCK_C, DOT_F32, PRECISION,
+                           ZERO_SIZES, ZERO_CNT, COUNT, INT8, False)
 
     @triton.jit
     def _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, pid, lo, hi,
@@ -401,8 +408,9 @@ if triton is not None:
                    s_sb, s_sh, s_sc, s_xb, s_xh, Hkv, G, C,
                    G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
                    PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr,
-                   COUNT: tl.constexpr, INT8: tl.constexpr):
-        # blocks [lo, hi) of (batch, KV head) `pid`, the next block's keys in flight while one is scored
+                   COUNT: tl.constexpr, INT8: tl.constexpr, ONE: tl.constexpr):
+        # blocks [lo, hi) of (batch, KV head) `pid`, the next block's keys in flight while one is
+        # scored (ONE: the single block lo)
         pid64 = pid * tl.full([], 1, tl.int64)  # (the interpreter's loop index is a Python int)
         b = pid // Hkv
         h = pid % Hkv
@@ -425,31 +433,47 @@ if triton is not None:
                 q = q.to(Q.dtype.element_ty)
         if DOT_F32:
             q = q.to(tl.float32)
-        for blk in tl.range(lo, hi):
-            c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
-            c_ok = c < C
-            exists = c < n
-            if INT8:  # K is the contiguous int8 copy (gist_keys8): row c is chunk c's gist
-                rows = c.to(tl.int64)
-            else:
-                rows = tl.load(GIDX + b64 * s_gb + h * s_gh + c * s_gc, mask=exists, other=0).to(tl.int64)
-            k = tl.load(K + b64 * s_kb + h * s_kh + rows[:, None] * s_kt + d[None, :] * s_kd,
-                        mask=exists[:, None], other=0)
-            if DOT_F32:
-                k = k.to(tl.float32)
-            elif INT8:  # |values| <= 127: exact in every 16-bit float
-                k = k.to(Q.dtype.element_ty)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_C] fp32
-            s = tl.where(exists[None, :], s, float("-inf"))
-            tl.store(S + b64 * s_sb + (h * G + g)[:, None] * s_sh + c[None, :] * s_sc, s,
-                     mask=(g < G)[:, None] & c_ok[None, :])
-            if ZERO_SIZES:
-                tl.store(SIZES + pid64 * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
-            if COUNT:  # gist keys this block read (tests and benchmarks count a step's keys)
-                tl.atomic_add(SCORED + pid, tl.sum(exists.to(tl.int32), 0))
+        if ONE:
+            _score_block(Q, K, GIDX, S, SIZES, SCORED, q, n, b64, h, pid64, lo, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh,
+                         s_gc, s_sb, s_sh, s_sc, G, C, G_PAD, D, BLOCK_C, DOT_F32, PRECISION, ZERO_SIZES, COUNT, INT8)
+        else:
+            for blk in tl.range(lo, hi):
+                _score_block(Q, K, GIDX, S, SIZES, SCORED, q, n, b64, h, pid64, blk, s_kb, s_kh, s_kt, s_kd, s_gb,
+                             s_gh, s_gc, s_sb, s_sh, s_sc, G, C, G_PAD, D, BLOCK_C, DOT_F32, PRECISION, ZERO_SIZES,
+                             COUNT, INT8)
         if ZERO_CNT:  # the arrival counters of the select kernel that runs next
             if lo == 0:
                 tl.store(CNT + pid, 0)
+
+    @triton.jit
+    def _score_block(Q, K, GIDX, S, SIZES, SCORED, q, n, b64, h, pid64, blk, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh,
+                     s_gc, s_sb, s_sh, s_sc, G, C,
+                     G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
+                     PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, COUNT: tl.constexpr, INT8: tl.constexpr):
+        # block `blk` of one (batch, KV head), its query q already loaded (n chunks exist)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        c = blk * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        exists = c < n
+        if INT8:  # K is the contiguous int8 copy (gist_keys8): row c is chunk c's gist
+            rows = c.to(tl.int64)
+        else:
+            rows = tl.load(GIDX + b64 * s_gb + h * s_gh + c * s_gc, mask=exists, other=0).to(tl.int64)
+        k = tl.load(K + b64 * s_kb + h * s_kh + rows[:, None] * s_kt + d[None, :] * s_kd,
+                    mask=exists[:, None], other=0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        elif INT8:  # |values| <= 127: exact in every 16-bit float
+            k = k.to(Q.dtype.element_ty)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [G_PAD, BLOCK_C] fp32
+        s = tl.where(exists[None, :], s, float("-inf"))
+        tl.store(S + b64 * s_sb + (h * G + g)[:, None] * s_sh + c[None, :] * s_sc, s,
+                 mask=(g < G)[:, None] & c_ok[None, :])
+        if ZERO_SIZES:
+            tl.store(SIZES + pid64 * C + c, tl.zeros([BLOCK_C], dtype=tl.int32), mask=c_ok)
+        if COUNT:  # gist keys this block read (tests and benchmarks count a step's keys)
+            tl.atomic_add(SCORED + pid64, tl.sum(exists.to(tl.int32), 0))
 
     @triton.jit
     def _mark_kernel(
@@ -977,7 +1001,7 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
         DOT_F32=interpreting() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
-        ZERO_CNT=counters is not None, COUNT=scored is not None, INT8=keys8 is not None,
+        ZERO_CNT=counters is not None, COUNT=scored is not None, INT8=keys8 is not None, ONE=per == 1,
         num_warps=warps, num_stages=stages,
     )
     return out
