@@ -945,12 +945,14 @@ INT8_STEPS = 4
 INT8_WARPS = 4
 INT8_STAGES = 3
 STEPS_MIN_PROGRAMS_PER_SM = 8
-# the int8 copy in one wave of programs, INT8_PROGRAMS_PER_SM an SM (what its registers and shared
-# memory allow: ncu, round 22), each scoring one contiguous stretch of blocks: at 128K batch 8 the
-# grid of 4 blocks a program ran 3.5 waves, the last one part full (A/B: INT8_PERSISTENT = False)
+# where the grid is large (as for STEPS), the int8 copy in one wave of programs,
+# INT8_PROGRAMS_PER_SM an SM (what its registers and shared memory allow: ncu, round 22), each
+# scoring one contiguous stretch of blocks: at 128K batch 8 the grid of 4 blocks a program ran 3.5
+# waves, the last one part full; 38.7-39.3 us against 41.2-41.6 (NOTES.md round 22; A/B:
+# INT8_PERSISTENT = False). The 16-bit cache's gathered columns lost that way (82.9-189.5 us
+# against 67.3 at 128K batch 8), so SCORE_PERSISTENT stays off
 INT8_PERSISTENT = True
 INT8_PROGRAMS_PER_SM = 4
-# the same for the 16-bit cache's gist columns (measured in scores_sweep.py)
 SCORE_PERSISTENT = False
 SCORE_PROGRAMS_PER_SM = 4
 
@@ -985,10 +987,10 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
     persistent, per_sm = (INT8_PERSISTENT, INT8_PROGRAMS_PER_SM) if keys8 is not None else (
         SCORE_PERSISTENT, SCORE_PROGRAMS_PER_SM)
     slots = per_sm * num_sms(query.device)
-    if persistent and total > slots:
-        per = triton.cdiv(total, slots)  # one wave of programs, each a contiguous stretch
-    elif steps > 1 and total < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
+    if total < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
         per = 1  # few programs already: each takes one block, all run at once
+    elif persistent:
+        per = triton.cdiv(total, slots)  # one wave of programs, each a contiguous stretch
     else:
         per = max(1, min(steps, blocks))
     _gist_scores_kernel[(triton.cdiv(total, per),)](
