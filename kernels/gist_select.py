@@ -503,13 +503,28 @@ if triton is not None:
             tl.store(sizes + c, hi - lo, mask=keep)
 
     @triton.jit
+    def _chunk_columns(out, start, size, base, cols_row, OFFSET: tl.constexpr, WIDTH: tl.constexpr,
+                       CONTIG: tl.constexpr):
+        # columns OFFSET .. OFFSET + WIDTH - 1 of each chunk (those below its size), written from
+        # start[c] on: its first column base[c] plus t (CONTIG), or gathered from cols_row at its
+        # CSR offset base[c]
+        t = OFFSET + tl.arange(0, WIDTH)
+        m = t[None, :] < size[:, None]
+        if CONTIG:
+            cols = base[:, None] + t[None, :]
+        else:
+            cols = tl.load(cols_row + base[:, None] + t[None, :], mask=m, other=0)
+        tl.store(out + start[:, None] + t[None, :], cols, mask=m)
+
+    @triton.jit
     def _expand_kernel(
         BASE, BASE_LEN, PTR, COLS, FIRST, SIZES, ENDS, OUT, OUT_LEN,
         s_bb, s_pb, s_cb, s_fb,
         s_ob, s_oh,
         Hkv, C, NPC, NSB,
-        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, SUM_BLOCK: tl.constexpr, MAXLEN: tl.constexpr,
-        ENDS_MODE: tl.constexpr, NSB_POW2: tl.constexpr, CONTIG: tl.constexpr,
+        BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, SUM_BLOCK: tl.constexpr,
+        ENDS_MODE: tl.constexpr, NSB_POW2: tl.constexpr, CONTIG: tl.constexpr, HEAD: tl.constexpr,
+        REST: tl.constexpr,
     ):
         # grid (B * Hkv, NPC + base blocks): program j < NPC writes the extra columns of chunks
         # [j * BLOCK_C, (j + 1) * BLOCK_C) at base_len + (inclusive prefix sum of sizes) - size;
@@ -541,14 +556,15 @@ if triton is not None:
                 start = nb + before + tl.cumsum(size, 0) - size
             else:
                 start = nb + tl.load(ENDS + row + c, mask=ok, other=0) - size
-            t = tl.arange(0, MAXLEN)
-            m = t[None, :] < size[:, None]
             if CONTIG:
-                cols = first[:, None] + t[None, :]
+                base = first
             else:
-                lo = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
-                cols = tl.load(COLS + b * s_cb + lo[:, None] + t[None, :], mask=m, other=0)
-            tl.store(out + start[:, None] + t[None, :], cols, mask=m)
+                base = tl.load(PTR + b * s_pb + c, mask=ok, other=0)
+            # a chunk's columns as a power-of-two head and the rest (8 + 1 at chunk 8, where one
+            # tile of 16 left 7 of 16 lanes idle in every chunk: ncu found this kernel issue-bound)
+            _chunk_columns(out, start, size, base, COLS + b * s_cb, 0, HEAD, CONTIG)
+            if REST > 0:
+                _chunk_columns(out, start, size, base, COLS + b * s_cb, HEAD, REST, CONTIG)
             if j == 0:
                 if ENDS_MODE == 2:
                     total = tl.sum(bsum, 0)
@@ -1141,7 +1157,10 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
     if ends is None:
         ends, ends_mode = torch.cumsum(sizes, -1, dtype=torch.int32), ENDS_PREFIX
     C = sizes.shape[-1]
-    maxlen = _next_pow2(max(1, plan.max_chunk_len))
+    longest = max(1, plan.max_chunk_len)
+    maxlen = _next_pow2(longest)
+    head = 1 << (longest.bit_length() - 1)  # the largest power of two <= longest
+    rest = _next_pow2(longest - head) if longest > head else 0
     per = chunks_per_program or _default_chunks_per_program(maxlen)
     if per % EXPAND_BLOCK_C:
         raise ValueError(f"chunks_per_program must be a multiple of {EXPAND_BLOCK_C}, got {per}")
@@ -1154,7 +1173,7 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
         plan.base.stride(0), plan.chunk_ptr.stride(0), plan.chunk_cols.stride(0), first.stride(0),
         out.stride(0), out.stride(1),
         Hkv, C, npc, nsb, BLOCK=BLOCK, BLOCK_C=per, SUM_BLOCK=EXPAND_BLOCK_C,
-        MAXLEN=maxlen, ENDS_MODE=ends_mode,
+        HEAD=head, REST=rest, ENDS_MODE=ends_mode,
         NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, CONTIG=contig, num_warps=4,
     )
     return out, out_len
