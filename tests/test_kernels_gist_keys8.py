@@ -39,13 +39,13 @@ from gsa_rag.selection import ChunkSelector, gist_scores, int8_gist_scores
 
 
 def random_keys(B, Hkv, T, D, C, g, outlier=True):
-    """Keys with a few loud channels, as RoPE'd keys have; gist columns sorted, the second batch
+    """Keys with a few loud channels, as RoPE'd keys have; gist columns sorted, every second batch
     row with fewer chunks."""
     key = torch.randn(B, Hkv, T, D, generator=g)
     if outlier:
         key[..., :2] *= 20
     gist_index = torch.stack([torch.sort(torch.randperm(T, generator=g)[:C]).values for _ in range(B)])
-    num_chunks = torch.tensor([C, C // 2])[:B]
+    num_chunks = torch.tensor([C if b % 2 == 0 else C // 2 for b in range(B)])
     gist_valid = torch.arange(C)[None] < num_chunks[:, None]
     return key, gist_index, num_chunks, gist_valid
 
@@ -355,19 +355,27 @@ def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, persist
     """Programs that score several blocks of chunks in turn (SCORE_STEPS / INT8_STEPS, or one wave
     of programs, SCORE_PERSISTENT / INT8_PERSISTENT), the last block short, write every score once,
     count every gist key read once and zero the select kernel's counters. The persistent stretches
-    here cross from one (batch, KV head) row into the next: int8, 4 blocks of 32 chunks a program
-    on rows of 10 and 13; the cache, 2 blocks of 128 on rows of 3."""
+    here cross from one (batch, KV head) row into the next (int8: 4 blocks of 32 chunks a program
+    on rows of 10 and 13; the cache: 2 blocks of 128 on rows of 3) or span three rows of one
+    block each. The grid is sized for 4 SMs on any device, so a GPU runs the
+    same stretches as the interpreter."""
     from gsa_rag.kernels import gist_select
 
+    monkeypatch.setattr(gist_select, "num_sms", lambda device: 4)
     monkeypatch.setattr(gist_select, "SCORE_STEPS", 3)
     monkeypatch.setattr(gist_select, "INT8_STEPS", 3)
     monkeypatch.setattr(gist_select, "INT8_BLOCK_C", 32)
     monkeypatch.setattr(gist_select, "STEPS_MIN_PROGRAMS_PER_SM", 0)  # small grids loop too
     monkeypatch.setattr(gist_select, "INT8_PERSISTENT", persistent)
-    monkeypatch.setattr(gist_select, "INT8_PROGRAMS_PER_SM", 3)  # 12 programs on the interpreter's 4 "SMs"
     monkeypatch.setattr(gist_select, "SCORE_PERSISTENT", persistent)
-    monkeypatch.setattr(gist_select, "SCORE_PROGRAMS_PER_SM", 2)
-    for B, Hq, Hkv, D, T, C in ((2, 4, 2, 16, 700, 300), (1, 9, 3, 64, 900, 410)):  # 3 and 4 blocks of 128
+    cases = (  # B, Hq, Hkv, D, T, C; programs an SM (int8, cache)
+        (2, 4, 2, 16, 700, 300, 3, 2),  # 10 / 3 blocks a row: int8 PER 4, cache PER 2
+        (1, 9, 3, 64, 900, 410, 3, 2),  # 13 / 4 blocks a row: PER 4 and 2
+        (6, 4, 2, 16, 60, 20, 1, 1),  # 1 block a row: int8 PER 3, cache PER 3
+    )
+    for B, Hq, Hkv, D, T, C, int8_per_sm, cache_per_sm in cases:
+        monkeypatch.setattr(gist_select, "INT8_PROGRAMS_PER_SM", int8_per_sm)
+        monkeypatch.setattr(gist_select, "SCORE_PROGRAMS_PER_SM", cache_per_sm)
         g = torch.Generator().manual_seed(C)
         key, gist_index, num_chunks, gist_valid = random_keys(B, Hkv, T, D, C, g)
         query = torch.randn(B, Hq, D, generator=g)
@@ -392,15 +400,21 @@ def test_scores_programs_that_loop_over_blocks_equal_the_reference(int8, persist
         assert not sizes.any(), "every block's sizes are zeroed"
 
 
-def test_fused_select_over_int8_keys_with_programs_that_loop_is_the_engine_mask(monkeypatch):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_fused_select_over_int8_keys_with_programs_that_loop_is_the_engine_mask(persistent, monkeypatch):
     """The decode path (scores kernel zeroing the select kernel's counters, then the select and
-    union kernels) with scores programs that take several blocks each, on rows of ~150 chunks."""
+    union kernels) with scores programs that take several blocks each, on rows of ~150 chunks:
+    3 blocks a program, or one wave of stretches that cross rows (the grid sized for 4 SMs on any
+    device: 8 programs of 5 blocks over 4 rows of 9)."""
     from gsa_rag.kernels import gist_select
     from gsa_rag.kernels.bench import synthetic_layout
 
+    monkeypatch.setattr(gist_select, "num_sms", lambda device: 4)
     monkeypatch.setattr(gist_select, "INT8_BLOCK_C", 16)
     monkeypatch.setattr(gist_select, "INT8_STEPS", 3)
     monkeypatch.setattr(gist_select, "STEPS_MIN_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(gist_select, "INT8_PERSISTENT", persistent)
+    monkeypatch.setattr(gist_select, "INT8_PROGRAMS_PER_SM", 2)
     config = GistConfig(chunk_size=8, sink=4, k_policy="adaptive", adaptive_ratio=2.0, score_dtype="int8")
     layout = synthetic_layout(2, 1200, 8, device=DEVICE).append(torch.full((2, 1), 5, device=DEVICE))
     assert int(layout.num_chunks.min()) > 6 * 16  # more than two programs of three blocks a row
