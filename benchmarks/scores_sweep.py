@@ -80,6 +80,7 @@ def sweep_case(L: int, B: int, settings: list[dict]) -> dict:
     finite = torch.isfinite(launch(*sets[0]))
     times = {}
     want = launch(*sets[0][:2]).clone()
+    cache_defaults = {name: getattr(gs, name) for setting in CACHE_SETTINGS for name in setting}
     for setting in CACHE_SETTINGS:
         for name, value in setting.items():
             setattr(gs, name, value)
@@ -87,7 +88,8 @@ def sweep_case(L: int, B: int, settings: list[dict]) -> dict:
         if not (torch.equal(finite, torch.isfinite(got)) and torch.equal(got[finite], want[finite])):
             raise AssertionError(f"cache scores differ under {cache_setting_name(setting)}")
         times[cache_setting_name(setting)] = us(False)
-    gs.SCORE_STEPS, gs.SCORE_PERSISTENT = 1, False
+    for name, value in cache_defaults.items():
+        setattr(gs, name, value)
     want8 = launch(*sets[0]).clone()  # the default launch, against which every setting is checked
     for setting in settings:
         for name, value in setting.items():
