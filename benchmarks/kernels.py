@@ -50,6 +50,7 @@ import math
 import torch
 import torch.nn.functional as F
 from gsa_rag.kernels.bench import (
+    SHAPES,
     bench_us,
     context_tag,
     copy_bandwidth,
@@ -62,7 +63,6 @@ from gsa_rag.kernels.bench import (
     write_results,
 )
 
-SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 DTYPE_TAGS = {"bfloat16": "bf16", "float16": "fp16"}
 K = 1024
 DEVICE = "cuda"  # a CPU smoke test of this script sets "cpu" (with TRITON_INTERPRET=1)

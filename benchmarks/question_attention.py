@@ -42,11 +42,9 @@ import sys
 from functools import partial
 
 import torch
-from gsa_rag.kernels.bench import bench_us, environment, write_results
+from gsa_rag.kernels.bench import SHAPES, bench_us, environment, write_results
 
 from gsa_rag.attention import LayerMask, _kernel_rows, _sdpa_rows, _sdpa_rows_folded
-
-SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
 
 
 def random_masks(B, Hkv, rows_shared, rows_tail, T, seen: float, generator, device="cuda") -> LayerMask:

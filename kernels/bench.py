@@ -92,6 +92,9 @@ def synthetic_hier_layout(batch: int, context: int, chunk: int, meta_chunks: tup
     return build_layout([segments] * batch, config, _StubTokenizer(), device=device)
 
 
+# one attention layer's heads, (query heads, KV heads, head dim): the decode benchmarks' shapes
+SHAPES = {"llama3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}
+
 # random-weight stand-ins for timing (speed does not depend on the weights; no download)
 ARCHS = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -329,3 +329,16 @@ def test_scores_sweep_times_the_default_launch_and_names_every_setting_apart():
         names = [sweep.setting_name(setting) for setting in sweep.int8_settings(quick)]
         assert default in names
         assert len(set(names)) == len(names)
+
+
+def test_profile_step_checks_its_arguments_and_asks_for_a_gpu(monkeypatch, capsys):
+    """benchmarks/profile_step.py (the step ncu profiles) refuses sizes below 1 with a usage error,
+    and without CUDA says it needs a GPU before building anything."""
+    module = _script("profile_step")
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--batch", "0"])
+    assert stop.value.code == 2 and "--batch" in capsys.readouterr().err
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(module, "decode_case", lambda *a, **k: pytest.fail("built inputs without a GPU"))
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        module.main(["--batch", "2", "--score-dtype", "int8"])
