@@ -1002,8 +1002,9 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
     total = B * Hkv * blocks
     persistent, per_sm = (INT8_PERSISTENT, INT8_PROGRAMS_PER_SM) if keys8 is not None else (
         SCORE_PERSISTENT, SCORE_PROGRAMS_PER_SM)
-    slots = per_sm * num_sms(query.device)
-    if total < STEPS_MIN_PROGRAMS_PER_SM * num_sms(query.device):
+    sms = num_sms(query.device)
+    slots = per_sm * sms
+    if total < STEPS_MIN_PROGRAMS_PER_SM * sms:
         per = 1  # few programs already: each takes one block, all run at once
     elif persistent:
         per = triton.cdiv(total, slots)  # one wave of programs, each a contiguous stretch
