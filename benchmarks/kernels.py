@@ -105,6 +105,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         select_hier_index_list,
         select_hier_index_list_triton,
     )
+    from gsa_rag.kernels.pdl import plain_launches
     from gsa_rag.kernels.sparse_decode import (
         default_block_n,
         default_split_len,
@@ -245,6 +246,8 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             row["flex_us"] = float("nan")
     row["gsa_us"] = bench_us(rotating(step))
     row["gsa_graph_us"] = graph_us(step)
+    with plain_launches():  # the same step without programmatic dependent launch
+        row["gsa_plain_graph_us"] = graph_us(step)
     row["select_graph_us"] = graph_us(select)
     row["scores_graph_us"] = graph_us(scores)
     nan = float("nan")  # the single-level breakdown has no H-GSA counterpart
@@ -341,6 +344,7 @@ COLUMNS = [
     ("keys_scored", "scored", ".0f"),
     ("programs", "progs", "d"), ("dense_us", "dense", ".1f"), ("dense_graph_us", "dense(g)", ".1f"),
     ("flex_us", "flex", ".1f"), ("gsa_us", "gsa", ".1f"), ("gsa_graph_us", "gsa(g)", ".1f"),
+    ("gsa_plain_graph_us", "plain(g)", ".1f"),
     ("x_dense", "x_dense", ".2f"), ("ceiling", "ceiling", ".2f"), ("pct_floor", "%floor", ".0f"),
     ("score_share", "score%", ".0f"),
     ("scores_graph_us", "scores(g)", ".1f"), ("scores_pct_floor", "%fl", ".0f"),
@@ -480,7 +484,8 @@ def main(argv=None) -> None:
                 print(f"{shape} B={B} L={L // K}K: dense {row['dense_graph_us']:.1f} us (graph), gsa {row['gsa_graph_us']:.1f} "
                       f"(graph; scores {row['scores_graph_us']:.1f}, topk {row['topk_graph_us']:.1f}, "
                       f"expand {row['expand_graph_us']:.1f}, attend {row['attend_graph_us']:.1f} = "
-                      f"{row['attend_pct_floor']:.0f}% of its floor), x{row['x_dense']:.2f}, err {row['rel_err']:.1e}; "
+                      f"{row['attend_pct_floor']:.0f}% of its floor; plain launches {row['gsa_plain_graph_us']:.1f}), "
+                      f"x{row['x_dense']:.2f}, err {row['rel_err']:.1e}; "
                       f"old select (torch.topk) {row['select_torch_topk_graph_us']:.1f} vs {row['select_graph_us']:.1f}; "
                       f"H-GSA select with 64-slot unfold steps {row['select_unfold64_graph_us']:.1f}; "
                       f"append+plan {row['plan_us']:.0f} us/step (cold plan {row['plan_cold_us']:.0f}; append alone {row['append_us']:.0f})",
@@ -495,7 +500,8 @@ def main(argv=None) -> None:
     print_table(rows, COLUMNS)
     print("\nappend+plan = per decode step for all layers, host wall time (layout.append + cached DecodePlan.build); "
           "plan_cold = the whole-sequence plan (once per generation); (g) = CUDA-graph replay "
-          "rotating over input sets; topk = scores+topk - scores; expand = select - scores+topk (mark, cumsum, "
+          "rotating over input sets; plain = the step launched without programmatic dependent launch "
+          "(gsa_rag.kernels.pdl); topk = scores+topk - scores; expand = select - scores+topk (mark, cumsum, "
           f"expansion); %fl = byte floor / time; copy bandwidth {bw / 1e12:.2f} TB/s; x_dense = best dense / best gsa; "
           "ceiling = dense bytes / gsa bytes")
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 from gsa_rag.kernels.dispatch import interpreting
 from gsa_rag.kernels.gist_keys8 import Int8GistKeys, gist_keys_of_layer
+from gsa_rag.kernels.pdl import pdl_launch
 from gsa_rag.kernels.sparse_decode import num_sms
 
 from gsa_rag.config import GistConfig
@@ -67,6 +68,7 @@ from gsa_rag.selection import (
 try:  # triton is optional: the references below need only torch
     import triton
     import triton.language as tl
+    from gsa_rag.kernels.pdl import wait_for_previous
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
@@ -375,6 +377,7 @@ if triton is not None:
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr, COUNT: tl.constexpr,
         INT8: tl.constexpr, ONE: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # The work is TOTAL = B * Hkv * NBLK blocks of BLOCK_C chunks, numbered (batch, KV head)
         # major; a program scores PER consecutive ones in turn, the next block's loads in flight
@@ -385,6 +388,7 @@ if triton is not None:
         # the upcast inputs). A block also zeroes its part of the [B, Hkv, C] size table that the
         # mark kernel fills next (saves a launch). The gist list and its length are per batch row
         # (s_gh = s_nh = 0) or, for H-GSA's candidate lists, per (batch, KV head).
+        wait_for_previous(PDL)
         pid = tl.program_id(0)
         if ONE:  # PER = 1, no loop: a loop of one pipelined step cost the cache's scores a quarter
             _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, pid // NBLK, pid % NBLK, pid % NBLK + 1,
@@ -482,9 +486,11 @@ if triton is not None:
         s_pb,
         Hq, G, C, KM,
         BLOCK_K: tl.constexpr, USE_RANK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # one program per (batch, query head): its top-k picks set sizes[b, h // G, chunk] to the
         # chunk's extra-column count (the GQA union: heads of one group write the same value)
+        wait_for_previous(PDL)
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
@@ -525,6 +531,7 @@ if triton is not None:
         BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, SUM_BLOCK: tl.constexpr,
         ENDS_MODE: tl.constexpr, NSB_POW2: tl.constexpr, CONTIG: tl.constexpr, HEAD: tl.constexpr,
         REST: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # grid (B * Hkv, NPC + base blocks): program j < NPC writes the extra columns of chunks
         # [j * BLOCK_C, (j + 1) * BLOCK_C) at base_len + (inclusive prefix sum of sizes) - size;
@@ -536,6 +543,7 @@ if triton is not None:
         # row-wide scan is needed. With CONTIG each chunk's columns are one run from FIRST[c]
         # (DecodePlan.contiguous): computed, not gathered from COLS at PTR[c], so none of the
         # program's loads (sizes, block sums, first columns) waits on another.
+        wait_for_previous(PDL)
         pid = tl.program_id(0)
         j = tl.program_id(1)
         b = pid // Hkv
@@ -811,6 +819,7 @@ if triton is not None:
         Hq, G, C,
         BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr, UNION: tl.constexpr, ENDS_MODE: tl.constexpr,
         BLOCK_C: tl.constexpr, SEARCH: tl.constexpr, STATS: tl.constexpr, STREAM: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # one program per (batch, query head). Its score row [C] stays in registers (BLOCK >= C),
         # or with STREAM is read tile by tile (BLOCK entries) at every pass: a few registers a
@@ -829,6 +838,7 @@ if triton is not None:
         #    expansion's blocks; a row-wide scan is the serial tail's largest part), or nothing.
         # STATS (tests, benchmarks): NRED[pid] = (reductions of the search, block reductions and
         # scans of steps 1-2 in all; a streamed pass counts as one).
+        wait_for_previous(PDL)
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
@@ -894,10 +904,12 @@ if triton is not None:
 
     @triton.jit
     def _union_kernel(SEL, PTR, SIZES, ENDS, s_pb, Hq, G, C,
-                      BLOCK: tl.constexpr, ENDS_MODE: tl.constexpr, BLOCK_C: tl.constexpr):
+                      BLOCK: tl.constexpr, ENDS_MODE: tl.constexpr, BLOCK_C: tl.constexpr,
+                      PDL: tl.constexpr = False):
         # grid (B * Hkv, cdiv(C, BLOCK)): the GQA union of one group's pick rows on BLOCK chunks,
         # as the select kernel's tail writes it but spread over many programs (UNION_KERNEL;
         # no row-wide prefix sum, so ENDS_NONE or ENDS_BLOCKS)
+        wait_for_previous(PDL)
         grp = tl.program_id(0)
         b = grp // (Hq // G)
         _union_tile(SEL + (grp * G).to(tl.int64) * C, PTR + b * s_pb, SIZES + grp.to(tl.int64) * C, ENDS, grp, G, C,
@@ -1021,7 +1033,7 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         DOT_F32=interpreting() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
         ZERO_CNT=counters is not None, COUNT=scored is not None, INT8=keys8 is not None, ONE=per == 1,
-        num_warps=warps, num_stages=stages,
+        **pdl_launch(query.device), num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -1175,7 +1187,7 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
         out.stride(0), out.stride(1),
         Hkv, C, npc, nsb, BLOCK=BLOCK, BLOCK_C=per, SUM_BLOCK=EXPAND_BLOCK_C,
         HEAD=head, REST=rest, ENDS_MODE=ends_mode,
-        NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, CONTIG=contig, num_warps=4,
+        NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, CONTIG=contig, **pdl_launch(sizes.device), num_warps=4,
     )
     return out, out_len
 
@@ -1253,12 +1265,12 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
         BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union and not separate,
         ENDS_MODE=mode,
         BLOCK_C=EXPAND_BLOCK_C, SEARCH=SEARCH if search is None else search, STATS=stats is not None,
-        STREAM=stream, num_warps=num_warps or (STREAM_WARPS if stream else _select_warps(block)),
+        STREAM=stream, **pdl_launch(scores.device), num_warps=num_warps or (STREAM_WARPS if stream else _select_warps(block)),
     )
     if separate and C > 0:
         _union_kernel[(B * num_kv_heads, triton.cdiv(C, UNION_TILE))](
             picks, chunk_ptr, sizes, sizes if ends is None else ends, ptr_stride, Hq, Hq // num_kv_heads, C,
-            BLOCK=UNION_TILE, ENDS_MODE=mode, BLOCK_C=EXPAND_BLOCK_C, num_warps=4,
+            BLOCK=UNION_TILE, ENDS_MODE=mode, BLOCK_C=EXPAND_BLOCK_C, **pdl_launch(scores.device), num_warps=4,
         )
 
 
@@ -1315,7 +1327,7 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
         vals, idx, plan.k, plan.chunk_ptr, sizes,
         *vals.stride(), plan.chunk_ptr.stride(0),
         Hq, Hq // Hkv, C, k_max,
-        BLOCK_K=min(1024, max(16, _next_pow2(k_max))), USE_RANK=not plan.uniform_k, num_warps=4,
+        BLOCK_K=min(1024, max(16, _next_pow2(k_max))), USE_RANK=not plan.uniform_k, **pdl_launch(sizes.device), num_warps=4,
     )
     return _expand_launch(plan, sizes)
 

@@ -47,6 +47,7 @@ from gsa_rag.kernels.gist_select import (
     csr_columns,
     topk_union_launch,
 )
+from gsa_rag.kernels.pdl import pdl_launch
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import visible
 from gsa_rag.selection import choose_chunks, union_over_groups
@@ -54,6 +55,7 @@ from gsa_rag.selection import choose_chunks, union_over_groups
 try:  # triton is optional (see gist_select.py)
     import triton
     import triton.language as tl
+    from gsa_rag.kernels.pdl import wait_for_previous
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -194,6 +196,7 @@ if triton is not None:
         Hkv, NC,
         BLOCK: tl.constexpr, XMAX: tl.constexpr, CMAX: tl.constexpr, CHILDREN: tl.constexpr,
         FROM_BASE: tl.constexpr, BASE_BLOCK: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # one program per (batch, KV head) row: its NC candidate slots in blocks of BLOCK, two
         # running offsets carried across blocks: where the chosen units' extra columns go in the
@@ -202,6 +205,7 @@ if triton is not None:
         # kept in both (prefix sums), so lists stay in ascending unit order. The top level
         # (FROM_BASE) first copies the batch row's base list to the row's start: two launches
         # (a copy and a fill of LEN) less per layer.
+        wait_for_previous(PDL)
         row = tl.program_id(0)
         b = row // Hkv
         if FROM_BASE:
@@ -327,7 +331,7 @@ def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout
             cptr.stride(0) if children else 0, cidx.stride(0) if children else 0, width, flat.base.stride(0),
             Hkv, NC,
             BLOCK=step, XMAX=xmax, CMAX=cmax, CHILDREN=children, FROM_BASE=level == top, BASE_BLOCK=256 if block is None else block,
-            num_warps=4 if step * max(xmax, cmax) <= 2048 else 8,
+            **pdl_launch(device), num_warps=4 if step * max(xmax, cmax) <= 2048 else 8,
         )
         units, gist_cols, count, s_ur = nxt, nxt_cols, nxt_len, width
     return out, lengths

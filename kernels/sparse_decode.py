@@ -22,10 +22,12 @@ import math
 
 import torch
 from gsa_rag.kernels.dispatch import interpreting
+from gsa_rag.kernels.pdl import pdl_launch
 
 try:
     import triton
     import triton.language as tl
+    from gsa_rag.kernels.pdl import wait_for_previous
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -90,7 +92,9 @@ if triton is not None:
         Hkv, G, split_len,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        wait_for_previous(PDL)
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hkv
@@ -142,12 +146,14 @@ if triton is not None:
         s_ob, s_oh, s_or, s_od,
         Hq, R, S,
         S_PAD: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         # grid (B * Hq, cdiv(R, BLOCK_R)): BLOCK_R rows of one (batch, query head), each row's
         # global max over all S splits, then the weighted partial sums BLOCK_S splits at a time
         # (bounded registers). One row a program (a decode step) or many (a question's rows:
         # one program a row left 3,200 tiny programs at 100 rows x 32 heads; the engine sends
         # masked_rows at most attention.FOLD_MAX_ROWS rows, far below the grid's 65,535 row blocks)
+        wait_for_previous(PDL)
         pid = tl.program_id(0)
         b = pid // Hq
         hq = pid % Hq
@@ -201,7 +207,7 @@ def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: tor
     block_r = min(triton.next_power_of_2(R), max(1, 64 // block_s))
     _combine_kernel[(B * Hq, triton.cdiv(R, block_r))](
         m, l, acc, out, *m.stride(), *acc.stride(), *out.stride(), Hq, R, S,
-        S_PAD=S_PAD, D=out.shape[-1], BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
+        S_PAD=S_PAD, D=out.shape[-1], BLOCK_S=block_s, BLOCK_R=block_r, **pdl_launch(out.device), num_warps=4,
     )
     return out
 
@@ -280,7 +286,7 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         *query.stride(), *key.stride(), *value.stride(), *index.stride(), *lengths.stride(),
         *m.stride(), *acc.stride(),
         Hkv, G, split_len,
-        G_PAD=G_PAD, D=D, BLOCK_N=block_n, num_warps=4, num_stages=3 if query.is_cuda else 1,
+        G_PAD=G_PAD, D=D, BLOCK_N=block_n, **pdl_launch(query.device), num_warps=4, num_stages=3 if query.is_cuda else 1,
         # Triton's interpreter (3.6 to 3.9 at least) computes bf16 tl.dot wrongly: upcast there only
         DOT_F32=query.dtype == torch.bfloat16 and interpreting(),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 models: no tf32 rounding

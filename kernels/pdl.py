@@ -1,0 +1,76 @@
+"""Programmatic dependent launch (PDL) for the decode step's chain of kernels.
+
+A decode step in one layer is six kernels back to back (scores, select, union, expansion,
+split attention, combine), each reading what the one before wrote. Launched plainly, a kernel's
+programs are scheduled only after the previous kernel has finished; under PDL (Hopper and later)
+they are scheduled while it drains and wait on the device (`griddepcontrol.wait`) until its writes
+are visible. On the H200 a chain of six small kernels replayed as a CUDA graph took 5.7 against
+7.9 us (benchmarks/results/kernels/NOTES.md, round 23).
+
+Every kernel launched with PDL calls `wait_for_previous` before anything else: it reads no input
+and writes no output before the kernel before it is complete, and it completes only after that,
+so each kernel is also ordered after every earlier one, PDL or not. Kernels launched plainly
+(torch's, the prefill's) keep the stream's usual order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import cache
+
+import torch
+
+from gsa_rag.kernels.dispatch import interpreting
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # no Triton, or one before PDL (3.3 and older): plain launches
+    triton = gdc_wait = None
+
+# benchmarks switch it off to time the plain launches beside
+ENABLED = True
+
+
+@cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch on `device`: the kernel's `PDL` constexpr, and
+    Triton's `launch_pdl` option where PDL runs (CUDA, compute capability 9.0 and up, a Triton
+    that has it, ENABLED; never under the interpreter, which has no `griddepcontrol`)."""
+    on = (ENABLED and gdc_wait is not None and device.type == "cuda" and not interpreting()
+          and _capable(device.index if device.index is not None else torch.cuda.current_device()))
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@contextlib.contextmanager
+def plain_launches():
+    """Within: every launch is plain (ENABLED off), as before PDL; for benchmarks that time both
+    ways in one run. Kernels are compiled per PDL setting, so nothing is recompiled on return."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+if triton is not None and gdc_wait is not None:
+
+    @triton.jit
+    def wait_for_previous(PDL: tl.constexpr):
+        # first thing in a kernel launched with PDL: wait until the previous kernel is complete and
+        # its writes visible, then let the next kernel's programs be scheduled (they wait likewise)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+elif triton is not None:
+
+    @triton.jit
+    def wait_for_previous(PDL: tl.constexpr):
+        pass
