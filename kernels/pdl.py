@@ -38,11 +38,15 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def pdl_launch(device: torch.device) -> dict:
+def pdl_launch(device: torch.device, when: bool = True) -> dict:
     """Keyword arguments for a kernel launch on `device`: the kernel's `PDL` constexpr, and
-    Triton's `launch_pdl` option where PDL runs (CUDA, compute capability 9.0 and up, a Triton
-    that has it, ENABLED; never under the interpreter, which has no `griddepcontrol`)."""
-    on = (ENABLED and gdc_wait is not None and device.type == "cuda" and not interpreting()
+    Triton's `launch_pdl` option where PDL runs (`when`, CUDA, compute capability 9.0 and up, a
+    Triton that has it, ENABLED; never under the interpreter, which has no `griddepcontrol`).
+
+    when=False launches plainly: an early launch places a kernel's programs on whatever SMs the
+    previous kernel has left free, which costs a grid that needs them spread evenly (the scores
+    kernel's one wave, the combine after the attention's last part-full wave: round 23)."""
+    on = (when and ENABLED and gdc_wait is not None and device.type == "cuda" and not interpreting()
           and _capable(device.index if device.index is not None else torch.cuda.current_device()))
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 

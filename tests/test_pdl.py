@@ -32,6 +32,7 @@ def test_pdl_runs_only_on_hopper_class_cuda_outside_the_interpreter(monkeypatch)
     monkeypatch.setattr(pdl, "interpreting", lambda: False)
     monkeypatch.setattr(pdl, "_capable", lambda index: True)
     assert pdl.pdl_launch(cuda) == {"PDL": True, "launch_pdl": True}
+    assert pdl.pdl_launch(cuda, when=False) == {"PDL": False}  # a grid that must spread over every SM
     with pdl.plain_launches():
         assert pdl.pdl_launch(cuda) == {"PDL": False}
     assert pdl.pdl_launch(cuda)["PDL"]  # restored on leaving
