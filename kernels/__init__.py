@@ -16,6 +16,8 @@ Each kernel sits beside its torch reference; tests/test_kernels.py compares them
     prefill        prefill under the forgetting mask through FlexAttention, recall columns
                    permuted to the front so the BlockMask is sparse; `masked_prefill` serves the
                    engine's long prefills under the mask it already holds (gsa_rag.attention.FLEX_PREFILL)
+    pdl            programmatic dependent launch (Hopper and later) for the decode step's kernels:
+                   each waits on the device for the one before instead of behind its launch
     dispatch       which path runs (GSA_RAG_KERNELS: auto / 0 / 1); imports no Triton
     bench          helpers of the kernel benchmarks (synthetic layouts, timing)
 
