@@ -1016,8 +1016,9 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         SCORE_PERSISTENT, SCORE_PROGRAMS_PER_SM)
     sms = num_sms(query.device)
     slots = per_sm * sms
-    one_wave = persistent and total >= STEPS_MIN_PROGRAMS_PER_SM * sms
-    if total < STEPS_MIN_PROGRAMS_PER_SM * sms:
+    few = total < STEPS_MIN_PROGRAMS_PER_SM * sms
+    one_wave = persistent and not few
+    if few:
         per = 1  # few programs already: each takes one block, all run at once
     elif one_wave:
         per = triton.cdiv(total, slots)  # one wave of programs, each a contiguous stretch
@@ -1035,8 +1036,8 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
         ZERO_CNT=counters is not None, COUNT=scored is not None, INT8=keys8 is not None, ONE=per == 1,
         # one wave wants every SM's slots at once: launched early, its programs would land on
-        # the SMs the previous step's combine has left free (224.3 against 227.9 us at 128K batch 8)
-        **pdl_launch(query.device, when=not one_wave), num_warps=warps, num_stages=stages,
+        # the SMs the kernel before has left free (NOTES.md round 23)
+        **pdl_launch(query.device, allow=not one_wave), num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -1190,7 +1191,8 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
         out.stride(0), out.stride(1),
         Hkv, C, npc, nsb, BLOCK=BLOCK, BLOCK_C=per, SUM_BLOCK=EXPAND_BLOCK_C,
         HEAD=head, REST=rest, ENDS_MODE=ends_mode,
-        NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, CONTIG=contig, **pdl_launch(sizes.device), num_warps=4,
+        NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, CONTIG=contig,
+        **pdl_launch(sizes.device), num_warps=4,
     )
     return out, out_len
 
@@ -1268,7 +1270,8 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
         BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union and not separate,
         ENDS_MODE=mode,
         BLOCK_C=EXPAND_BLOCK_C, SEARCH=SEARCH if search is None else search, STATS=stats is not None,
-        STREAM=stream, **pdl_launch(scores.device), num_warps=num_warps or (STREAM_WARPS if stream else _select_warps(block)),
+        STREAM=stream, **pdl_launch(scores.device),
+        num_warps=num_warps or (STREAM_WARPS if stream else _select_warps(block)),
     )
     if separate and C > 0:
         _union_kernel[(B * num_kv_heads, triton.cdiv(C, UNION_TILE))](
@@ -1330,7 +1333,8 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
         vals, idx, plan.k, plan.chunk_ptr, sizes,
         *vals.stride(), plan.chunk_ptr.stride(0),
         Hq, Hq // Hkv, C, k_max,
-        BLOCK_K=min(1024, max(16, _next_pow2(k_max))), USE_RANK=not plan.uniform_k, **pdl_launch(sizes.device), num_warps=4,
+        BLOCK_K=min(1024, max(16, _next_pow2(k_max))), USE_RANK=not plan.uniform_k, **pdl_launch(sizes.device),
+        num_warps=4,
     )
     return _expand_launch(plan, sizes)
 

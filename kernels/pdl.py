@@ -25,9 +25,12 @@ from gsa_rag.kernels.dispatch import interpreting
 try:
     import triton
     import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # no Triton, or one before PDL (3.3 and older): plain launches
-    triton = gdc_wait = None
+except ImportError:  # a Triton before PDL (3.3 and older): plain launches, the same kernels
+    gdc_wait = gdc_launch_dependents = None
 
 # benchmarks switch it off to time the plain launches beside
 ENABLED = True
@@ -38,15 +41,18 @@ def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def pdl_launch(device: torch.device, when: bool = True) -> dict:
+def pdl_launch(device: torch.device, allow: bool = True) -> dict:
     """Keyword arguments for a kernel launch on `device`: the kernel's `PDL` constexpr, and
-    Triton's `launch_pdl` option where PDL runs (`when`, CUDA, compute capability 9.0 and up, a
-    Triton that has it, ENABLED; never under the interpreter, which has no `griddepcontrol`).
+    Triton's `launch_pdl` option where PDL runs (`allow`, an NVIDIA GPU of compute capability 9.0
+    and up, a Triton that has it, ENABLED; never under the interpreter, which has no
+    `griddepcontrol`, nor on ROCm, whose devices also say "cuda").
 
-    when=False launches plainly: an early launch places a kernel's programs on whatever SMs the
-    previous kernel has left free, which costs a grid that needs them spread evenly (the scores
-    kernel's one wave, the combine after the attention's last part-full wave: round 23)."""
-    on = (when and ENABLED and gdc_wait is not None and device.type == "cuda" and not interpreting()
+    allow=False launches plainly: an early launch places a kernel's programs on whatever SMs the
+    previous kernel has left free, which costs a grid that needs them spread evenly over every SM
+    (the int8 scores kernel's one wave; a combine with more programs than SMs after the attention's
+    last, part-full wave: NOTES.md round 23)."""
+    on = (allow and ENABLED and gdc_wait is not None and device.type == "cuda" and torch.version.hip is None
+          and not interpreting()
           and _capable(device.index if device.index is not None else torch.cuda.current_device()))
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 

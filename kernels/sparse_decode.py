@@ -207,12 +207,11 @@ def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: tor
     block_r = min(triton.next_power_of_2(R), max(1, 64 // block_s))
     grid = (B * Hq, triton.cdiv(R, block_r))
     # launched early, the combine's programs would pile onto the SMs that the attention's last,
-    # part-full wave leaves free: plain where they outnumber the SMs (221.7 against 227.9 us for
-    # the step at 128K batch 8; at batch 1 its 32 programs gain 0.7 us from PDL)
-    spread = grid[0] * grid[1] <= num_sms(out.device)
+    # part-full wave leaves free: PDL only where each can have an SM of its own (NOTES.md round 23)
+    fits = grid[0] * grid[1] <= num_sms(out.device)
     _combine_kernel[grid](
         m, l, acc, out, *m.stride(), *acc.stride(), *out.stride(), Hq, R, S,
-        S_PAD=S_PAD, D=out.shape[-1], BLOCK_S=block_s, BLOCK_R=block_r, **pdl_launch(out.device, when=spread),
+        S_PAD=S_PAD, D=out.shape[-1], BLOCK_S=block_s, BLOCK_R=block_r, **pdl_launch(out.device, allow=fits),
         num_warps=4,
     )
     return out
@@ -292,7 +291,8 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         *query.stride(), *key.stride(), *value.stride(), *index.stride(), *lengths.stride(),
         *m.stride(), *acc.stride(),
         Hkv, G, split_len,
-        G_PAD=G_PAD, D=D, BLOCK_N=block_n, **pdl_launch(query.device), num_warps=4, num_stages=3 if query.is_cuda else 1,
+        G_PAD=G_PAD, D=D, BLOCK_N=block_n, **pdl_launch(query.device),
+        num_warps=4, num_stages=3 if query.is_cuda else 1,
         # Triton's interpreter (3.6 to 3.9 at least) computes bf16 tl.dot wrongly: upcast there only
         DOT_F32=query.dtype == torch.bfloat16 and interpreting(),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 models: no tf32 rounding
