@@ -25,7 +25,7 @@ triton = pytest.importorskip("triton", reason="triton not installed (the kernels
 import gsa_rag.kernels as kernels_package
 from gsa_rag.kernels import gist_select, pdl, sparse_decode
 from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
-from test_kernels_gist_keys8 import random_keys
+from test_kernels_gist_keys8 import DEVICE, random_keys
 
 NO_PDL = "this Triton has no griddepcontrol (PDL came in Triton 3.4)"
 # kernel modules that launch through pdl_launch, found by their text: a new one is covered too
@@ -79,6 +79,8 @@ def test_grids_that_must_spread_over_every_sm_launch_plainly(monkeypatch):
     g = torch.Generator().manual_seed(0)
     key, gist_index, num_chunks, gist_valid = random_keys(2, 2, 300, 16, 100, g)  # 4 blocks a row, 16 in all
     query = torch.randn(2, 4, 16, generator=g)
+    key, gist_index, num_chunks, gist_valid, query = (x.to(DEVICE) for x in (key, gist_index, num_chunks, gist_valid,
+                                                                             query))
     keys8 = quantize_gist_keys(key, gist_index, gist_valid)
 
     def scores(int8, **settings):
@@ -97,7 +99,8 @@ def test_grids_that_must_spread_over_every_sm_launch_plainly(monkeypatch):
     for B, Hq, R, want in ((1, 4, 1, True), (1, 5, 1, False), (1, 2, 40, False)):
         allowed.clear()
         m, l = torch.randn(B, Hq, R, 3, generator=g), torch.rand(B, Hq, R, 3, generator=g) + 0.5
-        sparse_decode.combine_splits(m, l, torch.randn(B, Hq, R, 3, 8, generator=g), torch.empty(B, Hq, R, 8))
+        acc = torch.randn(B, Hq, R, 3, 8, generator=g)
+        sparse_decode.combine_splits(m.to(DEVICE), l.to(DEVICE), acc.to(DEVICE), torch.empty(B, Hq, R, 8, device=DEVICE))
         assert allowed == [want], (B, Hq, R)
 
 
@@ -194,7 +197,8 @@ import sys, types
 import torch
 import triton.language.extra.cuda
 sys.modules["triton.language.extra.cuda"] = types.ModuleType("triton.language.extra.cuda")  # Triton 3.3: none
-from gsa_rag.kernels import gist_select, hier_select, pdl, sparse_decode
+from gsa_rag.kernels import dispatch, gist_select, hier_select, pdl, sparse_decode
+dispatch._interpreter_compat()  # run-time loop bounds under Triton 3.6's interpreter with NumPy >= 2.3
 assert pdl.gdc_wait is None and pdl.triton is not None
 assert None not in (gist_select.triton, hier_select.triton, sparse_decode.triton), "a kernel module lost Triton"
 g = torch.Generator().manual_seed(0)
