@@ -27,6 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from gsa_rag import selection
 from gsa_rag.config import GistConfig
+from gsa_rag.errors import UnsupportedModelError
 from gsa_rag.kernels.dispatch import sparse_decode_attention
 from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
 from gsa_rag.layout import GistLayout
@@ -38,6 +39,7 @@ from gsa_rag.masks import (
     recall_gate,
     visible,
 )
+from gsa_rag.models import SUPPORTED_FAMILIES
 from gsa_rag.selection import ChunkSelector, select_hierarchical
 
 
@@ -436,6 +438,23 @@ def _folded_part(rows, key, value, mask, scaling, dropout) -> torch.Tensor:
     return out.reshape(B, Hq, r, D).transpose(1, 2)  # an SDPA kernel may return its output strided
 
 
+# what a model's attention layer can ask of the attention function beyond q, k, v, the mask, the
+# scale and dropout; GSA's masks and kernels implement none of them, and dropping one in **kwargs
+# would give other numbers without a word (Gemma 2's logit soft-capping, gpt-oss's sink logits,
+# a sliding window on a model check_supported did not see)
+_NOT_IMPLEMENTED = {"softcap": "logit soft-capping", "s_aux": "attention sink logits",
+                    "sliding_window": "a sliding window", "sinks": "attention sink logits"}
+
+
+def _refuse_what_it_cannot_honour(module: torch.nn.Module, kwargs: dict) -> None:
+    for name, what in _NOT_IMPLEMENTED.items():
+        if kwargs.get(name) is not None:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} asks its attention for {what} ({name}={kwargs[name]!r:.40}); GSA's "
+                f"attention does not implement it, so this model cannot run under GSA. Models that work: "
+                f"{SUPPORTED_FAMILIES}.")
+
+
 def gsa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -458,6 +477,7 @@ def gsa_attention(
     Returns:
         ([B, Tq, Hq, D], None).
     """
+    _refuse_what_it_cannot_honour(module, kwargs)
     Hq, Hkv = query.shape[1], key.shape[1]
     if gsa_state is None:
         mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None

@@ -43,7 +43,8 @@ _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
 _WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
-SUPPORTED_FAMILIES = "Llama (incl. SmolLM2, TinyLlama), Qwen2, Qwen3, Mistral without sliding window"
+SUPPORTED_FAMILIES = ("Llama (incl. SmolLM2, TinyLlama), Qwen2, Qwen3, Mistral without sliding window; also Gemma (1), "
+                      "Phi-3, OLMo 2, Granite, and GPT-NeoX / Phi without gist memory (partial RoPE)")
 
 
 # --------------------------------------------------------------------------------------------

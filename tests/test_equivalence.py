@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from gsa_rag.config import GistConfig
@@ -21,6 +22,16 @@ CONFIGS = {
     "qwen2": lambda v: Qwen2Config(vocab_size=v, **TINY),
     "mistral": lambda v: MistralConfig(vocab_size=v, sliding_window=None, **TINY),
     "qwen3": lambda v: Qwen3Config(vocab_size=v, **TINY),  # q_norm / k_norm
+    # beyond the four families the project set out to serve, through transformers' attention interface
+    # too: scaled embeddings (Gemma), fused qkv (Phi-3), partial RoPE (GPT-NeoX, Phi: gist memory
+    # refuses those), q/k norms over all heads (OLMo 2), an attention multiplier for the scale (Granite)
+    "gemma": lambda v: transformers.GemmaConfig(vocab_size=v, head_dim=16, **TINY),
+    "phi3": lambda v: transformers.Phi3Config(vocab_size=v, **TINY),
+    "gpt_neox": lambda v: transformers.GPTNeoXConfig(vocab_size=v, hidden_size=64, intermediate_size=128,
+                                                     num_hidden_layers=3, num_attention_heads=4),
+    "phi": lambda v: transformers.PhiConfig(vocab_size=v, **TINY),
+    "olmo2": lambda v: transformers.Olmo2Config(vocab_size=v, **TINY),
+    "granite": lambda v: transformers.GraniteConfig(vocab_size=v, attention_multiplier=0.2, **TINY),
 }
 
 
@@ -78,6 +89,31 @@ def test_tiny_models_without_gists_equal_hf(family, tokenizer):
     gsa, ref = tiny_pair(CONFIGS[family], tokenizer)
     engine = GistEngine(gsa, tokenizer, GistConfig(chunk_size=0))
     assert_matches_reference(engine, ref, QUESTIONS, PASSAGES)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_tiny_models_answer_under_the_gist_rule(family, tokenizer):
+    """With gists the same families answer: their layers hand the gist state to the attention (the
+    engine refuses a model whose layers drop it, as below) and nothing they ask of it is dropped."""
+    gsa, _ = tiny_pair(CONFIGS[family], tokenizer)
+    engine = GistEngine(gsa, tokenizer, GistConfig(chunk_size=4, top_k=1))
+    answers = engine.generate(QUESTIONS, PASSAGES, max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+@pytest.mark.parametrize(("name", "value"), [("softcap", 50.0), ("sliding_window", 4096), ("s_aux", torch.zeros(4))])
+def test_attention_features_gsa_does_not_implement_are_refused(name, value):
+    """Gemma 2's logit soft-capping, gpt-oss's sink logits, a sliding window: an attention layer that
+    asks for one gets an error naming it, not attention computed without it."""
+    from gsa_rag.attention import gsa_attention
+    from gsa_rag.errors import UnsupportedModelError
+
+    q = torch.randn(1, 4, 3, 8)
+    kv = torch.randn(1, 2, 3, 8)
+    with pytest.raises(UnsupportedModelError, match=f"{name}="):
+        gsa_attention(torch.nn.Linear(1, 1), q, kv, kv, None, **{name: value})
+    out, _ = gsa_attention(torch.nn.Linear(1, 1), q, kv, kv, None, **{name: None})  # as Qwen2 passes a window
+    assert out.shape == (1, 3, 4, 8)
 
 
 def test_default_model_without_gists_equals_hf(default_model_dir):
