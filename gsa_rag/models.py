@@ -43,8 +43,9 @@ _CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
 _WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
-SUPPORTED_FAMILIES = ("Llama (incl. SmolLM2, TinyLlama), Qwen2, Qwen3, Mistral without sliding window; also Gemma (1), "
-                      "Phi-3, OLMo 2, Granite, and GPT-NeoX / Phi without gist memory (partial RoPE)")
+SUPPORTED_FAMILIES = ("Llama (incl. SmolLM2, TinyLlama), Qwen2, Qwen3, Mistral without sliding window; also, checked "
+                      "on small random models, Gemma (1), OLMo 2, Granite, Phi-3 without sliding window, and GPT-NeoX / Phi "
+                      "without gist memory (partial RoPE)")
 
 
 # --------------------------------------------------------------------------------------------
