@@ -10,12 +10,13 @@ are visible. On the H200 a chain of six small kernels replayed as a CUDA graph t
 Every kernel launched with PDL calls `wait_for_previous` before anything else: it reads no input
 and writes no output before the kernel before it is complete, and it completes only after that,
 so each kernel is also ordered after every earlier one, PDL or not. Kernels launched plainly
-(torch's, the prefill's) keep the stream's usual order.
+(torch's, the prefill's) keep the stream's usual order. `GSA_RAG_PDL=0` launches every kernel plainly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import cache
 
 import torch
@@ -32,8 +33,9 @@ try:
 except ImportError:  # a Triton before PDL (3.3 and older): plain launches, the same kernels
     gdc_wait = gdc_launch_dependents = None
 
-# benchmarks switch it off to time the plain launches beside
-ENABLED = True
+# GSA_RAG_PDL=0 launches every kernel plainly (a driver that mishandles PDL, or a comparison);
+# benchmarks switch it off within `plain_launches` to time the plain launches beside
+ENABLED = os.environ.get("GSA_RAG_PDL", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @cache

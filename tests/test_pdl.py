@@ -63,6 +63,16 @@ def test_pdl_runs_only_on_hopper_class_nvidia_gpus_outside_the_interpreter(monke
     assert pdl.pdl_launch(cuda) == {"PDL": False}
 
 
+@pytest.mark.parametrize(("value", "enabled"), [(None, True), ("1", True), ("0", False), ("off", False), ("False", False)])
+def test_gsa_rag_pdl_turns_it_off(value, enabled):
+    env = {k: v for k, v in CHILD_ENV.items() if k != "GSA_RAG_PDL"}
+    if value is not None:
+        env["GSA_RAG_PDL"] = value
+    done = subprocess.run([sys.executable, "-c", "from gsa_rag.kernels import pdl; print(pdl.ENABLED)"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == str(enabled), done.stderr[-2000:]
+
+
 def test_grids_that_must_spread_over_every_sm_launch_plainly(monkeypatch):
     """The int8 scores kernel's one-wave grid and a combine with more programs than SMs are
     launched without PDL (allow=False); smaller grids and the other kernels with it."""
