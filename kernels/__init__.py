@@ -5,6 +5,8 @@ Each kernel sits beside its torch reference; tests/test_kernels.py compares them
     gist_select    one decode step's key list per (batch, KV head): gist scores (Triton),
                    top-k / top-p + GQA union, list expansion (Triton); DecodePlan is built
                    once per step from gsa_rag.masks.visible, so the list is the engine's rule
+    row_search     the select kernels' threshold searches over one score row (Triton helpers: bisection,
+                   interpolation on a normal fit, the tie rule)
     gist_keys8     the int8 copy of the gist keys that scoring reads under GistConfig(score_dtype="int8")
                    (per-channel scales folded into the query)
     hier_select    the same for H-GSA layouts: coarse-to-fine selection that scores only the

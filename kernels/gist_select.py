@@ -69,6 +69,16 @@ try:  # triton is optional: the references below need only torch
     import triton
     import triton.language as tl
     from gsa_rag.kernels.pdl import wait_for_previous
+    from gsa_rag.kernels.row_search import (
+        float_key,
+        key_float,
+        kth_interp,
+        kth_largest,
+        pick_top,
+        row_count,
+        row_stats,
+        score_tile,
+    )
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
@@ -584,235 +594,6 @@ if triton is not None:
             tl.store(out + i, tl.load(BASE + b * s_bb + i, mask=i < nb, other=0), mask=i < nb)
 
     @triton.jit
-    def _score_tile(srow, C, start, TILE: tl.constexpr):
-        # scores [start, start + TILE) of one row, -inf past C; -0.0 read as +0.0 (a tie, as in
-        # the reference's sort, and one key for both)
-        c = start + tl.arange(0, TILE)
-        x = tl.load(srow + c, mask=c < C, other=float("-inf"))
-        return tl.where(x == 0.0, 0.0, x)
-
-    @triton.jit
-    def _count(s, srow, C, t, EQUAL: tl.constexpr, STREAM: tl.constexpr, TILE: tl.constexpr):
-        # count(row >= t), or count(row == t) with EQUAL: one block reduction over the row held in
-        # registers (s), or with STREAM one pass over it tile by tile from memory (srow; s is
-        # unused), summed lane-wise first
-        if STREAM:
-            acc = tl.zeros([TILE], dtype=tl.int32)
-            for start in range(0, C, TILE):
-                x = _score_tile(srow, C, start, TILE)
-                acc += ((x == t) if EQUAL else (x >= t)).to(tl.int32)
-            return tl.sum(acc, 0)
-        else:
-            return tl.sum(((s == t) if EQUAL else (s >= t)).to(tl.int32), 0)
-
-    @triton.jit
-    def _top3_below(x, bound, below):
-        # the three largest of x < bound (below), or of -x for x >= bound (not below)
-        inside = (x >= bound) != below
-        v = tl.where(inside, x * tl.where(below, 1.0, -1.0), float("-inf"))
-        none = tl.full(v.shape, float("-inf"), tl.float32)
-        return tl.reduce((v, none, none), 0, _top3_combine)
-
-    @triton.jit
-    def _row_top3(s, srow, C, bound, below, STREAM: tl.constexpr, TILE: tl.constexpr):
-        # `_top3_below` over the whole row: in registers, or tile by tile (merging the triples)
-        if STREAM:
-            a1 = tl.full([], float("-inf"), tl.float32)
-            a2 = a1
-            a3 = a1
-            for start in range(0, C, TILE):
-                b1, b2, b3 = _top3_below(_score_tile(srow, C, start, TILE), bound, below)
-                a1, a2, a3 = _top3_combine(a1, a2, a3, b1, b2, b3)
-            return a1, a2, a3
-        else:
-            return _top3_below(s, bound, below)
-
-    @triton.jit
-    def _row_stats(s, srow, C, STREAM: tl.constexpr, TILE: tl.constexpr):
-        # the finite scores' count, min, max, sum and sum of squares (max over all: -inf rows stay -inf)
-        if STREAM:
-            n = tl.zeros([TILE], dtype=tl.int32)
-            lo = tl.full([TILE], float("inf"), tl.float32)
-            hi = tl.full([TILE], float("-inf"), tl.float32)
-            a = tl.zeros([TILE], dtype=tl.float32)
-            q = tl.zeros([TILE], dtype=tl.float32)
-            for start in range(0, C, TILE):
-                x = _score_tile(srow, C, start, TILE)
-                finite = x > float("-inf")
-                xf = tl.where(finite, x, 0.0)
-                n += finite.to(tl.int32)
-                lo = tl.minimum(lo, tl.where(finite, x, float("inf")))
-                hi = tl.maximum(hi, x)
-                a += xf
-                q += xf * xf
-            return tl.reduce((n, lo, hi, a, q), 0, _stats_combine)
-        else:
-            finite = s > float("-inf")
-            sf = tl.where(finite, s, 0.0)
-            return tl.reduce((finite.to(tl.int32), tl.where(finite, s, float("inf")), s, sf, sf * sf), 0,
-                             _stats_combine)
-
-    @triton.jit
-    def _key_float(y):
-        # the float of an order-preserving 32-bit key (int64 in [0, 2^32)): key(s) = bits | 2^31
-        # for s >= 0, ~bits for s < 0; keys past the finite floats give NaN (which compares false)
-        u = tl.where(y >= 2147483648, y - 2147483648, 4294967295 - y)
-        return u.to(tl.int32).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _kth_largest(s, k, EARLY_EXIT: tl.constexpr, srow, C, STREAM: tl.constexpr, TILE: tl.constexpr):
-        # the k-th largest of the row s by bisection over the 32 bits of its key (`_key_float`):
-        # x = the largest key with count(s >= float(x)) >= k, one block reduction per bit.
-        # EARLY_EXIT stops once count(s >= float(x)) == k: float(x) then splits the row into its k
-        # best and the rest just as the k-th largest would (the caller picks s >= t with ties
-        # resolved by `room`, and none straddle); with distinct scores that is after the bits
-        # that separate the k-th from the (k+1)-th largest, about 20 of 32 at 16K chunks.
-        # Measured on the H200 (benchmarks/results/kernels/NOTES.md): the bisection beats a radix
-        # select over tl.histogram (2.4x slower) and two bits per step in packed int64 counts (1.1x slower).
-        # Also returns the number of reductions it ran (the kernel's STATS output).
-        x = tl.full([], 0, tl.int64)
-        step = tl.full([], 2147483648, tl.int64)
-        count_x = tl.full([], -1, tl.int32)  # count(s >= float(x)) once known
-        steps = tl.full([], 0, tl.int32)
-        while (step > 0) & ((count_x != k) | (not EARLY_EXIT)):
-            y = x + step  # x's bits below `step` are all 0
-            cnt = _count(s, srow, C, _key_float(y), False, STREAM, TILE)
-            x = tl.where(cnt >= k, y, x)
-            count_x = tl.where(cnt >= k, cnt, count_x)
-            step = step // 2
-            steps += 1
-        # k == 0: NaN, or (early exit) a threshold above every score; no pick either way
-        return _key_float(x), steps
-
-    @triton.jit
-    def _float_key(x):
-        # the order-preserving key of a float32 (the inverse of `_key_float`): int64 in [0, 2^32)
-        bits = x.to(tl.int32, bitcast=True).to(tl.int64)
-        return tl.where(bits >= 0, bits + 2147483648, -1 - bits)
-
-    @triton.jit
-    def _probit(c, n):
-        # Phi^-1((c + 1/2) / (n + 1)): the standard normal quantile of "c of the n scores lie at or
-        # above t" (the halves keep c = 0 and c = n finite). On a normal row it is linear in t, so
-        # the search interpolates in it; Abramowitz & Stegun 26.2.23 (error < 4.5e-4, monotone
-        # enough: it only places probes, never decides a pick)
-        m = tl.minimum(c, n - c).to(tl.float32)
-        r = tl.sqrt(-2.0 * tl.log((m + 0.5) / (n.to(tl.float32) + 1.0)))
-        z = r - (2.515517 + r * (0.802853 + r * 0.010328)) / (1.0 + r * (1.432788 + r * (0.189269 + r * 0.001308)))
-        return tl.where(2 * c < n, -z, z)
-
-    @triton.jit
-    def _stats_combine(n1, lo1, hi1, a1, q1, n2, lo2, hi2, a2, q2):
-        # count, min, max, sum, sum of squares in one reduction (one barrier round, not five)
-        return n1 + n2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2), a1 + a2, q1 + q2
-
-    @triton.jit
-    def _top3_combine(a1, a2, a3, b1, b2, b3):
-        # the three largest of two sorted triples (equal values stay apart: ties show): the i-th of
-        # the union is the largest min(a_p, b_q) over p + q = i (a_0 = b_0 = +inf)
-        return (tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2)),
-                tl.maximum(tl.maximum(a3, b3), tl.maximum(tl.minimum(a1, b2), tl.minimum(a2, b1))))
-
-    @triton.jit
-    def _kth_interp(s, k, n, s_min, s_max, mean, std, srow, C, STREAM: tl.constexpr, TILE: tl.constexpr):
-        # A threshold t that splits the row s as its k-th largest does, from fewer block reductions
-        # than `_kth_largest` on smooth rows (0 < k <= n = the finite scores, from one reduction of
-        # count, min, max, sum and sum of squares). Returns (t, exact, steps): exact = 1 when
-        # count(s >= t) == k (the caller then picks s >= t), else t is the k-th largest value itself
-        # and a tie straddles the k-th place (the caller's tie rule picks the lowest chunks).
-        #
-        # The bracket [lo, hi), as keys (`_float_key`): c_lo = count(s >= lo) > k > c_hi =
-        # count(s >= hi); it starts at [min, max + 1 ulp] (c_lo = n, c_hi = 0). Each step runs one
-        # block reduction:
-        # - a probe t inside the bracket, count(s >= t): done if == k, else t replaces an end.
-        #   Where it lands: first the normal fit mean - std * probit(k) (`_probit`), then regula
-        #   falsi on probit(count) - probit(k) (Illinois: an end kept twice has its value halved, so
-        #   the search does not creep from one side), in float space. probit(count) is linear in t
-        #   on a normal row (q.k of random vectors: the decode benchmark's scores), so the far
-        #   initial ends still give good probes. The probe is the bracket's midpoint in key space
-        #   instead when the interpolated one is not strictly inside (NaN, overflow, rounding
-        #   onto an end), after two interpolations in a row that neither halved the bracket nor
-        #   halved the count gap min(c_lo - k, k - c_hi) (rows far from smooth: magnitudes spread
-        #   over many octaves), and once 31 steps other than midpoints have run;
-        # - after a probe that found no score between itself and the end it replaced (count ==
-        #   that end's count), the end moves onto the nearest score instead (`snap`: max of the
-        #   scores below hi, or min of those at or above lo): ties and outliers otherwise take
-        #   one bisection per octave between the tied value and the probe;
-        # - once k - c_hi <= 2 (or c_lo - k <= 2) the three largest scores below hi (the three
-        #   smallest at or above lo) finish: the k-th largest and its neighbour, equal or not (the
-        #   last few scores cost a probe each otherwise: about 1 reduction less on average).
-        # Bound: at most 32 midpoints (each halves the key width, < 2^32 at the start), 31
-        # interpolations and snaps, one finish: 64 reductions, the loop's cap (NaN scores, which
-        # q.k of finite tensors never gives, stop there too, with a wrong threshold but no hang).
-        # (a search that is done closes the bracket onto its threshold: hi <= lo + 1, t = lo)
-        lo_k = _float_key(s_min)
-        exact = (n == k).to(tl.int32)  # k == n: every finite score (k == 0 never gets here)
-        # s_max = +inf: hi is NaN, and count(s >= NaN) = 0 still
-        hi_k = tl.where(exact != 0, lo_k, _float_key(s_max)) + 1
-        c_lo = n
-        c_hi = tl.full([], 0, tl.int32)
-        g_k = _probit(k, n)
-        f_lo = _probit(c_lo, n) - g_k  # > 0
-        f_hi = _probit(c_hi, n) - g_k  # < 0
-        guess = mean - std * g_k  # the normal fit's k-th largest (NaN or inf on wild rows: unused)
-        side = tl.full([], 0, tl.int32)  # +1: lo moved last, -1: hi moved last
-        snap = tl.full([], 0, tl.int32)  # +1 / -1: move lo / hi onto the nearest score next
-        stall = tl.full([], 0, tl.int32)  # interpolations in a row without progress
-        free = tl.full([], 0, tl.int32)  # interpolations and snaps so far
-        steps = tl.full([], 0, tl.int32)
-        while (hi_k - lo_k > 1) & (steps < 64):
-            steps += 1
-            lo_f = _key_float(lo_k)
-            hi_f = _key_float(hi_k)
-            finish = (k - c_hi <= 2) | (c_lo - k <= 2)
-            if finish | (snap != 0):
-                # the largest three below hi, or (negated) the smallest three at or above lo
-                below = tl.where(finish, k - c_hi <= 2, snap < 0)
-                a1, a2, a3 = _row_top3(s, srow, C, tl.where(below, hi_f, lo_f), below, STREAM, TILE)
-                # finish below hi: the k-th largest is a_j (j = k - c_hi); at lo: -a_(j+1) (j = c_lo - k);
-                # it splits off exactly k unless a_j == a_(j+1). A snap moves an end onto a1.
-                j = tl.where(below, k - c_hi, c_lo - k)
-                aj = tl.where(j == 1, a1, a2)
-                aj1 = tl.where(j == 1, a2, a3)
-                t_k = _float_key(tl.where(below, aj, -aj1))
-                exact = (finish & (aj != aj1)).to(tl.int32)
-                lo_k = tl.where(finish, t_k, tl.where(below, lo_k, _float_key(-a1)))
-                hi_k = tl.where(finish, t_k + 1, tl.where(below, _float_key(a1) + 1, hi_k))
-                free += (finish == 0).to(tl.int32)
-                snap = tl.full([], 0, tl.int32)
-            else:
-                w = f_lo / (f_lo - f_hi)
-                cand = lo_f + (hi_f - lo_f) * w
-                g_in = (guess == guess) & (_float_key(guess) > lo_k) & (_float_key(guess) < hi_k)
-                cand = tl.where((steps == 1) & g_in, guess, cand)  # the first probe: the normal fit
-                tk = _float_key(cand)
-                interp = (cand == cand) & (tk > lo_k) & (tk < hi_k) & (stall < 2) & (free < 31)
-                tk = tl.where(interp, tk, (lo_k + hi_k) // 2)
-                c = _count(s, srow, C, _key_float(tk), False, STREAM, TILE)
-                exact = (c == k).to(tl.int32)
-                width = hi_k - lo_k
-                gap = tl.minimum(c_lo - k, k - c_hi)
-                up = c > k
-                empty = interp & tl.where(up, c == c_lo, c == c_hi)
-                f_c = _probit(c, n) - g_k
-                # Illinois: the end kept a second time in a row weighs half
-                f_hi = tl.where(up & (side > 0), f_hi * 0.5, f_hi)
-                f_lo = tl.where((up == 0) & (side < 0), f_lo * 0.5, f_lo)
-                lo_k = tl.where(c >= k, tk, lo_k)
-                c_lo = tl.where(up, c, c_lo)
-                f_lo = tl.where(up, f_c, f_lo)
-                hi_k = tl.where(up, hi_k, tk)  # c == k: lo = hi = tk, done
-                c_hi = tl.where(up, c_hi, c)
-                f_hi = tl.where(up, f_hi, f_c)
-                side = tl.where(up, 1, -1)
-                free += interp.to(tl.int32)
-                snap = tl.where(empty & (free < 31), side, 0)
-                progress = ((hi_k - lo_k) * 2 <= width) | (tl.minimum(c_lo - k, k - c_hi) * 2 <= gap)
-                stall = tl.where(interp & (progress == 0), stall + 1, 0)
-        # not exact: lo and hi are adjacent keys, so lo is the k-th largest (a tie straddles it)
-        return _key_float(lo_k), exact, steps
-
-    @triton.jit
     def _topk_union_kernel(
         S, KROW, PTR, SEL, SIZES, ENDS, CNT, NRED,
         s_pb,
@@ -826,11 +607,11 @@ if triton is not None:
         # thread instead of the whole row, so that several programs share an SM, any C fits, and
         # each pass re-reads the row from L1/L2.
         # (UNION=False stops after step 2: benchmarks/select_kernel.py times the parts apart)
-        # 1. the k-th largest score t: SEARCH_BISECT `_kth_largest` (bisection over the bits of its
-        #    key), SEARCH_INTERP `_kth_interp` (interpolation, fewer reductions on smooth rows);
+        # 1. the k-th largest score t: SEARCH_BISECT `kth_largest` (bisection over the bits of its
+        #    key), SEARCH_INTERP `kth_interp` (interpolation, fewer reductions on smooth rows);
         # 2. pick score > t, plus the first k - count(> t) scores == t by chunk index (the
         #    reference's stable argsort), never -inf; write the pick as an int8 row. When the
-        #    search knows count(s >= t) == k (`_kth_interp`'s exact), that is s >= t: no reduction;
+        #    search knows count(s >= t) == k (`kth_interp`'s exact), that is s >= t: no reduction;
         # 3. the last program of each GQA group to finish (arrival counter, zeroed by the
         #    scores kernel) ORs the G rows (the union), writes each chunk's extra-column count
         #    and what the expansion kernel places chunks by (ENDS_MODE, see ENDS_PREFIX): the
@@ -847,42 +628,42 @@ if triton is not None:
         if STREAM:
             s = 0.0  # unused: every reduction streams the row
         else:
-            s = _score_tile(srow, C, 0, BLOCK)
+            s = score_tile(srow, C, 0, BLOCK)
         if SEARCH == 1:  # SEARCH_INTERP: the finite scores' count, min, max, sum, sum of squares at once
-            n, s_min, s_max, s_sum, s_sq = _row_stats(s, srow, C, STREAM, BLOCK)
+            n, s_min, s_max, s_sum, s_sq = row_stats(s, srow, C, STREAM, BLOCK)
             k = tl.minimum(tl.load(KROW + b).to(tl.int32), n)
             if k == 0:  # no pick: a threshold above every score (NaN if the max is +inf)
-                t = _key_float(_float_key(s_max) + 1)
+                t = key_float(float_key(s_max) + 1)
                 exact = tl.full([], 1, tl.int32)
                 steps = tl.full([], 0, tl.int32)
             else:
                 mean = s_sum / n
-                t, exact, steps = _kth_interp(s, k, n, s_min, s_max, mean,
+                t, exact, steps = kth_interp(s, k, n, s_min, s_max, mean,
                                               tl.sqrt(tl.maximum(s_sq / n - mean * mean, 0.0)),
                                               srow, C, STREAM, BLOCK)
         else:
             # finite: s >= the lowest float (NaN scores, which q.k never gives, count as missing)
-            k = tl.minimum(tl.load(KROW + b).to(tl.int32), _count(s, srow, C, -3.4028234663852886e38, False, STREAM, BLOCK))
-            t, steps = _kth_largest(s, k, EARLY_EXIT, srow, C, STREAM, BLOCK)
+            k = tl.minimum(tl.load(KROW + b).to(tl.int32), row_count(s, srow, C, -3.4028234663852886e38, False, STREAM, BLOCK))
+            t, steps = kth_largest(s, k, EARLY_EXIT, srow, C, STREAM, BLOCK)
             exact = tl.full([], 0, tl.int32)
         reductions = 1 + steps
         room = k
         ties = tl.full([], 0, tl.int32)
         if exact == 0:  # the tie rule needs count(> t) and whether ties straddle the k-th place
-            n_eq = _count(s, srow, C, t, True, STREAM, BLOCK)
-            room = k - (_count(s, srow, C, t, False, STREAM, BLOCK) - n_eq)
+            n_eq = row_count(s, srow, C, t, True, STREAM, BLOCK)
+            room = k - (row_count(s, srow, C, t, False, STREAM, BLOCK) - n_eq)
             ties = (n_eq > room).to(tl.int32)
             reductions += 2 + ties
         sel = SEL + pid.to(tl.int64) * C
         if STREAM:
             seen = tl.full([], 0, tl.int32)  # ties picked in earlier tiles
             for start in range(0, C, BLOCK):
-                x = _score_tile(srow, C, start, BLOCK)
-                pick, seen = _pick(x, t, exact, room, ties, seen)
+                x = score_tile(srow, C, start, BLOCK)
+                pick, seen = pick_top(x, t, exact, room, ties, seen)
                 c = start + tl.arange(0, BLOCK)
                 tl.store(sel + c, pick.to(tl.int8), mask=c < C)
         else:
-            pick, _ = _pick(s, t, exact, room, ties, tl.full([], 0, tl.int32))
+            pick, _ = pick_top(s, t, exact, room, ties, tl.full([], 0, tl.int32))
             c = tl.arange(0, BLOCK)
             tl.store(sel + c, pick.to(tl.int8), mask=c < C)
         if STATS:
@@ -942,22 +723,6 @@ if triton is not None:
                 tl.store(ENDS + grp.to(tl.int64) * nbc, tl.sum(size, 0), mask=nbc > 0)  # C == 0: no room
         return carry + tl.sum(size, 0)
 
-    @triton.jit
-    def _pick(x, t, exact, room, ties, seen):
-        # the picks among the scores x (a tile, or the row): s >= t when the search split off
-        # exactly k; else s > t plus ties at t, the first `room` of them by chunk order when they
-        # straddle the k-th place (`seen` of them came in earlier tiles). Never -inf.
-        finite = x > float("-inf")
-        if exact != 0:
-            pick = (x >= t) & finite
-        else:
-            eq = x == t
-            if ties != 0:
-                rank = seen + tl.cumsum(eq.to(tl.int32), 0)
-                seen += tl.sum(eq.to(tl.int32), 0)
-                eq = eq & (rank <= room)
-            pick = ((x > t) | eq) & finite
-        return pick, seen
 
 
 # blocks of chunks one scores program reads in turn (16-bit keys: 64 chunks a block at D >= 128,
@@ -1214,11 +979,11 @@ STREAM_ROWS = False
 # chunks a program, instead of by each group's last select program (`topk_union_launch`)
 UNION_KERNEL = True
 UNION_TILE = 512
-# the select kernel's threshold search stops once it splits off exactly k (`_kth_largest`)
+# the select kernel's threshold search stops once it splits off exactly k (`kth_largest`)
 EARLY_EXIT = True
 # the select kernel's threshold search: SEARCH_BISECT, a bisection over the 32 bits of the score's
-# key (`_kth_largest`, one block reduction per bit, EARLY_EXIT), or SEARCH_INTERP, an interpolation
-# on a normal fit of the row safeguarded by that bisection (`_kth_interp`: fewer reductions on
+# key (`kth_largest`, one block reduction per bit, EARLY_EXIT), or SEARCH_INTERP, an interpolation
+# on a normal fit of the row safeguarded by that bisection (`kth_interp`: fewer reductions on
 # smooth rows, the same picks); benchmarks/select_kernel.py times both
 SEARCH_BISECT, SEARCH_INTERP = 0, 1
 SEARCH = SEARCH_INTERP  # 31.4 -> 22.7 us at 128K batch 1 (NOTES.md, round 11)
