@@ -96,6 +96,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         DecodePlan,
         _scores_launch,
         select_index_list,
+        select_counters,
         select_index_list_triton,
         select_sizes_triton,
     )
@@ -197,7 +198,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
             return _scores_launch(q, k, plan.unit_index[-1], plan.num_units[-1])
         return _scores_launch(q, k, layout.gist_index, layout.num_chunks, keys8=keys8.get(id(k)))
 
-    counters = torch.empty(B * Hkv, dtype=torch.int32, device=DEVICE)
+    counters = select_counters(B, Hq, DEVICE)
 
     def scores_topk(i):  # scores + the select kernel (threshold top-k, union, sizes, block sums)
         q, k, _ = sets[i]

@@ -27,7 +27,13 @@ and the early search at 4, 8, 16, 32 warps;
              same_sets_union_kernel: it writes what the tail writes
   stream_tT_wW  the interpolation search with the row streamed T scores at a time at every pass
              instead of held in registers (STREAM_ROWS; W warps a program, so that several programs
-             share an SM); same_sets_stream: the default tile picks what the registers do.
+             share an SM); same_sets_stream: the default tile picks what the registers do;
+  window     the window select (`gsa_rag.kernels.window_select`, WINDOW_SELECT: each row's k-th place
+             among the candidates of a window placed from a sample, rows split over programs where
+             they are few) and the union kernel reading the scores against its thresholds, block
+             sums; window_pP: rows split into parts of P scores; same_sets_window: it writes what
+             union_kernel writes; window_fit / window_row: the share of rows resolved from the
+             normal fit's window / by the whole-row search.
 Microseconds per launch (median), each set of inputs
 replayed from one graph with its counters re-zeroed (a memset, timed alone as `zero`, and inside
 every select column).
@@ -49,7 +55,7 @@ import argparse
 import contextlib
 
 import torch
-from gsa_rag.kernels import gist_select
+from gsa_rag.kernels import gist_select, window_select
 from gsa_rag.kernels.bench import (
     bench_us,
     environment,
@@ -67,6 +73,7 @@ from gsa_rag.kernels.gist_select import (
     _expand_launch,
     _scores_launch,
     ends_width,
+    select_counters,
     topk_union_launch,
 )
 
@@ -136,7 +143,7 @@ def time_case(B: int, C: int, k: int, context: int | None = None, scores: str = 
             for mode in (ENDS_PREFIX, ENDS_BLOCKS)}
     lists = {mode: (torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=device),
                     torch.empty(B, Hkv, dtype=torch.int32, device=device)) for mode in (ENDS_PREFIX, ENDS_BLOCKS)}
-    counters = torch.zeros(B * Hkv, dtype=torch.int32, device=device)
+    counters = select_counters(B, Hq, device).zero_()
 
     def launch(ends_mode=ENDS_PREFIX, search=SEARCH_BISECT, **kw):  # the bisection columns unless told
         def run():
@@ -191,7 +198,41 @@ def time_case(B: int, C: int, k: int, context: int | None = None, scores: str = 
                                                               num_warps=warps), cuda_graph=True)
     launch(ENDS_MODE, search=SEARCH_INTERP, stream=True)()
     row["same_sets_stream"] = all(torch.equal(a, b) for a, b in zip((picks, sizes[ENDS_MODE], ends[ENDS_MODE]), want))
+    time_window(row, launch, sizes[ENDS_BLOCKS], ends[ENDS_BLOCKS], score_rows, krow, counters)
     return row
+
+
+WINDOW_PARTS = [1024, 2048, 4096, 8192, 16384]
+
+
+def time_window(row: dict, launch, sizes: torch.Tensor, ends: torch.Tensor, score_rows: torch.Tensor,
+                krow: torch.Tensor, counters: torch.Tensor) -> None:
+    """The window columns of `time_case` (after union_kernel's: its sets are the reference)."""
+    launch(ENDS_BLOCKS, search=SEARCH_INTERP, union_kernel=True)()
+    want = (sizes.clone(), ends.clone())
+    row["window"] = bench_us(launch(ENDS_BLOCKS, window=True), cuda_graph=True)
+    row["same_sets_window"] = all(torch.equal(a, b) for a, b in zip((sizes, ends), want))
+    for part in WINDOW_PARTS:
+        if part <= gist_select._next_pow2(score_rows.shape[-1]):
+            with window_parts(part):
+                row[f"window_p{part}"] = bench_us(launch(ENDS_BLOCKS, window=True), cuda_graph=True)
+    B, Hq, _ = score_rows.shape
+    paths = torch.empty(B * Hq, dtype=torch.int32, device=score_rows.device)
+    out = torch.empty(B * Hq, device=score_rows.device)
+    counters.zero_()
+    window_select.window_select_launch(score_rows, krow, counters, out, paths.clone(), paths=paths)
+    row["window_fit"] = float((paths == window_select.PATH_FIT).float().mean())
+    row["window_row"] = float((paths == window_select.PATH_ROW).float().mean())
+
+
+@contextlib.contextmanager
+def window_parts(part: int):
+    old = window_select.WINDOW_PART_MIN, window_select.WINDOW_PART_MAX
+    window_select.WINDOW_PART_MIN = window_select.WINDOW_PART_MAX = part
+    try:
+        yield
+    finally:
+        window_select.WINDOW_PART_MIN, window_select.WINDOW_PART_MAX = old
 
 
 STREAM_SETTINGS = [(1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16)]  # (tile, warps)
@@ -232,11 +273,13 @@ def main(argv=None) -> None:
                        ("early_red", "early red", ".1f"), ("early_red_max", "max", "d"),
                        ("interp_red", "interp red", ".1f"), ("interp_red_max", "max", "d"), ("early_w4", "w4", ".1f"),
                        ("early_w8", "w8", ".1f"), ("early_w16", "w16", ".1f"), ("early_w32", "w32", ".1f"),
-                       ("union_kernel", "union kernel", ".1f"),
+                       ("union_kernel", "union kernel", ".1f"), ("window", "window", ".1f"),
+                       *[(f"window_p{p}", f"window p{p}", ".1f") for p in WINDOW_PARTS],
+                       ("window_fit", "fit", ".2f"), ("window_row", "row", ".2f"),
                        *[(f"stream_t{t}_w{w}", f"stream {t}/{w}", ".1f") for t, w in STREAM_SETTINGS],
                        ("zero", "zero us", ".1f"), ("same_sets", "same", ""), ("same_lists", "same_lists", ""),
                        ("same_sets_interp", "same_interp", ""), ("same_sets_stream", "same_stream", ""),
-                       ("same_sets_union_kernel", "same_union_kernel", "")])
+                       ("same_sets_union_kernel", "same_union_kernel", ""), ("same_sets_window", "same_window", "")])
     name = "select_kernel" if args.scores == "normal" else f"select_kernel_{args.scores}"
     path = write_results(args.out, name, {"environment": environment(), "scores": args.scores, "rows": rows})
     print(f"wrote {path}")

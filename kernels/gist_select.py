@@ -53,6 +53,7 @@ from gsa_rag.kernels.dispatch import interpreting
 from gsa_rag.kernels.gist_keys8 import Int8GistKeys, gist_keys_of_layer
 from gsa_rag.kernels.pdl import pdl_launch
 from gsa_rag.kernels.sparse_decode import num_sms
+from gsa_rag.kernels.window_select import COUNTER_WORDS, window_select_launch
 
 from gsa_rag.config import GistConfig
 from gsa_rag.layout import GistLayout
@@ -385,8 +386,8 @@ if triton is not None:
         s_xb, s_xh,
         Hkv, G, C, NBLK, TOTAL, PER,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
-        PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr, COUNT: tl.constexpr,
-        INT8: tl.constexpr, ONE: tl.constexpr,
+        PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr, ZERO_PAD: tl.constexpr,
+        COUNT: tl.constexpr, INT8: tl.constexpr, ONE: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
         # The work is TOTAL = B * Hkv * NBLK blocks of BLOCK_C chunks, numbered (batch, KV head)
@@ -404,7 +405,7 @@ if triton is not None:
             _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, pid // NBLK, pid % NBLK, pid % NBLK + 1,
                        s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh, s_gc, s_nb, s_nh,
                        s_sb, s_sh, s_sc, s_xb, s_xh, Hkv, G, C, G_PAD, D, BLOCK_C, DOT_F32, PRECISION,
-                       ZERO_SIZES, ZERO_CNT, COUNT, INT8, True)
+                       ZERO_SIZES, ZERO_CNT, ZERO_PAD, COUNT, INT8, True)
         else:
             first = pid * PER
             last = tl.minimum(first + PER, TOTAL)
@@ -414,7 +415,7 @@ if triton is not None:
                            tl.maximum(first - row * NBLK, 0), tl.minimum(last - row * NBLK, NBLK),
                            s_qb, s_qh, s_qd, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh, s_gc, s_nb, s_nh,
                            s_sb, s_sh, s_sc, s_xb, s_xh, Hkv, G, C, G_PAD, D, BLOCK_C, DOT_F32, PRECISION,
-                           ZERO_SIZES, ZERO_CNT, COUNT, INT8, False)
+                           ZERO_SIZES, ZERO_CNT, ZERO_PAD, COUNT, INT8, False)
 
     @triton.jit
     def _score_row(Q, K, GIDX, NCH, S, SIZES, CNT, SCORED, QSCALE, pid, lo, hi,
@@ -422,7 +423,7 @@ if triton is not None:
                    s_sb, s_sh, s_sc, s_xb, s_xh, Hkv, G, C,
                    G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr,
                    PRECISION: tl.constexpr, ZERO_SIZES: tl.constexpr, ZERO_CNT: tl.constexpr,
-                   COUNT: tl.constexpr, INT8: tl.constexpr, ONE: tl.constexpr):
+                   ZERO_PAD: tl.constexpr, COUNT: tl.constexpr, INT8: tl.constexpr, ONE: tl.constexpr):
         # blocks [lo, hi) of (batch, KV head) `pid`, the next block's keys in flight while one is
         # scored (ONE: the single block lo)
         pid64 = pid * tl.full([], 1, tl.int64)  # (the interpreter's loop index is a Python int)
@@ -455,9 +456,10 @@ if triton is not None:
                 _score_block(Q, K, GIDX, S, SIZES, SCORED, q, n, b64, h, pid64, blk, s_kb, s_kh, s_kt, s_kd, s_gb,
                              s_gh, s_gc, s_sb, s_sh, s_sc, G, C, G_PAD, D, BLOCK_C, DOT_F32, PRECISION, ZERO_SIZES,
                              COUNT, INT8)
-        if ZERO_CNT:  # the arrival counters of the select kernel that runs next
+        if ZERO_CNT:  # the counters of the select kernel that runs next: ZERO_CNT words a (batch, KV head)
             if lo == 0:
-                tl.store(CNT + pid, 0)
+                w = tl.arange(0, ZERO_PAD)
+                tl.store(CNT + pid64 * ZERO_CNT + w, tl.zeros([ZERO_PAD], dtype=tl.int32), mask=w < ZERO_CNT)
 
     @triton.jit
     def _score_block(Q, K, GIDX, S, SIZES, SCORED, q, n, b64, h, pid64, blk, s_kb, s_kh, s_kt, s_kd, s_gb, s_gh,
@@ -684,29 +686,39 @@ if triton is not None:
                     _union_tile(first, PTR + b * s_pb, sizes, ENDS, grp, G, C, 0, 0, BLOCK, ENDS_MODE, BLOCK_C)
 
     @triton.jit
-    def _union_kernel(SEL, PTR, SIZES, ENDS, s_pb, Hq, G, C,
+    def _union_kernel(SEL, THR, CUT, PTR, SIZES, ENDS, s_pb, Hq, G, C,
                       BLOCK: tl.constexpr, ENDS_MODE: tl.constexpr, BLOCK_C: tl.constexpr,
-                      PDL: tl.constexpr = False):
+                      FROM_SCORES: tl.constexpr = False, PDL: tl.constexpr = False):
         # grid (B * Hkv, cdiv(C, BLOCK)): the GQA union of one group's pick rows on BLOCK chunks,
         # as the select kernel's tail writes it but spread over many programs (UNION_KERNEL;
-        # no row-wide prefix sum, so ENDS_NONE or ENDS_BLOCKS)
+        # no row-wide prefix sum, so ENDS_NONE or ENDS_BLOCKS). FROM_SCORES: SEL is the score
+        # rows and each head's picks come from its threshold and tie cut (`window_select`)
         wait_for_previous(PDL)
         grp = tl.program_id(0)
         b = grp // (Hq // G)
         _union_tile(SEL + (grp * G).to(tl.int64) * C, PTR + b * s_pb, SIZES + grp.to(tl.int64) * C, ENDS, grp, G, C,
-                    tl.program_id(1) * BLOCK, 0, BLOCK, ENDS_MODE, BLOCK_C)
+                    tl.program_id(1) * BLOCK, 0, BLOCK, ENDS_MODE, BLOCK_C, FROM_SCORES, THR + grp * G, CUT + grp * G)
 
     @triton.jit
     def _union_tile(first, ptr, sizes, ENDS, grp, G, C, start, carry,
-                    BLOCK: tl.constexpr, ENDS_MODE: tl.constexpr, BLOCK_C: tl.constexpr):
+                    BLOCK: tl.constexpr, ENDS_MODE: tl.constexpr, BLOCK_C: tl.constexpr,
+                    FROM_SCORES: tl.constexpr = False, thr=None, cut=None):
         # the union tail on chunks [start, start + BLOCK): OR of the group's G pick rows (from
         # `first`, written by other programs: read past L1), sizes, and what the expansion places
-        # chunks by (`carry`: the sizes before `start`, for ENDS_PREFIX; returned updated)
+        # chunks by (`carry`: the sizes before `start`, for ENDS_PREFIX; returned updated).
+        # FROM_SCORES: `first` is the G score rows, a pick the finite scores > thr[g] and those
+        # == thr[g] at chunks below cut[g]
         c = start + tl.arange(0, BLOCK)
         ok = c < C
         union = tl.zeros([BLOCK], dtype=tl.int32)
         for g in range(G):
-            union = union | tl.load(first + g * C + c, mask=ok, other=0, cache_modifier=".cg").to(tl.int32)
+            if FROM_SCORES:
+                x = score_tile(first + g * C, C, start, BLOCK)
+                t = tl.load(thr + g)
+                picked = (x > float("-inf")) & ((x > t) | ((x == t) & (c < tl.load(cut + g))))
+                union = union | picked.to(tl.int32)
+            else:
+                union = union | tl.load(first + g * C + c, mask=ok, other=0, cache_modifier=".cg").to(tl.int32)
         lo = tl.load(ptr + c, mask=ok, other=0)
         hi = tl.load(ptr + c + 1, mask=ok, other=0)
         size = tl.where(union != 0, hi - lo, 0)
@@ -722,7 +734,6 @@ if triton is not None:
             else:  # a row shorter than one block (one tile of BLOCK >= 16): one sum
                 tl.store(ENDS + grp.to(tl.int64) * nbc, tl.sum(size, 0), mask=nbc > 0)  # C == 0: no room
         return carry + tl.sum(size, 0)
-
 
 
 # blocks of chunks one scores program reads in turn (16-bit keys: 64 chunks a block at D >= 128,
@@ -766,6 +777,9 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
     s_nb, s_nh = num_chunks.stride() if per_head else (num_chunks.stride(0), 0)
     if out is None:
         out = torch.empty(B, Hq, C, dtype=torch.float32, device=query.device)
+    words = 0 if counters is None else counters.numel() // (B * Hkv)
+    if counters is not None and counters.numel() != words * B * Hkv:
+        raise ValueError(f"counters of {counters.numel()} words do not split over {B} x {Hkv} (batch, KV head) rows")
     BLOCK_C, steps, warps, stages = 64 if D >= 128 else 128, SCORE_STEPS, 4, 2
     if keys8 is not None:
         if per_head or keys8.values.shape != (B, Hkv, C, D) or keys8.scale.shape != (B, Hkv, D):
@@ -799,7 +813,7 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
         DOT_F32=interpreting() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
-        ZERO_CNT=counters is not None, COUNT=scored is not None, INT8=keys8 is not None, ONE=per == 1,
+        ZERO_CNT=words, ZERO_PAD=_next_pow2(max(1, words)), COUNT=scored is not None, INT8=keys8 is not None, ONE=per == 1,
         # one wave wants every SM's slots at once: launched early, its programs would land on
         # the SMs the kernel before has left free (NOTES.md round 23)
         **pdl_launch(query.device, allow=not one_wave), num_warps=warps, num_stages=stages,
@@ -987,6 +1001,17 @@ EARLY_EXIT = True
 # smooth rows, the same picks); benchmarks/select_kernel.py times both
 SEARCH_BISECT, SEARCH_INTERP = 0, 1
 SEARCH = SEARCH_INTERP  # 31.4 -> 22.7 us at 128K batch 1 (NOTES.md, round 11)
+# the top-k where the union runs as a launch of its own: `window_select` (a window from a sample of
+# each row, its candidates resolved by the row's last program; rows split over programs where they
+# are few) instead of `_topk_union_kernel`'s search over whole rows (A/B: False; NOTES.md round 24)
+WINDOW_SELECT = False
+
+
+def select_counters(batch: int, num_heads: int, device: torch.device | str) -> torch.Tensor:
+    """The select kernels' int32 counters for [batch, num_heads] score rows, for the scores launch
+    to zero (`_scores_launch(counters=)`, COUNTER_WORDS a row: the window select's; the other
+    kernel's union tail counts arrivals in the first batch x KV heads words)."""
+    return torch.empty(batch * num_heads * COUNTER_WORDS, dtype=torch.int32, device=device)
 
 
 def _ends_mode_or_default(ends_mode: int | None) -> int:
@@ -1000,12 +1025,17 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
                       num_kv_heads: int, early_exit: bool | None = None, union: bool = True,
                       num_warps: int | None = None, ends_mode: int | None = None, search: int | None = None,
                       stats: torch.Tensor | None = None, stream: bool | None = None,
-                      union_kernel: bool | None = None) -> None:
-    """Launches `_topk_union_kernel` over scores float32 [B, Hq, C] (contiguous) with k long [B],
-    chunk_ptr the CSR offsets of each chunk's extra columns (row stride `ptr_stride`; 0 shares one
-    row), into picks int8 [B, Hq, C], sizes int32 [B, Hkv, C], ends int32 [B, Hkv,
-    ends_width(C, ends_mode)] contiguous (None: nothing written to place chunks by), counters int32
-    [B * Hkv] (zeroed; where the select kernel writes the union, each group's last arrival does).
+                      union_kernel: bool | None = None, window: bool | None = None) -> None:
+    """Per query head the k best chunks and their GQA union over scores float32 [B, Hq, C]
+    (contiguous) with k long [B], chunk_ptr the CSR offsets of each chunk's extra columns (row
+    stride `ptr_stride`; 0 shares one row), into sizes int32 [B, Hkv, C], ends int32 [B, Hkv,
+    ends_width(C, ends_mode)] contiguous (None: nothing written to place chunks by); counters int32
+    (`select_counters`, zeroed by the scores launch; where the select kernel writes the union,
+    each group's last arrival counts in the first B * Hkv words).
+
+    window: `window_select` then the union kernel from the scores (default WINDOW_SELECT where the
+    union runs apart and none of the other kernel's settings below is given; picks is then
+    unwritten); else `_topk_union_kernel`, writing each head's picks int8 [B, Hq, C]:
 
     ends_mode: what ends receives, ENDS_PREFIX or ENDS_BLOCKS (default ENDS_MODE);
     early_exit: stop the bisection once it splits off exactly k (default EARLY_EXIT);
@@ -1019,30 +1049,49 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
     The last eight are for benchmarks/select_kernel.py (and ends_mode, search, stats, stream,
     union_kernel for the tests)."""
     B, Hq, C = scores.shape
-    if stream is None:
-        stream = streams_rows(C)
     mode = ENDS_NONE if ends is None else _ends_mode_or_default(ends_mode)
     separate = union and (UNION_KERNEL if union_kernel is None else union_kernel) and mode != ENDS_PREFIX
+    if window and not separate:
+        raise ValueError("the window select writes no pick rows: it needs the union as a launch of its own "
+                         "(union=True, UNION_KERNEL, not ENDS_PREFIX)")
+    if window is None:
+        window = separate and WINDOW_SELECT and all(
+            v is None for v in (early_exit, num_warps, search, stats, stream))
+    if stream is None:
+        stream = streams_rows(C) and not window
     for name, tile, used in (("STREAM_TILE", STREAM_TILE, stream), ("UNION_TILE", UNION_TILE, separate)):
         if used and (tile < EXPAND_BLOCK_C or tile & (tile - 1)):
             raise ValueError(f"{name} must be a power of two >= {EXPAND_BLOCK_C} (block sums start on tile "
                              f"boundaries), got {tile}")
+    if window:
+        thresholds = torch.empty(B * Hq, dtype=torch.float32, device=scores.device)
+        cuts = torch.empty(B * Hq, dtype=torch.int32, device=scores.device)
+        window_select_launch(scores, k, counters, thresholds, cuts)
+    else:
+        _topk_union_launch(scores, k, chunk_ptr, ptr_stride, picks, sizes, ends, counters, num_kv_heads, early_exit,
+                           union and not separate, num_warps, mode, search, stats, stream)
+    if separate and C > 0:
+        _union_kernel[(B * num_kv_heads, triton.cdiv(C, UNION_TILE))](
+            scores if window else picks, thresholds if window else picks, cuts if window else picks,
+            chunk_ptr, sizes, sizes if ends is None else ends, ptr_stride, Hq, Hq // num_kv_heads, C,
+            BLOCK=UNION_TILE, ENDS_MODE=mode, BLOCK_C=EXPAND_BLOCK_C, FROM_SCORES=window,
+            **pdl_launch(scores.device), num_warps=4,
+        )
+
+
+def _topk_union_launch(scores, k, chunk_ptr, ptr_stride, picks, sizes, ends, counters, num_kv_heads, early_exit,
+                       union, num_warps, mode, search, stats, stream) -> None:
+    B, Hq, C = scores.shape
     block = STREAM_TILE if stream else max(16, _next_pow2(C))
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, sizes if ends is None else ends, counters,
         counters if stats is None else stats,
         ptr_stride, Hq, Hq // num_kv_heads, C,
-        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union and not separate,
-        ENDS_MODE=mode,
+        BLOCK=block, EARLY_EXIT=EARLY_EXIT if early_exit is None else early_exit, UNION=union, ENDS_MODE=mode,
         BLOCK_C=EXPAND_BLOCK_C, SEARCH=SEARCH if search is None else search, STATS=stats is not None,
         STREAM=stream, **pdl_launch(scores.device),
         num_warps=num_warps or (STREAM_WARPS if stream else _select_warps(block)),
     )
-    if separate and C > 0:
-        _union_kernel[(B * num_kv_heads, triton.cdiv(C, UNION_TILE))](
-            picks, chunk_ptr, sizes, sizes if ends is None else ends, ptr_stride, Hq, Hq // num_kv_heads, C,
-            BLOCK=UNION_TILE, ENDS_MODE=mode, BLOCK_C=EXPAND_BLOCK_C, **pdl_launch(scores.device), num_warps=4,
-        )
 
 
 def streams_rows(num_chunks: int) -> bool:
@@ -1160,7 +1209,7 @@ def select_sizes_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayo
     ends_mode = _ends_mode_or_default(ends_mode)
     sizes = torch.empty(B, Hkv, C, dtype=torch.int32, device=query.device)
     ends = torch.empty(B, Hkv, ends_width(C, ends_mode), dtype=torch.int32, device=query.device)
-    counters = torch.empty(B * Hkv, dtype=torch.int32, device=query.device)
+    counters = select_counters(B, Hq, query.device)
     picks = torch.empty(B, Hq, C, dtype=torch.int8, device=query.device)
     scores = _scores_launch(query, key, layout.gist_index, layout.num_chunks, counters=counters, keys8=keys8)
     topk_union_launch(scores, plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends, counters, Hkv,
@@ -1180,25 +1229,33 @@ def block_sums(sizes: torch.Tensor) -> torch.Tensor:
 def topk_union_triton(scores: torch.Tensor, plan: DecodePlan, num_kv_heads: int,
                       early_exit: bool | None = None, ends_mode: int | None = None, search: int | None = None,
                       stats: torch.Tensor | None = None, stream: bool | None = None,
-                      union_kernel: bool | None = None) -> torch.Tensor:
+                      union_kernel: bool | None = None, window: bool | None = None) -> torch.Tensor:
     """The fused top-k + GQA union alone, as `choose_union`'s bool [B, Hkv, C] (for tests): the
-    chunks whose size the select kernel wrote nonzero (every chunk has at least its gist). Checks
-    what the kernel wrote to place chunks by (ends_mode, default ENDS_MODE) against torch.
-    search: the threshold search (default SEARCH); stats, stream, union_kernel: `topk_union_launch`'s."""
+    chunks whose size the select kernel wrote nonzero (every chunk has at least its gist), from
+    the pick rows where `_topk_union_kernel` wrote them. Checks what the kernel wrote to place
+    chunks by (ends_mode, default ENDS_MODE) against torch, and its counters. search: the
+    threshold search (default SEARCH); stats, stream, union_kernel, window: `topk_union_launch`'s."""
     B, Hq, C = scores.shape
     ends_mode = _ends_mode_or_default(ends_mode)
     sizes = torch.full((B, num_kv_heads, C), -1, dtype=torch.int32, device=scores.device)
     ends = torch.full((B, num_kv_heads, ends_width(C, ends_mode)), -1, dtype=torch.int32, device=scores.device)
-    counters = torch.zeros(B * num_kv_heads, dtype=torch.int32, device=scores.device)
+    counters = select_counters(B, Hq, scores.device).zero_()
     picks = torch.full((B, Hq, C), -1, dtype=torch.int8, device=scores.device)
     topk_union_launch(scores.contiguous(), plan.k, plan.chunk_ptr, plan.chunk_ptr.stride(0), picks, sizes, ends,
                       counters, num_kv_heads, early_exit=early_exit, ends_mode=ends_mode, search=search, stats=stats,
-                      stream=stream, union_kernel=union_kernel)
+                      stream=stream, union_kernel=union_kernel, window=window)
     assert bool((sizes >= 0).all())
-    # every head arrived, unless the union ran as a launch of its own (no arrivals counted)
-    assert bool((counters == Hq // num_kv_heads).all()) or bool((counters == 0).all())
     want = torch.cumsum(sizes, -1, dtype=torch.int32) if ends_mode == ENDS_PREFIX else block_sums(sizes)
     assert torch.equal(ends, want), ends_mode
+    rows = counters.view(B * Hq, COUNTER_WORDS)
+    if bool((picks == -1).all()) and C > 0:  # the window select: every part of a row arrived, every finite score counted
+        assert torch.equal(rows[:, 3].cpu(), torch.isfinite(scores).sum(-1).flatten().int().cpu())
+        assert bool((rows[:, 0] == rows[0, 0]).all()) and int(rows[0, 0]) >= 1
+        return sizes != 0, sizes
+    # every head of a group arrived where the select kernel wrote the union, else none counted
+    arrived = counters[:B * num_kv_heads]
+    assert bool((arrived == Hq // num_kv_heads).all()) or bool((arrived == 0).all())
+    assert not bool(counters[B * num_kv_heads:].any())
     return picks.view(B, num_kv_heads, Hq // num_kv_heads, C).any(2), sizes
 
 

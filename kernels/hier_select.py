@@ -45,6 +45,7 @@ from gsa_rag.kernels.gist_select import (
     _next_pow2,
     _scores_launch,
     csr_columns,
+    select_counters,
     topk_union_launch,
 )
 from gsa_rag.kernels.pdl import pdl_launch
@@ -251,7 +252,7 @@ def _union_flags(scores: torch.Tensor, plan: HierPlan, counters: torch.Tensor, n
 
     Args:
         scores: float32 [B, Hq, NC], -inf past each (batch, KV head)'s candidates.
-        counters: int32 [B * Hkv] arrival counters, zeroed by the scores launch just before.
+        counters: `select_counters`, zeroed by the scores launch just before.
 
     Returns:
         int32 [B, Hkv, NC], 1 where a slot is chosen.
@@ -303,7 +304,7 @@ def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout
     flat = plan.flat
     out = torch.empty(B, Hkv, plan.capacity, dtype=torch.int32, device=device)
     lengths = torch.empty(B, Hkv, dtype=torch.int32, device=device)  # the top level's unfold starts it at base_len
-    counters = torch.empty(B * Hkv, dtype=torch.int32, device=device)
+    counters = select_counters(B, Hq, device)
     top = layout.levels - 1
     units, gist_cols, count = plan.ident, plan.unit_index[top], plan.num_units[top]  # every top-level unit
     s_ur = 0

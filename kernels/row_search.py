@@ -271,3 +271,42 @@ def pick_top(x, t, exact, room, ties, seen):
             eq = eq & (rank <= room)
         pick = ((x > t) | eq) & finite
     return pick, seen
+
+
+@triton.jit
+def tie_cut(s, idx, srow, C, t, room, STREAM: tl.constexpr, TILE: tl.constexpr):
+    # the smallest m with `room` scores == t at chunks below m (0 < room < the ties): the ties a
+    # pick keeps are the first by chunk index. idx: the chunk of each score of s in registers;
+    # with STREAM a tile's own positions. Bisection on m in (0, C], one reduction a step
+    lo = tl.zeros([], tl.int32)
+    hi = tl.zeros([], tl.int32) + C
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if STREAM:
+            acc = tl.zeros([TILE], dtype=tl.int32)
+            for start in range(0, C, TILE):
+                x = score_tile(srow, C, start, TILE)
+                acc += ((x == t) & (start + tl.arange(0, TILE) < mid)).to(tl.int32)
+            below = tl.sum(acc, 0)
+        else:
+            below = tl.sum(((s == t) & (idx < mid)).to(tl.int32), 0)
+        lo = tl.where(below >= room, lo, mid)
+        hi = tl.where(below >= room, mid, hi)
+    return hi
+
+
+@triton.jit
+def kth_threshold(s, idx, srow, C, k, STREAM: tl.constexpr, TILE: tl.constexpr):
+    # (t, cut): the k best of a row (0 < k <= its finite scores) are its finite scores > t and
+    # those == t at chunks below cut (`tie_cut`; C where no tie straddles the k-th place).
+    # s, idx: scores and their chunks in registers, or with STREAM the row srow of C read a tile at a time
+    n, s_min, s_max, s_sum, s_sq = row_stats(s, srow, C, STREAM, TILE)
+    mean = s_sum / n
+    t, exact, _ = kth_interp(s, k, n, s_min, s_max, mean, tl.sqrt(tl.maximum(s_sq / n - mean * mean, 0.0)),
+                             srow, C, STREAM, TILE)
+    cut = tl.zeros([], tl.int32) + C
+    if exact == 0:  # t is the k-th largest itself, and ties at t straddle the k-th place
+        n_eq = row_count(s, srow, C, t, True, STREAM, TILE)
+        room = k - (row_count(s, srow, C, t, False, STREAM, TILE) - n_eq)
+        cut = tie_cut(s, idx, srow, C, t, room, STREAM, TILE)
+    return t, cut

@@ -158,11 +158,16 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gsa_rag.kernels import gist_select, sparse_decode
+from gsa_rag.kernels import gist_select, sparse_decode, window_select
 
 cases = {
-    "_union_kernel": (gist_select, {"SEL": "*i8", "PTR": "*i32", "SIZES": "*i32", "ENDS": "*i32"},
-                      {"BLOCK": 512, "ENDS_MODE": gist_select.ENDS_BLOCKS, "BLOCK_C": 64}, 1),
+    "_union_kernel": (gist_select, {"SEL": "*fp32", "THR": "*fp32", "CUT": "*i32", "PTR": "*i32", "SIZES": "*i32",
+                                    "ENDS": "*i32"},
+                      {"BLOCK": 512, "ENDS_MODE": gist_select.ENDS_BLOCKS, "BLOCK_C": 64, "FROM_SCORES": True}, 1),
+    "_window_select_kernel": (window_select, {"S": "*fp32", "KROW": "*i64", "CNT": "*i32", "CAND": "*fp32",
+                                              "CIDX": "*i32", "THR": "*fp32", "CUT": "*i32", "PATH": "*i32"},
+                              {"PART": 1024, "SAMPLE": 1024, "CAP": 512, "TILE": 512, "MARGIN": 4.0, "WORDS": 4,
+                               "STATS": False}, 1),
     "_split_kernel": (sparse_decode, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "IDX": "*i32", "LEN": "*i32",
                                       "M": "*fp32", "L": "*fp32", "ACC": "*fp32", "qk_scale": "fp32"},
                       {"G_PAD": 16, "D": 128, "BLOCK_N": 64, "DOT_F32": False, "PRECISION": "tf32"}, 3),
@@ -185,7 +190,7 @@ print(json.dumps(ptx))
 MEMORY_OPS = ("ld.global", "st.global", "atom.", "red.", "cp.async", "cp.reduce.async")
 
 
-@pytest.mark.parametrize("kernel", ["_union_kernel", "_split_kernel", "_combine_kernel"])
+@pytest.mark.parametrize("kernel", ["_union_kernel", "_window_select_kernel", "_split_kernel", "_combine_kernel"])
 def test_the_wait_compiles_ahead_of_every_memory_access_for_sm90(kernel):
     if pdl.gdc_wait is None:
         pytest.skip(NO_PDL)
