@@ -1001,10 +1001,13 @@ EARLY_EXIT = True
 # smooth rows, the same picks); benchmarks/select_kernel.py times both
 SEARCH_BISECT, SEARCH_INTERP = 0, 1
 SEARCH = SEARCH_INTERP  # 31.4 -> 22.7 us at 128K batch 1 (NOTES.md, round 11)
-# the top-k where the union runs as a launch of its own: `window_select` (a window from a sample of
-# each row, its candidates resolved by the row's last program; rows split over programs where they
-# are few) instead of `_topk_union_kernel`'s search over whole rows (A/B: False; NOTES.md round 24)
-WINDOW_SELECT = False
+# the top-k where the union runs as a launch of its own, rows are longer than TOPK_MAX_CHUNKS (the
+# search kernel would stream them) and no more than the SMs: `window_select` (a window from a sample
+# of each row, its candidates resolved by the row's last program, rows split over programs) instead
+# of `_topk_union_kernel`. On the H200 (NOTES.md round 24), select + union at 256K batch 1 (29,126
+# chunks): 20.8 against 37.7 us; at batch 8 (256 rows) 68.9 against 64.8, and at 128K, where the
+# search holds its rows in registers, 16.8 against 14.3 at batch 1. A/B: False
+WINDOW_SELECT = True
 
 
 def select_counters(batch: int, num_heads: int, device: torch.device | str) -> torch.Tensor:
@@ -1033,9 +1036,9 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
     (`select_counters`, zeroed by the scores launch; where the select kernel writes the union,
     each group's last arrival counts in the first B * Hkv words).
 
-    window: `window_select` then the union kernel from the scores (default WINDOW_SELECT where the
-    union runs apart and none of the other kernel's settings below is given; picks is then
-    unwritten); else `_topk_union_kernel`, writing each head's picks int8 [B, Hq, C]:
+    window: `window_select` then the union kernel from the scores (default: WINDOW_SELECT's rule,
+    where none of the other kernel's settings below is given; picks is then unwritten); else
+    `_topk_union_kernel`, writing each head's picks int8 [B, Hq, C]:
 
     ends_mode: what ends receives, ENDS_PREFIX or ENDS_BLOCKS (default ENDS_MODE);
     early_exit: stop the bisection once it splits off exactly k (default EARLY_EXIT);
@@ -1055,8 +1058,8 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
         raise ValueError("the window select writes no pick rows: it needs the union as a launch of its own "
                          "(union=True, UNION_KERNEL, not ENDS_PREFIX)")
     if window is None:
-        window = separate and WINDOW_SELECT and all(
-            v is None for v in (early_exit, num_warps, search, stats, stream))
+        window = (separate and WINDOW_SELECT and C > TOPK_MAX_CHUNKS and B * Hq <= num_sms(scores.device)
+                  and all(v is None for v in (early_exit, num_warps, search, stats, stream)))
     if stream is None:
         stream = streams_rows(C) and not window
     for name, tile, used in (("STREAM_TILE", STREAM_TILE, stream), ("UNION_TILE", UNION_TILE, separate)):

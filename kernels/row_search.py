@@ -274,32 +274,30 @@ def pick_top(x, t, exact, room, ties, seen):
 
 
 @triton.jit
-def tie_cut(s, idx, srow, C, t, room, STREAM: tl.constexpr, TILE: tl.constexpr):
-    # the smallest m with `room` scores == t at chunks below m (0 < room < the ties): the ties a
-    # pick keeps are the first by chunk index. idx: the chunk of each score of s in registers;
-    # with STREAM a tile's own positions. Bisection on m in (0, C], one reduction a step
+def tie_cut(srow, C, t, room, TILE: tl.constexpr):
+    # the smallest m with `room` scores == t at chunks below m in the row srow (0 < room < its
+    # ties): the ties a pick keeps are the first by chunk index. Bisection on m in (0, C], one
+    # pass over the row a step (ties straddle the k-th place rarely among float scores)
     lo = tl.zeros([], tl.int32)
     hi = tl.zeros([], tl.int32) + C
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if STREAM:
-            acc = tl.zeros([TILE], dtype=tl.int32)
-            for start in range(0, C, TILE):
-                x = score_tile(srow, C, start, TILE)
-                acc += ((x == t) & (start + tl.arange(0, TILE) < mid)).to(tl.int32)
-            below = tl.sum(acc, 0)
-        else:
-            below = tl.sum(((s == t) & (idx < mid)).to(tl.int32), 0)
+        acc = tl.zeros([TILE], dtype=tl.int32)
+        for start in range(0, C, TILE):
+            x = score_tile(srow, C, start, TILE)
+            acc += ((x == t) & (start + tl.arange(0, TILE) < mid)).to(tl.int32)
+        below = tl.sum(acc, 0)
         lo = tl.where(below >= room, lo, mid)
         hi = tl.where(below >= room, mid, hi)
     return hi
 
 
 @triton.jit
-def kth_threshold(s, idx, srow, C, k, STREAM: tl.constexpr, TILE: tl.constexpr):
+def kth_threshold(s, srow, C, k, STREAM: tl.constexpr, TILE: tl.constexpr, ROW_TILE: tl.constexpr):
     # (t, cut): the k best of a row (0 < k <= its finite scores) are its finite scores > t and
-    # those == t at chunks below cut (`tie_cut`; C where no tie straddles the k-th place).
-    # s, idx: scores and their chunks in registers, or with STREAM the row srow of C read a tile at a time
+    # those == t at chunks below cut (`tie_cut` over the row srow of C, ROW_TILE at a time; C where
+    # no tie straddles the k-th place). s: the scores searched, in registers (a subset holding the
+    # k-th place: its ties are all there), or with STREAM the row read TILE at a time
     n, s_min, s_max, s_sum, s_sq = row_stats(s, srow, C, STREAM, TILE)
     mean = s_sum / n
     t, exact, _ = kth_interp(s, k, n, s_min, s_max, mean, tl.sqrt(tl.maximum(s_sq / n - mean * mean, 0.0)),
@@ -308,5 +306,5 @@ def kth_threshold(s, idx, srow, C, k, STREAM: tl.constexpr, TILE: tl.constexpr):
     if exact == 0:  # t is the k-th largest itself, and ties at t straddle the k-th place
         n_eq = row_count(s, srow, C, t, True, STREAM, TILE)
         room = k - (row_count(s, srow, C, t, False, STREAM, TILE) - n_eq)
-        cut = tie_cut(s, idx, srow, C, t, room, STREAM, TILE)
+        cut = tie_cut(srow, C, t, room, ROW_TILE)
     return t, cut

@@ -1,10 +1,13 @@
 """Per query head top-k through a window: the select kernel that spreads a score row over programs.
 
 `gist_select._topk_union_kernel` finds each row's k-th largest score by a search whose every
-probe is a block reduction over the whole row, one program a row: at 128K batch 1 that is 32
-programs on 132 SMs and about 10 us of dependent reductions (benchmarks/results/kernels/NOTES.md,
-round 23). This kernel narrows the search to a few hundred candidates first, and splits a row
-over PARTS programs where rows are few (a two-level select):
+probe is a block reduction over the whole row, one program a row, the row in registers up to
+16K chunks and read from memory at every probe beyond. This kernel narrows the search to a few
+hundred candidates first, and splits a row over PARTS programs (a two-level select). It pays
+where rows are long and few (256K batch 1: 20.8 against 37.7 us with the union), not where the
+search holds its rows in registers: the search's cost there is its chain of dependent probes,
+which a candidate list keeps (benchmarks/results/kernels/NOTES.md, round 24;
+`gist_select.WINDOW_SELECT` says where it runs). The steps:
 
 1. window: every program of a row reads the same strided sample of it and places [lo, hi) around
    the sample's share of the k-th place: a normal fit of the sample (mean, std), widened by four
@@ -12,12 +15,13 @@ over PARTS programs where rows are few (a two-level select):
    where the check fails (a row far from normal) the sample's exact order statistics give the
    ends. All programs of a row compute the same window: the same data through the same code;
 2. part: a program counts its PART scores at or above hi and the finite ones, and appends those in
-   [lo, hi) (score and chunk) to the row's candidates;
+   [lo, hi) to the row's candidates;
 3. resolve: the row's last program to arrive (the only one where a row is one part) finds the
    (k - above)-th largest candidate, the row's k-th largest, by `kth_interp` over at most CAP
    candidates in registers. Where the window missed the k-th place, or the candidates overflow
    CAP, it searches the whole row read from memory instead (the other kernel's streamed search):
-   slower, the same picks.
+   slower, the same picks. Exact ties straddling the k-th place (rare among float scores) are cut
+   by chunk index over the row read from memory.
 
 It writes per row a threshold t and a tie cut: the row's picks are its finite scores > t and
 those == t at chunks below `cut`, the first ties by chunk index (the reference's stable argsort).
@@ -44,10 +48,12 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 COUNTER_WORDS = 4
 # scores a row's sample holds (strided over the row; the whole row where it is shorter), the
 # candidates a row keeps, the scores of one part (a power of two), and the fewest a part takes
-# when rows are split to fill the SMs; STREAM_TILE: scores a pass of the fallback search reads
-WINDOW_SAMPLE = 4096
+# when rows are split to fill the SMs; STREAM_TILE: scores a pass of the fallback search reads.
+# Swept on the H200 (NOTES.md round 24: parts of 2K-16K, 8 or 16 warps, samples of 1K or 2K): parts
+# of 8K, 8 warps and 1K samples were the fastest at 128K and 256K, batch 1 and 8
+WINDOW_SAMPLE = 1024
 WINDOW_CAP = 2048
-WINDOW_PART_MAX = 16384
+WINDOW_PART_MAX = 8192
 WINDOW_PART_MIN = 1024
 STREAM_TILE = 2048
 # the window's half-width in standard deviations of the sample's count at the k-th place
@@ -101,7 +107,7 @@ if triton is not None:
 
     @triton.jit
     def _window_select_kernel(
-        S, KROW, CNT, CAND, CIDX, THR, CUT, PATH,
+        S, KROW, CNT, CAND, THR, CUT, PATH,
         Hq, C, PARTS,
         PART: tl.constexpr, SAMPLE: tl.constexpr, CAP: tl.constexpr, TILE: tl.constexpr,
         MARGIN: tl.constexpr, WORDS: tl.constexpr, STATS: tl.constexpr, PDL: tl.constexpr = False,
@@ -116,9 +122,9 @@ if triton is not None:
         srow = S + row.to(tl.int64) * C
         cnt = CNT + row * WORDS
         k = tl.load(KROW + b).to(tl.int32)
-        lo, hi, fitted = _window(srow, C, k, SAMPLE, MARGIN)
         c = part * PART + tl.arange(0, PART)
-        x = tl.load(srow + c, mask=c < C, other=float("-inf"))
+        x = tl.load(srow + c, mask=c < C, other=float("-inf"))  # in flight with the sample's loads
+        lo, hi, fitted = _window(srow, C, k, SAMPLE, MARGIN)
         x = tl.where(x == 0.0, 0.0, x)
         finite = x > float("-inf")
         inside = finite & (x >= lo) & (x < hi)
@@ -128,11 +134,14 @@ if triton is not None:
         pos = base + tl.cumsum(inside.to(tl.int32), 0) - 1
         keep = inside & (pos < CAP)
         tl.store(CAND + row.to(tl.int64) * CAP + pos, x, mask=keep)
-        tl.store(CIDX + row.to(tl.int64) * CAP + pos, c, mask=keep)
         tl.atomic_add(cnt + 2, n_above)
         tl.atomic_add(cnt + 3, n_fin)
         tl.debug_barrier()  # every thread's candidates are stored before the arrival is counted
         if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == PARTS - 1:
+            # the whole candidate list is loaded with the counts (one round trip, not two), the
+            # entries past their count masked after
+            i = tl.arange(0, CAP)
+            v = tl.load(CAND + row.to(tl.int64) * CAP + i, cache_modifier=".cg")
             n_cand = tl.load(cnt + 1, cache_modifier=".cg")
             above = tl.load(cnt + 2, cache_modifier=".cg")
             n = tl.load(cnt + 3, cache_modifier=".cg")
@@ -146,13 +155,10 @@ if triton is not None:
             elif k > 0:
                 if (r >= 1) & (r <= n_cand) & (n_cand <= CAP):
                     path = tl.where(fitted, 1, 2)  # PATH_FIT, PATH_SAMPLE
-                    i = tl.arange(0, CAP)
-                    v = tl.load(CAND + row.to(tl.int64) * CAP + i, mask=i < n_cand, other=float("-inf"),
-                                cache_modifier=".cg")
-                    vi = tl.load(CIDX + row.to(tl.int64) * CAP + i, mask=i < n_cand, other=0, cache_modifier=".cg")
-                    t, cut = kth_threshold(v, vi, srow, C, r, False, CAP)
+                    v = tl.where(i < n_cand, v, float("-inf"))
+                    t, cut = kth_threshold(v, srow, C, r, False, CAP, TILE)
                 else:  # the window missed: the whole row, from memory
-                    t, cut = kth_threshold(0.0, 0, srow, C, k, True, TILE)
+                    t, cut = kth_threshold(0.0, srow, C, k, True, TILE, TILE)
                     path = tl.zeros([], tl.int32) + 3  # PATH_ROW
             tl.store(THR + row, t)
             tl.store(CUT + row, cut)
@@ -174,8 +180,9 @@ def window_part(rows: int, num_chunks: int, sms: int) -> int:
 
 
 def window_warps(part: int) -> int:
-    """Warps of a program by its part's length (4 to 16: 32 scores a thread at the longest)."""
-    return max(4, min(16, part // 1024))
+    """Warps of a program by its part's length: 4, and 8 from parts of 2,048 scores (16 were slower
+    at every part swept, NOTES.md round 24)."""
+    return max(4, min(8, part // 256))
 
 
 def window_select_launch(scores: torch.Tensor, k: torch.Tensor, counters: torch.Tensor, thresholds: torch.Tensor,
@@ -198,9 +205,8 @@ def window_select_launch(scores: torch.Tensor, k: torch.Tensor, counters: torch.
     parts = -(-C // part)
     cap = min(WINDOW_CAP, _next_pow2(C))
     cand = torch.empty(B * Hq, cap, dtype=torch.float32, device=scores.device)
-    cand_idx = torch.empty(B * Hq, cap, dtype=torch.int32, device=scores.device)
     _window_select_kernel[(B * Hq * parts,)](
-        scores, k, counters, cand, cand_idx, thresholds, cuts, cuts if paths is None else paths, Hq, C, parts,
+        scores, k, counters, cand, thresholds, cuts, cuts if paths is None else paths, Hq, C, parts,
         PART=part, SAMPLE=min(WINDOW_SAMPLE, _next_pow2(C)), CAP=cap, TILE=min(STREAM_TILE, _next_pow2(C)),
         MARGIN=MARGIN_SIGMAS, WORDS=COUNTER_WORDS, STATS=paths is not None, **pdl_launch(scores.device), num_warps=window_warps(part),
     )

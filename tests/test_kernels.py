@@ -138,21 +138,28 @@ def as_sets(index, lengths, B, H):
 
 @pytest.mark.parametrize("ends_mode,search,stream_above", [
     (ENDS_PREFIX, SEARCH_BISECT, None), (ENDS_BLOCKS, SEARCH_BISECT, None), (ENDS_BLOCKS, SEARCH_INTERP, None),
-    (ENDS_PREFIX, SEARCH_INTERP, 16)])
+    (ENDS_PREFIX, SEARCH_INTERP, 16), (ENDS_BLOCKS, SEARCH_INTERP, 16)])
 @pytest.mark.parametrize("kv_reuse", [False, True])
 def test_key_list_is_the_engine_mask(kv_reuse, ends_mode, search, stream_above, monkeypatch):
     """Reference and Triton lists equal the engine's dense selective mask, layer 0 and 1; the
     fused path placing chunks by the prefix sum and by block sums (gist_select.ENDS_MODE), with
     either threshold search (gist_select.SEARCH), and with rows of more than `stream_above`
-    chunks streamed by the select kernel (as rows past TOPK_MAX_CHUNKS are)."""
+    chunks (as rows past TOPK_MAX_CHUNKS are): streamed by the select kernel where it writes the
+    union (ENDS_PREFIX), else taken by the window select (the SMs made many enough for any batch)."""
     monkeypatch.setattr(gist_select, "ENDS_MODE", ends_mode)
     monkeypatch.setattr(gist_select, "SEARCH", search)
     if stream_above is not None:
         monkeypatch.setattr(gist_select, "TOPK_MAX_CHUNKS", stream_above)
         monkeypatch.setattr(gist_select, "STREAM_TILE", 64)
+        monkeypatch.setattr(gist_select, "num_sms", lambda device: 1024)
+        calls = []
+        launch = gist_select.window_select_launch
+        monkeypatch.setattr(gist_select, "window_select_launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
     for seed in range(6):
         layout, config = random_layout(seed, kv_reuse=kv_reuse)
         assert_key_lists_are_the_engine_mask(layout, config, seed)
+    if stream_above is not None:
+        assert bool(calls) == (ends_mode == ENDS_BLOCKS)
 
 
 def assert_key_lists_are_the_engine_mask(layout, config, seed: int) -> None:

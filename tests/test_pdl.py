@@ -165,7 +165,7 @@ cases = {
                                     "ENDS": "*i32"},
                       {"BLOCK": 512, "ENDS_MODE": gist_select.ENDS_BLOCKS, "BLOCK_C": 64, "FROM_SCORES": True}, 1),
     "_window_select_kernel": (window_select, {"S": "*fp32", "KROW": "*i64", "CNT": "*i32", "CAND": "*fp32",
-                                              "CIDX": "*i32", "THR": "*fp32", "CUT": "*i32", "PATH": "*i32"},
+                                              "THR": "*fp32", "CUT": "*i32", "PATH": "*i32"},
                               {"PART": 1024, "SAMPLE": 1024, "CAP": 512, "TILE": 512, "MARGIN": 4.0, "WORDS": 4,
                                "STATS": False}, 1),
     "_split_kernel": (sparse_decode, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "IDX": "*i32", "LEN": "*i32",
