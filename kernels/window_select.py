@@ -208,5 +208,9 @@ def window_select_launch(scores: torch.Tensor, k: torch.Tensor, counters: torch.
     _window_select_kernel[(B * Hq * parts,)](
         scores, k, counters, cand, thresholds, cuts, cuts if paths is None else paths, Hq, C, parts,
         PART=part, SAMPLE=min(WINDOW_SAMPLE, _next_pow2(C)), CAP=cap, TILE=min(STREAM_TILE, _next_pow2(C)),
-        MARGIN=MARGIN_SIGMAS, WORDS=COUNTER_WORDS, STATS=paths is not None, **pdl_launch(scores.device), num_warps=window_warps(part),
+        MARGIN=MARGIN_SIGMAS, WORDS=COUNTER_WORDS, STATS=paths is not None,
+        # plain: about one program an SM, which an early launch would place on whatever SMs the
+        # scores kernel has left free (256K batch 1: the step 86.7-87.1 against 90.8-91.1 us with
+        # PDL, NOTES.md round 24; as the int8 scores kernel's one wave, round 23)
+        **pdl_launch(scores.device, allow=False), num_warps=window_warps(part),
     )

@@ -23,7 +23,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton not installed (the kernels under test are Triton's)")
 
 import gsa_rag.kernels as kernels_package
-from gsa_rag.kernels import gist_select, pdl, sparse_decode
+from gsa_rag.kernels import gist_select, pdl, sparse_decode, window_select
 from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
 from test_kernels_gist_keys8 import DEVICE, random_keys
 
@@ -74,8 +74,8 @@ def test_gsa_rag_pdl_turns_it_off(value, enabled):
 
 
 def test_grids_that_must_spread_over_every_sm_launch_plainly(monkeypatch):
-    """The int8 scores kernel's one-wave grid and a combine with more programs than SMs are
-    launched without PDL (allow=False); smaller grids and the other kernels with it."""
+    """The int8 scores kernel's one-wave grid, a combine with more programs than SMs and the window
+    select are launched without PDL (allow=False); smaller grids and the other kernels with it."""
     allowed = []
 
     def record(device, allow=True):
@@ -112,6 +112,15 @@ def test_grids_that_must_spread_over_every_sm_launch_plainly(monkeypatch):
         acc = torch.randn(B, Hq, R, 3, 8, generator=g)
         sparse_decode.combine_splits(m.to(DEVICE), l.to(DEVICE), acc.to(DEVICE), torch.empty(B, Hq, R, 8, device=DEVICE))
         assert allowed == [want], (B, Hq, R)
+
+    # the window select's rows in about one program an SM, then the union kernel with PDL
+    monkeypatch.setattr(window_select, "pdl_launch", record)
+    allowed.clear()
+    scores = torch.randn(1, 2, 40, generator=g).to(DEVICE)
+    out = torch.empty(2, device=DEVICE)
+    window_select.window_select_launch(scores, torch.tensor([3], device=DEVICE),
+                                       gist_select.select_counters(1, 2, DEVICE).zero_(), out, out.int())
+    assert allowed == [False]
 
 
 def _launched_with_pdl(module) -> set[str]:
