@@ -1,4 +1,7 @@
-"""Window select sweep: (part, warps, sample) against the search kernel, qk rows, graph replay (us)."""
+"""Window select sweep: (part, warps, sample) against the search kernel, qk rows, graph replay (us).
+
+    python wsweep.py OUT.json [long]
+"""
 import importlib.util, itertools, json, os, sys
 import torch
 from gsa_rag.kernels import gist_select, window_select
@@ -9,8 +12,12 @@ spec = importlib.util.spec_from_file_location("sk", os.environ["REPO"] + "/bench
 sk = importlib.util.module_from_spec(spec); spec.loader.exec_module(sk)
 torch.manual_seed(0)
 out = []
-cases = [(1, 16384, 512, 131072), (8, 16384, 512, 131072), (1, 4096, 128, 32768), (1, 3704, 4, None)]
-grid = [(p, w, s) for p in (2048, 4096, 8192) for w in (8, 16) for s in (1024, 2048)]
+if sys.argv[2:] == ["long"]:  # r3.sh: 256K (ran as a copy of this file with these two lines)
+    cases = [(1, 32768, 1024, 262144), (8, 32768, 1024, 262144)]
+    grid = [(p, w, 1024) for p in (4096, 8192, 16384) for w in (8, 16)]
+else:  # r2.sh
+    cases = [(1, 16384, 512, 131072), (8, 16384, 512, 131072), (1, 4096, 128, 32768), (1, 3704, 4, None)]
+    grid = [(p, w, s) for p in (2048, 4096, 8192) for w in (8, 16) for s in (1024, 2048)]
 for B, C, k, ctx in cases:
     rows, plan = sk.case_inputs(B, C, k, ctx, "qk")
     C = rows.shape[-1]
