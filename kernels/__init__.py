@@ -7,6 +7,8 @@ Each kernel sits beside its torch reference; tests/test_kernels.py compares them
                    once per step from gsa_rag.masks.visible, so the list is the engine's rule
     row_search     the select kernels' threshold searches over one score row (Triton helpers: bisection,
                    interpolation on a normal fit, the tie rule)
+    window_select  top-k per query head among the candidates of a window placed from a sample of the
+                   row, rows split over programs (where the search kernel would stream few long rows)
     gist_keys8     the int8 copy of the gist keys that scoring reads under GistConfig(score_dtype="int8")
                    (per-channel scales folded into the query)
     hier_select    the same for H-GSA layouts: coarse-to-fine selection that scores only the

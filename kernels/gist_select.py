@@ -32,8 +32,11 @@ no serial walk, no dense mask; where every chunk's extra columns are one run of 
 columns, the usual case (`DecodePlan.contiguous`), they are its first column + 0, 1, .. instead
 of a gather through the CSR offsets, EXPAND_CONTIGUOUS). Above TOPK_MAX_CHUNKS chunks a row no
 longer fits in registers and the select kernel streams it from memory at every pass instead
-(`streams_rows`); the older path, torch.topk, the mark kernel (each pick writes its chunk's
-extra-column count: the GQA union) and torch.cumsum, stays for `fused_topk=False`. Reference path
+(`streams_rows`), unless they are few: then `window_select` takes them (each row's k-th place
+among the candidates of a window placed from a sample, rows split over programs; the union kernel
+then reads the scores against its thresholds; WINDOW_SELECT). The older path, torch.topk, the mark
+kernel (each pick writes its chunk's extra-column count: the GQA union) and torch.cumsum, stays
+for `fused_topk=False`. Reference path
 (torch): `gist_scores_ref` is `gsa_rag.selection.gist_scores`; `build_index_list_ref` expands
 column-wise from a mask. Top-p goes through the reference `choose_chunks` on both.
 
@@ -1002,11 +1005,12 @@ EARLY_EXIT = True
 SEARCH_BISECT, SEARCH_INTERP = 0, 1
 SEARCH = SEARCH_INTERP  # 31.4 -> 22.7 us at 128K batch 1 (NOTES.md, round 11)
 # the top-k where the union runs as a launch of its own, rows are longer than TOPK_MAX_CHUNKS (the
-# search kernel would stream them) and no more than the SMs: `window_select` (a window from a sample
-# of each row, its candidates resolved by the row's last program, rows split over programs) instead
-# of `_topk_union_kernel`. On the H200 (NOTES.md round 24), select + union at 256K batch 1 (29,126
-# chunks): 20.8 against 37.7 us; at batch 8 (256 rows) 68.9 against 64.8, and at 128K, where the
-# search holds its rows in registers, 16.8 against 14.3 at batch 1. A/B: False
+# search kernel would stream them) and fill at most half the SMs: `window_select` (a window from a
+# sample of each row, its candidates resolved by the row's last program, rows split over programs)
+# instead of `_topk_union_kernel`. On the H200 (NOTES.md round 24), select + union at 256K (29,126
+# chunks, 32 heads): batch 1 20.8 against 37.7 us, batch 2 23.8 against 39.4; batch 4 (128 rows)
+# 41.4 against 37.5, batch 8 68.9 against 64.8; at 128K, where the search holds its rows in
+# registers, 16.8 against 14.3 at batch 1. A/B: False
 WINDOW_SELECT = True
 
 
@@ -1058,7 +1062,7 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
         raise ValueError("the window select writes no pick rows: it needs the union as a launch of its own "
                          "(union=True, UNION_KERNEL, not ENDS_PREFIX)")
     if window is None:
-        window = (separate and WINDOW_SELECT and C > TOPK_MAX_CHUNKS and B * Hq <= num_sms(scores.device)
+        window = (separate and WINDOW_SELECT and C > TOPK_MAX_CHUNKS and 2 * B * Hq <= num_sms(scores.device)
                   and all(v is None for v in (early_exit, num_warps, search, stats, stream)))
     if stream is None:
         stream = streams_rows(C) and not window

@@ -132,14 +132,14 @@ def test_topk_union_through_the_window_select_is_the_reference_union(G, monkeypa
 @OVERFLOW_OK
 def test_the_window_select_runs_where_the_search_would_stream_few_rows(monkeypatch):
     """By default (WINDOW_SELECT) the window select takes rows longer than TOPK_MAX_CHUNKS (which the
-    search kernel streams) where they are no more than the SMs and the union runs apart; elsewhere
+    search kernel streams) where they are at most half the SMs and the union runs apart; elsewhere
     the search kernel does. Either way the reference's union."""
     calls = []
     launch = gist_select.window_select_launch
     monkeypatch.setattr(gist_select, "window_select_launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
     monkeypatch.setattr(gist_select, "TOPK_MAX_CHUNKS", 32)
     monkeypatch.setattr(gist_select, "STREAM_TILE", 64)
-    monkeypatch.setattr(gist_select, "num_sms", lambda device: 4)
+    monkeypatch.setattr(gist_select, "num_sms", lambda device: 8)  # 4 rows a batch row: batch 1 fits
     g = torch.Generator().manual_seed(3)
     for B, C, ends_mode, switch, want_window in ((1, 40, ENDS_BLOCKS, True, True), (1, 32, ENDS_BLOCKS, True, False),
                                                  (2, 40, ENDS_BLOCKS, True, False), (1, 40, ENDS_PREFIX, True, False),

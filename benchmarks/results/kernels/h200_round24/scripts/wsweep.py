@@ -1,6 +1,6 @@
 """Window select sweep: (part, warps, sample) against the search kernel, qk rows, graph replay (us).
 
-    python wsweep.py OUT.json [long]
+    python wsweep.py OUT.json [long | mid]
 """
 import importlib.util, itertools, json, os, sys
 import torch
@@ -12,7 +12,10 @@ spec = importlib.util.spec_from_file_location("sk", os.environ["REPO"] + "/bench
 sk = importlib.util.module_from_spec(spec); spec.loader.exec_module(sk)
 torch.manual_seed(0)
 out = []
-if sys.argv[2:] == ["long"]:  # r3.sh: 256K (ran as a copy of this file with these two lines)
+if sys.argv[2:] == ["mid"]:  # r6.sh: 256K at batch 2 and 4, the defaults (parts of 8K, 8 warps, 1K samples)
+    cases = [(2, 32768, 1024, 262144), (4, 32768, 1024, 262144)]
+    grid = [(8192, 8, 1024)]
+elif sys.argv[2:] == ["long"]:  # r3.sh: 256K (ran as a copy of this file with these two lines)
     cases = [(1, 32768, 1024, 262144), (8, 32768, 1024, 262144)]
     grid = [(p, w, 1024) for p in (4096, 8192, 16384) for w in (8, 16)]
 else:  # r2.sh
