@@ -2,8 +2,9 @@
 
 `gist_select._topk_union_kernel` finds each row's k-th largest score by a search whose every
 probe is a block reduction over the whole row, one program a row, the row in registers up to
-16K chunks and read from memory at every probe beyond. This kernel narrows the search to a few
-hundred candidates first, and splits a row over PARTS programs (a two-level select). It pays
+16K chunks and read from memory at every probe beyond. This kernel narrows the search to the
+scores of a window first (about 5-10% of the row, at most CAP), and splits a row over PARTS
+programs (a two-level select). It pays
 where rows are long and few (256K batch 1: 20.8 against 37.7 us with the union), not where the
 search holds its rows in registers: the search's cost there is its chain of dependent probes,
 which a candidate list keeps (benchmarks/results/kernels/NOTES.md, round 24;
@@ -34,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from gsa_rag.kernels.pdl import pdl_launch
+from gsa_rag.kernels.sparse_decode import num_sms
 
 try:
     import triton
@@ -199,8 +201,6 @@ def window_select_launch(scores: torch.Tensor, k: torch.Tensor, counters: torch.
         raise ValueError(f"counters hold {counters.numel()} words; the window select needs "
                          f"{B * Hq * COUNTER_WORDS} ({COUNTER_WORDS} a row)")
     if part is None:
-        from gsa_rag.kernels.sparse_decode import num_sms
-
         part = window_part(B * Hq, C, num_sms(scores.device))
     parts = -(-C // part)
     cap = min(WINDOW_CAP, _next_pow2(C))
