@@ -55,6 +55,10 @@ COUNTER_WORDS = 4
 # of 8K, 8 warps and 1K samples were the fastest at 128K and 256K, batch 1 and 8
 WINDOW_SAMPLE = 1024
 WINDOW_CAP = 2048
+# and at least this share of a row's scores: at the decode benchmark's k (3.5% of the chunks) a 1K
+# sample's window holds about 5% of the row, which overflowed 2,048 at 512K (58K chunks) and sent
+# every row to the whole-row search (top-k 138 against 76 us for the search kernel: NOTES.md round 24)
+WINDOW_CAP_SHARE = 1 / 16
 WINDOW_PART_MAX = 8192
 WINDOW_PART_MIN = 1024
 STREAM_TILE = 2048
@@ -203,7 +207,7 @@ def window_select_launch(scores: torch.Tensor, k: torch.Tensor, counters: torch.
     if part is None:
         part = window_part(B * Hq, C, num_sms(scores.device))
     parts = -(-C // part)
-    cap = min(WINDOW_CAP, _next_pow2(C))
+    cap = min(max(WINDOW_CAP, _next_pow2(int(C * WINDOW_CAP_SHARE))), _next_pow2(C))
     cand = torch.empty(B * Hq, cap, dtype=torch.float32, device=scores.device)
     _window_select_kernel[(B * Hq * parts,)](
         scores, k, counters, cand, thresholds, cuts, cuts if paths is None else paths, Hq, C, parts,

@@ -88,6 +88,7 @@ def test_normal_rows_resolve_in_the_fit_window_and_others_in_the_sample_window()
         assert set(paths.tolist()) <= want and (fit_only or PATH_SAMPLE in paths.tolist()), paths.tolist()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(window_select, "WINDOW_CAP", 16)
+        mp.setattr(window_select, "WINDOW_CAP_SHARE", 0.0)
         got, paths, _ = run(normal, k, part=1024)
         assert torch.equal(got, reference(normal, k))
         assert set(paths.tolist()) == {PATH_ROW}
