@@ -1088,6 +1088,8 @@ def topk_union_launch(scores: torch.Tensor, k: torch.Tensor, chunk_ptr: torch.Te
 
 def _topk_union_launch(scores, k, chunk_ptr, ptr_stride, picks, sizes, ends, counters, num_kv_heads, early_exit,
                        union, num_warps, mode, search, stats, stream) -> None:
+    """`_topk_union_kernel` over every row (`topk_union_launch`'s arguments; union: write the union
+    by each group's last program)."""
     B, Hq, C = scores.shape
     block = STREAM_TILE if stream else max(16, _next_pow2(C))
     _topk_union_kernel[(B * Hq,)](
