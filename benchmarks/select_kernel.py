@@ -76,6 +76,7 @@ from gsa_rag.kernels.gist_select import (
     select_counters,
     topk_union_launch,
 )
+from gsa_rag.kernels.sparse_decode import next_pow2
 
 from gsa_rag.config import GistConfig
 
@@ -213,7 +214,7 @@ def time_window(row: dict, launch, sizes: torch.Tensor, ends: torch.Tensor, scor
     row["window"] = bench_us(launch(ENDS_BLOCKS, window=True), cuda_graph=True)
     row["same_sets_window"] = all(torch.equal(a, b) for a, b in zip((sizes, ends), want))
     for part in WINDOW_PARTS:
-        if part <= gist_select._next_pow2(score_rows.shape[-1]):
+        if part <= next_pow2(score_rows.shape[-1]):
             with window_parts(part):
                 row[f"window_p{part}"] = bench_us(launch(ENDS_BLOCKS, window=True), cuda_graph=True)
     B, Hq, _ = score_rows.shape

@@ -55,7 +55,7 @@ import torch
 from gsa_rag.kernels.dispatch import interpreting
 from gsa_rag.kernels.gist_keys8 import Int8GistKeys, gist_keys_of_layer
 from gsa_rag.kernels.pdl import pdl_launch
-from gsa_rag.kernels.sparse_decode import num_sms
+from gsa_rag.kernels.sparse_decode import next_pow2, num_sms
 from gsa_rag.kernels.window_select import COUNTER_WORDS, window_select_launch
 
 from gsa_rag.config import GistConfig
@@ -85,10 +85,6 @@ try:  # triton is optional: the references below need only torch
     )
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
 
 
 def pack_columns(mask: torch.Tensor, capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -812,11 +808,11 @@ def _scores_launch(query, key, gist_index, num_chunks, sizes=None, counters=None
         out if keys8 is None else qscale,
         *query.stride(), *key.stride(), s_gb, s_gh, s_gc, s_nb, s_nh, *out.stride(),
         *((0, 0) if keys8 is None else qscale.stride()[:2]),
-        Hkv, G, C, blocks, total, per, G_PAD=max(16, _next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
+        Hkv, G, C, blocks, total, per, G_PAD=max(16, next_pow2(G)), D=D, BLOCK_C=BLOCK_C,
         # Triton's interpreter computes bf16 tl.dot wrongly: upcast there; fp32 inputs: no tf32
         DOT_F32=interpreting() and query.dtype == torch.bfloat16,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", ZERO_SIZES=sizes is not None,
-        ZERO_CNT=words, ZERO_PAD=_next_pow2(max(1, words)), COUNT=scored is not None, INT8=keys8 is not None, ONE=per == 1,
+        ZERO_CNT=words, ZERO_PAD=next_pow2(max(1, words)), COUNT=scored is not None, INT8=keys8 is not None, ONE=per == 1,
         # one wave wants every SM's slots at once: launched early, its programs would land on
         # the SMs the kernel before has left free (NOTES.md round 23)
         **pdl_launch(query.device, allow=not one_wave), num_warps=warps, num_stages=stages,
@@ -957,9 +953,9 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
         ends, ends_mode = torch.cumsum(sizes, -1, dtype=torch.int32), ENDS_PREFIX
     C = sizes.shape[-1]
     longest = max(1, plan.max_chunk_len)
-    maxlen = _next_pow2(longest)
+    maxlen = next_pow2(longest)
     head = 1 << (longest.bit_length() - 1)  # the largest power of two <= longest
-    rest = _next_pow2(longest - head) if longest > head else 0
+    rest = next_pow2(longest - head) if longest > head else 0
     per = chunks_per_program or _default_chunks_per_program(maxlen)
     if per % EXPAND_BLOCK_C:
         raise ValueError(f"chunks_per_program must be a multiple of {EXPAND_BLOCK_C}, got {per}")
@@ -973,7 +969,7 @@ def _expand_launch(plan: DecodePlan, sizes: torch.Tensor, ends: torch.Tensor | N
         out.stride(0), out.stride(1),
         Hkv, C, npc, nsb, BLOCK=BLOCK, BLOCK_C=per, SUM_BLOCK=EXPAND_BLOCK_C,
         HEAD=head, REST=rest, ENDS_MODE=ends_mode,
-        NSB_POW2=_next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, CONTIG=contig,
+        NSB_POW2=next_pow2(nsb) if ends_mode == ENDS_BLOCKS else 1, CONTIG=contig,
         **pdl_launch(sizes.device), num_warps=4,
     )
     return out, out_len
@@ -1091,7 +1087,7 @@ def _topk_union_launch(scores, k, chunk_ptr, ptr_stride, picks, sizes, ends, cou
     """`_topk_union_kernel` over every row (`topk_union_launch`'s arguments; union: write the union
     by each group's last program)."""
     B, Hq, C = scores.shape
-    block = STREAM_TILE if stream else max(16, _next_pow2(C))
+    block = STREAM_TILE if stream else max(16, next_pow2(C))
     _topk_union_kernel[(B * Hq,)](
         scores, k, chunk_ptr, picks, sizes, sizes if ends is None else ends, counters,
         counters if stats is None else stats,
@@ -1156,7 +1152,7 @@ def select_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: Gis
         vals, idx, plan.k, plan.chunk_ptr, sizes,
         *vals.stride(), plan.chunk_ptr.stride(0),
         Hq, Hq // Hkv, C, k_max,
-        BLOCK_K=min(1024, max(16, _next_pow2(k_max))), USE_RANK=not plan.uniform_k, **pdl_launch(sizes.device),
+        BLOCK_K=min(1024, max(16, next_pow2(k_max))), USE_RANK=not plan.uniform_k, **pdl_launch(sizes.device),
         num_warps=4,
     )
     return _expand_launch(plan, sizes)

@@ -42,13 +42,13 @@ import torch
 from gsa_rag.config import GistConfig
 from gsa_rag.kernels.gist_select import (
     DecodePlan,
-    _next_pow2,
     _scores_launch,
     csr_columns,
     select_counters,
     topk_union_launch,
 )
 from gsa_rag.kernels.pdl import pdl_launch
+from gsa_rag.kernels.sparse_decode import next_pow2
 from gsa_rag.layout import GistLayout
 from gsa_rag.masks import visible
 from gsa_rag.selection import choose_chunks, union_over_groups
@@ -278,8 +278,8 @@ UNFOLD_TILE = 8192
 
 def unfold_block(slots: int, xmax: int, cmax: int) -> int:
     """Slots per step of `_unfold_kernel`: the whole row when it fits in UNFOLD_TILE, at least 64."""
-    widest = _next_pow2(max(1, xmax, cmax))
-    return max(64, min(_next_pow2(max(1, slots)), UNFOLD_TILE // widest))
+    widest = next_pow2(max(1, xmax, cmax))
+    return max(64, min(next_pow2(max(1, slots)), UNFOLD_TILE // widest))
 
 
 def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout: GistLayout, plan: HierPlan,
@@ -323,7 +323,7 @@ def select_hier_index_list_triton(query: torch.Tensor, key: torch.Tensor, layout
             nxt = nxt_cols = nxt_len = cptr = cidx = lengths
             width = 0
         xptr, xcols = plan.extra_ptr[level], plan.extra_cols[level]
-        xmax, cmax = _next_pow2(max(1, plan.extra_max[level])), _next_pow2(max(1, plan.child_max[level]))
+        xmax, cmax = next_pow2(max(1, plan.extra_max[level])), next_pow2(max(1, plan.child_max[level]))
         step = unfold_block(NC, xmax, cmax) if block is None else block
         _unfold_kernel[(B * Hkv,)](
             units, flags, xptr, xcols, out, lengths,

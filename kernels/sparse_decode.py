@@ -217,6 +217,11 @@ def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: tor
     return out
 
 
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1): Triton tile sizes."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's grids stay small)."""
     if device.type == "cuda":

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from gsa_rag.kernels.pdl import pdl_launch
-from gsa_rag.kernels.sparse_decode import num_sms
+from gsa_rag.kernels.sparse_decode import next_pow2, num_sms
 
 try:
     import triton
@@ -172,14 +172,10 @@ if triton is not None:
                 tl.store(PATH + row, path)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
-
-
 def window_part(rows: int, num_chunks: int, sms: int) -> int:
     """Scores a program takes (a power of two): the whole row up to WINDOW_PART_MAX, halved down to
     WINDOW_PART_MIN while the rows' programs would still not fill half the SMs twice over."""
-    part = min(_next_pow2(max(1, num_chunks)), WINDOW_PART_MAX)
+    part = min(next_pow2(max(1, num_chunks)), WINDOW_PART_MAX)
     while part > WINDOW_PART_MIN and rows * -(-num_chunks // part) * 2 <= sms:
         part //= 2
     return part
@@ -207,11 +203,11 @@ def window_select_launch(scores: torch.Tensor, k: torch.Tensor, counters: torch.
     if part is None:
         part = window_part(B * Hq, C, num_sms(scores.device))
     parts = -(-C // part)
-    cap = min(max(WINDOW_CAP, _next_pow2(int(C * WINDOW_CAP_SHARE))), _next_pow2(C))
+    cap = min(max(WINDOW_CAP, next_pow2(int(C * WINDOW_CAP_SHARE))), next_pow2(C))
     cand = torch.empty(B * Hq, cap, dtype=torch.float32, device=scores.device)
     _window_select_kernel[(B * Hq * parts,)](
         scores, k, counters, cand, thresholds, cuts, cuts if paths is None else paths, Hq, C, parts,
-        PART=part, SAMPLE=min(WINDOW_SAMPLE, _next_pow2(C)), CAP=cap, TILE=min(STREAM_TILE, _next_pow2(C)),
+        PART=part, SAMPLE=min(WINDOW_SAMPLE, next_pow2(C)), CAP=cap, TILE=min(STREAM_TILE, next_pow2(C)),
         MARGIN=MARGIN_SIGMAS, WORDS=COUNTER_WORDS, STATS=paths is not None,
         # plain: about one program an SM, which an early launch would place on whatever SMs the
         # scores kernel has left free (256K batch 1: the step 86.7-87.1 against 90.8-91.1 us with
