@@ -1,7 +1,7 @@
 source .device/run/setup.sh
 REPO=$PWD
 cd /tmp
-for mode in window search; do
+for mode in ${@:-window search}; do  # r8.sh ran it as a copy with "window" alone
 MODE=$mode REPO=$REPO timeout 100 python3 - <<'PY' 2>&1 | grep -E "^llama3-8b|^window|^search|Error" | cut -c1-300
 import os, sys, runpy
 mode = os.environ["MODE"]
