@@ -44,6 +44,7 @@ _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
+import contextlib
 import dataclasses
 import math
 
@@ -90,7 +91,9 @@ def _best(row: dict, name: str) -> float:
 
 
 def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: float,
-               meta: tuple[int, ...] = (), top_k: int = 4, sweep: bool = False, score_dtype: str = "cache") -> dict:
+               meta: tuple[int, ...] = (), top_k: int = 4, sweep: bool = False, score_dtype: str = "cache",
+               group_overlap: float = 0.0) -> dict:
+    from gsa_rag.kernels import sparse_decode
     from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
     from gsa_rag.kernels.gist_select import (
         DecodePlan,
@@ -109,9 +112,11 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     from gsa_rag.kernels.pdl import plain_launches
     from gsa_rag.kernels.sparse_decode import (
         default_block_n,
+        default_programs,
         default_split_len,
         sparse_decode_ref,
         sparse_decode_triton,
+        split_plan,
     )
 
     Hq, Hkv, D = SHAPES[shape]
@@ -125,6 +130,10 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     sets = []
     for _ in range(copies):
         q = torch.randn(B, Hq, D, device=DEVICE, dtype=dtype)
+        if group_overlap:  # a GQA group's query heads share a direction, so they pick alike
+            shared = torch.randn(B, Hkv, 1, D, device=DEVICE, dtype=dtype)
+            own = q.view(B, Hkv, G, D)
+            q = (group_overlap * shared + math.sqrt(1 - group_overlap ** 2) * own).reshape(B, Hq, D)
         k = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=dtype)
         v = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=dtype)
         sets.append((q, k, v))
@@ -230,12 +239,17 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         fn, backend = dense_fn(q[:, :, None], k, v, scale)
         dense_runs.append(fn)
     block_n = default_block_n(D)
-    split_len = default_split_len(plan.capacity, B * Hkv, block_n, torch.device(DEVICE))
+    if sparse_decode.BALANCED_SPLITS:  # the splits of the first input set's lists
+        split_len, splits = split_plan(lists[0][1], block_n, default_programs(torch.device(DEVICE)))
+        programs = int(splits.sum())
+    else:
+        split_len = default_split_len(plan.capacity, B * Hkv, block_n, torch.device(DEVICE))
+        programs = B * Hkv * (-(-plan.capacity // split_len))
     row = {"shape": shape, "batch": B, "context": L, "T": T, "chunks": C, "dense_backend": backend, "rel_err": err,
-           "score_dtype": score_dtype,
+           "score_dtype": score_dtype, "group_overlap": group_overlap,
            "meta": list(meta), "top_k": top_k if meta else None,
-           "copies": copies, "capacity": plan.capacity, "split_len": split_len,
-           "programs": B * Hkv * (-(-plan.capacity // split_len))}
+           "copies": copies, "capacity": plan.capacity, "split_len": split_len, "programs": programs,
+           "balanced_splits": sparse_decode.BALANCED_SPLITS}
     row["dense_us"] = bench_us(rotating(lambda i: dense_runs[i]()))
     row["dense_graph_us"] = graph_us(lambda i: dense_runs[i]())
     if flex is not None:
@@ -297,6 +311,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
 
     listed = float(lists[0][1].float().sum())  # key rows over (batch, kv head)
     row["keys_per_head"] = listed / (B * Hkv)
+    row["fill"] = row["keys_per_head"] / plan.capacity  # of the list width the attention is sized for
     row["budget"] = row["keys_per_head"] / T
     attend_bytes = listed * (2 * D * esize + 4)
     if keys8:  # the int8 copy (contiguous: no gist columns read) and its fp32 channel scales
@@ -341,7 +356,8 @@ def list_overlap(lists, reference, seq_len: int) -> float:
 
 
 COLUMNS = [
-    ("shape", "shape", "s"), ("batch", "B", "d"), ("context", "ctx", "d"), ("keys_per_head", "keys/head", ".0f"),
+    ("ab", "ab", "s"), ("shape", "shape", "s"), ("batch", "B", "d"), ("context", "ctx", "d"),
+    ("keys_per_head", "keys/head", ".0f"), ("fill", "fill", ".2f"),
     ("keys_scored", "scored", ".0f"),
     ("programs", "progs", "d"), ("dense_us", "dense", ".1f"), ("dense_graph_us", "dense(g)", ".1f"),
     ("flex_us", "flex", ".1f"), ("gsa_us", "gsa", ".1f"), ("gsa_graph_us", "gsa(g)", ".1f"),
@@ -361,7 +377,8 @@ COLUMNS = [
 
 
 def result_name(shapes: list[str], batches: list[int], contexts: list[int], chunk: int, dtype: str, flex: bool,
-                meta: list[int], top_k: int, sweep: bool, score_dtype: str = "cache") -> str:
+                meta: list[int], top_k: int, sweep: bool, score_dtype: str = "cache", group_overlap: float = 0.0,
+                ab: str | None = None) -> str:
     """The default result name: every setting that changes the rows, so two runs that differ in
     any of them never share a file (it was "decode_step" whatever the settings)."""
     parts = ["decode_step", "+".join(sorted(set(shapes))), "b" + "+".join(map(str, sorted(set(batches)))),
@@ -374,6 +391,10 @@ def result_name(shapes: list[str], batches: list[int], contexts: list[int], chun
         parts.append("sweep")
     if score_dtype != "cache":
         parts.append("scores-" + score_dtype)
+    if group_overlap:
+        parts.append(f"overlap{group_overlap:g}")
+    if ab:
+        parts.append("ab-" + ab.split("=")[0])
     return "_".join(parts)
 
 
@@ -416,6 +437,41 @@ def draw(plt, path, rows: list[dict]) -> None:
     fig.savefig(path, dpi=120)
 
 
+def ab_variants(spec: str) -> list[tuple]:
+    """`module.ATTR=V1,V2` -> one (module, attribute, value, label) per value: a switch of a
+    gsa_rag.kernels module (an attribute it reads at each launch) and Python literals."""
+    import ast
+    import importlib
+
+    target, _, values = spec.partition("=")
+    module_name, _, attr = target.rpartition(".")
+    if not (module_name and attr and values):
+        raise ValueError(f"--ab {spec!r}: expected MODULE.ATTR=V1,V2, e.g. sparse_decode.BALANCED_SPLITS=True,False")
+    module = importlib.import_module(f"gsa_rag.kernels.{module_name}")
+    if not hasattr(module, attr):
+        raise ValueError(f"--ab: gsa_rag.kernels.{module_name} has no attribute {attr}")
+    try:
+        parsed = [ast.literal_eval(v) for v in values.split(",")]
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"--ab {spec!r}: values must be Python literals ({e})") from None
+    return [(module, attr, v, f"{target}={v!r}") for v in parsed]
+
+
+@contextlib.contextmanager
+def ab_setting(variant):
+    """Sets one `ab_variants` entry's attribute for the block (nothing for None), then restores it."""
+    if variant is None:
+        yield
+        return
+    module, attr, value, _ = variant
+    before = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, before)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a 30-second smoke run (4K and 32K, batch 1)")
@@ -435,8 +491,21 @@ def main(argv=None) -> None:
     p.add_argument("--score-dtype", default="cache", choices=["cache", "int8"],
                    help="GistConfig.score_dtype: int8 scores an int8 copy of the gist keys (single level only); "
                         "int8_overlap is then the share of the cache-scored list's keys that its list keeps")
+    p.add_argument("--group-overlap", type=float, default=0.0,
+                   help="0..1: each GQA group's query heads share this much of their direction (1: one query), "
+                        "so their picks overlap and the lists fill less of their width (column `fill`)")
+    p.add_argument("--ab", default=None, metavar="MODULE.ATTR=V1,V2",
+                   help="a gsa_rag.kernels module switch and Python values to alternate, every case once per value "
+                        "per round (column `ab`), e.g. sparse_decode.BALANCED_SPLITS=True,False")
+    p.add_argument("--rounds", type=int, default=1, help="with --ab: how many times each case runs every value")
     p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result files")
     args = p.parse_args(argv)
+    if not 0.0 <= args.group_overlap <= 1.0:
+        p.error("--group-overlap is a share: 0..1")
+    try:
+        variants = ab_variants(args.ab) if args.ab else [None]
+    except ValueError as e:
+        p.error(str(e))
     if args.meta and args.score_dtype != "cache":
         p.error("--score-dtype int8 is single-level only (GistConfig refuses it with meta_chunks)")
 
@@ -452,7 +521,7 @@ def main(argv=None) -> None:
     if args.quick:
         contexts, batches = [4 * K, 32 * K], [1]
     name = args.name or result_name(shapes, batches, contexts, args.chunk, args.dtype, not args.no_flex,
-                                    args.meta, args.top_k, args.attend_sweep, args.score_dtype)
+                                    args.meta, args.top_k, args.attend_sweep, args.score_dtype, args.group_overlap, args.ab)
     refuse_existing_results(p, args.out, name)  # before the measurements, not after them
     if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs CUDA")
@@ -467,36 +536,39 @@ def main(argv=None) -> None:
     payload = {"env": environment(), "copy_bw": bw, "rows": [], "failed": []}
     rows = payload["rows"]
     # longest contexts first: the targets are at 128K, and a cut-short run keeps them
-    for L in sorted(contexts, reverse=True):
-        for shape in shapes:
-            for B in batches:
-                try:
-                    row = bench_case(shape, B, L, args.chunk, flex, dtype, bw, tuple(args.meta), args.top_k,
-                                     args.attend_sweep, args.score_dtype)
-                except Exception as e:  # noqa: BLE001 - one failing shape must not lose the table
-                    msg = f"{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
-                    print("  FAILED " + msg, flush=True)
-                    payload["failed"].append(msg)
-                    torch.cuda.empty_cache()
-                    continue
-                finally:
-                    torch.cuda.empty_cache()
-                rows.append(row)
-                print(f"{shape} B={B} L={L // K}K: dense {row['dense_graph_us']:.1f} us (graph), gsa {row['gsa_graph_us']:.1f} "
-                      f"(graph; scores {row['scores_graph_us']:.1f}, topk {row['topk_graph_us']:.1f}, "
-                      f"expand {row['expand_graph_us']:.1f}, attend {row['attend_graph_us']:.1f} = "
-                      f"{row['attend_pct_floor']:.0f}% of its floor; plain launches {row['gsa_plain_graph_us']:.1f}), "
-                      f"x{row['x_dense']:.2f}, err {row['rel_err']:.1e}; "
-                      f"old select (torch.topk) {row['select_torch_topk_graph_us']:.1f} vs {row['select_graph_us']:.1f}; "
-                      f"H-GSA select with 64-slot unfold steps {row['select_unfold64_graph_us']:.1f}; "
-                      f"append+plan {row['plan_us']:.0f} us/step (cold plan {row['plan_cold_us']:.0f}; append alone {row['append_us']:.0f})",
-                      flush=True)
-                if not row["fused_topk_same_lengths"]:
-                    print("  ERROR: fused top-k and torch.topk lists differ in length", flush=True)
-                if row["rel_err"] > 1e-2:
-                    print("  ERROR: sparse decode disagrees with its reference", flush=True)
-                write_results(args.out, name, payload)  # incremental: a killed run keeps its rows
-    rows.sort(key=lambda r: (r["shape"], r["batch"], r["context"]))
+    cases = [(L, shape, B, variant) for L in sorted(contexts, reverse=True) for shape in shapes for B in batches
+             for _ in range(args.rounds if args.ab else 1) for variant in variants]
+    for L, shape, B, variant in cases:
+        try:
+            with ab_setting(variant):
+                row = bench_case(shape, B, L, args.chunk, flex, dtype, bw, tuple(args.meta), args.top_k,
+                                 args.attend_sweep, args.score_dtype, args.group_overlap)
+            if variant:
+                row["ab"] = variant[-1]
+        except Exception as e:  # noqa: BLE001 - one failing shape must not lose the table
+            msg = f"{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
+            print("  FAILED " + msg, flush=True)
+            payload["failed"].append(msg)
+            torch.cuda.empty_cache()
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"{variant[-1] + ' ' if variant else ''}{shape} B={B} L={L // K}K: dense {row['dense_graph_us']:.1f} us (graph), gsa {row['gsa_graph_us']:.1f} "
+              f"(graph; scores {row['scores_graph_us']:.1f}, topk {row['topk_graph_us']:.1f}, "
+              f"expand {row['expand_graph_us']:.1f}, attend {row['attend_graph_us']:.1f} = "
+              f"{row['attend_pct_floor']:.0f}% of its floor; plain launches {row['gsa_plain_graph_us']:.1f}), "
+              f"x{row['x_dense']:.2f}, err {row['rel_err']:.1e}; "
+              f"old select (torch.topk) {row['select_torch_topk_graph_us']:.1f} vs {row['select_graph_us']:.1f}; "
+              f"H-GSA select with 64-slot unfold steps {row['select_unfold64_graph_us']:.1f}; "
+              f"append+plan {row['plan_us']:.0f} us/step (cold plan {row['plan_cold_us']:.0f}; append alone {row['append_us']:.0f})",
+              flush=True)
+        if not row["fused_topk_same_lengths"]:
+            print("  ERROR: fused top-k and torch.topk lists differ in length", flush=True)
+        if row["rel_err"] > 1e-2:
+            print("  ERROR: sparse decode disagrees with its reference", flush=True)
+        write_results(args.out, name, payload)  # incremental: a killed run keeps its rows
+    rows.sort(key=lambda r: (r["shape"], r["batch"], r["context"], r.get("ab", "")))
     print()
     print_table(rows, COLUMNS)
     print("\nappend+plan = per decode step for all layers, host wall time (layout.append + cached DecodePlan.build); "
