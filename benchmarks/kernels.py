@@ -112,11 +112,10 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     from gsa_rag.kernels.pdl import plain_launches
     from gsa_rag.kernels.sparse_decode import (
         default_block_n,
-        default_programs,
         default_split_len,
         sparse_decode_ref,
         sparse_decode_triton,
-        split_plan,
+        split_by_length,
     )
 
     Hq, Hkv, D = SHAPES[shape]
@@ -239,17 +238,15 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         fn, backend = dense_fn(q[:, :, None], k, v, scale)
         dense_runs.append(fn)
     block_n = default_block_n(D)
-    if sparse_decode.BALANCED_SPLITS:  # the splits of the first input set's lists
-        split_len, splits = split_plan(lists[0][1], block_n, default_programs(torch.device(DEVICE)))
-        programs = int(splits.sum())
-    else:
-        split_len = default_split_len(plan.capacity, B * Hkv, block_n, torch.device(DEVICE))
-        programs = B * Hkv * (-(-plan.capacity // split_len))
+    split_len = default_split_len(plan.capacity, B * Hkv, block_n, torch.device(DEVICE))
+    splits = -(-plan.capacity // split_len)
+    if sparse_decode.SPLIT_BY_LENGTH:  # the first input set's lists: their splits' mean length
+        split_len = float(split_by_length(lists[0][1], splits, block_n).float().mean())
     row = {"shape": shape, "batch": B, "context": L, "T": T, "chunks": C, "dense_backend": backend, "rel_err": err,
            "score_dtype": score_dtype, "group_overlap": group_overlap,
            "meta": list(meta), "top_k": top_k if meta else None,
-           "copies": copies, "capacity": plan.capacity, "split_len": split_len, "programs": programs,
-           "balanced_splits": sparse_decode.BALANCED_SPLITS}
+           "copies": copies, "capacity": plan.capacity, "split_len": split_len, "programs": B * Hkv * splits,
+           "split_by_length": sparse_decode.SPLIT_BY_LENGTH}
     row["dense_us"] = bench_us(rotating(lambda i: dense_runs[i]()))
     row["dense_graph_us"] = graph_us(lambda i: dense_runs[i]())
     if flex is not None:
@@ -270,7 +267,6 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     row["attend_us"] = bench_us(rotating(attend))
     row["attend_graph_us"] = graph_us(attend)
     if sweep:  # the attention kernel over other split lengths and key blocks: {"splits x block_n": us}
-        splits = -(-plan.capacity // split_len)
         row["attend_sweep"] = {}
         for bn in (32, 64, 128):
             for s in sorted({max(1, splits // 2), splits, 2 * splits, 4 * splits}):
@@ -446,7 +442,7 @@ def ab_variants(spec: str) -> list[tuple]:
     target, _, values = spec.partition("=")
     module_name, _, attr = target.rpartition(".")
     if not (module_name and attr and values):
-        raise ValueError(f"--ab {spec!r}: expected MODULE.ATTR=V1,V2, e.g. sparse_decode.BALANCED_SPLITS=True,False")
+        raise ValueError(f"--ab {spec!r}: expected MODULE.ATTR=V1,V2, e.g. sparse_decode.SPLIT_BY_LENGTH=True,False")
     module = importlib.import_module(f"gsa_rag.kernels.{module_name}")
     if not hasattr(module, attr):
         raise ValueError(f"--ab: gsa_rag.kernels.{module_name} has no attribute {attr}")
@@ -496,7 +492,7 @@ def main(argv=None) -> None:
                         "so their picks overlap and the lists fill less of their width (column `fill`)")
     p.add_argument("--ab", default=None, metavar="MODULE.ATTR=V1,V2",
                    help="a gsa_rag.kernels module switch and Python values to alternate, every case once per value "
-                        "per round (column `ab`), e.g. sparse_decode.BALANCED_SPLITS=True,False")
+                        "per round (column `ab`), e.g. sparse_decode.SPLIT_BY_LENGTH=True,False")
     p.add_argument("--rounds", type=int, default=1, help="with --ab: how many times each case runs every value")
     p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result files")
     args = p.parse_args(argv)

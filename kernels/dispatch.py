@@ -204,9 +204,8 @@ def sparse_decode_attention(module, query: torch.Tensor, key: torch.Tensor, valu
         hook(module.layer_idx, query, key, value, mask)
     state.attended[module.layer_idx] = lengths.float()
     out = torch.empty(query.shape[0], 1, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
-    # the splits follow the lists' lengths, so a graph step's wider lists split as the eager
-    # step's; with the width-cut splits, every step of a generation splits its lists as the first
-    # step did (DecodePlan.grown)
+    # every step of a generation splits its lists as the first step did (DecodePlan.grown): a
+    # graph step's lists also hold the later steps' columns, and the eager ones grow a column a step
     sparse_decode_triton(q, key, value, index, lengths, scaling, out=out[:, 0],
                          split_width=index.shape[-1] - plan.grown if plan.grown else None)
     return out, mask

@@ -66,22 +66,6 @@ def sparse_decode_ref(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 if triton is not None:
 
     @triton.jit
-    def row_splits(LEN, s_lb, s_lh, Hkv, NR, programs, BLOCK_N: tl.constexpr, MAX_BLOCKS: tl.constexpr,
-                   NR_PAD: tl.constexpr):
-        # every (batch, KV head) row's length n and splits, alike in every program that asks:
-        # splits of `step` entries (whole blocks, 1..MAX_BLOCKS) sized so that the NR rows take
-        # about `programs` of them in all, so a row's programs follow its length, not the list's
-        # width; a row takes at least one (its combine always has a partial), the padding to
-        # NR_PAD none. `ends`: the running total of splits. `split_plan` is the same on the host.
-        rows = tl.arange(0, NR_PAD)
-        live = rows < NR
-        n = tl.load(LEN + (rows // Hkv) * s_lb + (rows % Hkv) * s_lh, mask=live, other=0)
-        blocks = tl.cdiv(tl.cdiv(tl.sum(n, 0), programs), BLOCK_N)
-        step = tl.minimum(tl.maximum(blocks, 1), MAX_BLOCKS) * BLOCK_N
-        splits = tl.where(live, tl.maximum(tl.cdiv(n, step), 1), 0)
-        return rows, n, splits, tl.cumsum(splits, 0), step
-
-    @triton.jit
     def online_softmax_step(q, k, v, live, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
         # one block of keys into the running max m_i, sum l_i and unnormalised acc of the G_PAD
         # query rows (log2 units: qk_scale holds log2(e)); dead keys (live False) weigh 0
@@ -105,47 +89,29 @@ if triton is not None:
         s_lb, s_lh,
         s_mb, s_mh, s_ms,
         s_ab, s_ah, s_as, s_ad,
-        Hkv, G, split_len, NR,
+        Hkv, G, split_len,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr,
-        PDL: tl.constexpr = False,
-        BALANCED: tl.constexpr = False, NR_PAD: tl.constexpr = 1, MAX_BLOCKS: tl.constexpr = 16,
+        PDL: tl.constexpr = False, BY_LENGTH: tl.constexpr = False,
     ):
-        # BALANCED: a 1-D grid; program p takes the p-th split of `row_splits` (split_len is then
-        # the number of programs to aim for) and stores its partials at slot p ([P, G] and
-        # [P, G, D]); otherwise grid (B * Hkv, S), split `split` of every row alike, partials
-        # at [B, Hq, S] and [B, Hq, S, D]
+        # BY_LENGTH: split_len is the number of splits sharing each row, whose length n they cut
+        # into whole blocks alike (the programs past n / step stay empty); else the entries a split
         wait_for_previous(PDL)
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // Hkv
+        h = pid % Hkv
+        n = tl.load(LEN + b * s_lb + h * s_lh)
+        if BY_LENGTH:
+            step = tl.maximum(tl.cdiv(tl.cdiv(n, split_len), BLOCK_N), 1) * BLOCK_N
+        else:
+            step = split_len
+        start = split * step
+        end = tl.minimum(start + step, n)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
+        head = h * G + g
         g_ok = g < G
-        if BALANCED:
-            p = tl.program_id(0)
-            rows, n_all, splits, ends, step = row_splits(LEN, s_lb, s_lh, Hkv, NR, split_len, BLOCK_N, MAX_BLOCKS, NR_PAD)
-            row = tl.sum((ends <= p).to(tl.int32), 0)  # the row whose splits hold p
-            if p >= tl.sum(splits, 0):  # past the last row's splits: the grid's slack
-                return
-            this = rows == row
-            n = tl.sum(tl.where(this, n_all, 0), 0)
-            start = (p - tl.sum(tl.where(this, ends - splits, 0), 0)) * step
-            end = tl.minimum(start + step, n)
-            b = row // Hkv
-            h = row % Hkv
-            head = h * G + g
-            slot_b = p
-            slot_h = g
-            split = 0
-        else:
-            pid = tl.program_id(0)
-            split = tl.program_id(1)
-            b = pid // Hkv
-            h = pid % Hkv
-            n = tl.load(LEN + b * s_lb + h * s_lh)
-            start = split * split_len
-            end = tl.minimum(start + split_len, n)
-            head = h * G + g
-            slot_b = b
-            slot_h = head
         q = tl.load(Q + b * s_qb + head[:, None] * s_qh + d[None, :] * s_qd, mask=g_ok[:, None], other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
@@ -174,9 +140,9 @@ if triton is not None:
             m_i, l_i, acc = online_softmax_step(q, k, v, live, m_i, l_i, acc, qk_scale, PRECISION)
             cols = cols_next
         # an empty split (start >= n) stores m = -inf, l = 0, acc = 0: the combine weighs it 0
-        tl.store(M + slot_b * s_mb + slot_h * s_mh + split * s_ms, m_i, mask=g_ok)
-        tl.store(L + slot_b * s_mb + slot_h * s_mh + split * s_ms, l_i, mask=g_ok)
-        tl.store(ACC + slot_b * s_ab + slot_h[:, None] * s_ah + split * s_as + d[None, :] * s_ad, acc, mask=g_ok[:, None])
+        tl.store(M + b * s_mb + head * s_mh + split * s_ms, m_i, mask=g_ok)
+        tl.store(L + b * s_mb + head * s_mh + split * s_ms, l_i, mask=g_ok)
+        tl.store(ACC + b * s_ab + head[:, None] * s_ah + split * s_as + d[None, :] * s_ad, acc, mask=g_ok[:, None])
 
     @triton.jit
     def _combine_kernel(
@@ -223,48 +189,6 @@ if triton is not None:
         out = acc / tl.sum(den, 1)[:, None]
         tl.store(O + b * s_ob + hq * s_oh + r[:, None] * s_or + d[None, :] * s_od, out.to(O.dtype.element_ty),
                  mask=r_ok[:, None])
-
-
-    @triton.jit
-    def _combine_balanced_kernel(
-        M, L, ACC, O, LEN,
-        s_lb, s_lh, s_mp, s_mg, s_ap, s_ag, s_ad, s_ob, s_oh, s_od,
-        Hq, Hkv, G, NR, programs,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_BLOCKS: tl.constexpr, NR_PAD: tl.constexpr,
-        BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
-    ):
-        # grid B * Hq: a query head's partials are slots first .. first + count - 1 of the
-        # balanced split kernel's [P, G] / [P, G, D] (its row's splits under `row_splits`);
-        # summed BLOCK_S at a time, as `_combine_kernel` sums a decode row
-        wait_for_previous(PDL)
-        pid = tl.program_id(0)
-        b = pid // Hq
-        hq = pid % Hq
-        g = hq % G
-        rows, _, splits, ends, _ = row_splits(LEN, s_lb, s_lh, Hkv, NR, programs, BLOCK_N, MAX_BLOCKS, NR_PAD)
-        this = rows == b * Hkv + hq // G
-        count = tl.sum(tl.where(this, splits, 0), 0)
-        first = tl.sum(tl.where(this, ends - splits, 0), 0)
-        d = tl.arange(0, D)
-        m_all = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-        for s0 in range(0, count, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            m_all = tl.maximum(m_all, tl.load(M + (first + s) * s_mp + g * s_mg, mask=s < count, other=float("-inf")))
-        m_max = tl.max(m_all, 0)
-        acc = tl.zeros([D], dtype=tl.float32)
-        den = tl.zeros([BLOCK_S], dtype=tl.float32)
-        for s0 in range(0, count, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            ok = s < count
-            slot = first + s
-            m = tl.load(M + slot * s_mp + g * s_mg, mask=ok, other=float("-inf"))
-            l = tl.load(L + slot * s_mp + g * s_mg, mask=ok, other=0.0)
-            a = tl.load(ACC + slot[:, None] * s_ap + g * s_ag + d[None, :] * s_ad, mask=ok[:, None], other=0.0)
-            w = tl.exp2(m - m_max)
-            acc += tl.sum(a * w[:, None], 0)
-            den += l * w
-        out = acc / tl.sum(den, 0)
-        tl.store(O + b * s_ob + hq * s_oh + d * s_od, out.to(O.dtype.element_ty))
 
 
 def combine_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -327,64 +251,43 @@ def default_splits(capacity: int, batch_kv_heads: int, block_n: int, device: tor
     return triton.cdiv(capacity, default_split_len(capacity, batch_kv_heads, block_n, device))
 
 
+def split_by_length(lengths: torch.Tensor, splits: int, block_n: int) -> torch.Tensor:
+    """SPLIT_BY_LENGTH's entries a split, per row, as the kernel computes them: the row's
+    length over its `splits` programs, rounded up to whole blocks (at least one)."""
+    blocks = (lengths.long() + splits - 1) // splits
+    return torch.clamp((blocks + block_n - 1) // block_n, min=1) * block_n
+
+
 def default_block_n(head_dim: int) -> int:
     """Keys per inner step: 64 rows of K and of V per step (16 KB each at d=128, bf16)."""
     return 64
 
 
-# the decode attention's splits follow the lengths of the lists rather than their width
-# (`split_plan`); off, every row is cut into the same splits of its width (`default_split_len`)
-BALANCED_SPLITS = True
-MAX_SPLIT_BLOCKS = 16  # key blocks a split reads at most (default_split_len's 16 * block_n)
-
-
-def split_plan(lengths: torch.Tensor, block_n: int, programs: int) -> tuple[int, torch.Tensor]:
-    """The balanced splits (the kernels' `row_splits`), on the host: (entries a split, splits of
-    each row). About `programs` splits of whole `block_n` blocks over all rows together, at most
-    MAX_SPLIT_BLOCKS blocks each, at least one a row.
-
-    Args:
-        lengths: int [B, Hkv], the list lengths (any device; synced).
-    """
-    n = lengths.reshape(-1).long().cpu()
-    blocks = -(-(-(-int(n.sum()) // programs)) // block_n)
-    step = min(max(blocks, 1), MAX_SPLIT_BLOCKS) * block_n
-    return step, torch.clamp((n + step - 1) // step, min=1)
-
-
-def default_programs(device: torch.device) -> int:
-    """Splits to aim for over all rows: two programs an SM (default_split_len's rule)."""
-    return 2 * num_sms(device)
-
-
-def _partials(programs: int, rows: int, D: int, device: torch.device):
-    """The split kernel's online-softmax partials: m, l float32 [programs, rows] and acc
-    [programs, rows, D] (a seam for tests, which poison them)."""
-    m = torch.empty(programs, rows, dtype=torch.float32, device=device)
-    return m, torch.empty_like(m), torch.empty(programs, rows, D, dtype=torch.float32, device=device)
+# each row's splits share its length, not its width: a list shorter than its width (a GQA group
+# whose heads pick alike) takes shorter programs, not fewer (`split_width`'s S programs a row)
+SPLIT_BY_LENGTH = True
 
 
 def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor,
                          lengths: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
                          out: torch.Tensor | None = None, block_n: int | None = None,
-                         split_width: int | None = None, programs: int | None = None) -> torch.Tensor:
+                         split_width: int | None = None) -> torch.Tensor:
     """Fast path of `sparse_decode_ref` (same arguments).
 
-    By default (BALANCED_SPLITS) the lists are cut into splits by their lengths, read on the
-    device (`split_plan`): about `programs` splits over all rows, a row's share following its
-    length. Lists shorter than their width (a GQA group whose heads pick the same chunks) then
-    take fewer programs' time, and a split does not depend on the width at all: an eager step and
-    a CUDA graph's step over a wider list (gsa_rag.graph_decode) split alike and round alike.
+    Each (batch, KV head) row takes S programs (`default_splits` of its width). With
+    SPLIT_BY_LENGTH (the default) they cut the row's length, read on the device, into S whole-
+    block splits alike (`split_by_length`), so a short list takes shorter programs; otherwise
+    (or with num_splits) each split is a fixed share of the width, and a short list leaves its
+    last programs empty while the others run as long as for a full one.
 
     Args:
-        num_splits: S, cut every row's width into S splits instead (the layout before
-            BALANCED_SPLITS; also taken with BALANCED_SPLITS off, as `default_splits`).
-        split_width: with the width-cut splits and no num_splits, size each split as
-            `default_split_len` does for a list this wide (default: index's width). A decode
-            step's lists grow by a column a step, and a CUDA graph's are wider than any step
-            fills: sized for the generation's first step's width (`DecodePlan.grown`), every
-            step's splits hold the same entries, eager or replayed. Balanced splits ignore it.
-        programs: balanced splits to aim for (default: `default_programs`).
+        num_splits: S fixed splits of the list width (default: `default_splits`, by length).
+        split_width: without num_splits, take S as `default_splits` does for a list this wide
+            (default: index's width); the programs past them stay empty. A decode step's lists
+            grow by a column a step, and a CUDA graph's are wider than any step fills
+            (gsa_rag.graph_decode): with S taken from the generation's first step's width
+            (`DecodePlan.grown`), every step's splits hold the same entries, eager or replayed,
+            so the outputs round alike.
         out: optional [B, Hq, D] destination (any strides, e.g. a [B, 1, Hq, D] tensor's view).
         block_n: list entries per inner step (default: `default_block_n`).
 
@@ -401,53 +304,33 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cap = index.shape[-1]
     block_n = block_n or default_block_n(D)
+    by_length = SPLIT_BY_LENGTH and not num_splits
+    if num_splits:
+        split_len = triton.cdiv(triton.cdiv(cap, num_splits), block_n) * block_n
+    else:
+        split_len = default_split_len(split_width or cap, B * Hkv, block_n, query.device)
+    S = triton.cdiv(cap, split_len)
+    if by_length:  # the splits a row's length is cut into (past them, programs stay empty)
+        split_len = triton.cdiv(split_width or cap, split_len)
+    m = torch.empty(B, Hq, S, dtype=torch.float32, device=query.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=query.device)
     index = index.expand(B, Hkv, cap) if index.shape[1] == 1 else index
     lengths = lengths.expand(B, Hkv) if lengths.shape[1] == 1 else lengths
-    if out is None:
-        out = torch.empty(B, Hq, D, dtype=query.dtype, device=query.device)
-    rows = B * Hkv
-    balanced = BALANCED_SPLITS and not num_splits
-    if balanced:
-        programs = programs or default_programs(query.device)
-        # at most programs + rows splits (one partial split a row), or the split cap's count
-        grid = (max(programs, triton.cdiv(rows * cap, MAX_SPLIT_BLOCKS * block_n)) + rows,)
-        m, l, acc = _partials(grid[0], G, D, query.device)
-        strides = (*m.stride(), 0, *acc.stride()[:2], 0, acc.stride(2))
-        split_arg = programs
-    else:
-        if num_splits:
-            split_arg = triton.cdiv(triton.cdiv(cap, num_splits), block_n) * block_n
-        else:
-            split_arg = default_split_len(split_width or cap, rows, block_n, query.device)
-        S = triton.cdiv(cap, split_arg)
-        grid = (rows, S)
-        m = torch.empty(B, Hq, S, dtype=torch.float32, device=query.device)
-        l = torch.empty_like(m)
-        acc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=query.device)
-        strides = (*m.stride(), *acc.stride())
-    nr_pad = next_pow2(max(2, rows))
     G_PAD = max(16, 1 << (G - 1).bit_length())  # tl.dot wants M >= 16; padded rows are masked
-    _split_kernel[grid](
+    _split_kernel[(B * Hkv, S)](
         query, key, value, index, lengths, m, l, acc,
         scale * LOG2E,
         *query.stride(), *key.stride(), *value.stride(), *index.stride(), *lengths.stride(),
-        *strides,
-        Hkv, G, split_arg, rows,
-        G_PAD=G_PAD, D=D, BLOCK_N=block_n, **pdl_launch(query.device),
+        *m.stride(), *acc.stride(),
+        Hkv, G, split_len,
+        G_PAD=G_PAD, D=D, BLOCK_N=block_n, BY_LENGTH=by_length, **pdl_launch(query.device),
         num_warps=4, num_stages=3 if query.is_cuda else 1,
         # Triton's interpreter (3.6 to 3.9 at least) computes bf16 tl.dot wrongly: upcast there only
         DOT_F32=query.dtype == torch.bfloat16 and interpreting(),
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",  # fp32 models: no tf32 rounding
-        BALANCED=balanced, NR_PAD=nr_pad, MAX_BLOCKS=MAX_SPLIT_BLOCKS,
     )
-    if not balanced:
-        combine_splits(m[:, :, None], l[:, :, None], acc[:, :, None], out[:, :, None])
-        return out
-    # as combine_splits: launched early, its programs would crowd the SMs the attention leaves free
-    _combine_balanced_kernel[(B * Hq,)](
-        m, l, acc, out, lengths, *lengths.stride(), *m.stride(), *acc.stride(), *out.stride(),
-        Hq, Hkv, G, rows, programs,
-        D=D, BLOCK_N=block_n, MAX_BLOCKS=MAX_SPLIT_BLOCKS, NR_PAD=nr_pad, BLOCK_S=16,
-        **pdl_launch(query.device, allow=B * Hq <= num_sms(query.device)), num_warps=4,
-    )
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=query.dtype, device=query.device)
+    combine_splits(m[:, :, None], l[:, :, None], acc[:, :, None], out[:, :, None])
     return out

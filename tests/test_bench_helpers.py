@@ -204,7 +204,7 @@ def test_kernels_result_name_holds_every_setting():
     assert name(**base) == "decode_step_llama3-8b+smollm2-135m_b1+8_ctx4k+32k+128k_c8_bf16_noflex"
     _distinct(base, {"shapes": ["llama3-8b"], "batches": [8], "contexts": [131072], "chunk": 16,
                      "dtype": "float16", "flex": True, "meta": [4], "sweep": True, "score_dtype": "int8",
-                     "group_overlap": 0.9, "ab": "sparse_decode.BALANCED_SPLITS=True,False"}, name)
+                     "group_overlap": 0.9, "ab": "sparse_decode.SPLIT_BY_LENGTH=True,False"}, name)
     hier = {**base, "meta": [4]}
     assert name(**hier) != name(**{**hier, "top_k": 8})
     assert name(**{**base, "top_k": 8}) == name(**base)  # single level: adaptive k, --top-k unused
@@ -216,20 +216,20 @@ def test_kernels_ab_alternates_a_kernel_switch_and_restores_it():
     from gsa_rag.kernels import sparse_decode
 
     kernels = _script("kernels")
-    variants = kernels.ab_variants("sparse_decode.BALANCED_SPLITS=False,True")
-    assert [(m, a, v) for m, a, v, _ in variants] == [(sparse_decode, "BALANCED_SPLITS", False),
-                                                      (sparse_decode, "BALANCED_SPLITS", True)]
-    assert variants[0][-1] == "sparse_decode.BALANCED_SPLITS=False"
-    before = sparse_decode.BALANCED_SPLITS
+    variants = kernels.ab_variants("sparse_decode.SPLIT_BY_LENGTH=False,True")
+    assert [(m, a, v) for m, a, v, _ in variants] == [(sparse_decode, "SPLIT_BY_LENGTH", False),
+                                                      (sparse_decode, "SPLIT_BY_LENGTH", True)]
+    assert variants[0][-1] == "sparse_decode.SPLIT_BY_LENGTH=False"
+    before = sparse_decode.SPLIT_BY_LENGTH
     seen = []
     for variant in variants:
         with pytest.raises(RuntimeError), kernels.ab_setting(variant):
-            seen.append(sparse_decode.BALANCED_SPLITS)
+            seen.append(sparse_decode.SPLIT_BY_LENGTH)
             raise RuntimeError("a failing case")
-        assert sparse_decode.BALANCED_SPLITS is before
+        assert sparse_decode.SPLIT_BY_LENGTH is before
     assert seen == [False, True]
-    for bad, why in (("BALANCED_SPLITS=True", "MODULE.ATTR"), ("sparse_decode.NO_SUCH=1", "no attribute"),
-                     ("sparse_decode.BALANCED_SPLITS=yes", "literals")):
+    for bad, why in (("SPLIT_BY_LENGTH=True", "MODULE.ATTR"), ("sparse_decode.NO_SUCH=1", "no attribute"),
+                     ("sparse_decode.SPLIT_BY_LENGTH=yes", "literals")):
         with pytest.raises(ValueError, match=why):
             kernels.ab_variants(bad)
 

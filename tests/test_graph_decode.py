@@ -79,7 +79,7 @@ def test_pinned_steps_equal_the_engine_loop(config, monkeypatch):
             got.append((logits, decoder.observed_state().attended))
         decoder.close()
     for step, ((w, wa), (g, ga)) in enumerate(zip(want, got, strict=True)):
-        if DEVICE == "cpu":  # the splits hold the eager step's entries (split by lengths): the same sums, bit for bit
+        if DEVICE == "cpu":  # the splits hold the eager step's entries (split_width): the same sums, bit for bit
             assert torch.equal(g, w), f"logits of step {step}: {(g - w).abs().max()}"
         torch.testing.assert_close(g, w, atol=2e-4, rtol=2e-4, msg=f"logits of step {step}")
         assert wa.keys() == ga.keys() and all(torch.equal(wa[i], ga[i]) for i in wa), f"attended keys at step {step}"
@@ -99,11 +99,9 @@ def test_every_step_splits_its_lists_as_the_first_step(config, monkeypatch):
     or replayed, must split each of its lists as the first step did, or the two round differently.
     Layer 0 does not select (first_selecting_layer 1), so its list is the forgetting row, narrower
     than the selection's capacity; sized by the capacity, its splits differed from the eager
-    step's (graph err 0.014-0.019 at batch 8 on the H200, where splits are long). The balanced splits (sparse_decode.BALANCED_SPLITS, the default) do not
-    depend on the width at all; this holds the width-cut ones to it."""
+    step's (graph err 0.014-0.019 at batch 8 on the H200, where splits are long)."""
     from gsa_rag.kernels import sparse_decode
 
-    monkeypatch.setattr(sparse_decode, "BALANCED_SPLITS", False)
     monkeypatch.setenv("GSA_RAG_KERNELS", "1")
     model = tiny_model()
     layout = prompt(config)

@@ -180,20 +180,12 @@ cases = {
     "_split_kernel": (sparse_decode, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "IDX": "*i32", "LEN": "*i32",
                                       "M": "*fp32", "L": "*fp32", "ACC": "*fp32", "qk_scale": "fp32"},
                       {"G_PAD": 16, "D": 128, "BLOCK_N": 64, "DOT_F32": False, "PRECISION": "tf32",
-                       "BALANCED": False, "NR_PAD": 8, "MAX_BLOCKS": 16}, 3),
-    "_split_kernel:balanced": (sparse_decode, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "IDX": "*i32",
-                                               "LEN": "*i32", "M": "*fp32", "L": "*fp32", "ACC": "*fp32",
-                                               "qk_scale": "fp32"},
-                               {"G_PAD": 16, "D": 128, "BLOCK_N": 64, "DOT_F32": False, "PRECISION": "tf32",
-                                "BALANCED": True, "NR_PAD": 8, "MAX_BLOCKS": 16}, 3),
-    "_combine_balanced_kernel": (sparse_decode, {"M": "*fp32", "L": "*fp32", "ACC": "*fp32", "O": "*bf16",
-                                                 "LEN": "*i32"},
-                                 {"D": 128, "BLOCK_N": 64, "MAX_BLOCKS": 16, "NR_PAD": 8, "BLOCK_S": 16}, 1),
+                       "BY_LENGTH": True}, 3),
     "_combine_kernel": (sparse_decode, {"M": "*fp32", "L": "*fp32", "ACC": "*fp32", "O": "*bf16"},
                         {"S_PAD": 64, "D": 128, "BLOCK_S": 16, "BLOCK_R": 1}, 1),
 }
 module, types, constants, stages = cases[sys.argv[1]]
-kernel = getattr(module, sys.argv[1].split(":")[0])
+kernel = getattr(module, sys.argv[1])
 ptx = {}
 for on in (True, False):
     values = {**constants, "PDL": on}
@@ -208,8 +200,7 @@ print(json.dumps(ptx))
 MEMORY_OPS = ("ld.global", "st.global", "atom.", "red.", "cp.async", "cp.reduce.async")
 
 
-@pytest.mark.parametrize("kernel", ["_union_kernel", "_window_select_kernel", "_split_kernel", "_split_kernel:balanced",
-                                    "_combine_kernel", "_combine_balanced_kernel"])
+@pytest.mark.parametrize("kernel", ["_union_kernel", "_window_select_kernel", "_split_kernel", "_combine_kernel"])
 def test_the_wait_compiles_ahead_of_every_memory_access_for_sm90(kernel):
     if pdl.gdc_wait is None:
         pytest.skip(NO_PDL)
