@@ -5,6 +5,10 @@ split-K flash-decode) against dense SDPA (flash backend) and FlexAttention over 
     python benchmarks/kernels.py --quick    # 30-second smoke run
     python benchmarks/kernels.py --no-flex --meta 4 --contexts 32,128 --name decode_step_hgsa32
                                             # H-GSA 32x (chunk 8, meta 4, top-4 per level)
+    python benchmarks/kernels.py --no-flex --contexts 128 --batches 1 --ab gist_select.WINDOW_SELECT=True,False --rounds 2
+                                            # a kernel switch's two settings, alternating, in one run
+    python benchmarks/kernels.py --no-flex --contexts 128 --group-overlap 0.9
+                                            # a GQA group's query heads alike: shorter lists (`fill`)
 
 Shapes: Llama-3-8B (32 q / 8 kv heads, d=128) and SmolLM2-135M, the default model (9 q / 3 kv,
 d=64); batch 1 and 8; context 4K..128K; chunk 8, adaptive k (about L/8 raw tokens per KV
@@ -93,7 +97,6 @@ def _best(row: dict, name: str) -> float:
 def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: float,
                meta: tuple[int, ...] = (), top_k: int = 4, sweep: bool = False, score_dtype: str = "cache",
                group_overlap: float = 0.0) -> dict:
-    from gsa_rag.kernels import sparse_decode
     from gsa_rag.kernels.gist_keys8 import quantize_gist_keys
     from gsa_rag.kernels.gist_select import (
         DecodePlan,
@@ -115,7 +118,6 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
         default_split_len,
         sparse_decode_ref,
         sparse_decode_triton,
-        split_by_length,
     )
 
     Hq, Hkv, D = SHAPES[shape]
@@ -240,13 +242,10 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     block_n = default_block_n(D)
     split_len = default_split_len(plan.capacity, B * Hkv, block_n, torch.device(DEVICE))
     splits = -(-plan.capacity // split_len)
-    if sparse_decode.SPLIT_BY_LENGTH:  # the first input set's lists: their splits' mean length
-        split_len = float(split_by_length(lists[0][1], splits, block_n).float().mean())
     row = {"shape": shape, "batch": B, "context": L, "T": T, "chunks": C, "dense_backend": backend, "rel_err": err,
            "score_dtype": score_dtype, "group_overlap": group_overlap,
            "meta": list(meta), "top_k": top_k if meta else None,
-           "copies": copies, "capacity": plan.capacity, "split_len": split_len, "programs": B * Hkv * splits,
-           "split_by_length": sparse_decode.SPLIT_BY_LENGTH}
+           "copies": copies, "capacity": plan.capacity, "split_len": split_len, "programs": B * Hkv * splits}
     row["dense_us"] = bench_us(rotating(lambda i: dense_runs[i]()))
     row["dense_graph_us"] = graph_us(lambda i: dense_runs[i]())
     if flex is not None:
@@ -442,7 +441,7 @@ def ab_variants(spec: str) -> list[tuple]:
     target, _, values = spec.partition("=")
     module_name, _, attr = target.rpartition(".")
     if not (module_name and attr and values):
-        raise ValueError(f"--ab {spec!r}: expected MODULE.ATTR=V1,V2, e.g. sparse_decode.SPLIT_BY_LENGTH=True,False")
+        raise ValueError(f"--ab {spec!r}: expected MODULE.ATTR=V1,V2, e.g. gist_select.WINDOW_SELECT=True,False")
     module = importlib.import_module(f"gsa_rag.kernels.{module_name}")
     if not hasattr(module, attr):
         raise ValueError(f"--ab: gsa_rag.kernels.{module_name} has no attribute {attr}")
@@ -492,7 +491,7 @@ def main(argv=None) -> None:
                         "so their picks overlap and the lists fill less of their width (column `fill`)")
     p.add_argument("--ab", default=None, metavar="MODULE.ATTR=V1,V2",
                    help="a gsa_rag.kernels module switch and Python values to alternate, every case once per value "
-                        "per round (column `ab`), e.g. sparse_decode.SPLIT_BY_LENGTH=True,False")
+                        "per round (column `ab`), e.g. gist_select.WINDOW_SELECT=True,False")
     p.add_argument("--rounds", type=int, default=1, help="with --ab: how many times each case runs every value")
     p.add_argument("--out", default="benchmarks/results/kernels", help="folder of the result files")
     args = p.parse_args(argv)

@@ -92,22 +92,16 @@ if triton is not None:
         Hkv, G, split_len,
         G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
         PRECISION: tl.constexpr,
-        PDL: tl.constexpr = False, BY_LENGTH: tl.constexpr = False,
+        PDL: tl.constexpr = False,
     ):
-        # BY_LENGTH: split_len is the number of splits sharing each row, whose length n they cut
-        # into whole blocks alike (the programs past n / step stay empty); else the entries a split
         wait_for_previous(PDL)
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hkv
         h = pid % Hkv
         n = tl.load(LEN + b * s_lb + h * s_lh)
-        if BY_LENGTH:
-            step = tl.maximum(tl.cdiv(tl.cdiv(n, split_len), BLOCK_N), 1) * BLOCK_N
-        else:
-            step = split_len
-        start = split * step
-        end = tl.minimum(start + step, n)
+        start = split * split_len
+        end = tl.minimum(start + split_len, n)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, D)
         head = h * G + g
@@ -251,21 +245,9 @@ def default_splits(capacity: int, batch_kv_heads: int, block_n: int, device: tor
     return triton.cdiv(capacity, default_split_len(capacity, batch_kv_heads, block_n, device))
 
 
-def split_by_length(lengths: torch.Tensor, splits: int, block_n: int) -> torch.Tensor:
-    """SPLIT_BY_LENGTH's entries a split, per row, as the kernel computes them: the row's
-    length over its `splits` programs, rounded up to whole blocks (at least one)."""
-    blocks = (lengths.long() + splits - 1) // splits
-    return torch.clamp((blocks + block_n - 1) // block_n, min=1) * block_n
-
-
 def default_block_n(head_dim: int) -> int:
     """Keys per inner step: 64 rows of K and of V per step (16 KB each at d=128, bf16)."""
     return 64
-
-
-# each row's splits share its length, not its width: a list shorter than its width (a GQA group
-# whose heads pick alike) takes shorter programs, not fewer (`split_width`'s S programs a row)
-SPLIT_BY_LENGTH = True
 
 
 def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: torch.Tensor,
@@ -274,20 +256,13 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
                          split_width: int | None = None) -> torch.Tensor:
     """Fast path of `sparse_decode_ref` (same arguments).
 
-    Each (batch, KV head) row takes S programs (`default_splits` of its width). With
-    SPLIT_BY_LENGTH (the default) they cut the row's length, read on the device, into S whole-
-    block splits alike (`split_by_length`), so a short list takes shorter programs; otherwise
-    (or with num_splits) each split is a fixed share of the width, and a short list leaves its
-    last programs empty while the others run as long as for a full one.
-
     Args:
-        num_splits: S fixed splits of the list width (default: `default_splits`, by length).
-        split_width: without num_splits, take S as `default_splits` does for a list this wide
-            (default: index's width); the programs past them stay empty. A decode step's lists
-            grow by a column a step, and a CUDA graph's are wider than any step fills
-            (gsa_rag.graph_decode): with S taken from the generation's first step's width
-            (`DecodePlan.grown`), every step's splits hold the same entries, eager or replayed,
-            so the outputs round alike.
+        num_splits: S, splits of the list width (default: `default_splits`).
+        split_width: without num_splits, size each split as `default_split_len` does for a list
+            this wide (default: index's width). A decode step's lists grow by a column a step,
+            and a CUDA graph's are wider than any step fills (gsa_rag.graph_decode): sized for
+            the generation's first step's width (`DecodePlan.grown`), every step's splits hold
+            the same entries, eager or replayed, so the outputs round alike.
         out: optional [B, Hq, D] destination (any strides, e.g. a [B, 1, Hq, D] tensor's view).
         block_n: list entries per inner step (default: `default_block_n`).
 
@@ -304,14 +279,11 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cap = index.shape[-1]
     block_n = block_n or default_block_n(D)
-    by_length = SPLIT_BY_LENGTH and not num_splits
     if num_splits:
         split_len = triton.cdiv(triton.cdiv(cap, num_splits), block_n) * block_n
     else:
         split_len = default_split_len(split_width or cap, B * Hkv, block_n, query.device)
     S = triton.cdiv(cap, split_len)
-    if by_length:  # the splits a row's length is cut into (past them, programs stay empty)
-        split_len = triton.cdiv(split_width or cap, split_len)
     m = torch.empty(B, Hq, S, dtype=torch.float32, device=query.device)
     l = torch.empty_like(m)
     acc = torch.empty(B, Hq, S, D, dtype=torch.float32, device=query.device)
@@ -324,7 +296,7 @@ def sparse_decode_triton(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         *query.stride(), *key.stride(), *value.stride(), *index.stride(), *lengths.stride(),
         *m.stride(), *acc.stride(),
         Hkv, G, split_len,
-        G_PAD=G_PAD, D=D, BLOCK_N=block_n, BY_LENGTH=by_length, **pdl_launch(query.device),
+        G_PAD=G_PAD, D=D, BLOCK_N=block_n, **pdl_launch(query.device),
         num_warps=4, num_stages=3 if query.is_cuda else 1,
         # Triton's interpreter (3.6 to 3.9 at least) computes bf16 tl.dot wrongly: upcast there only
         DOT_F32=query.dtype == torch.bfloat16 and interpreting(),

@@ -204,7 +204,7 @@ def test_kernels_result_name_holds_every_setting():
     assert name(**base) == "decode_step_llama3-8b+smollm2-135m_b1+8_ctx4k+32k+128k_c8_bf16_noflex"
     _distinct(base, {"shapes": ["llama3-8b"], "batches": [8], "contexts": [131072], "chunk": 16,
                      "dtype": "float16", "flex": True, "meta": [4], "sweep": True, "score_dtype": "int8",
-                     "group_overlap": 0.9, "ab": "sparse_decode.SPLIT_BY_LENGTH=True,False"}, name)
+                     "group_overlap": 0.9, "ab": "gist_select.WINDOW_SELECT=True,False"}, name)
     hier = {**base, "meta": [4]}
     assert name(**hier) != name(**{**hier, "top_k": 8})
     assert name(**{**base, "top_k": 8}) == name(**base)  # single level: adaptive k, --top-k unused
@@ -213,23 +213,23 @@ def test_kernels_result_name_holds_every_setting():
 def test_kernels_ab_alternates_a_kernel_switch_and_restores_it():
     """--ab names a gsa_rag.kernels module switch and its values: each value set for one case, the
     module's own value back after it (even when the case fails); a bad spec is refused by name."""
-    from gsa_rag.kernels import sparse_decode
+    from gsa_rag.kernels import gist_select
 
     kernels = _script("kernels")
-    variants = kernels.ab_variants("sparse_decode.SPLIT_BY_LENGTH=False,True")
-    assert [(m, a, v) for m, a, v, _ in variants] == [(sparse_decode, "SPLIT_BY_LENGTH", False),
-                                                      (sparse_decode, "SPLIT_BY_LENGTH", True)]
-    assert variants[0][-1] == "sparse_decode.SPLIT_BY_LENGTH=False"
-    before = sparse_decode.SPLIT_BY_LENGTH
+    variants = kernels.ab_variants("gist_select.WINDOW_SELECT=False,True")
+    assert [(m, a, v) for m, a, v, _ in variants] == [(gist_select, "WINDOW_SELECT", False),
+                                                      (gist_select, "WINDOW_SELECT", True)]
+    assert variants[0][-1] == "gist_select.WINDOW_SELECT=False"
+    before = gist_select.WINDOW_SELECT
     seen = []
     for variant in variants:
         with pytest.raises(RuntimeError), kernels.ab_setting(variant):
-            seen.append(sparse_decode.SPLIT_BY_LENGTH)
+            seen.append(gist_select.WINDOW_SELECT)
             raise RuntimeError("a failing case")
-        assert sparse_decode.SPLIT_BY_LENGTH is before
+        assert gist_select.WINDOW_SELECT is before
     assert seen == [False, True]
-    for bad, why in (("SPLIT_BY_LENGTH=True", "MODULE.ATTR"), ("sparse_decode.NO_SUCH=1", "no attribute"),
-                     ("sparse_decode.SPLIT_BY_LENGTH=yes", "literals")):
+    for bad, why in (("SPLIT_BY_LENGTH=True", "MODULE.ATTR"), ("gist_select.NO_SUCH=1", "no attribute"),
+                     ("gist_select.WINDOW_SELECT=yes", "literals")):
         with pytest.raises(ValueError, match=why):
             kernels.ab_variants(bad)
 

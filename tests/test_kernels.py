@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton not installed")
 
 from fakes import FakeTokenizer, random_segments
-from gsa_rag.kernels import dispatch, gist_select, sparse_decode
+from gsa_rag.kernels import dispatch, gist_select
 from gsa_rag.kernels.gist_select import (
     ENDS_BLOCKS,
     ENDS_PREFIX,
@@ -778,49 +778,14 @@ def test_sparse_decode_many_splits_and_blocks(block_n, splits):
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("by_length", [True, False])
-@pytest.mark.parametrize("shape", [(3, 8, 2, 64, 1000, 900), (2, 4, 4, 64, 900, 800), (2, 9, 3, 128, 900, 780)])
-def test_splits_cut_each_rows_length_or_its_width(shape, by_length, monkeypatch):
-    """Rows of 1 or 2 keys next to full ones, each row over the same S programs. SPLIT_BY_LENGTH
-    (the default): a row's keys are cut into S whole-block splits alike
-    (sparse_decode.split_by_length), so a short row's splits are short ones and as many of them
-    hold keys as its length needs; off, each split is a fixed share of the width and a short row
-    leaves its last splits empty. Seen in the partials the combine gets (an empty split has max
-    -inf), and the output is the reference's either way."""
-    B, Hq, Hkv, D, T, cap = shape
-    g = torch.Generator().manual_seed(hash((shape, by_length)) % 10_000)
-    q = torch.randn(B, Hq, D, generator=g).to(DEVICE, torch.float16)
-    k = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, torch.float16)
-    v = torch.randn(B, Hkv, T, D, generator=g).to(DEVICE, torch.float16)
-    index, lengths = random_lists(B, Hkv, T, cap, g)
-    lengths[1, 0] = 2
-    monkeypatch.setattr(sparse_decode, "SPLIT_BY_LENGTH", by_length)
-    seen, real = [], sparse_decode.combine_splits
-    monkeypatch.setattr(sparse_decode, "combine_splits", lambda m, *rest: seen.append(m.clone()) or real(m, *rest))
-    out = torch.full((B, Hq, D), float("nan"), dtype=torch.float16, device=DEVICE)
-    sparse_decode_triton(q, k, v, index, lengths, out=out, block_n=16)
-    assert rel_err(out, sparse_decode_ref(q.double(), k.double(), v.double(), index, lengths)) < TOL[torch.float16]
-    m = seen[0][:, :, 0]  # [B, Hq, S]: each query head's max per split
-    S = m.shape[-1]
-    assert S > 2  # several splits a row (at most 16 blocks each), so a short row's split count can show
-    width_cut = sparse_decode.default_split_len(cap, B * Hkv, 16, torch.device(DEVICE))
-    step = sparse_decode.split_by_length(lengths, S, 16) if by_length else torch.full_like(lengths, width_cut)
-    want = (lengths.long() + step - 1) // step  # splits holding keys, per (batch, KV head)
-    assert torch.equal(m.isfinite().sum(-1).cpu(), want.repeat_interleave(Hq // Hkv, 1).cpu())
-    assert bool((step.cpu() >= 16).all()) and bool((step.cpu() % 16 == 0).all())
-
-
-@pytest.mark.parametrize("by_length", [True, False])
-def test_split_width_splits_a_wider_list_as_the_narrow_one(by_length, monkeypatch):
+def test_split_width_splits_a_wider_list_as_the_narrow_one():
     """A CUDA graph's list is wider than any step fills (gsa_rag.graph_decode): sized for the
     narrow width, the splits hold the same entries, so the output is the narrow list's, bit for
-    bit (the trailing splits are empty, and the combine sums 16 splits at a time either way),
-    whether the splits cut the lengths or the width. The widths are picked so that the default
-    splits of the two differ on this device; fp32, as a bf16 output could round two different
-    sums alike."""
+    bit (the trailing splits are empty, and the combine sums 16 splits at a time either way). The
+    widths are picked so that the default splits of the two differ on this device; fp32, as a bf16
+    output could round two different sums alike."""
     from gsa_rag.kernels.sparse_decode import default_split_len, num_sms
 
-    monkeypatch.setattr(sparse_decode, "SPLIT_BY_LENGTH", by_length)
     g = torch.Generator().manual_seed(11)
     B, Hq, Hkv, D = 1, 4, 2, 64
     narrow = triton.cdiv(2 * num_sms(torch.device(DEVICE)), B * Hkv) * 128  # splits of 128 entries

@@ -179,8 +179,7 @@ cases = {
                                "STATS": False}, 1),
     "_split_kernel": (sparse_decode, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "IDX": "*i32", "LEN": "*i32",
                                       "M": "*fp32", "L": "*fp32", "ACC": "*fp32", "qk_scale": "fp32"},
-                      {"G_PAD": 16, "D": 128, "BLOCK_N": 64, "DOT_F32": False, "PRECISION": "tf32",
-                       "BY_LENGTH": True}, 3),
+                      {"G_PAD": 16, "D": 128, "BLOCK_N": 64, "DOT_F32": False, "PRECISION": "tf32"}, 3),
     "_combine_kernel": (sparse_decode, {"M": "*fp32", "L": "*fp32", "ACC": "*fp32", "O": "*bf16"},
                         {"S_PAD": 64, "D": 128, "BLOCK_S": 16, "BLOCK_R": 1}, 1),
 }
