@@ -1,8 +1,10 @@
 # time patched copies of sparse_decode's balanced split kernel at 128K batch 1 (diagnosis only)
-import importlib.util, sys, torch
-from gsa_rag.kernels import sparse_decode as sd
+import importlib.util, os, sys, torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sparse_decode_balanced as sd  # the module as it ran (0907a3e without the early return)
 from gsa_rag.kernels.bench import bench_us
-src = open(sd.__file__).read()
+import os.path
+src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sparse_decode_balanced.py")).read()
 OLD_START = '            rows, n_all, splits, ends, step = row_splits(LEN, s_lb, s_lh, Hkv, NR, split_len, BLOCK_N, MAX_BLOCKS, NR_PAD)\n'
 OLD_END = "            end = tl.minimum(start + step, n)\n"
 SCALAR_TEXT = '            total = 0\n            for r in range(0, NR):\n                total += tl.load(LEN + (r // Hkv) * s_lb + (r % Hkv) * s_lh)\n            step = tl.minimum(tl.maximum(tl.cdiv(tl.cdiv(total, split_len), BLOCK_N), 1), MAX_BLOCKS) * BLOCK_N\n            row = 0\n            n = 0\n            first = 0\n            at = 0\n            for r in range(0, NR):\n                n_r = tl.load(LEN + (r // Hkv) * s_lb + (r % Hkv) * s_lh)\n                s_r = tl.maximum(tl.cdiv(n_r, step), 1)\n                take = (p >= at) & (p < at + s_r)\n                row = tl.where(take, r, row)\n                n = tl.where(take, n_r, n)\n                first = tl.where(take, at, first)\n                at += s_r\n            start = (p - first) * step\n            end = tl.minimum(start + step, n)\n'
