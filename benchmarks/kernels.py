@@ -88,6 +88,15 @@ def dense_fn(q4, k, v, scale):
         return (lambda: F.scaled_dot_product_attention(q4, kk, vv, scale=scale)), "default"
 
 
+def group_queries(B: int, Hq: int, Hkv: int, D: int, overlap: float, dtype) -> torch.Tensor:
+    """Random decode queries [B, Hq, D] whose GQA groups' heads share `overlap` of a direction:
+    overlap * shared + sqrt(1 - overlap^2) * own, each part standard normal, so every head stays
+    standard normal and two heads of a group correlate by overlap^2 (0: independent, 1: equal)."""
+    own = torch.randn(B, Hkv, Hq // Hkv, D, device=DEVICE, dtype=torch.float32)
+    shared = torch.randn(B, Hkv, 1, D, device=DEVICE, dtype=torch.float32)
+    return (overlap * shared + math.sqrt(1 - overlap ** 2) * own).reshape(B, Hq, D).to(dtype)
+
+
 def _best(row: dict, name: str) -> float:
     """A side's best time: eager or graph replay (NaN where the graph could not be captured)."""
     graph = row[f"{name}_graph_us"]
@@ -130,11 +139,7 @@ def bench_case(shape: str, B: int, L: int, chunk: int, flex, dtype, copy_bw: flo
     copies = input_copies(kv_bytes)  # eager and graph timings alike rotate among them
     sets = []
     for _ in range(copies):
-        q = torch.randn(B, Hq, D, device=DEVICE, dtype=dtype)
-        if group_overlap:  # a GQA group's query heads share a direction, so they pick alike
-            shared = torch.randn(B, Hkv, 1, D, device=DEVICE, dtype=dtype)
-            own = q.view(B, Hkv, G, D)
-            q = (group_overlap * shared + math.sqrt(1 - group_overlap ** 2) * own).reshape(B, Hq, D)
+        q = group_queries(B, Hq, Hkv, D, group_overlap, dtype)
         k = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=dtype)
         v = torch.randn(B, Hkv, T, D, device=DEVICE, dtype=dtype)
         sets.append((q, k, v))

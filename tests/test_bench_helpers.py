@@ -228,10 +228,25 @@ def test_kernels_ab_alternates_a_kernel_switch_and_restores_it():
             raise RuntimeError("a failing case")
         assert gist_select.WINDOW_SELECT is before
     assert seen == [False, True]
-    for bad, why in (("SPLIT_BY_LENGTH=True", "MODULE.ATTR"), ("gist_select.NO_SUCH=1", "no attribute"),
+    for bad, why in (("WINDOW_SELECT=True", "MODULE.ATTR"), ("gist_select.NO_SUCH=1", "no attribute"),
                      ("gist_select.WINDOW_SELECT=yes", "literals")):
         with pytest.raises(ValueError, match=why):
             kernels.ab_variants(bad)
+
+
+def test_kernels_group_queries_correlate_a_groups_heads_by_the_overlap_squared(monkeypatch):
+    """--group-overlap's queries: heads of one GQA group correlate by overlap^2, heads of two
+    groups not at all, and every head keeps unit variance (the scores' scale is unchanged)."""
+    kernels = _script("kernels")
+    monkeypatch.setattr(kernels, "DEVICE", "cpu")
+    torch.manual_seed(0)
+    for overlap in (0.0, 0.9, 1.0):
+        q = kernels.group_queries(64, 8, 2, 256, overlap, torch.float32).view(64, 2, 4, 256)
+        same = float((q[:, 0, 0] * q[:, 0, 1]).mean())
+        other = float((q[:, 0, 0] * q[:, 1, 0]).mean())
+        assert abs(same - overlap ** 2) < 0.03 and abs(other) < 0.03, (overlap, same, other)
+        assert abs(float(q.var()) - 1) < 0.03
+    assert torch.equal(q[:, :, 0], q[:, :, 3])  # overlap 1: one query a group
 
 
 @pytest.mark.parametrize(("script", "argv", "existing"), [
