@@ -546,7 +546,7 @@ def main(argv=None) -> None:
             if variant:
                 row["ab"] = variant[-1]
         except Exception as e:  # noqa: BLE001 - one failing shape must not lose the table
-            msg = f"{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
+            msg = f"{variant[-1] + ' ' if variant else ''}{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
             print("  FAILED " + msg, flush=True)
             payload["failed"].append(msg)
             torch.cuda.empty_cache()
