@@ -19,6 +19,9 @@ at a time), the first with score_dtype "cache", the second with "int8":
 On CUDA a decode step takes the sparse kernel path, which calls no hook: set GSA_RAG_KERNELS=0
 to compare decode selections there (the answers then come from the reference path too).
 
+`--levels 7` asks what a 4-bit copy would do: the same per-channel scales, values rounded to
+-7..7 (stored as int8 still, so only the rounding changes, not the kernels).
+
 Prints a table and writes JSON (default benchmarks/results/gist_keys8/agreement_<set><n>.json);
 an existing result file is never overwritten.
 """
@@ -26,6 +29,7 @@ an existing result file is never overwritten.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -37,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 # benchmarks/ holds kernels.py: keep it off sys.path so transformers' own `kernels` import is not shadowed
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
 
+from gsa_rag.kernels import gist_keys8
 from gsa_rag.kernels.bench import environment as kernel_environment
 from gsa_rag.kernels.bench import refuse_existing_results
 
@@ -141,6 +146,17 @@ def answer_runs(engine: GistEngine, examples, data: str, max_new_tokens: int, pr
     return runs, agreement
 
 
+@contextlib.contextmanager
+def quantization_levels(levels: int):
+    """int8 gist keys rounded to -levels..levels (per-channel scales as shipped) inside the block."""
+    shipped = gist_keys8.QMAX
+    gist_keys8.QMAX = levels
+    try:
+        yield
+    finally:
+        gist_keys8.QMAX = shipped
+
+
 def compare_answers(examples, runs: dict) -> tuple[dict, list[dict]]:
     """(the answers' summary, per question both predictions and their best-subspan EM)."""
     rows = []
@@ -184,13 +200,17 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--levels", type=int, default=gist_keys8.QMAX,
+                   help=f"quantization levels each side of 0 (default {gist_keys8.QMAX}, int8; 7 emulates 4 bits)")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/gist_keys8/agreement_<set><n>.json)")
     args = p.parse_args(argv)
     examples = load_examples(args.data, split=args.split, limit=args.limit)
+    if not 1 <= args.levels <= gist_keys8.QMAX:
+        p.error(f"--levels must be 1..{gist_keys8.QMAX} (int8 values), got {args.levels}")
     if not examples:
         p.error(f"no questions in {args.data}")
     tag = args.data if args.data in KNOWN_SETS else Path(args.data).stem
-    suffix = "" if args.dtype == "auto" else f"-{args.dtype}"
+    suffix = ("" if args.dtype == "auto" else f"-{args.dtype}") + ("" if args.levels == gist_keys8.QMAX else f"-levels{args.levels}")
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "gist_keys8" / f"agreement_{tag}{len(examples)}{suffix}.json"
     refuse_existing_results(p, out.parent, out.stem, (out.suffix,))  # before the runs, not after them
 
@@ -199,7 +219,8 @@ def main(argv=None) -> dict:
     engine = GistEngine.from_pretrained(adapter=adapter, device=args.device, dtype=dtype)
     if engine.config.meta_chunks:
         p.error("score_dtype 'int8' is single-level only; this adapter's config has meta_chunks")
-    runs, agreement = answer_runs(engine, examples, tag, args.max_new_tokens)
+    with quantization_levels(args.levels):
+        runs, agreement = answer_runs(engine, examples, tag, args.max_new_tokens)
     selection = agreement.summary()
     answers, questions = compare_answers(examples, runs)
     name = Path(adapter).name if adapter and adapter != "default" else ("default" if adapter else "untrained")
@@ -208,6 +229,7 @@ def main(argv=None) -> dict:
         "command": " ".join(["python", "benchmarks/gist_keys8_agreement.py", *(sys.argv[1:] if argv is None else argv)]),
         "run": {"data": args.data, "split": args.split, "n": len(examples), "adapter": name,
                 "dtype": str(next(engine.model.parameters()).dtype), "max_new_tokens": args.max_new_tokens,
+                "levels": args.levels,
                 "gist_config": engine.config.to_dict()},
         "environment": {**kernel_environment(), **environment(engine.device)},
         "selection": selection,
@@ -215,7 +237,7 @@ def main(argv=None) -> dict:
         "summaries": {s: runs[s]["summary"] for s in SCORINGS},
         "questions": questions,
     }
-    print(f"\nint8 vs cache gist scoring — {args.data}, {len(examples)} questions, adapter {name}, "
+    print(f"\nint8 ({args.levels} levels) vs cache gist scoring — {args.data}, {len(examples)} questions, adapter {name}, "
           f"{result['run']['dtype']}\n")
     print_tables(selection, answers)
     out.parent.mkdir(parents=True, exist_ok=True)

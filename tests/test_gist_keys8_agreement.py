@@ -113,3 +113,29 @@ def test_existing_result_file_is_refused_before_the_model_loads(script, monkeypa
     with pytest.raises(SystemExit) as exit_:
         script.main(["--out", str(out)])
     assert exit_.value.code == 2 and out.read_text() == "{}"
+
+
+def test_quantization_levels_bound_the_values_and_are_restored(script):
+    from gsa_rag.kernels import gist_keys8
+
+    torch.manual_seed(0)
+    key = torch.randn(1, 2, 40, 16)
+    index, valid = torch.arange(3, 40, 4)[None], torch.ones(1, 10, dtype=torch.bool)
+    shipped = gist_keys8.quantize_gist_keys(key, index, valid)
+    with pytest.raises(RuntimeError), script.quantization_levels(7):
+        four_bit = gist_keys8.quantize_gist_keys(key, index, valid)
+        raise RuntimeError("the block fails: the shipped levels still come back")
+    assert gist_keys8.QMAX == 127
+    assert four_bit.values.abs().max() == 7 and shipped.values.abs().max() == 127
+    # same per-channel scales up to the level count, so the 4-bit values are the int8 ones coarsened
+    torch.testing.assert_close(four_bit.scale * 7, shipped.scale * 127)
+    assert (four_bit.values.float() * 127 / 7 - shipped.values.float()).abs().max() <= 127 / 14 + 1
+
+
+@pytest.mark.parametrize("levels", ["0", "128"])
+def test_levels_outside_int8_are_refused_before_the_model_loads(script, monkeypatch, tmp_path, levels):
+    monkeypatch.setattr(script, "load_examples", lambda *_, **__: ["one question"])
+    monkeypatch.setattr(script.GistEngine, "from_pretrained", lambda **_: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--levels", levels, "--out", str(tmp_path / "a.json")])
+    assert exit_.value.code == 2 and not (tmp_path / "a.json").exists()
