@@ -67,6 +67,27 @@ _RETIRED: dict[int, tuple[torch.cuda.CUDAGraph, _SideStreams]] = {}
 _CAPTURE_FAILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _capture_generator() -> torch.Generator:
+    """The generator a capture on the current CUDA device registers: that device's default one."""
+    return torch.cuda.default_generators[torch.cuda.current_device()]
+
+
+@contextlib.contextmanager
+def rng_kept_on_failed_capture():
+    """Around a CUDA graph capture: where it fails, the device's default generator gets back its
+    state from before. PyTorch's capture_end raises before it takes the generator out of capture
+    mode, and then every random op on the device fails ("Offset increment outside graph capture
+    encountered unexpectedly", torch 2.11 at least): sampling after a decode that fell back to
+    eager steps would. The failed capture's draws never ran, so its state before is the right one."""
+    rng = _capture_generator()
+    before = rng.clone_state()
+    try:
+        yield
+    except BaseException:
+        rng.graphsafe_set_state(before)
+        raise
+
+
 def reset_graphs() -> None:
     """Drops the retired decoders' graphs (`torch.cuda.empty_cache()` can then free their memory
     pools) and forgets failed captures, so their models are captured again."""
@@ -244,7 +265,7 @@ class GraphDecoder:
         graph = torch.cuda.CUDAGraph()
         pool = () if pool_of is None else (pool_of.pool(),)
         try:
-            with torch.cuda.stream(self._streams.capture):
+            with rng_kept_on_failed_capture(), torch.cuda.stream(self._streams.capture):
                 # thread_local: CUDA calls of the application's other threads neither break the capture nor fail
                 graph.capture_begin(*pool, capture_error_mode="thread_local")
                 try:

@@ -166,8 +166,11 @@ def bench_us(fn, cuda_graph: bool = False, warmup_ms: int = 25, rep_ms: int = 10
     import triton.testing
 
     if cuda_graph:
+        from gsa_rag.graph_decode import rng_kept_on_failed_capture
+
         try:
-            return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+            with rng_kept_on_failed_capture():  # later cases may draw random numbers on the device
+                return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
         except Exception as err:  # a path that syncs with the host cannot be captured
             print(f"  (cuda graph capture failed: {type(err).__name__}: {str(err)[:120]})")
             return float("nan")
