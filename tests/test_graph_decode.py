@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
+from gsa_rag import graph_decode
 from gsa_rag.config import GistConfig
 from gsa_rag.decode_cache import DecodeCache
 from gsa_rag.generation import SamplingParams, _cache_keyword, forward, generate_tokens
-from gsa_rag import graph_decode
 from gsa_rag.graph_decode import GraphDecoder, graph_decode_refusal, reset_graphs
 from gsa_rag.layout import build_layout
 from tests.fakes import FakeTokenizer, random_segments
