@@ -339,6 +339,30 @@ def test_pinning_is_all_or_nothing_and_refused_for_dynamic_rope():
     assert "dynamic NTK" in graph_decode_refusal(model, layout, prefilled(tiny_model(), layout, config), config, STEPS)
 
 
+def test_the_generator_is_set_back_only_when_the_capture_fails(monkeypatch):
+    """rng_kept_on_failed_capture: a capture that succeeds keeps the generator state it registered
+    (its replays advance it); one that fails gets the state from before it, and its error still
+    propagates."""
+    calls = []
+
+    class Generator:
+        def clone_state(self):
+            calls.append("clone")
+            return "state before"
+
+        def graphsafe_set_state(self, state):
+            calls.append(("set", state))
+
+    monkeypatch.setattr(graph_decode, "_capture_generator", Generator)
+    with graph_decode.rng_kept_on_failed_capture():
+        calls.append("captured")
+    assert calls == ["clone", "captured"]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="invalidated"), graph_decode.rng_kept_on_failed_capture():
+        raise RuntimeError("operation failed due to a previous error during capture: invalidated")
+    assert calls == ["clone", ("set", "state before")]
+
+
 def test_a_failed_capture_leaves_the_steps_eager_with_a_warning(monkeypatch):
     """Where the capture fails (here a forward that reads the device on the host while it is
     captured), the decoder warns and decodes the rest eagerly through the same pinned step: the
