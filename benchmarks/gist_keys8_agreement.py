@@ -29,11 +29,11 @@ an existing result file is never overwritten.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -146,15 +146,9 @@ def answer_runs(engine: GistEngine, examples, data: str, max_new_tokens: int, pr
     return runs, agreement
 
 
-@contextlib.contextmanager
 def quantization_levels(levels: int):
     """int8 gist keys rounded to -levels..levels (per-channel scales as shipped) inside the block."""
-    shipped = gist_keys8.QMAX
-    gist_keys8.QMAX = levels
-    try:
-        yield
-    finally:
-        gist_keys8.QMAX = shipped
+    return mock.patch.object(gist_keys8, "QMAX", levels)
 
 
 def compare_answers(examples, runs: dict) -> tuple[dict, list[dict]]:

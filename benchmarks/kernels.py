@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -457,19 +458,9 @@ def ab_variants(spec: str) -> list[tuple]:
     return [(module, attr, v, f"{target}={v!r}") for v in parsed]
 
 
-@contextlib.contextmanager
 def ab_setting(variant):
     """Sets one `ab_variants` entry's attribute for the block (nothing for None), then restores it."""
-    if variant is None:
-        yield
-        return
-    module, attr, value, _ = variant
-    before = getattr(module, attr)
-    setattr(module, attr, value)
-    try:
-        yield
-    finally:
-        setattr(module, attr, before)
+    return contextlib.nullcontext() if variant is None else mock.patch.object(*variant[:3])
 
 
 def main(argv=None) -> None:
@@ -539,6 +530,7 @@ def main(argv=None) -> None:
     cases = [(L, shape, B, variant) for L in sorted(contexts, reverse=True) for shape in shapes for B in batches
              for _ in range(args.rounds if args.ab else 1) for variant in variants]
     for L, shape, B, variant in cases:
+        tag = f"{variant[-1]} " if variant else ""  # the --ab setting a row's lines name
         try:
             with ab_setting(variant):
                 row = bench_case(shape, B, L, args.chunk, flex, dtype, bw, tuple(args.meta), args.top_k,
@@ -546,7 +538,7 @@ def main(argv=None) -> None:
             if variant:
                 row["ab"] = variant[-1]
         except Exception as e:  # noqa: BLE001 - one failing shape must not lose the table
-            msg = f"{variant[-1] + ' ' if variant else ''}{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
+            msg = f"{tag}{shape} B={B} L={L // K}K: {type(e).__name__}: {str(e)[:300]}"
             print("  FAILED " + msg, flush=True)
             payload["failed"].append(msg)
             torch.cuda.empty_cache()
@@ -554,7 +546,7 @@ def main(argv=None) -> None:
         finally:
             torch.cuda.empty_cache()
         rows.append(row)
-        print(f"{variant[-1] + ' ' if variant else ''}{shape} B={B} L={L // K}K: dense {row['dense_graph_us']:.1f} us (graph), gsa {row['gsa_graph_us']:.1f} "
+        print(f"{tag}{shape} B={B} L={L // K}K: dense {row['dense_graph_us']:.1f} us (graph), gsa {row['gsa_graph_us']:.1f} "
               f"(graph; scores {row['scores_graph_us']:.1f}, topk {row['topk_graph_us']:.1f}, "
               f"expand {row['expand_graph_us']:.1f}, attend {row['attend_graph_us']:.1f} = "
               f"{row['attend_pct_floor']:.0f}% of its floor; plain launches {row['gsa_plain_graph_us']:.1f}), "

@@ -52,7 +52,7 @@ rounds 6-9 shared one row of 9 columns per chunk).
 from __future__ import annotations
 
 import argparse
-import contextlib
+from unittest import mock
 
 import torch
 from gsa_rag.kernels import gist_select, window_select
@@ -226,26 +226,15 @@ def time_window(row: dict, launch, sizes: torch.Tensor, ends: torch.Tensor, scor
     row["window_row"] = float((paths == window_select.PATH_ROW).float().mean())
 
 
-@contextlib.contextmanager
 def window_parts(part: int):
-    old = window_select.WINDOW_PART_MIN, window_select.WINDOW_PART_MAX
-    window_select.WINDOW_PART_MIN = window_select.WINDOW_PART_MAX = part
-    try:
-        yield
-    finally:
-        window_select.WINDOW_PART_MIN, window_select.WINDOW_PART_MAX = old
+    return mock.patch.multiple(window_select, WINDOW_PART_MIN=part, WINDOW_PART_MAX=part)
 
 
 STREAM_SETTINGS = [(1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16)]  # (tile, warps)
 
 
-@contextlib.contextmanager
 def stream_tile(tile: int):
-    old, gist_select.STREAM_TILE = gist_select.STREAM_TILE, tile
-    try:
-        yield
-    finally:
-        gist_select.STREAM_TILE = old
+    return mock.patch.object(gist_select, "STREAM_TILE", tile)
 
 
 def main(argv=None) -> None:
